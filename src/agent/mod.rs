@@ -1,0 +1,186 @@
+//! The agent: runs next to the service, dials out to the relay, and forwards visitors.
+//!
+//! - [`session`]: one control connection — authenticate, register, receive tickets.
+//! - [`data`]: one data connection — redeem a ticket, wait for a visitor, dial the local
+//!   service, forward.
+//! - [`backoff`]: reconnect delays.
+
+pub mod backoff;
+pub mod data;
+pub mod session;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::CertificateError;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+
+use crate::config::AgentConfig;
+use crate::tls::fingerprint::FingerprintMismatch;
+use crate::tls::{self, RelayTrust};
+use crate::transport::BoxStream;
+use backoff::Backoff;
+
+/// Deadline for TCP connect plus TLS handshake to the relay or the local service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest reconnect delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// How an agent run ends or a session fails.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Retrying cannot help (wrong secret, untrusted certificate, bad config): exit.
+    #[error("{0}")]
+    Fatal(String),
+    /// Worth retrying after a delay (relay unreachable, connection lost).
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// State shared by the agent's sessions and data connections.
+pub struct Ctx {
+    /// Settings.
+    pub cfg: AgentConfig,
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+    /// Ports the relay assigned, requested again after a reconnect.
+    assigned: Mutex<HashMap<String, u16>>,
+    events: Option<mpsc::UnboundedSender<Online>>,
+}
+
+/// A service became reachable (sent on every (re)registration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Online {
+    /// Service name.
+    pub name: String,
+    /// Public port on the relay.
+    pub port: u16,
+}
+
+impl Ctx {
+    /// Connects to the relay's control port, with TLS when `tls` is set.
+    pub async fn connect(&self, tls: bool) -> Result<BoxStream, AgentError> {
+        let addr = self.cfg.relay_addr();
+        let connect = async {
+            let tcp = TcpStream::connect((self.cfg.relay_host.as_str(), self.cfg.relay_port))
+                .await
+                .map_err(|e| AgentError::Transient(format!("relay {addr} unreachable: {e}")))?;
+            let _ = tcp.set_nodelay(true);
+            if !tls {
+                return Ok(Box::new(tcp) as BoxStream);
+            }
+            let s = self
+                .connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(classify_tls_error)?;
+            Ok(Box::new(s) as BoxStream)
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| AgentError::Transient(format!("relay {addr}: connect timed out")))?
+    }
+
+    fn assigned_port(&self, name: &str) -> Option<u16> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    fn announce(&self, name: &str, port: u16) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(Online {
+                name: name.to_string(),
+                port,
+            });
+        }
+    }
+
+    fn remember_port(&self, name: &str, port: Option<u16>) {
+        let mut g = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        match port {
+            Some(p) => g.insert(name.to_string(), p),
+            None => g.remove(name),
+        };
+    }
+}
+
+/// Certificate problems are fatal (retrying will not change the certificate); anything else
+/// in the handshake is treated as a network problem.
+fn classify_tls_error(e: io::Error) -> AgentError {
+    let rustls_err = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match rustls_err {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
+            match other.0.downcast_ref::<FingerprintMismatch>() {
+                Some(m) => AgentError::Fatal(m.to_string()),
+                None => AgentError::Fatal(format!("relay certificate rejected: {other}")),
+            }
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            AgentError::Fatal(
+                "relay certificate is not trusted (self-signed?): pass --relay-fingerprint with the fingerprint the relay printed at start".into(),
+            )
+        }
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            AgentError::Fatal(format!("relay certificate rejected: {c:?}"))
+        }
+        _ => AgentError::Transient(format!("TLS handshake with relay failed: {e}")),
+    }
+}
+
+/// Runs the agent until a fatal error: connects, publishes, and reconnects with backoff
+/// whenever the relay connection is lost.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    run_with_events(cfg, None).await
+}
+
+/// [`run`], also reporting each service that comes online on `events`.
+pub async fn run_with_events(
+    cfg: AgentConfig,
+    events: Option<mpsc::UnboundedSender<Online>>,
+) -> Result<(), AgentError> {
+    cfg.validate()
+        .map_err(|e| AgentError::Fatal(e.to_string()))?;
+    let trust = match (&cfg.relay_fingerprint, &cfg.ca) {
+        (Some(fp), _) => RelayTrust::Pinned(*fp),
+        (None, Some(ca)) => RelayTrust::CaFile(ca.clone()),
+        (None, None) => RelayTrust::PublicRoots,
+    };
+    let client = tls::client_config(&trust).map_err(|e| AgentError::Fatal(e.to_string()))?;
+    let server_name = ServerName::try_from(cfg.relay_host.clone())
+        .map_err(|_| AgentError::Fatal(format!("invalid relay host {:?}", cfg.relay_host)))?;
+    let ctx = Arc::new(Ctx {
+        cfg,
+        connector: TlsConnector::from(client),
+        server_name,
+        assigned: Mutex::new(HashMap::new()),
+        events,
+    });
+    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let err = session::run(&ctx, &mut first).await;
+        let err = match err {
+            AgentError::Fatal(_) => return Err(err),
+            AgentError::Transient(m) => m,
+        };
+        if started.elapsed() >= STABLE_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!("{err}; reconnecting in {:.1}s", delay.as_secs_f64());
+        tokio::time::sleep(delay).await;
+    }
+}

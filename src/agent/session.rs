@@ -1,0 +1,185 @@
+//! One control connection from the agent: hello, challenge, register, then tickets and
+//! heartbeats until the connection is lost.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{data, AgentError, Ctx, CONNECT_TIMEOUT};
+use crate::protocol::auth::register_mac;
+use crate::protocol::liveness::{Action, Liveness};
+use crate::protocol::{
+    AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, ServiceRequest, PROTOCOL_VERSION,
+};
+use crate::transport::{FrameIoError, Framed};
+
+fn lost(e: FrameIoError) -> AgentError {
+    AgentError::Transient(format!("relay connection lost: {e}"))
+}
+
+fn relay_error(code: ErrorCode, message: String) -> AgentError {
+    match code {
+        ErrorCode::AuthFailed => AgentError::Fatal(format!("relay rejected the agent: {message}")),
+        ErrorCode::UnsupportedVersion | ErrorCode::Replaced => AgentError::Fatal(message),
+        _ => AgentError::Transient(format!("relay closed the session: {message}")),
+    }
+}
+
+/// Runs one session; returns why it ended (it never ends without an error). `first` is true
+/// until a session has published something, and makes registration refusals fatal.
+pub async fn run(ctx: &Arc<Ctx>, first: &mut bool) -> AgentError {
+    match session(ctx, first).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infallible, AgentError> {
+    let cfg = &ctx.cfg;
+    let mut framed = Framed::new(ctx.connect(true).await?);
+    framed
+        .write_msg(
+            &AgentMsg::ControlHello {
+                version: PROTOCOL_VERSION,
+            },
+            CONNECT_TIMEOUT,
+        )
+        .await
+        .map_err(lost)?;
+    let (nonce, data_tls) = match framed
+        .read_msg_within::<RelayMsg>(CONNECT_TIMEOUT)
+        .await
+        .map_err(lost)?
+    {
+        RelayMsg::Challenge {
+            version,
+            nonce,
+            data_tls,
+        } if version == PROTOCOL_VERSION => (nonce, data_tls),
+        RelayMsg::Challenge { version, .. } => {
+            return Err(AgentError::Fatal(format!(
+                "relay speaks protocol {version}, this agent speaks {PROTOCOL_VERSION}"
+            )))
+        }
+        RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
+        other => {
+            return Err(AgentError::Transient(format!(
+                "unexpected {other:?} from relay"
+            )))
+        }
+    };
+
+    let services: Vec<ServiceRequest> = cfg
+        .services
+        .iter()
+        .map(|s| {
+            let secret = cfg.secret_for(s).map(|x| x.expose()).unwrap_or_default();
+            ServiceRequest {
+                name: s.name.clone(),
+                remote_port: s
+                    .remote_port
+                    .or_else(|| ctx.assigned_port(&s.name))
+                    .unwrap_or(0),
+                pool: s.pool,
+                mac: register_mac(secret, &nonce, &s.name),
+            }
+        })
+        .collect();
+    framed
+        .write_msg(&AgentMsg::Register { services }, CONNECT_TIMEOUT)
+        .await
+        .map_err(lost)?;
+    let results = match framed
+        .read_msg_within::<RelayMsg>(CONNECT_TIMEOUT)
+        .await
+        .map_err(lost)?
+    {
+        RelayMsg::Registered { results } => results,
+        RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
+        other => {
+            return Err(AgentError::Transient(format!(
+                "unexpected {other:?} from relay"
+            )))
+        }
+    };
+
+    let mut online = 0;
+    let mut refusals = Vec::new();
+    for r in &results {
+        match &r.outcome {
+            ServiceOutcome::Online { port } => {
+                online += 1;
+                ctx.remember_port(&r.name, Some(*port));
+                let public = if cfg.relay_host.contains(':') {
+                    format!("[{}]:{port}", cfg.relay_host)
+                } else {
+                    format!("{}:{port}", cfg.relay_host)
+                };
+                crate::say(&format!("online service={} public={public}", r.name));
+                ctx.announce(&r.name, *port);
+            }
+            ServiceOutcome::Rejected { code, message } => {
+                tracing::error!(service = %r.name, "relay refused service: {message}");
+                // A port we only remembered may have been taken meanwhile: ask afresh next time.
+                let configured = cfg
+                    .services
+                    .iter()
+                    .any(|s| s.name == r.name && s.remote_port.is_some());
+                if *code == ErrorCode::PortTaken && !configured {
+                    ctx.remember_port(&r.name, None);
+                }
+                refusals.push(format!("service {}: {message}", r.name));
+            }
+        }
+    }
+    if online == 0 {
+        let msg = format!("relay published no service: {}", refusals.join("; "));
+        return Err(if *first {
+            AgentError::Fatal(msg)
+        } else {
+            AgentError::Transient(msg)
+        });
+    }
+    *first = false;
+
+    let hb = cfg.heartbeat;
+    let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
+    loop {
+        let wait_until = match live.poll(Instant::now()) {
+            Action::PeerDead => {
+                return Err(AgentError::Transient(format!(
+                    "relay silent for {:?}",
+                    hb.timeout
+                )))
+            }
+            Action::SendHeartbeat => {
+                framed
+                    .write_msg(&AgentMsg::Heartbeat, CONNECT_TIMEOUT)
+                    .await
+                    .map_err(lost)?;
+                live.sent(Instant::now());
+                continue;
+            }
+            Action::WaitUntil(t) => t,
+        };
+        tokio::select! {
+            msg = framed.read_msg::<RelayMsg>() => {
+                live.heard(Instant::now());
+                match msg.map_err(lost)? {
+                    RelayMsg::Heartbeat => {}
+                    RelayMsg::Tickets { service, tickets } => {
+                        let Some(svc) = cfg.services.iter().find(|s| s.name == service) else {
+                            tracing::warn!(service, "tickets for a service this agent does not have");
+                            continue;
+                        };
+                        for ticket in tickets {
+                            tokio::spawn(data::serve(ctx.clone(), data_tls, svc.name.clone(), svc.local.clone(), ticket));
+                        }
+                    }
+                    RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
+                    other => return Err(AgentError::Transient(format!("unexpected {other:?} from relay"))),
+                }
+            }
+            _ = tokio::time::sleep_until(wait_until.into()) => {}
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The command line: `relay`, `agent` and `demo` subcommands, and how their flags merge with
+//! a TOML `--config` file (flags win) into [`RelayConfig`] / [`AgentConfig`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{
+    self, AgentConfig, AgentFile, BackendKind, ConfigError, PortRange, RelayConfig, RelayFile,
+    Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT, DEFAULT_POOL,
+};
+use crate::tls::Fingerprint;
+
+/// ringtunnel: expose services behind NAT through a public relay.
+#[derive(Debug, Parser)]
+#[command(name = "ringtunnel", version, about)]
+pub struct Cli {
+    /// Log filter, e.g. `info` or `ringtunnel=debug,warn`.
+    #[arg(long, global = true, env = "RINGTUNNEL_LOG", default_value = "info")]
+    pub log: String,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the public relay (on the VPS).
+    Relay(RelayArgs),
+    /// Run an agent next to a service (behind NAT).
+    Agent(AgentArgs),
+    /// Run relay, agent and a small origin on loopback, and print the public address.
+    Demo(DemoArgs),
+}
+
+/// `ringtunnel relay`.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// Address agents connect to (control and data connections).
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
+    /// Shared secret agents authenticate with (never sent over the wire).
+    #[arg(long, env = "RINGTUNNEL_SECRET", hide_env_values = true)]
+    pub secret: Option<Secret>,
+    /// Address public service ports bind to.
+    #[arg(long)]
+    pub bind_addr: Option<IpAddr>,
+    /// Public ports the relay may hand out, START-END.
+    #[arg(long)]
+    pub port_range: Option<PortRange>,
+    /// TLS on data connections; `off` only on a private network or for end-to-end TLS traffic.
+    #[arg(long, value_enum)]
+    pub data_tls: Option<Toggle>,
+    /// Where the self-signed certificate is kept.
+    #[arg(long, env = "RINGTUNNEL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// PEM certificate chain to use instead of a self-signed one (needs --key).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key for --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Data-plane backend.
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Data-plane worker threads (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// TOML config file; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl RelayArgs {
+    /// Merges flags over the config file over defaults, and validates the result.
+    pub fn into_config(self) -> Result<RelayConfig, ConfigError> {
+        let file: RelayFile = match &self.config {
+            Some(p) => config::load_file(p)?,
+            None => RelayFile::default(),
+        };
+        let cert = match (self.cert.or(file.cert), self.key.or(file.key)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "cert and key must be given together".into(),
+                ))
+            }
+        };
+        let cfg = RelayConfig {
+            control: self
+                .control
+                .or(file.control)
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT))),
+            secret: self.secret.or(file.secret),
+            service_secrets: file.services,
+            bind_addr: self
+                .bind_addr
+                .or(file.bind_addr)
+                .unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            port_range: self.port_range.or(file.port_range).unwrap_or_default(),
+            data_tls: self
+                .data_tls
+                .or(file.data_tls)
+                .unwrap_or(Toggle::On)
+                .enabled(),
+            state_dir: self
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(config::default_state_dir),
+            cert,
+            backend: self.backend.or(file.backend).unwrap_or_default(),
+            workers: self.workers.or(file.workers),
+            heartbeat: config::heartbeat(
+                file.heartbeat_interval_secs,
+                file.heartbeat_timeout_secs,
+            )?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// `ringtunnel agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Relay control address, HOST[:PORT] (default port 7843).
+    #[arg(long)]
+    pub relay: Option<String>,
+    /// Shared secret (never sent over the wire).
+    #[arg(long, env = "RINGTUNNEL_SECRET", hide_env_values = true)]
+    pub secret: Option<Secret>,
+    /// SHA-256 fingerprint of the relay certificate, as the relay printed it.
+    #[arg(long, env = "RINGTUNNEL_RELAY_FINGERPRINT")]
+    pub relay_fingerprint: Option<Fingerprint>,
+    /// Extra CA certificates (PEM) to trust for a CA-signed relay certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Local service to publish, HOST:PORT.
+    #[arg(long)]
+    pub local: Option<String>,
+    /// Public port to ask for (default: the relay picks one from its range).
+    #[arg(long, requires = "local")]
+    pub remote_port: Option<u16>,
+    /// Service name (default: HOSTNAME-LOCALPORT).
+    #[arg(long, requires = "local")]
+    pub name: Option<String>,
+    /// Idle data connections to keep open for the service.
+    #[arg(long, requires = "local")]
+    pub pool: Option<u8>,
+    /// Data-plane backend.
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// TOML config file with `[[service]]` tables; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    /// Merges flags over the config file over defaults, and validates the result.
+    pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        let file: AgentFile = match &self.config {
+            Some(p) => config::load_file(p)?,
+            None => AgentFile::default(),
+        };
+        let relay = self.relay.or(file.relay).ok_or_else(|| {
+            ConfigError::Invalid("no relay given: pass --relay HOST[:PORT]".into())
+        })?;
+        let (relay_host, relay_port) = config::parse_host_port(&relay, Some(DEFAULT_CONTROL_PORT))
+            .map_err(ConfigError::Invalid)?;
+        let relay_fingerprint = match (self.relay_fingerprint, file.relay_fingerprint) {
+            (Some(fp), _) => Some(fp),
+            (None, Some(s)) => Some(s.parse().map_err(
+                |e: crate::tls::fingerprint::BadFingerprint| ConfigError::Invalid(e.to_string()),
+            )?),
+            (None, None) => None,
+        };
+        let mut services = file.services;
+        if let Some(local) = self.local {
+            let name = match self.name {
+                Some(n) => n,
+                None => default_name(&local),
+            };
+            services.push(ServiceConfig {
+                name,
+                local,
+                remote_port: self.remote_port,
+                secret: None,
+                pool: self.pool.unwrap_or(DEFAULT_POOL),
+            });
+        }
+        let cfg = AgentConfig {
+            relay_host,
+            relay_port,
+            secret: self.secret.or(file.secret),
+            relay_fingerprint,
+            ca: self.ca.or(file.ca),
+            services,
+            backend: self.backend.or(file.backend).unwrap_or_default(),
+            heartbeat: config::heartbeat(
+                file.heartbeat_interval_secs,
+                file.heartbeat_timeout_secs,
+            )?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// `HOSTNAME-PORT` from the machine's host name and the local port, reduced to the characters
+/// service names allow. Unique per machine and port, so two agents rarely collide by default.
+fn default_name(local: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect();
+    let port = local.rsplit(':').next().unwrap_or("0");
+    if host.is_empty() {
+        format!("svc-{port}")
+    } else {
+        format!("{host}-{port}")
+    }
+}
+
+/// `ringtunnel demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Make one request through the tunnel, print the answer, and exit (a self-check).
+    #[arg(long)]
+    pub once: bool,
+    /// Plain TCP data connections instead of TLS.
+    #[arg(long, value_enum, default_value = "on")]
+    pub data_tls: Toggle,
+}

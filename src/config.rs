@@ -1,0 +1,583 @@
+//! Relay and agent configuration: the TOML file formats (unknown keys rejected), the merged
+//! settings the rest of the crate runs on, and `validate()` for both.
+//!
+//! Command-line flags override the file; the file overrides built-in defaults.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::protocol::msg::{MAX_NAME_LEN, MAX_SERVICES_PER_AGENT};
+use crate::tls::Fingerprint;
+
+/// Default control port of the relay.
+pub const DEFAULT_CONTROL_PORT: u16 = 7843;
+/// Default number of idle data connections an agent keeps per service.
+pub const DEFAULT_POOL: u8 = 4;
+/// Largest pool an agent may ask for per service.
+pub const MAX_POOL: u8 = 64;
+
+/// A shared secret. `Debug` and `Display` print `***`, so it never lands in a log.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret string.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret's bytes, for HMAC keys only.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+/// A configuration that cannot work, with the reason in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this format.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the bad key or value).
+        message: String,
+    },
+    /// A setting is missing or out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Inclusive range of public ports the relay may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// Lowest allowed port.
+    pub start: u16,
+    /// Highest allowed port.
+    pub end: u16,
+}
+
+impl PortRange {
+    /// Whether `port` is inside the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+    /// Number of ports in the range.
+    pub fn len(&self) -> usize {
+        usize::from(self.end - self.start) + 1
+    }
+    /// Never true: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+impl Default for PortRange {
+    fn default() -> Self {
+        PortRange {
+            start: 20000,
+            end: 29999,
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || format!("invalid port range {s:?}: expected START-END, e.g. 20000-29999");
+        let (a, b) = s.split_once('-').ok_or_else(err)?;
+        let start: u16 = a.trim().parse().map_err(|_| err())?;
+        let end: u16 = b.trim().parse().map_err(|_| err())?;
+        if start == 0 || start > end {
+            return Err(err());
+        }
+        Ok(PortRange { start, end })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which data-plane implementation forwards visitor bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Pick the best backend this machine supports, and log why.
+    #[default]
+    Auto,
+    /// Multi-threaded tokio with buffered copies: portable, the baseline.
+    Tokio,
+}
+
+/// On/off switch used by flags like `--data-tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+impl Toggle {
+    /// `true` for [`Toggle::On`].
+    pub fn enabled(self) -> bool {
+        self == Toggle::On
+    }
+}
+
+/// Heartbeat timing on control connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Send a heartbeat after this long without sending anything.
+    pub interval: Duration,
+    /// Drop the peer after this long without hearing anything.
+    pub timeout: Duration,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Heartbeat {
+    fn from_secs(interval: Option<u64>, timeout: Option<u64>) -> Result<Self, ConfigError> {
+        let d = Heartbeat::default();
+        let hb = Heartbeat {
+            interval: interval.map(Duration::from_secs).unwrap_or(d.interval),
+            timeout: timeout.map(Duration::from_secs).unwrap_or(d.timeout),
+        };
+        if hb.interval.is_zero() || hb.timeout <= hb.interval {
+            return Err(ConfigError::Invalid(
+                "heartbeat_timeout_secs must be greater than heartbeat_interval_secs (> 0)".into(),
+            ));
+        }
+        Ok(hb)
+    }
+}
+
+// ---------------------------------------------------------------- relay
+
+/// `relay.toml`. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    /// Control listen address.
+    pub control: Option<SocketAddr>,
+    /// Default secret for services without their own.
+    pub secret: Option<Secret>,
+    /// Address public service ports bind to.
+    pub bind_addr: Option<std::net::IpAddr>,
+    /// Public ports the relay may hand out.
+    pub port_range: Option<PortRange>,
+    /// TLS on data connections.
+    pub data_tls: Option<Toggle>,
+    /// Where the self-signed certificate is kept.
+    pub state_dir: Option<PathBuf>,
+    /// PEM certificate chain (CA-signed), with `key`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Data-plane backend.
+    pub backend: Option<BackendKind>,
+    /// Data-plane worker threads.
+    pub workers: Option<usize>,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds of silence before an agent is dropped.
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// Per-service secrets.
+    #[serde(default, rename = "service")]
+    pub services: Vec<RelayServiceFile>,
+}
+
+/// A `[[service]]` table in `relay.toml`: a service name with its own secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayServiceFile {
+    /// Service name.
+    pub name: String,
+    /// The only secret that may register this name.
+    pub secret: Secret,
+}
+
+/// Everything the relay runs on, after merging flags, file and defaults.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Control listen address (agents' control and data connections).
+    pub control: SocketAddr,
+    /// Default secret; `None` means only services with their own secret may register.
+    pub secret: Option<Secret>,
+    /// Per-service secrets, overriding `secret` for that name.
+    pub service_secrets: Vec<RelayServiceFile>,
+    /// Address public service ports bind to.
+    pub bind_addr: std::net::IpAddr,
+    /// Public ports the relay may hand out.
+    pub port_range: PortRange,
+    /// Whether data connections must be TLS.
+    pub data_tls: bool,
+    /// Where the self-signed certificate is kept.
+    pub state_dir: PathBuf,
+    /// CA-signed certificate and key files, instead of the self-signed one.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Data-plane backend.
+    pub backend: BackendKind,
+    /// Data-plane worker threads (`None`: one per core).
+    pub workers: Option<usize>,
+    /// Heartbeat timing.
+    pub heartbeat: Heartbeat,
+}
+
+impl RelayConfig {
+    /// The secret that authenticates service `name`, if any.
+    pub fn secret_for(&self, name: &str) -> Option<&Secret> {
+        self.service_secrets
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| &s.secret)
+            .or(self.secret.as_ref())
+    }
+
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret.is_none() && self.service_secrets.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no secret configured: pass --secret (or RINGTUNNEL_SECRET), or give services their own secret in the config file".into(),
+            ));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
+            return Err(ConfigError::Invalid("the secret must not be empty".into()));
+        }
+        let mut seen = HashSet::new();
+        for s in &self.service_secrets {
+            validate_name(&s.name)?;
+            if !seen.insert(&s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?} appears twice in the relay config",
+                    s.name
+                )));
+            }
+            if s.secret.expose().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?} has an empty secret",
+                    s.name
+                )));
+            }
+        }
+        if self.workers == Some(0) {
+            return Err(ConfigError::Invalid("--workers must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- agent
+
+/// `agent.toml`. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Relay address, `HOST[:PORT]`.
+    pub relay: Option<String>,
+    /// Default secret for services without their own.
+    pub secret: Option<Secret>,
+    /// Pinned SHA-256 fingerprint of the relay certificate.
+    pub relay_fingerprint: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the relay.
+    pub ca: Option<PathBuf>,
+    /// Data-plane backend.
+    pub backend: Option<BackendKind>,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds of silence before the relay is considered gone.
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// Services to publish.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service the agent publishes (`[[service]]` in `agent.toml`, or the `--local` flags).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name on the relay.
+    pub name: String,
+    /// Local address of the service, `HOST:PORT`.
+    pub local: String,
+    /// Public port wanted (`None`: the relay picks one from its range).
+    pub remote_port: Option<u16>,
+    /// Secret for this service (`None`: the agent's secret).
+    pub secret: Option<Secret>,
+    /// Idle data connections kept open for this service.
+    #[serde(default = "default_pool")]
+    pub pool: u8,
+}
+
+fn default_pool() -> u8 {
+    DEFAULT_POOL
+}
+
+/// Everything the agent runs on, after merging flags, file and defaults.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Relay host name or address.
+    pub relay_host: String,
+    /// Relay control port.
+    pub relay_port: u16,
+    /// Default secret.
+    pub secret: Option<Secret>,
+    /// Pinned relay certificate.
+    pub relay_fingerprint: Option<Fingerprint>,
+    /// Extra CA file.
+    pub ca: Option<PathBuf>,
+    /// Services to publish.
+    pub services: Vec<ServiceConfig>,
+    /// Data-plane backend.
+    pub backend: BackendKind,
+    /// Heartbeat timing.
+    pub heartbeat: Heartbeat,
+}
+
+impl AgentConfig {
+    /// The secret service `svc` authenticates with.
+    pub fn secret_for<'a>(&'a self, svc: &'a ServiceConfig) -> Option<&'a Secret> {
+        svc.secret.as_ref().or(self.secret.as_ref())
+    }
+
+    /// `HOST:PORT` of the relay control port, for dialing and display.
+    pub fn relay_addr(&self) -> String {
+        if self.relay_host.contains(':') {
+            format!("[{}]:{}", self.relay_host, self.relay_port)
+        } else {
+            format!("{}:{}", self.relay_host, self.relay_port)
+        }
+    }
+
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.services.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no service to publish: pass --local HOST:PORT or add [[service]] tables to the config file".into(),
+            ));
+        }
+        if self.services.len() > MAX_SERVICES_PER_AGENT {
+            return Err(ConfigError::Invalid(format!(
+                "at most {MAX_SERVICES_PER_AGENT} services per agent"
+            )));
+        }
+        let mut names = HashSet::new();
+        for s in &self.services {
+            validate_name(&s.name)?;
+            if !names.insert(&s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "service name {:?} is used twice",
+                    s.name
+                )));
+            }
+            if self.secret_for(s).is_none_or(|x| x.expose().is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?} has no secret: pass --secret (or RINGTUNNEL_SECRET)",
+                    s.name
+                )));
+            }
+            if s.remote_port == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?}: remote_port 0 is not a port; leave it out to let the relay pick",
+                    s.name
+                )));
+            }
+            if s.pool == 0 || s.pool > MAX_POOL {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?}: pool must be between 1 and {MAX_POOL}",
+                    s.name
+                )));
+            }
+            split_host_port(&s.local).map_err(|e| {
+                ConfigError::Invalid(format!("service {:?}: local address: {e}", s.name))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Service names are short and plain, so they are safe in logs, host names and URLs.
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "invalid service name {name:?}: use 1-{MAX_NAME_LEN} letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Splits `HOST:PORT` (or `[V6]:PORT`); the port is required.
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    parse_host_port(s, None)
+}
+
+/// Splits `HOST[:PORT]`, using `default_port` when the port is missing.
+pub fn parse_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    let bad = || format!("invalid address {s:?}: expected HOST:PORT");
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(bad()),
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, _)) if h.contains(':') => (s, None), // bare IPv6 address
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let port = match port {
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad)?,
+        None => default_port.ok_or_else(bad)?,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// Reads and parses a TOML config file.
+pub fn load_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text).map_err(|message| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// Parses TOML text into a config file type; the error names the offending key.
+pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+}
+
+/// Default state directory: `$XDG_STATE_HOME/ringtunnel`, else `~/.local/state/ringtunnel`,
+/// else `./ringtunnel-state`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("ringtunnel");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/state/ringtunnel");
+    }
+    PathBuf::from("ringtunnel-state")
+}
+
+/// Builds heartbeat timing from optional seconds, checking interval < timeout.
+pub fn heartbeat(interval: Option<u64>, timeout: Option<u64>) -> Result<Heartbeat, ConfigError> {
+    Heartbeat::from_secs(interval, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            parse_host_port("a.example:1", None).unwrap(),
+            ("a.example".into(), 1)
+        );
+        assert_eq!(
+            parse_host_port("a.example", Some(7843)).unwrap(),
+            ("a.example".into(), 7843)
+        );
+        assert_eq!(parse_host_port("[::1]:9", None).unwrap(), ("::1".into(), 9));
+        assert_eq!(parse_host_port("::1", Some(5)).unwrap(), ("::1".into(), 5));
+        assert!(parse_host_port("a.example", None).is_err());
+        assert!(parse_host_port("a:0", None).is_err());
+        assert!(parse_host_port(":80", None).is_err());
+        assert!(parse_host_port("a:x", None).is_err());
+    }
+
+    #[test]
+    fn port_range_parses_and_rejects() {
+        assert_eq!(
+            "10-20".parse::<PortRange>().unwrap(),
+            PortRange { start: 10, end: 20 }
+        );
+        for bad in ["", "10", "20-10", "0-5", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_is_masked() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "***");
+        let f: RelayFile = parse_toml("secret = \"hunter2\"").unwrap();
+        assert!(!format!("{f:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = parse_toml::<RelayFile>("contorl = \"0.0.0.0:1\"").unwrap_err();
+        assert!(e.contains("contorl"), "{e}");
+        let e =
+            parse_toml::<AgentFile>("[[service]]\nname=\"a\"\nlocal=\"x:1\"\nport=3").unwrap_err();
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("web-1.prod_x").is_ok());
+        for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The relay's control port: every agent connection, control or data, arrives here. Each is
+//! classified in its own task under a deadline (never in the accept loop): TLS or plain by
+//! its first byte, then control or data by its first frame.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::tickets::Redeemed;
+use super::{session, Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use crate::dataplane::forward::forward;
+use crate::dataplane::pool::Visitor;
+use crate::protocol::msg::Message;
+use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
+use crate::transport::{BoxStream, FrameIoError, Framed};
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Accepts agent connections forever.
+pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(handle(shared.clone(), tcp, peer));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting agent connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+enum Opened {
+    Control(Framed<BoxStream>, u16),
+    Data(Framed<BoxStream>, u16, crate::protocol::auth::Ticket, bool),
+}
+
+async fn open(shared: &Shared, tcp: TcpStream) -> Result<Opened, FrameIoError> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 {
+        return Err(FrameIoError::Closed);
+    }
+    let tls = first[0] == TLS_HANDSHAKE;
+    let stream: BoxStream = if tls {
+        Box::new(shared.acceptor.accept(tcp).await?)
+    } else {
+        Box::new(tcp)
+    };
+    let mut framed = Framed::new(stream);
+    match framed.read_msg::<AgentMsg>().await? {
+        AgentMsg::ControlHello { version } if tls => Ok(Opened::Control(framed, version)),
+        AgentMsg::DataHello { version, ticket } => Ok(Opened::Data(framed, version, ticket, tls)),
+        other => Err(FrameIoError::Protocol(
+            crate::protocol::ProtocolError::InvalidField {
+                msg: match other {
+                    AgentMsg::ControlHello { .. } => "ControlHello (control needs TLS)",
+                    _ => "first",
+                },
+                field: "type",
+            },
+        )),
+    }
+}
+
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&shared, tcp)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(FrameIoError::Closed)) => return, // port probe, health check
+        Ok(Err(e)) => {
+            shared.metrics.bad_connections.inc();
+            tracing::warn!(%peer, "connection refused: {e}");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.bad_connections.inc();
+            tracing::warn!(%peer, "connection refused: no valid hello within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    match opened {
+        Opened::Control(framed, version) => {
+            match session::run(shared.clone(), framed, peer, version).await {
+                Ok(()) => {}
+                Err(e @ session::SessionEnd::AuthFailed(_)) => {
+                    tracing::warn!(%peer, "agent rejected: {e}")
+                }
+                Err(e) => tracing::info!(%peer, "agent session ended: {e}"),
+            }
+        }
+        Opened::Data(framed, version, ticket, tls) => {
+            data_connection(shared, framed, peer, version, ticket, tls).await
+        }
+    }
+}
+
+async fn reject(
+    shared: &Shared,
+    mut framed: Framed<BoxStream>,
+    peer: SocketAddr,
+    code: ErrorCode,
+    message: &str,
+) {
+    shared.metrics.data_rejected.inc();
+    tracing::warn!(%peer, "data connection refused: {message}");
+    let msg = RelayMsg::Error {
+        code,
+        message: message.to_string(),
+    };
+    let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
+}
+
+async fn data_connection(
+    shared: Arc<Shared>,
+    framed: Framed<BoxStream>,
+    peer: SocketAddr,
+    version: u16,
+    ticket: crate::protocol::auth::Ticket,
+    tls: bool,
+) {
+    if version != PROTOCOL_VERSION {
+        let m = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
+        return reject(&shared, framed, peer, ErrorCode::UnsupportedVersion, &m).await;
+    }
+    let redeemed = shared.tickets().redeem(Instant::now(), &ticket);
+    let service = match redeemed {
+        Redeemed::Valid(Grant { session, service }) if service.is_owned_by(session) => {
+            service.pool.ticket_done();
+            service
+        }
+        Redeemed::Valid(_) => {
+            let m = "ticket belongs to an agent session that has ended";
+            return reject(&shared, framed, peer, ErrorCode::BadTicket, m).await;
+        }
+        Redeemed::Expired(Grant { session, service }) => {
+            if service.is_owned_by(session) {
+                service.pool.ticket_done();
+            }
+            return reject(
+                &shared,
+                framed,
+                peer,
+                ErrorCode::BadTicket,
+                "expired ticket",
+            )
+            .await;
+        }
+        Redeemed::Unknown => {
+            let m = "unknown or already used ticket";
+            return reject(&shared, framed, peer, ErrorCode::BadTicket, m).await;
+        }
+    };
+    if shared.cfg.data_tls && !tls {
+        let m = "this relay requires TLS on data connections";
+        return reject(&shared, framed, peer, ErrorCode::BadRequest, m).await;
+    }
+    let (mut tunnel, leftover) = framed.into_parts();
+    if !leftover.is_empty() {
+        shared.metrics.data_rejected.inc();
+        tracing::warn!(%peer, "data connection refused: bytes sent before a visitor arrived");
+        return;
+    }
+    shared.metrics.data_accepted.inc();
+    let (slot, assigned) = oneshot::channel::<Visitor>();
+    service.pool.offer(slot);
+    let mut probe = [0u8; 1];
+    // Idle in the pool until a visitor is assigned; any byte or EOF from the agent meanwhile
+    // means the connection is gone or misbehaving, and it leaves the pool.
+    let mut visitor = tokio::select! {
+        v = assigned => match v {
+            Ok(v) => v,
+            Err(_) => return, // pool dropped us: owner changed or service closed
+        },
+        _ = tunnel.read(&mut probe) => return,
+    };
+    let start = RelayMsg::Start {
+        visitor: visitor.addr,
+    }
+    .to_frame();
+    match forward(&mut visitor.stream, &mut tunnel, &start).await {
+        Ok(m) => {
+            tracing::debug!(service = %service.name, visitor = %visitor.addr, up = m.a_to_b, down = m.b_to_a, "visitor done")
+        }
+        Err(e) => {
+            tracing::debug!(service = %service.name, visitor = %visitor.addr, "visitor ended: {e}")
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! One agent's control session on the relay: challenge, authenticate, register, then issue
+//! tickets on demand and exchange heartbeats until the agent leaves or goes silent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, Notify};
+
+use super::registry::{Service, SessionId, LINGER};
+use super::{Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use crate::protocol::auth::{new_nonce, verify_register_mac};
+use crate::protocol::liveness::{Action, Liveness};
+use crate::protocol::msg::MAX_TICKETS_PER_FRAME;
+use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, PROTOCOL_VERSION};
+use crate::transport::{BoxStream, FrameIoError, Framed};
+
+/// Why a control session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionEnd {
+    /// The agent's connection failed or it sent something invalid.
+    #[error("agent connection: {0}")]
+    Agent(#[from] FrameIoError),
+    /// The agent broke the protocol.
+    #[error("agent protocol violation: {0}")]
+    Violation(String),
+    /// The agent did not authenticate.
+    #[error("authentication failed for service {0}: wrong secret")]
+    AuthFailed(String),
+    /// The agent went silent past the heartbeat timeout.
+    #[error("agent silent for {0:?}, dropped")]
+    Silent(std::time::Duration),
+    /// Another session took over a service.
+    #[error("replaced: {0}")]
+    Replaced(String),
+    /// No requested service could be published.
+    #[error("no service could be published")]
+    NothingPublished,
+}
+
+/// Runs a control session whose `ControlHello` (with `version`) was already read.
+pub async fn run(
+    shared: Arc<Shared>,
+    mut framed: Framed<BoxStream>,
+    peer: SocketAddr,
+    version: u16,
+) -> Result<(), SessionEnd> {
+    if version != PROTOCOL_VERSION {
+        let message = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
+        let _ = framed
+            .write_msg(
+                &RelayMsg::Error {
+                    code: ErrorCode::UnsupportedVersion,
+                    message: message.clone(),
+                },
+                WRITE_TIMEOUT,
+            )
+            .await;
+        return Err(SessionEnd::Violation(message));
+    }
+    let nonce = new_nonce();
+    let challenge = RelayMsg::Challenge {
+        version: PROTOCOL_VERSION,
+        nonce,
+        data_tls: shared.cfg.data_tls,
+    };
+    framed.write_msg(&challenge, WRITE_TIMEOUT).await?;
+    let services = match framed
+        .read_msg_within::<AgentMsg>(HANDSHAKE_TIMEOUT)
+        .await?
+    {
+        AgentMsg::Register { services } if !services.is_empty() => services,
+        AgentMsg::Register { .. } => return Err(SessionEnd::Violation("no services".into())),
+        other => {
+            return Err(SessionEnd::Violation(format!(
+                "expected Register, got {other:?}"
+            )))
+        }
+    };
+    for s in &services {
+        let ok = shared
+            .cfg
+            .secret_for(&s.name)
+            .is_some_and(|secret| verify_register_mac(secret.expose(), &nonce, &s.name, &s.mac));
+        if !ok {
+            shared.metrics.auth_failures.inc();
+            let end = SessionEnd::AuthFailed(s.name.clone());
+            let _ = framed
+                .write_msg(
+                    &RelayMsg::Error {
+                        code: ErrorCode::AuthFailed,
+                        message: end.to_string(),
+                    },
+                    WRITE_TIMEOUT,
+                )
+                .await;
+            return Err(end);
+        }
+    }
+
+    let (kick_tx, kick_rx) = mpsc::channel(1);
+    let wake = Arc::new(Notify::new());
+    let session = shared.registry.new_session(kick_tx);
+    let result = serve(
+        &shared,
+        &mut framed,
+        peer,
+        session,
+        &services,
+        &wake,
+        kick_rx,
+    )
+    .await;
+    shared.registry.end_session(session, LINGER);
+    if let Err(SessionEnd::Replaced(reason)) = &result {
+        let _ = framed
+            .write_msg(
+                &RelayMsg::Error {
+                    code: ErrorCode::Replaced,
+                    message: reason.clone(),
+                },
+                WRITE_TIMEOUT,
+            )
+            .await;
+    }
+    result
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    framed: &mut Framed<BoxStream>,
+    peer: SocketAddr,
+    session: SessionId,
+    services: &[crate::protocol::ServiceRequest],
+    wake: &Arc<Notify>,
+    mut kick: mpsc::Receiver<String>,
+) -> Result<(), SessionEnd> {
+    let (results, owned) = shared.registry.register(session, services, wake);
+    for r in &results {
+        match &r.outcome {
+            ServiceOutcome::Online { port } => {
+                tracing::info!(%peer, session, service = %r.name, port, "service online")
+            }
+            ServiceOutcome::Rejected { message, .. } => {
+                tracing::warn!(%peer, session, service = %r.name, "service refused: {message}")
+            }
+        }
+    }
+    framed
+        .write_msg(&RelayMsg::Registered { results }, WRITE_TIMEOUT)
+        .await?;
+    if owned.is_empty() {
+        return Err(SessionEnd::NothingPublished);
+    }
+    shared.metrics.sessions_accepted.inc();
+
+    let hb = shared.cfg.heartbeat;
+    let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
+    loop {
+        for msg in issue_tickets(shared, session, &owned) {
+            framed.write_msg(&msg, WRITE_TIMEOUT).await?;
+            live.sent(Instant::now());
+        }
+        let wait_until = match live.poll(Instant::now()) {
+            Action::PeerDead => return Err(SessionEnd::Silent(hb.timeout)),
+            Action::SendHeartbeat => {
+                framed
+                    .write_msg(&RelayMsg::Heartbeat, WRITE_TIMEOUT)
+                    .await?;
+                live.sent(Instant::now());
+                continue;
+            }
+            Action::WaitUntil(t) => t,
+        };
+        tokio::select! {
+            msg = framed.read_msg::<AgentMsg>() => {
+                live.heard(Instant::now());
+                match msg? {
+                    AgentMsg::Heartbeat => {}
+                    other => return Err(SessionEnd::Violation(format!("unexpected {other:?}"))),
+                }
+            }
+            _ = wake.notified() => {}
+            reason = kick.recv() => {
+                return Err(SessionEnd::Replaced(reason.unwrap_or_default()));
+            }
+            _ = tokio::time::sleep_until(wait_until.into()) => {}
+        }
+    }
+}
+
+/// Tickets every owned service's pool asks for, as frames ready to send.
+fn issue_tickets(shared: &Shared, session: SessionId, owned: &[Arc<Service>]) -> Vec<RelayMsg> {
+    let mut frames = Vec::new();
+    for svc in owned {
+        if !svc.is_owned_by(session) {
+            continue;
+        }
+        let n = svc.pool.claim_tickets();
+        if n == 0 {
+            continue;
+        }
+        let now = Instant::now();
+        let mut tickets = Vec::with_capacity(n);
+        {
+            let mut store = shared.tickets();
+            for _ in 0..n {
+                let grant = Grant {
+                    session,
+                    service: svc.clone(),
+                };
+                match store.issue(now, grant) {
+                    Ok(t) => tickets.push(t),
+                    Err(g) => g.service.pool.ticket_done(),
+                }
+            }
+        }
+        for chunk in tickets.chunks(MAX_TICKETS_PER_FRAME) {
+            frames.push(RelayMsg::Tickets {
+                service: svc.name.clone(),
+                tickets: chunk.to_vec(),
+            });
+        }
+    }
+    frames
+}

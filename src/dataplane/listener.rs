@@ -1,0 +1,66 @@
+//! Public per-service listeners: accept visitors and hand each to the service's pool, each in
+//! its own task so a slow pairing never stalls the accept loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::task::JoinHandle;
+
+use super::pool::{Pool, Visitor};
+use crate::admin::Metrics;
+
+/// How long a visitor waits for a tunnel connection before being closed: long enough to ride
+/// out an agent reconnecting, short enough that a client is not left hanging.
+pub const VISITOR_WAIT: Duration = Duration::from_secs(10);
+
+/// Listen backlog for public ports.
+const BACKLOG: u32 = 1024;
+
+/// Binds a public listener with `SO_REUSEADDR` (so a restarted relay can rebind ports with
+/// connections in TIME_WAIT).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// Starts accepting visitors on `listener` for `service`; abort the handle to close the port.
+pub fn spawn(
+    listener: TcpListener,
+    service: String,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let (stream, addr) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(service, error = %e, "accepting visitor failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            metrics.visitors_accepted.inc();
+            let pool = pool.clone();
+            let metrics = metrics.clone();
+            let service = service.clone();
+            tokio::spawn(async move {
+                if let Err(e) = pool.take(Visitor { stream, addr }, VISITOR_WAIT).await {
+                    metrics.visitors_unserved.inc();
+                    tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
+                }
+            });
+        }
+    })
+}

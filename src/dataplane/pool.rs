@@ -1,0 +1,239 @@
+//! The relay's pool of ready tunnel data connections for one service, and the visitors
+//! waiting for one.
+//!
+//! A ready data connection is represented by a [`Slot`]: the sending half of a oneshot whose
+//! receiver is held by the task that owns the connection. Handing a visitor to a connection
+//! is sending the visitor into its slot; if that task has died (the agent closed the
+//! connection), the send fails, the visitor comes back, and the next slot is tried. Nothing
+//! here does I/O; it only decides who gets paired with whom and how many tickets to ask for.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+/// Most visitors that may wait for a data connection per service; more are turned away
+/// at once rather than queued without bound.
+pub const MAX_WAITING_VISITORS: usize = 1024;
+/// Most tickets outstanding (issued, not yet redeemed) per service.
+pub const MAX_OUTSTANDING_TICKETS: usize = 1024;
+
+/// A visitor connection accepted on a public port.
+#[derive(Debug)]
+pub struct Visitor {
+    /// The visitor's socket.
+    pub stream: TcpStream,
+    /// The visitor's address.
+    pub addr: SocketAddr,
+}
+
+/// Where a visitor is sent to be paired with one ready data connection.
+pub type Slot = oneshot::Sender<Visitor>;
+
+/// Why a visitor could not be paired.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// No data connection became ready in time (agent offline or slow).
+    #[error("no tunnel connection became ready within {0:?}")]
+    Timeout(Duration),
+    /// Too many visitors are already waiting.
+    #[error("{MAX_WAITING_VISITORS} visitors are already waiting")]
+    Full,
+}
+
+#[derive(Default)]
+struct Inner {
+    idle: VecDeque<Slot>,
+    waiters: VecDeque<oneshot::Sender<Slot>>,
+    outstanding: usize,
+    target: usize,
+    wake: Option<Arc<Notify>>,
+}
+
+impl Inner {
+    fn want_more(&self) -> bool {
+        self.idle.len() + self.outstanding < self.target + self.waiters.len()
+            && self.outstanding < MAX_OUTSTANDING_TICKETS
+    }
+
+    fn nudge(&self) {
+        if self.want_more() {
+            if let Some(w) = &self.wake {
+                w.notify_one();
+            }
+        }
+    }
+}
+
+/// Ready data connections and waiting visitors for one service.
+#[derive(Default)]
+pub struct Pool {
+    inner: Mutex<Inner>,
+}
+
+impl Pool {
+    /// An empty pool with no owner.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves only counters and queues behind; they stay
+        // consistent enough to keep serving, so poisoning is ignored.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new owner (agent session) takes the pool: idle connections of any previous owner
+    /// are dropped (closing them), `target` idle connections are wanted, and `wake` is
+    /// notified whenever more tickets should be issued.
+    pub fn attach(&self, target: usize, wake: Arc<Notify>) {
+        let mut g = self.lock();
+        g.idle.clear();
+        g.outstanding = 0;
+        g.target = target;
+        g.wake = Some(wake);
+        g.nudge();
+    }
+
+    /// The owner went away: drop its idle connections and stop asking for tickets. Waiting
+    /// visitors keep waiting (bounded) in case a new owner attaches soon.
+    pub fn detach(&self) {
+        let mut g = self.lock();
+        g.idle.clear();
+        g.outstanding = 0;
+        g.wake = None;
+    }
+
+    /// A data connection is ready: give it to the oldest waiting visitor, or park it.
+    pub fn offer(&self, mut slot: Slot) {
+        let mut g = self.lock();
+        while let Some(waiter) = g.waiters.pop_front() {
+            match waiter.send(slot) {
+                Ok(()) => {
+                    g.nudge();
+                    return;
+                }
+                Err(back) => slot = back, // that visitor gave up; try the next
+            }
+        }
+        g.idle.push_back(slot);
+    }
+
+    /// Pairs `visitor` with a ready data connection, waiting up to `wait` for one.
+    pub async fn take(&self, mut visitor: Visitor, wait: Duration) -> Result<(), TakeError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let rx = {
+                let mut g = self.lock();
+                while let Some(slot) = g.idle.pop_front() {
+                    match slot.send(visitor) {
+                        Ok(()) => {
+                            g.nudge();
+                            return Ok(());
+                        }
+                        Err(back) => visitor = back, // that connection died while idle
+                    }
+                }
+                if g.waiters.len() >= MAX_WAITING_VISITORS {
+                    return Err(TakeError::Full);
+                }
+                let (tx, rx) = oneshot::channel();
+                g.waiters.push_back(tx);
+                g.nudge();
+                rx
+            };
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(slot)) => match slot.send(visitor) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => visitor = back,
+                },
+                // Sender dropped by `detach`-free paths never happens; treat like a timeout.
+                Ok(Err(_)) | Err(_) => return Err(TakeError::Timeout(wait)),
+            }
+        }
+    }
+
+    /// How many tickets to issue now to reach the target, counted as outstanding at once.
+    pub fn claim_tickets(&self) -> usize {
+        let mut g = self.lock();
+        if g.wake.is_none() {
+            return 0;
+        }
+        let want = g.target + g.waiters.len();
+        let have = g.idle.len() + g.outstanding;
+        let n = want
+            .saturating_sub(have)
+            .min(MAX_OUTSTANDING_TICKETS - g.outstanding.min(MAX_OUTSTANDING_TICKETS));
+        g.outstanding += n;
+        n
+    }
+
+    /// An outstanding ticket was redeemed or expired.
+    pub fn ticket_done(&self) {
+        let mut g = self.lock();
+        g.outstanding = g.outstanding.saturating_sub(1);
+        g.nudge();
+    }
+
+    /// Idle connections currently parked (for logs and tests).
+    pub fn idle_len(&self) -> usize {
+        self.lock().idle.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    async fn visitor() -> (Visitor, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, addr) = l.accept().await.unwrap();
+        (Visitor { stream: s, addr }, c)
+    }
+
+    #[tokio::test]
+    async fn tickets_follow_target_and_waiters() {
+        let pool = Arc::new(Pool::new());
+        assert_eq!(pool.claim_tickets(), 0, "no owner, no tickets");
+        let wake = Arc::new(Notify::new());
+        pool.attach(2, wake.clone());
+        assert_eq!(pool.claim_tickets(), 2);
+        assert_eq!(pool.claim_tickets(), 0);
+
+        // A ready connection parks; a visitor takes it at once.
+        pool.ticket_done();
+        let (slot, rx) = oneshot::channel();
+        pool.offer(slot);
+        let (v, _c) = visitor().await;
+        pool.take(v, Duration::from_secs(5)).await.unwrap();
+        assert!(rx.await.is_ok());
+        assert_eq!(pool.claim_tickets(), 1, "replace the used connection");
+
+        // A slot whose owner died is skipped; the visitor then waits for a fresh one.
+        let (dead, dead_rx) = oneshot::channel();
+        drop(dead_rx);
+        pool.ticket_done();
+        pool.offer(dead);
+        let p2 = pool.clone();
+        let (v, _c2) = visitor().await;
+        let waiting = tokio::spawn(async move { p2.take(v, Duration::from_secs(30)).await });
+        wake.notified().await;
+        let (slot, rx) = oneshot::channel();
+        pool.offer(slot);
+        waiting.await.unwrap().unwrap();
+        assert!(rx.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn waiting_is_bounded_in_time() {
+        let pool = Pool::new();
+        let (v, _c) = visitor().await;
+        let err = pool.take(v, Duration::from_millis(10)).await.unwrap_err();
+        assert!(matches!(err, TakeError::Timeout(_)));
+    }
+}

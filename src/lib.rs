@@ -1,0 +1,38 @@
+//! ringtunnel: expose services behind NAT through a public relay.
+//!
+//! The **agent** runs next to a service and dials out to the **relay** on a VPS; visitors
+//! connect to the relay's public ports and their bytes travel through a pre-opened,
+//! authenticated tunnel data connection to the agent, which forwards them to the service.
+//!
+//! # Layout
+//! - [`protocol`] — the wire format, sans-IO: frames, messages, HMAC auth, heartbeat timer.
+//! - [`control`] — the relay: control port, agent sessions, service registry, tickets.
+//! - [`agent`] — the agent: control session, data connections, reconnect backoff.
+//! - [`dataplane`] — visitor listeners, the per-service connection pool, forwarding.
+//! - [`tls`] — rustls configs, the relay's (self-signed) certificate, fingerprint pinning.
+//! - [`transport`] — type-erased plain/TLS streams and framed message I/O.
+//! - [`config`] — TOML files, merged settings, validation, the masked [`config::Secret`].
+//! - [`cli`] — the command line (clap), merged into configs.
+//! - [`demo`] — relay + agent + origin on loopback in one process.
+//! - [`admin`] — counters.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod demo;
+pub mod protocol;
+pub mod tls;
+pub mod transport;
+
+use std::io::Write;
+
+/// Prints one user-facing line (`ready ...`, `online ...`) on stdout and flushes it at once,
+/// so scripts and tests reading a pipe see it immediately. These lines are a stable interface.
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}

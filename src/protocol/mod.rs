@@ -1,0 +1,54 @@
+//! The wire format, sans-IO: plain data types and a codec that turns bytes into frames and
+//! frames into bytes. Nothing here touches a socket, a runtime or a clock; time, where it
+//! matters, is a parameter. See `docs/PROTOCOL.md` for the frame table.
+//!
+//! - [`frame`]: length-prefixed framing with a hard [`frame::MAX_FRAME_LEN`].
+//! - [`msg`]: one message enum per direction, [`AgentMsg`] and [`RelayMsg`].
+//! - [`auth`]: HMAC-SHA256 challenge–response and ticket types.
+//! - [`liveness`]: the heartbeat state machine both ends run on the control connection.
+
+pub mod auth;
+pub mod frame;
+pub mod liveness;
+pub mod msg;
+mod wire;
+
+pub use frame::{decode, encode, Decoded, MAX_FRAME_LEN};
+pub use msg::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, ServiceRequest, ServiceResult};
+
+/// The protocol version this build speaks. Carried in the first frame of every connection, so
+/// a peer from another version gets a clear error instead of misparsed bytes.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Everything that can be wrong with bytes received from a peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The length prefix announces a frame larger than [`MAX_FRAME_LEN`].
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge {
+        /// Announced body length in bytes.
+        len: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+    /// A frame with a zero-length body (no message type).
+    #[error("empty frame")]
+    EmptyFrame,
+    /// The message type byte is not one this version knows.
+    #[error("unknown message type 0x{0:02x}")]
+    UnknownType(u8),
+    /// The body ended before the message did.
+    #[error("truncated {0} message")]
+    Truncated(&'static str),
+    /// The body had bytes left over after the message.
+    #[error("{0} message has trailing bytes")]
+    TrailingBytes(&'static str),
+    /// A field held a value outside its domain.
+    #[error("invalid {field} in {msg} message")]
+    InvalidField {
+        /// Message name.
+        msg: &'static str,
+        /// Field name.
+        field: &'static str,
+    },
+}

@@ -1,0 +1,563 @@
+//! The messages, one enum per direction. Every connection opens with an agent frame that names
+//! the protocol version ([`AgentMsg::ControlHello`] or [`AgentMsg::DataHello`]); their type
+//! bytes and leading version field are fixed for all versions to come.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::auth::{Mac, Nonce, Ticket, MAC_LEN, NONCE_LEN, TICKET_LEN};
+use super::frame::{self, Decoded};
+use super::wire::{put_string, Reader};
+use super::ProtocolError;
+
+/// Most tickets one [`RelayMsg::Tickets`] frame carries; bounds the frame well under
+/// [`super::MAX_FRAME_LEN`] whatever the service name.
+pub const MAX_TICKETS_PER_FRAME: usize = 256;
+
+/// Most services one agent may register on one control connection.
+pub const MAX_SERVICES_PER_AGENT: usize = 64;
+
+/// One service an agent asks the relay to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRequest {
+    /// Service name, unique per relay; also selects the relay-side secret.
+    pub name: String,
+    /// Public port wanted, or 0 for "any port from the relay's range".
+    pub remote_port: u16,
+    /// How many idle, authenticated data connections the agent wants to keep open.
+    pub pool: u8,
+    /// HMAC proving the agent knows this service's secret (see [`super::auth::register_mac`]).
+    pub mac: Mac,
+}
+
+/// Why the relay refused something. Stable numbers: they are on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The peer speaks a protocol version this relay does not.
+    UnsupportedVersion = 1,
+    /// The HMAC did not verify: wrong secret.
+    AuthFailed = 2,
+    /// The requested public port is held by another service or process.
+    PortTaken = 3,
+    /// The requested public port is outside the relay's allowed range.
+    PortForbidden = 4,
+    /// The request made no sense (bad name, no services, duplicate name...).
+    BadRequest = 5,
+    /// A data connection's ticket was unknown, expired or already used.
+    BadTicket = 6,
+    /// Another agent session took over one of this session's services.
+    Replaced = 7,
+    /// A limit was reached (services, pending connections).
+    LimitReached = 8,
+    /// The relay failed internally; retrying may help.
+    Internal = 9,
+}
+
+impl ErrorCode {
+    fn from_u8(v: u8) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match v {
+            1 => UnsupportedVersion,
+            2 => AuthFailed,
+            3 => PortTaken,
+            4 => PortForbidden,
+            5 => BadRequest,
+            6 => BadTicket,
+            7 => Replaced,
+            8 => LimitReached,
+            9 => Internal,
+            _ => return None,
+        })
+    }
+}
+
+/// What became of one requested service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceOutcome {
+    /// Published: visitors can connect to this public port.
+    Online {
+        /// The public port on the relay.
+        port: u16,
+    },
+    /// Refused, with the reason.
+    Rejected {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// One human-readable line.
+        message: String,
+    },
+}
+
+/// The relay's answer for one [`ServiceRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceResult {
+    /// Name of the service, as requested.
+    pub name: String,
+    /// Whether it is online, and where.
+    pub outcome: ServiceOutcome,
+}
+
+/// Frames the agent sends to the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentMsg {
+    /// First frame of a control connection.
+    ControlHello {
+        /// Protocol version the agent speaks.
+        version: u16,
+    },
+    /// Answer to [`RelayMsg::Challenge`]: the services to publish, each with its own MAC.
+    Register {
+        /// Requested services, at most [`MAX_SERVICES_PER_AGENT`].
+        services: Vec<ServiceRequest>,
+    },
+    /// Liveness signal on the control connection.
+    Heartbeat,
+    /// First and only frame the agent sends on a data connection before forwarding starts.
+    DataHello {
+        /// Protocol version the agent speaks.
+        version: u16,
+        /// Single-use ticket from a [`RelayMsg::Tickets`] frame.
+        ticket: Ticket,
+    },
+}
+
+/// Frames the relay sends to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayMsg {
+    /// Answer to [`AgentMsg::ControlHello`]: a fresh nonce to authenticate against.
+    Challenge {
+        /// Protocol version the relay speaks.
+        version: u16,
+        /// Fresh random nonce; MACs are computed over it.
+        nonce: Nonce,
+        /// Whether data connections must use TLS (`false`: plain TCP).
+        data_tls: bool,
+    },
+    /// Answer to [`AgentMsg::Register`], one result per requested service, in order.
+    Registered {
+        /// Per-service outcome.
+        results: Vec<ServiceResult>,
+    },
+    /// Tickets for opening data connections for one service; each opens exactly one.
+    Tickets {
+        /// Service the tickets belong to.
+        service: String,
+        /// At most [`MAX_TICKETS_PER_FRAME`] tickets.
+        tickets: Vec<Ticket>,
+    },
+    /// Liveness signal on the control connection.
+    Heartbeat,
+    /// Fatal for the connection it is sent on; the relay closes it after this frame.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// One human-readable line.
+        message: String,
+    },
+    /// On a pooled data connection: a visitor arrived. Every byte after this frame belongs to
+    /// the visitor's stream.
+    Start {
+        /// The visitor's address as the relay saw it.
+        visitor: SocketAddr,
+    },
+}
+
+mod kind {
+    pub const CONTROL_HELLO: u8 = 0x01;
+    pub const REGISTER: u8 = 0x02;
+    pub const AGENT_HEARTBEAT: u8 = 0x03;
+    pub const DATA_HELLO: u8 = 0x04;
+    pub const CHALLENGE: u8 = 0x81;
+    pub const REGISTERED: u8 = 0x82;
+    pub const TICKETS: u8 = 0x83;
+    pub const RELAY_HEARTBEAT: u8 = 0x84;
+    pub const ERROR: u8 = 0x85;
+    pub const START: u8 = 0x86;
+}
+
+/// A message that travels in one frame.
+pub trait Message: Sized {
+    /// Appends this message as one frame to `out`.
+    fn encode(&self, out: &mut Vec<u8>);
+    /// Parses one frame body of the given type.
+    fn decode_body(kind: u8, payload: &[u8]) -> Result<Self, ProtocolError>;
+
+    /// Looks for one whole message at the start of `buf`. `Ok(None)` means "need more bytes";
+    /// `Ok(Some((msg, used)))` says how many bytes of `buf` the frame took.
+    fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, ProtocolError> {
+        match frame::decode(buf)? {
+            Decoded::NeedMore(_) => Ok(None),
+            Decoded::Frame {
+                kind,
+                payload,
+                consumed,
+            } => Ok(Some((Self::decode_body(kind, payload)?, consumed))),
+        }
+    }
+
+    /// This message as one frame in a fresh buffer.
+    fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+}
+
+impl Message for AgentMsg {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut p = Vec::new();
+        let kind = match self {
+            AgentMsg::ControlHello { version } => {
+                p.extend_from_slice(&version.to_be_bytes());
+                kind::CONTROL_HELLO
+            }
+            AgentMsg::Register { services } => {
+                p.push(services.len().min(MAX_SERVICES_PER_AGENT) as u8);
+                for s in services.iter().take(MAX_SERVICES_PER_AGENT) {
+                    put_string(&mut p, truncate(&s.name, MAX_NAME_LEN));
+                    p.extend_from_slice(&s.remote_port.to_be_bytes());
+                    p.push(s.pool);
+                    p.extend_from_slice(&s.mac);
+                }
+                kind::REGISTER
+            }
+            AgentMsg::Heartbeat => kind::AGENT_HEARTBEAT,
+            AgentMsg::DataHello { version, ticket } => {
+                p.extend_from_slice(&version.to_be_bytes());
+                p.extend_from_slice(&ticket.0);
+                kind::DATA_HELLO
+            }
+        };
+        frame::encode(kind, &p, out);
+    }
+
+    fn decode_body(k: u8, payload: &[u8]) -> Result<Self, ProtocolError> {
+        let msg = match k {
+            kind::CONTROL_HELLO => {
+                let mut r = Reader::new(payload, "ControlHello");
+                let version = r.u16()?;
+                // Later versions may append fields; the version is what we judge by.
+                AgentMsg::ControlHello { version }
+            }
+            kind::REGISTER => {
+                let mut r = Reader::new(payload, "Register");
+                let count = r.u8()? as usize;
+                if count > MAX_SERVICES_PER_AGENT {
+                    return Err(r.invalid("service count"));
+                }
+                let mut services = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = r.string("name")?;
+                    if name.len() > MAX_NAME_LEN {
+                        return Err(r.invalid("name"));
+                    }
+                    services.push(ServiceRequest {
+                        name,
+                        remote_port: r.u16()?,
+                        pool: r.u8()?,
+                        mac: r.array::<MAC_LEN>()?,
+                    });
+                }
+                r.finish()?;
+                AgentMsg::Register { services }
+            }
+            kind::AGENT_HEARTBEAT => {
+                Reader::new(payload, "Heartbeat").finish()?;
+                AgentMsg::Heartbeat
+            }
+            kind::DATA_HELLO => {
+                let mut r = Reader::new(payload, "DataHello");
+                let version = r.u16()?;
+                let ticket = Ticket(r.array::<TICKET_LEN>()?);
+                AgentMsg::DataHello { version, ticket }
+            }
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        Ok(msg)
+    }
+}
+
+/// Longest service name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Longest human-readable message carried in a frame, in bytes.
+const MAX_MESSAGE_LEN: usize = 512;
+
+impl Message for RelayMsg {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let mut p = Vec::new();
+        let kind = match self {
+            RelayMsg::Challenge {
+                version,
+                nonce,
+                data_tls,
+            } => {
+                p.extend_from_slice(&version.to_be_bytes());
+                p.extend_from_slice(nonce);
+                p.push(u8::from(*data_tls));
+                kind::CHALLENGE
+            }
+            RelayMsg::Registered { results } => {
+                p.push(results.len().min(MAX_SERVICES_PER_AGENT) as u8);
+                for res in results.iter().take(MAX_SERVICES_PER_AGENT) {
+                    put_string(&mut p, truncate(&res.name, MAX_NAME_LEN));
+                    match &res.outcome {
+                        ServiceOutcome::Online { port } => {
+                            p.push(0);
+                            p.extend_from_slice(&port.to_be_bytes());
+                        }
+                        ServiceOutcome::Rejected { code, message } => {
+                            p.push(*code as u8);
+                            put_string(&mut p, truncate(message, MAX_MESSAGE_LEN));
+                        }
+                    }
+                }
+                kind::REGISTERED
+            }
+            RelayMsg::Tickets { service, tickets } => {
+                put_string(&mut p, truncate(service, MAX_NAME_LEN));
+                let n = tickets.len().min(MAX_TICKETS_PER_FRAME);
+                p.extend_from_slice(&(n as u16).to_be_bytes());
+                for t in &tickets[..n] {
+                    p.extend_from_slice(&t.0);
+                }
+                kind::TICKETS
+            }
+            RelayMsg::Heartbeat => kind::RELAY_HEARTBEAT,
+            RelayMsg::Error { code, message } => {
+                p.push(*code as u8);
+                put_string(&mut p, truncate(message, MAX_MESSAGE_LEN));
+                kind::ERROR
+            }
+            RelayMsg::Start { visitor } => {
+                match visitor.ip() {
+                    IpAddr::V4(ip) => {
+                        p.push(4);
+                        p.extend_from_slice(&ip.octets());
+                    }
+                    IpAddr::V6(ip) => {
+                        p.push(6);
+                        p.extend_from_slice(&ip.octets());
+                    }
+                }
+                p.extend_from_slice(&visitor.port().to_be_bytes());
+                kind::START
+            }
+        };
+        frame::encode(kind, &p, out);
+    }
+
+    fn decode_body(k: u8, payload: &[u8]) -> Result<Self, ProtocolError> {
+        let msg = match k {
+            kind::CHALLENGE => {
+                let mut r = Reader::new(payload, "Challenge");
+                let version = r.u16()?;
+                let nonce = r.array::<NONCE_LEN>()?;
+                let data_tls = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(r.invalid("data_tls")),
+                };
+                RelayMsg::Challenge {
+                    version,
+                    nonce,
+                    data_tls,
+                }
+            }
+            kind::REGISTERED => {
+                let mut r = Reader::new(payload, "Registered");
+                let count = r.u8()? as usize;
+                if count > MAX_SERVICES_PER_AGENT {
+                    return Err(r.invalid("service count"));
+                }
+                let mut results = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = r.string("name")?;
+                    let outcome = match r.u8()? {
+                        0 => ServiceOutcome::Online { port: r.u16()? },
+                        code => ServiceOutcome::Rejected {
+                            code: ErrorCode::from_u8(code).ok_or_else(|| r.invalid("code"))?,
+                            message: r.string("message")?,
+                        },
+                    };
+                    results.push(ServiceResult { name, outcome });
+                }
+                r.finish()?;
+                RelayMsg::Registered { results }
+            }
+            kind::TICKETS => {
+                let mut r = Reader::new(payload, "Tickets");
+                let service = r.string("service")?;
+                let n = r.u16()? as usize;
+                if n > MAX_TICKETS_PER_FRAME || n * TICKET_LEN != r.remaining() {
+                    return Err(r.invalid("ticket count"));
+                }
+                let mut tickets = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tickets.push(Ticket(r.array::<TICKET_LEN>()?));
+                }
+                RelayMsg::Tickets { service, tickets }
+            }
+            kind::RELAY_HEARTBEAT => {
+                Reader::new(payload, "Heartbeat").finish()?;
+                RelayMsg::Heartbeat
+            }
+            kind::ERROR => {
+                let mut r = Reader::new(payload, "Error");
+                let code = ErrorCode::from_u8(r.u8()?).ok_or_else(|| r.invalid("code"))?;
+                let message = r.string("message")?;
+                r.finish()?;
+                RelayMsg::Error { code, message }
+            }
+            kind::START => {
+                let mut r = Reader::new(payload, "Start");
+                let ip = match r.u8()? {
+                    4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
+                    6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
+                    _ => return Err(r.invalid("address family")),
+                };
+                let port = r.u16()?;
+                r.finish()?;
+                RelayMsg::Start {
+                    visitor: SocketAddr::new(ip, port),
+                }
+            }
+            other => return Err(ProtocolError::UnknownType(other)),
+        };
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn samples() -> (Vec<AgentMsg>, Vec<RelayMsg>) {
+        let agent = vec![
+            AgentMsg::ControlHello { version: 1 },
+            AgentMsg::Register {
+                services: vec![ServiceRequest {
+                    name: "web".into(),
+                    remote_port: 20000,
+                    pool: 4,
+                    mac: [9; MAC_LEN],
+                }],
+            },
+            AgentMsg::Heartbeat,
+            AgentMsg::DataHello {
+                version: 1,
+                ticket: Ticket([3; TICKET_LEN]),
+            },
+        ];
+        let relay = vec![
+            RelayMsg::Challenge {
+                version: 1,
+                nonce: [5; NONCE_LEN],
+                data_tls: true,
+            },
+            RelayMsg::Registered {
+                results: vec![
+                    ServiceResult {
+                        name: "web".into(),
+                        outcome: ServiceOutcome::Online { port: 20001 },
+                    },
+                    ServiceResult {
+                        name: "db".into(),
+                        outcome: ServiceOutcome::Rejected {
+                            code: ErrorCode::PortTaken,
+                            message: "port 5432 is taken".into(),
+                        },
+                    },
+                ],
+            },
+            RelayMsg::Tickets {
+                service: "web".into(),
+                tickets: vec![Ticket([1; TICKET_LEN]), Ticket([2; TICKET_LEN])],
+            },
+            RelayMsg::Heartbeat,
+            RelayMsg::Error {
+                code: ErrorCode::AuthFailed,
+                message: "wrong secret".into(),
+            },
+            RelayMsg::Start {
+                visitor: "[::1]:4000".parse().unwrap(),
+            },
+            RelayMsg::Start {
+                visitor: "10.1.2.3:80".parse().unwrap(),
+            },
+        ];
+        (agent, relay)
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let (agent, relay) = samples();
+        for m in agent {
+            let buf = m.to_frame();
+            assert_eq!(AgentMsg::decode(&buf), Ok(Some((m, buf.len()))));
+            assert_eq!(AgentMsg::decode(&buf[..buf.len() - 1]), Ok(None));
+        }
+        for m in relay {
+            let buf = m.to_frame();
+            assert_eq!(RelayMsg::decode(&buf), Ok(Some((m, buf.len()))));
+            assert_eq!(RelayMsg::decode(&buf[..buf.len() - 1]), Ok(None));
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut buf = Vec::new();
+        frame::encode(0x42, b"", &mut buf);
+        assert_eq!(
+            AgentMsg::decode(&buf),
+            Err(ProtocolError::UnknownType(0x42))
+        );
+        let mut buf = Vec::new();
+        frame::encode(kind::REGISTER, &[200], &mut buf);
+        assert!(AgentMsg::decode(&buf).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = AgentMsg::decode(&bytes);
+            let _ = RelayMsg::decode(&bytes);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_random_bodies(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = Vec::new();
+            frame::encode(kind, &body, &mut buf);
+            let _ = AgentMsg::decode(&buf);
+            let _ = RelayMsg::decode(&buf);
+        }
+
+        #[test]
+        fn truncated_valid_frames_need_more(cut in 0usize..64, which in 0usize..11) {
+            let (agent, relay) = samples();
+            let buf = if which < agent.len() { agent[which].to_frame() } else { relay[which - agent.len()].to_frame() };
+            let cut = cut.min(buf.len() - 1);
+            prop_assert_eq!(AgentMsg::decode(&buf[..cut]).ok(), Some(None));
+            prop_assert_eq!(RelayMsg::decode(&buf[..cut]).ok(), Some(None));
+        }
+
+        #[test]
+        fn decoded_length_never_exceeds_cap(len in any::<u32>(), rest in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut buf = len.to_be_bytes().to_vec();
+            buf.extend_from_slice(&rest);
+            match frame::decode(&buf) {
+                Ok(Decoded::Frame { consumed, .. }) => prop_assert!(consumed <= MAX_FRAME_LEN + 4),
+                Ok(Decoded::NeedMore(n)) => prop_assert!(n <= MAX_FRAME_LEN + 4),
+                Err(_) => prop_assert!(len as usize > MAX_FRAME_LEN || len == 0),
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! TLS for control and data connections (rustls with the `ring` provider).
+//!
+//! - [`cert`]: the relay's certificate — loaded from files, or self-signed on first start and
+//!   kept in the state directory.
+//! - [`fingerprint`]: SHA-256 certificate fingerprints and the pinning verifier the agent uses.
+
+pub mod cert;
+pub mod fingerprint;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+pub use cert::RelayIdentity;
+pub use fingerprint::Fingerprint;
+
+/// Errors setting up TLS. Each says which file or setting is at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file could not be read or parsed.
+    #[error("relay certificate file {path}: {reason}")]
+    BadFile {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The state directory could not be created or written.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory or file inside it.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Generating the self-signed certificate failed.
+    #[error("generating a self-signed certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The crypto provider used everywhere in ringtunnel.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server configuration for the relay's control port (control and data connections alike).
+pub fn server_config(identity: &RelayIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    Ok(Arc::new(config))
+}
+
+/// How the agent decides to trust the relay's certificate.
+#[derive(Debug, Clone)]
+pub enum RelayTrust {
+    /// Accept exactly the certificate with this SHA-256 fingerprint (self-signed relays).
+    Pinned(Fingerprint),
+    /// Verify the chain against these extra CA certificates (PEM file) plus the public roots.
+    CaFile(PathBuf),
+    /// Verify the chain against the public web roots.
+    PublicRoots,
+}
+
+/// Client configuration the agent uses for control and data connections.
+pub fn client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let config = match trust {
+        RelayTrust::Pinned(fp) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(fingerprint::PinnedVerifier::new(
+                *fp,
+                provider(),
+            )))
+            .with_no_client_auth(),
+        RelayTrust::CaFile(_) | RelayTrust::PublicRoots => {
+            let mut roots = RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            if let RelayTrust::CaFile(path) = trust {
+                let bad = |reason: String| TlsError::BadFile {
+                    path: path.clone(),
+                    reason,
+                };
+                let iter = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
+                for cert in iter {
+                    let cert = cert.map_err(|e| bad(e.to_string()))?;
+                    roots.add(cert).map_err(|e| bad(e.to_string()))?;
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}

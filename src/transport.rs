@@ -1,0 +1,117 @@
+//! Byte streams and framed message I/O shared by relay and agent.
+//!
+//! Control and data connections may be plain TCP or TLS; [`BoxStream`] erases the difference
+//! so the rest of the code handles one type. [`Framed`] reads and writes protocol messages on
+//! such a stream and hands back any bytes read past the last frame, because on a data
+//! connection the visitor's bytes follow the `Start` frame in the same segment.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::msg::Message;
+use crate::protocol::{ProtocolError, MAX_FRAME_LEN};
+
+/// Anything that can carry a tunnel connection.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// A plain or TLS connection, type-erased.
+pub type BoxStream = Box<dyn Stream>;
+
+/// Failure reading or writing a framed message.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameIoError {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The peer sent bytes that are not a valid message.
+    #[error("malformed frame: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// The peer closed the connection (cleanly, between frames).
+    #[error("connection closed by peer")]
+    Closed,
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// The operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+/// A stream with a read buffer for decoding messages.
+pub struct Framed<S> {
+    io: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    /// Wraps a stream with an empty buffer.
+    pub fn new(io: S) -> Self {
+        Self {
+            io,
+            buf: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Reads the next message. Cancel-safe: bytes read before a cancellation stay buffered
+    /// for the next call. Never buffers more than one maximum-size frame plus one read.
+    pub async fn read_msg<M: Message>(&mut self) -> Result<M, FrameIoError> {
+        loop {
+            if let Some((msg, used)) = M::decode(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(msg);
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(4096.min(MAX_FRAME_LEN));
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(if self.buf.is_empty() {
+                    FrameIoError::Closed
+                } else {
+                    FrameIoError::Truncated
+                });
+            }
+        }
+    }
+
+    /// [`Self::read_msg`] bounded by `limit`.
+    pub async fn read_msg_within<M: Message>(
+        &mut self,
+        limit: Duration,
+    ) -> Result<M, FrameIoError> {
+        tokio::time::timeout(limit, self.read_msg())
+            .await
+            .map_err(|_| FrameIoError::Timeout(limit))?
+    }
+
+    /// Writes one message and flushes it, bounded by `limit` so a peer that stops reading
+    /// cannot stall us forever.
+    pub async fn write_msg<M: Message>(
+        &mut self,
+        msg: &M,
+        limit: Duration,
+    ) -> Result<(), FrameIoError> {
+        let frame = msg.to_frame();
+        let io = &mut self.io;
+        let write = async move {
+            io.write_all(&frame).await?;
+            io.flush().await
+        };
+        tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| FrameIoError::Timeout(limit))??;
+        Ok(())
+    }
+
+    /// The stream and the bytes read past the last decoded message.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        (self.io, self.buf)
+    }
+
+    /// The underlying stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+}
