@@ -438,6 +438,7 @@ impl Message for RelayMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::MAX_FRAME_LEN;
     use proptest::prelude::*;
 
     fn samples() -> (Vec<AgentMsg>, Vec<RelayMsg>) {

@@ -1,0 +1,322 @@
+//! Shared helpers for end-to-end tests: spawn the real `ringtunnel` binary as relay and agent
+//! on loopback with ephemeral ports, wait for their stable stdout lines, and run origins.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub const SECRET: &str = "correct horse battery staple";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("ringtunnel-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose stdout lines arrive on a channel and whose stderr is collected.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[String]) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
+            .args(args)
+            .env_remove("RINGTUNNEL_SECRET")
+            .env("RINGTUNNEL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringtunnel");
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Proc { child, lines, stderr }
+    }
+
+    /// Waits for a stdout line starting with `prefix`; panics with stderr after `WAIT`.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!(
+                    "no line starting with {prefix:?} within {WAIT:?}; stderr:\n{}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit (bounded); panics if it does not.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // Let the stderr reader drain.
+                std::thread::sleep(Duration::from_millis(100));
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("process did not exit within {WAIT:?}; stderr:\n{}", self.stderr());
+    }
+
+    /// Waits (bounded) until stderr contains `needle`.
+    pub fn wait_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.stderr().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("stderr never contained {needle:?}:\n{}", self.stderr());
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A relay process and what it printed.
+pub struct Relay {
+    pub proc: Proc,
+    pub control: SocketAddr,
+    pub fingerprint: String,
+    pub state: Arc<TempDir>,
+    pub extra: Vec<String>,
+}
+
+impl Relay {
+    /// Starts a relay on `127.0.0.1:0` with its own state dir, plus `extra` flags.
+    pub fn spawn(extra: &[&str]) -> Relay {
+        let state = Arc::new(TempDir::new("relay"));
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn_at("127.0.0.1:0".parse().unwrap(), state, extra)
+    }
+
+    fn spawn_at(control: SocketAddr, state: Arc<TempDir>, extra: Vec<String>) -> Relay {
+        let mut args: Vec<String> = vec![
+            "relay".into(),
+            "--control".into(),
+            control.to_string(),
+            "--secret".into(),
+            SECRET.into(),
+            "--bind-addr".into(),
+            "127.0.0.1".into(),
+            "--state-dir".into(),
+            state.0.display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut proc = Proc::spawn(&args);
+        let line = proc.wait_line("ready ");
+        let control = field(&line, "control").parse().unwrap();
+        let fingerprint = field(&line, "fingerprint");
+        Relay {
+            proc,
+            control,
+            fingerprint,
+            state,
+            extra,
+        }
+    }
+
+    /// Kills this relay and starts a new one on the same control port and state directory.
+    pub fn restart(mut self) -> Relay {
+        self.proc.kill();
+        let (control, state, extra) = (self.control, self.state.clone(), self.extra.clone());
+        drop(self);
+        Self::spawn_at(control, state, extra)
+    }
+
+    /// Agent flags that reach this relay with the right secret and fingerprint.
+    pub fn agent_args(&self, local: SocketAddr, name: &str) -> Vec<String> {
+        vec![
+            "agent".into(),
+            "--relay".into(),
+            self.control.to_string(),
+            "--relay-fingerprint".into(),
+            self.fingerprint.clone(),
+            "--secret".into(),
+            SECRET.into(),
+            "--local".into(),
+            local.to_string(),
+            "--name".into(),
+            name.into(),
+        ]
+    }
+}
+
+/// An agent process that printed its `online` line.
+pub struct Agent {
+    pub proc: Proc,
+    pub public: SocketAddr,
+}
+
+impl Agent {
+    pub fn spawn(args: Vec<String>) -> Agent {
+        let mut proc = Proc::spawn(&args);
+        let line = proc.wait_line("online ");
+        let public = field(&line, "public").parse().unwrap();
+        Agent { proc, public }
+    }
+}
+
+/// The value of `key=value` in a space-separated line.
+pub fn field(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .to_string()
+}
+
+/// An origin that echoes every byte and half-closes when the visitor does.
+pub async fn echo_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An origin that reads the whole request (until the visitor half-closes), then answers with
+/// `reply_len` bytes derived from the request, then closes.
+pub async fn answer_after_eof_origin(reply_len: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                if s.read_to_end(&mut req).await.is_err() {
+                    return;
+                }
+                let _ = s.write_all(&reply_for(&req, reply_len)).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// The reply [`answer_after_eof_origin`] sends for `req`.
+pub fn reply_for(req: &[u8], len: usize) -> Vec<u8> {
+    let seed = req.iter().fold(len as u64 + 1, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(*b)));
+    pseudo_random(seed, len)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), fast enough for tens of MiB.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+}
+
+/// Sends `payload` through `public`, half-closes, and returns everything read back.
+pub async fn roundtrip(public: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let s = tokio::net::TcpStream::connect(public).await?;
+    let (mut r, mut w) = s.into_split();
+    let send = async {
+        w.write_all(payload).await?;
+        w.shutdown().await
+    };
+    let mut got = Vec::new();
+    let recv = r.read_to_end(&mut got);
+    let (a, b) = tokio::time::timeout(WAIT, async { tokio::join!(send, recv) })
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "roundtrip timed out"))?;
+    a?;
+    b?;
+    Ok(got)
+}
+
+/// Asserts an echo through `public` works for a small payload.
+pub async fn assert_echo(public: SocketAddr) {
+    let payload = b"still alive?".to_vec();
+    let got = roundtrip(public, &payload).await.expect("echo through tunnel");
+    assert_eq!(got, payload);
+}
