@@ -7,67 +7,27 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ringtunnel::protocol::auth::{register_mac, Ticket};
+use ringtunnel::protocol::auth::Ticket;
 use ringtunnel::protocol::msg::Message;
-use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, ServiceRequest, PROTOCOL_VERSION};
-use ringtunnel::tls::{client_config, Fingerprint, RelayTrust};
+use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use ringtunnel::transport::{BoxStream, Framed};
-use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-
-async fn tls_connect(relay: &Relay) -> BoxStream {
-    let fp: Fingerprint = relay.fingerprint.parse().unwrap();
-    let connector = TlsConnector::from(client_config(&RelayTrust::Pinned(fp)).unwrap());
-    let tcp = TcpStream::connect(relay.control).await.unwrap();
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    Box::new(connector.connect(name, tcp).await.unwrap())
-}
-
-async fn connect_data(relay: &Relay, tls: bool) -> BoxStream {
-    if tls {
-        tls_connect(relay).await
-    } else {
-        Box::new(TcpStream::connect(relay.control).await.unwrap())
-    }
-}
-
-/// Registers service `name` as a hand-rolled agent; returns the control connection, the
-/// public port and the first tickets.
-async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, Vec<Ticket>) {
-    let limit = Duration::from_secs(10);
-    let mut ctl = Framed::new(tls_connect(relay).await);
-    ctl.write_msg(&AgentMsg::ControlHello { version: PROTOCOL_VERSION }, limit).await.unwrap();
-    let RelayMsg::Challenge { nonce, .. } = ctl.read_msg_within(limit).await.unwrap() else {
-        panic!("expected challenge")
-    };
-    let req = ServiceRequest {
-        name: name.into(),
-        remote_port: 0,
-        pool: 2,
-        mac: register_mac(SECRET.as_bytes(), &nonce, name),
-    };
-    ctl.write_msg(&AgentMsg::Register { services: vec![req] }, limit).await.unwrap();
-    let RelayMsg::Registered { results } = ctl.read_msg_within(limit).await.unwrap() else {
-        panic!("expected registered")
-    };
-    let ServiceOutcome::Online { port } = results[0].outcome else { panic!("{results:?}") };
-    let RelayMsg::Tickets { tickets, .. } = ctl.read_msg_within(limit).await.unwrap() else {
-        panic!("expected tickets")
-    };
-    (ctl, port, tickets)
-}
 
 /// Reads whatever the relay sends on a data connection until it closes; bounded.
 async fn drain(mut s: BoxStream) -> Vec<u8> {
     let mut got = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got)).await.expect("relay closes the connection");
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut got))
+        .await
+        .expect("relay closes the connection");
     got
 }
 
 fn assert_rejected(bytes: &[u8], secret: &[u8]) {
-    assert!(!bytes.windows(secret.len()).any(|w| w == secret), "visitor bytes leaked");
+    assert!(
+        !bytes.windows(secret.len()).any(|w| w == secret),
+        "visitor bytes leaked"
+    );
     match RelayMsg::decode(bytes) {
         Ok(Some((RelayMsg::Error { code, .. }, used))) => {
             assert_eq!(code, ErrorCode::BadTicket);
@@ -85,13 +45,19 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes() {
         let limit = Duration::from_secs(10);
         // A legitimate data connection redeems the first ticket...
         let mut legit = Framed::new(connect_data(&relay, data_tls == "on").await);
-        let hello = AgentMsg::DataHello { version: PROTOCOL_VERSION, ticket: tickets[0] };
+        let hello = AgentMsg::DataHello {
+            version: PROTOCOL_VERSION,
+            ticket: tickets[0],
+        };
         legit.write_msg(&hello, limit).await.unwrap();
 
         // ...a replay of that ticket and a forged one are refused.
         let mut replay = Framed::new(connect_data(&relay, data_tls == "on").await);
         replay.write_msg(&hello, limit).await.unwrap();
-        let forged_hello = AgentMsg::DataHello { version: PROTOCOL_VERSION, ticket: Ticket([0xAB; 16]) };
+        let forged_hello = AgentMsg::DataHello {
+            version: PROTOCOL_VERSION,
+            ticket: Ticket([0xAB; 16]),
+        };
         let mut forged = Framed::new(connect_data(&relay, data_tls == "on").await);
         forged.write_msg(&forged_hello, limit).await.unwrap();
         let (replay_s, left) = replay.into_parts();
@@ -110,12 +76,18 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes() {
 
         // The legitimate connection (or its pool sibling) did get the visitor. Ours is the
         // only one in the pool, so it is ours.
-        let start = tokio::time::timeout(WAIT, legit.read_msg::<RelayMsg>()).await.unwrap().unwrap();
+        let start = tokio::time::timeout(WAIT, legit.read_msg::<RelayMsg>())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(matches!(start, RelayMsg::Start { .. }));
         let (mut s, mut early) = legit.into_parts();
         while early.len() < secret.len() {
             let mut buf = [0u8; 64];
-            let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
             assert!(n > 0);
             early.extend_from_slice(&buf[..n]);
         }
@@ -128,10 +100,20 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes() {
 async fn plain_data_connection_refused_when_tls_required() {
     let relay = Relay::spawn(&[]);
     let (_ctl, _port, tickets) = fake_agent(&relay, "strict").await;
-    let mut plain = Framed::new(Box::new(TcpStream::connect(relay.control).await.unwrap()) as BoxStream);
-    let hello = AgentMsg::DataHello { version: PROTOCOL_VERSION, ticket: tickets[0] };
-    plain.write_msg(&hello, Duration::from_secs(5)).await.unwrap();
-    match tokio::time::timeout(WAIT, plain.read_msg::<RelayMsg>()).await.unwrap() {
+    let mut plain =
+        Framed::new(Box::new(TcpStream::connect(relay.control).await.unwrap()) as BoxStream);
+    let hello = AgentMsg::DataHello {
+        version: PROTOCOL_VERSION,
+        ticket: tickets[0],
+    };
+    plain
+        .write_msg(&hello, Duration::from_secs(5))
+        .await
+        .unwrap();
+    match tokio::time::timeout(WAIT, plain.read_msg::<RelayMsg>())
+        .await
+        .unwrap()
+    {
         Ok(RelayMsg::Error { message, .. }) => assert!(message.contains("TLS"), "{message}"),
         other => panic!("expected refusal, got {other:?}"),
     }

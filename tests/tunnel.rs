@@ -71,7 +71,9 @@ async fn wrong_secret_is_fatal_and_relay_keeps_serving() {
     let err = bad.stderr();
     assert!(err.contains("wrong secret"), "agent says why: {err}");
     assert_eq!(err.matches("error:").count(), 1, "one clear line: {err}");
-    relay.proc.wait_stderr("authentication failed for service intruder");
+    relay
+        .proc
+        .wait_stderr("authentication failed for service intruder");
 
     assert_echo(good.public).await;
 }
@@ -81,19 +83,33 @@ async fn fingerprint_mismatch_is_refused() {
     let origin = echo_origin().await;
     let relay = Relay::spawn(&[]);
     let mut args = relay.agent_args(origin, "pinned");
-    let i = args.iter().position(|a| a == "--relay-fingerprint").unwrap();
+    let i = args
+        .iter()
+        .position(|a| a == "--relay-fingerprint")
+        .unwrap();
     args[i + 1] = "00".repeat(32);
     let mut agent = Proc::spawn(&args);
     assert!(!agent.wait_exit().success());
-    assert!(agent.stderr().contains("fingerprint mismatch"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("fingerprint mismatch"),
+        "{}",
+        agent.stderr()
+    );
 
     // No pin at all: the self-signed certificate is not trusted either.
     let mut args = relay.agent_args(origin, "unpinned");
-    let i = args.iter().position(|a| a == "--relay-fingerprint").unwrap();
+    let i = args
+        .iter()
+        .position(|a| a == "--relay-fingerprint")
+        .unwrap();
     args.drain(i..i + 2);
     let mut agent = Proc::spawn(&args);
     assert!(!agent.wait_exit().success());
-    assert!(agent.stderr().contains("--relay-fingerprint"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("--relay-fingerprint"),
+        "{}",
+        agent.stderr()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,7 +121,13 @@ async fn garbage_on_control_port_does_not_hurt() {
     let truncated = vec![0, 0, 0, 40, 0x01, 0x00];
     let mut tls_then_junk = vec![0x16, 0x03, 0x01, 0x00, 0x05];
     tls_then_junk.extend_from_slice(&pseudo_random(7, 600));
-    let cases = vec![pseudo_random(42, 4096), too_long, truncated, tls_then_junk, b"GET / HTTP/1.1\r\n\r\n".to_vec()];
+    let cases = vec![
+        pseudo_random(42, 4096),
+        too_long,
+        truncated,
+        tls_then_junk,
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+    ];
     for junk in cases {
         let mut s = tokio::net::TcpStream::connect(relay.control).await.unwrap();
         let _ = s.write_all(&junk).await;
@@ -142,7 +164,11 @@ async fn relay_restart_agent_reconnects_by_itself() {
     assert_echo(public).await;
     let relay = relay.restart();
     let line = agent.proc.wait_line("online ");
-    assert_eq!(field(&line, "public"), public.to_string(), "same port after relay restart");
+    assert_eq!(
+        field(&line, "public"),
+        public.to_string(),
+        "same port after relay restart"
+    );
     assert_echo(public).await;
     assert!(relay.proc.stderr().contains("service online"));
 }

@@ -11,8 +11,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ringtunnel::protocol::auth::{register_mac, Ticket};
+use ringtunnel::protocol::{AgentMsg, RelayMsg, ServiceOutcome, ServiceRequest, PROTOCOL_VERSION};
+use ringtunnel::tls::{client_config, Fingerprint, RelayTrust};
+use ringtunnel::transport::{BoxStream, Framed};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
 
 /// Upper bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -27,7 +33,8 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> Self {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("ringtunnel-test-{tag}-{}-{n}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("ringtunnel-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -77,7 +84,11 @@ impl Proc {
                 s.push('\n');
             }
         });
-        Proc { child, lines, stderr }
+        Proc {
+            child,
+            lines,
+            stderr,
+        }
     }
 
     /// Waits for a stdout line starting with `prefix`; panics with stderr after `WAIT`.
@@ -107,7 +118,10 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("process did not exit within {WAIT:?}; stderr:\n{}", self.stderr());
+        panic!(
+            "process did not exit within {WAIT:?}; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     /// Waits (bounded) until stderr contains `needle`.
@@ -240,7 +254,9 @@ pub async fn echo_origin() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = s.into_split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -258,7 +274,9 @@ pub async fn answer_after_eof_origin(reply_len: usize) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let mut req = Vec::new();
                 if s.read_to_end(&mut req).await.is_err() {
@@ -274,7 +292,9 @@ pub async fn answer_after_eof_origin(reply_len: usize) -> SocketAddr {
 
 /// The reply [`answer_after_eof_origin`] sends for `req`.
 pub fn reply_for(req: &[u8], len: usize) -> Vec<u8> {
-    let seed = req.iter().fold(len as u64 + 1, |a, b| a.wrapping_mul(31).wrapping_add(u64::from(*b)));
+    let seed = req.iter().fold(len as u64 + 1, |a, b| {
+        a.wrapping_mul(31).wrapping_add(u64::from(*b))
+    });
     pseudo_random(seed, len)
 }
 
@@ -293,7 +313,9 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn sha256(data: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
 }
 
 /// Sends `payload` through `public`, half-closes, and returns everything read back.
@@ -317,6 +339,68 @@ pub async fn roundtrip(public: SocketAddr, payload: &[u8]) -> std::io::Result<Ve
 /// Asserts an echo through `public` works for a small payload.
 pub async fn assert_echo(public: SocketAddr) {
     let payload = b"still alive?".to_vec();
-    let got = roundtrip(public, &payload).await.expect("echo through tunnel");
+    let got = roundtrip(public, &payload)
+        .await
+        .expect("echo through tunnel");
     assert_eq!(got, payload);
+}
+
+// ------------------------------------------------ a hand-rolled agent, for attacks and silence
+
+pub async fn tls_connect(relay: &Relay) -> BoxStream {
+    let fp: Fingerprint = relay.fingerprint.parse().unwrap();
+    let connector = TlsConnector::from(client_config(&RelayTrust::Pinned(fp)).unwrap());
+    let tcp = TcpStream::connect(relay.control).await.unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    Box::new(connector.connect(name, tcp).await.unwrap())
+}
+
+pub async fn connect_data(relay: &Relay, tls: bool) -> BoxStream {
+    if tls {
+        tls_connect(relay).await
+    } else {
+        Box::new(TcpStream::connect(relay.control).await.unwrap())
+    }
+}
+
+/// Registers service `name` as a hand-rolled agent; returns the control connection, the
+/// public port and the first tickets.
+pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, Vec<Ticket>) {
+    let limit = Duration::from_secs(10);
+    let mut ctl = Framed::new(tls_connect(relay).await);
+    ctl.write_msg(
+        &AgentMsg::ControlHello {
+            version: PROTOCOL_VERSION,
+        },
+        limit,
+    )
+    .await
+    .unwrap();
+    let RelayMsg::Challenge { nonce, .. } = ctl.read_msg_within(limit).await.unwrap() else {
+        panic!("expected challenge")
+    };
+    let req = ServiceRequest {
+        name: name.into(),
+        remote_port: 0,
+        pool: 2,
+        mac: register_mac(SECRET.as_bytes(), &nonce, name),
+    };
+    ctl.write_msg(
+        &AgentMsg::Register {
+            services: vec![req],
+        },
+        limit,
+    )
+    .await
+    .unwrap();
+    let RelayMsg::Registered { results } = ctl.read_msg_within(limit).await.unwrap() else {
+        panic!("expected registered")
+    };
+    let ServiceOutcome::Online { port } = results[0].outcome else {
+        panic!("{results:?}")
+    };
+    let RelayMsg::Tickets { tickets, .. } = ctl.read_msg_within(limit).await.unwrap() else {
+        panic!("expected tickets")
+    };
+    (ctl, port, tickets)
 }

@@ -1,0 +1,120 @@
+//! Every example config parses and validates; every broken one is rejected with a message
+//! that names the problem.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use clap::Parser;
+use ringtunnel::cli::{Cli, Command};
+
+fn parse(args: &[&str]) -> Command {
+    let mut full = vec!["ringtunnel"];
+    full.extend_from_slice(args);
+    Cli::try_parse_from(full).unwrap().command
+}
+
+/// Writes `toml` to a fresh file and returns its path.
+fn write_config(toml: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ringtunnel-cfg-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn relay_with(toml: &str) -> Result<ringtunnel::config::RelayConfig, String> {
+    let path = write_config(toml);
+    let Command::Relay(args) = parse(&["relay", "--config", path.to_str().unwrap()]) else {
+        unreachable!()
+    };
+    args.into_config().map_err(|e| e.to_string())
+}
+
+fn agent_with(toml: &str, extra: &[&str]) -> Result<ringtunnel::config::AgentConfig, String> {
+    let path = write_config(toml);
+    let mut args = vec!["agent", "--config", path.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let Command::Agent(a) = parse(&args) else {
+        unreachable!()
+    };
+    a.into_config().map_err(|e| e.to_string())
+}
+
+#[test]
+fn example_configs_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let relay = relay_with(&std::fs::read_to_string(root.join("relay.toml")).unwrap()).unwrap();
+    assert_eq!(
+        relay.secret_for("billing").unwrap().expose(),
+        b"billing-only-secret"
+    );
+    assert_eq!(relay.secret_for("web").unwrap().expose(), b"change-me");
+    let agent = agent_with(
+        &std::fs::read_to_string(root.join("agent.toml")).unwrap(),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(agent.services.len(), 3);
+    assert_eq!(agent.relay_port, 7843);
+    assert_eq!(agent.services[1].pool, 2);
+}
+
+#[test]
+fn flags_override_file() {
+    let cfg = agent_with(
+        "relay = \"a.example\"\nsecret = \"s\"\n",
+        &[
+            "--relay",
+            "b.example:1234",
+            "--local",
+            "127.0.0.1:80",
+            "--name",
+            "x",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg.relay_host.as_str(), cfg.relay_port),
+        ("b.example", 1234)
+    );
+    assert_eq!(cfg.services[0].name, "x");
+}
+
+#[test]
+fn broken_configs_are_rejected_with_reasons() {
+    let relay_cases = [
+        ("secret = 1", "secret"),
+        ("port_range = \"9-1\"", "port range"),
+        ("colour = \"blue\"\nsecret=\"s\"", "colour"),
+        ("", "no secret"),
+        ("secret = \"\"", "empty"),
+        ("secret = \"s\"\nworkers = 0", "workers"),
+        (
+            "secret = \"s\"\nheartbeat_interval_secs = 30\nheartbeat_timeout_secs = 10",
+            "heartbeat",
+        ),
+        (
+            "[[service]]\nname = \"a b\"\nsecret = \"x\"",
+            "invalid service name",
+        ),
+    ];
+    for (toml, needle) in relay_cases {
+        let err = relay_with(toml).unwrap_err();
+        assert!(err.contains(needle), "{toml:?} -> {err}");
+    }
+    let agent_cases = [
+        ("secret = \"s\"\n[[service]]\nname=\"a\"\nlocal=\"127.0.0.1:1\"", "no relay"),
+        ("relay = \"r\"\n[[service]]\nname=\"a\"\nlocal=\"127.0.0.1:1\"", "no secret"),
+        ("relay = \"r\"\nsecret=\"s\"", "no service"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"nowhere\"", "local address"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\n[[service]]\nname=\"a\"\nlocal=\"h:2\"", "twice"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\npool=0", "pool"),
+        ("relay = \"r\"\nsecret=\"s\"\nrelay_fingerprint=\"abc\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"", "fingerprint"),
+    ];
+    for (toml, needle) in agent_cases {
+        let err = agent_with(toml, &[]).unwrap_err();
+        assert!(err.contains(needle), "{toml:?} -> {err}");
+    }
+}
