@@ -127,9 +127,10 @@ async fn idle(target: SocketAddr, conns: usize, hold: u64) -> anyhow::Result<()>
     let _ = tokio::time::timeout(Duration::from_secs(hold), stdin.read_line(&mut line)).await;
     // Still alive after the hold? Check a sample survived.
     let mut alive = 0usize;
+    // Every opener has finished, so the connections can leave the mutex.
+    let mut held = std::mem::take(&mut *held.lock().unwrap());
     {
-        let mut g = held.lock().unwrap();
-        for s in g.iter_mut().take(100) {
+        for s in held.iter_mut().take(100) {
             let mut buf = [0u8; 4];
             let probe = async {
                 s.write_all(b"pong").await?;
