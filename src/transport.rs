@@ -6,9 +6,12 @@
 //! connection the visitor's bytes follow the `Start` frame in the same segment.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::protocol::msg::Message;
 use crate::protocol::{ProtocolError, MAX_FRAME_LEN};
@@ -19,6 +22,58 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 
 /// A plain or TLS connection, type-erased.
 pub type BoxStream = Box<dyn Stream>;
+
+/// A connection accepted on the relay's control port: plain TCP, which the io_uring data
+/// plane can take over as a raw socket, or TLS, which stays in user space.
+pub enum Conn {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS terminated by rustls.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    /// The plain socket, if this is one.
+    pub fn into_plain(self) -> Result<TcpStream, Self> {
+        match self {
+            Conn::Plain(s) => Ok(s),
+            other => Err(other),
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Conn::Tls($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
 
 /// Failure reading or writing a framed message.
 #[derive(Debug, thiserror::Error)]

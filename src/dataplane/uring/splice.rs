@@ -1,0 +1,199 @@
+//! Zero-copy forwarding between two non-blocking sockets through kernel pipes.
+//!
+//! `IORING_OP_SPLICE` is always punted to an io-wq kernel thread (one per idle direction), so
+//! the ring is used only to *wait*: a `POLL_ADD` for readiness, then plain `splice(2)` with
+//! `SPLICE_F_NONBLOCK` on `O_NONBLOCK` sockets (HAProxy's scheme). A direction takes a pipe
+//! from the worker's pool only while it has bytes in flight and returns it empty, so idle
+//! connections hold no pipe: pipes count against a per-user budget (64 MiB unprivileged).
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use monoio::net::TcpStream;
+
+/// Pipe size asked for with `F_SETPIPE_SZ`, in bytes. 256 KiB: big enough that one splice
+/// moves a full socket buffer on loopback, small enough that 256 pipes fit the unprivileged
+/// 64 MiB pipe budget.
+pub const PIPE_SIZE: usize = 256 * 1024;
+/// Empty pipes kept per worker for reuse.
+const MAX_FREE_PIPES: usize = 128;
+
+/// A kernel pipe: read end, write end, capacity in bytes.
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    cap: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills two descriptors we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned only here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // A pipe holds a fixed number of chunks, not bytes; resizing raises the slot count.
+        // Over the per-user budget the kernel refuses (EPERM) and the default size stays.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        // SAFETY: as above.
+        let cap = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_GETPIPE_SZ) };
+        Ok(Pipe {
+            r,
+            w,
+            cap: if cap > 0 { cap as usize } else { 65536 },
+        })
+    }
+}
+
+/// Empty pipes for reuse on one worker thread.
+#[derive(Default)]
+pub struct PipePool {
+    free: RefCell<Vec<Pipe>>,
+}
+
+impl PipePool {
+    fn get(&self) -> io::Result<Pipe> {
+        match self.free.borrow_mut().pop() {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Only empty pipes may come back; a pipe with bytes left in it is dropped instead.
+    fn put(&self, pipe: Pipe) {
+        let mut free = self.free.borrow_mut();
+        if free.len() < MAX_FREE_PIPES {
+            free.push(pipe);
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: splice between descriptors that stay open for the call; no user memory.
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Puts a socket in non-blocking mode (accepted and connected sockets from the ring are not).
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn shutdown(fd: RawFd, how: libc::c_int) {
+    // SAFETY: shutdown on an open socket; errors (already closed) are irrelevant here.
+    unsafe { libc::shutdown(fd, how) };
+}
+
+/// Writes all of `buf` to a non-blocking socket, waiting on the ring when it is full.
+pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: send from a live buffer on an open socket.
+        let n = unsafe {
+            libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+        };
+        if n >= 0 {
+            buf = &buf[n as usize..];
+            continue;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock {
+            return Err(err);
+        }
+        s.writable(false).await?;
+    }
+    Ok(())
+}
+
+/// Reads what is available (at least one byte, or 0 at EOF) from a non-blocking socket.
+pub async fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: recv into a live, writable buffer on an open socket.
+        let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::WouldBlock {
+            return Err(err);
+        }
+        s.readable(false).await?;
+    }
+}
+
+/// Moves bytes `src → dst` until `src` reaches EOF, then shuts `dst`'s write side.
+/// On error both sockets are shut down so the opposite direction ends too.
+async fn pump(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<u64> {
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let result = async {
+        let mut total = 0u64;
+        loop {
+            let pipe = pipes.get()?;
+            let n = match splice(sfd, pipe.w.as_raw_fd(), pipe.cap) {
+                Ok(0) => {
+                    pipes.put(pipe);
+                    return Ok(total);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // EAGAIN here means the socket is empty: the pipe was empty when taken.
+                    pipes.put(pipe);
+                    src.readable(false).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut left = n;
+            while left > 0 {
+                match splice(pipe.r.as_raw_fd(), dfd, left) {
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
+                    Err(e) => return Err(e), // the pipe still holds bytes: it is dropped
+                }
+            }
+            pipes.put(pipe);
+            total += n as u64;
+        }
+    }
+    .await;
+    match &result {
+        Ok(_) => shutdown(dfd, libc::SHUT_WR),
+        Err(_) => {
+            shutdown(sfd, libc::SHUT_RDWR);
+            shutdown(dfd, libc::SHUT_RDWR);
+        }
+    }
+    result
+}
+
+/// Splices both directions between `a` and `b` until both reach EOF (half-close propagated)
+/// or either fails. Returns bytes moved `a → b` and `b → a`.
+pub async fn forward(a: &TcpStream, b: &TcpStream, pipes: &PipePool) -> io::Result<(u64, u64)> {
+    let (ab, ba) = monoio::join!(pump(a, b, pipes), pump(b, a, pipes));
+    Ok((ab?, ba?))
+}
