@@ -144,6 +144,8 @@ pub enum BackendKind {
     Auto,
     /// Multi-threaded tokio with buffered copies: portable, the baseline.
     Tokio,
+    /// Pinned io_uring workers that splice (needs io_uring, and plain or kTLS data connections).
+    Uring,
 }
 
 /// On/off switch used by flags like `--data-tls`.

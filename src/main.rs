@@ -37,7 +37,7 @@ fn main() -> ExitCode {
 
 fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all().thread_name("ringtunnel-worker");
+    b.enable_all().thread_name("ringtunnel-tokio");
     if let Some(n) = workers {
         b.worker_threads(n);
     }

@@ -14,15 +14,14 @@ fn write(dir: &TempDir, name: &str, text: &str) -> String {
     p.display().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_drops_a_silent_agent() {
+async fn relay_drops_a_silent_agent(backend: Backend) {
     let dir = TempDir::new("hb");
     let cfg = write(
         &dir,
         "relay.toml",
         "heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 2\n",
     );
-    let relay = Relay::spawn(&["--config", &cfg]);
+    let relay = Relay::spawn(backend, &["--config", &cfg]);
     let (ctl, _port, _tickets) = fake_agent(&relay, "mute").await;
     // Never answer: the relay must give up on us and close the connection.
     let (mut s, _) = ctl.into_parts();
@@ -32,11 +31,10 @@ async fn relay_drops_a_silent_agent() {
     relay.proc.wait_stderr("silent");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_notices_a_frozen_relay_and_comes_back() {
+async fn agent_notices_a_frozen_relay_and_comes_back(backend: Backend) {
     let origin = echo_origin().await;
     let dir = TempDir::new("freeze");
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let cfg = write(
         &dir,
         "agent.toml",
@@ -62,8 +60,7 @@ async fn agent_notices_a_frozen_relay_and_comes_back() {
     assert_echo(agent.public).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_service_secret_is_required_for_that_service() {
+async fn per_service_secret_is_required_for_that_service(backend: Backend) {
     let origin = echo_origin().await;
     let dir = TempDir::new("svcsecret");
     let cfg = write(
@@ -71,7 +68,7 @@ async fn per_service_secret_is_required_for_that_service() {
         "relay.toml",
         "[[service]]\nname = \"vault\"\nsecret = \"vault-secret\"\n",
     );
-    let relay = Relay::spawn(&["--config", &cfg]);
+    let relay = Relay::spawn(backend, &["--config", &cfg]);
 
     // The relay-wide secret does not open a service that has its own.
     let mut denied = Proc::spawn(&relay.agent_args(origin, "vault"));
@@ -94,10 +91,9 @@ async fn per_service_secret_is_required_for_that_service() {
     assert_echo(agent.public).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn taken_port_is_a_clear_error() {
+async fn taken_port_is_a_clear_error(backend: Backend) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&["--port-range", "20000-29999"]);
+    let relay = Relay::spawn(backend, &["--port-range", "20000-29999"]);
     let first = Agent::spawn(relay.agent_args(origin, "first"));
     let port = first.public.port().to_string();
     let mut args = relay.agent_args(origin, "second");
@@ -112,12 +108,11 @@ async fn taken_port_is_a_clear_error() {
     assert_echo(first.public).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_services_on_one_agent() {
+async fn many_services_on_one_agent(backend: Backend) {
     let a = echo_origin().await;
     let b = answer_after_eof_origin(1000).await;
     let dir = TempDir::new("multi");
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let cfg = write(
         &dir,
         "agent.toml",
@@ -144,11 +139,10 @@ async fn many_services_on_one_agent() {
     assert_eq!(got, reply_for(b"q", 1000));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn second_agent_takes_over_and_first_is_told() {
+async fn second_agent_takes_over_and_first_is_told(backend: Backend) {
     let old_origin = echo_origin().await;
     let new_origin = answer_after_eof_origin(10).await;
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let mut first = Agent::spawn(relay.agent_args(old_origin, "shared"));
     let second = Agent::spawn(relay.agent_args(new_origin, "shared"));
     assert_eq!(first.public, second.public, "takeover keeps the port");
@@ -161,3 +155,12 @@ async fn second_agent_takes_over_and_first_is_told() {
     let got = roundtrip(second.public, b"x").await.unwrap();
     assert_eq!(got, reply_for(b"x", 10), "visitors now reach the new agent");
 }
+
+both_backends!(
+    relay_drops_a_silent_agent,
+    agent_notices_a_frozen_relay_and_comes_back,
+    per_service_secret_is_required_for_that_service,
+    taken_port_is_a_clear_error,
+    many_services_on_one_agent,
+    second_agent_takes_over_and_first_is_told,
+);

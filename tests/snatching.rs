@@ -37,10 +37,9 @@ fn assert_rejected(bytes: &[u8], secret: &[u8]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_and_replayed_tickets_see_no_visitor_bytes() {
+async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
     for data_tls in ["on", "off"] {
-        let relay = Relay::spawn(&["--data-tls", data_tls]);
+        let relay = Relay::spawn(backend, &["--data-tls", data_tls]);
         let (_ctl, port, tickets) = fake_agent(&relay, "victim").await;
         let limit = Duration::from_secs(10);
         // A legitimate data connection redeems the first ticket...
@@ -96,9 +95,8 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_data_connection_refused_when_tls_required() {
-    let relay = Relay::spawn(&[]);
+async fn plain_data_connection_refused_when_tls_required(backend: Backend) {
+    let relay = Relay::spawn(backend, &["--data-tls", "on"]);
     let (_ctl, _port, tickets) = fake_agent(&relay, "strict").await;
     let mut plain =
         Framed::new(Box::new(TcpStream::connect(relay.control).await.unwrap()) as BoxStream);
@@ -118,3 +116,8 @@ async fn plain_data_connection_refused_when_tls_required() {
         other => panic!("expected refusal, got {other:?}"),
     }
 }
+
+both_backends!(
+    forged_and_replayed_tickets_see_no_visitor_bytes,
+    plain_data_connection_refused_when_tls_required,
+);

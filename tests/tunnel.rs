@@ -5,9 +5,9 @@ mod common;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn bulk_each_way(data_tls: &str) {
+async fn bulk_each_way(backend: Backend, data_tls: &str) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&["--data-tls", data_tls]);
+    let relay = Relay::spawn(backend, &["--data-tls", data_tls]);
     let agent = Agent::spawn(relay.agent_args(origin, "bulk"));
     let payload = pseudo_random(0xb01c, 64 << 20);
     let got = roundtrip(agent.public, &payload).await.unwrap();
@@ -15,20 +15,17 @@ async fn bulk_each_way(data_tls: &str) {
     assert_eq!(sha256(&got), sha256(&payload), "64 MiB echoed intact");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_64mib_each_way_tls() {
-    bulk_each_way("on").await;
+async fn bulk_64mib_each_way_tls(backend: Backend) {
+    bulk_each_way(backend, "on").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_64mib_each_way_plain() {
-    bulk_each_way("off").await;
+async fn bulk_64mib_each_way_plain(backend: Backend) {
+    bulk_each_way(backend, "off").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_visitors() {
+async fn two_hundred_concurrent_visitors(backend: Backend) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "many"));
     let mut tasks = Vec::new();
     for i in 0..200u64 {
@@ -44,11 +41,10 @@ async fn two_hundred_concurrent_visitors() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_closed_visitor_gets_whole_reply() {
+async fn half_closed_visitor_gets_whole_reply(backend: Backend) {
     let origin = answer_after_eof_origin(3 << 20).await;
     for tls in ["on", "off"] {
-        let relay = Relay::spawn(&["--data-tls", tls]);
+        let relay = Relay::spawn(backend, &["--data-tls", tls]);
         let agent = Agent::spawn(relay.agent_args(origin, "halfclose"));
         let request = b"GET /everything HTTP/1.0\r\n\r\n".to_vec();
         let got = roundtrip(agent.public, &request).await.unwrap();
@@ -56,10 +52,9 @@ async fn half_closed_visitor_gets_whole_reply() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_secret_is_fatal_and_relay_keeps_serving() {
+async fn wrong_secret_is_fatal_and_relay_keeps_serving(backend: Backend) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let good = Agent::spawn(relay.agent_args(origin, "good"));
 
     let mut args = relay.agent_args(origin, "intruder");
@@ -78,10 +73,9 @@ async fn wrong_secret_is_fatal_and_relay_keeps_serving() {
     assert_echo(good.public).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fingerprint_mismatch_is_refused() {
+async fn fingerprint_mismatch_is_refused(backend: Backend) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let mut args = relay.agent_args(origin, "pinned");
     let i = args
         .iter()
@@ -112,10 +106,9 @@ async fn fingerprint_mismatch_is_refused() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_on_control_port_does_not_hurt() {
+async fn garbage_on_control_port_does_not_hurt(backend: Backend) {
     let origin = echo_origin().await;
-    let mut relay = Relay::spawn(&[]);
+    let mut relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "sturdy"));
     let too_long = ((1u32 << 31).to_be_bytes()).to_vec();
     let truncated = vec![0, 0, 0, 40, 0x01, 0x00];
@@ -142,10 +135,9 @@ async fn garbage_on_control_port_does_not_hurt() {
     assert_echo(agent.public).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_restart_keeps_public_port() {
+async fn agent_restart_keeps_public_port(backend: Backend) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let mut agent = Agent::spawn(relay.agent_args(origin, "phoenix"));
     let port = agent.public;
     assert_echo(port).await;
@@ -155,10 +147,9 @@ async fn agent_restart_keeps_public_port() {
     assert_echo(agent.public).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_restart_agent_reconnects_by_itself() {
+async fn relay_restart_agent_reconnects_by_itself(backend: Backend) {
     let origin = echo_origin().await;
-    let relay = Relay::spawn(&[]);
+    let relay = Relay::spawn(backend, &[]);
     let mut agent = Agent::spawn(relay.agent_args(origin, "patient"));
     let public = agent.public;
     assert_echo(public).await;
@@ -171,4 +162,74 @@ async fn relay_restart_agent_reconnects_by_itself() {
     );
     assert_echo(public).await;
     assert!(relay.proc.stderr().contains("service online"));
+}
+
+both_backends!(
+    bulk_64mib_each_way_tls,
+    bulk_64mib_each_way_plain,
+    two_hundred_concurrent_visitors,
+    half_closed_visitor_gets_whole_reply,
+    wrong_secret_is_fatal_and_relay_keeps_serving,
+    fingerprint_mismatch_is_refused,
+    garbage_on_control_port_does_not_hurt,
+    agent_restart_keeps_public_port,
+    relay_restart_agent_reconnects_by_itself,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_falls_back_to_tokio_when_uring_is_unavailable() {
+    let origin = echo_origin().await;
+    let state = TempDir::new("fallback");
+    let args: Vec<String> = [
+        "relay",
+        "--control",
+        "127.0.0.1:0",
+        "--secret",
+        SECRET,
+        "--bind-addr",
+        "127.0.0.1",
+        "--data-tls",
+        "off",
+        "--state-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([state.0.display().to_string()])
+    .collect();
+    let no_uring = [(ringtunnel::dataplane::probe::FORCE_NO_URING_ENV, "1")];
+
+    // Asked for explicitly, an unavailable backend is a clear, fatal error.
+    let mut explicit = args.clone();
+    explicit.extend(["--backend".into(), "uring".into()]);
+    let mut refused = Proc::spawn_env(&explicit, &no_uring);
+    assert!(!refused.wait_exit().success());
+    assert!(
+        refused.stderr().contains("io_uring is unavailable"),
+        "{}",
+        refused.stderr()
+    );
+
+    // auto falls back to tokio, says why, and works.
+    let mut relay = Proc::spawn_env(&args, &no_uring);
+    let ready = relay.wait_line("ready ");
+    assert_eq!(field(&ready, "backend"), "tokio");
+    relay.wait_stderr("auto: io_uring is unavailable (disabled by RINGTUNNEL_FORCE_NO_URING)");
+    let agent_args: Vec<String> = [
+        "agent".to_string(),
+        "--relay".into(),
+        field(&ready, "control"),
+        "--relay-fingerprint".into(),
+        field(&ready, "fingerprint"),
+        "--secret".into(),
+        SECRET.into(),
+        "--local".into(),
+        origin.to_string(),
+    ]
+    .into();
+    let mut agent = Proc::spawn_env(&agent_args, &no_uring);
+    let public = field(&agent.wait_line("online "), "public")
+        .parse()
+        .unwrap();
+    agent.wait_stderr("data plane backend: tokio (auto: io_uring is unavailable");
+    assert_echo(public).await;
 }

@@ -20,7 +20,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, BackendKind};
+use crate::dataplane::probe;
+use crate::dataplane::uring::Workers;
 use crate::tls::fingerprint::FingerprintMismatch;
 use crate::tls::{self, RelayTrust};
 use crate::transport::BoxStream;
@@ -55,6 +57,8 @@ pub struct Ctx {
     /// Ports the relay assigned, requested again after a reconnect.
     assigned: Mutex<HashMap<String, u16>>,
     events: Option<mpsc::UnboundedSender<Online>>,
+    /// io_uring workers, when the backend allows them; used for plain data connections.
+    workers: Option<Arc<Workers>>,
 }
 
 /// A service became reachable (sent on every (re)registration).
@@ -116,6 +120,27 @@ impl Ctx {
     }
 }
 
+/// Starts io_uring workers unless the backend is tokio or io_uring is unavailable (which is
+/// fatal only when uring was asked for explicitly).
+fn start_workers(backend: BackendKind) -> Result<Option<Arc<Workers>>, AgentError> {
+    if backend == BackendKind::Tokio {
+        tracing::info!("data plane backend: tokio (requested with --backend tokio)");
+        return Ok(None);
+    }
+    match probe::io_uring() {
+        Ok(()) => Workers::start(None)
+            .map(Some)
+            .map_err(|e| AgentError::Fatal(format!("starting io_uring workers: {e}"))),
+        Err(why) if backend == BackendKind::Uring => Err(AgentError::Fatal(format!(
+            "--backend uring: io_uring is unavailable: {why}"
+        ))),
+        Err(why) => {
+            tracing::info!("data plane backend: tokio (auto: io_uring is unavailable ({why}))");
+            Ok(None)
+        }
+    }
+}
+
 /// Certificate problems are fatal (retrying will not change the certificate); anything else
 /// in the handshake is treated as a network problem.
 fn classify_tls_error(e: io::Error) -> AgentError {
@@ -160,12 +185,14 @@ pub async fn run_with_events(
     let client = tls::client_config(&trust).map_err(|e| AgentError::Fatal(e.to_string()))?;
     let server_name = ServerName::try_from(cfg.relay_host.clone())
         .map_err(|_| AgentError::Fatal(format!("invalid relay host {:?}", cfg.relay_host)))?;
+    let workers = start_workers(cfg.backend)?;
     let ctx = Arc::new(Ctx {
         cfg,
         connector: TlsConnector::from(client),
         server_name,
         assigned: Mutex::new(HashMap::new()),
         events,
+        workers,
     });
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut first = true;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{data, AgentError, Ctx, CONNECT_TIMEOUT};
+use crate::dataplane::uring::Command;
 use crate::protocol::auth::register_mac;
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::{
@@ -140,6 +141,23 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         });
     }
     *first = false;
+    let workers = if data_tls {
+        if ctx.workers.is_some() {
+            match crate::dataplane::probe::ktls() {
+                Ok(()) => tracing::info!("data connections are TLS; kTLS offload is not wired in yet, so they are copied in user space on tokio"),
+                Err(why) => tracing::info!("data connections are TLS and kTLS is unavailable ({why}): copied in user space on tokio"),
+            }
+        }
+        None
+    } else {
+        if let Some(w) = &ctx.workers {
+            tracing::info!(
+                workers = w.len(),
+                "data plane backend: uring (plain data connections, spliced)"
+            );
+        }
+        ctx.workers.clone()
+    };
 
     let hb = cfg.heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
@@ -172,7 +190,22 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                             continue;
                         };
                         for ticket in tickets {
-                            tokio::spawn(data::serve(ctx.clone(), data_tls, svc.name.clone(), svc.local.clone(), ticket));
+                            match &workers {
+                                Some(w) => {
+                                    let cmd = Command::AgentData {
+                                        relay: cfg.relay_addr(),
+                                        ticket,
+                                        service: svc.name.clone(),
+                                        local: svc.local.clone(),
+                                    };
+                                    if let Err(e) = w.send(w.next_worker(), cmd) {
+                                        tracing::warn!(service, "data connection not opened: {e}");
+                                    }
+                                }
+                                None => {
+                                    tokio::spawn(data::serve(ctx.clone(), data_tls, svc.name.clone(), svc.local.clone(), ticket));
+                                }
+                            }
                         }
                     }
                     RelayMsg::Error { code, message } => return Err(relay_error(code, message)),

@@ -14,9 +14,10 @@ use super::tickets::Redeemed;
 use super::{session, Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use crate::dataplane::forward::forward;
 use crate::dataplane::pool::Visitor;
+use crate::dataplane::{uring, DataPlane};
 use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
-use crate::transport::{BoxStream, FrameIoError, Framed};
+use crate::transport::{Conn, FrameIoError, Framed};
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -38,8 +39,8 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 enum Opened {
-    Control(Framed<BoxStream>, u16),
-    Data(Framed<BoxStream>, u16, crate::protocol::auth::Ticket, bool),
+    Control(Framed<Conn>, u16),
+    Data(Framed<Conn>, u16, crate::protocol::auth::Ticket, bool),
 }
 
 async fn open(shared: &Shared, tcp: TcpStream) -> Result<Opened, FrameIoError> {
@@ -48,10 +49,10 @@ async fn open(shared: &Shared, tcp: TcpStream) -> Result<Opened, FrameIoError> {
         return Err(FrameIoError::Closed);
     }
     let tls = first[0] == TLS_HANDSHAKE;
-    let stream: BoxStream = if tls {
-        Box::new(shared.acceptor.accept(tcp).await?)
+    let stream = if tls {
+        Conn::Tls(Box::new(shared.acceptor.accept(tcp).await?))
     } else {
-        Box::new(tcp)
+        Conn::Plain(tcp)
     };
     let mut framed = Framed::new(stream);
     match framed.read_msg::<AgentMsg>().await? {
@@ -102,7 +103,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
 
 async fn reject(
     shared: &Shared,
-    mut framed: Framed<BoxStream>,
+    mut framed: Framed<Conn>,
     peer: SocketAddr,
     code: ErrorCode,
     message: &str,
@@ -118,7 +119,7 @@ async fn reject(
 
 async fn data_connection(
     shared: Arc<Shared>,
-    framed: Framed<BoxStream>,
+    framed: Framed<Conn>,
     peer: SocketAddr,
     version: u16,
     ticket: crate::protocol::auth::Ticket,
@@ -129,18 +130,26 @@ async fn data_connection(
         return reject(&shared, framed, peer, ErrorCode::UnsupportedVersion, &m).await;
     }
     let redeemed = shared.tickets().redeem(Instant::now(), &ticket);
-    let service = match redeemed {
-        Redeemed::Valid(Grant { session, service }) if service.is_owned_by(session) => {
-            service.pool.ticket_done();
-            service
+    let (service, worker) = match redeemed {
+        Redeemed::Valid(Grant {
+            session,
+            service,
+            worker,
+        }) if service.is_owned_by(session) => {
+            service.pools[worker].ticket_done();
+            (service, worker)
         }
         Redeemed::Valid(_) => {
             let m = "ticket belongs to an agent session that has ended";
             return reject(&shared, framed, peer, ErrorCode::BadTicket, m).await;
         }
-        Redeemed::Expired(Grant { session, service }) => {
+        Redeemed::Expired(Grant {
+            session,
+            service,
+            worker,
+        }) => {
             if service.is_owned_by(session) {
-                service.pool.ticket_done();
+                service.pools[worker].ticket_done();
             }
             return reject(
                 &shared,
@@ -160,35 +169,57 @@ async fn data_connection(
         let m = "this relay requires TLS on data connections";
         return reject(&shared, framed, peer, ErrorCode::BadRequest, m).await;
     }
-    let (mut tunnel, leftover) = framed.into_parts();
+    let (tunnel, leftover) = framed.into_parts();
     if !leftover.is_empty() {
         shared.metrics.data_rejected.inc();
         tracing::warn!(%peer, "data connection refused: bytes sent before a visitor arrived");
         return;
     }
     shared.metrics.data_accepted.inc();
+    let pool = service.pools[worker].clone();
+    match &shared.dataplane {
+        DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool).await,
+        DataPlane::Uring(workers) => {
+            // The uring backend only runs with plain data connections (see choose_backend).
+            let stream = match tunnel.into_plain().map(|t| t.into_std()) {
+                Ok(Ok(s)) => s,
+                _ => return,
+            };
+            let cmd = uring::Command::RelayData {
+                stream,
+                service: service.name.clone(),
+                pool,
+            };
+            if let Err(e) = workers.send(worker, cmd) {
+                tracing::warn!(%peer, "data connection dropped: {e}");
+            }
+        }
+    }
+}
+
+/// Tokio backend: idles in the pool until a visitor is assigned, then forwards.
+async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::dataplane::pool::Pool) {
     let (slot, assigned) = oneshot::channel::<Visitor>();
-    service.pool.offer(slot);
+    pool.offer(slot);
     let mut probe = [0u8; 1];
-    // Idle in the pool until a visitor is assigned; any byte or EOF from the agent meanwhile
-    // means the connection is gone or misbehaving, and it leaves the pool.
-    let mut visitor = tokio::select! {
+    // Any byte or EOF from the agent while idle means the connection is gone or
+    // misbehaving, and it leaves the pool.
+    let visitor = tokio::select! {
         v = assigned => match v {
             Ok(v) => v,
             Err(_) => return, // pool dropped us: owner changed or service closed
         },
         _ = tunnel.read(&mut probe) => return,
     };
-    let start = RelayMsg::Start {
-        visitor: visitor.addr,
-    }
-    .to_frame();
-    match forward(&mut visitor.stream, &mut tunnel, &start).await {
+    let addr = visitor.addr;
+    let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
+        return;
+    };
+    let start = RelayMsg::Start { visitor: addr }.to_frame();
+    match forward(&mut stream, &mut tunnel, &start).await {
         Ok(m) => {
-            tracing::debug!(service = %service.name, visitor = %visitor.addr, up = m.a_to_b, down = m.b_to_a, "visitor done")
+            tracing::debug!(service, visitor = %addr, up = m.a_to_b, down = m.b_to_a, "visitor done")
         }
-        Err(e) => {
-            tracing::debug!(service = %service.name, visitor = %visitor.addr, "visitor ended: {e}")
-        }
+        Err(e) => tracing::debug!(service, visitor = %addr, "visitor ended: {e}"),
     }
 }

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Metrics;
 use crate::config::{ConfigError, RelayConfig};
-use crate::dataplane::{resolve_backend, Backend};
+use crate::dataplane::{choose_backend, Backend, DataPlane};
 use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
 use registry::{Registry, Service, SessionId};
 use tickets::TicketStore;
@@ -40,6 +40,8 @@ pub struct Grant {
     pub session: SessionId,
     /// The service whose pool the connection joins.
     pub service: Arc<Service>,
+    /// Which of the service's pools (data-plane worker) the connection joins.
+    pub worker: usize,
 }
 
 /// State shared by every task of one relay.
@@ -52,6 +54,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// TLS for control and data connections.
     pub acceptor: TlsAcceptor,
+    /// Where visitor bytes are forwarded.
+    pub dataplane: DataPlane,
     tickets: Mutex<TicketStore<Grant>>,
 }
 
@@ -70,6 +74,9 @@ pub enum RelayError {
     /// Certificate trouble.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The requested data-plane backend cannot run here.
+    #[error("{0}")]
+    Backend(String),
     /// The control port could not be bound.
     #[error("cannot listen on control address {addr}: {source}")]
     Bind {
@@ -116,16 +123,19 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         None => RelayIdentity::load_or_create(&cfg.state_dir)?,
     };
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
-    let listener =
-        crate::dataplane::listener::bind(cfg.control).map_err(|source| RelayError::Bind {
+    let (backend, why) = choose_backend(cfg.backend, cfg.data_tls).map_err(RelayError::Backend)?;
+    let listener = crate::dataplane::listener::bind(cfg.control, false).map_err(|source| {
+        RelayError::Bind {
             addr: cfg.control,
             source,
-        })?;
+        }
+    })?;
     let control_addr = listener.local_addr().map_err(|source| RelayError::Bind {
         addr: cfg.control,
         source,
     })?;
-    let (backend, why) = resolve_backend(cfg.backend);
+    let dataplane = DataPlane::start(backend, cfg.workers)
+        .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
     tracing::info!(%backend, "data plane backend: {why}");
     if !cfg.data_tls {
         tracing::warn!("data connections are plain TCP (--data-tls off): visitor bytes cross the network unencrypted between relay and agent");
@@ -135,12 +145,14 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         cfg.bind_addr,
         cfg.port_range,
         metrics.clone(),
+        dataplane.clone(),
     ));
     let shared = Arc::new(Shared {
         cfg,
         registry,
         metrics: metrics.clone(),
         acceptor,
+        dataplane,
         tickets: Mutex::new(TicketStore::default()),
     });
     let sweeper = shared.clone();
@@ -151,7 +163,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
                 let expired = sweeper.tickets().purge(Instant::now());
                 for g in expired {
                     if g.service.is_owned_by(g.session) {
-                        g.service.pool.ticket_done();
+                        g.service.pools[g.worker].ticket_done();
                     }
                 }
             }

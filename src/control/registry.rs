@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
 
 use crate::admin::Metrics;
 use crate::config::{validate_name, PortRange, MAX_POOL};
-use crate::dataplane::{listener, pool::Pool};
+use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
 use crate::protocol::{ErrorCode, ServiceOutcome, ServiceRequest, ServiceResult};
 
@@ -37,14 +36,14 @@ pub struct Service {
     pub name: String,
     /// Public port.
     pub port: u16,
-    /// Ready data connections and waiting visitors.
-    pub pool: Arc<Pool>,
+    /// Ready data connections and waiting visitors, one pool per data-plane worker.
+    pub pools: Vec<Arc<Pool>>,
     state: Mutex<ServiceState>,
 }
 
 struct ServiceState {
     owner: Option<SessionId>,
-    listener: Option<JoinHandle<()>>,
+    listener: Option<ListenerGuard>,
     /// Bumped whenever the owner changes, so a stale linger timer does nothing.
     generation: u64,
 }
@@ -60,9 +59,19 @@ impl Service {
     }
 
     fn close(&self) {
-        self.pool.detach();
-        if let Some(l) = self.state().listener.take() {
-            l.abort();
+        self.detach_pools();
+        drop(self.state().listener.take());
+    }
+
+    fn attach_pools(&self, target: usize, wake: &Arc<Notify>) {
+        for p in &self.pools {
+            p.attach(target, wake.clone());
+        }
+    }
+
+    fn detach_pools(&self) {
+        for p in &self.pools {
+            p.detach();
         }
     }
 }
@@ -81,16 +90,23 @@ pub struct Registry {
     bind_addr: IpAddr,
     range: PortRange,
     metrics: Arc<Metrics>,
+    dataplane: DataPlane,
 }
 
 impl Registry {
-    /// An empty registry publishing ports on `bind_addr` within `range`.
-    pub fn new(bind_addr: IpAddr, range: PortRange, metrics: Arc<Metrics>) -> Self {
+    /// An empty registry publishing ports on `bind_addr` within `range`, served by `dataplane`.
+    pub fn new(
+        bind_addr: IpAddr,
+        range: PortRange,
+        metrics: Arc<Metrics>,
+        dataplane: DataPlane,
+    ) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             bind_addr,
             range,
             metrics,
+            dataplane,
         }
     }
 
@@ -156,7 +172,7 @@ impl Registry {
         if let Some(existing) = g.services.get(&req.name).cloned() {
             if req.remote_port == 0 || req.remote_port == existing.port {
                 self.take_over(g, &existing, session);
-                existing.pool.attach(target, wake.clone());
+                existing.attach_pools(target, wake);
                 return Ok(existing);
             }
             // The agent now wants a different port: retire the old entry first.
@@ -164,25 +180,21 @@ impl Registry {
             existing.close();
             g.services.remove(&req.name);
         }
-        let (port, listener) = self.bind_port(g, req)?;
-        let pool = Arc::new(Pool::new());
-        pool.attach(target, wake.clone());
-        let handle = listener::spawn(
-            listener,
-            req.name.clone(),
-            pool.clone(),
-            self.metrics.clone(),
-        );
+        let pools: Vec<Arc<Pool>> = (0..self.dataplane.pools_per_service())
+            .map(|_| Arc::new(Pool::new()))
+            .collect();
+        let (port, guard) = self.bind_port(g, req, &pools)?;
         let svc = Arc::new(Service {
             name: req.name.clone(),
             port,
-            pool,
+            pools,
             state: Mutex::new(ServiceState {
                 owner: Some(session),
-                listener: Some(handle),
+                listener: Some(guard),
                 generation: 0,
             }),
         });
+        svc.attach_pools(target, wake);
         if g.last_port.len() >= MAX_REMEMBERED_PORTS && !g.last_port.contains_key(&req.name) {
             if let Some(k) = g.last_port.keys().next().cloned() {
                 g.last_port.remove(&k);
@@ -220,8 +232,12 @@ impl Registry {
         &self,
         g: &Inner,
         req: &ServiceRequest,
-    ) -> Result<(u16, tokio::net::TcpListener), (ErrorCode, String)> {
-        let try_bind = |port: u16| listener::bind(SocketAddr::new(self.bind_addr, port));
+        pools: &[Arc<Pool>],
+    ) -> Result<(u16, ListenerGuard), (ErrorCode, String)> {
+        let try_bind = |port: u16| {
+            let addr = SocketAddr::new(self.bind_addr, port);
+            self.dataplane.listen(addr, &req.name, pools, &self.metrics)
+        };
         if req.remote_port != 0 {
             let port = req.remote_port;
             if !self.range.contains(port) {
@@ -290,7 +306,7 @@ impl Registry {
             st.generation += 1;
             let generation = st.generation;
             drop(st);
-            svc.pool.detach();
+            svc.detach_pools();
             let me = self.clone();
             let name = svc.name.clone();
             tokio::spawn(async move {

@@ -13,7 +13,7 @@ use crate::protocol::auth::{new_nonce, verify_register_mac};
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::msg::MAX_TICKETS_PER_FRAME;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, PROTOCOL_VERSION};
-use crate::transport::{BoxStream, FrameIoError, Framed};
+use crate::transport::{Conn, FrameIoError, Framed};
 
 /// Why a control session ended.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,7 @@ pub enum SessionEnd {
 /// Runs a control session whose `ControlHello` (with `version`) was already read.
 pub async fn run(
     shared: Arc<Shared>,
-    mut framed: Framed<BoxStream>,
+    mut framed: Framed<Conn>,
     peer: SocketAddr,
     version: u16,
 ) -> Result<(), SessionEnd> {
@@ -128,7 +128,7 @@ pub async fn run(
 
 async fn serve(
     shared: &Arc<Shared>,
-    framed: &mut Framed<BoxStream>,
+    framed: &mut Framed<Conn>,
     peer: SocketAddr,
     session: SessionId,
     services: &[crate::protocol::ServiceRequest],
@@ -196,22 +196,23 @@ fn issue_tickets(shared: &Shared, session: SessionId, owned: &[Arc<Service>]) ->
         if !svc.is_owned_by(session) {
             continue;
         }
-        let n = svc.pool.claim_tickets();
-        if n == 0 {
-            continue;
-        }
-        let now = Instant::now();
-        let mut tickets = Vec::with_capacity(n);
-        {
+        let mut tickets = Vec::new();
+        for (worker, pool) in svc.pools.iter().enumerate() {
+            let n = pool.claim_tickets();
+            if n == 0 {
+                continue;
+            }
+            let now = Instant::now();
             let mut store = shared.tickets();
             for _ in 0..n {
                 let grant = Grant {
                     session,
                     service: svc.clone(),
+                    worker,
                 };
                 match store.issue(now, grant) {
                     Ok(t) => tickets.push(t),
-                    Err(g) => g.service.pool.ticket_done(),
+                    Err(_) => pool.ticket_done(),
                 }
             }
         }

@@ -19,20 +19,23 @@ pub const VISITOR_WAIT: Duration = Duration::from_secs(10);
 /// Listen backlog for public ports.
 const BACKLOG: u32 = 1024;
 
-/// Binds a public listener with `SO_REUSEADDR` (so a restarted relay can rebind ports with
-/// connections in TIME_WAIT).
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds a listener with `SO_REUSEADDR` (so a restarted relay can rebind ports with
+/// connections in TIME_WAIT), and `SO_REUSEPORT` when each worker gets its own socket.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(BACKLOG)
 }
 
-/// Starts accepting visitors on `listener` for `service`; abort the handle to close the port.
+/// Tokio backend: accepts visitors on `listener` for `service`; abort the handle to close it.
 pub fn spawn(
     listener: TcpListener,
     service: String,
@@ -52,11 +55,16 @@ pub fn spawn(
             };
             let _ = stream.set_nodelay(true);
             metrics.visitors_accepted.inc();
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
             let pool = pool.clone();
             let metrics = metrics.clone();
             let service = service.clone();
             tokio::spawn(async move {
-                if let Err(e) = pool.take(Visitor { stream, addr }, VISITOR_WAIT).await {
+                let deadline = tokio::time::sleep(VISITOR_WAIT);
+                let visitor = Visitor { stream, addr };
+                if let Err(e) = pool.take(visitor, deadline, VISITOR_WAIT).await {
                     metrics.visitors_unserved.inc();
                     tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
                 }

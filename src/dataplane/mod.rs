@@ -1,40 +1,176 @@
 //! The data plane: everything that touches visitor bytes.
 //!
-//! - [`pool`]: per-service pool of authenticated tunnel data connections on the relay, and
-//!   the queue of visitors waiting for one.
-//! - [`forward`]: moving bytes both ways between two streams with half-close propagated.
-//! - [`listener`]: public per-service listeners that accept visitors.
+//! - [`pool`]: per-service (and per-worker) pools of authenticated tunnel data connections on
+//!   the relay, and the visitors waiting for one.
+//! - [`forward`]: the tokio backend's bidirectional copy with half-close.
+//! - [`listener`]: binding public ports and the tokio backend's accept loop.
+//! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
+//! - [`probe`]: whether io_uring and kTLS work here.
 //!
-//! Only the tokio backend exists so far; [`resolve_backend`] is where `--backend auto` decides.
+//! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
 pub mod forward;
 pub mod listener;
 pub mod pool;
+pub mod probe;
+pub mod uring;
 
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::admin::Metrics;
 use crate::config::BackendKind;
+use pool::Pool;
 
 /// The backend actually running, after `auto` is resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// Multi-threaded tokio runtime, buffered copies.
     Tokio,
+    /// Pinned io_uring workers, splice.
+    Uring,
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Backend::Tokio => f.write_str("tokio"),
-        }
+        f.write_str(match self {
+            Backend::Tokio => "tokio",
+            Backend::Uring => "uring",
+        })
     }
 }
 
 /// Resolves the requested backend to one that runs here, with the reason for the log.
-pub fn resolve_backend(requested: BackendKind) -> (Backend, &'static str) {
+/// `data_tls`: whether data connections are TLS (only plain or kTLS sockets can be spliced).
+/// An explicit `uring` that cannot run is an error; `auto` falls back to tokio.
+pub fn choose_backend(requested: BackendKind, data_tls: bool) -> Result<(Backend, String), String> {
+    let uring = probe::io_uring();
+    let tls_blocker = if data_tls {
+        probe::ktls().err().map(|why| {
+            format!("data connections are TLS and kTLS is unavailable ({why}), so they cannot be spliced")
+        })
+    } else {
+        None
+    };
     match requested {
-        BackendKind::Tokio => (Backend::Tokio, "requested with --backend tokio"),
-        BackendKind::Auto => (
-            Backend::Tokio,
-            "auto: this build has no io_uring backend yet",
-        ),
+        BackendKind::Tokio => Ok((Backend::Tokio, "requested with --backend tokio".into())),
+        BackendKind::Uring => match (uring, tls_blocker) {
+            (Err(why), _) => Err(format!("--backend uring: io_uring is unavailable: {why}")),
+            (Ok(()), Some(why)) => Err(format!("--backend uring: {why}; use --data-tls off")),
+            (Ok(()), None) => Ok((Backend::Uring, "requested with --backend uring".into())),
+        },
+        BackendKind::Auto => match (uring, tls_blocker) {
+            (Err(why), _) => Ok((
+                Backend::Tokio,
+                format!("auto: io_uring is unavailable ({why})"),
+            )),
+            (Ok(()), Some(why)) => Ok((
+                Backend::Tokio,
+                format!("auto: {why}; TLS runs in user space"),
+            )),
+            (Ok(()), None) => Ok((Backend::Uring, "auto: io_uring is available".into())),
+        },
+    }
+}
+
+/// The running data plane.
+#[derive(Clone)]
+pub enum DataPlane {
+    /// Everything on the tokio runtime.
+    Tokio,
+    /// Visitor listeners and forwarding on io_uring workers.
+    Uring(Arc<uring::Workers>),
+}
+
+/// Keeps a service's public listeners open; dropping it closes them.
+pub enum ListenerGuard {
+    /// The tokio accept task.
+    Tokio(JoinHandle<()>),
+    /// One stop signal per worker listener.
+    Uring(Vec<oneshot::Sender<()>>),
+}
+
+impl Drop for ListenerGuard {
+    fn drop(&mut self) {
+        if let ListenerGuard::Tokio(h) = self {
+            h.abort();
+        }
+        // Uring: dropping the senders stops each worker's accept loop.
+    }
+}
+
+impl DataPlane {
+    /// Starts the data plane for `backend` with `workers` threads (uring only).
+    pub fn start(backend: Backend, workers: Option<usize>) -> io::Result<DataPlane> {
+        match backend {
+            Backend::Tokio => Ok(DataPlane::Tokio),
+            Backend::Uring => Ok(DataPlane::Uring(uring::Workers::start(workers)?)),
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match self {
+            DataPlane::Tokio => Backend::Tokio,
+            DataPlane::Uring(_) => Backend::Uring,
+        }
+    }
+
+    /// Pools per service: one per worker, so a visitor pairs with a connection its own core owns.
+    pub fn pools_per_service(&self) -> usize {
+        match self {
+            DataPlane::Tokio => 1,
+            DataPlane::Uring(w) => w.len(),
+        }
+    }
+
+    /// Binds `addr` for `service` and starts accepting visitors into `pools` (one per worker).
+    pub fn listen(
+        &self,
+        addr: SocketAddr,
+        service: &str,
+        pools: &[Arc<Pool>],
+        metrics: &Arc<Metrics>,
+    ) -> io::Result<ListenerGuard> {
+        match self {
+            DataPlane::Tokio => {
+                let l = listener::bind(addr, false)?;
+                Ok(ListenerGuard::Tokio(listener::spawn(
+                    l,
+                    service.to_string(),
+                    pools[0].clone(),
+                    metrics.clone(),
+                )))
+            }
+            DataPlane::Uring(w) => {
+                // One SO_REUSEPORT listener per worker: accepts spread over cores by the
+                // kernel's 4-tuple hash, with no shared accept queue.
+                let mut listeners = Vec::with_capacity(w.len());
+                for _ in 0..w.len() {
+                    listeners.push(listener::bind(addr, true)?.into_std()?);
+                }
+                let mut stops = Vec::with_capacity(w.len());
+                for (i, l) in listeners.into_iter().enumerate() {
+                    let (stop_tx, stop) = oneshot::channel();
+                    w.send(
+                        i,
+                        uring::Command::Listen {
+                            listener: l,
+                            service: service.to_string(),
+                            pools: pools.to_vec(),
+                            worker: i,
+                            metrics: metrics.clone(),
+                            stop,
+                        },
+                    )?;
+                    stops.push(stop_tx);
+                }
+                Ok(ListenerGuard::Uring(stops))
+            }
+        }
     }
 }

@@ -8,11 +8,13 @@
 //! here does I/O; it only decides who gets paired with whom and how many tickets to ask for.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{SocketAddr, TcpStream};
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 
 /// Most visitors that may wait for a data connection per service; more are turned away
@@ -21,7 +23,8 @@ pub const MAX_WAITING_VISITORS: usize = 1024;
 /// Most tickets outstanding (issued, not yet redeemed) per service.
 pub const MAX_OUTSTANDING_TICKETS: usize = 1024;
 
-/// A visitor connection accepted on a public port.
+/// A visitor connection accepted on a public port. The socket is a plain std one (non-blocking)
+/// so either backend's runtime can adopt it.
 #[derive(Debug)]
 pub struct Visitor {
     /// The visitor's socket.
@@ -122,11 +125,33 @@ impl Pool {
         g.idle.push_back(slot);
     }
 
-    /// Pairs `visitor` with a ready data connection, waiting up to `wait` for one.
-    pub async fn take(&self, mut visitor: Visitor, wait: Duration) -> Result<(), TakeError> {
-        let deadline = tokio::time::Instant::now() + wait;
+    /// Pairs `visitor` with an idle data connection if there is one, without waiting;
+    /// otherwise gives the visitor back.
+    pub fn try_take(&self, mut visitor: Visitor) -> Result<(), Visitor> {
+        let mut g = self.lock();
+        while let Some(slot) = g.idle.pop_front() {
+            match slot.send(visitor) {
+                Ok(()) => {
+                    g.nudge();
+                    return Ok(());
+                }
+                Err(back) => visitor = back,
+            }
+        }
+        Err(visitor)
+    }
+
+    /// Pairs `visitor` with a ready data connection, waiting until `deadline` completes (a
+    /// sleep of `wait` from the caller's runtime; the pool itself knows no clock).
+    pub async fn take(
+        &self,
+        mut visitor: Visitor,
+        deadline: impl Future<Output = ()>,
+        wait: Duration,
+    ) -> Result<(), TakeError> {
+        let mut deadline = pin!(deadline);
         loop {
-            let rx = {
+            let mut rx = {
                 let mut g = self.lock();
                 while let Some(slot) = g.idle.pop_front() {
                     match slot.send(visitor) {
@@ -145,13 +170,19 @@ impl Pool {
                 g.nudge();
                 rx
             };
-            match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(slot)) => match slot.send(visitor) {
+            let got = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
+                    return Poll::Ready(r.ok());
+                }
+                deadline.as_mut().poll(cx).map(|()| None)
+            })
+            .await;
+            match got {
+                Some(slot) => match slot.send(visitor) {
                     Ok(()) => return Ok(()),
                     Err(back) => visitor = back,
                 },
-                // Sender dropped by `detach`-free paths never happens; treat like a timeout.
-                Ok(Err(_)) | Err(_) => return Err(TakeError::Timeout(wait)),
+                None => return Err(TakeError::Timeout(wait)),
             }
         }
     }
@@ -187,13 +218,17 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use std::net::TcpListener;
 
     async fn visitor() -> (Visitor, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, addr) = l.accept().await.unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, addr) = l.accept().unwrap();
         (Visitor { stream: s, addr }, c)
+    }
+
+    fn wait(d: Duration) -> (tokio::time::Sleep, Duration) {
+        (tokio::time::sleep(d), d)
     }
 
     #[tokio::test]
@@ -210,7 +245,8 @@ mod tests {
         let (slot, rx) = oneshot::channel();
         pool.offer(slot);
         let (v, _c) = visitor().await;
-        pool.take(v, Duration::from_secs(5)).await.unwrap();
+        let (sleep, d) = wait(Duration::from_secs(5));
+        pool.take(v, sleep, d).await.unwrap();
         assert!(rx.await.is_ok());
         assert_eq!(pool.claim_tickets(), 1, "replace the used connection");
 
@@ -221,7 +257,10 @@ mod tests {
         pool.offer(dead);
         let p2 = pool.clone();
         let (v, _c2) = visitor().await;
-        let waiting = tokio::spawn(async move { p2.take(v, Duration::from_secs(30)).await });
+        let waiting = tokio::spawn(async move {
+            let (sleep, d) = wait(Duration::from_secs(30));
+            p2.take(v, sleep, d).await
+        });
         wake.notified().await;
         let (slot, rx) = oneshot::channel();
         pool.offer(slot);
@@ -233,7 +272,8 @@ mod tests {
     async fn waiting_is_bounded_in_time() {
         let pool = Pool::new();
         let (v, _c) = visitor().await;
-        let err = pool.take(v, Duration::from_millis(10)).await.unwrap_err();
+        let (sleep, d) = wait(Duration::from_millis(10));
+        let err = pool.take(v, sleep, d).await.unwrap_err();
         assert!(matches!(err, TakeError::Timeout(_)));
     }
 }

@@ -56,8 +56,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[String]) -> Proc {
+        Self::spawn_env(args, &[])
+    }
+
+    pub fn spawn_env(args: &[String], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("RINGTUNNEL_SECRET")
             .env("RINGTUNNEL_LOG", "info")
             .stdin(Stdio::null())
@@ -156,6 +161,58 @@ impl Drop for Proc {
     }
 }
 
+/// The data-plane backend a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Tokio,
+    Uring,
+}
+
+impl Backend {
+    /// `Some(Uring)` if io_uring works here; otherwise prints why the test is skipped.
+    pub fn uring() -> Option<Backend> {
+        match ringtunnel::dataplane::probe::io_uring() {
+            Ok(()) => Some(Backend::Uring),
+            Err(why) => {
+                println!("skipped: io_uring unavailable here ({why})");
+                None
+            }
+        }
+    }
+
+    pub fn flag(self) -> &'static str {
+        match self {
+            Backend::Tokio => "tokio",
+            Backend::Uring => "uring",
+        }
+    }
+}
+
+/// Runs each named `async fn name(backend: Backend)` as two tests, one per backend.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod tokio_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Tokio).await
+                }
+            )*
+        }
+        mod uring_backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(b) = super::Backend::uring() {
+                        super::$name(b).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 /// A relay process and what it printed.
 pub struct Relay {
     pub proc: Proc,
@@ -163,17 +220,41 @@ pub struct Relay {
     pub fingerprint: String,
     pub state: Arc<TempDir>,
     pub extra: Vec<String>,
+    pub backend: Backend,
 }
 
 impl Relay {
-    /// Starts a relay on `127.0.0.1:0` with its own state dir, plus `extra` flags.
-    pub fn spawn(extra: &[&str]) -> Relay {
+    /// Starts a relay on `127.0.0.1:0` with its own state dir, the given backend, plus `extra`
+    /// flags. The uring backend splices only plain data connections: unless a test asks for
+    /// `--data-tls` itself, the uring relay runs with `--data-tls off`; with `--data-tls on`
+    /// it runs `--backend auto`, which falls back to tokio for those connections.
+    pub fn spawn(backend: Backend, extra: &[&str]) -> Relay {
         let state = Arc::new(TempDir::new("relay"));
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn_at("127.0.0.1:0".parse().unwrap(), state, extra)
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let tls_flag = args
+            .iter()
+            .position(|a| a == "--data-tls")
+            .map(|i| args[i + 1].clone());
+        match (backend, tls_flag.as_deref()) {
+            (Backend::Tokio, _) => args.extend(["--backend".into(), "tokio".into()]),
+            (Backend::Uring, Some("on")) => args.extend(["--backend".into(), "auto".into()]),
+            (Backend::Uring, Some(_)) => args.extend(["--backend".into(), "uring".into()]),
+            (Backend::Uring, None) => args.extend([
+                "--backend".into(),
+                "uring".into(),
+                "--data-tls".into(),
+                "off".into(),
+            ]),
+        }
+        Self::spawn_at("127.0.0.1:0".parse().unwrap(), state, args, backend)
     }
 
-    fn spawn_at(control: SocketAddr, state: Arc<TempDir>, extra: Vec<String>) -> Relay {
+    fn spawn_at(
+        control: SocketAddr,
+        state: Arc<TempDir>,
+        extra: Vec<String>,
+        backend: Backend,
+    ) -> Relay {
         let mut args: Vec<String> = vec![
             "relay".into(),
             "--control".into(),
@@ -196,15 +277,21 @@ impl Relay {
             fingerprint,
             state,
             extra,
+            backend,
         }
     }
 
     /// Kills this relay and starts a new one on the same control port and state directory.
     pub fn restart(mut self) -> Relay {
         self.proc.kill();
-        let (control, state, extra) = (self.control, self.state.clone(), self.extra.clone());
+        let (control, state, extra, backend) = (
+            self.control,
+            self.state.clone(),
+            self.extra.clone(),
+            self.backend,
+        );
         drop(self);
-        Self::spawn_at(control, state, extra)
+        Self::spawn_at(control, state, extra, backend)
     }
 
     /// Agent flags that reach this relay with the right secret and fingerprint.
@@ -221,6 +308,8 @@ impl Relay {
             local.to_string(),
             "--name".into(),
             name.into(),
+            "--backend".into(),
+            self.backend.flag().into(),
         ]
     }
 }

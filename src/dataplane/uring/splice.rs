@@ -115,7 +115,12 @@ pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: send from a live buffer on an open socket.
         let n = unsafe {
-            libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL)
+            libc::send(
+                s.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
         };
         if n >= 0 {
             buf = &buf[n as usize..];

@@ -1,0 +1,101 @@
+//! Agent-side worker task: one data connection — present the ticket, wait (pooled) for the
+//! relay's `Start`, dial the local service, then splice both ways.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::net::TcpStream;
+
+use super::splice::{self, PipePool};
+use crate::protocol::auth::Ticket;
+use crate::protocol::msg::Message;
+use crate::protocol::{AgentMsg, RelayMsg, MAX_FRAME_LEN, PROTOCOL_VERSION};
+
+/// Deadline for dialing the relay or the local service.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one visitor through one data connection.
+pub async fn serve_data(
+    relay: String,
+    ticket: Ticket,
+    service: String,
+    local: String,
+    pipes: Rc<PipePool>,
+) {
+    if let Err(e) = run(&relay, ticket, &service, &local, &pipes).await {
+        tracing::debug!(service, "data connection ended: {e}");
+    }
+}
+
+async fn connect(addr: &str) -> io::Result<TcpStream> {
+    let s = monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {addr} timed out"),
+            )
+        })??;
+    splice::set_nonblocking(s.as_raw_fd())?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+async fn run(
+    relay: &str,
+    ticket: Ticket,
+    service: &str,
+    local: &str,
+    pipes: &PipePool,
+) -> io::Result<()> {
+    let tunnel = connect(relay).await?;
+    let hello = AgentMsg::DataHello {
+        version: PROTOCOL_VERSION,
+        ticket,
+    };
+    splice::write_all(&tunnel, &hello.to_frame()).await?;
+
+    // Pooled: wait, unbounded, for Start (or the relay closing us).
+    let mut buf = vec![0u8; 512];
+    let mut have = 0;
+    let (visitor, used) = loop {
+        if have == buf.len() {
+            if buf.len() > MAX_FRAME_LEN + 4 {
+                return Err(io::Error::other("oversized frame from relay"));
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = splice::read_some(&tunnel, &mut buf[have..]).await?;
+        if n == 0 {
+            return Ok(()); // relay dropped the pooled connection
+        }
+        have += n;
+        match RelayMsg::decode(&buf[..have]) {
+            Ok(None) => continue,
+            Ok(Some((RelayMsg::Start { visitor }, used))) => break (visitor, used),
+            Ok(Some((RelayMsg::Error { message, .. }, _))) => {
+                tracing::warn!(service, "relay refused a data connection: {message}");
+                return Ok(());
+            }
+            Ok(Some((other, _))) => {
+                return Err(io::Error::other(format!(
+                    "unexpected {other:?} on data connection"
+                )))
+            }
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    };
+    let origin = match connect(local).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(service, %visitor, "cannot reach local service {local}: {e}");
+            return Ok(());
+        }
+    };
+    splice::write_all(&origin, &buf[used..have]).await?;
+    let (up, down) = splice::forward(&tunnel, &origin, pipes).await?;
+    tracing::debug!(service, %visitor, up, down, "visitor done");
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The io_uring backend: `--workers N` threads, each pinned to a core and running its own
+//! monoio runtime on its own ring.
+//!
+//! The control plane talks to a worker only through [`Command`]s on a bounded channel; a
+//! worker owns everything it is handed (listeners, data connections, pipes) and never shares
+//! it with another thread. The channel is tokio's bounded mpsc rather than crossbeam: it is
+//! runtime-agnostic and awaitable from monoio (with monoio's `sync` feature waking the worker
+//! from another thread), where crossbeam would need an extra eventfd to wait on.
+//!
+//! - [`splice`]: pipes and the splice pump.
+//! - [`relay`]: relay-side worker tasks — visitor accept, pooled data connections.
+//! - [`agent`]: agent-side worker tasks — data connections to the relay, dialing the service.
+
+pub mod agent;
+pub mod relay;
+pub mod splice;
+
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::pool::Pool;
+use crate::admin::Metrics;
+use crate::protocol::auth::Ticket;
+use splice::PipePool;
+
+/// Commands queued per worker before senders have to wait.
+const COMMAND_QUEUE: usize = 4096;
+/// io_uring submission queue entries per worker.
+const RING_ENTRIES: u32 = 1024;
+
+/// Work handed to a worker.
+pub enum Command {
+    /// Relay: accept visitors on this (SO_REUSEPORT) listener into `pool` until `stop` fires
+    /// or its sender is dropped.
+    Listen {
+        /// This worker's own listener for the port.
+        listener: std::net::TcpListener,
+        /// Service name, for logs.
+        service: String,
+        /// The service's pools, one per worker.
+        pools: Vec<Arc<Pool>>,
+        /// Which of them is this worker's.
+        worker: usize,
+        /// Counters.
+        metrics: Arc<Metrics>,
+        /// Closes the listener.
+        stop: oneshot::Receiver<()>,
+    },
+    /// Relay: an authenticated plain data connection to park in `pool` until a visitor comes.
+    RelayData {
+        /// The data connection.
+        stream: std::net::TcpStream,
+        /// Service name, for logs.
+        service: String,
+        /// This worker's pool for the service.
+        pool: Arc<Pool>,
+    },
+    /// Agent: open a data connection with `ticket`, wait for a visitor, dial `local`, splice.
+    AgentData {
+        /// Relay control address, `HOST:PORT`.
+        relay: String,
+        /// The ticket to present.
+        ticket: Ticket,
+        /// Service name, for logs.
+        service: String,
+        /// Local service address.
+        local: String,
+    },
+}
+
+/// Handles to the worker threads.
+pub struct Workers {
+    senders: Vec<mpsc::Sender<Command>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    /// Starts `n` workers (default: one per core), each pinned to a core. Fails if any ring
+    /// cannot be created.
+    pub fn start(n: Option<usize>) -> io::Result<Arc<Workers>> {
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let n = n
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1)
+            .max(1);
+        let mut senders = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            std::thread::Builder::new()
+                .name(format!("ringtunnel-worker-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .with_entries(RING_ENTRIES)
+                        .enable_timer()
+                        .build();
+                    match rt {
+                        Ok(mut rt) => {
+                            let _ = ready_tx.send(Ok(()));
+                            rt.block_on(run(i, rx));
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                })?;
+            ready_rx
+                .recv()
+                .map_err(|_| io::Error::other("worker thread died while starting"))??;
+            senders.push(tx);
+        }
+        tracing::info!(
+            workers = n,
+            "io_uring workers started, one per core, pinned"
+        );
+        Ok(Arc::new(Workers {
+            senders,
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Number of workers.
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// Never true: there is at least one worker.
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// A worker index, round-robin.
+    pub fn next_worker(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len()
+    }
+
+    /// Queues `cmd` for worker `i` without waiting; fails if its queue is full or it is gone.
+    pub fn send(&self, i: usize, cmd: Command) -> io::Result<()> {
+        self.senders[i % self.senders.len()]
+            .try_send(cmd)
+            .map_err(|e| io::Error::other(format!("worker {i} cannot take more work: {e}")))
+    }
+}
+
+async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
+    let pipes = Rc::new(PipePool::default());
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Command::Listen {
+                listener,
+                service,
+                pools,
+                worker,
+                metrics,
+                stop,
+            } => {
+                let accept = relay::serve_listener(listener, service, pools, worker, metrics, stop);
+                monoio::spawn(accept);
+            }
+            Command::RelayData {
+                stream,
+                service,
+                pool,
+            } => {
+                monoio::spawn(relay::serve_data(stream, service, pool, pipes.clone()));
+            }
+            Command::AgentData {
+                relay,
+                ticket,
+                service,
+                local,
+            } => {
+                monoio::spawn(agent::serve_data(
+                    relay,
+                    ticket,
+                    service,
+                    local,
+                    pipes.clone(),
+                ));
+            }
+        }
+    }
+    tracing::debug!(worker = id, "worker stopping: command channel closed");
+}

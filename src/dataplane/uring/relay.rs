@@ -1,0 +1,120 @@
+//! Relay-side worker tasks: accept visitors on this worker's own listener, park authenticated
+//! data connections in this worker's pool, and splice each pair.
+
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use monoio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::splice::{self, PipePool};
+use crate::admin::Metrics;
+use crate::dataplane::listener::VISITOR_WAIT;
+use crate::dataplane::pool::{Pool, Visitor};
+use crate::protocol::msg::Message;
+use crate::protocol::RelayMsg;
+
+/// Accepts visitors until `stop` fires (or its sender is dropped). A visitor pairs with a
+/// connection from this worker's pool; if that is empty it takes an idle one from another
+/// worker (forwarded there) rather than wait for the agent to open a new one; only if every
+/// pool is empty does it wait on this worker's.
+pub async fn serve_listener(
+    listener: std::net::TcpListener,
+    service: String,
+    pools: Vec<Arc<Pool>>,
+    worker: usize,
+    metrics: Arc<Metrics>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(service, "worker cannot adopt listener: {e}");
+            return;
+        }
+    };
+    loop {
+        monoio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    metrics.visitors_accepted.inc();
+                    let _ = stream.set_nodelay(true);
+                    // SAFETY: the fd comes straight from the stream we own and give up here.
+                    let stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
+                    let Some(visitor) = pair_now(&pools, worker, Visitor { stream, addr }) else {
+                        continue;
+                    };
+                    let (pool, metrics, service) = (pools[worker].clone(), metrics.clone(), service.clone());
+                    monoio::spawn(async move {
+                        let deadline = monoio::time::sleep(VISITOR_WAIT);
+                        if let Err(e) = pool.take(visitor, deadline, VISITOR_WAIT).await {
+                            metrics.visitors_unserved.inc();
+                            tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(service, error = %e, "accepting visitor failed");
+                    monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Hands `visitor` to an idle connection, this worker's pools first; gives it back if every
+/// pool is empty.
+fn pair_now(pools: &[Arc<Pool>], worker: usize, mut visitor: Visitor) -> Option<Visitor> {
+    for i in 0..pools.len() {
+        match pools[(worker + i) % pools.len()].try_take(visitor) {
+            Ok(()) => return None,
+            Err(back) => visitor = back,
+        }
+    }
+    Some(visitor)
+}
+
+/// Parks a data connection in `pool`; when a visitor is assigned, announces it and splices.
+pub async fn serve_data(
+    stream: std::net::TcpStream,
+    service: String,
+    pool: Arc<Pool>,
+    pipes: Rc<PipePool>,
+) {
+    if let Err(e) = park_and_forward(stream, &service, &pool, &pipes).await {
+        tracing::debug!(service, "data connection ended: {e}");
+    }
+}
+
+async fn park_and_forward(
+    stream: std::net::TcpStream,
+    service: &str,
+    pool: &Pool,
+    pipes: &PipePool,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let tunnel = TcpStream::from_std(stream)?;
+    let (slot, assigned) = oneshot::channel::<Visitor>();
+    pool.offer(slot);
+    // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
+    // means EOF or misbehaviour, and the connection leaves the pool.
+    let visitor = monoio::select! {
+        v = assigned => match v {
+            Ok(v) => v,
+            Err(_) => return Ok(()), // pool dropped us: owner changed or service closed
+        },
+        _ = tunnel.readable(false) => return Ok(()),
+    };
+    visitor.stream.set_nonblocking(true)?;
+    let addr = visitor.addr;
+    let visitor = TcpStream::from_std(visitor.stream)?;
+    splice::set_nonblocking(tunnel.as_raw_fd())?;
+    let start = RelayMsg::Start { visitor: addr }.to_frame();
+    splice::write_all(&tunnel, &start).await?;
+    let (up, down) = splice::forward(&visitor, &tunnel, pipes).await?;
+    tracing::debug!(service, visitor = %addr, up, down, "visitor done");
+    Ok(())
+}
