@@ -57,8 +57,11 @@ struct Inner {
 }
 
 impl Inner {
+    /// Refill when the pool (counting tickets in flight) falls to half its target, then top
+    /// it up in one batch: one Tickets frame per several visitors instead of one per visitor.
     fn want_more(&self) -> bool {
-        self.idle.len() + self.outstanding < self.target + self.waiters.len()
+        let low_water = self.target.div_ceil(2);
+        self.idle.len() + self.outstanding < low_water + self.waiters.len()
             && self.outstanding < MAX_OUTSTANDING_TICKETS
     }
 
@@ -188,9 +191,10 @@ impl Pool {
     }
 
     /// How many tickets to issue now to reach the target, counted as outstanding at once.
+    /// Zero until the pool has fallen to its low-water mark.
     pub fn claim_tickets(&self) -> usize {
         let mut g = self.lock();
-        if g.wake.is_none() {
+        if g.wake.is_none() || !g.want_more() {
             return 0;
         }
         let want = g.target + g.waiters.len();
@@ -236,25 +240,34 @@ mod tests {
         let pool = Arc::new(Pool::new());
         assert_eq!(pool.claim_tickets(), 0, "no owner, no tickets");
         let wake = Arc::new(Notify::new());
-        pool.attach(2, wake.clone());
-        assert_eq!(pool.claim_tickets(), 2);
+        pool.attach(4, wake.clone());
+        assert_eq!(pool.claim_tickets(), 4);
         assert_eq!(pool.claim_tickets(), 0);
 
-        // A ready connection parks; a visitor takes it at once.
-        pool.ticket_done();
-        let (slot, rx) = oneshot::channel();
-        pool.offer(slot);
-        let (v, _c) = visitor().await;
-        let (sleep, d) = wait(Duration::from_secs(5));
-        pool.take(v, sleep, d).await.unwrap();
-        assert!(rx.await.is_ok());
-        assert_eq!(pool.claim_tickets(), 1, "replace the used connection");
+        // Ready connections park; visitors take them at once. The pool refills only when it
+        // falls below half its target, and then in one batch.
+        let mut assigned = Vec::new();
+        for _ in 0..4 {
+            pool.ticket_done();
+            let (slot, rx) = oneshot::channel();
+            pool.offer(slot);
+            assigned.push(rx);
+        }
+        let mut clients = Vec::new();
+        for expected in [0, 0, 3] {
+            let (v, c) = visitor().await;
+            clients.push(c);
+            let (sleep, d) = wait(Duration::from_secs(5));
+            pool.take(v, sleep, d).await.unwrap();
+            assert_eq!(pool.claim_tickets(), expected);
+        }
+        for rx in assigned.drain(..3) {
+            assert!(rx.await.is_ok());
+        }
 
-        // A slot whose owner died is skipped; the visitor then waits for a fresh one.
-        let (dead, dead_rx) = oneshot::channel();
-        drop(dead_rx);
-        pool.ticket_done();
-        pool.offer(dead);
+        // The fourth parked connection dies while idle: its slot is skipped, and the visitor
+        // waits for a fresh connection.
+        drop(assigned);
         let p2 = pool.clone();
         let (v, _c2) = visitor().await;
         let waiting = tokio::spawn(async move {
