@@ -1,6 +1,7 @@
-//! Forwarding cost of the data path on loopback: N bytes from a client through
-//! `dataplane::forward` (two sockets, two buffers) to a server, against the same transfer on
-//! a direct socket pair in the same run. Read the ratio, not the absolute numbers: loopback on
+//! Forwarding cost of the data path on loopback: N bytes from a client through the tokio
+//! backend's copy (`dataplane::forward`) and through the uring backend's splice
+//! (`dataplane::uring::splice::forward`, on its own monoio thread), against the same transfer
+//! on a direct socket pair in the same run. Read the ratio, not the absolute numbers: loopback on
 //! a shared machine is noisy, and loopback understates what zero-copy would save.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -18,15 +19,46 @@ async fn pair() -> (TcpStream, TcpStream) {
     (c, s)
 }
 
-/// (client, server): direct, or with `forward` running between two pairs.
-async fn path(through_forward: bool) -> (TcpStream, TcpStream) {
-    if !through_forward {
+#[derive(Clone, Copy)]
+enum Via {
+    Direct,
+    TokioCopy,
+    UringSplice,
+}
+
+/// (client, server): direct, or with a forwarder running between two pairs.
+async fn path(via: Via) -> (TcpStream, TcpStream) {
+    if let Via::Direct = via {
         return pair().await;
     }
     let (client, mut a) = pair().await;
     let (mut b, server) = pair().await;
-    tokio::spawn(async move { forward(&mut a, &mut b, &[]).await });
+    match via {
+        Via::TokioCopy => {
+            tokio::spawn(async move { forward(&mut a, &mut b, &[]).await });
+        }
+        _ => {
+            let (a, b) = (a.into_std().unwrap(), b.into_std().unwrap());
+            std::thread::spawn(move || splice_thread(a, b));
+        }
+    }
     (client, server)
+}
+
+fn splice_thread(a: std::net::TcpStream, b: std::net::TcpStream) {
+    use ringtunnel::dataplane::uring::splice::{self, PipePool};
+    let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+        .enable_timer()
+        .build()
+        .expect("io_uring runtime");
+    rt.block_on(async move {
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let a = monoio::net::TcpStream::from_std(a).unwrap();
+        let b = monoio::net::TcpStream::from_std(b).unwrap();
+        let pipes = PipePool::default();
+        let _ = splice::forward(&a, &b, &pipes).await;
+    });
 }
 
 async fn transfer(client: &mut TcpStream, server: &mut TcpStream, data: &[u8], sink: &mut [u8]) {
@@ -58,8 +90,16 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(size as u64));
         let data = vec![0x5au8; size];
         let mut sink = vec![0u8; 256 << 10];
-        for (name, through) in [("direct", false), ("tokio-copy", true)] {
-            let (mut client, mut server) = rt.block_on(path(through));
+        let uring = ringtunnel::dataplane::probe::io_uring();
+        if let Err(why) = &uring {
+            eprintln!("forward/uring-splice skipped: io_uring unavailable ({why})");
+        }
+        let mut vias = vec![("direct", Via::Direct), ("tokio-copy", Via::TokioCopy)];
+        if uring.is_ok() {
+            vias.push(("uring-splice", Via::UringSplice));
+        }
+        for (name, via) in vias {
+            let (mut client, mut server) = rt.block_on(path(via));
             g.bench_with_input(BenchmarkId::new(name, label), &size, |b, _| {
                 b.iter(|| run(&rt, &mut client, &mut server, &data, &mut sink))
             });

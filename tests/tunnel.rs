@@ -164,7 +164,95 @@ async fn relay_restart_agent_reconnects_by_itself(backend: Backend) {
     assert!(relay.proc.stderr().contains("service online"));
 }
 
+/// An origin whose first connection is reset after it has read `after` bytes; later
+/// connections are echoed.
+async fn resetting_origin(after: usize) -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut first, _) = l.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            while got < after {
+                match first.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+            }
+            first.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            drop(first); // RST
+        });
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn origin_vanishing_mid_stream_closes_the_visitor(backend: Backend) {
+    let origin = resetting_origin(1 << 20).await;
+    let relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(relay.agent_args(origin, "flaky"));
+    let mut s = tokio::net::TcpStream::connect(agent.public).await.unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    // Keep writing until the tunnel gives up on us; bounded by 256 MiB and by WAIT.
+    let ended = tokio::time::timeout(WAIT, async {
+        for _ in 0..4096 {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the visitor was closed after the origin vanished"
+    );
+    assert_echo(agent.public).await;
+}
+
+async fn visitor_vanishing_mid_stream_closes_the_origin(backend: Backend) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = l.local_addr().unwrap();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0usize;
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        let _ = done_tx.send(got);
+    });
+    let relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(relay.agent_args(origin, "leaver"));
+    let mut v = tokio::net::TcpStream::connect(agent.public).await.unwrap();
+    v.write_all(&vec![1u8; 1 << 20]).await.unwrap();
+    v.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    drop(v); // RST
+    let got = tokio::time::timeout(WAIT, done_rx)
+        .await
+        .expect("origin connection closed")
+        .unwrap();
+    assert!(got <= 1 << 20);
+}
+
 both_backends!(
+    origin_vanishing_mid_stream_closes_the_visitor,
+    visitor_vanishing_mid_stream_closes_the_origin,
     bulk_64mib_each_way_tls,
     bulk_64mib_each_way_plain,
     two_hundred_concurrent_visitors,
