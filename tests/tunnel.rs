@@ -180,7 +180,7 @@ async fn resetting_origin(after: usize) -> std::net::SocketAddr {
                     Ok(n) => got += n,
                 }
             }
-            first.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            first.set_zero_linger().unwrap();
             drop(first); // RST
         });
         loop {
@@ -241,7 +241,7 @@ async fn visitor_vanishing_mid_stream_closes_the_origin(backend: Backend) {
     let agent = Agent::spawn(relay.agent_args(origin, "leaver"));
     let mut v = tokio::net::TcpStream::connect(agent.public).await.unwrap();
     v.write_all(&vec![1u8; 1 << 20]).await.unwrap();
-    v.set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    v.set_zero_linger().unwrap();
     drop(v); // RST
     let got = tokio::time::timeout(WAIT, done_rx)
         .await
