@@ -187,11 +187,7 @@ async fn resetting_origin(after: usize) -> std::net::SocketAddr {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+            tokio::spawn(serve_echo(s));
         }
     });
     addr

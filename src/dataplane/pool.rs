@@ -65,6 +65,20 @@ impl Inner {
             && self.outstanding < MAX_OUTSTANDING_TICKETS
     }
 
+    /// Sends `visitor` to the first idle connection still alive, or gives it back.
+    fn hand_to_idle(&mut self, mut visitor: Visitor) -> Result<(), Visitor> {
+        while let Some(slot) = self.idle.pop_front() {
+            match slot.send(visitor) {
+                Ok(()) => {
+                    self.nudge();
+                    return Ok(());
+                }
+                Err(back) => visitor = back, // that connection died while idle
+            }
+        }
+        Err(visitor)
+    }
+
     fn nudge(&self) {
         if self.want_more() {
             if let Some(w) = &self.wake {
@@ -130,18 +144,8 @@ impl Pool {
 
     /// Pairs `visitor` with an idle data connection if there is one, without waiting;
     /// otherwise gives the visitor back.
-    pub fn try_take(&self, mut visitor: Visitor) -> Result<(), Visitor> {
-        let mut g = self.lock();
-        while let Some(slot) = g.idle.pop_front() {
-            match slot.send(visitor) {
-                Ok(()) => {
-                    g.nudge();
-                    return Ok(());
-                }
-                Err(back) => visitor = back,
-            }
-        }
-        Err(visitor)
+    pub fn try_take(&self, visitor: Visitor) -> Result<(), Visitor> {
+        self.lock().hand_to_idle(visitor)
     }
 
     /// Pairs `visitor` with a ready data connection, waiting until `deadline` completes (a
@@ -156,15 +160,10 @@ impl Pool {
         loop {
             let mut rx = {
                 let mut g = self.lock();
-                while let Some(slot) = g.idle.pop_front() {
-                    match slot.send(visitor) {
-                        Ok(()) => {
-                            g.nudge();
-                            return Ok(());
-                        }
-                        Err(back) => visitor = back, // that connection died while idle
-                    }
-                }
+                visitor = match g.hand_to_idle(visitor) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => back,
+                };
                 if g.waiters.len() >= MAX_WAITING_VISITORS {
                     return Err(TakeError::Full);
                 }

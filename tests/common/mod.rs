@@ -346,14 +346,17 @@ pub async fn echo_origin() -> SocketAddr {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
+            tokio::spawn(serve_echo(s));
         }
     });
     addr
+}
+
+/// Echoes one connection until the peer half-closes, then half-closes too.
+pub async fn serve_echo(s: TcpStream) {
+    let (mut r, mut w) = s.into_split();
+    let _ = tokio::io::copy(&mut r, &mut w).await;
+    let _ = w.shutdown().await;
 }
 
 /// An origin that reads the whole request (until the visitor half-closes), then answers with

@@ -152,12 +152,80 @@ pub async fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// Bytes of the per-worker scratch buffer small transfers are copied through. A direction
+/// starts by copying and switches to splice for good once one read fills this buffer: small
+/// request/response traffic gains nothing from splice, bulk transfers do.
+const SCRATCH_LEN: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
+}
+
+enum Copied {
+    /// `src` had nothing to read.
+    Empty,
+    /// `src` reached EOF.
+    Eof,
+    /// Moved this many bytes; `rest` did not fit into `dst` yet.
+    Moved { n: usize, rest: Option<Vec<u8>> },
+}
+
+/// One non-blocking read from `src` into the worker's scratch buffer and one write to `dst`.
+/// Nothing awaits in between, so tasks on this worker never share the buffer.
+fn copy_once(sfd: RawFd, dfd: RawFd) -> io::Result<Copied> {
+    SCRATCH.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        // SAFETY: recv into the live scratch buffer on an open socket.
+        let n = unsafe { libc::recv(sfd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return if err.kind() == io::ErrorKind::WouldBlock {
+                Ok(Copied::Empty)
+            } else {
+                Err(err)
+            };
+        }
+        let n = n as usize;
+        if n == 0 {
+            return Ok(Copied::Eof);
+        }
+        // SAFETY: send from the live scratch buffer on an open socket.
+        let sent = unsafe { libc::send(dfd, buf.as_ptr().cast(), n, libc::MSG_NOSIGNAL) };
+        let sent = if sent < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::WouldBlock {
+                return Err(err);
+            }
+            0
+        } else {
+            sent as usize
+        };
+        let rest = (sent < n).then(|| buf[sent..n].to_vec());
+        Ok(Copied::Moved { n, rest })
+    })
+}
+
 /// Moves bytes `src → dst` until `src` reaches EOF, then shuts `dst`'s write side.
 /// On error both sockets are shut down so the opposite direction ends too.
 async fn pump(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<u64> {
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let result = async {
         let mut total = 0u64;
+        loop {
+            match copy_once(sfd, dfd)? {
+                Copied::Empty => src.readable(false).await?,
+                Copied::Eof => return Ok(total),
+                Copied::Moved { n, rest } => {
+                    total += n as u64;
+                    if let Some(rest) = rest {
+                        write_all(dst, &rest).await?;
+                    }
+                    if n == SCRATCH_LEN {
+                        break; // bulk: splice from here on
+                    }
+                }
+            }
+        }
         loop {
             let pipe = pipes.get()?;
             let n = match splice(sfd, pipe.w.as_raw_fd(), pipe.cap) {
