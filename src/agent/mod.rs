@@ -87,6 +87,7 @@ impl Ctx {
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(classify_tls_error)?;
+            tracing::debug!(handshake = ?s.get_ref().1.handshake_kind(), "TLS to relay");
             Ok(Box::new(s) as BoxStream)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
