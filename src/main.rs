@@ -64,10 +64,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "ready control={} fingerprint={} backend={} data_tls={data_tls}",
                     relay.control_addr, relay.fingerprint, relay.backend
                 ));
+                let metrics = relay.metrics.clone();
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
                     _ = relay.wait() => {}
                 }
+                tracing::info!(counters = ?metrics.snapshot(), "relay stopped");
                 Ok(())
             })
         }

@@ -92,6 +92,9 @@ pub enum FrameIoError {
     /// The peer sent bytes that are not a valid message.
     #[error("malformed frame: {0}")]
     Protocol(#[from] ProtocolError),
+    /// A well-formed frame that is not allowed here.
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
     /// The peer closed the connection (cleanly, between frames).
     #[error("connection closed by peer")]
     Closed,

@@ -58,15 +58,12 @@ async fn open(shared: &Shared, tcp: TcpStream) -> Result<Opened, FrameIoError> {
     match framed.read_msg::<AgentMsg>().await? {
         AgentMsg::ControlHello { version } if tls => Ok(Opened::Control(framed, version)),
         AgentMsg::DataHello { version, ticket } => Ok(Opened::Data(framed, version, ticket, tls)),
-        other => Err(FrameIoError::Protocol(
-            crate::protocol::ProtocolError::InvalidField {
-                msg: match other {
-                    AgentMsg::ControlHello { .. } => "ControlHello (control needs TLS)",
-                    _ => "first",
-                },
-                field: "type",
-            },
+        AgentMsg::ControlHello { .. } => Err(FrameIoError::Unexpected(
+            "control connection without TLS".into(),
         )),
+        other => Err(FrameIoError::Unexpected(format!(
+            "{other:?} as the first frame"
+        ))),
     }
 }
 
