@@ -246,7 +246,26 @@ async fn visitor_vanishing_mid_stream_closes_the_origin(backend: Backend) {
     assert!(got <= 1 << 20);
 }
 
+async fn host_names_work_for_relay_and_local_service(backend: Backend) {
+    let origin = echo_origin().await;
+    let relay = Relay::spawn(backend, &[]);
+    let mut args = relay.agent_args(origin, "named");
+    let set = |args: &mut Vec<String>, flag: &str, value: String| {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = value;
+    };
+    set(
+        &mut args,
+        "--relay",
+        format!("localhost:{}", relay.control.port()),
+    );
+    set(&mut args, "--local", format!("localhost:{}", origin.port()));
+    let agent = Agent::spawn(args);
+    assert_echo(agent.public).await;
+}
+
 both_backends!(
+    host_names_work_for_relay_and_local_service,
     origin_vanishing_mid_stream_closes_the_visitor,
     visitor_vanishing_mid_stream_closes_the_origin,
     bulk_64mib_each_way_tls,

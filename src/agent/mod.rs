@@ -73,14 +73,25 @@ pub struct Online {
 impl Ctx {
     /// Connects to the relay's control port, with TLS when `tls` is set.
     pub async fn connect(&self, tls: bool) -> Result<BoxStream, AgentError> {
+        Ok(self.connect_with_peer(tls).await?.0)
+    }
+
+    /// [`Self::connect`], also returning the address the relay answered on.
+    pub async fn connect_with_peer(
+        &self,
+        tls: bool,
+    ) -> Result<(BoxStream, std::net::SocketAddr), AgentError> {
         let addr = self.cfg.relay_addr();
         let connect = async {
             let tcp = TcpStream::connect((self.cfg.relay_host.as_str(), self.cfg.relay_port))
                 .await
                 .map_err(|e| AgentError::Transient(format!("relay {addr} unreachable: {e}")))?;
             let _ = tcp.set_nodelay(true);
+            let peer = tcp
+                .peer_addr()
+                .map_err(|e| AgentError::Transient(format!("relay {addr}: {e}")))?;
             if !tls {
-                return Ok(Box::new(tcp) as BoxStream);
+                return Ok((Box::new(tcp) as BoxStream, peer));
             }
             let s = self
                 .connector
@@ -88,7 +99,7 @@ impl Ctx {
                 .await
                 .map_err(classify_tls_error)?;
             tracing::debug!(handshake = ?s.get_ref().1.handshake_kind(), "TLS to relay");
-            Ok(Box::new(s) as BoxStream)
+            Ok((Box::new(s) as BoxStream, peer))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await

@@ -1,6 +1,8 @@
 //! One control connection from the agent: hello, challenge, register, then tickets and
 //! heartbeats until the connection is lost.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,6 +27,31 @@ fn relay_error(code: ErrorCode, message: String) -> AgentError {
     }
 }
 
+/// Where uring workers dial, resolved once per session on the tokio side: name lookups
+/// block, and a worker must never wait on one. The relay is the address the control
+/// connection reached; each local service keeps every address its name resolves to.
+struct UringRoutes {
+    relay: SocketAddr,
+    locals: HashMap<String, Arc<[SocketAddr]>>,
+}
+
+impl UringRoutes {
+    async fn resolve(ctx: &Ctx, relay: SocketAddr) -> Result<UringRoutes, String> {
+        let mut locals = HashMap::new();
+        for s in &ctx.cfg.services {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&s.local)
+                .await
+                .map_err(|e| format!("resolving {}: {e}", s.local))?
+                .collect();
+            if addrs.is_empty() {
+                return Err(format!("resolving {}: no address", s.local));
+            }
+            locals.insert(s.name.clone(), addrs.into());
+        }
+        Ok(UringRoutes { relay, locals })
+    }
+}
+
 /// Runs one session; returns why it ended (it never ends without an error). `first` is true
 /// until a session has published something, and makes registration refusals fatal.
 pub async fn run(ctx: &Arc<Ctx>, first: &mut bool) -> AgentError {
@@ -36,7 +63,8 @@ pub async fn run(ctx: &Arc<Ctx>, first: &mut bool) -> AgentError {
 
 async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infallible, AgentError> {
     let cfg = &ctx.cfg;
-    let mut framed = Framed::new(ctx.connect(true).await?);
+    let (stream, relay_peer) = ctx.connect_with_peer(true).await?;
+    let mut framed = Framed::new(stream);
     framed
         .write_msg(
             &AgentMsg::ControlHello {
@@ -141,7 +169,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         });
     }
     *first = false;
-    let workers = if data_tls {
+    let uring = if data_tls {
         if ctx.workers.is_some() {
             match crate::dataplane::probe::ktls() {
                 Ok(()) => tracing::info!("data connections are TLS; kTLS offload is not wired in yet, so they are copied in user space on tokio"),
@@ -149,14 +177,22 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
             }
         }
         None
-    } else {
-        if let Some(w) = &ctx.workers {
-            tracing::info!(
-                workers = w.len(),
-                "data plane backend: uring (plain data connections, spliced)"
-            );
+    } else if let Some(w) = &ctx.workers {
+        match UringRoutes::resolve(ctx, relay_peer).await {
+            Ok(routes) => {
+                tracing::info!(
+                    workers = w.len(),
+                    "data plane backend: uring (plain data connections, spliced)"
+                );
+                Some((w.clone(), routes))
+            }
+            Err(e) => {
+                tracing::warn!("{e}; data connections use tokio this session");
+                None
+            }
         }
-        ctx.workers.clone()
+    } else {
+        None
     };
 
     let hb = cfg.heartbeat;
@@ -190,13 +226,13 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                             continue;
                         };
                         for ticket in tickets {
-                            match &workers {
-                                Some(w) => {
+                            match &uring {
+                                Some((w, routes)) => {
                                     let cmd = Command::AgentData {
-                                        relay: cfg.relay_addr(),
+                                        relay: routes.relay,
                                         ticket,
                                         service: svc.name.clone(),
-                                        local: svc.local.clone(),
+                                        local: routes.locals[&svc.name].clone(),
                                     };
                                     if let Err(e) = w.send(w.next_worker(), cmd) {
                                         tracing::warn!(service, "data connection not opened: {e}");

@@ -2,8 +2,10 @@
 //! relay's `Start`, dial the local service, then splice both ways.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use monoio::net::TcpStream;
@@ -18,19 +20,20 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one visitor through one data connection.
 pub async fn serve_data(
-    relay: String,
+    relay: SocketAddr,
     ticket: Ticket,
     service: String,
-    local: String,
+    local: Arc<[SocketAddr]>,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = run(&relay, ticket, &service, &local, &pipes).await {
+    if let Err(e) = run(relay, ticket, &service, &local, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
 
-async fn connect(addr: &str) -> io::Result<TcpStream> {
-    let s = monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+/// Addresses arrive resolved: name lookups are blocking and must not stall a worker.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = monoio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect_addr(addr))
         .await
         .map_err(|_| {
             io::Error::new(
@@ -43,11 +46,23 @@ async fn connect(addr: &str) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// The first of `addrs` that accepts a connection.
+async fn connect_any(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
+    let mut last = io::Error::other("no address");
+    for addr in addrs {
+        match connect(*addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 async fn run(
-    relay: &str,
+    relay: SocketAddr,
     ticket: Ticket,
     service: &str,
-    local: &str,
+    local: &[SocketAddr],
     pipes: &PipePool,
 ) -> io::Result<()> {
     let tunnel = connect(relay).await?;
@@ -87,10 +102,10 @@ async fn run(
             Err(e) => return Err(io::Error::other(e.to_string())),
         }
     };
-    let origin = match connect(local).await {
+    let origin = match connect_any(local).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(service, %visitor, "cannot reach local service {local}: {e}");
+            tracing::warn!(service, %visitor, "cannot reach local service {local:?}: {e}");
             return Ok(());
         }
     };

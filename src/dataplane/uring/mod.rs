@@ -61,14 +61,14 @@ pub enum Command {
     },
     /// Agent: open a data connection with `ticket`, wait for a visitor, dial `local`, splice.
     AgentData {
-        /// Relay control address, `HOST:PORT`.
-        relay: String,
+        /// Relay control address, resolved.
+        relay: std::net::SocketAddr,
         /// The ticket to present.
         ticket: Ticket,
         /// Service name, for logs.
         service: String,
-        /// Local service address.
-        local: String,
+        /// Local service addresses, resolved; tried in order.
+        local: Arc<[std::net::SocketAddr]>,
     },
 }
 
