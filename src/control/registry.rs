@@ -335,14 +335,4 @@ impl Registry {
         svc.close();
         g.services.remove(name);
     }
-
-    /// Number of services currently published (owned or lingering).
-    pub fn len(&self) -> usize {
-        self.lock().services.len()
-    }
-
-    /// Whether no service is published.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

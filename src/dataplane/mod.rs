@@ -112,14 +112,6 @@ impl DataPlane {
         }
     }
 
-    /// Which backend this is.
-    pub fn backend(&self) -> Backend {
-        match self {
-            DataPlane::Tokio => Backend::Tokio,
-            DataPlane::Uring(_) => Backend::Uring,
-        }
-    }
-
     /// Pools per service: one per worker, so a visitor pairs with a connection its own core owns.
     pub fn pools_per_service(&self) -> usize {
         match self {

@@ -211,11 +211,6 @@ impl Pool {
         g.outstanding = g.outstanding.saturating_sub(1);
         g.nudge();
     }
-
-    /// Idle connections currently parked (for logs and tests).
-    pub fn idle_len(&self) -> usize {
-        self.lock().idle.len()
-    }
 }
 
 #[cfg(test)]
