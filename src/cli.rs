@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    self, AgentConfig, AgentFile, BackendKind, ConfigError, PortRange, RelayConfig, RelayFile,
-    Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT, DEFAULT_POOL,
+    self, AgentConfig, AgentFile, BackendKind, ConfigError, Heartbeat, PortRange, RelayConfig,
+    RelayFile, Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT, DEFAULT_POOL,
 };
 use crate::tls::Fingerprint;
 
@@ -113,7 +113,7 @@ impl RelayArgs {
             cert,
             backend: self.backend.or(file.backend).unwrap_or_default(),
             workers: self.workers.or(file.workers),
-            heartbeat: config::heartbeat(
+            heartbeat: Heartbeat::from_secs(
                 file.heartbeat_interval_secs,
                 file.heartbeat_timeout_secs,
             )?,
@@ -199,7 +199,7 @@ impl AgentArgs {
             ca: self.ca.or(file.ca),
             services,
             backend: self.backend.or(file.backend).unwrap_or_default(),
-            heartbeat: config::heartbeat(
+            heartbeat: Heartbeat::from_secs(
                 file.heartbeat_interval_secs,
                 file.heartbeat_timeout_secs,
             )?,

@@ -184,7 +184,8 @@ impl Default for Heartbeat {
 }
 
 impl Heartbeat {
-    fn from_secs(interval: Option<u64>, timeout: Option<u64>) -> Result<Self, ConfigError> {
+    /// Timing from optional seconds (defaults where missing), checking interval < timeout.
+    pub fn from_secs(interval: Option<u64>, timeout: Option<u64>) -> Result<Self, ConfigError> {
         let d = Heartbeat::default();
         let hb = Heartbeat {
             interval: interval.map(Duration::from_secs).unwrap_or(d.interval),
@@ -518,11 +519,6 @@ pub fn default_state_dir() -> PathBuf {
         return PathBuf::from(h).join(".local/state/ringtunnel");
     }
     PathBuf::from("ringtunnel-state")
-}
-
-/// Builds heartbeat timing from optional seconds, checking interval < timeout.
-pub fn heartbeat(interval: Option<u64>, timeout: Option<u64>) -> Result<Heartbeat, ConfigError> {
-    Heartbeat::from_secs(interval, timeout)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Relay-side worker tasks: accept visitors on this worker's own listener, park authenticated
 //! data connections in this worker's pool, and splice each pair.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -111,7 +111,6 @@ async fn park_and_forward(
     visitor.stream.set_nonblocking(true)?;
     let addr = visitor.addr;
     let visitor = TcpStream::from_std(visitor.stream)?;
-    splice::set_nonblocking(tunnel.as_raw_fd())?;
     let start = RelayMsg::Start { visitor: addr }.to_frame();
     splice::write_all(&tunnel, &start).await?;
     let (up, down) = splice::forward(&visitor, &tunnel, pipes).await?;
