@@ -6,11 +6,17 @@
 //! - [`msg`]: one message enum per direction, [`AgentMsg`] and [`RelayMsg`].
 //! - [`auth`]: HMAC-SHA256 challenge–response and ticket types.
 //! - [`liveness`]: the heartbeat state machine both ends run on the control connection.
+//! - [`http`]: HTTP/1.x request heads, for routing shared HTTP ports by host and path.
+//! - [`sni`]: the server name in a TLS ClientHello, for routing shared TLS ports.
+//! - [`proxy`]: PROXY protocol v1/v2 headers that tell an origin who the visitor is.
 
 pub mod auth;
 pub mod frame;
+pub mod http;
 pub mod liveness;
 pub mod msg;
+pub mod proxy;
+pub mod sni;
 mod wire;
 
 pub use frame::{decode, encode, Decoded, MAX_FRAME_LEN};

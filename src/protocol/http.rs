@@ -1,0 +1,448 @@
+//! HTTP/1.x request heads, sans-IO: find where the first request head ends, read the host and
+//! path it is for, and add the visitor's address to it. The relay routes on this and passes
+//! everything after the head through untouched, so only the first request of a connection is
+//! ever parsed.
+//!
+//! The parser is strict where leniency would let two parties read one head differently
+//! (obsolete line folding, whitespace before a colon, two `Host` headers, a control character
+//! in a value): those are [`HeadError::Malformed`], answered with 400.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+/// Default largest request head the relay reads before answering 431, in bytes.
+pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
+
+/// Why a request head cannot be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// The head did not end within the size limit (answered 431).
+    #[error("request head larger than {0} bytes")]
+    TooLarge(usize),
+    /// The bytes are not an HTTP/1.x request head (answered 400).
+    #[error("malformed request head: {0}")]
+    Malformed(&'static str),
+}
+
+/// A complete, parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Bytes of the buffer the head takes, including the blank line that ends it.
+    pub len: usize,
+    /// The host the request is for: lower case, without port or trailing dot.
+    pub host: String,
+    /// The path of the request target (starts with `/`; `*` for `OPTIONS *`).
+    pub path: String,
+}
+
+/// Parses the request head at the start of `buf`. `Ok(None)` means the head has not ended
+/// yet and is still within `max` bytes: read more.
+pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
+    let Some(len) = head_end(buf) else {
+        return if buf.len() >= max {
+            Err(HeadError::TooLarge(max))
+        } else {
+            // Fail early on bytes that can never become a request line.
+            check_partial_request_line(buf)?;
+            Ok(None)
+        };
+    };
+    if len > max {
+        return Err(HeadError::TooLarge(max));
+    }
+    let head = &buf[..len];
+    let mut lines = Lines(head);
+    let request_line = lines.next().ok_or(HeadError::Malformed("empty head"))?;
+    let (target, _version) = parse_request_line(request_line)?;
+    let (mut host, path) = split_target(target)?;
+    let mut host_header = None;
+    for line in lines {
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = parse_header(line)?;
+        if name.eq_ignore_ascii_case(b"host") {
+            if host_header.is_some() {
+                return Err(HeadError::Malformed("more than one Host header"));
+            }
+            host_header = Some(value);
+        }
+    }
+    // An absolute-form target names the host itself and wins over the Host header (RFC 9112
+    // section 3.2.2); otherwise the Host header is required.
+    if host.is_none() {
+        host = host_header;
+    }
+    let host = host.ok_or(HeadError::Malformed("no Host header"))?;
+    let host = normalize_host(host).ok_or(HeadError::Malformed("invalid Host"))?;
+    Ok(Some(Head {
+        len,
+        host,
+        path: String::from_utf8_lossy(path).into_owned(),
+    }))
+}
+
+/// Offset just past the blank line that ends the head, if it is in `buf`. Lines end in CRLF;
+/// a bare LF is accepted as well, as RFC 9112 allows.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+        let line_end = start + i;
+        let line = &buf[start..line_end];
+        if (line.is_empty() || line == b"\r") && start > 0 {
+            return Some(line_end + 1);
+        }
+        start = line_end + 1;
+    }
+    None
+}
+
+/// The lines of a head, without their line endings.
+struct Lines<'a>(&'a [u8]);
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let i = self.0.iter().position(|&b| b == b'\n')?;
+        let line = &self.0[..i];
+        self.0 = &self.0[i + 1..];
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn check_partial_request_line(buf: &[u8]) -> Result<(), HeadError> {
+    let method_end = buf.iter().position(|&b| b == b' ').unwrap_or(buf.len());
+    if !buf[..method_end].iter().all(|&b| is_tchar(b)) {
+        return Err(HeadError::Malformed("invalid method"));
+    }
+    Ok(())
+}
+
+fn parse_request_line(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
+    let mut parts = line.split(|&b| b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().ok_or(HeadError::Malformed("no request target"))?;
+    let version = parts.next().ok_or(HeadError::Malformed("no HTTP version"))?;
+    if parts.next().is_some() {
+        return Err(HeadError::Malformed("extra spaces in request line"));
+    }
+    if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
+        return Err(HeadError::Malformed("invalid method"));
+    }
+    if target.is_empty() || !target.iter().all(|&b| b.is_ascii_graphic()) {
+        return Err(HeadError::Malformed("invalid request target"));
+    }
+    if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
+        return Err(HeadError::Malformed("not HTTP/1.0 or HTTP/1.1"));
+    }
+    Ok((target, version))
+}
+
+/// Splits a request target into the host it names (absolute form only) and its path.
+fn split_target(target: &[u8]) -> Result<(Option<&[u8]>, &[u8]), HeadError> {
+    if target.starts_with(b"/") || target == b"*" {
+        return Ok((None, target));
+    }
+    let lower = target.to_ascii_lowercase();
+    let rest = if lower.starts_with(b"http://") {
+        &target[7..]
+    } else if lower.starts_with(b"https://") {
+        &target[8..]
+    } else {
+        // Authority form (CONNECT host:port): route by the Host header, path "/".
+        return Ok((None, b"/"));
+    };
+    let end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?')
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    // Drop any userinfo.
+    let authority = match authority.iter().rposition(|&b| b == b'@') {
+        Some(i) => &authority[i + 1..],
+        None => authority,
+    };
+    let path: &[u8] = if end < rest.len() && rest[end] == b'/' {
+        &rest[end..]
+    } else {
+        b"/"
+    };
+    Ok((Some(authority), path))
+}
+
+fn parse_header(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
+    if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
+        return Err(HeadError::Malformed("obsolete line folding"));
+    }
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(HeadError::Malformed("header line without a colon"))?;
+    let name = &line[..colon];
+    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        return Err(HeadError::Malformed("invalid header name"));
+    }
+    let value = trim(&line[colon + 1..]);
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(HeadError::Malformed("control character in header value"));
+    }
+    Ok((name, value))
+}
+
+fn trim(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+/// `Host` value → routing key: lower case, port and trailing dot removed. `None` if it is not
+/// a plausible host name or address literal.
+pub fn normalize_host(raw: &[u8]) -> Option<String> {
+    let host = if raw.starts_with(b"[") {
+        // IPv6 literal, optionally with a port.
+        let close = raw.iter().position(|&b| b == b']')?;
+        let after = &raw[close + 1..];
+        if !(after.is_empty() || valid_port(after.strip_prefix(b":")?)) {
+            return None;
+        }
+        let inner = std::str::from_utf8(&raw[1..close]).ok()?;
+        inner.parse::<std::net::Ipv6Addr>().ok()?;
+        return Some(format!("[{}]", inner.to_ascii_lowercase()));
+    } else {
+        match raw.iter().position(|&b| b == b':') {
+            Some(i) if valid_port(&raw[i + 1..]) => &raw[..i],
+            Some(_) => return None,
+            None => raw,
+        }
+    };
+    let host = host.strip_suffix(b".").unwrap_or(host);
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !host.starts_with(b".")
+        && !host.windows(2).any(|w| w == b"..");
+    ok.then(|| String::from_utf8_lossy(host).to_ascii_lowercase())
+}
+
+fn valid_port(p: &[u8]) -> bool {
+    (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit)
+}
+
+/// Headers that carry the visitor's address; incoming copies are merged or replaced so the
+/// origin sees one of each, with the relay's entry last.
+const XFF: &[u8] = b"x-forwarded-for";
+const XFP: &[u8] = b"x-forwarded-proto";
+const FORWARDED: &[u8] = b"forwarded";
+
+/// Rewrites a complete request head (`head`, as measured by [`Head::len`]) so it names the
+/// visitor: `X-Forwarded-For` and `Forwarded` get the visitor appended to any values the
+/// request already had, and `X-Forwarded-Proto` is set to `proto` (a visitor-supplied one is
+/// dropped, since the relay knows how the visitor connected). Everything else is kept
+/// byte for byte.
+pub fn add_forwarded(head: &[u8], visitor: SocketAddr, proto: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 128);
+    let mut xff: Vec<&[u8]> = Vec::new();
+    let mut fwd: Vec<&[u8]> = Vec::new();
+    let mut rest = head;
+    let mut first = true;
+    while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+        let raw = &rest[..=i];
+        rest = &rest[i + 1..];
+        let line = raw
+            .strip_suffix(b"\n")
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .unwrap_or(raw);
+        if first {
+            first = false;
+            out.extend_from_slice(raw);
+            continue;
+        }
+        if line.is_empty() {
+            break;
+        }
+        if let Ok((name, value)) = parse_header(line) {
+            let name = name.to_ascii_lowercase();
+            if name == XFF {
+                xff.push(value);
+                continue;
+            }
+            if name == FORWARDED {
+                fwd.push(value);
+                continue;
+            }
+            if name == XFP {
+                continue;
+            }
+        }
+        out.extend_from_slice(raw);
+    }
+    let ip = visitor.ip();
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    let mut extra = String::with_capacity(128);
+    extra.push_str("X-Forwarded-For: ");
+    for v in &xff {
+        extra.push_str(&String::from_utf8_lossy(v));
+        extra.push_str(", ");
+    }
+    let _ = write!(extra, "{ip}\r\nX-Forwarded-Proto: {proto}\r\nForwarded: ");
+    for v in &fwd {
+        extra.push_str(&String::from_utf8_lossy(v));
+        extra.push_str(", ");
+    }
+    match ip {
+        IpAddr::V4(v4) => {
+            let _ = write!(extra, "for={v4};proto={proto}");
+        }
+        IpAddr::V6(v6) => {
+            let _ = write!(extra, "for=\"[{v6}]\";proto={proto}");
+        }
+    }
+    extra.push_str("\r\n\r\n");
+    out.extend_from_slice(extra.as_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(s: &str) -> Result<Option<Head>, HeadError> {
+        parse_head(s.as_bytes(), DEFAULT_MAX_HEAD)
+    }
+
+    #[test]
+    fn routes_by_host_and_path() {
+        let h = parse("GET /api/v1?q=1 HTTP/1.1\r\nHost: Blog.Example.COM:8080\r\nAccept: */*\r\n\r\nBODY")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.host, "blog.example.com");
+        assert_eq!(h.path, "/api/v1?q=1");
+        assert_eq!(h.len, "GET /api/v1?q=1 HTTP/1.1\r\nHost: Blog.Example.COM:8080\r\nAccept: */*\r\n\r\n".len());
+    }
+
+    #[test]
+    fn absolute_form_and_bare_lf_and_ipv6() {
+        let h = parse("GET http://a.example/x HTTP/1.1\nHost: b.example\n\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.host.as_str(), h.path.as_str()), ("a.example", "/x"));
+        let h = parse("GET / HTTP/1.0\r\nhost: [::1]:80\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.host, "[::1]");
+        let h = parse("GET / HTTP/1.1\r\nHost: app.example.\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.host, "app.example");
+    }
+
+    #[test]
+    fn partial_heads_ask_for_more() {
+        assert_eq!(parse(""), Ok(None));
+        assert_eq!(parse("GE"), Ok(None));
+        assert_eq!(parse("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(None));
+        assert_eq!(parse("GET / HTTP/1.1\r\nHost: a\r\n\r"), Ok(None));
+    }
+
+    #[test]
+    fn bad_heads_are_malformed() {
+        for bad in [
+            "\x16\x03\x01\x02\x00",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:99999x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(HeadError::Malformed(_))),
+                "{bad:?} → {:?}",
+                parse(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn oversized_heads_are_refused() {
+        let mut s = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        while s.len() < 100 {
+            s.push_str("X-Pad: aaaaaaaaaa\r\n");
+        }
+        assert_eq!(parse_head(s.as_bytes(), 64), Err(HeadError::TooLarge(64)));
+        s.push_str("\r\n");
+        assert_eq!(parse_head(s.as_bytes(), 64), Err(HeadError::TooLarge(64)));
+    }
+
+    #[test]
+    fn forwarded_headers_are_added_and_merged() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nForwarded: for=1.2.3.4\r\nAccept: */*\r\n\r\n";
+        let out = add_forwarded(head, "10.0.0.9:5555".parse().unwrap(), "http");
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Forwarded-Proto: http\r\nForwarded: for=1.2.3.4, for=10.0.0.9;proto=http\r\n\r\n"
+        );
+        let out = add_forwarded(
+            b"GET / HTTP/1.1\nHost: a\n\n",
+            "[2001:db8::1]:1".parse().unwrap(),
+            "http",
+        );
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("X-Forwarded-For: 2001:db8::1\r\n"));
+        assert!(out.contains("Forwarded: for=\"[2001:db8::1]\";proto=http\r\n"));
+        let reparsed = parse(&out).unwrap().unwrap();
+        assert_eq!(reparsed.len, out.len());
+    }
+
+    fn host_strategy() -> impl Strategy<Value = String> {
+        "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}"
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048), max in 1usize..4096) {
+            if let Ok(Some(h)) = parse_head(&bytes, max) {
+                prop_assert!(h.len <= bytes.len() && h.len <= max);
+            }
+        }
+
+        #[test]
+        fn any_split_point_gives_the_same_answer(host in host_strategy(), path in "/[a-z0-9/]{0,20}", pad in 0usize..40, cut in 0usize..400) {
+            let head = format!("POST {path} HTTP/1.1\r\nHost: {host}\r\nX-Pad: {}\r\nContent-Length: 0\r\n\r\n", "p".repeat(pad));
+            let full = parse(&head).unwrap().unwrap();
+            prop_assert_eq!(&full.host, &host);
+            prop_assert_eq!(&full.path, &path);
+            prop_assert_eq!(full.len, head.len());
+            let cut = cut.min(head.len() - 1);
+            prop_assert_eq!(parse(&head[..cut]), Ok(None));
+        }
+
+        #[test]
+        fn forwarded_rewrite_reparses(host in host_strategy(), a in any::<[u8; 4]>(), port in 1u16..) {
+            let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let v = SocketAddr::from((a, port));
+            let out = add_forwarded(head.as_bytes(), v, "http");
+            let h = parse_head(&out, DEFAULT_MAX_HEAD).unwrap().unwrap();
+            prop_assert_eq!(h.host, host);
+            prop_assert_eq!(h.len, out.len());
+        }
+    }
+}
