@@ -39,6 +39,7 @@ fn codec(c: &mut Criterion) {
                 remote_port: 20000 + i,
                 pool: 4,
                 mac: [1; 32],
+                ..Default::default()
             })
             .collect(),
     }

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    self, AgentConfig, AgentFile, BackendKind, ConfigError, Heartbeat, PortRange, RelayConfig,
-    RelayFile, Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT, DEFAULT_POOL,
+    self, AgentConfig, AgentFile, BackendKind, ConfigError, FrontConfig, Heartbeat, PortRange,
+    RelayConfig, RelayFile, Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT, DEFAULT_POOL,
 };
+use crate::protocol::proxy::ProxyVersion;
+use crate::protocol::ServiceKind;
 use crate::tls::Fingerprint;
 
 /// ringtunnel: expose services behind NAT through a public relay.
@@ -68,6 +70,15 @@ pub struct RelayArgs {
     /// Data-plane worker threads (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Shared HTTP port: `http` services are routed here by Host header.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Shared TLS port: `tls` services are routed here by SNI, without decrypting.
+    #[arg(long)]
+    pub tls: Option<SocketAddr>,
+    /// Domain for bare host names: `--http-host blog` becomes `blog.DOMAIN`.
+    #[arg(long)]
+    pub domain: Option<String>,
     /// TOML config file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -117,6 +128,15 @@ impl RelayArgs {
                 file.heartbeat_interval_secs,
                 file.heartbeat_timeout_secs,
             )?,
+            front: FrontConfig::from_parts(
+                self.http.or(file.http),
+                self.tls.or(file.tls),
+                self.domain.or(file.domain),
+                file.max_head_bytes,
+                file.head_timeout_secs,
+                file.agent_wait_secs,
+            )?,
+            limits: file.limits,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -142,8 +162,25 @@ pub struct AgentArgs {
     #[arg(long)]
     pub local: Option<String>,
     /// Public port to ask for (default: the relay picks one from its range).
-    #[arg(long, requires = "local")]
+    #[arg(long, requires = "local", conflicts_with_all = ["http_host", "tls_host"])]
     pub remote_port: Option<u16>,
+    /// Publish as an `http` service on the relay's shared HTTP port under this host name
+    /// (repeatable; a name without a dot is a subdomain of the relay's --domain).
+    #[arg(long, requires = "local", conflicts_with = "tls_host")]
+    pub http_host: Vec<String>,
+    /// Publish as a `tls` service on the relay's shared TLS port for this SNI name
+    /// (repeatable); the local service terminates TLS itself.
+    #[arg(long, requires = "local")]
+    pub tls_host: Vec<String>,
+    /// With --http-host: only requests under this path prefix (longest prefix wins).
+    #[arg(long, requires = "http_host")]
+    pub path: Option<String>,
+    /// PROXY protocol header sent to the local service before each visitor's bytes.
+    #[arg(long, value_enum, requires = "local")]
+    pub proxy_protocol: Option<ProxyArg>,
+    /// With --http-host: do not add X-Forwarded-For / X-Forwarded-Proto / Forwarded.
+    #[arg(long, requires = "http_host")]
+    pub no_forwarded_headers: bool,
     /// Service name (default: HOSTNAME-LOCALPORT).
     #[arg(long, requires = "local")]
     pub name: Option<String>,
@@ -183,13 +220,24 @@ impl AgentArgs {
                 Some(n) => n,
                 None => default_name(&local),
             };
-            services.push(ServiceConfig {
-                name,
-                local,
-                remote_port: self.remote_port,
-                secret: None,
-                pool: self.pool.unwrap_or(DEFAULT_POOL),
-            });
+            let mut svc = ServiceConfig::tcp(name, local);
+            svc.remote_port = self.remote_port;
+            svc.pool = self.pool.unwrap_or(DEFAULT_POOL);
+            if !self.http_host.is_empty() {
+                svc.kind = ServiceKind::Http;
+                svc.hosts = self.http_host;
+            } else if !self.tls_host.is_empty() {
+                svc.kind = ServiceKind::Tls;
+                svc.hosts = self.tls_host;
+            }
+            svc.path = self.path;
+            svc.forwarded_headers = !self.no_forwarded_headers;
+            svc.proxy_protocol = match self.proxy_protocol {
+                None | Some(ProxyArg::Off) => ProxyVersion::Off,
+                Some(ProxyArg::V1) => ProxyVersion::V1,
+                Some(ProxyArg::V2) => ProxyVersion::V2,
+            };
+            services.push(svc);
         }
         let cfg = AgentConfig {
             relay_host,
@@ -207,6 +255,17 @@ impl AgentArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// `--proxy-protocol` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyArg {
+    /// No header.
+    Off,
+    /// PROXY protocol version 1 (text).
+    V1,
+    /// PROXY protocol version 2 (binary).
+    V2,
 }
 
 /// `HOSTNAME-PORT` from the machine's host name and the local port, reduced to the characters

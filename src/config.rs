@@ -12,7 +12,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::protocol::msg::{MAX_NAME_LEN, MAX_SERVICES_PER_AGENT};
+use crate::protocol::http::DEFAULT_MAX_HEAD;
+use crate::protocol::msg::{
+    ServiceKind, MAX_HOSTS_PER_SERVICE, MAX_HOST_LEN, MAX_NAME_LEN, MAX_SERVICES_PER_AGENT,
+};
+use crate::protocol::proxy::ProxyVersion;
+use crate::protocol::MAX_FRAME_LEN;
 use crate::tls::Fingerprint;
 
 /// Default control port of the relay.
@@ -230,19 +235,186 @@ pub struct RelayFile {
     pub heartbeat_interval_secs: Option<u64>,
     /// Seconds of silence before an agent is dropped.
     pub heartbeat_timeout_secs: Option<u64>,
-    /// Per-service secrets.
+    /// Shared HTTP port for `http` services.
+    pub http: Option<SocketAddr>,
+    /// Shared TLS (SNI passthrough) port for `tls` services.
+    pub tls: Option<SocketAddr>,
+    /// Domain that bare `http`/`tls` host names are subdomains of.
+    pub domain: Option<String>,
+    /// Shared ports: largest request head read, in bytes (larger: 431).
+    pub max_head_bytes: Option<usize>,
+    /// Shared ports: seconds a visitor has to send its request head or ClientHello.
+    pub head_timeout_secs: Option<f64>,
+    /// Shared HTTP port: seconds a visitor waits for an offline agent before 502.
+    pub agent_wait_secs: Option<f64>,
+    /// Limits for every service (each `[[service]]` may override them).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Per-service secrets and limits.
     #[serde(default, rename = "service")]
     pub services: Vec<RelayServiceFile>,
 }
 
-/// A `[[service]]` table in `relay.toml`: a service name with its own secret.
+/// A `[[service]]` table in `relay.toml`: a service name with its own secret and/or limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayServiceFile {
     /// Service name.
     pub name: String,
-    /// The only secret that may register this name.
-    pub secret: Secret,
+    /// The only secret that may register this name (`None`: the relay's secret).
+    pub secret: Option<Secret>,
+    /// Limits for this service, over the relay-wide `[limits]`.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Per-service limits (`[limits]`, or `[service.limits]` for one service). `None`: no limit.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Most visitors connected to the service at once; more are refused (HTTP: 503).
+    pub max_visitors: Option<usize>,
+    /// Most new connections per second from one visitor IP address.
+    pub conn_rate_per_ip: Option<u32>,
+    /// Seconds without a byte either way after which a visitor connection is closed.
+    pub idle_timeout_secs: Option<f64>,
+    /// Most agent sessions at once authenticated with this service's secret (for the relay's
+    /// default secret: the relay-wide value counts every agent using it).
+    pub max_agents: Option<usize>,
+}
+
+impl Limits {
+    /// These limits with every unset field taken from `base`.
+    pub fn over(&self, base: &Limits) -> Limits {
+        Limits {
+            max_visitors: self.max_visitors.or(base.max_visitors),
+            conn_rate_per_ip: self.conn_rate_per_ip.or(base.conn_rate_per_ip),
+            idle_timeout_secs: self.idle_timeout_secs.or(base.idle_timeout_secs),
+            max_agents: self.max_agents.or(base.max_agents),
+        }
+    }
+
+    /// The idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle_timeout_secs.map(Duration::from_secs_f64)
+    }
+
+    fn validate(&self, whose: &str) -> Result<(), ConfigError> {
+        let bad = |what: &str| ConfigError::Invalid(format!("{whose}: {what} must be at least 1"));
+        if self.max_visitors == Some(0) {
+            return Err(bad("max_visitors"));
+        }
+        if self.conn_rate_per_ip == Some(0) {
+            return Err(bad("conn_rate_per_ip"));
+        }
+        if self.max_agents == Some(0) {
+            return Err(bad("max_agents"));
+        }
+        if let Some(t) = self.idle_timeout_secs {
+            positive_secs(t, &format!("{whose}: idle_timeout_secs"))?;
+        }
+        Ok(())
+    }
+}
+
+fn positive_secs(v: f64, what: &str) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 && v < 1e9 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{what} must be a positive number of seconds"
+        )))
+    }
+}
+
+/// How the relay reads visitors on its shared HTTP and TLS ports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontConfig {
+    /// Shared HTTP port (`None`: no `http` services).
+    pub http: Option<SocketAddr>,
+    /// Shared TLS port (`None`: no `tls` services).
+    pub tls: Option<SocketAddr>,
+    /// Domain bare host names are subdomains of.
+    pub domain: Option<String>,
+    /// Largest request head or ClientHello read, in bytes.
+    pub max_head: usize,
+    /// Time a visitor has to send its head or ClientHello.
+    pub head_timeout: Duration,
+    /// Time a visitor waits for an offline agent to come back.
+    pub agent_wait: Duration,
+}
+
+impl Default for FrontConfig {
+    fn default() -> Self {
+        FrontConfig {
+            http: None,
+            tls: None,
+            domain: None,
+            max_head: DEFAULT_MAX_HEAD,
+            head_timeout: Duration::from_secs(10),
+            agent_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl FrontConfig {
+    /// Merges file values over defaults, checking each.
+    pub fn from_parts(
+        http: Option<SocketAddr>,
+        tls: Option<SocketAddr>,
+        domain: Option<String>,
+        max_head: Option<usize>,
+        head_timeout_secs: Option<f64>,
+        agent_wait_secs: Option<f64>,
+    ) -> Result<Self, ConfigError> {
+        let d = FrontConfig::default();
+        let domain = match domain {
+            Some(dm) => {
+                let norm = crate::protocol::http::normalize_host(dm.as_bytes())
+                    .filter(|n| !n.starts_with('['))
+                    .ok_or_else(|| ConfigError::Invalid(format!("invalid --domain {dm:?}")))?;
+                Some(norm)
+            }
+            None => None,
+        };
+        let max_head = max_head.unwrap_or(d.max_head);
+        if !(256..=1 << 20).contains(&max_head) {
+            return Err(ConfigError::Invalid(
+                "max_head_bytes must be between 256 and 1048576".into(),
+            ));
+        }
+        Ok(FrontConfig {
+            http,
+            tls,
+            domain,
+            max_head,
+            head_timeout: match head_timeout_secs {
+                Some(t) => positive_secs(t, "head_timeout_secs")?,
+                None => d.head_timeout,
+            },
+            agent_wait: match agent_wait_secs {
+                Some(t) => positive_secs(t, "agent_wait_secs")?,
+                None => d.agent_wait,
+            },
+        })
+    }
+
+    /// The full host name for a claimed `host`: names without a dot are subdomains of
+    /// `--domain`. Errors if the name is invalid, or bare with no domain configured.
+    pub fn qualify(&self, host: &str) -> Result<String, String> {
+        let norm = crate::protocol::http::normalize_host(host.as_bytes())
+            .filter(|h| !h.starts_with('[') && h.len() == host.trim_end_matches('.').len())
+            .ok_or_else(|| format!("invalid host name {host:?}"))?;
+        if norm.contains('.') {
+            return Ok(norm);
+        }
+        match &self.domain {
+            Some(d) => Ok(format!("{norm}.{d}")),
+            None => Err(format!(
+                "host {host:?} has no dot and the relay has no --domain to put it under"
+            )),
+        }
+    }
 }
 
 /// Everything the relay runs on, after merging flags, file and defaults.
@@ -270,21 +442,54 @@ pub struct RelayConfig {
     pub workers: Option<usize>,
     /// Heartbeat timing.
     pub heartbeat: Heartbeat,
+    /// Shared HTTP/TLS ports.
+    pub front: FrontConfig,
+    /// Relay-wide limits.
+    pub limits: Limits,
+}
+
+/// Which secret authenticated a service: the relay's default one, or a service's own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SecretId {
+    /// The relay-wide secret.
+    Default,
+    /// The secret of the named `[[service]]`.
+    Service(String),
 }
 
 impl RelayConfig {
-    /// The secret that authenticates service `name`, if any.
-    pub fn secret_for(&self, name: &str) -> Option<&Secret> {
-        self.service_secrets
+    /// The secret that authenticates service `name`, if any, and which one it is.
+    pub fn secret_for(&self, name: &str) -> Option<(&Secret, SecretId)> {
+        let own = self
+            .service_secrets
             .iter()
             .find(|s| s.name == name)
-            .map(|s| &s.secret)
-            .or(self.secret.as_ref())
+            .and_then(|s| s.secret.as_ref());
+        match own {
+            Some(s) => Some((s, SecretId::Service(name.to_string()))),
+            None => self.secret.as_ref().map(|s| (s, SecretId::Default)),
+        }
+    }
+
+    /// Limits for service `name`: its own `[service.limits]` over the relay-wide ones.
+    pub fn limits_for(&self, name: &str) -> Limits {
+        match self.service_secrets.iter().find(|s| s.name == name) {
+            Some(s) => s.limits.over(&self.limits),
+            None => self.limits.clone(),
+        }
+    }
+
+    /// Most agents that may hold sessions with secret `id` at once.
+    pub fn max_agents(&self, id: &SecretId) -> Option<usize> {
+        match id {
+            SecretId::Default => self.limits.max_agents,
+            SecretId::Service(name) => self.limits_for(name).max_agents,
+        }
     }
 
     /// Checks the settings make sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.secret.is_none() && self.service_secrets.is_empty() {
+        if self.secret.is_none() && self.service_secrets.iter().all(|s| s.secret.is_none()) {
             return Err(ConfigError::Invalid(
                 "no secret configured: pass --secret (or RINGTUNNEL_SECRET), or give services their own secret in the config file".into(),
             ));
@@ -301,13 +506,15 @@ impl RelayConfig {
                     s.name
                 )));
             }
-            if s.secret.expose().is_empty() {
+            if s.secret.as_ref().is_some_and(|x| x.expose().is_empty()) {
                 return Err(ConfigError::Invalid(format!(
                     "service {:?} has an empty secret",
                     s.name
                 )));
             }
+            s.limits.validate(&format!("service {:?}", s.name))?;
         }
+        self.limits.validate("[limits]")?;
         if self.workers == Some(0) {
             return Err(ConfigError::Invalid("--workers must be at least 1".into()));
         }
@@ -348,13 +555,119 @@ pub struct ServiceConfig {
     pub name: String,
     /// Local address of the service, `HOST:PORT`.
     pub local: String,
-    /// Public port wanted (`None`: the relay picks one from its range).
+    /// How visitors reach it: `tcp` (its own port), `http` (shared port, by host name) or
+    /// `tls` (shared port, by SNI).
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// `tcp`: public port wanted (`None`: the relay picks one from its range).
     pub remote_port: Option<u16>,
+    /// `http`/`tls`: host names to claim; a name without a dot is a subdomain of the relay's
+    /// domain.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// `http`: path prefix to claim on those hosts (default `/`).
+    pub path: Option<String>,
+    /// `tcp`/`tls`: PROXY protocol header in front of each visitor (`off`, `v1`, `v2`).
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
+    /// `http`: add `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` (default true).
+    #[serde(default = "default_true")]
+    pub forwarded_headers: bool,
     /// Secret for this service (`None`: the agent's secret).
     pub secret: Option<Secret>,
     /// Idle data connections kept open for this service.
     #[serde(default = "default_pool")]
     pub pool: u8,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ServiceConfig {
+    /// A `tcp` service with defaults: what `--local` alone publishes.
+    pub fn tcp(name: impl Into<String>, local: impl Into<String>) -> Self {
+        ServiceConfig {
+            name: name.into(),
+            local: local.into(),
+            kind: ServiceKind::Tcp,
+            remote_port: None,
+            hosts: Vec::new(),
+            path: None,
+            proxy_protocol: ProxyVersion::Off,
+            forwarded_headers: true,
+            secret: None,
+            pool: DEFAULT_POOL,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| {
+            Err(ConfigError::Invalid(format!(
+                "service {:?}: {m}",
+                self.name
+            )))
+        };
+        match self.kind {
+            ServiceKind::Tcp => {
+                if !self.hosts.is_empty() || self.path.is_some() {
+                    return bad("hosts and path are for http and tls services".into());
+                }
+            }
+            ServiceKind::Http | ServiceKind::Tls => {
+                if self.remote_port.is_some() {
+                    return bad(format!(
+                        "remote_port is for tcp services, not {}",
+                        self.kind
+                    ));
+                }
+                if self.hosts.is_empty() {
+                    return bad(format!(
+                        "a {} service needs at least one host name",
+                        self.kind
+                    ));
+                }
+                if self.hosts.len() > MAX_HOSTS_PER_SERVICE {
+                    return bad(format!("at most {MAX_HOSTS_PER_SERVICE} host names"));
+                }
+                for h in &self.hosts {
+                    let ok = h.len() <= MAX_HOST_LEN
+                        && crate::protocol::http::normalize_host(h.as_bytes())
+                            .is_some_and(|n| !n.starts_with('[') && !h.contains(':'));
+                    if !ok {
+                        return bad(format!("invalid host name {h:?}"));
+                    }
+                }
+            }
+        }
+        if let Some(p) = &self.path {
+            if self.kind != ServiceKind::Http {
+                return bad("path is for http services".into());
+            }
+            if !p.starts_with('/')
+                || p.len() > MAX_HOST_LEN
+                || p.bytes()
+                    .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+            {
+                return bad(format!(
+                    "path prefix {p:?} must start with '/' and hold no spaces, '?' or '#'"
+                ));
+            }
+        }
+        if self.proxy_protocol != ProxyVersion::Off && self.kind == ServiceKind::Http {
+            return bad(
+                "proxy_protocol is for tcp and tls services; http services get X-Forwarded-For"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Bytes this service takes in the Register frame (an upper bound).
+    fn wire_len(&self) -> usize {
+        let strings: usize = self.hosts.iter().map(|h| h.len() + 2).sum();
+        self.name.len() + 2 + strings + self.path.as_deref().map_or(0, str::len) + 2 + 40
+    }
 }
 
 fn default_pool() -> u8 {
@@ -439,6 +752,14 @@ impl AgentConfig {
             split_host_port(&s.local).map_err(|e| {
                 ConfigError::Invalid(format!("service {:?}: local address: {e}", s.name))
             })?;
+            s.validate()?;
+        }
+        let total: usize = self.services.iter().map(ServiceConfig::wire_len).sum();
+        if total + 16 > MAX_FRAME_LEN {
+            return Err(ConfigError::Invalid(
+                "too many services and host names for one registration; split them over two agents"
+                    .into(),
+            ));
         }
         Ok(())
     }

@@ -65,6 +65,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         backend: Default::default(),
         workers: None,
         heartbeat: Heartbeat::default(),
+        front: Default::default(),
+        limits: Default::default(),
     })
     .await
     .context("starting the demo relay")?;
@@ -79,13 +81,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         secret: Some(Secret::new(secret)),
         relay_fingerprint: Some(relay.fingerprint),
         ca: None,
-        services: vec![ServiceConfig {
-            name: "demo".into(),
-            local: origin_addr.to_string(),
-            remote_port: None,
-            secret: None,
-            pool: crate::config::DEFAULT_POOL,
-        }],
+        services: vec![ServiceConfig::tcp("demo", origin_addr.to_string())],
         backend: Default::default(),
         heartbeat: Heartbeat::default(),
     };

@@ -8,7 +8,9 @@
 //! - [`protocol`] — the wire format, sans-IO: frames, messages, HMAC auth, heartbeat timer.
 //! - [`control`] — the relay: control port, agent sessions, service registry, tickets.
 //! - [`agent`] — the agent: control session, data connections, reconnect backoff.
-//! - [`dataplane`] — visitor listeners, the per-service connection pool, forwarding.
+//! - [`front`] — the shared HTTP and TLS ports: routing visitors by Host and SNI.
+//! - [`dataplane`] — visitor listeners, admission limits, the per-service connection pool,
+//!   forwarding.
 //! - [`tls`] — rustls configs, the relay's (self-signed) certificate, fingerprint pinning.
 //! - [`transport`] — type-erased plain/TLS streams and framed message I/O.
 //! - [`config`] — TOML files, merged settings, validation, the masked [`config::Secret`].
@@ -23,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod front;
 pub mod protocol;
 pub mod tls;
 pub mod transport;

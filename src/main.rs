@@ -60,8 +60,15 @@ fn run(command: Command) -> anyhow::Result<()> {
                     relay.control_addr.port(),
                     relay.fingerprint
                 );
+                let mut shared_ports = String::new();
+                if let Some(a) = relay.http_addr {
+                    shared_ports.push_str(&format!(" http={a}"));
+                }
+                if let Some(a) = relay.tls_addr {
+                    shared_ports.push_str(&format!(" tls={a}"));
+                }
                 say(&format!(
-                    "ready control={} fingerprint={} backend={} data_tls={data_tls}",
+                    "ready control={} fingerprint={} backend={} data_tls={data_tls}{shared_ports}",
                     relay.control_addr, relay.fingerprint, relay.backend
                 ));
                 let metrics = relay.metrics.clone();

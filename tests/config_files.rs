@@ -47,10 +47,10 @@ fn example_configs_are_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let relay = relay_with(&std::fs::read_to_string(root.join("relay.toml")).unwrap()).unwrap();
     assert_eq!(
-        relay.secret_for("billing").unwrap().expose(),
+        relay.secret_for("billing").unwrap().0.expose(),
         b"billing-only-secret"
     );
-    assert_eq!(relay.secret_for("web").unwrap().expose(), b"change-me");
+    assert_eq!(relay.secret_for("web").unwrap().0.expose(), b"change-me");
     let agent = agent_with(
         &std::fs::read_to_string(root.join("agent.toml")).unwrap(),
         &[],

@@ -37,6 +37,20 @@ pub struct Metrics {
     pub visitors_accepted: Counter,
     /// Visitors closed without a tunnel (agent offline, queue full).
     pub visitors_unserved: Counter,
+    /// Visitors refused because their service had its maximum connected.
+    pub visitors_over_limit: Counter,
+    /// Visitors refused for opening connections too fast from one address.
+    pub visitors_rate_limited: Counter,
+    /// Visitors closed by their service's idle timeout.
+    pub visitors_idle_closed: Counter,
+    /// Shared HTTP port: requests answered 400, 408 or 431 (malformed, too slow, too large).
+    pub http_bad_requests: Counter,
+    /// Shared HTTP port: requests for a host (and path) no service claims (404).
+    pub http_unknown_host: Counter,
+    /// Shared HTTP port: requests whose service stayed offline (502).
+    pub http_agent_offline: Counter,
+    /// Shared TLS port: connections without SNI, with an unknown one, or not TLS at all.
+    pub tls_unroutable: Counter,
 }
 
 impl Metrics {
@@ -50,6 +64,13 @@ impl Metrics {
             ("data_rejected", self.data_rejected.get()),
             ("visitors_accepted", self.visitors_accepted.get()),
             ("visitors_unserved", self.visitors_unserved.get()),
+            ("visitors_over_limit", self.visitors_over_limit.get()),
+            ("visitors_rate_limited", self.visitors_rate_limited.get()),
+            ("visitors_idle_closed", self.visitors_idle_closed.get()),
+            ("http_bad_requests", self.http_bad_requests.get()),
+            ("http_unknown_host", self.http_unknown_host.get()),
+            ("http_agent_offline", self.http_agent_offline.get()),
+            ("tls_unroutable", self.tls_unroutable.get()),
         ]
     }
 }

@@ -11,7 +11,7 @@ use crate::dataplane::uring::Command;
 use crate::protocol::auth::register_mac;
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::{
-    AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, ServiceRequest, PROTOCOL_VERSION,
+    AgentMsg, ErrorCode, RelayMsg, ServiceKind, ServiceOutcome, ServiceRequest, PROTOCOL_VERSION,
 };
 use crate::transport::{FrameIoError, Framed};
 
@@ -102,12 +102,21 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         .iter()
         .map(|s| {
             let secret = cfg.secret_for(s).map(|x| x.expose()).unwrap_or_default();
-            ServiceRequest {
-                name: s.name.clone(),
-                remote_port: s
+            let remote_port = match s.kind {
+                ServiceKind::Tcp => s
                     .remote_port
                     .or_else(|| ctx.assigned_port(&s.name))
                     .unwrap_or(0),
+                _ => 0,
+            };
+            ServiceRequest {
+                name: s.name.clone(),
+                kind: s.kind,
+                remote_port,
+                hosts: s.hosts.clone(),
+                path: s.path.clone().unwrap_or_default(),
+                proxy: s.proxy_protocol,
+                forwarded_headers: s.forwarded_headers,
                 pool: s.pool,
                 mac: register_mac(secret, &nonce, &s.name),
             }
@@ -135,14 +144,17 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
     let mut refusals = Vec::new();
     for r in &results {
         match &r.outcome {
-            ServiceOutcome::Online { port } => {
+            ServiceOutcome::Online { port, hosts } => {
                 online += 1;
-                ctx.remember_port(&r.name, Some(*port));
-                let public = if cfg.relay_host.contains(':') {
-                    format!("[{}]:{port}", cfg.relay_host)
-                } else {
-                    format!("{}:{port}", cfg.relay_host)
-                };
+                let kind = cfg
+                    .services
+                    .iter()
+                    .find(|s| s.name == r.name)
+                    .map_or(ServiceKind::Tcp, |s| s.kind);
+                if kind == ServiceKind::Tcp {
+                    ctx.remember_port(&r.name, Some(*port));
+                }
+                let public = public_address(kind, &cfg.relay_host, *port, hosts);
                 crate::say(&format!("online service={} public={public}", r.name));
                 ctx.announce(&r.name, *port);
             }
@@ -250,5 +262,27 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
             }
             _ = tokio::time::sleep_until(wait_until.into()) => {}
         }
+    }
+}
+
+/// Where visitors reach a service, for the `online` line: `HOST:PORT` for `tcp`,
+/// `http://NAME[:PORT]/PATH` for `http`, `NAME:PORT` for `tls` (several joined by commas).
+fn public_address(kind: ServiceKind, relay_host: &str, port: u16, hosts: &[String]) -> String {
+    match kind {
+        ServiceKind::Tcp if relay_host.contains(':') => format!("[{relay_host}]:{port}"),
+        ServiceKind::Tcp => format!("{relay_host}:{port}"),
+        ServiceKind::Http => hosts
+            .iter()
+            .map(|h| match port {
+                80 => format!("http://{h}"),
+                _ => format!("http://{h}:{port}"),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
+        ServiceKind::Tls => hosts
+            .iter()
+            .map(|h| format!("{h}:{port}"))
+            .collect::<Vec<_>>()
+            .join(","),
     }
 }

@@ -12,7 +12,10 @@ use tokio::sync::oneshot;
 
 use super::tickets::Redeemed;
 use super::{session, Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use std::os::fd::AsRawFd;
+
 use crate::dataplane::forward::forward;
+use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::Visitor;
 use crate::dataplane::{uring, DataPlane};
 use crate::protocol::msg::Message;
@@ -209,14 +212,21 @@ async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::datapla
         _ = tunnel.read(&mut probe) => return,
     };
     let addr = visitor.addr;
+    let idle = visitor.idle_timeout();
+    let admission = visitor.admission;
     let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
         return;
     };
-    let start = RelayMsg::Start { visitor: addr }.to_frame();
-    match forward(&mut stream, &mut tunnel, &start).await {
-        Ok(m) => {
-            tracing::debug!(service, visitor = %addr, up = m.a_to_b, down = m.b_to_a, "visitor done")
-        }
-        Err(e) => tracing::debug!(service, visitor = %addr, "visitor ended: {e}"),
+    let fd = stream.as_raw_fd();
+    let mut start = RelayMsg::Start { visitor: addr }.to_frame();
+    start.extend_from_slice(&visitor.prefix);
+    tokio::select! {
+        moved = forward(&mut stream, &mut tunnel, &start) => match moved {
+            Ok(m) => {
+                tracing::debug!(service, visitor = %addr, up = m.a_to_b, down = m.b_to_a, "visitor done")
+            }
+            Err(e) => tracing::debug!(service, visitor = %addr, "visitor ended: {e}"),
+        },
+        _ = idle::tokio_idle(fd, idle) => idle_closed(service, addr, &admission),
     }
 }

@@ -3,6 +3,7 @@
 //! - [`accept`]: the control port; classifies each agent connection (control or data).
 //! - [`session`]: one authenticated agent control session.
 //! - [`registry`]: services, their owners and their public ports.
+//! - [`routes`]: host names (and path prefixes) of the shared ports → services.
 //! - [`tickets`]: single-use data-connection tickets.
 //!
 //! Everything runs on one tokio runtime for now; the control plane is small and the
@@ -10,6 +11,7 @@
 
 pub mod accept;
 pub mod registry;
+pub mod routes;
 pub mod session;
 pub mod tickets;
 
@@ -24,7 +26,7 @@ use crate::admin::Metrics;
 use crate::config::{ConfigError, RelayConfig};
 use crate::dataplane::{choose_backend, Backend, DataPlane};
 use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
-use registry::{Registry, Service, SessionId};
+use registry::{Registry, Service, SessionId, SharedPorts};
 use tickets::TicketStore;
 
 /// Deadline for an agent connection's TLS handshake and first frames.
@@ -97,6 +99,10 @@ pub struct RelayHandle {
     pub generated_cert: bool,
     /// The data-plane backend in use.
     pub backend: Backend,
+    /// The bound shared HTTP port, if any.
+    pub http_addr: Option<SocketAddr>,
+    /// The bound shared TLS port, if any.
+    pub tls_addr: Option<SocketAddr>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     task: JoinHandle<()>,
@@ -134,6 +140,19 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         addr: cfg.control,
         source,
     })?;
+    let bind_shared = |addr: Option<SocketAddr>| -> Result<_, RelayError> {
+        let Some(addr) = addr else {
+            return Ok((None, None));
+        };
+        let l = crate::dataplane::listener::bind(addr, false)
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        Ok((Some(l), Some(bound)))
+    };
+    let (http_listener, http_addr) = bind_shared(cfg.front.http)?;
+    let (tls_listener, tls_addr) = bind_shared(cfg.front.tls)?;
     let dataplane = DataPlane::start(backend, cfg.workers)
         .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
     tracing::info!(%backend, "data plane backend: {why}");
@@ -142,8 +161,11 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     }
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(
-        cfg.bind_addr,
-        cfg.port_range,
+        cfg.clone(),
+        SharedPorts {
+            http: http_addr.map(|a| a.port()),
+            tls: tls_addr.map(|a| a.port()),
+        },
         metrics.clone(),
         dataplane.clone(),
     ));
@@ -168,14 +190,38 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
                 }
             }
         });
+        let mut fronts = Vec::new();
+        if let Some(l) = http_listener {
+            let s = shared.clone();
+            fronts.push(tokio::spawn(crate::front::accept_loop(
+                s,
+                l,
+                "http",
+                crate::front::http::serve,
+            )));
+        }
+        if let Some(l) = tls_listener {
+            let s = shared.clone();
+            fronts.push(tokio::spawn(crate::front::accept_loop(
+                s,
+                l,
+                "tls",
+                crate::front::tls::serve,
+            )));
+        }
         accept::accept_loop(shared, listener).await;
         sweep.abort();
+        for f in fronts {
+            f.abort();
+        }
     });
     Ok(RelayHandle {
         control_addr,
         fingerprint: identity.fingerprint,
         generated_cert: identity.generated,
         backend,
+        http_addr,
+        tls_addr,
         metrics,
         task,
     })

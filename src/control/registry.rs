@@ -6,17 +6,19 @@
 //! service over; the previous owner is told and disconnected.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
+use super::routes::{normalize_prefix, Routes};
 use crate::admin::Metrics;
-use crate::config::{validate_name, PortRange, MAX_POOL};
+use crate::config::{validate_name, RelayConfig, SecretId, MAX_POOL};
+use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
-use crate::protocol::{ErrorCode, ServiceOutcome, ServiceRequest, ServiceResult};
+use crate::protocol::{ErrorCode, ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult};
 
 /// Identifies one authenticated control connection.
 pub type SessionId = u64;
@@ -34,8 +36,16 @@ const MAX_REMEMBERED_PORTS: usize = 4096;
 pub struct Service {
     /// Unique name.
     pub name: String,
-    /// Public port.
+    /// How visitors reach it.
+    pub kind: ServiceKind,
+    /// `tcp`: its public port. `http`/`tls`: the shared port.
     pub port: u16,
+    /// `http`/`tls`: the full host names it claims.
+    pub hosts: Vec<String>,
+    /// `http`: the path prefix it claims on those hosts.
+    pub path: String,
+    /// Admission: limits, PROXY header, forwarded headers.
+    pub gate: Arc<Gate>,
     /// Ready data connections and waiting visitors, one pool per data-plane worker.
     pub pools: Vec<Arc<Pool>>,
     state: Mutex<ServiceState>,
@@ -79,32 +89,44 @@ impl Service {
 #[derive(Default)]
 struct Inner {
     services: HashMap<String, Arc<Service>>,
-    sessions: HashMap<SessionId, mpsc::Sender<String>>,
+    sessions: HashMap<SessionId, (mpsc::Sender<String>, Vec<SecretId>)>,
+    agents_per_secret: HashMap<SecretId, usize>,
     last_port: HashMap<String, u16>,
     next_session: SessionId,
+}
+
+/// The actual ports of the relay's shared listeners (after binding, so port 0 is resolved).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SharedPorts {
+    /// The shared HTTP port, if the relay has one.
+    pub http: Option<u16>,
+    /// The shared TLS port, if the relay has one.
+    pub tls: Option<u16>,
 }
 
 /// The relay's table of services and sessions.
 pub struct Registry {
     inner: Mutex<Inner>,
-    bind_addr: IpAddr,
-    range: PortRange,
+    routes: RwLock<Routes>,
+    cfg: RelayConfig,
+    shared_ports: SharedPorts,
     metrics: Arc<Metrics>,
     dataplane: DataPlane,
 }
 
 impl Registry {
-    /// An empty registry publishing ports on `bind_addr` within `range`, served by `dataplane`.
+    /// An empty registry for a relay configured by `cfg`, served by `dataplane`.
     pub fn new(
-        bind_addr: IpAddr,
-        range: PortRange,
+        cfg: RelayConfig,
+        shared_ports: SharedPorts,
         metrics: Arc<Metrics>,
         dataplane: DataPlane,
     ) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
-            bind_addr,
-            range,
+            routes: RwLock::new(Routes::default()),
+            cfg,
+            shared_ports,
             metrics,
             dataplane,
         }
@@ -114,13 +136,57 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts a session; `kick` receives a reason if another session takes one of its services.
-    pub fn new_session(&self, kick: mpsc::Sender<String>) -> SessionId {
+    fn routes(&self) -> std::sync::RwLockReadGuard<'_, Routes> {
+        self.routes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn routes_mut(&self) -> std::sync::RwLockWriteGuard<'_, Routes> {
+        self.routes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The `http` service for a request to `host` (normalized) with `path`: the longest
+    /// claimed prefix of the path wins.
+    pub fn route_http(&self, host: &str, path: &str) -> Option<Arc<Service>> {
+        self.routes().http(host, path)
+    }
+
+    /// The `tls` service claiming SNI name `host` (normalized).
+    pub fn route_tls(&self, host: &str) -> Option<Arc<Service>> {
+        self.routes().tls(host)
+    }
+
+    /// Starts a session for an agent that authenticated with `secrets`; `kick` receives a
+    /// reason if another session takes one of its services. Fails if a secret already has
+    /// its maximum of agents connected.
+    pub fn new_session(
+        &self,
+        kick: mpsc::Sender<String>,
+        mut secrets: Vec<SecretId>,
+    ) -> Result<SessionId, String> {
+        secrets.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        secrets.dedup();
         let mut g = self.lock();
+        for id in &secrets {
+            let have = g.agents_per_secret.get(id).copied().unwrap_or(0);
+            if let Some(max) = self.cfg.max_agents(id) {
+                if have >= max {
+                    let whose = match id {
+                        SecretId::Default => "the relay's secret".to_string(),
+                        SecretId::Service(n) => format!("service {n}'s secret"),
+                    };
+                    return Err(format!(
+                        "{whose} already has its maximum of {max} agents connected"
+                    ));
+                }
+            }
+        }
+        for id in &secrets {
+            *g.agents_per_secret.entry(id.clone()).or_insert(0) += 1;
+        }
         g.next_session += 1;
         let id = g.next_session;
-        g.sessions.insert(id, kick);
-        id
+        g.sessions.insert(id, (kick, secrets));
+        Ok(id)
     }
 
     /// Publishes the (already authenticated) requests for `session`. Returns one result per
@@ -147,9 +213,9 @@ impl Registry {
             };
             let outcome = match outcome {
                 Ok(svc) => {
-                    let port = svc.port;
+                    let (port, hosts) = (svc.port, svc.hosts.clone());
                     owned.push(svc);
-                    ServiceOutcome::Online { port }
+                    ServiceOutcome::Online { port, hosts }
                 }
                 Err((code, message)) => ServiceOutcome::Rejected { code, message },
             };
@@ -169,47 +235,155 @@ impl Registry {
         wake: &Arc<Notify>,
     ) -> Result<Arc<Service>, (ErrorCode, String)> {
         let target = usize::from(req.pool.clamp(1, MAX_POOL));
+        let (hosts, path) = self.claims(req)?;
         if let Some(existing) = g.services.get(&req.name).cloned() {
-            if req.remote_port == 0 || req.remote_port == existing.port {
+            let same = existing.kind == req.kind
+                && match req.kind {
+                    ServiceKind::Tcp => req.remote_port == 0 || req.remote_port == existing.port,
+                    _ => existing.hosts == hosts && existing.path == path,
+                };
+            if same {
                 self.take_over(g, &existing, session);
+                existing.gate.configure(req.proxy, req.forwarded_headers);
                 existing.attach_pools(target, wake);
                 return Ok(existing);
             }
-            // The agent now wants a different port: retire the old entry first.
+            self.check_claims(req, &hosts, &path)?;
+            // The agent now wants a different port or other host names: retire the old
+            // entry first.
             self.take_over(g, &existing, session);
-            existing.close();
-            g.services.remove(&req.name);
+            self.retire(g, &existing);
+        } else {
+            self.check_claims(req, &hosts, &path)?;
         }
         let pools: Vec<Arc<Pool>> = (0..self.dataplane.pools_per_service())
             .map(|_| Arc::new(Pool::new()))
             .collect();
-        let (port, guard) = self.bind_port(g, req, &pools)?;
+        let gate = Gate::new(
+            &req.name,
+            &self.cfg.limits_for(&req.name),
+            self.metrics.clone(),
+        );
+        gate.configure(req.proxy, req.forwarded_headers);
+        let (port, guard) = match req.kind {
+            ServiceKind::Tcp => {
+                let (port, guard) = self.bind_port(g, req, &gate, &pools)?;
+                (port, Some(guard))
+            }
+            ServiceKind::Http => (self.shared_ports.http.unwrap_or(0), None),
+            ServiceKind::Tls => (self.shared_ports.tls.unwrap_or(0), None),
+        };
         let svc = Arc::new(Service {
             name: req.name.clone(),
+            kind: req.kind,
             port,
+            hosts,
+            path,
+            gate,
             pools,
             state: Mutex::new(ServiceState {
                 owner: Some(session),
-                listener: Some(guard),
+                listener: guard,
                 generation: 0,
             }),
         });
         svc.attach_pools(target, wake);
-        if g.last_port.len() >= MAX_REMEMBERED_PORTS && !g.last_port.contains_key(&req.name) {
-            if let Some(k) = g.last_port.keys().next().cloned() {
-                g.last_port.remove(&k);
+        if req.kind == ServiceKind::Tcp {
+            if g.last_port.len() >= MAX_REMEMBERED_PORTS && !g.last_port.contains_key(&req.name) {
+                if let Some(k) = g.last_port.keys().next().cloned() {
+                    g.last_port.remove(&k);
+                }
             }
+            g.last_port.insert(req.name.clone(), port);
+        } else {
+            self.routes_mut().insert(&svc);
         }
-        g.last_port.insert(req.name.clone(), port);
         g.services.insert(req.name.clone(), svc.clone());
         Ok(svc)
+    }
+
+    /// The full host names and path prefix `req` claims, or why it cannot.
+    fn claims(&self, req: &ServiceRequest) -> Result<(Vec<String>, String), (ErrorCode, String)> {
+        let reject = |m: String| (ErrorCode::BadRequest, m);
+        let bad = |m: String| Err(reject(m));
+        match req.kind {
+            ServiceKind::Tcp => {
+                if !req.hosts.is_empty() || !req.path.is_empty() {
+                    return bad("host names and paths are for http and tls services".into());
+                }
+                return Ok((Vec::new(), String::new()));
+            }
+            ServiceKind::Http if self.shared_ports.http.is_none() => {
+                return bad("this relay has no shared HTTP port (start it with --http)".into())
+            }
+            ServiceKind::Tls if self.shared_ports.tls.is_none() => {
+                return bad("this relay has no shared TLS port (start it with --tls)".into())
+            }
+            _ => {}
+        }
+        if req.hosts.is_empty() {
+            return bad(format!("a {} service needs a host name", req.kind));
+        }
+        if req.remote_port != 0 {
+            return bad(format!("a {} service has no port of its own", req.kind));
+        }
+        let mut hosts = Vec::with_capacity(req.hosts.len());
+        for h in &req.hosts {
+            let q = self.cfg.front.qualify(h).map_err(reject)?;
+            if !hosts.contains(&q) {
+                hosts.push(q);
+            }
+        }
+        let path = match req.kind {
+            ServiceKind::Http => normalize_prefix(&req.path).map_err(reject)?,
+            _ if req.path.is_empty() => String::new(),
+            _ => return bad("path prefixes are for http services".into()),
+        };
+        Ok((hosts, path))
+    }
+
+    /// Fails if another service holds one of the host names (with the same path prefix).
+    fn check_claims(
+        &self,
+        req: &ServiceRequest,
+        hosts: &[String],
+        path: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        let routes = self.routes();
+        for h in hosts {
+            let holder = match req.kind {
+                ServiceKind::Tcp => None,
+                ServiceKind::Http => routes.http_holder(h, path),
+                ServiceKind::Tls => routes.tls_holder(h),
+            };
+            if let Some(other) = holder.filter(|n| *n != req.name) {
+                let what = match req.kind {
+                    ServiceKind::Http if path != "/" => format!("{h}{path}"),
+                    _ => h.clone(),
+                };
+                return Err((
+                    ErrorCode::HostTaken,
+                    format!("{what} is already claimed by service {other}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes `svc` for good: listener, pools and routes; forgets it.
+    fn retire(&self, g: &mut Inner, svc: &Arc<Service>) {
+        svc.close();
+        if svc.kind != ServiceKind::Tcp {
+            self.routes_mut().remove(svc);
+        }
+        g.services.remove(&svc.name);
     }
 
     /// Makes `session` the owner of `svc`, kicking a different live owner.
     fn take_over(&self, g: &Inner, svc: &Service, session: SessionId) {
         let mut st = svc.state();
         if let Some(prev) = st.owner.filter(|p| *p != session) {
-            if let Some(kick) = g.sessions.get(&prev) {
+            if let Some((kick, _)) = g.sessions.get(&prev) {
                 tracing::warn!(service = %svc.name, "service taken over by a newer agent session");
                 let _ = kick.try_send(format!(
                     "service {} was taken over by another agent with the same secret",
@@ -232,21 +406,20 @@ impl Registry {
         &self,
         g: &Inner,
         req: &ServiceRequest,
+        gate: &Arc<Gate>,
         pools: &[Arc<Pool>],
     ) -> Result<(u16, ListenerGuard), (ErrorCode, String)> {
+        let range = self.cfg.port_range;
         let try_bind = |port: u16| {
-            let addr = SocketAddr::new(self.bind_addr, port);
-            self.dataplane.listen(addr, &req.name, pools, &self.metrics)
+            let addr = SocketAddr::new(self.cfg.bind_addr, port);
+            self.dataplane.listen(addr, gate, pools)
         };
         if req.remote_port != 0 {
             let port = req.remote_port;
-            if !self.range.contains(port) {
+            if !range.contains(port) {
                 return Err((
                     ErrorCode::PortForbidden,
-                    format!(
-                        "port {port} is outside the relay's allowed range {}",
-                        self.range
-                    ),
+                    format!("port {port} is outside the relay's allowed range {}", range),
                 ));
             }
             if let Some(holder) = self.port_holder(g, port) {
@@ -271,10 +444,10 @@ impl Registry {
                 }
             }
         }
-        for attempt in 0..PORT_ATTEMPTS.min(self.range.len() * 2) {
+        for attempt in 0..PORT_ATTEMPTS.min(range.len() * 2) {
             let mut r = [0u8; 4];
             random_bytes(&mut r);
-            let port = self.range.start + (u32::from_le_bytes(r) % self.range.len() as u32) as u16;
+            let port = range.start + (u32::from_le_bytes(r) % range.len() as u32) as u16;
             let reserved = g
                 .last_port
                 .iter()
@@ -288,7 +461,7 @@ impl Registry {
         }
         Err((
             ErrorCode::LimitReached,
-            format!("no free port found in the relay's range {}", self.range),
+            format!("no free port found in the relay's range {}", range),
         ))
     }
 
@@ -296,7 +469,13 @@ impl Registry {
     /// before their ports are closed, unless an agent claims them first.
     pub fn end_session(self: &Arc<Self>, session: SessionId, linger: Duration) {
         let mut g = self.lock();
-        g.sessions.remove(&session);
+        if let Some((_, secrets)) = g.sessions.remove(&session) {
+            for id in secrets {
+                if let Some(n) = g.agents_per_secret.get_mut(&id) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
         for svc in g.services.values() {
             let mut st = svc.state();
             if st.owner != Some(session) {
@@ -318,7 +497,7 @@ impl Registry {
 
     fn expire(&self, name: &str, generation: u64) {
         let mut g = self.lock();
-        let Some(svc) = g.services.get(name) else {
+        let Some(svc) = g.services.get(name).cloned() else {
             return;
         };
         {
@@ -332,7 +511,6 @@ impl Registry {
             port = svc.port,
             "service closed: its agent did not return"
         );
-        svc.close();
-        g.services.remove(name);
+        self.retire(&mut g, &svc);
     }
 }

@@ -36,6 +36,9 @@ pub enum SessionEnd {
     /// No requested service could be published.
     #[error("no service could be published")]
     NothingPublished,
+    /// A limit refused the agent (agents per secret).
+    #[error("{0}")]
+    Limit(String),
 }
 
 /// Runs a control session whose `ControlHello` (with `version`) was already read.
@@ -78,10 +81,9 @@ pub async fn run(
         }
     };
     for s in &services {
-        let ok = shared
-            .cfg
-            .secret_for(&s.name)
-            .is_some_and(|secret| verify_register_mac(secret.expose(), &nonce, &s.name, &s.mac));
+        let ok = shared.cfg.secret_for(&s.name).is_some_and(|(secret, _)| {
+            verify_register_mac(secret.expose(), &nonce, &s.name, &s.mac)
+        });
         if !ok {
             shared.metrics.auth_failures.inc();
             let end = SessionEnd::AuthFailed(s.name.clone());
@@ -100,7 +102,26 @@ pub async fn run(
 
     let (kick_tx, kick_rx) = mpsc::channel(1);
     let wake = Arc::new(Notify::new());
-    let session = shared.registry.new_session(kick_tx);
+    let secrets = services
+        .iter()
+        .filter_map(|s| shared.cfg.secret_for(&s.name).map(|(_, id)| id))
+        .collect();
+    let session = match shared.registry.new_session(kick_tx, secrets) {
+        Ok(id) => id,
+        Err(message) => {
+            tracing::warn!(%peer, "agent refused: {message}");
+            let _ = framed
+                .write_msg(
+                    &RelayMsg::Error {
+                        code: ErrorCode::LimitReached,
+                        message: message.clone(),
+                    },
+                    WRITE_TIMEOUT,
+                )
+                .await;
+            return Err(SessionEnd::Limit(message));
+        }
+    };
     let result = serve(
         &shared,
         &mut framed,
@@ -138,8 +159,8 @@ async fn serve(
     let (results, owned) = shared.registry.register(session, services, wake);
     for r in &results {
         match &r.outcome {
-            ServiceOutcome::Online { port } => {
-                tracing::info!(%peer, session, service = %r.name, port, "service online")
+            ServiceOutcome::Online { port, hosts } => {
+                tracing::info!(%peer, session, service = %r.name, port, hosts = %hosts.join(","), "service online")
             }
             ServiceOutcome::Rejected { message, .. } => {
                 tracing::warn!(%peer, session, service = %r.name, "service refused: {message}")

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 
+use super::gate::{self, Gate};
 use super::pool::{Pool, Visitor};
-use crate::admin::Metrics;
 
 /// How long a visitor waits for a tunnel connection before being closed: long enough to ride
 /// out an agent reconnecting, short enough that a client is not left hanging.
@@ -35,13 +35,28 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// Tokio backend: accepts visitors on `listener` for `service`; abort the handle to close it.
-pub fn spawn(
-    listener: TcpListener,
-    service: String,
-    pool: Arc<Pool>,
-    metrics: Arc<Metrics>,
-) -> JoinHandle<()> {
+/// Admits a visitor accepted on a service's own port: limits first, then the PROXY header
+/// the service wants. `None`: refused (and counted by the gate); dropping the stream closes it.
+pub fn admit(gate: &Arc<Gate>, stream: std::net::TcpStream, addr: SocketAddr) -> Option<Visitor> {
+    let admission = gate.admit(addr.ip()).ok()?;
+    let prefix = if gate.wants_proxy_header() {
+        gate.proxy_header(addr, gate::local_addr_of(&stream))
+    } else {
+        Vec::new()
+    };
+    Some(Visitor {
+        stream,
+        addr,
+        prefix,
+        admission: Some(admission),
+    })
+}
+
+/// Tokio backend: accepts visitors on `listener` for the service behind `gate`; abort the
+/// handle to close it.
+pub fn spawn(listener: TcpListener, gate: Arc<Gate>, pool: Arc<Pool>) -> JoinHandle<()> {
+    let metrics = gate.metrics().clone();
+    let service = gate.service().to_string();
     tokio::spawn(async move {
         loop {
             let (stream, addr) = match listener.accept().await {
@@ -58,13 +73,15 @@ pub fn spawn(
             let Ok(stream) = stream.into_std() else {
                 continue;
             };
+            let Some(visitor) = admit(&gate, stream, addr) else {
+                continue;
+            };
             let pool = pool.clone();
             let metrics = metrics.clone();
             let service = service.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::sleep(VISITOR_WAIT);
-                let visitor = Visitor { stream, addr };
-                if let Err(e) = pool.take(visitor, deadline, VISITOR_WAIT).await {
+                if let Err((e, _)) = pool.take(visitor, deadline, VISITOR_WAIT).await {
                     metrics.visitors_unserved.inc();
                     tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
                 }

@@ -6,10 +6,14 @@
 //! - [`listener`]: binding public ports and the tokio backend's accept loop.
 //! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
 //! - [`probe`]: whether io_uring and kTLS work here.
+//! - [`gate`]: per-service admission (limits) and PROXY headers.
+//! - [`idle`]: the idle-timeout watcher beside each forwarded visitor.
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
 pub mod forward;
+pub mod gate;
+pub mod idle;
 pub mod listener;
 pub mod pool;
 pub mod probe;
@@ -22,8 +26,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::admin::Metrics;
 use crate::config::BackendKind;
+use gate::Gate;
 use pool::Pool;
 
 /// The backend actually running, after `auto` is resolved.
@@ -120,22 +124,21 @@ impl DataPlane {
         }
     }
 
-    /// Binds `addr` for `service` and starts accepting visitors into `pools` (one per worker).
+    /// Binds `addr` for the service behind `gate` and starts accepting visitors into `pools`
+    /// (one per worker).
     pub fn listen(
         &self,
         addr: SocketAddr,
-        service: &str,
+        gate: &Arc<Gate>,
         pools: &[Arc<Pool>],
-        metrics: &Arc<Metrics>,
     ) -> io::Result<ListenerGuard> {
         match self {
             DataPlane::Tokio => {
                 let l = listener::bind(addr, false)?;
                 Ok(ListenerGuard::Tokio(listener::spawn(
                     l,
-                    service.to_string(),
+                    gate.clone(),
                     pools[0].clone(),
-                    metrics.clone(),
                 )))
             }
             DataPlane::Uring(w) => {
@@ -152,10 +155,9 @@ impl DataPlane {
                         i,
                         uring::Command::Listen {
                             listener: l,
-                            service: service.to_string(),
+                            gate: gate.clone(),
                             pools: pools.to_vec(),
                             worker: i,
-                            metrics: metrics.clone(),
                             stop,
                         },
                     )?;

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
+use super::gate::Admission;
+
 /// Most visitors that may wait for a data connection per service; more are turned away
 /// at once rather than queued without bound.
 pub const MAX_WAITING_VISITORS: usize = 1024;
@@ -31,6 +33,19 @@ pub struct Visitor {
     pub stream: TcpStream,
     /// The visitor's address.
     pub addr: SocketAddr,
+    /// Bytes to send down the tunnel before the visitor's own: a PROXY header, and whatever
+    /// a shared port already read to route the visitor (request head, ClientHello).
+    pub prefix: Vec<u8>,
+    /// The visitor's counted place in its service (idle timeout, max visitors); `None` only
+    /// for visitors made outside a listener (tests).
+    pub admission: Option<Admission>,
+}
+
+impl Visitor {
+    /// Idle timeout that applies to this visitor.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.admission.as_ref().and_then(|a| a.gate.idle_timeout())
+    }
 }
 
 /// Where a visitor is sent to be paired with one ready data connection.
@@ -149,13 +164,14 @@ impl Pool {
     }
 
     /// Pairs `visitor` with a ready data connection, waiting until `deadline` completes (a
-    /// sleep of `wait` from the caller's runtime; the pool itself knows no clock).
+    /// sleep of `wait` from the caller's runtime; the pool itself knows no clock). On failure
+    /// the visitor comes back, so the caller can tell it why.
     pub async fn take(
         &self,
         mut visitor: Visitor,
         deadline: impl Future<Output = ()>,
         wait: Duration,
-    ) -> Result<(), TakeError> {
+    ) -> Result<(), (TakeError, Visitor)> {
         let mut deadline = pin!(deadline);
         loop {
             let mut rx = {
@@ -165,7 +181,7 @@ impl Pool {
                     Err(back) => back,
                 };
                 if g.waiters.len() >= MAX_WAITING_VISITORS {
-                    return Err(TakeError::Full);
+                    return Err((TakeError::Full, visitor));
                 }
                 let (tx, rx) = oneshot::channel();
                 g.waiters.push_back(tx);
@@ -184,9 +200,25 @@ impl Pool {
                     Ok(()) => return Ok(()),
                     Err(back) => visitor = back,
                 },
-                None => return Err(TakeError::Timeout(wait)),
+                None => return Err((TakeError::Timeout(wait), visitor)),
             }
         }
+    }
+
+    /// Pairs `visitor` with an idle connection from any of `pools` (one per worker), starting
+    /// at `first`, without waiting; gives the visitor back if every pool is empty.
+    pub fn try_take_any(
+        pools: &[Arc<Pool>],
+        first: usize,
+        mut visitor: Visitor,
+    ) -> Result<(), Visitor> {
+        for i in 0..pools.len() {
+            match pools[(first + i) % pools.len()].try_take(visitor) {
+                Ok(()) => return Ok(()),
+                Err(back) => visitor = back,
+            }
+        }
+        Err(visitor)
     }
 
     /// How many tickets to issue now to reach the target, counted as outstanding at once.
@@ -222,7 +254,15 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (s, addr) = l.accept().unwrap();
-        (Visitor { stream: s, addr }, c)
+        (
+            Visitor {
+                stream: s,
+                addr,
+                prefix: Vec::new(),
+                admission: None,
+            },
+            c,
+        )
     }
 
     fn wait(d: Duration) -> (tokio::time::Sleep, Duration) {
@@ -280,7 +320,7 @@ mod tests {
         let pool = Pool::new();
         let (v, _c) = visitor().await;
         let (sleep, d) = wait(Duration::from_millis(10));
-        let err = pool.take(v, sleep, d).await.unwrap_err();
+        let (err, _back) = pool.take(v, sleep, d).await.unwrap_err();
         assert!(matches!(err, TakeError::Timeout(_)));
     }
 }

@@ -125,8 +125,12 @@ fn check_partial_request_line(buf: &[u8]) -> Result<(), HeadError> {
 fn parse_request_line(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
     let mut parts = line.split(|&b| b == b' ');
     let method = parts.next().unwrap_or_default();
-    let target = parts.next().ok_or(HeadError::Malformed("no request target"))?;
-    let version = parts.next().ok_or(HeadError::Malformed("no HTTP version"))?;
+    let target = parts
+        .next()
+        .ok_or(HeadError::Malformed("no request target"))?;
+    let version = parts
+        .next()
+        .ok_or(HeadError::Malformed("no HTTP version"))?;
     if parts.next().is_some() {
         return Err(HeadError::Malformed("extra spaces in request line"));
     }
@@ -326,12 +330,17 @@ mod tests {
 
     #[test]
     fn routes_by_host_and_path() {
-        let h = parse("GET /api/v1?q=1 HTTP/1.1\r\nHost: Blog.Example.COM:8080\r\nAccept: */*\r\n\r\nBODY")
-            .unwrap()
-            .unwrap();
+        let h = parse(
+            "GET /api/v1?q=1 HTTP/1.1\r\nHost: Blog.Example.COM:8080\r\nAccept: */*\r\n\r\nBODY",
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(h.host, "blog.example.com");
         assert_eq!(h.path, "/api/v1?q=1");
-        assert_eq!(h.len, "GET /api/v1?q=1 HTTP/1.1\r\nHost: Blog.Example.COM:8080\r\nAccept: */*\r\n\r\n".len());
+        assert_eq!(
+            h.len,
+            "GET /api/v1?q=1 HTTP/1.1\r\nHost: Blog.Example.COM:8080\r\nAccept: */*\r\n\r\n".len()
+        );
     }
 
     #[test]

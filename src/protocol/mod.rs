@@ -20,11 +20,13 @@ pub mod sni;
 mod wire;
 
 pub use frame::{decode, encode, Decoded, MAX_FRAME_LEN};
-pub use msg::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, ServiceRequest, ServiceResult};
+pub use msg::{
+    AgentMsg, ErrorCode, RelayMsg, ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult,
+};
 
 /// The protocol version this build speaks. Carried in the first frame of every connection, so
 /// a peer from another version gets a clear error instead of misparsed bytes.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Everything that can be wrong with bytes received from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::auth::{Mac, Nonce, Ticket, MAC_LEN, NONCE_LEN, TICKET_LEN};
 use super::frame::{self, Decoded};
+use super::proxy::ProxyVersion;
 use super::wire::{put_string, Reader};
 use super::ProtocolError;
 
@@ -16,13 +17,63 @@ pub const MAX_TICKETS_PER_FRAME: usize = 256;
 /// Most services one agent may register on one control connection.
 pub const MAX_SERVICES_PER_AGENT: usize = 64;
 
+/// Most host names one `http` or `tls` service may claim.
+pub const MAX_HOSTS_PER_SERVICE: usize = 8;
+/// Longest host name (DNS limit) or path prefix, in bytes.
+pub const MAX_HOST_LEN: usize = 253;
+
+/// How visitors reach a service on the relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// A public TCP port of its own.
+    #[default]
+    Tcp = 0,
+    /// The shared HTTP port, routed by `Host` (and path prefix).
+    Http = 1,
+    /// The shared TLS port, routed by SNI without decrypting.
+    Tls = 2,
+}
+
+impl ServiceKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => ServiceKind::Tcp,
+            1 => ServiceKind::Http,
+            2 => ServiceKind::Tls,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ServiceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServiceKind::Tcp => "tcp",
+            ServiceKind::Http => "http",
+            ServiceKind::Tls => "tls",
+        })
+    }
+}
+
 /// One service an agent asks the relay to publish.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceRequest {
     /// Service name, unique per relay; also selects the relay-side secret.
     pub name: String,
-    /// Public port wanted, or 0 for "any port from the relay's range".
+    /// How visitors reach it.
+    pub kind: ServiceKind,
+    /// `tcp`: public port wanted, or 0 for "any port from the relay's range". Otherwise 0.
     pub remote_port: u16,
+    /// `http`/`tls`: host names claimed, at most [`MAX_HOSTS_PER_SERVICE`]. A name without a
+    /// dot is a subdomain of the relay's `--domain`.
+    pub hosts: Vec<String>,
+    /// `http`: path prefix routed to this service (`/` for everything).
+    pub path: String,
+    /// `tcp`/`tls`: PROXY protocol header the relay writes before the visitor's bytes.
+    pub proxy: ProxyVersion,
+    /// `http`: whether the relay adds `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`.
+    pub forwarded_headers: bool,
     /// How many idle, authenticated data connections the agent wants to keep open.
     pub pool: u8,
     /// HMAC proving the agent knows this service's secret (see [`super::auth::register_mac`]).
@@ -50,6 +101,8 @@ pub enum ErrorCode {
     LimitReached = 8,
     /// The relay failed internally; retrying may help.
     Internal = 9,
+    /// A host name (and path) is already claimed by another service.
+    HostTaken = 10,
 }
 
 impl ErrorCode {
@@ -65,6 +118,7 @@ impl ErrorCode {
             7 => Replaced,
             8 => LimitReached,
             9 => Internal,
+            10 => HostTaken,
             _ => return None,
         })
     }
@@ -73,10 +127,12 @@ impl ErrorCode {
 /// What became of one requested service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServiceOutcome {
-    /// Published: visitors can connect to this public port.
+    /// Published: visitors can reach it.
     Online {
-        /// The public port on the relay.
+        /// `tcp`: the public port. `http`/`tls`: the shared port visitors use.
         port: u16,
+        /// `http`/`tls`: the full host names routed to the service.
+        hosts: Vec<String>,
     },
     /// Refused, with the reason.
     Rejected {
@@ -214,7 +270,12 @@ impl Message for AgentMsg {
                 p.push(services.len().min(MAX_SERVICES_PER_AGENT) as u8);
                 for s in services.iter().take(MAX_SERVICES_PER_AGENT) {
                     put_string(&mut p, truncate(&s.name, MAX_NAME_LEN));
+                    p.push(s.kind as u8);
                     p.extend_from_slice(&s.remote_port.to_be_bytes());
+                    put_hosts(&mut p, &s.hosts);
+                    put_string(&mut p, truncate(&s.path, MAX_HOST_LEN));
+                    p.push(s.proxy.to_u8());
+                    p.push(u8::from(s.forwarded_headers));
                     p.push(s.pool);
                     p.extend_from_slice(&s.mac);
                 }
@@ -250,9 +311,27 @@ impl Message for AgentMsg {
                     if name.len() > MAX_NAME_LEN {
                         return Err(r.invalid("name"));
                     }
+                    let kind = ServiceKind::from_u8(r.u8()?).ok_or_else(|| r.invalid("kind"))?;
+                    let remote_port = r.u16()?;
+                    let hosts = get_hosts(&mut r)?;
+                    let path = r.string("path")?;
+                    if path.len() > MAX_HOST_LEN {
+                        return Err(r.invalid("path"));
+                    }
+                    let proxy = ProxyVersion::from_u8(r.u8()?).ok_or_else(|| r.invalid("proxy"))?;
+                    let forwarded_headers = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(r.invalid("forwarded_headers")),
+                    };
                     services.push(ServiceRequest {
                         name,
-                        remote_port: r.u16()?,
+                        kind,
+                        remote_port,
+                        hosts,
+                        path,
+                        proxy,
+                        forwarded_headers,
                         pool: r.u8()?,
                         mac: r.array::<MAC_LEN>()?,
                     });
@@ -278,6 +357,30 @@ impl Message for AgentMsg {
 
 /// Longest service name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
+
+fn put_hosts(p: &mut Vec<u8>, hosts: &[String]) {
+    let n = hosts.len().min(MAX_HOSTS_PER_SERVICE);
+    p.push(n as u8);
+    for h in &hosts[..n] {
+        put_string(p, truncate(h, MAX_HOST_LEN));
+    }
+}
+
+fn get_hosts(r: &mut Reader<'_>) -> Result<Vec<String>, ProtocolError> {
+    let n = r.u8()? as usize;
+    if n > MAX_HOSTS_PER_SERVICE {
+        return Err(r.invalid("host count"));
+    }
+    let mut hosts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let h = r.string("host")?;
+        if h.len() > MAX_HOST_LEN {
+            return Err(r.invalid("host"));
+        }
+        hosts.push(h);
+    }
+    Ok(hosts)
+}
 
 fn truncate(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -309,9 +412,10 @@ impl Message for RelayMsg {
                 for res in results.iter().take(MAX_SERVICES_PER_AGENT) {
                     put_string(&mut p, truncate(&res.name, MAX_NAME_LEN));
                     match &res.outcome {
-                        ServiceOutcome::Online { port } => {
+                        ServiceOutcome::Online { port, hosts } => {
                             p.push(0);
                             p.extend_from_slice(&port.to_be_bytes());
+                            put_hosts(&mut p, hosts);
                         }
                         ServiceOutcome::Rejected { code, message } => {
                             p.push(*code as u8);
@@ -381,7 +485,10 @@ impl Message for RelayMsg {
                 for _ in 0..count {
                     let name = r.string("name")?;
                     let outcome = match r.u8()? {
-                        0 => ServiceOutcome::Online { port: r.u16()? },
+                        0 => ServiceOutcome::Online {
+                            port: r.u16()?,
+                            hosts: get_hosts(&mut r)?,
+                        },
                         code => ServiceOutcome::Rejected {
                             code: ErrorCode::from_u8(code).ok_or_else(|| r.invalid("code"))?,
                             message: r.string("message")?,
@@ -445,12 +552,34 @@ mod tests {
         let agent = vec![
             AgentMsg::ControlHello { version: 1 },
             AgentMsg::Register {
-                services: vec![ServiceRequest {
-                    name: "web".into(),
-                    remote_port: 20000,
-                    pool: 4,
-                    mac: [9; MAC_LEN],
-                }],
+                services: vec![
+                    ServiceRequest {
+                        name: "web".into(),
+                        remote_port: 20000,
+                        pool: 4,
+                        mac: [9; MAC_LEN],
+                        ..Default::default()
+                    },
+                    ServiceRequest {
+                        name: "blog".into(),
+                        kind: ServiceKind::Http,
+                        hosts: vec!["blog".into(), "www.example.org".into()],
+                        path: "/api".into(),
+                        forwarded_headers: true,
+                        pool: 2,
+                        mac: [1; MAC_LEN],
+                        ..Default::default()
+                    },
+                    ServiceRequest {
+                        name: "secure".into(),
+                        kind: ServiceKind::Tls,
+                        hosts: vec!["s.example".into()],
+                        proxy: ProxyVersion::V2,
+                        pool: 2,
+                        mac: [2; MAC_LEN],
+                        ..Default::default()
+                    },
+                ],
             },
             AgentMsg::Heartbeat,
             AgentMsg::DataHello {
@@ -468,7 +597,10 @@ mod tests {
                 results: vec![
                     ServiceResult {
                         name: "web".into(),
-                        outcome: ServiceOutcome::Online { port: 20001 },
+                        outcome: ServiceOutcome::Online {
+                            port: 20001,
+                            hosts: vec!["web.example.com".into()],
+                        },
                     },
                     ServiceResult {
                         name: "db".into(),

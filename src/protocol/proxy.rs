@@ -163,9 +163,15 @@ fn parse_v1(buf: &[u8]) -> Result<Option<ProxyHeader>, ProxyError> {
         ["PROXY", fam @ ("TCP4" | "TCP6"), s, d, sp, dp] => {
             let ip = |t: &str| -> Result<IpAddr, ProxyError> {
                 let ip: IpAddr = if *fam == "TCP4" {
-                    IpAddr::V4(t.parse::<Ipv4Addr>().map_err(|_| ProxyError("v1 address"))?)
+                    IpAddr::V4(
+                        t.parse::<Ipv4Addr>()
+                            .map_err(|_| ProxyError("v1 address"))?,
+                    )
                 } else {
-                    IpAddr::V6(t.parse::<Ipv6Addr>().map_err(|_| ProxyError("v1 address"))?)
+                    IpAddr::V6(
+                        t.parse::<Ipv6Addr>()
+                            .map_err(|_| ProxyError("v1 address"))?,
+                    )
                 };
                 Ok(ip)
             };

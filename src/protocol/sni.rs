@@ -68,9 +68,12 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Sni, SniError> {
         hs.extend_from_slice(&rest[5..5 + available]);
         if hs.len() >= 4 {
             if hs[0] != HANDSHAKE_CLIENT_HELLO {
-                return Err(SniError::Malformed("first handshake message is not a ClientHello"));
+                return Err(SniError::Malformed(
+                    "first handshake message is not a ClientHello",
+                ));
             }
-            let body_len = (usize::from(hs[1]) << 16) | (usize::from(hs[2]) << 8) | usize::from(hs[3]);
+            let body_len =
+                (usize::from(hs[1]) << 16) | (usize::from(hs[2]) << 8) | usize::from(hs[3]);
             if body_len > MAX_CLIENT_HELLO {
                 return Err(SniError::TooLarge);
             }
@@ -217,7 +220,10 @@ mod tests {
             parse_client_hello(&ch),
             Ok(Sni::Found("app.example.com".into()))
         );
-        assert_eq!(parse_client_hello(&client_hello(None, 10)), Ok(Sni::Missing));
+        assert_eq!(
+            parse_client_hello(&client_hello(None, 10)),
+            Ok(Sni::Missing)
+        );
     }
 
     #[test]
@@ -225,8 +231,14 @@ mod tests {
         let ch = client_hello(Some("a.example"), 3000);
         let hs = &ch[5..];
         let split = records(hs, 700);
-        assert_eq!(parse_client_hello(&split), Ok(Sni::Found("a.example".into())));
-        assert_eq!(parse_client_hello(&split[..split.len() - 1]), Ok(Sni::NeedMore));
+        assert_eq!(
+            parse_client_hello(&split),
+            Ok(Sni::Found("a.example".into()))
+        );
+        assert_eq!(
+            parse_client_hello(&split[..split.len() - 1]),
+            Ok(Sni::NeedMore)
+        );
     }
 
     #[test]
@@ -250,8 +262,14 @@ mod tests {
 
     #[test]
     fn other_protocols_are_not_tls() {
-        assert_eq!(parse_client_hello(b"GET / HTTP/1.1\r\n"), Err(SniError::NotTls));
-        assert_eq!(parse_client_hello(b"\x16\x02\x00\x00\x10"), Err(SniError::NotTls));
+        assert_eq!(
+            parse_client_hello(b"GET / HTTP/1.1\r\n"),
+            Err(SniError::NotTls)
+        );
+        assert_eq!(
+            parse_client_hello(b"\x16\x02\x00\x00\x10"),
+            Err(SniError::NotTls)
+        );
         assert_eq!(parse_client_hello(b"\x16\x03"), Ok(Sni::NeedMore));
         assert!(matches!(
             parse_client_hello(b"\x16\x03\x01\x00\x04\x02\x00\x00\x00"),
@@ -263,7 +281,10 @@ mod tests {
     fn huge_hello_is_refused() {
         let mut hs = vec![HANDSHAKE_CLIENT_HELLO, 0x01, 0x00, 0x00];
         hs.extend_from_slice(&[0; 16]);
-        assert_eq!(parse_client_hello(&records(&hs, 100)), Err(SniError::TooLarge));
+        assert_eq!(
+            parse_client_hello(&records(&hs, 100)),
+            Err(SniError::TooLarge)
+        );
     }
 
     proptest! {

@@ -484,6 +484,7 @@ pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, V
         remote_port: 0,
         pool: 2,
         mac: register_mac(SECRET.as_bytes(), &nonce, name),
+        ..Default::default()
     };
     ctl.write_msg(
         &AgentMsg::Register {
@@ -496,7 +497,7 @@ pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, V
     let RelayMsg::Registered { results } = ctl.read_msg_within(limit).await.unwrap() else {
         panic!("expected registered")
     };
-    let ServiceOutcome::Online { port } = results[0].outcome else {
+    let ServiceOutcome::Online { port, .. } = results[0].outcome else {
         panic!("{results:?}")
     };
     let RelayMsg::Tickets { tickets, .. } = ctl.read_msg_within(limit).await.unwrap() else {

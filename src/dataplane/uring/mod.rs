@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::gate::Gate;
 use super::pool::Pool;
-use crate::admin::Metrics;
 use crate::protocol::auth::Ticket;
 use splice::PipePool;
 
@@ -39,14 +39,12 @@ pub enum Command {
     Listen {
         /// This worker's own listener for the port.
         listener: std::net::TcpListener,
-        /// Service name, for logs.
-        service: String,
+        /// The service's admission rules (and name, and counters).
+        gate: Arc<Gate>,
         /// The service's pools, one per worker.
         pools: Vec<Arc<Pool>>,
         /// Which of them is this worker's.
         worker: usize,
-        /// Counters.
-        metrics: Arc<Metrics>,
         /// Closes the listener.
         stop: oneshot::Receiver<()>,
     },
@@ -156,13 +154,12 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
         match cmd {
             Command::Listen {
                 listener,
-                service,
+                gate,
                 pools,
                 worker,
-                metrics,
                 stop,
             } => {
-                let accept = relay::serve_listener(listener, service, pools, worker, metrics, stop);
+                let accept = relay::serve_listener(listener, gate, pools, worker, stop);
                 monoio::spawn(accept);
             }
             Command::RelayData {

@@ -1,7 +1,7 @@
 //! Relay-side worker tasks: accept visitors on this worker's own listener, park authenticated
 //! data connections in this worker's pool, and splice each pair.
 
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -9,8 +9,9 @@ use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use super::splice::{self, PipePool};
-use crate::admin::Metrics;
-use crate::dataplane::listener::VISITOR_WAIT;
+use crate::dataplane::gate::Gate;
+use crate::dataplane::idle::{self, idle_closed};
+use crate::dataplane::listener::{self, VISITOR_WAIT};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::protocol::msg::Message;
 use crate::protocol::RelayMsg;
@@ -21,12 +22,13 @@ use crate::protocol::RelayMsg;
 /// pool is empty does it wait on this worker's.
 pub async fn serve_listener(
     listener: std::net::TcpListener,
-    service: String,
+    gate: Arc<Gate>,
     pools: Vec<Arc<Pool>>,
     worker: usize,
-    metrics: Arc<Metrics>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let service = gate.service().to_string();
+    let metrics = gate.metrics().clone();
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -43,13 +45,16 @@ pub async fn serve_listener(
                     let _ = stream.set_nodelay(true);
                     // SAFETY: the fd comes straight from the stream we own and give up here.
                     let stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
-                    let Some(visitor) = pair_now(&pools, worker, Visitor { stream, addr }) else {
+                    let Some(visitor) = listener::admit(&gate, stream, addr) else {
+                        continue;
+                    };
+                    let Err(visitor) = Pool::try_take_any(&pools, worker, visitor) else {
                         continue;
                     };
                     let (pool, metrics, service) = (pools[worker].clone(), metrics.clone(), service.clone());
                     monoio::spawn(async move {
                         let deadline = monoio::time::sleep(VISITOR_WAIT);
-                        if let Err(e) = pool.take(visitor, deadline, VISITOR_WAIT).await {
+                        if let Err((e, _)) = pool.take(visitor, deadline, VISITOR_WAIT).await {
                             metrics.visitors_unserved.inc();
                             tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
                         }
@@ -63,18 +68,6 @@ pub async fn serve_listener(
             },
         }
     }
-}
-
-/// Hands `visitor` to an idle connection, this worker's pools first; gives it back if every
-/// pool is empty.
-fn pair_now(pools: &[Arc<Pool>], worker: usize, mut visitor: Visitor) -> Option<Visitor> {
-    for i in 0..pools.len() {
-        match pools[(worker + i) % pools.len()].try_take(visitor) {
-            Ok(()) => return None,
-            Err(back) => visitor = back,
-        }
-    }
-    Some(visitor)
 }
 
 /// Parks a data connection in `pool`; when a visitor is assigned, announces it and splices.
@@ -110,10 +103,20 @@ async fn park_and_forward(
     };
     visitor.stream.set_nonblocking(true)?;
     let addr = visitor.addr;
-    let visitor = TcpStream::from_std(visitor.stream)?;
-    let start = RelayMsg::Start { visitor: addr }.to_frame();
+    let idle = visitor.idle_timeout();
+    let _admission = visitor.admission;
+    let stream = TcpStream::from_std(visitor.stream)?;
+    let mut start = RelayMsg::Start { visitor: addr }.to_frame();
+    start.extend_from_slice(&visitor.prefix);
     splice::write_all(&tunnel, &start).await?;
-    let (up, down) = splice::forward(&visitor, &tunnel, pipes).await?;
-    tracing::debug!(service, visitor = %addr, up, down, "visitor done");
+    monoio::select! {
+        moved = splice::forward(&stream, &tunnel, pipes) => {
+            let (up, down) = moved?;
+            tracing::debug!(service, visitor = %addr, up, down, "visitor done");
+        }
+        _ = idle::monoio_idle(stream.as_raw_fd(), idle) => {
+            idle_closed(service, addr, &_admission);
+        }
+    }
     Ok(())
 }

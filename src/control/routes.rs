@@ -1,0 +1,133 @@
+//! The routing table of the shared ports: host name (and, for HTTP, path prefix) → service.
+//! Read on every visitor of a shared port, written only when services come and go, so it
+//! sits behind a read-write lock of its own, apart from the registry's mutex.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::registry::Service;
+
+/// Host → services, for both shared ports.
+#[derive(Default)]
+pub struct Routes {
+    /// Per host: `(prefix, service)`, longest prefix first.
+    http: HashMap<String, Vec<(String, Arc<Service>)>>,
+    tls: HashMap<String, Arc<Service>>,
+}
+
+/// A claimed path prefix in canonical form: starts with `/`, no trailing `/` except the root.
+/// An empty prefix means the root.
+pub fn normalize_prefix(p: &str) -> Result<String, String> {
+    if p.is_empty() {
+        return Ok("/".into());
+    }
+    if !p.starts_with('/')
+        || p.bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+    {
+        return Err(format!(
+            "path prefix {p:?} must start with '/' and hold no spaces, '?' or '#'"
+        ));
+    }
+    let trimmed = p.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+/// Whether request path `path` falls under `prefix` (canonical): `/api` covers `/api`,
+/// `/api/x` and `/api?q`, but not `/apix`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        None => false,
+    }
+}
+
+impl Routes {
+    /// The service for `host` + `path`, longest matching prefix first.
+    pub fn http(&self, host: &str, path: &str) -> Option<Arc<Service>> {
+        self.http
+            .get(host)?
+            .iter()
+            .find(|(prefix, _)| prefix_matches(prefix, path))
+            .map(|(_, s)| s.clone())
+    }
+
+    /// The service for SNI name `host`.
+    pub fn tls(&self, host: &str) -> Option<Arc<Service>> {
+        self.tls.get(host).cloned()
+    }
+
+    /// Name of the service holding exactly `host` + `prefix`, if any.
+    pub fn http_holder(&self, host: &str, prefix: &str) -> Option<&str> {
+        self.http
+            .get(host)?
+            .iter()
+            .find(|(p, _)| p == prefix)
+            .map(|(_, s)| s.name.as_str())
+    }
+
+    /// Name of the service holding SNI name `host`, if any.
+    pub fn tls_holder(&self, host: &str) -> Option<&str> {
+        self.tls.get(host).map(|s| s.name.as_str())
+    }
+
+    /// Adds every claim of `svc` (whose claims were checked free).
+    pub fn insert(&mut self, svc: &Arc<Service>) {
+        for h in &svc.hosts {
+            match svc.kind {
+                crate::protocol::ServiceKind::Http => {
+                    let list = self.http.entry(h.clone()).or_default();
+                    list.retain(|(p, _)| *p != svc.path);
+                    list.push((svc.path.clone(), svc.clone()));
+                    list.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+                }
+                crate::protocol::ServiceKind::Tls => {
+                    self.tls.insert(h.clone(), svc.clone());
+                }
+                crate::protocol::ServiceKind::Tcp => {}
+            }
+        }
+    }
+
+    /// Removes every claim held by `svc` (this very service, not a successor of its name).
+    pub fn remove(&mut self, svc: &Arc<Service>) {
+        for h in &svc.hosts {
+            if let Some(list) = self.http.get_mut(h) {
+                list.retain(|(_, s)| !Arc::ptr_eq(s, svc));
+                if list.is_empty() {
+                    self.http.remove(h);
+                }
+            }
+            if self.tls.get(h).is_some_and(|s| Arc::ptr_eq(s, svc)) {
+                self.tls.remove(h);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_normalize_and_match_on_segment_boundaries() {
+        assert_eq!(normalize_prefix("").unwrap(), "/");
+        assert_eq!(normalize_prefix("/").unwrap(), "/");
+        assert_eq!(normalize_prefix("/api/").unwrap(), "/api");
+        assert!(normalize_prefix("api").is_err());
+        assert!(normalize_prefix("/a b").is_err());
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(prefix_matches("/api", "/api?x=1"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(!prefix_matches("/api", "/"));
+    }
+}

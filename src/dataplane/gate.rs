@@ -1,0 +1,251 @@
+//! Admission for one service's visitors: the per-service limits (visitors at once, new
+//! connections per second per visitor IP, idle timeout) and the PROXY header the service
+//! wants. Every listener asks its service's [`Gate`] before a visitor goes anywhere near a
+//! tunnel connection, whichever backend and whichever port (own, shared HTTP, shared TLS).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::admin::Metrics;
+use crate::config::Limits;
+use crate::protocol::proxy::ProxyVersion;
+
+/// Visitor IPs tracked for rate limiting before stale entries are swept; past twice this,
+/// new IPs are let through untracked rather than grow the table without bound.
+const RATE_TABLE_SWEEP: usize = 4096;
+
+/// Why a visitor was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The service already has its maximum of visitors connected.
+    #[error("service has its maximum of {0} visitors connected")]
+    Full(usize),
+    /// This IP opened too many connections in the current second.
+    #[error("more than {0} new connections per second from this address")]
+    RateLimited(u32),
+}
+
+/// Holds one of the service's visitor places; dropping it gives the place back.
+#[derive(Debug)]
+pub struct Permit {
+    active: Arc<AtomicUsize>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A visitor let in: keeps its place counted and knows the service's idle timeout.
+#[derive(Debug)]
+pub struct Admission {
+    /// The gate that let the visitor in.
+    pub gate: Arc<Gate>,
+    _permit: Permit,
+}
+
+/// One service's admission rules and counters.
+#[derive(Debug)]
+pub struct Gate {
+    service: String,
+    max_visitors: Option<usize>,
+    rate_per_ip: Option<u32>,
+    idle: Option<Duration>,
+    proxy: AtomicU8,
+    forwarded: AtomicBool,
+    active: Arc<AtomicUsize>,
+    rates: Mutex<HashMap<IpAddr, (u64, u32)>>,
+    epoch: Instant,
+    last_warned: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    /// A gate for `service` enforcing `limits`, counting into `metrics`.
+    pub fn new(service: &str, limits: &Limits, metrics: Arc<Metrics>) -> Arc<Gate> {
+        Arc::new(Gate {
+            service: service.to_string(),
+            max_visitors: limits.max_visitors,
+            rate_per_ip: limits.conn_rate_per_ip,
+            idle: limits.idle_timeout(),
+            proxy: AtomicU8::new(ProxyVersion::Off.to_u8()),
+            forwarded: AtomicBool::new(true),
+            active: Arc::new(AtomicUsize::new(0)),
+            rates: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            last_warned: AtomicU64::new(u64::MAX),
+            metrics,
+        })
+    }
+
+    /// The service's name, for logs.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Relay counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Sets what the owning agent asked for: PROXY header, forwarded headers.
+    pub fn configure(&self, proxy: ProxyVersion, forwarded_headers: bool) {
+        self.proxy.store(proxy.to_u8(), Ordering::Relaxed);
+        self.forwarded.store(forwarded_headers, Ordering::Relaxed);
+    }
+
+    /// Whether `http` visitors get `X-Forwarded-For` and friends.
+    pub fn forwarded_headers(&self) -> bool {
+        self.forwarded.load(Ordering::Relaxed)
+    }
+
+    /// Close a visitor after this long without a byte either way.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.idle
+    }
+
+    /// Visitors connected right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// The PROXY header for a visitor from `src` that connected to `dst` (empty when off).
+    pub fn proxy_header(&self, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        ProxyVersion::from_u8(self.proxy.load(Ordering::Relaxed))
+            .unwrap_or_default()
+            .header(src, dst)
+    }
+
+    /// Whether the service wants a PROXY header at all (saves a `getsockname` when not).
+    pub fn wants_proxy_header(&self) -> bool {
+        self.proxy.load(Ordering::Relaxed) != ProxyVersion::Off.to_u8()
+    }
+
+    /// Lets a visitor from `ip` in, or says why not. A refusal is counted and logged (at most
+    /// one log line per second per service, so a flood cannot flood the log too).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+        self.admit_at(ip, Instant::now())
+    }
+
+    fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
+        let result = self.check(ip, now);
+        if let Err(refusal) = &result {
+            match refusal {
+                Refusal::Full(_) => self.metrics.visitors_over_limit.inc(),
+                Refusal::RateLimited(_) => self.metrics.visitors_rate_limited.inc(),
+            }
+            let second = now.saturating_duration_since(self.epoch).as_secs();
+            if self.last_warned.swap(second, Ordering::Relaxed) != second {
+                tracing::warn!(service = %self.service, visitor = %ip, "visitor refused: {refusal}");
+            }
+        }
+        result
+    }
+
+    fn check(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
+        if let Some(rate) = self.rate_per_ip {
+            let second = now.saturating_duration_since(self.epoch).as_secs();
+            let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
+            if rates.len() >= RATE_TABLE_SWEEP && !rates.contains_key(&ip) {
+                rates.retain(|_, (s, _)| *s == second);
+            }
+            if rates.len() < 2 * RATE_TABLE_SWEEP || rates.contains_key(&ip) {
+                let entry = rates.entry(ip).or_insert((second, 0));
+                if entry.0 != second {
+                    *entry = (second, 0);
+                }
+                if entry.1 >= rate {
+                    return Err(Refusal::RateLimited(rate));
+                }
+                entry.1 += 1;
+            }
+        }
+        let now_active = self.active.fetch_add(1, Ordering::AcqRel) + 1;
+        let permit = Permit {
+            active: self.active.clone(),
+        };
+        if let Some(max) = self.max_visitors {
+            if now_active > max {
+                return Err(Refusal::Full(max)); // the permit drops and gives the place back
+            }
+        }
+        Ok(Admission {
+            gate: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// The local address a visitor connected to, for PROXY headers (`0.0.0.0:port` if unknown).
+pub fn local_addr_of(stream: &TcpStream) -> SocketAddr {
+    stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(limits: Limits) -> Arc<Gate> {
+        Gate::new("t", &limits, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn max_visitors_holds_and_is_released() {
+        let g = gate(Limits {
+            max_visitors: Some(2),
+            ..Default::default()
+        });
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let a = g.admit(ip).unwrap();
+        let b = g.admit(ip).unwrap();
+        assert_eq!(g.admit(ip).unwrap_err(), Refusal::Full(2));
+        assert_eq!(g.active(), 2);
+        drop(a);
+        let c = g.admit(ip).unwrap();
+        drop((b, c));
+        assert_eq!(g.active(), 0);
+        assert_eq!(g.metrics().visitors_over_limit.get(), 1);
+    }
+
+    #[test]
+    fn rate_limit_is_per_ip_and_per_second() {
+        let g = gate(Limits {
+            conn_rate_per_ip: Some(3),
+            ..Default::default()
+        });
+        let t0 = g.epoch + Duration::from_millis(10);
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        for _ in 0..3 {
+            g.admit_at(a, t0).unwrap();
+        }
+        assert_eq!(g.admit_at(a, t0).unwrap_err(), Refusal::RateLimited(3));
+        g.admit_at(b, t0).unwrap();
+        g.admit_at(a, t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(g.metrics().visitors_rate_limited.get(), 1);
+    }
+
+    #[test]
+    fn rate_table_stays_bounded() {
+        let g = gate(Limits {
+            conn_rate_per_ip: Some(1),
+            ..Default::default()
+        });
+        let t0 = g.epoch;
+        for i in 0..(3 * RATE_TABLE_SWEEP as u32) {
+            let ip: IpAddr = std::net::Ipv4Addr::from(i).into();
+            g.admit_at(ip, t0).unwrap();
+        }
+        assert!(g.rates.lock().unwrap().len() <= 2 * RATE_TABLE_SWEEP);
+        // A second later the stale entries are swept on the next new address.
+        g.admit_at([1, 1, 1, 1].into(), t0 + Duration::from_secs(1))
+            .unwrap();
+        assert!(g.rates.lock().unwrap().len() <= 2);
+    }
+}
