@@ -217,6 +217,10 @@ macro_rules! both_backends {
 pub struct Relay {
     pub proc: Proc,
     pub control: SocketAddr,
+    /// The shared HTTP port, when started with `--http`.
+    pub http: Option<SocketAddr>,
+    /// The shared TLS port, when started with `--tls`.
+    pub tls: Option<SocketAddr>,
     pub fingerprint: String,
     pub state: Arc<TempDir>,
     pub extra: Vec<String>,
@@ -271,9 +275,13 @@ impl Relay {
         let line = proc.wait_line("ready ");
         let control = field(&line, "control").parse().unwrap();
         let fingerprint = field(&line, "fingerprint");
+        let http = field_opt(&line, "http").map(|a| a.parse().unwrap());
+        let tls = field_opt(&line, "tls").map(|a| a.parse().unwrap());
         Relay {
             proc,
             control,
+            http,
+            tls,
             fingerprint,
             state,
             extra,
@@ -339,10 +347,23 @@ impl Agent {
 
 /// The value of `key=value` in a space-separated line.
 pub fn field(line: &str, key: &str) -> String {
+    field_opt(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// The value of `key=value` in a space-separated line, if present.
+pub fn field_opt(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-        .to_string()
+        .map(str::to_string)
+}
+
+/// Writes `toml` to a fresh file and returns its directory (keep it alive) and path.
+pub fn config_file(toml: &str) -> (TempDir, String) {
+    let dir = TempDir::new("config");
+    let path = dir.0.join("relay.toml");
+    std::fs::write(&path, toml).unwrap();
+    let path = path.display().to_string();
+    (dir, path)
 }
 
 /// An origin that echoes every byte and half-closes when the visitor does.
