@@ -56,9 +56,50 @@ fn example_configs_are_valid() {
         &[],
     )
     .unwrap();
-    assert_eq!(agent.services.len(), 3);
+    assert_eq!(agent.services.len(), 6);
     assert_eq!(agent.relay_port, 7843);
     assert_eq!(agent.services[1].pool, 2);
+    assert_eq!(agent.services[4].path.as_deref(), Some("/api"));
+    assert_eq!(relay.front.domain.as_deref(), Some("example.com"));
+    assert_eq!(relay.limits_for("billing").max_visitors, Some(200));
+    assert_eq!(relay.limits_for("billing").conn_rate_per_ip, Some(100));
+    assert_eq!(relay.limits_for("web").max_visitors, Some(10000));
+}
+
+#[test]
+fn http_and_tls_flags_make_routed_services() {
+    let cfg = agent_with(
+        "relay = \"r\"\nsecret = \"s\"\n",
+        &[
+            "--local",
+            "127.0.0.1:80",
+            "--name",
+            "blog",
+            "--http-host",
+            "blog",
+            "--http-host",
+            "www.blog.example",
+            "--path",
+            "/api/",
+        ],
+    )
+    .unwrap();
+    let s = &cfg.services[0];
+    assert_eq!(s.kind, ringtunnel::protocol::ServiceKind::Http);
+    assert_eq!(s.hosts, ["blog", "www.blog.example"]);
+    assert!(s.forwarded_headers);
+    for bad in [
+        &["--http-host", "a", "--remote-port", "20000"][..],
+        &["--http-host", "a", "--tls-host", "b"][..],
+        &["--path", "/x"][..],
+    ] {
+        let mut full = vec!["ringtunnel", "agent", "--relay", "r", "--local", "h:1"];
+        full.extend_from_slice(bad);
+        assert!(
+            ringtunnel::cli::Cli::try_parse_from(full).is_err(),
+            "{bad:?}"
+        );
+    }
 }
 
 #[test]
@@ -99,6 +140,20 @@ fn broken_configs_are_rejected_with_reasons() {
             "[[service]]\nname = \"a b\"\nsecret = \"x\"",
             "invalid service name",
         ),
+        ("secret = \"s\"\ndomain = \"bad domain\"", "--domain"),
+        ("secret = \"s\"\nhead_timeout_secs = 0", "head_timeout_secs"),
+        ("secret = \"s\"\nagent_wait_secs = -1", "agent_wait_secs"),
+        ("secret = \"s\"\nmax_head_bytes = 10", "max_head_bytes"),
+        ("secret = \"s\"\n[limits]\nmax_visitors = 0", "max_visitors"),
+        (
+            "secret = \"s\"\n[limits]\nidle_timeout_secs = nan",
+            "idle_timeout_secs",
+        ),
+        ("secret = \"s\"\n[limits]\nmax_vistors = 3", "max_vistors"),
+        (
+            "secret = \"s\"\n[[service]]\nname = \"a\"\n[service.limits]\nmax_agents = 0",
+            "max_agents",
+        ),
     ];
     for (toml, needle) in relay_cases {
         let err = relay_with(toml).unwrap_err();
@@ -112,6 +167,13 @@ fn broken_configs_are_rejected_with_reasons() {
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\n[[service]]\nname=\"a\"\nlocal=\"h:2\"", "twice"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\npool=0", "pool"),
         ("relay = \"r\"\nsecret=\"s\"\nrelay_fingerprint=\"abc\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"", "fingerprint"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"", "at least one host"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a b\"]", "invalid host"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a\"]\npath=\"api\"", "path prefix"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nhosts=[\"a\"]", "hosts and path are for http"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a\"]\nproxy_protocol=\"v1\"", "proxy_protocol is for tcp"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"tls\"\nhosts=[\"a\"]\nremote_port=5", "remote_port is for tcp"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"udp\"", "kind"),
     ];
     for (toml, needle) in agent_cases {
         let err = agent_with(toml, &[]).unwrap_err();

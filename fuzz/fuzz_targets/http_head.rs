@@ -1,0 +1,20 @@
+//! Random bytes as a visitor's first request head: the parser must never panic, never claim
+//! more bytes than it was given or than the limit, and its forwarded-header rewrite of any
+//! head it accepts must parse again to the same host.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use ringtunnel::protocol::http::{add_forwarded, parse_head};
+
+fuzz_target!(|data: &[u8]| {
+    let max = 4096;
+    if let Ok(Some(head)) = parse_head(data, max) {
+        assert!(head.len <= data.len() && head.len <= max);
+        let rewritten = add_forwarded(&data[..head.len], "192.0.2.1:1234".parse().unwrap(), "http");
+        let again = parse_head(&rewritten, rewritten.len() + 1)
+            .expect("rewritten head parses")
+            .expect("rewritten head is complete");
+        assert_eq!(again.host, head.host);
+        assert_eq!(again.len, rewritten.len());
+    }
+});
