@@ -5,7 +5,7 @@
 //! - `rtload idle --target ADDR --conns N --hold SECS` — opens N connections (bounded
 //!   concurrency), checks each with a round trip, prints `holding OK FAILED` and holds them
 //!   until stdin closes or SECS pass; then prints a JSON summary.
-//! - `rtload connect --target ADDR --path /1k --secs S --conns C` — C loops of
+//! - `rtload connect --target ADDR --path /1k [--host NAME] --secs S --conns C` — C loops of
 //!   connect → `GET` with `Connection: close` → first response byte, for S seconds; prints
 //!   JSON with connect-to-first-byte percentiles (HdrHistogram, microseconds).
 //!
@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Some("connect") => rt.block_on(connect(
             need(&args, "--target")?,
             arg(&args, "--path").unwrap_or("/").to_string(),
+            arg(&args, "--host").map(str::to_string),
             need(&args, "--secs")?,
             need(&args, "--conns")?,
         )),
@@ -147,8 +148,15 @@ async fn idle(target: SocketAddr, conns: usize, hold: u64) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn connect(target: SocketAddr, path: String, secs: u64, conns: usize) -> anyhow::Result<()> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n");
+async fn connect(
+    target: SocketAddr,
+    path: String,
+    host: Option<String>,
+    secs: u64,
+    conns: usize,
+) -> anyhow::Result<()> {
+    let host = host.unwrap_or_else(|| target.to_string());
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1, 60_000_000, 3,
     )?));
