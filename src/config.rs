@@ -449,7 +449,7 @@ pub struct RelayConfig {
 }
 
 /// Which secret authenticated a service: the relay's default one, or a service's own.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SecretId {
     /// The relay-wide secret.
     Default,

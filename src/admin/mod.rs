@@ -27,6 +27,8 @@ pub struct Metrics {
     pub sessions_accepted: Counter,
     /// Control connections that failed authentication (wrong secret).
     pub auth_failures: Counter,
+    /// Agents refused because their secret had its maximum of agents connected.
+    pub agents_over_limit: Counter,
     /// Connections closed for malformed frames, wrong version or a timeout in the handshake.
     pub bad_connections: Counter,
     /// Data connections accepted into a pool.
@@ -59,6 +61,7 @@ impl Metrics {
         vec![
             ("sessions_accepted", self.sessions_accepted.get()),
             ("auth_failures", self.auth_failures.get()),
+            ("agents_over_limit", self.agents_over_limit.get()),
             ("bad_connections", self.bad_connections.get()),
             ("data_accepted", self.data_accepted.get()),
             ("data_rejected", self.data_rejected.get()),

@@ -188,7 +188,8 @@ async fn data_connection(
             let cmd = uring::Command::RelayData {
                 stream,
                 service: service.name.clone(),
-                pool,
+                pools: service.pools.clone(),
+                worker,
             };
             if let Err(e) = workers.send(worker, cmd) {
                 tracing::warn!(%peer, "data connection dropped: {e}");

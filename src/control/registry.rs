@@ -163,13 +163,14 @@ impl Registry {
         kick: mpsc::Sender<String>,
         mut secrets: Vec<SecretId>,
     ) -> Result<SessionId, String> {
-        secrets.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+        secrets.sort();
         secrets.dedup();
         let mut g = self.lock();
         for id in &secrets {
             let have = g.agents_per_secret.get(id).copied().unwrap_or(0);
             if let Some(max) = self.cfg.max_agents(id) {
                 if have >= max {
+                    self.metrics.agents_over_limit.inc();
                     let whose = match id {
                         SecretId::Default => "the relay's secret".to_string(),
                         SecretId::Service(n) => format!("service {n}'s secret"),

@@ -54,8 +54,10 @@ pub enum Command {
         stream: std::net::TcpStream,
         /// Service name, for logs.
         service: String,
-        /// This worker's pool for the service.
-        pool: Arc<Pool>,
+        /// The service's pools, one per worker.
+        pools: Vec<Arc<Pool>>,
+        /// Which of them is this worker's (the one the ticket was issued for).
+        worker: usize,
     },
     /// Agent: open a data connection with `ticket`, wait for a visitor, dial `local`, splice.
     AgentData {
@@ -165,9 +167,16 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
             Command::RelayData {
                 stream,
                 service,
-                pool,
+                pools,
+                worker,
             } => {
-                monoio::spawn(relay::serve_data(stream, service, pool, pipes.clone()));
+                monoio::spawn(relay::serve_data(
+                    stream,
+                    service,
+                    pools,
+                    worker,
+                    pipes.clone(),
+                ));
             }
             Command::AgentData {
                 relay,

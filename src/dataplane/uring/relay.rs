@@ -70,14 +70,16 @@ pub async fn serve_listener(
     }
 }
 
-/// Parks a data connection in `pool`; when a visitor is assigned, announces it and splices.
+/// Serves a data connection: to a visitor already waiting on any worker, else it parks in this
+/// worker's pool; when a visitor is assigned, announces it and splices.
 pub async fn serve_data(
     stream: std::net::TcpStream,
     service: String,
-    pool: Arc<Pool>,
+    pools: Vec<Arc<Pool>>,
+    worker: usize,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = park_and_forward(stream, &service, &pool, &pipes).await {
+    if let Err(e) = park_and_forward(stream, &service, &pools, worker, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
@@ -85,13 +87,14 @@ pub async fn serve_data(
 async fn park_and_forward(
     stream: std::net::TcpStream,
     service: &str,
-    pool: &Pool,
+    pools: &[Arc<Pool>],
+    worker: usize,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
     let tunnel = TcpStream::from_std(stream)?;
     let (slot, assigned) = oneshot::channel::<Visitor>();
-    pool.offer(slot);
+    Pool::offer_any(pools, worker, slot);
     // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
     // means EOF or misbehaviour, and the connection leaves the pool.
     let visitor = monoio::select! {
