@@ -284,6 +284,113 @@ async fn bad_heads_get_clear_errors_and_others_are_not_disturbed(backend: Backen
     assert!(out.contains("app /split xff=127.0.0.1 "), "{out}");
 }
 
+async fn agent_blip_is_invisible_to_visitors(backend: Backend) {
+    let (relay, _cfg) = shared_relay(backend, "agent_wait_secs = 20\n");
+    let http = relay.http.unwrap();
+    let origin = http_origin("app").await;
+    let args = with(relay.agent_args(origin, "app"), &["--http-host", "app"]);
+    let mut agent = Agent::spawn(args.clone());
+    assert_eq!(get(http, "app.example.test", "/").await.0, 200);
+    agent.proc.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A visitor arriving while the agent is away waits for it instead of failing.
+    let during = tokio::spawn(async move { get(http, "app.example.test", "/during").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _back = Agent::spawn(args);
+    let (st, body) = tokio::time::timeout(WAIT, during).await.unwrap().unwrap();
+    assert_eq!((st, body.starts_with("app /during")), (200, true), "{body}");
+}
+
+/// An origin that honours `Expect: 100-continue`, reads a chunked body, and answers with the
+/// body's length and SHA-256 prefix.
+async fn chunked_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        if head.contains("expect: 100-continue") {
+            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+        }
+        let mut raw = buf[end..].to_vec();
+        while !raw.ends_with(b"0\r\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            raw.extend_from_slice(&chunk[..n]);
+        }
+        // Decode the chunked body.
+        let mut body = Vec::new();
+        let mut rest = &raw[..];
+        loop {
+            let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+            rest = &rest[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        let digest = sha256(&body);
+        let answer = format!("{} {:02x}{:02x}", body.len(), digest[0], digest[1]);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+        s.write_all(resp.as_bytes()).await.unwrap();
+        let _ = s.shutdown().await;
+    });
+    addr
+}
+
+async fn expect_continue_and_chunked_bodies_pass_through(backend: Backend) {
+    let (relay, _cfg) = shared_relay(backend, "");
+    let origin = chunked_origin().await;
+    let _a = Agent::spawn(with(
+        relay.agent_args(origin, "upload"),
+        &["--http-host", "upload"],
+    ));
+    let mut s = TcpStream::connect(relay.http.unwrap()).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: upload.example.test\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(WAIT, s.read_exact(&mut interim))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let body = pseudo_random(7, 300_000);
+    for part in body.chunks(70_000) {
+        s.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+            .await
+            .unwrap();
+        s.write_all(part).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let digest = sha256(&body);
+    assert!(
+        out.ends_with(&format!("300000 {:02x}{:02x}", digest[0], digest[1])),
+        "{out}"
+    );
+}
+
 /// Minimal WebSocket origin: completes the handshake, then echoes each client frame back as
 /// an unmasked frame with the same opcode.
 async fn websocket_origin() -> SocketAddr {
@@ -714,6 +821,8 @@ async fn limits_hold_and_are_released(backend: Backend) {
 both_backends!(
     hosts_and_paths_route_to_the_right_agent,
     bad_heads_get_clear_errors_and_others_are_not_disturbed,
+    agent_blip_is_invisible_to_visitors,
+    expect_continue_and_chunked_bodies_pass_through,
     websocket_echo_through_http_service,
     tls_passthrough_by_sni_keeps_end_to_end_encryption,
     proxy_protocol_tells_the_origin_who_connected,
