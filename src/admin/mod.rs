@@ -53,6 +53,9 @@ pub struct Metrics {
     pub http_agent_offline: Counter,
     /// Shared TLS port: connections without SNI, with an unknown one, or not TLS at all.
     pub tls_unroutable: Counter,
+    /// Shared ports: visitors closed at once because their address had too many still being
+    /// routed.
+    pub visitors_shed: Counter,
 }
 
 impl Metrics {
@@ -74,6 +77,7 @@ impl Metrics {
             ("http_unknown_host", self.http_unknown_host.get()),
             ("http_agent_offline", self.http_agent_offline.get()),
             ("tls_unroutable", self.tls_unroutable.get()),
+            ("visitors_shed", self.visitors_shed.get()),
         ]
     }
 }

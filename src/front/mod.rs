@@ -15,10 +15,11 @@ pub mod http;
 pub mod reply;
 pub mod tls;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -28,6 +29,57 @@ use crate::control::registry::Service;
 use crate::control::Shared;
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
 use crate::dataplane::DataPlane;
+
+/// Most visitors from one address that may be between accept and hand-off (sending their
+/// head, or waiting for an offline agent) at once on one shared port. Each is bounded in time
+/// and size already; this keeps one address from holding thousands of them (slowloris).
+pub const MAX_PENDING_PER_IP: u32 = 64;
+
+/// Visitors per address still being routed on one shared port.
+#[derive(Default)]
+pub struct Pending {
+    by_ip: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One visitor's place in [`Pending`]; dropping it frees the place.
+pub struct PendingGuard {
+    pending: Arc<Pending>,
+    ip: IpAddr,
+}
+
+impl Pending {
+    /// Takes a place for a visitor from `ip`, or `None` if that address has
+    /// [`MAX_PENDING_PER_IP`] visitors being routed already.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<PendingGuard> {
+        let mut m = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(PendingGuard {
+            pending: self.clone(),
+            ip,
+        })
+    }
+
+    /// Addresses with visitors being routed right now.
+    pub fn addresses(&self) -> usize {
+        self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut m = self.pending.by_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Accepts visitors on a shared port forever, one task each, `serve` deciding their fate.
 pub async fn accept_loop<F, Fut>(
@@ -39,12 +91,22 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(Arc<Shared>, TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let pending = Arc::new(Pending::default());
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
                 shared.metrics.visitors_accepted.inc();
-                tokio::spawn(serve(shared.clone(), stream, addr));
+                let Some(place) = pending.enter(addr.ip()) else {
+                    shared.metrics.visitors_shed.inc();
+                    tracing::debug!(port = what, visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
+                    continue; // dropping the stream closes it
+                };
+                let fut = serve(shared.clone(), stream, addr);
+                tokio::spawn(async move {
+                    fut.await;
+                    drop(place);
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -116,4 +178,24 @@ pub async fn dispatch(
 pub fn reclaim(visitor: Visitor) -> io::Result<TcpStream> {
     visitor.stream.set_nonblocking(true)?;
     TcpStream::from_std(visitor.stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_places_are_per_address_and_released() {
+        let p = Arc::new(Pending::default());
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let held: Vec<_> = (0..MAX_PENDING_PER_IP)
+            .map(|_| p.enter(a).unwrap())
+            .collect();
+        assert!(p.enter(a).is_none());
+        let other = p.enter([10, 0, 0, 2].into()).unwrap();
+        drop(held);
+        drop(other);
+        assert_eq!(p.addresses(), 0, "no entry outlives its visitors");
+        assert!(p.enter(a).is_some());
+    }
 }
