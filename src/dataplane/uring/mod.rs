@@ -88,6 +88,7 @@ impl Workers {
             .unwrap_or(1)
             .max(1);
         let mut senders = Vec::with_capacity(n);
+        let mut mode = RingMode::Plain;
         for i in 0..n {
             let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -98,13 +99,9 @@ impl Workers {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                        .with_entries(RING_ENTRIES)
-                        .enable_timer()
-                        .build();
-                    match rt {
-                        Ok(mut rt) => {
-                            let _ = ready_tx.send(Ok(()));
+                    match build_runtime() {
+                        Ok((mut rt, mode)) => {
+                            let _ = ready_tx.send(Ok(mode));
                             rt.block_on(run(i, rx));
                         }
                         Err(e) => {
@@ -112,13 +109,14 @@ impl Workers {
                         }
                     }
                 })?;
-            ready_rx
+            mode = ready_rx
                 .recv()
                 .map_err(|_| io::Error::other("worker thread died while starting"))??;
             senders.push(tx);
         }
         tracing::info!(
             workers = n,
+            ring = mode.as_str(),
             "io_uring workers started, one per core, pinned"
         );
         Ok(Arc::new(Workers {
@@ -148,6 +146,74 @@ impl Workers {
             .try_send(cmd)
             .map_err(|e| io::Error::other(format!("worker {i} cannot take more work: {e}")))
     }
+}
+
+/// How a worker's ring runs completion work (task work) in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RingMode {
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (Linux 6.1+): completion work runs only when the
+    /// worker enters the ring to wait, never by interrupting it.
+    Deferred,
+    /// `COOP_TASKRUN | TASKRUN_FLAG` (Linux 5.19+): no interrupt to run completion work; it
+    /// runs at the worker's next system call.
+    Cooperative,
+    /// Kernel defaults: completion work interrupts the worker.
+    Plain,
+}
+
+impl RingMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            RingMode::Deferred => "defer-taskrun",
+            RingMode::Cooperative => "coop-taskrun",
+            RingMode::Plain => "plain",
+        }
+    }
+
+    /// Modes to try, best first; `RINGTUNNEL_URING_MODE=defer|coop|plain` pins one (for
+    /// measuring them against each other).
+    fn candidates() -> Vec<RingMode> {
+        match std::env::var("RINGTUNNEL_URING_MODE").as_deref() {
+            Ok("defer") => vec![RingMode::Deferred],
+            Ok("coop") => vec![RingMode::Cooperative],
+            Ok("plain") => vec![RingMode::Plain],
+            _ => vec![RingMode::Deferred, RingMode::Cooperative, RingMode::Plain],
+        }
+    }
+
+    fn builder(self) -> io_uring::Builder {
+        let mut b = io_uring::IoUring::builder();
+        match self {
+            RingMode::Deferred => {
+                b.setup_single_issuer().setup_defer_taskrun();
+            }
+            RingMode::Cooperative => {
+                b.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            RingMode::Plain => {}
+        }
+        b
+    }
+}
+
+type WorkerRuntime = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDriver>>;
+
+/// This thread's runtime, on the best ring mode the kernel accepts (older kernels refuse the
+/// newer setup flags with `EINVAL`).
+fn build_runtime() -> io::Result<(WorkerRuntime, RingMode)> {
+    let mut last = None;
+    for mode in RingMode::candidates() {
+        let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(RING_ENTRIES)
+            .uring_builder(mode.builder())
+            .enable_timer()
+            .build();
+        match rt {
+            Ok(rt) => return Ok((rt, mode)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no io_uring mode to try")))
 }
 
 async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
@@ -195,4 +261,31 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
         }
     }
     tracing::debug!(worker = id, "worker stopping: command channel closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ring_mode_the_kernel_accepts_runs_timers() {
+        if let Err(why) = crate::dataplane::probe::io_uring() {
+            println!("skipped: io_uring unavailable here ({why})");
+            return;
+        }
+        for mode in [RingMode::Deferred, RingMode::Cooperative, RingMode::Plain] {
+            let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(RING_ENTRIES)
+                .uring_builder(mode.builder())
+                .enable_timer()
+                .build();
+            match rt {
+                Ok(mut rt) => rt.block_on(async {
+                    monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }),
+                // Older kernels refuse the newer setup flags; the plain ring must work.
+                Err(e) => assert_ne!(mode, RingMode::Plain, "plain ring failed: {e}"),
+            }
+        }
+    }
 }
