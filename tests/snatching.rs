@@ -63,6 +63,10 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
         assert!(left.is_empty());
         let (forged_s, _) = forged.into_parts();
 
+        // Let the relay park the legitimate connection first: on uring, a visitor that finds
+        // every worker's pool empty waits on its own worker's pool, which this hand-rolled
+        // agent never refills.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         // A visitor arrives with a secret; only the legitimate connection may see it.
         let secret = b"visitor-secret-payload-0123456789";
         let mut visitor = TcpStream::connect(("127.0.0.1", port)).await.unwrap();

@@ -188,8 +188,7 @@ async fn data_connection(
             let cmd = uring::Command::RelayData {
                 stream,
                 service: service.name.clone(),
-                pools: service.pools.clone(),
-                worker,
+                pool,
             };
             if let Err(e) = workers.send(worker, cmd) {
                 tracing::warn!(%peer, "data connection dropped: {e}");

@@ -70,11 +70,19 @@ impl IdleWatch {
     }
 }
 
+// The watch loops are boxed, and only when a timeout is set: the watcher sits beside every
+// forwarded visitor, and inline its timer state doubled the relay's per-visitor task size
+// (1 280 → 2 304 bytes on uring; +2 KiB RSS per idle visitor measured).
+
 /// Tokio: completes once `fd` has been idle for `timeout`; never completes for `None`.
 pub async fn tokio_idle(fd: RawFd, timeout: Option<Duration>) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
+    match timeout {
+        Some(timeout) => Box::pin(tokio_watch(fd, timeout)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tokio_watch(fd: RawFd, timeout: Duration) {
     let mut watch = IdleWatch::new(fd, timeout, Instant::now());
     loop {
         tokio::time::sleep(watch.period()).await;
@@ -87,9 +95,13 @@ pub async fn tokio_idle(fd: RawFd, timeout: Option<Duration>) {
 /// monoio (uring workers): completes once `fd` has been idle for `timeout`; never completes
 /// for `None`.
 pub async fn monoio_idle(fd: RawFd, timeout: Option<Duration>) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
+    match timeout {
+        Some(timeout) => Box::pin(monoio_watch(fd, timeout)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn monoio_watch(fd: RawFd, timeout: Duration) {
     let mut watch = IdleWatch::new(fd, timeout, Instant::now());
     loop {
         monoio::time::sleep(watch.period()).await;

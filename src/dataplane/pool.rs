@@ -143,38 +143,18 @@ impl Pool {
     }
 
     /// A data connection is ready: give it to the oldest waiting visitor, or park it.
-    pub fn offer(&self, slot: Slot) {
-        if let Err(slot) = self.serve_waiter(slot) {
-            self.lock().idle.push_back(slot);
-        }
-    }
-
-    /// A data connection owned by worker `own` is ready: give it to the oldest visitor
-    /// waiting in that worker's pool, else to one waiting in another worker's pool (a visitor
-    /// accepted on a core whose pool was empty), else park it in its own pool.
-    pub fn offer_any(pools: &[Arc<Pool>], own: usize, mut slot: Slot) {
-        for i in 0..pools.len() {
-            match pools[(own + i) % pools.len()].serve_waiter(slot) {
-                Ok(()) => return,
-                Err(back) => slot = back,
-            }
-        }
-        pools[own % pools.len()].lock().idle.push_back(slot);
-    }
-
-    /// Gives `slot` to the oldest visitor still waiting here, or gives it back.
-    fn serve_waiter(&self, mut slot: Slot) -> Result<(), Slot> {
+    pub fn offer(&self, mut slot: Slot) {
         let mut g = self.lock();
         while let Some(waiter) = g.waiters.pop_front() {
             match waiter.send(slot) {
                 Ok(()) => {
                     g.nudge();
-                    return Ok(());
+                    return;
                 }
                 Err(back) => slot = back, // that visitor gave up; try the next
             }
         }
-        Err(slot)
+        g.idle.push_back(slot);
     }
 
     /// Pairs `visitor` with an idle data connection if there is one, without waiting;
@@ -333,28 +313,6 @@ mod tests {
         pool.offer(slot);
         waiting.await.unwrap().unwrap();
         assert!(rx.await.is_ok());
-    }
-
-    #[tokio::test]
-    async fn a_connection_on_one_worker_serves_a_visitor_waiting_on_another() {
-        let pools = vec![Arc::new(Pool::new()), Arc::new(Pool::new())];
-        let p1 = pools[1].clone();
-        let (v, _c) = visitor().await;
-        let waiting = tokio::spawn(async move {
-            let (sleep, d) = wait(Duration::from_secs(30));
-            p1.take(v, sleep, d).await.map_err(|(e, _)| e)
-        });
-        while pools[1].lock().waiters.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        let (slot, rx) = oneshot::channel();
-        Pool::offer_any(&pools, 0, slot);
-        waiting.await.unwrap().unwrap();
-        assert!(
-            rx.await.is_ok(),
-            "worker 0's connection got worker 1's visitor"
-        );
-        assert!(pools[0].lock().idle.is_empty());
     }
 
     #[tokio::test]

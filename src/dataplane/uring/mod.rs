@@ -54,10 +54,8 @@ pub enum Command {
         stream: std::net::TcpStream,
         /// Service name, for logs.
         service: String,
-        /// The service's pools, one per worker.
-        pools: Vec<Arc<Pool>>,
-        /// Which of them is this worker's (the one the ticket was issued for).
-        worker: usize,
+        /// This worker's pool for the service.
+        pool: Arc<Pool>,
     },
     /// Agent: open a data connection with `ticket`, wait for a visitor, dial `local`, splice.
     AgentData {
@@ -233,16 +231,9 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
             Command::RelayData {
                 stream,
                 service,
-                pools,
-                worker,
+                pool,
             } => {
-                monoio::spawn(relay::serve_data(
-                    stream,
-                    service,
-                    pools,
-                    worker,
-                    pipes.clone(),
-                ));
+                monoio::spawn(relay::serve_data(stream, service, pool, pipes.clone()));
             }
             Command::AgentData {
                 relay,

@@ -70,16 +70,14 @@ pub async fn serve_listener(
     }
 }
 
-/// Serves a data connection: to a visitor already waiting on any worker, else it parks in this
-/// worker's pool; when a visitor is assigned, announces it and splices.
+/// Parks a data connection in `pool`; when a visitor is assigned, announces it and splices.
 pub async fn serve_data(
     stream: std::net::TcpStream,
     service: String,
-    pools: Vec<Arc<Pool>>,
-    worker: usize,
+    pool: Arc<Pool>,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = park_and_forward(stream, &service, &pools, worker, &pipes).await {
+    if let Err(e) = park_and_forward(stream, &service, &pool, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
@@ -87,14 +85,13 @@ pub async fn serve_data(
 async fn park_and_forward(
     stream: std::net::TcpStream,
     service: &str,
-    pools: &[Arc<Pool>],
-    worker: usize,
+    pool: &Pool,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
     let tunnel = TcpStream::from_std(stream)?;
     let (slot, assigned) = oneshot::channel::<Visitor>();
-    Pool::offer_any(pools, worker, slot);
+    pool.offer(slot);
     // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
     // means EOF or misbehaviour, and the connection leaves the pool.
     let visitor = monoio::select! {
