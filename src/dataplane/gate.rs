@@ -138,12 +138,19 @@ impl Gate {
                 Refusal::Full(_) => self.metrics.visitors_over_limit.inc(),
                 Refusal::RateLimited(_) => self.metrics.visitors_rate_limited.inc(),
             }
-            let second = now.saturating_duration_since(self.epoch).as_secs();
-            if self.last_warned.swap(second, Ordering::Relaxed) != second {
+            if self.may_log(now) {
                 tracing::warn!(service = %self.service, visitor = %ip, "visitor refused: {refusal}");
             }
         }
         result
+    }
+
+    /// Whether a per-visitor log line for this service may be written now: at most one per
+    /// second, so a flood of refusals or idle closes cannot flood the log (counters still
+    /// count every one).
+    pub fn may_log(&self, now: Instant) -> bool {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        self.last_warned.swap(second, Ordering::Relaxed) != second
     }
 
     fn check(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {

@@ -119,6 +119,9 @@ pub fn idle_closed(
 ) {
     if let Some(a) = admission {
         a.gate.metrics().visitors_idle_closed.inc();
+        if !a.gate.may_log(Instant::now()) {
+            return;
+        }
         tracing::info!(
             service,
             %visitor,
