@@ -79,6 +79,12 @@ pub struct RelayArgs {
     /// Domain for bare host names: `--http-host blog` becomes `blog.DOMAIN`.
     #[arg(long)]
     pub domain: Option<String>,
+    /// Admin endpoint (`/health`, `/metrics`), e.g. 127.0.0.1:7844; off unless given.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires (required beyond loopback).
+    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
     /// TOML config file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -137,6 +143,8 @@ impl RelayArgs {
                 file.agent_wait_secs,
             )?,
             limits: file.limits,
+            admin: self.admin.or(file.admin),
+            admin_token: self.admin_token.or(file.admin_token),
         };
         cfg.validate()?;
         Ok(cfg)

@@ -235,6 +235,10 @@ pub struct RelayFile {
     pub heartbeat_interval_secs: Option<u64>,
     /// Seconds of silence before an agent is dropped.
     pub heartbeat_timeout_secs: Option<u64>,
+    /// Admin endpoint (`/health`, `/metrics`).
+    pub admin: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires.
+    pub admin_token: Option<Secret>,
     /// Shared HTTP port for `http` services.
     pub http: Option<SocketAddr>,
     /// Shared TLS (SNI passthrough) port for `tls` services.
@@ -446,6 +450,10 @@ pub struct RelayConfig {
     pub front: FrontConfig,
     /// Relay-wide limits.
     pub limits: Limits,
+    /// Admin endpoint address (`None`: off).
+    pub admin: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires (`None`: none).
+    pub admin_token: Option<Secret>,
 }
 
 /// Which secret authenticated a service: the relay's default one, or a service's own.
@@ -517,6 +525,23 @@ impl RelayConfig {
         self.limits.validate("[limits]")?;
         if self.workers == Some(0) {
             return Err(ConfigError::Invalid("--workers must be at least 1".into()));
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "the admin token must not be empty".into(),
+            ));
+        }
+        if self
+            .admin
+            .is_some_and(|a| !a.ip().is_loopback() && self.admin_token.is_none())
+        {
+            return Err(ConfigError::Invalid(
+                "the admin endpoint listens beyond loopback: set an admin token (--admin-token or RINGTUNNEL_ADMIN_TOKEN)".into(),
+            ));
         }
         Ok(())
     }

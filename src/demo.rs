@@ -67,6 +67,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         heartbeat: Heartbeat::default(),
         front: Default::default(),
         limits: Default::default(),
+        admin: None,
+        admin_token: None,
     })
     .await
     .context("starting the demo relay")?;

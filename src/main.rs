@@ -67,6 +67,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(a) = relay.tls_addr {
                     shared_ports.push_str(&format!(" tls={a}"));
                 }
+                if let Some(a) = relay.admin_addr {
+                    shared_ports.push_str(&format!(" admin={a}"));
+                }
                 say(&format!(
                     "ready control={} fingerprint={} backend={} data_tls={data_tls}{shared_ports}",
                     relay.control_addr, relay.fingerprint, relay.backend

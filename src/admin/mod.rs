@@ -1,6 +1,7 @@
-//! Operational visibility: counters the relay keeps and reports in its log.
-//!
-//! Counters only for now; the JSON/health endpoint builds on [`Metrics::snapshot`].
+//! Operational visibility: counters the relay keeps, reports in its log when it stops, and
+//! serves on the admin endpoint ([`http`]: `/health`, `/metrics`).
+
+pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -103,6 +103,8 @@ pub struct RelayHandle {
     pub http_addr: Option<SocketAddr>,
     /// The bound shared TLS port, if any.
     pub tls_addr: Option<SocketAddr>,
+    /// The bound admin endpoint, if any.
+    pub admin_addr: Option<SocketAddr>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     task: JoinHandle<()>,
@@ -153,6 +155,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     };
     let (http_listener, http_addr) = bind_shared(cfg.front.http)?;
     let (tls_listener, tls_addr) = bind_shared(cfg.front.tls)?;
+    let (admin_listener, admin_addr) = bind_shared(cfg.admin)?;
     let dataplane = DataPlane::start(backend, cfg.workers)
         .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
     tracing::info!(%backend, "data plane backend: {why}");
@@ -200,6 +203,9 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
                 crate::front::http::serve,
             )));
         }
+        if let Some(l) = admin_listener {
+            fronts.push(tokio::spawn(crate::admin::http::serve(shared.clone(), l)));
+        }
         if let Some(l) = tls_listener {
             let s = shared.clone();
             fronts.push(tokio::spawn(crate::front::accept_loop(
@@ -222,6 +228,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         backend,
         http_addr,
         tls_addr,
+        admin_addr,
         metrics,
         task,
     })

@@ -95,6 +95,19 @@ struct Inner {
     next_session: SessionId,
 }
 
+/// One service as the admin endpoint reports it.
+#[derive(Debug, Clone)]
+pub struct ServiceSnapshot {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: ServiceKind,
+    /// Whether an agent session owns it now (false while it lingers).
+    pub online: bool,
+    /// Visitors connected right now.
+    pub visitors: usize,
+}
+
 /// The actual ports of the relay's shared listeners (after binding, so port 0 is resolved).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SharedPorts {
@@ -148,6 +161,23 @@ impl Registry {
     /// claimed prefix of the path wins.
     pub fn route_http(&self, host: &str, path: &str) -> Option<Arc<Service>> {
         self.routes().http(host, path)
+    }
+
+    /// Every service, for the admin endpoint.
+    pub fn snapshot(&self) -> Vec<ServiceSnapshot> {
+        let g = self.lock();
+        let mut out: Vec<ServiceSnapshot> = g
+            .services
+            .values()
+            .map(|s| ServiceSnapshot {
+                name: s.name.clone(),
+                kind: s.kind,
+                online: s.state().owner.is_some(),
+                visitors: s.gate.active(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The `tls` service claiming SNI name `host` (normalized).

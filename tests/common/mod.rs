@@ -221,6 +221,8 @@ pub struct Relay {
     pub http: Option<SocketAddr>,
     /// The shared TLS port, when started with `--tls`.
     pub tls: Option<SocketAddr>,
+    /// The admin endpoint, when started with `--admin`.
+    pub admin: Option<SocketAddr>,
     pub fingerprint: String,
     pub state: Arc<TempDir>,
     pub extra: Vec<String>,
@@ -277,11 +279,13 @@ impl Relay {
         let fingerprint = field(&line, "fingerprint");
         let http = field_opt(&line, "http").map(|a| a.parse().unwrap());
         let tls = field_opt(&line, "tls").map(|a| a.parse().unwrap());
+        let admin = field_opt(&line, "admin").map(|a| a.parse().unwrap());
         Relay {
             proc,
             control,
             http,
             tls,
+            admin,
             fingerprint,
             state,
             extra,
