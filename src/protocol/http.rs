@@ -36,8 +36,32 @@ pub struct Head {
 }
 
 /// Parses the request head at the start of `buf`. `Ok(None)` means the head has not ended
-/// yet and is still within `max` bytes: read more.
+/// yet and is still within `max` bytes: read more. Empty lines before the request line are
+/// skipped (RFC 9112 section 2.2) and counted in [`Head::len`].
 pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
+    let skip = leading_empty_lines(buf);
+    if skip >= max {
+        return Err(HeadError::TooLarge(max));
+    }
+    Ok(parse_request(&buf[skip..], max - skip)?.map(|mut h| {
+        h.len += skip;
+        h
+    }))
+}
+
+/// Bytes of empty lines (CRLF or LF) at the start of `buf`.
+fn leading_empty_lines(buf: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        match &buf[i..] {
+            [b'\r', b'\n', ..] => i += 2,
+            [b'\n', ..] => i += 1,
+            _ => return i,
+        }
+    }
+}
+
+fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
     let Some(len) = head_end(buf) else {
         return if buf.len() >= max {
             Err(HeadError::TooLarge(max))
@@ -115,6 +139,9 @@ fn is_tchar(b: u8) -> bool {
 }
 
 fn check_partial_request_line(buf: &[u8]) -> Result<(), HeadError> {
+    if buf == b"\r" {
+        return Ok(()); // the start of another empty line
+    }
     let method_end = buf.iter().position(|&b| b == b' ').unwrap_or(buf.len());
     if !buf[..method_end].iter().all(|&b| is_tchar(b)) {
         return Err(HeadError::Malformed("invalid method"));
@@ -257,7 +284,8 @@ pub fn add_forwarded(head: &[u8], visitor: SocketAddr, proto: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 128);
     let mut xff: Vec<&[u8]> = Vec::new();
     let mut fwd: Vec<&[u8]> = Vec::new();
-    let mut rest = head;
+    // Empty lines before the request line are dropped: they carry nothing.
+    let mut rest = &head[leading_empty_lines(head)..];
     let mut first = true;
     while let Some(i) = rest.iter().position(|&b| b == b'\n') {
         let raw = &rest[..=i];
@@ -360,6 +388,16 @@ mod tests {
     }
 
     #[test]
+    fn empty_lines_before_the_request_are_skipped() {
+        let head = "\r\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let h = parse(head).unwrap().unwrap();
+        assert_eq!((h.host.as_str(), h.len), ("a", head.len()));
+        assert_eq!(parse("\r\n"), Ok(None));
+        assert_eq!(parse("\r\n\r"), Ok(None));
+        assert_eq!(parse_head(&[b'\n'; 64], 64), Err(HeadError::TooLarge(64)));
+    }
+
+    #[test]
     fn partial_heads_ask_for_more() {
         assert_eq!(parse(""), Ok(None));
         assert_eq!(parse("GE"), Ok(None));
@@ -419,6 +457,17 @@ mod tests {
         assert!(out.contains("Forwarded: for=\"[2001:db8::1]\";proto=http\r\n"));
         let reparsed = parse(&out).unwrap().unwrap();
         assert_eq!(reparsed.len, out.len());
+        let out = add_forwarded(
+            b"\r\n\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "10.0.0.9:1".parse().unwrap(),
+            "http",
+        );
+        let h = parse_head(&out, DEFAULT_MAX_HEAD).unwrap().unwrap();
+        assert_eq!(
+            (h.host.as_str(), h.path.as_str(), h.len),
+            ("a", "/x", out.len())
+        );
+        assert!(out.starts_with(b"GET /x HTTP/1.1\r\n"));
     }
 
     fn host_strategy() -> impl Strategy<Value = String> {
