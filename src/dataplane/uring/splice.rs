@@ -223,6 +223,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<
                     if n == SCRATCH_LEN {
                         break; // bulk: splice from here on
                     }
+                    // A short read almost always drained the socket: wait on the ring rather
+                    // than spend a recv on EAGAIN. The ring's poll is level-triggered, so
+                    // bytes that did arrive meanwhile complete it at once.
+                    src.readable(false).await?;
                 }
             }
         }
