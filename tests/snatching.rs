@@ -49,6 +49,11 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
             ticket: tickets[0],
         };
         legit.write_msg(&hello, limit).await.unwrap();
+        // Let the relay redeem it and park the connection before anything else arrives: a
+        // replay racing ahead would win the ticket, and on uring a visitor that finds every
+        // worker's pool empty waits on its own worker's, which this hand-rolled agent never
+        // refills.
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
         // ...a replay of that ticket and a forged one are refused.
         let mut replay = Framed::new(connect_data(&relay, data_tls == "on").await);
@@ -63,10 +68,6 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
         assert!(left.is_empty());
         let (forged_s, _) = forged.into_parts();
 
-        // Let the relay park the legitimate connection first: on uring, a visitor that finds
-        // every worker's pool empty waits on its own worker's pool, which this hand-rolled
-        // agent never refills.
-        tokio::time::sleep(Duration::from_millis(200)).await;
         // A visitor arrives with a secret; only the legitimate connection may see it.
         let secret = b"visitor-secret-payload-0123456789";
         let mut visitor = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
