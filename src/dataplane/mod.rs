@@ -143,7 +143,10 @@ impl DataPlane {
             }
             DataPlane::Uring(w) => {
                 // One SO_REUSEPORT listener per worker: accepts spread over cores by the
-                // kernel's 4-tuple hash, with no shared accept queue.
+                // kernel's 4-tuple hash, with no shared accept queue. SO_REUSEPORT would also
+                // join a group another process of this user already listens in, silently
+                // splitting visitors between the two; a plain bind first proves the port free.
+                drop(std::net::TcpListener::bind(addr)?);
                 let mut listeners = Vec::with_capacity(w.len());
                 for _ in 0..w.len() {
                     listeners.push(listener::bind(addr, true)?.into_std()?);
@@ -166,5 +169,36 @@ impl DataPlane {
                 Ok(ListenerGuard::Uring(stops))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uring_listeners_never_share_a_port_with_another_reuseport_group() {
+        if probe::io_uring().is_err() {
+            println!("skipped: io_uring unavailable here");
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Someone else (same user) listens with SO_REUSEPORT on a port...
+            let foreign = listener::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+            let addr = foreign.local_addr().unwrap();
+            let plane = DataPlane::start(Backend::Uring, Some(1)).unwrap();
+            let gate = Gate::new("t", &Default::default(), Default::default());
+            let pools = vec![Arc::new(Pool::new())];
+            // ...so the relay must refuse the port rather than join their group.
+            let err = plane
+                .listen(addr, &gate, &pools)
+                .err()
+                .expect("port refused");
+            assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        });
     }
 }
