@@ -12,15 +12,14 @@ use super::reply::{answer_and_close, Page};
 use super::{dispatch, read_head, reclaim, Head};
 use crate::control::Shared;
 use crate::dataplane::pool::{TakeError, Visitor};
-use crate::protocol::http::{add_forwarded, parse_head, HeadError};
+use crate::protocol::http::{add_forwarded, HeadError, HeadScanner};
 
 /// Serves one visitor of the shared HTTP port.
 pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
     let front = &shared.cfg.front;
     let metrics = &shared.metrics;
-    let max = front.max_head;
-    let (head, bytes) = match read_head(&mut stream, front.head_timeout, |b| parse_head(b, max))
-        .await
+    let mut scanner = HeadScanner::new(front.max_head);
+    let (head, bytes) = match read_head(&mut stream, front.head_timeout, |b| scanner.feed(b)).await
     {
         Ok(Head::Done(h, bytes)) => (h, bytes),
         Ok(Head::Closed) => return,

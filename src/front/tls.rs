@@ -14,13 +14,14 @@ use super::{dispatch, read_head, Head};
 use crate::control::Shared;
 use crate::dataplane::gate::local_addr_of;
 use crate::dataplane::pool::Visitor;
-use crate::protocol::sni::{parse_client_hello, Sni};
+use crate::protocol::sni::{HelloScanner, Sni};
 
 /// Serves one visitor of the shared TLS port.
 pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
     let front = &shared.cfg.front;
     let metrics = &shared.metrics;
-    let parse = |b: &[u8]| match parse_client_hello(b) {
+    let mut scanner = HelloScanner::new();
+    let parse = |b: &[u8]| match scanner.feed(b) {
         Ok(Sni::NeedMore) => Ok(None),
         Ok(found) => Ok(Some(found)),
         Err(e) => Err(e),

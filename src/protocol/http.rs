@@ -49,6 +49,41 @@ pub fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
     }))
 }
 
+/// [`parse_head`] for a buffer that grows read by read, in linear time overall: the full parse
+/// runs only when the newest bytes could have ended the head (or on the first read, to turn
+/// away garbage at once, or at the size limit). Re-parsing on every read would let a visitor
+/// sending one byte per packet cost the relay quadratic work.
+#[derive(Debug)]
+pub struct HeadScanner {
+    max: usize,
+    scanned: usize,
+}
+
+impl HeadScanner {
+    /// A scanner for heads of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        HeadScanner { max, scanned: 0 }
+    }
+
+    /// The same answer as `parse_head(buf, max)`, where `buf` is everything read so far
+    /// (each call's `buf` extends the previous one).
+    pub fn feed(&mut self, buf: &[u8]) -> Result<Option<Head>, HeadError> {
+        let first = self.scanned == 0;
+        // The blank line that ends a head is "\n\n" or "\n\r\n": look only at new bytes and
+        // the two before them.
+        let from = self.scanned.saturating_sub(2);
+        self.scanned = buf.len();
+        let new = &buf[from.min(buf.len())..];
+        let may_end =
+            new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n");
+        if first || may_end || buf.len() >= self.max {
+            parse_head(buf, self.max)
+        } else {
+            Ok(None)
+        }
+    }
+}
+
 /// Bytes of empty lines (CRLF or LF) at the start of `buf`.
 fn leading_empty_lines(buf: &[u8]) -> usize {
     let mut i = 0;
@@ -491,6 +526,29 @@ mod tests {
             prop_assert_eq!(full.len, head.len());
             let cut = cut.min(head.len() - 1);
             prop_assert_eq!(parse(&head[..cut]), Ok(None));
+        }
+
+        #[test]
+        fn scanner_agrees_with_parse_head_at_every_split(host in host_strategy(), lead in 0usize..3, chunks in proptest::collection::vec(1usize..9, 1..80), garbage in any::<bool>()) {
+            let mut head = "\r\n".repeat(lead);
+            head.push_str(&format!("GET /a HTTP/1.1\r\nHost: {host}\r\nX: y\r\n\r\nbody"));
+            if garbage {
+                head = head.replace("GET", "G\x01T");
+            }
+            let bytes = head.as_bytes();
+            let mut sc = HeadScanner::new(DEFAULT_MAX_HEAD);
+            let mut end = 0;
+            for c in chunks.iter().cycle() {
+                end = (end + c).min(bytes.len());
+                let got = sc.feed(&bytes[..end]);
+                let want = parse_head(&bytes[..end], DEFAULT_MAX_HEAD);
+                match (&got, &want) {
+                    // The scanner may answer later than parse_head, never differently.
+                    (Ok(None), _) => {}
+                    _ => { prop_assert_eq!(&got, &want); break; }
+                }
+                prop_assert!(end < bytes.len(), "the whole input must get an answer");
+            }
         }
 
         #[test]

@@ -8,6 +8,10 @@
 /// Largest ClientHello (handshake message) the relay reads before giving up, in bytes.
 pub const MAX_CLIENT_HELLO: usize = 16 * 1024;
 
+/// Most records a ClientHello may be split across. Real clients use one or two; a cap keeps
+/// a visitor sending a record per byte from making the relay re-join thousands of fragments.
+pub const MAX_HELLO_RECORDS: usize = 16;
+
 const RECORD_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
 const EXT_SERVER_NAME: u16 = 0x0000;
@@ -43,9 +47,16 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Sni, SniError> {
     // Join handshake-record fragments until the whole handshake message is present.
     let mut hs = Vec::new();
     let mut rest = buf;
+    let mut records = 0;
     loop {
         if rest.is_empty() {
             return Ok(Sni::NeedMore);
+        }
+        records += 1;
+        if records > MAX_HELLO_RECORDS {
+            return Err(SniError::Malformed(
+                "ClientHello split into too many records",
+            ));
         }
         if rest[0] != RECORD_HANDSHAKE {
             return Err(if hs.is_empty() {
@@ -86,6 +97,47 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Sni, SniError> {
         }
         rest = &rest[5 + len..];
     }
+}
+
+/// [`parse_client_hello`] for a buffer that grows read by read: the parse runs only when a
+/// record (or record header) has completed, so the work per connection stays bounded by
+/// [`MAX_HELLO_RECORDS`] parses however the bytes are chunked.
+#[derive(Debug, Default)]
+pub struct HelloScanner {
+    next_at: usize,
+}
+
+impl HelloScanner {
+    /// A scanner for a new connection.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same answer as `parse_client_hello(buf)`, where `buf` is everything read so far
+    /// (each call's `buf` extends the previous one); `NeedMore` while no record completed.
+    pub fn feed(&mut self, buf: &[u8]) -> Result<Sni, SniError> {
+        if !buf.is_empty() && buf.len() < self.next_at {
+            return Ok(Sni::NeedMore);
+        }
+        let answer = parse_client_hello(buf)?;
+        if answer == Sni::NeedMore {
+            self.next_at = next_boundary(buf);
+        }
+        Ok(answer)
+    }
+}
+
+/// Length `buf` must reach before the next record header or record is complete.
+fn next_boundary(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while at + 5 <= buf.len() {
+        let len = usize::from(u16::from_be_bytes([buf[at + 3], buf[at + 4]]));
+        if at + 5 + len > buf.len() {
+            return at + 5 + len;
+        }
+        at += 5 + len;
+    }
+    at + 5
 }
 
 /// Cursor that never reads past its slice.
@@ -278,6 +330,18 @@ mod tests {
     }
 
     #[test]
+    fn hellos_in_tiny_records_are_refused() {
+        let ch = client_hello(Some("a.example"), 100);
+        let tiny = records(&ch[5..], 4);
+        assert_eq!(
+            parse_client_hello(&tiny),
+            Err(SniError::Malformed(
+                "ClientHello split into too many records"
+            ))
+        );
+    }
+
+    #[test]
     fn huge_hello_is_refused() {
         let mut hs = vec![HANDSHAKE_CLIENT_HELLO, 0x01, 0x00, 0x00];
         hs.extend_from_slice(&[0; 16]);
@@ -299,6 +363,22 @@ mod tests {
             hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
             hs.extend_from_slice(&body);
             let _ = parse_client_hello(&records(&hs, 256));
+        }
+
+        #[test]
+        fn scanner_agrees_with_the_parser(name in "[a-z0-9]{1,20}(\\.[a-z0-9]{1,10}){0,2}", pad in 0usize..3000, record in 200usize..4000, chunk in 1usize..700) {
+            let ch = client_hello(Some(&name), pad);
+            let split = records(&ch[5..], record);
+            let mut sc = HelloScanner::new();
+            let mut end = 0;
+            loop {
+                end = (end + chunk).min(split.len());
+                let got = sc.feed(&split[..end]);
+                if got != Ok(Sni::NeedMore) || end == split.len() {
+                    prop_assert_eq!(got, parse_client_hello(&split));
+                    break;
+                }
+            }
         }
 
         #[test]
