@@ -405,20 +405,32 @@ impl FrontConfig {
 
     /// The full host name for a claimed `host`: names without a dot are subdomains of
     /// `--domain`. Errors if the name is invalid, or bare with no domain configured.
+    /// A claim may also be a wildcard, `*.NAME`: it covers every host one label below `NAME`
+    /// (`*.apps` → `*.apps.DOMAIN`, matching `x.apps.DOMAIN` but not `apps.DOMAIN` or
+    /// `a.b.apps.DOMAIN`), like a wildcard certificate.
     pub fn qualify(&self, host: &str) -> Result<String, String> {
-        let norm = crate::protocol::http::normalize_host(host.as_bytes())
-            .filter(|h| !h.starts_with('[') && h.len() == host.trim_end_matches('.').len())
-            .ok_or_else(|| format!("invalid host name {host:?}"))?;
+        let (wild, name) = match host.strip_prefix("*.") {
+            Some(rest) => ("*.", rest),
+            None => ("", host),
+        };
+        let norm = claimable_host(name).ok_or_else(|| format!("invalid host name {host:?}"))?;
         if norm.contains('.') {
-            return Ok(norm);
+            return Ok(format!("{wild}{norm}"));
         }
         match &self.domain {
-            Some(d) => Ok(format!("{norm}.{d}")),
+            Some(d) => Ok(format!("{wild}{norm}.{d}")),
             None => Err(format!(
                 "host {host:?} has no dot and the relay has no --domain to put it under"
             )),
         }
     }
+}
+
+/// `name` as a claimable host name (lower case, no trailing dot), or `None` if it is not a
+/// plain DNS name: no port, no address literal, no wildcard.
+fn claimable_host(name: &str) -> Option<String> {
+    crate::protocol::http::normalize_host(name.as_bytes())
+        .filter(|n| !n.starts_with('[') && n.len() == name.trim_end_matches('.').len())
 }
 
 /// Everything the relay runs on, after merging flags, file and defaults.
@@ -656,9 +668,8 @@ impl ServiceConfig {
                     return bad(format!("at most {MAX_HOSTS_PER_SERVICE} host names"));
                 }
                 for h in &self.hosts {
-                    let ok = h.len() <= MAX_HOST_LEN
-                        && crate::protocol::http::normalize_host(h.as_bytes())
-                            .is_some_and(|n| !n.starts_with('[') && !h.contains(':'));
+                    let name = h.strip_prefix("*.").unwrap_or(h);
+                    let ok = h.len() <= MAX_HOST_LEN && claimable_host(name).is_some();
                     if !ok {
                         return bad(format!("invalid host name {h:?}"));
                     }

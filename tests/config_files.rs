@@ -169,6 +169,8 @@ fn broken_configs_are_rejected_with_reasons() {
         ("relay = \"r\"\nsecret=\"s\"\nrelay_fingerprint=\"abc\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"", "fingerprint"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"", "at least one host"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a b\"]", "invalid host"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"*\"]", "invalid host"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"tls\"\nhosts=[\"a.*.example\"]", "invalid host"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a\"]\npath=\"api\"", "path prefix"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nhosts=[\"a\"]", "hosts and path are for http"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a\"]\nproxy_protocol=\"v1\"", "proxy_protocol is for tcp"),

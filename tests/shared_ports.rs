@@ -284,6 +284,38 @@ async fn bad_heads_get_clear_errors_and_others_are_not_disturbed(backend: Backen
     assert!(out.contains("app /split xff=127.0.0.1 "), "{out}");
 }
 
+async fn wildcard_hosts_cover_one_label_and_exact_claims_win(backend: Backend) {
+    let (relay, _cfg) = shared_relay(backend, "");
+    let http = relay.http.unwrap();
+    let (apps, special) = (http_origin("apps").await, http_origin("special").await);
+    let _a = Agent::spawn(with(
+        relay.agent_args(apps, "apps"),
+        &["--http-host", "*.apps"],
+    ));
+    let _s = Agent::spawn(with(
+        relay.agent_args(special, "special"),
+        &["--http-host", "special.apps.example.test"],
+    ));
+    for host in ["x.apps.example.test", "tenant-42.apps.example.test"] {
+        let (st, body) = get(http, host, "/").await;
+        assert_eq!(
+            (st, body.starts_with("apps /")),
+            (200, true),
+            "{host}: {body}"
+        );
+    }
+    let (_, body) = get(http, "special.apps.example.test", "/").await;
+    assert!(body.starts_with("special /"), "an exact claim wins: {body}");
+    for host in [
+        "apps.example.test",
+        "a.b.apps.example.test",
+        "*.apps.example.test",
+    ] {
+        let (st, _) = get(http, host, "/").await;
+        assert!(st == 404 || st == 400, "{host} → {st}");
+    }
+}
+
 async fn agent_blip_is_invisible_to_visitors(backend: Backend) {
     let (relay, _cfg) = shared_relay(backend, "agent_wait_secs = 20\n");
     let http = relay.http.unwrap();
@@ -822,6 +854,7 @@ both_backends!(
     hosts_and_paths_route_to_the_right_agent,
     bad_heads_get_clear_errors_and_others_are_not_disturbed,
     agent_blip_is_invisible_to_visitors,
+    wildcard_hosts_cover_one_label_and_exact_claims_win,
     expect_continue_and_chunked_bodies_pass_through,
     websocket_echo_through_http_service,
     tls_passthrough_by_sni_keeps_end_to_end_encryption,

@@ -37,6 +37,13 @@ pub fn normalize_prefix(p: &str) -> Result<String, String> {
     })
 }
 
+/// The wildcard claim that would cover `host`: its first label replaced by `*`
+/// (`a.example.com` → `*.example.com`); `None` for a single-label host.
+pub fn wildcard_for(host: &str) -> Option<String> {
+    let (_, parent) = host.split_once('.')?;
+    Some(format!("*.{parent}"))
+}
+
 /// Whether request path `path` falls under `prefix` (canonical): `/api` covers `/api`,
 /// `/api/x` and `/api?q`, but not `/apix`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
@@ -50,18 +57,25 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl Routes {
-    /// The service for `host` + `path`, longest matching prefix first.
+    /// The service for `host` + `path`: the exact host's claims first (longest matching
+    /// prefix), then a wildcard claim one label up (`*.example.com` for `a.example.com`).
     pub fn http(&self, host: &str, path: &str) -> Option<Arc<Service>> {
-        self.http
-            .get(host)?
-            .iter()
-            .find(|(prefix, _)| prefix_matches(prefix, path))
-            .map(|(_, s)| s.clone())
+        let find = |h: &str| {
+            self.http
+                .get(h)?
+                .iter()
+                .find(|(prefix, _)| prefix_matches(prefix, path))
+                .map(|(_, s)| s.clone())
+        };
+        find(host).or_else(|| find(&wildcard_for(host)?))
     }
 
-    /// The service for SNI name `host`.
+    /// The service for SNI name `host`: exact claim first, then a wildcard one label up.
     pub fn tls(&self, host: &str) -> Option<Arc<Service>> {
-        self.tls.get(host).cloned()
+        self.tls
+            .get(host)
+            .or_else(|| self.tls.get(&wildcard_for(host)?))
+            .cloned()
     }
 
     /// Name of the service holding exactly `host` + `prefix`, if any.
@@ -129,5 +143,19 @@ mod tests {
         assert!(prefix_matches("/api", "/api?x=1"));
         assert!(!prefix_matches("/api", "/apix"));
         assert!(!prefix_matches("/api", "/"));
+    }
+
+    #[test]
+    fn wildcards_cover_exactly_one_label() {
+        assert_eq!(
+            wildcard_for("a.apps.example.com").as_deref(),
+            Some("*.apps.example.com")
+        );
+        assert_eq!(wildcard_for("localhost"), None);
+        // "*.apps.example.com" is what a.apps.example.com looks up, never a.b.apps.example.com.
+        assert_ne!(
+            wildcard_for("a.b.apps.example.com").as_deref(),
+            Some("*.apps.example.com")
+        );
     }
 }
