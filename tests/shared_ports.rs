@@ -623,6 +623,19 @@ async fn tls_passthrough_by_sni_keeps_end_to_end_encryption(backend: Backend) {
     assert!(tls_visit(port, "a.tls.test", &b_cert).await.is_err());
     // An unknown name is refused cleanly; the port keeps serving.
     assert!(tls_visit(port, "c.tls.test", &a_cert).await.is_err());
+    // A wildcard claim serves every name one label below, each verified against the origin's
+    // own wildcard certificate.
+    let (w_addr, w_cert) = tls_origin("*.w.example.test", "W").await;
+    let _w = Agent::spawn(with(
+        relay.agent_args(w_addr, "tls-w"),
+        &["--tls-host", "*.w"],
+    ));
+    for name in ["t1.w.example.test", "t2.w.example.test"] {
+        assert_eq!(
+            tls_visit(port, name, &w_cert).await.unwrap(),
+            "hello from W"
+        );
+    }
     let resp = exchange(port, b"GET / HTTP/1.1\r\nHost: a.tls.test\r\n\r\n").await;
     assert!(
         resp.is_empty(),
