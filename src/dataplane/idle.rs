@@ -4,6 +4,7 @@
 //! for the timeout, the visitor is idle and the forwarder is dropped. Splice and copy paths
 //! are watched the same way, since the kernel counts the bytes either way.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -76,35 +77,35 @@ impl IdleWatch {
 
 /// Tokio: completes once `fd` has been idle for `timeout`; never completes for `None`.
 pub async fn tokio_idle(fd: RawFd, timeout: Option<Duration>) {
-    match timeout {
-        Some(timeout) => Box::pin(tokio_watch(fd, timeout)).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn tokio_watch(fd: RawFd, timeout: Duration) {
-    let mut watch = IdleWatch::new(fd, timeout, Instant::now());
-    loop {
-        tokio::time::sleep(watch.period()).await;
-        if watch.expired(Instant::now()) {
-            return;
-        }
-    }
+    idle(fd, timeout, tokio::time::sleep).await
 }
 
 /// monoio (uring workers): completes once `fd` has been idle for `timeout`; never completes
 /// for `None`.
 pub async fn monoio_idle(fd: RawFd, timeout: Option<Duration>) {
+    idle(fd, timeout, monoio::time::sleep).await
+}
+
+async fn idle<S: Future<Output = ()>>(
+    fd: RawFd,
+    timeout: Option<Duration>,
+    sleep: impl Fn(Duration) -> S,
+) {
     match timeout {
-        Some(timeout) => Box::pin(monoio_watch(fd, timeout)).await,
+        Some(timeout) => Box::pin(watch(fd, timeout, sleep)).await,
         None => std::future::pending().await,
     }
 }
 
-async fn monoio_watch(fd: RawFd, timeout: Duration) {
+/// Sleeps with the caller's runtime between checks until the socket has been idle long enough.
+async fn watch<S: Future<Output = ()>>(
+    fd: RawFd,
+    timeout: Duration,
+    sleep: impl Fn(Duration) -> S,
+) {
     let mut watch = IdleWatch::new(fd, timeout, Instant::now());
     loop {
-        monoio::time::sleep(watch.period()).await;
+        sleep(watch.period()).await;
         if watch.expired(Instant::now()) {
             return;
         }

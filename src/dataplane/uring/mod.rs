@@ -179,6 +179,15 @@ impl RingMode {
         }
     }
 
+    /// A worker runtime (ring plus timers) on a ring set up in this mode.
+    fn runtime(self) -> io::Result<WorkerRuntime> {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(RING_ENTRIES)
+            .uring_builder(self.builder())
+            .enable_timer()
+            .build()
+    }
+
     fn builder(self) -> io_uring::Builder {
         let mut b = io_uring::IoUring::builder();
         match self {
@@ -201,12 +210,7 @@ type WorkerRuntime = monoio::Runtime<monoio::time::TimeDriver<monoio::IoUringDri
 fn build_runtime() -> io::Result<(WorkerRuntime, RingMode)> {
     let mut last = None;
     for mode in RingMode::candidates() {
-        let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(RING_ENTRIES)
-            .uring_builder(mode.builder())
-            .enable_timer()
-            .build();
-        match rt {
+        match mode.runtime() {
             Ok(rt) => return Ok((rt, mode)),
             Err(e) => last = Some(e),
         }
@@ -265,12 +269,7 @@ mod tests {
             return;
         }
         for mode in [RingMode::Deferred, RingMode::Cooperative, RingMode::Plain] {
-            let rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .with_entries(RING_ENTRIES)
-                .uring_builder(mode.builder())
-                .enable_timer()
-                .build();
-            match rt {
+            match mode.runtime() {
                 Ok(mut rt) => rt.block_on(async {
                     monoio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }),
