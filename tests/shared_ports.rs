@@ -45,55 +45,46 @@ fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
 /// An HTTP/1.1 origin that answers every request on a connection (keep-alive) with
 /// `NAME PATH xff=… proto=… fwd=…`, so a test sees who answered and what it was told.
 async fn http_origin(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
+    origin(move |mut s| async move {
+        let mut buf = Vec::new();
         loop {
-            let Ok((mut s, _)) = l.accept().await else {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
                 continue;
             };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end + 4);
-                    let path = head.split(' ').nth(1).unwrap_or("?").to_string();
-                    let header = |n: &str| {
-                        head.lines()
-                            .find_map(|l| {
-                                let (k, v) = l.split_once(':')?;
-                                k.eq_ignore_ascii_case(n).then(|| v.trim().to_string())
-                            })
-                            .unwrap_or_else(|| "-".into())
-                    };
-                    let body = format!(
-                        "{name} {path} xff={} proto={} fwd={}",
-                        header("x-forwarded-for"),
-                        header("x-forwarded-proto"),
-                        header("forwarded")
-                    );
-                    let close = header("connection").eq_ignore_ascii_case("close");
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if s.write_all(resp.as_bytes()).await.is_err() || close {
-                        let _ = s.shutdown().await;
-                        return;
-                    }
-                }
-            });
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            buf.drain(..end + 4);
+            let path = head.split(' ').nth(1).unwrap_or("?").to_string();
+            let header = |n: &str| {
+                head.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(n).then(|| v.trim().to_string())
+                    })
+                    .unwrap_or_else(|| "-".into())
+            };
+            let body = format!(
+                "{name} {path} xff={} proto={} fwd={}",
+                header("x-forwarded-for"),
+                header("x-forwarded-proto"),
+                header("forwarded")
+            );
+            let close = header("connection").eq_ignore_ascii_case("close");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).await.is_err() || close {
+                let _ = s.shutdown().await;
+                return;
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Sends raw request bytes, half-closes never, reads until the server closes.
@@ -228,15 +219,12 @@ async fn bad_heads_get_clear_errors_and_others_are_not_disturbed(backend: Backen
     let slow = tokio::spawn(async move {
         let mut s = TcpStream::connect(http).await.unwrap();
         let head = b"GET / HTTP/1.1\r\nHost: app.example.test\r\nX-Slow: yes\r\n\r\n";
-        let started = Instant::now();
+        // Bounded by the head's length: at most one byte per second for ~55 s.
         for b in head.iter() {
             if s.write_all(&[*b]).await.is_err() {
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
-            if started.elapsed() > WAIT {
-                break;
-            }
             let mut probe = [0u8; 512];
             if let Ok(Ok(n)) =
                 tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
@@ -547,26 +535,20 @@ async fn tls_origin(name: &str, tag: &'static str) -> (SocketAddr, CertificateDe
     .with_single_cert(vec![cert.clone()], key.into())
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = l.accept().await else {
-                continue;
+    let addr = origin(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
             };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut line = [0u8; 5];
-                if tls.read_exact(&mut line).await.is_ok() {
-                    let _ = tls.write_all(format!("hello from {tag}").as_bytes()).await;
-                    let _ = tls.shutdown().await;
-                }
-            });
+            let mut line = [0u8; 5];
+            if tls.read_exact(&mut line).await.is_ok() {
+                let _ = tls.write_all(format!("hello from {tag}").as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
         }
-    });
+    })
+    .await;
     (addr, cert)
 }
 
@@ -652,42 +634,33 @@ async fn tls_passthrough_by_sni_keeps_end_to_end_encryption(backend: Backend) {
 /// An origin that reads a PROXY header and answers with the source address it names, then
 /// echoes whatever follows.
 async fn proxy_origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let header = loop {
-                    let mut chunk = [0u8; 512];
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    match proxy::parse(&buf) {
-                        Ok(Some(h)) => break h,
-                        Ok(None) => continue,
-                        Err(e) => {
-                            let _ = s.write_all(format!("error {e}\n").as_bytes()).await;
-                            return;
-                        }
-                    }
-                };
-                let (src, _dst) = header.addrs.unwrap();
-                let v = if buf.starts_with(b"PROXY") { 1 } else { 2 };
-                let _ = s.write_all(format!("v{v} {src}\n").as_bytes()).await;
-                let _ = s.write_all(&buf[header.len..]).await;
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    origin(move |mut s| async move {
+        let mut buf = Vec::new();
+        let header = loop {
+            let mut chunk = [0u8; 512];
+            let n = s.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match proxy::parse(&buf) {
+                Ok(Some(h)) => break h,
+                Ok(None) => continue,
+                Err(e) => {
+                    let _ = s.write_all(format!("error {e}\n").as_bytes()).await;
+                    return;
+                }
+            }
+        };
+        let (src, _dst) = header.addrs.unwrap();
+        let v = if buf.starts_with(b"PROXY") { 1 } else { 2 };
+        let _ = s.write_all(format!("v{v} {src}\n").as_bytes()).await;
+        let _ = s.write_all(&buf[header.len..]).await;
+        let (mut r, mut w) = s.into_split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
 }
 
 async fn proxy_protocol_tells_the_origin_who_connected(backend: Backend) {

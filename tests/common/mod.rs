@@ -372,6 +372,16 @@ pub fn config_file(toml: &str) -> (TempDir, String) {
 
 /// An origin that echoes every byte and half-closes when the visitor does.
 pub async fn echo_origin() -> SocketAddr {
+    origin(serve_echo).await
+}
+
+/// An origin on a fresh loopback port that runs `serve` on every connection, each in its
+/// own task, for the rest of the test.
+pub async fn origin<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -379,7 +389,7 @@ pub async fn echo_origin() -> SocketAddr {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
-            tokio::spawn(serve_echo(s));
+            tokio::spawn(serve(s));
         }
     });
     addr
@@ -395,24 +405,15 @@ pub async fn serve_echo(s: TcpStream) {
 /// An origin that reads the whole request (until the visitor half-closes), then answers with
 /// `reply_len` bytes derived from the request, then closes.
 pub async fn answer_after_eof_origin(reply_len: usize) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                continue;
-            };
-            tokio::spawn(async move {
-                let mut req = Vec::new();
-                if s.read_to_end(&mut req).await.is_err() {
-                    return;
-                }
-                let _ = s.write_all(&reply_for(&req, reply_len)).await;
-                let _ = s.shutdown().await;
-            });
+    origin(move |mut s| async move {
+        let mut req = Vec::new();
+        if s.read_to_end(&mut req).await.is_err() {
+            return;
         }
-    });
-    addr
+        let _ = s.write_all(&reply_for(&req, reply_len)).await;
+        let _ = s.shutdown().await;
+    })
+    .await
 }
 
 /// The reply [`answer_after_eof_origin`] sends for `req`.
