@@ -32,16 +32,6 @@ pub enum Conn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-impl Conn {
-    /// The plain socket, if this is one.
-    pub fn into_plain(self) -> Result<TcpStream, Self> {
-        match self {
-            Conn::Plain(s) => Ok(s),
-            other => Err(other),
-        }
-    }
-}
-
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -57,7 +57,7 @@ pub struct Ctx {
     /// Ports the relay assigned, requested again after a reconnect.
     assigned: Mutex<HashMap<String, u16>>,
     events: Option<mpsc::UnboundedSender<Online>>,
-    /// io_uring workers, when the backend allows them; used for plain data connections.
+    /// io_uring workers, when the backend allows them; they carry every data connection.
     workers: Option<Arc<Workers>>,
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{data, AgentError, Ctx, CONNECT_TIMEOUT};
+use crate::dataplane::uring::agent::AgentTls;
 use crate::dataplane::uring::Command;
 use crate::protocol::auth::register_mac;
 use crate::protocol::liveness::{Action, Liveness};
@@ -181,30 +182,36 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         });
     }
     *first = false;
-    let uring = if data_tls {
-        if ctx.workers.is_some() {
-            match crate::dataplane::probe::ktls() {
-                Ok(()) => tracing::info!("data connections are TLS; kTLS offload is not wired in yet, so they are copied in user space on tokio"),
-                Err(why) => tracing::info!("data connections are TLS and kTLS is unavailable ({why}): copied in user space on tokio"),
-            }
-        }
-        None
-    } else if let Some(w) = &ctx.workers {
-        match UringRoutes::resolve(ctx, relay_peer).await {
+    let uring = match &ctx.workers {
+        Some(w) => match UringRoutes::resolve(ctx, relay_peer).await {
             Ok(routes) => {
-                tracing::info!(
-                    workers = w.len(),
-                    "data plane backend: uring (plain data connections, spliced)"
-                );
-                Some((w.clone(), routes))
+                let tls = data_tls.then(|| AgentTls {
+                    config: ctx.connector.config().clone(),
+                    server_name: ctx.server_name.clone(),
+                });
+                if tls.is_some() {
+                    let why = match crate::dataplane::probe::ktls() {
+                        Ok(()) => "kTLS offload is not wired in".to_string(),
+                        Err(why) => format!("kTLS is unavailable: {why}"),
+                    };
+                    tracing::info!(
+                        workers = w.len(),
+                        "data plane backend: uring (TLS data connections, copied through rustls: {why})"
+                    );
+                } else {
+                    tracing::info!(
+                        workers = w.len(),
+                        "data plane backend: uring (plain data connections, spliced)"
+                    );
+                }
+                Some((w.clone(), routes, tls))
             }
             Err(e) => {
                 tracing::warn!("{e}; data connections use tokio this session");
                 None
             }
-        }
-    } else {
-        None
+        },
+        None => None,
     };
 
     let hb = cfg.heartbeat;
@@ -239,8 +246,9 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                         };
                         for ticket in tickets {
                             match &uring {
-                                Some((w, routes)) => {
+                                Some((w, routes, tls)) => {
                                     let cmd = Command::AgentData {
+                                        tls: tls.clone(),
                                         relay: routes.relay,
                                         ticket,
                                         service: svc.name.clone(),

@@ -180,13 +180,21 @@ async fn data_connection(
     match &shared.dataplane {
         DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool).await,
         DataPlane::Uring(workers) => {
-            // The uring backend only runs with plain data connections (see choose_backend).
-            let stream = match tunnel.into_plain().map(|t| t.into_std()) {
-                Ok(Ok(s)) => s,
-                _ => return,
+            // A plain socket is spliced by the worker; a TLS one moves there with its rustls
+            // state (handshake done) and is copied through rustls.
+            let (tcp, tls) = match tunnel {
+                Conn::Plain(s) => (s, None),
+                Conn::Tls(s) => {
+                    let (tcp, conn) = s.into_inner();
+                    (tcp, Some(Box::new(conn)))
+                }
+            };
+            let Ok(stream) = tcp.into_std() else {
+                return;
             };
             let cmd = uring::Command::RelayData {
                 stream,
+                tls,
                 service: service.name.clone(),
                 pool,
             };

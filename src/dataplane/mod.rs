@@ -49,34 +49,37 @@ impl std::fmt::Display for Backend {
 }
 
 /// Resolves the requested backend to one that runs here, with the reason for the log.
-/// `data_tls`: whether data connections are TLS (only plain or kTLS sockets can be spliced).
+/// `data_tls`: whether data connections are TLS. Only plain (or kTLS) sockets can be spliced;
+/// without kTLS the uring workers copy TLS data connections through rustls instead.
 /// An explicit `uring` that cannot run is an error; `auto` falls back to tokio.
 pub fn choose_backend(requested: BackendKind, data_tls: bool) -> Result<(Backend, String), String> {
     let uring = probe::io_uring();
-    let tls_blocker = if data_tls {
-        probe::ktls().err().map(|why| {
-            format!("data connections are TLS and kTLS is unavailable ({why}), so they cannot be spliced")
-        })
+    let tls_note = if data_tls {
+        match probe::ktls() {
+            Ok(()) => "; TLS data connections copied through rustls (kTLS offload not wired in)".to_string(),
+            Err(why) => format!("; TLS data connections copied through rustls, not spliced (kTLS is unavailable: {why})"),
+        }
     } else {
-        None
+        String::new()
     };
     match requested {
         BackendKind::Tokio => Ok((Backend::Tokio, "requested with --backend tokio".into())),
-        BackendKind::Uring => match (uring, tls_blocker) {
-            (Err(why), _) => Err(format!("--backend uring: io_uring is unavailable: {why}")),
-            (Ok(()), Some(why)) => Err(format!("--backend uring: {why}; use --data-tls off")),
-            (Ok(()), None) => Ok((Backend::Uring, "requested with --backend uring".into())),
+        BackendKind::Uring => match uring {
+            Err(why) => Err(format!("--backend uring: io_uring is unavailable: {why}")),
+            Ok(()) => Ok((
+                Backend::Uring,
+                format!("requested with --backend uring{tls_note}"),
+            )),
         },
-        BackendKind::Auto => match (uring, tls_blocker) {
-            (Err(why), _) => Ok((
+        BackendKind::Auto => match uring {
+            Err(why) => Ok((
                 Backend::Tokio,
                 format!("auto: io_uring is unavailable ({why})"),
             )),
-            (Ok(()), Some(why)) => Ok((
-                Backend::Tokio,
-                format!("auto: {why}; TLS runs in user space"),
+            Ok(()) => Ok((
+                Backend::Uring,
+                format!("auto: io_uring is available{tls_note}"),
             )),
-            (Ok(()), None) => Ok((Backend::Uring, "auto: io_uring is available".into())),
         },
     }
 }

@@ -231,9 +231,9 @@ pub struct Relay {
 
 impl Relay {
     /// Starts a relay on `127.0.0.1:0` with its own state dir, the given backend, plus `extra`
-    /// flags. The uring backend splices only plain data connections: unless a test asks for
-    /// `--data-tls` itself, the uring relay runs with `--data-tls off`; with `--data-tls on`
-    /// it runs `--backend auto`, which falls back to tokio for those connections.
+    /// flags. Unless a test asks for `--data-tls` itself, the uring relay runs with
+    /// `--data-tls off`, so its data connections take the splice path; with `--data-tls on`
+    /// its workers copy them through rustls.
     pub fn spawn(backend: Backend, extra: &[&str]) -> Relay {
         let state = Arc::new(TempDir::new("relay"));
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -243,7 +243,6 @@ impl Relay {
             .map(|i| args[i + 1].clone());
         match (backend, tls_flag.as_deref()) {
             (Backend::Tokio, _) => args.extend(["--backend".into(), "tokio".into()]),
-            (Backend::Uring, Some("on")) => args.extend(["--backend".into(), "auto".into()]),
             (Backend::Uring, Some(_)) => args.extend(["--backend".into(), "uring".into()]),
             (Backend::Uring, None) => args.extend([
                 "--backend".into(),

@@ -1,5 +1,6 @@
 //! Agent-side worker task: one data connection — present the ticket, wait (pooled) for the
-//! relay's `Start`, dial the local service, then splice both ways.
+//! relay's `Start`, dial the local service, then forward both ways (splice on a plain data
+//! connection, copies through rustls on a TLS one).
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,7 +11,11 @@ use std::time::Duration;
 
 use monoio::net::TcpStream;
 
+use rustls_pki_types::ServerName;
+
 use super::splice::{self, PipePool};
+use super::tls::TlsStream;
+use super::tunnel::Tunnel;
 use crate::protocol::auth::Ticket;
 use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, RelayMsg, MAX_FRAME_LEN, PROTOCOL_VERSION};
@@ -18,15 +23,25 @@ use crate::protocol::{AgentMsg, RelayMsg, MAX_FRAME_LEN, PROTOCOL_VERSION};
 /// Deadline for dialing the relay or the local service.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a worker speaks TLS to the relay on data connections.
+#[derive(Clone)]
+pub struct AgentTls {
+    /// The agent's client configuration (it pins or verifies the relay's certificate).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name the relay's certificate is checked against.
+    pub server_name: ServerName<'static>,
+}
+
 /// Serves one visitor through one data connection.
 pub async fn serve_data(
+    tls: Option<AgentTls>,
     relay: SocketAddr,
     ticket: Ticket,
     service: String,
     local: Arc<[SocketAddr]>,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = run(relay, ticket, &service, &local, &pipes).await {
+    if let Err(e) = run(tls, relay, ticket, &service, &local, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
@@ -58,19 +73,35 @@ async fn connect_any(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
     Err(last)
 }
 
+/// Dials the relay and, when asked, completes the TLS handshake, within [`CONNECT_TIMEOUT`].
+async fn open_tunnel(tls: Option<AgentTls>, relay: SocketAddr) -> io::Result<Tunnel> {
+    let socket = connect(relay).await?;
+    let Some(tls) = tls else {
+        return Ok(Tunnel::Plain(socket));
+    };
+    let conn =
+        rustls::ClientConnection::new(tls.config, tls.server_name).map_err(io::Error::other)?;
+    let stream = TlsStream::new(socket, conn);
+    monoio::time::timeout(CONNECT_TIMEOUT, stream.handshake())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    Ok(Tunnel::Tls(Box::new(stream)))
+}
+
 async fn run(
+    tls: Option<AgentTls>,
     relay: SocketAddr,
     ticket: Ticket,
     service: &str,
     local: &[SocketAddr],
     pipes: &PipePool,
 ) -> io::Result<()> {
-    let tunnel = connect(relay).await?;
+    let tunnel = open_tunnel(tls, relay).await?;
     let hello = AgentMsg::DataHello {
         version: PROTOCOL_VERSION,
         ticket,
     };
-    splice::write_all(&tunnel, &hello.to_frame()).await?;
+    tunnel.write_all(&hello.to_frame()).await?;
 
     // Pooled: wait, unbounded, for Start (or the relay closing us).
     let mut buf = vec![0u8; 512];
@@ -82,7 +113,7 @@ async fn run(
             }
             buf.resize(buf.len() * 2, 0);
         }
-        let n = splice::read_some(&tunnel, &mut buf[have..]).await?;
+        let n = tunnel.read_some(&mut buf[have..]).await?;
         if n == 0 {
             return Ok(()); // relay dropped the pooled connection
         }
@@ -110,7 +141,7 @@ async fn run(
         }
     };
     splice::write_all(&origin, &buf[used..have]).await?;
-    let (up, down) = splice::forward(&tunnel, &origin, pipes).await?;
+    let (down, up) = tunnel.forward(&origin, pipes).await?;
     tracing::debug!(service, %visitor, up, down, "visitor done");
     Ok(())
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::splice::{self, PipePool};
+use super::splice::PipePool;
+use super::tls::TlsStream;
+use super::tunnel::Tunnel;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::listener::{self, VISITOR_WAIT};
@@ -70,26 +72,38 @@ pub async fn serve_listener(
     }
 }
 
-/// Parks a data connection in `pool`; when a visitor is assigned, announces it and splices.
+/// Parks a data connection in `pool`; when a visitor is assigned, announces it and forwards
+/// (splicing a plain connection, copying through rustls a TLS one).
 pub async fn serve_data(
     stream: std::net::TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
     service: String,
     pool: Arc<Pool>,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = park_and_forward(stream, &service, &pool, &pipes).await {
+    if let Err(e) = park_and_forward(stream, tls, &service, &pool, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
 
 async fn park_and_forward(
     stream: std::net::TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
     service: &str,
     pool: &Pool,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
-    let tunnel = TcpStream::from_std(stream)?;
+    let socket = TcpStream::from_std(stream)?;
+    let tunnel = match tls {
+        None => Tunnel::Plain(socket),
+        Some(conn) => {
+            let tls = TlsStream::new(socket, *conn);
+            // Records the handshake left queued (session tickets) go out before parking.
+            tls.flush().await?;
+            Tunnel::Tls(Box::new(tls))
+        }
+    };
     let (slot, assigned) = oneshot::channel::<Visitor>();
     pool.offer(slot);
     // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
@@ -99,7 +113,7 @@ async fn park_and_forward(
             Ok(v) => v,
             Err(_) => return Ok(()), // pool dropped us: owner changed or service closed
         },
-        _ = tunnel.readable(false) => return Ok(()),
+        _ = tunnel.socket().readable(false) => return Ok(()),
     };
     visitor.stream.set_nonblocking(true)?;
     let addr = visitor.addr;
@@ -108,9 +122,9 @@ async fn park_and_forward(
     let stream = TcpStream::from_std(visitor.stream)?;
     let mut start = RelayMsg::Start { visitor: addr }.to_frame();
     start.extend_from_slice(&visitor.prefix);
-    splice::write_all(&tunnel, &start).await?;
+    tunnel.write_all(&start).await?;
     monoio::select! {
-        moved = splice::forward(&stream, &tunnel, pipes) => {
+        moved = tunnel.forward(&stream, pipes) => {
             let (up, down) = moved?;
             tracing::debug!(service, visitor = %addr, up, down, "visitor done");
         }

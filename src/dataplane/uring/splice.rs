@@ -106,7 +106,7 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn shutdown(fd: RawFd, how: libc::c_int) {
+pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
     // SAFETY: shutdown on an open socket; errors (already closed) are irrelevant here.
     unsafe { libc::shutdown(fd, how) };
 }
@@ -161,6 +161,12 @@ thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_LEN].into_boxed_slice());
 }
 
+/// Runs `f` on the worker's scratch buffer. `f` must not await (it cannot: it is sync), so
+/// tasks on one worker never see each other's bytes in it.
+pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|buf| f(&mut buf.borrow_mut()))
+}
+
 enum Copied {
     /// `src` had nothing to read.
     Empty,
@@ -173,8 +179,7 @@ enum Copied {
 /// One non-blocking read from `src` into the worker's scratch buffer and one write to `dst`.
 /// Nothing awaits in between, so tasks on this worker never share the buffer.
 fn copy_once(sfd: RawFd, dfd: RawFd) -> io::Result<Copied> {
-    SCRATCH.with(|buf| {
-        let mut buf = buf.borrow_mut();
+    with_scratch(|buf| {
         // SAFETY: recv into the live scratch buffer on an open socket.
         let n = unsafe { libc::recv(sfd, buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {

@@ -1,0 +1,52 @@
+//! A worker's end of a tunnel data connection: a plain socket, spliced, or a TLS one, copied
+//! through rustls. Relay and agent tasks use this one type whichever it is.
+
+use std::io;
+
+use monoio::net::TcpStream;
+
+use super::splice::{self, PipePool};
+use super::tls::{self, TlsStream};
+
+/// A data connection owned by one worker.
+pub enum Tunnel {
+    /// Plain TCP: forwarded with splice.
+    Plain(TcpStream),
+    /// TLS in user space (no kTLS): forwarded by copying through rustls.
+    Tls(Box<TlsStream>),
+}
+
+impl Tunnel {
+    /// The underlying socket, for readiness waits.
+    pub fn socket(&self) -> &TcpStream {
+        match self {
+            Tunnel::Plain(s) => s,
+            Tunnel::Tls(t) => t.socket(),
+        }
+    }
+
+    /// Sends all of `data` (encrypted on TLS), waiting on the ring when the socket is full.
+    pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Tunnel::Plain(s) => splice::write_all(s, data).await,
+            Tunnel::Tls(t) => t.write_all(data).await,
+        }
+    }
+
+    /// Reads what is available: at least one byte, or 0 at the end of the stream.
+    pub async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Tunnel::Plain(s) => splice::read_some(s, buf).await,
+            Tunnel::Tls(t) => t.read(buf).await,
+        }
+    }
+
+    /// Forwards both ways between `peer` (visitor or local service) and the tunnel until both
+    /// directions end or either fails. Returns bytes moved peer → tunnel and tunnel → peer.
+    pub async fn forward(&self, peer: &TcpStream, pipes: &PipePool) -> io::Result<(u64, u64)> {
+        match self {
+            Tunnel::Plain(s) => splice::forward(peer, s, pipes).await,
+            Tunnel::Tls(t) => tls::forward(peer, t).await,
+        }
+    }
+}
