@@ -11,7 +11,22 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use monoio::net::TcpStream;
 
-use super::splice::{self, with_scratch};
+use super::splice;
+
+/// Bytes of plaintext or ciphertext one step moves: four full TLS records, so one `recv` or one
+/// `sendmsg` carries several records (rustls alone reads 4 KiB per call).
+const TLS_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    static PLAIN_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; TLS_CHUNK].into_boxed_slice());
+    static CIPHER_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; TLS_CHUNK].into_boxed_slice());
+}
+
+/// Runs `f` on the worker's two TLS buffers (plaintext, ciphertext). `f` is sync, so tasks on
+/// one worker never see each other's bytes in them.
+fn with_buffers<R>(f: impl FnOnce(&mut [u8], &mut [u8]) -> R) -> R {
+    PLAIN_BUF.with(|p| CIPHER_BUF.with(|c| f(&mut p.borrow_mut(), &mut c.borrow_mut())))
+}
 
 /// `io::Read`/`io::Write` straight on a non-blocking socket, for `read_tls`/`write_tls`.
 struct FdIo(RawFd);
@@ -205,40 +220,106 @@ impl TlsStream {
 
 /// What one synchronous step of the TLS → plain direction did.
 enum Step {
-    /// rustls has no plaintext: read more records.
+    /// The socket has no more records for now.
     NeedRecords,
-    /// The peer sent close_notify.
-    Eof,
+    /// The peer sent close_notify, after this many bytes.
+    Eof(usize),
     /// Moved `n` bytes; `rest` did not fit into the plain socket yet.
     Moved(usize, Option<Vec<u8>>),
+}
+
+/// Decrypts what rustls holds and what the socket has, writing plaintext to `pfd`, until the
+/// socket is empty, the peer closed, or `pfd` is full. Ciphertext is read 64 KiB per `recv` and
+/// fed to rustls from memory; what rustls cannot take yet (it holds at most 16 KiB of
+/// plaintext) is kept in `carry` for the next step.
+fn decrypt_step(tls: &TlsStream, pfd: RawFd, carry: &mut Vec<u8>) -> io::Result<Step> {
+    let tfd = tls.sock.as_raw_fd();
+    with_buffers(|plain, cipher| {
+        let mut moved = 0usize;
+        let mut fed = 0usize; // of `carry`, or of `cipher` once carry is empty
+        let mut have = 0usize; // bytes of `cipher` from the last recv
+        let mut conn = tls.conn.borrow_mut();
+        loop {
+            match conn.reader().read(plain) {
+                Ok(0) => return Ok(Step::Eof(moved)),
+                Ok(n) => {
+                    let sent = match FdIo(pfd).write(&plain[..n]) {
+                        Ok(m) => m,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                        Err(e) => return Err(e),
+                    };
+                    moved += n;
+                    if sent < n {
+                        // Keep the undecrypted rest for later, in order.
+                        if carry.is_empty() {
+                            carry.extend_from_slice(&cipher[fed..have]);
+                        } else {
+                            carry.drain(..fed);
+                        }
+                        return Ok(Step::Moved(moved, Some(plain[sent..n].to_vec())));
+                    }
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            // rustls wants records: from the carry first, then from the socket.
+            let src: &[u8] = if !carry.is_empty() {
+                if fed == carry.len() {
+                    carry.clear();
+                    fed = 0;
+                    continue;
+                }
+                &carry[fed..]
+            } else if fed < have {
+                &cipher[fed..have]
+            } else {
+                match FdIo(tfd).read(cipher) {
+                    Ok(0) => {
+                        // EOF: let rustls see it; the next read reports it, clean or not.
+                        conn.read_tls(&mut io::empty())?;
+                        continue;
+                    }
+                    Ok(n) => {
+                        (fed, have) = (0, n);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(if moved > 0 {
+                            Step::Moved(moved, None)
+                        } else {
+                            Step::NeedRecords
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let mut rd = src;
+            fed += conn.read_tls(&mut rd)?;
+            if let Err(e) = conn.process_new_packets() {
+                drop(conn);
+                let _ = tls.try_flush();
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+    })
 }
 
 /// TLS → plain until close_notify, then FIN on `plain`.
 async fn tls_to_plain(tls: &TlsStream, plain: &TcpStream) -> io::Result<u64> {
     let pfd = plain.as_raw_fd();
     let mut total = 0u64;
+    let mut carry = Vec::new();
     loop {
-        let step = with_scratch(|buf| -> io::Result<Step> {
-            let n = match tls.conn.borrow_mut().reader().read(buf) {
-                Ok(0) => return Ok(Step::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::NeedRecords),
-                Err(e) => return Err(e),
-            };
-            let sent = match FdIo(pfd).write(&buf[..n]) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                Err(e) => return Err(e),
-            };
-            Ok(Step::Moved(n, (sent < n).then(|| buf[sent..n].to_vec())))
-        })?;
-        match step {
+        match decrypt_step(tls, pfd, &mut carry)? {
             Step::NeedRecords => {
-                tls.fill().await?;
+                // Anything processing queued for the peer goes out if it can (see `fill`).
+                tls.try_flush()?;
+                tls.sock.readable(false).await?;
             }
-            Step::Eof => {
+            Step::Eof(n) => {
                 splice::shutdown(pfd, libc::SHUT_WR);
-                return Ok(total);
+                return Ok(total + n as u64);
             }
             Step::Moved(n, rest) => {
                 total += n as u64;
@@ -255,7 +336,7 @@ async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream) -> io::Result<u64> {
     let pfd = plain.as_raw_fd();
     let mut total = 0u64;
     loop {
-        let read = with_scratch(|buf| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
+        let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
             let n = match FdIo(pfd).read(buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
