@@ -111,6 +111,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// Wraps a stream whose first bytes were already read into `buf`.
+    pub fn with_buffer(io: S, buf: Vec<u8>) -> Self {
+        Self { io, buf }
+    }
+
     /// Reads the next message. Cancel-safe: bytes read before a cancellation stay buffered
     /// for the next call. Never buffers more than one maximum-size frame plus one read.
     pub async fn read_msg<M: Message>(&mut self) -> Result<M, FrameIoError> {

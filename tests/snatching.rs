@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use ringtunnel::protocol::auth::Ticket;
+use ringtunnel::protocol::chunk::{Deframer, Piece};
 use ringtunnel::protocol::msg::Message;
 use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use ringtunnel::transport::{BoxStream, Framed};
@@ -85,17 +86,30 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
             .unwrap()
             .unwrap();
         assert!(matches!(start, RelayMsg::Start { .. }));
-        let (mut s, mut early) = legit.into_parts();
-        while early.len() < secret.len() {
-            let mut buf = [0u8; 64];
-            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0);
-            early.extend_from_slice(&buf[..n]);
+        // The visitor's bytes follow in chunks.
+        let (mut s, mut wire) = legit.into_parts();
+        let mut deframer = Deframer::new();
+        let mut got = Vec::new();
+        while got.len() < secret.len() {
+            if wire.is_empty() {
+                let mut buf = [0u8; 64];
+                let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0);
+                wire.extend_from_slice(&buf[..n]);
+            }
+            match deframer.next(&wire).unwrap() {
+                Piece::Data(r) => {
+                    got.extend_from_slice(&wire[r.clone()]);
+                    wire.drain(..r.end);
+                }
+                Piece::NeedMore => wire.clear(),
+                other => panic!("visitor still sending, got {other:?}"),
+            }
         }
-        assert_eq!(&early[..], &secret[..]);
+        assert_eq!(&got[..], &secret[..]);
         relay.proc.wait_stderr("unknown or already used ticket");
     }
 }

@@ -52,6 +52,33 @@ async fn half_closed_visitor_gets_whole_reply(backend: Backend) {
     }
 }
 
+async fn data_connections_carry_visitor_after_visitor(backend: Backend) {
+    for tls in ["on", "off"] {
+        let origin = echo_origin().await;
+        let relay = Relay::spawn(backend, &["--data-tls", tls, "--admin", "127.0.0.1:0"]);
+        let admin = relay.admin.unwrap();
+        let agent = Agent::spawn(relay.agent_args(origin, "reuse"));
+        for _ in 0..40 {
+            assert_echo(agent.public).await;
+        }
+        // Each visitor ended cleanly both ways, so its data connection went back to the pool:
+        // the agent opened its pool and little more, not one connection per visitor.
+        let accepted = admin_counter(admin, "data_accepted").await;
+        assert!(
+            accepted < 20,
+            "data-tls {tls}: {accepted} data connections for 40 visitors"
+        );
+        // A bulk transfer (spliced raw on uring, so its connection is not reused) and a
+        // half-closed visitor leave the pool working.
+        let payload = pseudo_random(7, 4 << 20);
+        let got = roundtrip(agent.public, &payload).await.unwrap();
+        assert_eq!(sha256(&got), sha256(&payload), "data-tls {tls}");
+        for _ in 0..10 {
+            assert_echo(agent.public).await;
+        }
+    }
+}
+
 async fn wrong_secret_is_fatal_and_relay_keeps_serving(backend: Backend) {
     let origin = echo_origin().await;
     let relay = Relay::spawn(backend, &[]);
@@ -273,6 +300,7 @@ both_backends!(
     two_hundred_concurrent_visitors,
     half_closed_visitor_gets_whole_reply,
     wrong_secret_is_fatal_and_relay_keeps_serving,
+    data_connections_carry_visitor_after_visitor,
     fingerprint_mismatch_is_refused,
     garbage_on_control_port_does_not_hurt,
     agent_restart_keeps_public_port,
@@ -335,4 +363,34 @@ async fn auto_falls_back_to_tokio_when_uring_is_unavailable() {
         .unwrap();
     agent.wait_stderr("data plane backend: tokio (auto: io_uring is unavailable");
     assert_echo(public).await;
+}
+
+/// Relay and agent on different backends speak the same chunked data protocol: a uring side
+/// switches a bulk direction to raw splice, and a tokio side follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_backends_interoperate() {
+    let Some(uring) = Backend::uring() else {
+        return;
+    };
+    for (relay_backend, agent_backend) in [(uring, Backend::Tokio), (Backend::Tokio, uring)] {
+        for tls in ["off", "on"] {
+            let origin = echo_origin().await;
+            let relay = Relay::spawn(relay_backend, &["--data-tls", tls]);
+            let mut args = relay.agent_args(origin, "mixed");
+            *args.last_mut().unwrap() = agent_backend.flag().into();
+            let agent = Agent::spawn(args);
+            let what = format!(
+                "relay {} agent {} data-tls {tls}",
+                relay_backend.flag(),
+                agent_backend.flag()
+            );
+            for _ in 0..5 {
+                assert_echo(agent.public).await;
+            }
+            let payload = pseudo_random(11, 8 << 20);
+            let got = roundtrip(agent.public, &payload).await.unwrap();
+            assert_eq!(sha256(&got), sha256(&payload), "{what}");
+            assert_echo(agent.public).await;
+        }
+    }
 }

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 
 use super::{Ctx, CONNECT_TIMEOUT};
-use crate::dataplane::forward::forward;
+use crate::dataplane::chunked;
 use crate::protocol::auth::Ticket;
 use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::Framed;
 
-/// Opens a data connection with `ticket` and serves one visitor through it to `local`.
+/// Opens a data connection with `ticket` and serves visitors through it to `local`, one at a
+/// time, for as long as the relay keeps it.
 pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, ticket: Ticket) {
     let stream = match ctx.connect(tls).await {
         Ok(s) => s,
@@ -29,37 +30,52 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
         tracing::debug!(service, "data connection failed: {e}");
         return;
     }
-    // Pooled: this waits, unbounded, until a visitor arrives or the relay drops us.
-    let visitor = match framed.read_msg::<RelayMsg>().await {
-        Ok(RelayMsg::Start { visitor }) => visitor,
-        Ok(RelayMsg::Error { message, .. }) => {
-            tracing::warn!(service, "relay refused a data connection: {message}");
-            return;
+    // One visitor after another: a connection whose visitor ended cleanly in both directions
+    // goes back to waiting for the next `Start`.
+    loop {
+        // Pooled: this waits, unbounded, until a visitor arrives or the relay drops us.
+        let visitor = match framed.read_msg::<RelayMsg>().await {
+            Ok(RelayMsg::Start { visitor }) => visitor,
+            Ok(RelayMsg::Error { message, .. }) => {
+                tracing::warn!(service, "relay refused a data connection: {message}");
+                return;
+            }
+            Ok(other) => {
+                tracing::warn!(service, "unexpected frame on data connection: {other:?}");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(service, "pooled data connection closed: {e}");
+                return;
+            }
+        };
+        let (mut tunnel, early) = framed.into_parts();
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&local));
+        let mut origin = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(service, %visitor, "cannot reach local service {local}: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(service, %visitor, "cannot reach local service {local}: timed out");
+                return;
+            }
+        };
+        let _ = origin.set_nodelay(true);
+        match chunked::forward(&mut origin, &mut tunnel, &[], &early).await {
+            Ok(o) => {
+                let (up, down) = (o.moved.b_to_a, o.moved.a_to_b);
+                tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");
+                if !o.reusable {
+                    return;
+                }
+                framed = Framed::with_buffer(tunnel, o.leftover);
+            }
+            Err(e) => {
+                tracing::debug!(service, %visitor, "visitor ended: {e}");
+                return;
+            }
         }
-        Ok(other) => {
-            tracing::warn!(service, "unexpected frame on data connection: {other:?}");
-            return;
-        }
-        Err(e) => {
-            tracing::debug!(service, "pooled data connection closed: {e}");
-            return;
-        }
-    };
-    let (mut tunnel, early) = framed.into_parts();
-    let mut origin = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&local)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(service, %visitor, "cannot reach local service {local}: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(service, %visitor, "cannot reach local service {local}: timed out");
-            return;
-        }
-    };
-    let _ = origin.set_nodelay(true);
-    match forward(&mut tunnel, &mut origin, &early).await {
-        Ok(m) => tracing::debug!(service, %visitor, up = m.a_to_b, down = m.b_to_a, "visitor done"),
-        Err(e) => tracing::debug!(service, %visitor, "visitor ended: {e}"),
     }
 }

@@ -14,7 +14,7 @@ use super::tickets::Redeemed;
 use super::{session, Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use std::os::fd::AsRawFd;
 
-use crate::dataplane::forward::forward;
+use crate::dataplane::chunked;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::Visitor;
 use crate::dataplane::{uring, DataPlane};
@@ -205,36 +205,58 @@ async fn data_connection(
     }
 }
 
-/// Tokio backend: idles in the pool until a visitor is assigned, then forwards.
+/// Tokio backend: idles in the pool until a visitor is assigned, then forwards; parks again
+/// for the next visitor while both directions keep ending cleanly.
 async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::dataplane::pool::Pool) {
-    let (slot, assigned) = oneshot::channel::<Visitor>();
+    let generation = pool.generation();
+    let (slot, mut assigned) = oneshot::channel::<Visitor>();
     pool.offer(slot);
-    let mut probe = [0u8; 1];
-    // Any byte or EOF from the agent while idle means the connection is gone or
-    // misbehaving, and it leaves the pool.
-    let visitor = tokio::select! {
-        v = assigned => match v {
-            Ok(v) => v,
-            Err(_) => return, // pool dropped us: owner changed or service closed
-        },
-        _ = tunnel.read(&mut probe) => return,
-    };
-    let addr = visitor.addr;
-    let idle = visitor.idle_timeout();
-    let admission = visitor.admission;
-    let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
-        return;
-    };
-    let fd = stream.as_raw_fd();
-    let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-    start.extend_from_slice(&visitor.prefix);
-    tokio::select! {
-        moved = forward(&mut stream, &mut tunnel, &start) => match moved {
-            Ok(m) => {
-                tracing::debug!(service, visitor = %addr, up = m.a_to_b, down = m.b_to_a, "visitor done")
+    loop {
+        let mut probe = [0u8; 1];
+        // Any byte or EOF from the agent while idle means the connection is gone or
+        // misbehaving, and it leaves the pool.
+        let visitor = tokio::select! {
+            v = assigned => match v {
+                Ok(v) => v,
+                Err(_) => return, // pool dropped us: owner changed or service closed
+            },
+            _ = tunnel.read(&mut probe) => return,
+        };
+        let addr = visitor.addr;
+        let idle = visitor.idle_timeout();
+        let admission = visitor.admission;
+        let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
+            return;
+        };
+        let fd = stream.as_raw_fd();
+        let mut start = RelayMsg::Start { visitor: addr }.to_frame();
+        chunked::chunk_bytes(&mut start, &visitor.prefix);
+        let outcome = tokio::select! {
+            o = chunked::forward(&mut stream, &mut tunnel, &start, &[]) => o,
+            _ = idle::tokio_idle(fd, idle) => {
+                idle_closed(service, addr, &admission);
+                return;
             }
-            Err(e) => tracing::debug!(service, visitor = %addr, "visitor ended: {e}"),
-        },
-        _ = idle::tokio_idle(fd, idle) => idle_closed(service, addr, &admission),
+        };
+        match outcome {
+            Ok(o) => {
+                let (up, down) = (o.moved.a_to_b, o.moved.b_to_a);
+                tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
+                // The agent sends nothing after its END until the next Start.
+                if !o.reusable || !o.leftover.is_empty() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
+                return;
+            }
+        }
+        drop((stream, admission));
+        let (slot, next) = oneshot::channel::<Visitor>();
+        if !pool.reoffer(slot, generation) {
+            return;
+        }
+        assigned = next;
     }
 }

@@ -3,6 +3,7 @@
 //! - [`pool`]: per-service (and per-worker) pools of authenticated tunnel data connections on
 //!   the relay, and the visitors waiting for one.
 //! - [`forward`]: the tokio backend's bidirectional copy with half-close.
+//! - [`chunked`]: the same over a reusable data connection (chunks, `END` instead of FIN).
 //! - [`listener`]: binding public ports and the tokio backend's accept loop.
 //! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
 //! - [`probe`]: whether io_uring and kTLS work here.
@@ -11,6 +12,7 @@
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
+pub mod chunked;
 pub mod forward;
 pub mod gate;
 pub mod idle;

@@ -69,6 +69,9 @@ struct Inner {
     outstanding: usize,
     target: usize,
     wake: Option<Arc<Notify>>,
+    /// Bumped whenever the owner changes, so a connection of a previous owner that finishes
+    /// a visitor is not parked again for the new one.
+    generation: u64,
 }
 
 impl Inner {
@@ -92,6 +95,19 @@ impl Inner {
             }
         }
         Err(visitor)
+    }
+
+    fn offer(&mut self, mut slot: Slot) {
+        while let Some(waiter) = self.waiters.pop_front() {
+            match waiter.send(slot) {
+                Ok(()) => {
+                    self.nudge();
+                    return;
+                }
+                Err(back) => slot = back, // that visitor gave up; try the next
+            }
+        }
+        self.idle.push_back(slot);
     }
 
     fn nudge(&self) {
@@ -130,6 +146,7 @@ impl Pool {
         g.outstanding = 0;
         g.target = target;
         g.wake = Some(wake);
+        g.generation += 1;
         g.nudge();
     }
 
@@ -140,21 +157,33 @@ impl Pool {
         g.idle.clear();
         g.outstanding = 0;
         g.wake = None;
+        g.generation += 1;
+    }
+
+    /// The current owner's generation; pass it to [`Self::reoffer`].
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// A connection that served a visitor and is still usable is ready again. Refused (the
+    /// caller closes it) if the owner changed since `generation`, or if the pool already holds
+    /// twice its target idle: the relay keeps what its load needs, not every connection
+    /// a burst made.
+    pub fn reoffer(&self, slot: Slot, generation: u64) -> bool {
+        let mut g = self.lock();
+        if g.generation != generation || g.wake.is_none() {
+            return false;
+        }
+        if g.waiters.is_empty() && g.idle.len() >= (2 * g.target).max(1) {
+            return false;
+        }
+        g.offer(slot);
+        true
     }
 
     /// A data connection is ready: give it to the oldest waiting visitor, or park it.
-    pub fn offer(&self, mut slot: Slot) {
-        let mut g = self.lock();
-        while let Some(waiter) = g.waiters.pop_front() {
-            match waiter.send(slot) {
-                Ok(()) => {
-                    g.nudge();
-                    return;
-                }
-                Err(back) => slot = back, // that visitor gave up; try the next
-            }
-        }
-        g.idle.push_back(slot);
+    pub fn offer(&self, slot: Slot) {
+        self.lock().offer(slot);
     }
 
     /// Pairs `visitor` with an idle data connection if there is one, without waiting;

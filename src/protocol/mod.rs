@@ -5,12 +5,14 @@
 //! - [`frame`]: length-prefixed framing with a hard [`frame::MAX_FRAME_LEN`].
 //! - [`msg`]: one message enum per direction, [`AgentMsg`] and [`RelayMsg`].
 //! - [`auth`]: HMAC-SHA256 challenge–response and ticket types.
+//! - [`chunk`]: chunked visitor bytes on a data connection, so connections can be reused.
 //! - [`liveness`]: the heartbeat state machine both ends run on the control connection.
 //! - [`http`]: HTTP/1.x request heads, for routing shared HTTP ports by host and path.
 //! - [`sni`]: the server name in a TLS ClientHello, for routing shared TLS ports.
 //! - [`proxy`]: PROXY protocol v1/v2 headers that tell an origin who the visitor is.
 
 pub mod auth;
+pub mod chunk;
 pub mod frame;
 pub mod http;
 pub mod liveness;
@@ -26,7 +28,7 @@ pub use msg::{
 
 /// The protocol version this build speaks. Carried in the first frame of every connection, so
 /// a peer from another version gets a clear error instead of misparsed bytes.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Everything that can be wrong with bytes received from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

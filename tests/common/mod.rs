@@ -530,3 +530,25 @@ pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, V
     };
     (ctl, port, tickets)
 }
+
+/// A counter from the relay's admin endpoint (`--admin` on loopback, no token), by its name
+/// without the `ringtunnel_` prefix and `_total` suffix.
+pub async fn admin_counter(admin: SocketAddr, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let key = format!("ringtunnel_{name}_total ");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .unwrap_or_else(|| panic!("no {key} in {out}"))
+        .trim()
+        .parse()
+        .unwrap()
+}

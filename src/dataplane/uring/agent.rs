@@ -103,45 +103,57 @@ async fn run(
     };
     tunnel.write_all(&hello.to_frame()).await?;
 
-    // Pooled: wait, unbounded, for Start (or the relay closing us).
+    // One visitor after another, for as long as each ends cleanly both ways.
     let mut buf = vec![0u8; 512];
     let mut have = 0;
-    let (visitor, used) = loop {
-        if have == buf.len() {
-            if buf.len() > MAX_FRAME_LEN + 4 {
-                return Err(io::Error::other("oversized frame from relay"));
+    loop {
+        // Pooled: wait, unbounded, for Start (or the relay closing us).
+        let (visitor, used) = loop {
+            match RelayMsg::decode(&buf[..have]) {
+                Ok(None) => {}
+                Ok(Some((RelayMsg::Start { visitor }, used))) => break (visitor, used),
+                Ok(Some((RelayMsg::Error { message, .. }, _))) => {
+                    tracing::warn!(service, "relay refused a data connection: {message}");
+                    return Ok(());
+                }
+                Ok(Some((other, _))) => {
+                    return Err(io::Error::other(format!(
+                        "unexpected {other:?} on data connection"
+                    )))
+                }
+                Err(e) => return Err(io::Error::other(e.to_string())),
             }
-            buf.resize(buf.len() * 2, 0);
-        }
-        let n = tunnel.read_some(&mut buf[have..]).await?;
-        if n == 0 {
-            return Ok(()); // relay dropped the pooled connection
-        }
-        have += n;
-        match RelayMsg::decode(&buf[..have]) {
-            Ok(None) => continue,
-            Ok(Some((RelayMsg::Start { visitor }, used))) => break (visitor, used),
-            Ok(Some((RelayMsg::Error { message, .. }, _))) => {
-                tracing::warn!(service, "relay refused a data connection: {message}");
+            if have == buf.len() {
+                if buf.len() > MAX_FRAME_LEN + 4 {
+                    return Err(io::Error::other("oversized frame from relay"));
+                }
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = tunnel.read_some(&mut buf[have..]).await?;
+            if n == 0 {
+                return Ok(()); // relay dropped the pooled connection
+            }
+            have += n;
+        };
+        let origin = match connect_any(local).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(service, %visitor, "cannot reach local service {local:?}: {e}");
                 return Ok(());
             }
-            Ok(Some((other, _))) => {
-                return Err(io::Error::other(format!(
-                    "unexpected {other:?} on data connection"
-                )))
-            }
-            Err(e) => return Err(io::Error::other(e.to_string())),
-        }
-    };
-    let origin = match connect_any(local).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(service, %visitor, "cannot reach local service {local:?}: {e}");
+        };
+        let outcome = tunnel.forward(&origin, pipes, &buf[used..have]).await?;
+        // Forwarding ran origin → tunnel as "up" from the agent's side; the visitor's view is
+        // the reverse.
+        let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);
+        tracing::debug!(service, %visitor, up, down, reusable, "visitor done");
+        if !reusable {
             return Ok(());
         }
-    };
-    splice::write_all(&origin, &buf[used..have]).await?;
-    let (down, up) = tunnel.forward(&origin, pipes).await?;
-    tracing::debug!(service, %visitor, up, down, "visitor done");
-    Ok(())
+        have = outcome.leftover.len();
+        if buf.len() < have {
+            buf.resize(have, 0);
+        }
+        buf[..have].copy_from_slice(&outcome.leftover);
+    }
 }

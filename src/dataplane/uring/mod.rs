@@ -8,12 +8,15 @@
 //! from another thread), where crossbeam would need an extra eventfd to wait on.
 //!
 //! - [`splice`]: pipes and the splice pump.
+//! - [`chunked`]: forwarding one visitor over a reusable data connection (chunks, then splice
+//!   for bulk).
 //! - [`relay`]: relay-side worker tasks — visitor accept, pooled data connections.
 //! - [`agent`]: agent-side worker tasks — data connections to the relay, dialing the service.
 //! - [`tls`]: rustls driven on a worker, for TLS data connections where kTLS is missing.
 //! - [`tunnel`]: a data connection, plain (spliced) or TLS (copied), behind one type.
 
 pub mod agent;
+pub mod chunked;
 pub mod relay;
 pub mod splice;
 pub mod tls;

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::splice::PipePool;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
+use crate::dataplane::chunked;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::listener::{self, VISITOR_WAIT};
@@ -104,33 +105,45 @@ async fn park_and_forward(
             Tunnel::Tls(Box::new(tls))
         }
     };
-    let (slot, assigned) = oneshot::channel::<Visitor>();
+    let generation = pool.generation();
+    let (slot, mut assigned) = oneshot::channel::<Visitor>();
     pool.offer(slot);
-    // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
-    // means EOF or misbehaviour, and the connection leaves the pool.
-    let visitor = monoio::select! {
-        v = assigned => match v {
-            Ok(v) => v,
-            Err(_) => return Ok(()), // pool dropped us: owner changed or service closed
-        },
-        _ = tunnel.socket().readable(false) => return Ok(()),
-    };
-    visitor.stream.set_nonblocking(true)?;
-    let addr = visitor.addr;
-    let idle = visitor.idle_timeout();
-    let _admission = visitor.admission;
-    let stream = TcpStream::from_std(visitor.stream)?;
-    let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-    start.extend_from_slice(&visitor.prefix);
-    tunnel.write_all(&start).await?;
-    monoio::select! {
-        moved = tunnel.forward(&stream, pipes) => {
-            let (up, down) = moved?;
-            tracing::debug!(service, visitor = %addr, up, down, "visitor done");
+    loop {
+        // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
+        // means EOF or misbehaviour, and the connection leaves the pool.
+        let visitor = monoio::select! {
+            v = assigned => match v {
+                Ok(v) => v,
+                Err(_) => return Ok(()), // pool dropped us: owner changed or service closed
+            },
+            _ = tunnel.socket().readable(false) => return Ok(()),
+        };
+        visitor.stream.set_nonblocking(true)?;
+        let addr = visitor.addr;
+        let idle = visitor.idle_timeout();
+        let admission = visitor.admission;
+        let stream = TcpStream::from_std(visitor.stream)?;
+        let mut start = RelayMsg::Start { visitor: addr }.to_frame();
+        chunked::chunk_bytes(&mut start, &visitor.prefix);
+        tunnel.write_all(&start).await?;
+        let outcome = monoio::select! {
+            o = tunnel.forward(&stream, pipes, &[]) => o?,
+            _ = idle::monoio_idle(stream.as_raw_fd(), idle) => {
+                idle_closed(service, addr, &admission);
+                return Ok(());
+            }
+        };
+        let (up, down, reusable) = (outcome.up, outcome.down, outcome.reusable);
+        tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
+        // The agent sends nothing after its END until the next Start.
+        if !reusable || !outcome.leftover.is_empty() {
+            return Ok(());
         }
-        _ = idle::monoio_idle(stream.as_raw_fd(), idle) => {
-            idle_closed(service, addr, &_admission);
+        drop((stream, admission));
+        let (slot, next) = oneshot::channel::<Visitor>();
+        if !pool.reoffer(slot, generation) {
+            return Ok(());
         }
+        assigned = next;
     }
-    Ok(())
 }

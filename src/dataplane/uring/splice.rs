@@ -210,6 +210,41 @@ fn copy_once(sfd: RawFd, dfd: RawFd) -> io::Result<Copied> {
     })
 }
 
+/// Splices `src → dst` through a pooled pipe until `src`'s EOF; returns the bytes moved. The
+/// caller decides what EOF means for `dst` (FIN, or nothing). On error the pipe may still
+/// hold bytes and is dropped, not pooled.
+pub async fn splice_to_eof(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<u64> {
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut total = 0u64;
+    loop {
+        let pipe = pipes.get()?;
+        let n = match splice(sfd, pipe.w.as_raw_fd(), pipe.cap) {
+            Ok(0) => {
+                pipes.put(pipe);
+                return Ok(total);
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // EAGAIN here means the socket is empty: the pipe was empty when taken.
+                pipes.put(pipe);
+                src.readable(false).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            match splice(pipe.r.as_raw_fd(), dfd, left) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
+                Err(e) => return Err(e), // the pipe still holds bytes: it is dropped
+            }
+        }
+        pipes.put(pipe);
+        total += n as u64;
+    }
+}
+
 /// Moves bytes `src → dst` until `src` reaches EOF, then shuts `dst`'s write side.
 /// On error both sockets are shut down so the opposite direction ends too.
 async fn pump(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<u64> {
@@ -235,33 +270,7 @@ async fn pump(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<
                 }
             }
         }
-        loop {
-            let pipe = pipes.get()?;
-            let n = match splice(sfd, pipe.w.as_raw_fd(), pipe.cap) {
-                Ok(0) => {
-                    pipes.put(pipe);
-                    return Ok(total);
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // EAGAIN here means the socket is empty: the pipe was empty when taken.
-                    pipes.put(pipe);
-                    src.readable(false).await?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let mut left = n;
-            while left > 0 {
-                match splice(pipe.r.as_raw_fd(), dfd, left) {
-                    Ok(m) => left -= m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
-                    Err(e) => return Err(e), // the pipe still holds bytes: it is dropped
-                }
-            }
-            pipes.put(pipe);
-            total += n as u64;
-        }
+        Ok(total + splice_to_eof(src, dst, pipes).await?)
     }
     .await;
     match &result {

@@ -11,7 +11,9 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use monoio::net::TcpStream;
 
+use super::chunked::{Blocked, Ended, Outcome, Unchunk};
 use super::splice;
+use crate::protocol::chunk::{self, HEADER_LEN};
 
 /// Bytes of plaintext or ciphertext one step moves: four full TLS records, so one `recv` or one
 /// `sendmsg` carries several records (rustls alone reads 4 KiB per call).
@@ -208,55 +210,59 @@ impl TlsStream {
         }
         Ok(())
     }
-
-    /// Sends close_notify, then FIN: the peer sees a clean end of this direction.
-    pub async fn close_write(&self) -> io::Result<()> {
-        self.conn.borrow_mut().send_close_notify();
-        self.flush().await?;
-        splice::shutdown(self.sock.as_raw_fd(), libc::SHUT_WR);
-        Ok(())
-    }
 }
 
 /// What one synchronous step of the TLS → plain direction did.
 enum Step {
     /// The socket has no more records for now.
     NeedRecords,
-    /// The peer sent close_notify, after this many bytes.
-    Eof(usize),
-    /// Moved `n` bytes; `rest` did not fit into the plain socket yet.
-    Moved(usize, Option<Vec<u8>>),
+    /// The peer sent close_notify.
+    CloseNotify,
+    /// The direction ended with `END`.
+    Ended,
+    /// The plain socket is full; `Blocked` holds what waits for it.
+    Blocked(Blocked),
+    /// Some bytes moved; go on.
+    Progress,
 }
 
-/// Decrypts what rustls holds and what the socket has, writing plaintext to `pfd`, until the
-/// socket is empty, the peer closed, or `pfd` is full. Ciphertext is read 64 KiB per `recv` and
-/// fed to rustls from memory; what rustls cannot take yet (it holds at most 16 KiB of
-/// plaintext) is kept in `carry` for the next step.
-fn decrypt_step(tls: &TlsStream, pfd: RawFd, carry: &mut Vec<u8>) -> io::Result<Step> {
+/// Decrypts what rustls holds and what the socket has, unwrapping chunks into `pfd`, until
+/// the socket is empty, the direction ends, or `pfd` is full. Ciphertext is read 64 KiB per
+/// `recv` and fed to rustls from memory; what rustls cannot take yet (it holds at most 16 KiB
+/// of plaintext) is kept in `carry` for the next step. Plaintext after `END` stays in rustls
+/// (or in `st.leftover`) for the next visitor.
+fn decrypt_step(
+    tls: &TlsStream,
+    pfd: RawFd,
+    st: &mut Unchunk,
+    carry: &mut Vec<u8>,
+) -> io::Result<Step> {
     let tfd = tls.sock.as_raw_fd();
     with_buffers(|plain, cipher| {
-        let mut moved = 0usize;
+        let mut moved = false;
         let mut fed = 0usize; // of `carry`, or of `cipher` once carry is empty
         let mut have = 0usize; // bytes of `cipher` from the last recv
         let mut conn = tls.conn.borrow_mut();
+        let keep_cipher = |carry: &mut Vec<u8>, fed: usize, have: usize, cipher: &[u8]| {
+            if carry.is_empty() {
+                carry.extend_from_slice(&cipher[fed..have]);
+            } else {
+                carry.drain(..fed);
+            }
+        };
         loop {
             match conn.reader().read(plain) {
-                Ok(0) => return Ok(Step::Eof(moved)),
+                Ok(0) => return Ok(Step::CloseNotify),
                 Ok(n) => {
-                    let sent = match FdIo(pfd).write(&plain[..n]) {
-                        Ok(m) => m,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                        Err(e) => return Err(e),
-                    };
-                    moved += n;
-                    if sent < n {
-                        // Keep the undecrypted rest for later, in order.
-                        if carry.is_empty() {
-                            carry.extend_from_slice(&cipher[fed..have]);
-                        } else {
-                            carry.drain(..fed);
-                        }
-                        return Ok(Step::Moved(moved, Some(plain[sent..n].to_vec())));
+                    moved = true;
+                    let blocked = st.feed(pfd, &plain[..n])?;
+                    if st.ended {
+                        keep_cipher(carry, fed, have, cipher);
+                        return Ok(Step::Ended);
+                    }
+                    if let Some(b) = blocked {
+                        keep_cipher(carry, fed, have, cipher);
+                        return Ok(Step::Blocked(b));
                     }
                     continue;
                 }
@@ -285,8 +291,8 @@ fn decrypt_step(tls: &TlsStream, pfd: RawFd, carry: &mut Vec<u8>) -> io::Result<
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return Ok(if moved > 0 {
-                            Step::Moved(moved, None)
+                        return Ok(if moved {
+                            Step::Progress
                         } else {
                             Step::NeedRecords
                         });
@@ -305,68 +311,86 @@ fn decrypt_step(tls: &TlsStream, pfd: RawFd, carry: &mut Vec<u8>) -> io::Result<
     })
 }
 
-/// TLS → plain until close_notify, then FIN on `plain`.
-async fn tls_to_plain(tls: &TlsStream, plain: &TcpStream) -> io::Result<u64> {
+/// TLS → plain: unwraps chunks until `END` (then FIN on `plain`), or, after `RAW`, copies to
+/// close_notify. `early`: plaintext already read past `Start`.
+async fn tls_to_plain(
+    tls: &TlsStream,
+    plain: &TcpStream,
+    early: &[u8],
+) -> io::Result<(u64, Ended, Vec<u8>)> {
     let pfd = plain.as_raw_fd();
-    let mut total = 0u64;
+    let mut st = Unchunk::default();
+    st.feed_all(plain, early).await?;
     let mut carry = Vec::new();
-    loop {
-        match decrypt_step(tls, pfd, &mut carry)? {
+    while !st.ended {
+        match decrypt_step(tls, pfd, &mut st, &mut carry)? {
             Step::NeedRecords => {
                 // Anything processing queued for the peer goes out if it can (see `fill`).
                 tls.try_flush()?;
                 tls.sock.readable(false).await?;
             }
-            Step::Eof(n) => {
-                splice::shutdown(pfd, libc::SHUT_WR);
-                return Ok(total + n as u64);
+            Step::Progress | Step::Ended => {}
+            Step::Blocked(b) => {
+                splice::write_all(plain, &b.pending).await?;
+                st.feed_all(plain, &b.rest).await?;
             }
-            Step::Moved(n, rest) => {
-                total += n as u64;
-                if let Some(rest) = rest {
-                    splice::write_all(plain, &rest).await?;
-                }
+            Step::CloseNotify if st.raw => {
+                splice::shutdown(pfd, libc::SHUT_WR);
+                return Ok((st.moved, Ended::Raw, Vec::new()));
+            }
+            Step::CloseNotify => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "data connection closed in the middle of a visitor",
+                ))
             }
         }
     }
+    splice::shutdown(pfd, libc::SHUT_WR);
+    Ok((st.moved, Ended::Clean, std::mem::take(&mut st.leftover)))
 }
 
-/// Plain → TLS until EOF, then close_notify and FIN on the TLS side.
+/// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`.
 async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream) -> io::Result<u64> {
     let pfd = plain.as_raw_fd();
     let mut total = 0u64;
     loop {
         let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
-            let n = match FdIo(pfd).read(buf) {
+            let n = match FdIo(pfd).read(&mut buf[HEADER_LEN..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) => return Err(e),
             };
+            let len = if n == 0 { chunk::END } else { n as u32 };
+            buf[..HEADER_LEN].copy_from_slice(&chunk::header(len));
+            let frame = &buf[..HEADER_LEN + n];
             // rustls takes up to its buffer limit now; the rest waits on the heap.
-            let taken = tls.conn.borrow_mut().writer().write(&buf[..n])?;
-            Ok(Some((n, (taken < n).then(|| buf[taken..n].to_vec()))))
+            let taken = tls.conn.borrow_mut().writer().write(frame)?;
+            Ok(Some((
+                n,
+                (taken < frame.len()).then(|| frame[taken..].to_vec()),
+            )))
         })?;
         match read {
             None => plain.readable(false).await?,
-            Some((0, _)) => {
-                tls.close_write().await?;
-                return Ok(total);
-            }
             Some((n, rest)) => {
-                total += n as u64;
                 tls.flush().await?;
                 if let Some(rest) = rest {
                     tls.write_all(&rest).await?;
                 }
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
             }
         }
     }
 }
 
-/// Copies both ways between a plain socket and a TLS one until both directions end
-/// (half-close propagated as close_notify + FIN one way, FIN the other) or either fails, in
-/// which case both sockets are shut down. Returns bytes moved plain → TLS and TLS → plain.
-pub async fn forward(plain: &TcpStream, tls: &TlsStream) -> io::Result<(u64, u64)> {
+/// Forwards a plain socket ↔ a TLS data connection in chunks until both directions end or
+/// either fails, in which case both sockets are shut down. `early`: plaintext already read
+/// past `Start`.
+pub async fn forward(plain: &TcpStream, tls: &TlsStream, early: &[u8]) -> io::Result<Outcome> {
     let (up, down) = monoio::join!(
         async {
             let r = plain_to_tls(plain, tls).await;
@@ -376,14 +400,20 @@ pub async fn forward(plain: &TcpStream, tls: &TlsStream) -> io::Result<(u64, u64
             r
         },
         async {
-            let r = tls_to_plain(tls, plain).await;
+            let r = tls_to_plain(tls, plain, early).await;
             if r.is_err() {
                 shut_both(plain, tls);
             }
             r
         }
     );
-    Ok((up?, down?))
+    let (up, (down, ended, leftover)) = (up?, down?);
+    Ok(Outcome {
+        up,
+        down,
+        reusable: ended == Ended::Clean,
+        leftover,
+    })
 }
 
 fn shut_both(plain: &TcpStream, tls: &TlsStream) {

@@ -5,6 +5,7 @@ use std::io;
 
 use monoio::net::TcpStream;
 
+use super::chunked::{self, Outcome};
 use super::splice::{self, PipePool};
 use super::tls::{self, TlsStream};
 
@@ -41,12 +42,18 @@ impl Tunnel {
         }
     }
 
-    /// Forwards both ways between `peer` (visitor or local service) and the tunnel until both
-    /// directions end or either fails. Returns bytes moved peer → tunnel and tunnel → peer.
-    pub async fn forward(&self, peer: &TcpStream, pipes: &PipePool) -> io::Result<(u64, u64)> {
+    /// Forwards one visitor both ways between `peer` (visitor or local service) and the
+    /// tunnel, in chunks, until both directions end or either fails. `early`: tunnel bytes
+    /// already read past `Start`. The outcome says whether the tunnel can carry another.
+    pub async fn forward(
+        &self,
+        peer: &TcpStream,
+        pipes: &PipePool,
+        early: &[u8],
+    ) -> io::Result<Outcome> {
         match self {
-            Tunnel::Plain(s) => splice::forward(peer, s, pipes).await,
-            Tunnel::Tls(t) => tls::forward(peer, t).await,
+            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early).await,
+            Tunnel::Tls(t) => tls::forward(peer, t, early).await,
         }
     }
 }

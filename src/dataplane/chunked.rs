@@ -1,0 +1,358 @@
+//! The tokio backend's forwarding over a reusable data connection: the visitor's (or local
+//! service's) bytes go down the tunnel as chunks ([`crate::protocol::chunk`]), each direction
+//! ends with an `END` chunk instead of a FIN, and when both did the connection can carry the
+//! next visitor. A peer that switched a direction to raw (the uring backend splicing a bulk
+//! transfer) is followed: the rest of that direction is copied as it comes, and the connection
+//! ends with this visitor.
+//!
+//! As in [`super::forward`], reads land in a stack buffer of the polling thread; only bytes a
+//! writer could not take yet go to the heap.
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::forward::{Moved, COPY_BUF_LEN};
+use crate::protocol::chunk::{self, Deframer, Piece, HEADER_LEN};
+
+/// How a forwarded visitor left the data connection.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Bytes moved each way (peer → tunnel, tunnel → peer).
+    pub moved: Moved,
+    /// Both directions ended with `END`: the tunnel may carry another visitor.
+    pub reusable: bool,
+    /// Bytes read from the tunnel after the `END` (the start of whatever follows).
+    pub leftover: Vec<u8>,
+}
+
+/// Writes `pending[*written..]`; clears it once drained.
+fn poll_drain<W: AsyncWrite + ?Sized>(
+    cx: &mut Context<'_>,
+    mut w: Pin<&mut W>,
+    pending: &mut Vec<u8>,
+    written: &mut usize,
+) -> Poll<io::Result<()>> {
+    while *written < pending.len() {
+        let n = ready!(w.as_mut().poll_write(cx, &pending[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+    }
+    *pending = Vec::new();
+    *written = 0;
+    Poll::Ready(Ok(()))
+}
+
+/// Peer → tunnel: every read becomes one chunk; EOF becomes `END`.
+#[derive(Default)]
+struct Encode {
+    pending: Vec<u8>,
+    written: usize,
+    ended: bool,
+    done: bool,
+    moved: u64,
+}
+
+impl Encode {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(poll_drain(
+                cx,
+                w.as_mut(),
+                &mut self.pending,
+                &mut self.written
+            ))?;
+            if self.ended {
+                ready!(w.as_mut().poll_flush(cx))?;
+                self.done = true;
+                continue;
+            }
+            // Uninitialised on purpose, as in `forward`: zeroing it per poll costs more than
+            // the copy. The header goes in front of the data, so one write sends both.
+            let mut stack = [MaybeUninit::<u8>::uninit(); HEADER_LEN + COPY_BUF_LEN];
+            let (head, body) = stack.split_at_mut(HEADER_LEN);
+            let mut buf = ReadBuf::uninit(body);
+            match r.as_mut().poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = buf.filled().len();
+            if n == 0 {
+                self.pending = chunk::header(chunk::END).to_vec();
+                self.ended = true;
+                continue;
+            }
+            for (slot, b) in head.iter_mut().zip(chunk::header(n as u32)) {
+                slot.write(b);
+            }
+            // SAFETY: the header was just written and the read initialised `n` bytes after it.
+            let frame =
+                unsafe { std::slice::from_raw_parts(stack.as_ptr().cast::<u8>(), HEADER_LEN + n) };
+            self.moved += n as u64;
+            match w.as_mut().poll_write(cx, frame) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(m)) => self.pending.extend_from_slice(&frame[m..]),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => self.pending.extend_from_slice(frame),
+            }
+        }
+    }
+}
+
+/// Tunnel → peer: chunks are unwrapped until `END` (or raw until EOF).
+#[derive(Default)]
+struct Decode {
+    deframer: Deframer,
+    /// Visitor bytes the peer has not taken yet.
+    pending: Vec<u8>,
+    written: usize,
+    /// Tunnel bytes read but not decoded yet (kept while `pending` drains).
+    carry: Vec<u8>,
+    /// After a `RAW` header: copy until EOF.
+    raw: bool,
+    /// Saw `END` (or EOF in raw mode): shut the peer's write side, then done.
+    ended: bool,
+    done: bool,
+    leftover: Vec<u8>,
+    moved: u64,
+}
+
+impl Decode {
+    /// Decodes `input`; visitor bytes go to `w` or, once it is full, to `pending` (with the
+    /// undecoded rest in `carry`).
+    fn feed<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+        mut input: &[u8],
+    ) -> io::Result<()> {
+        while !input.is_empty() {
+            let data = if self.raw {
+                let all = input;
+                input = &[];
+                all
+            } else {
+                match self.deframer.next(input).map_err(io::Error::other)? {
+                    Piece::NeedMore => return Ok(()),
+                    Piece::End { used } => {
+                        self.leftover.extend_from_slice(&input[used..]);
+                        self.ended = true;
+                        return Ok(());
+                    }
+                    Piece::Raw { used } => {
+                        self.raw = true;
+                        input = &input[used..];
+                        continue;
+                    }
+                    Piece::Data(range) => {
+                        let data = &input[range.clone()];
+                        input = &input[range.end..];
+                        data
+                    }
+                }
+            };
+            self.moved += data.len() as u64;
+            if !self.pending.is_empty() {
+                self.pending.extend_from_slice(data);
+                continue;
+            }
+            match w.as_mut().poll_write(cx, data) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(m)) if m == data.len() => {}
+                Poll::Ready(Ok(m)) => self.pending.extend_from_slice(&data[m..]),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => self.pending.extend_from_slice(data),
+            }
+            if !self.pending.is_empty() {
+                // The peer is full: keep the undecoded rest for when it drains.
+                self.carry.extend_from_slice(input);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(poll_drain(
+                cx,
+                w.as_mut(),
+                &mut self.pending,
+                &mut self.written
+            ))?;
+            if !self.carry.is_empty() {
+                let carry = std::mem::take(&mut self.carry);
+                self.feed(cx, w.as_mut(), &carry)?;
+                continue;
+            }
+            if self.ended {
+                ready!(w.as_mut().poll_flush(cx))?;
+                ready!(w.as_mut().poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            let mut stack = [MaybeUninit::<u8>::uninit(); COPY_BUF_LEN];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match r.as_mut().poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            if buf.filled().is_empty() {
+                if self.raw {
+                    self.ended = true;
+                    continue;
+                }
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "data connection closed in the middle of a visitor",
+                )));
+            }
+            self.feed(cx, w.as_mut(), buf.filled())?;
+        }
+    }
+}
+
+/// Sends `prefix` (raw bytes already framed by the caller, e.g. `Start` plus a chunk), then
+/// forwards `peer` ↔ `tunnel` in chunks until both directions end or either fails. `early`
+/// are tunnel bytes already read past the last control frame; they are decoded first.
+pub async fn forward<P, T>(
+    peer: &mut P,
+    tunnel: &mut T,
+    prefix: &[u8],
+    early: &[u8],
+) -> io::Result<Outcome>
+where
+    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    T: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    if !prefix.is_empty() {
+        tunnel.write_all(prefix).await?;
+    }
+    let mut up = Encode::default();
+    let mut down = Decode {
+        carry: early.to_vec(),
+        ..Decode::default()
+    };
+    poll_fn(|cx| {
+        let a = up.poll(cx, Pin::new(&mut *peer), Pin::new(&mut *tunnel))?;
+        let b = down.poll(cx, Pin::new(&mut *tunnel), Pin::new(&mut *peer))?;
+        if a.is_ready() && b.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(Outcome {
+        moved: Moved {
+            a_to_b: up.moved,
+            b_to_a: down.moved,
+        },
+        reusable: !down.raw,
+        leftover: down.leftover,
+    })
+}
+
+/// `prefix` followed by `data` as one chunk (or nothing when `data` is empty): what the relay
+/// sends after `Start` for bytes it already holds for the visitor.
+pub fn chunk_bytes(prefix: &mut Vec<u8>, data: &[u8]) {
+    for part in data.chunks(chunk::MAX_CHUNK) {
+        prefix.extend_from_slice(&chunk::header(part.len() as u32));
+        prefix.extend_from_slice(part);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn two_visitors_share_one_tunnel() {
+        // Two forwarders back to back over one tunnel, as relay and agent are.
+        let (mut t_relay, mut t_agent) = pair().await;
+        for round in 0..2u8 {
+            let (mut visitor, mut v_side) = pair().await;
+            let (mut o_side, mut origin) = pair().await;
+            let mut pre = Vec::new();
+            chunk_bytes(&mut pre, b"hello ");
+            let relay = forward(&mut v_side, &mut t_relay, &pre, &[]);
+            let agent = forward(&mut o_side, &mut t_agent, &[], &[]);
+            let client = async {
+                visitor.write_all(&[b'a' + round; 100_000]).await.unwrap();
+                visitor.shutdown().await.unwrap();
+                let mut got = Vec::new();
+                origin.read_to_end(&mut got).await.unwrap();
+                assert_eq!(&got[..6], b"hello ");
+                assert_eq!(got.len(), 100_006);
+                origin.write_all(b"bye").await.unwrap();
+                origin.shutdown().await.unwrap();
+                let mut reply = Vec::new();
+                visitor.read_to_end(&mut reply).await.unwrap();
+                assert_eq!(reply, b"bye");
+            };
+            let (relay, agent, ()) = tokio::join!(relay, agent, client);
+            let (relay, agent) = (relay.unwrap(), agent.unwrap());
+            assert!(relay.reusable && agent.reusable, "round {round}");
+            assert!(relay.leftover.is_empty() && agent.leftover.is_empty());
+            assert_eq!((agent.moved.a_to_b, agent.moved.b_to_a), (3, 100_006));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_chunk_header_is_an_error() {
+        let (mut t_relay, mut t_agent) = pair().await;
+        let (_visitor, mut v_side) = pair().await;
+        t_agent.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
+        let err = forward(&mut v_side, &mut t_relay, &[], &[])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid chunk header"), "{err}");
+    }
+}

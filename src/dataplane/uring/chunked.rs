@@ -1,0 +1,280 @@
+//! Chunked forwarding on a worker, so a plain data connection can carry visitor after visitor
+//! ([`crate::protocol::chunk`]).
+//!
+//! Small transfers are copied through the worker's scratch buffer, each read sent as one chunk
+//! (header and data in one `send`). A direction whose read fills the scratch buffer is a bulk
+//! transfer: it sends `RAW` and splices the rest, and the connection ends with this visitor —
+//! splice cannot frame, and a bulk transfer amortises a new connection anyway.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use monoio::net::TcpStream;
+
+use super::splice::{self, with_scratch, PipePool};
+use crate::protocol::chunk::{self, Deframer, Piece, HEADER_LEN};
+
+/// How one direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// With an `END` chunk: the connection is still in step.
+    Clean,
+    /// Raw to the transport's end: the connection cannot carry another visitor.
+    Raw,
+}
+
+/// One forwarded visitor on a data connection.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Bytes from the peer (visitor or local service) into the tunnel.
+    pub up: u64,
+    /// Bytes from the tunnel to the peer.
+    pub down: u64,
+    /// Both directions ended with `END`: the connection may carry another visitor.
+    pub reusable: bool,
+    /// Tunnel bytes read after the `END` (on the agent: the start of the next `Start`).
+    pub leftover: Vec<u8>,
+}
+
+/// Sends as much of `data` as `fd` takes now, without waiting.
+fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: send from a live buffer on an open socket.
+    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(err)
+    }
+}
+
+/// Decoding state of the tunnel → peer direction, independent of where its bytes come from
+/// (a socket, or plaintext out of rustls).
+#[derive(Default)]
+pub struct Unchunk {
+    deframer: Deframer,
+    /// After `RAW`: every byte is the visitor's.
+    pub raw: bool,
+    /// Saw `END`.
+    pub ended: bool,
+    /// Bytes after `END`.
+    pub leftover: Vec<u8>,
+    /// Visitor bytes delivered or queued.
+    pub moved: u64,
+}
+
+/// What [`Unchunk::feed`] could not finish because the peer was full.
+pub struct Blocked {
+    /// Visitor bytes to write (waiting) before anything else.
+    pub pending: Vec<u8>,
+    /// Input not decoded yet, to feed after `pending`.
+    pub rest: Vec<u8>,
+}
+
+impl Unchunk {
+    /// Decodes `input`, sending visitor bytes to `dfd` without waiting. Stops at `END` (the
+    /// rest goes to `leftover`); returns what is left when `dfd` is full.
+    pub fn feed(&mut self, dfd: RawFd, mut input: &[u8]) -> io::Result<Option<Blocked>> {
+        while !input.is_empty() && !self.ended {
+            let data = if self.raw {
+                std::mem::take(&mut input)
+            } else {
+                match self.deframer.next(input).map_err(io::Error::other)? {
+                    Piece::NeedMore => return Ok(None),
+                    Piece::End { used } => {
+                        self.leftover.extend_from_slice(&input[used..]);
+                        self.ended = true;
+                        return Ok(None);
+                    }
+                    Piece::Raw { used } => {
+                        self.raw = true;
+                        input = &input[used..];
+                        continue;
+                    }
+                    Piece::Data(r) => {
+                        let data = &input[r.clone()];
+                        input = &input[r.end..];
+                        data
+                    }
+                }
+            };
+            self.moved += data.len() as u64;
+            let sent = send_now(dfd, data)?;
+            if sent < data.len() {
+                return Ok(Some(Blocked {
+                    pending: data[sent..].to_vec(),
+                    rest: input.to_vec(),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`Self::feed`], waiting on `dst` whenever it is full, until `input` is all decoded.
+    pub async fn feed_all(&mut self, dst: &TcpStream, input: &[u8]) -> io::Result<()> {
+        let mut blocked = self.feed(dst.as_raw_fd(), input)?;
+        while let Some(b) = blocked {
+            splice::write_all(dst, &b.pending).await?;
+            blocked = self.feed(dst.as_raw_fd(), &b.rest)?;
+        }
+        Ok(())
+    }
+}
+
+/// One read of the encoding direction, sent as a chunk.
+struct Sent {
+    /// Bytes read (0: EOF, sent as `END`).
+    n: usize,
+    /// The read filled the scratch buffer: a bulk transfer.
+    full: bool,
+    /// What the tunnel did not take yet.
+    rest: Option<Vec<u8>>,
+}
+
+/// Peer → tunnel in chunks until the peer's EOF (`END`), or until a read fills the scratch
+/// buffer, from where on the direction is `RAW` and spliced.
+async fn encode(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<(u64, Ended)> {
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut total = 0u64;
+    loop {
+        let step = with_scratch(|buf| -> io::Result<Option<Sent>> {
+            let room = buf.len() - HEADER_LEN;
+            // SAFETY: recv into the live scratch buffer, past the header's place.
+            let n = unsafe { libc::recv(sfd, buf[HEADER_LEN..].as_mut_ptr().cast(), room, 0) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                return if err.kind() == io::ErrorKind::WouldBlock {
+                    Ok(None)
+                } else {
+                    Err(err)
+                };
+            }
+            let n = n as usize;
+            let frame_len = if n == 0 {
+                buf[..HEADER_LEN].copy_from_slice(&chunk::header(chunk::END));
+                HEADER_LEN
+            } else {
+                buf[..HEADER_LEN].copy_from_slice(&chunk::header(n as u32));
+                HEADER_LEN + n
+            };
+            let sent = send_now(dfd, &buf[..frame_len])?;
+            let rest = (sent < frame_len).then(|| buf[sent..frame_len].to_vec());
+            Ok(Some(Sent {
+                n,
+                full: n == room,
+                rest,
+            }))
+        })?;
+        match step {
+            None => src.readable(false).await?,
+            Some(Sent { n, full, rest }) => {
+                if let Some(rest) = rest {
+                    splice::write_all(dst, &rest).await?;
+                }
+                if n == 0 {
+                    return Ok((total, Ended::Clean));
+                }
+                total += n as u64;
+                if full {
+                    // Bulk: the rest of this direction is raw, spliced.
+                    splice::write_all(dst, &chunk::header(chunk::RAW)).await?;
+                    total += splice::splice_to_eof(src, dst, pipes).await?;
+                    splice::shutdown(dfd, libc::SHUT_WR);
+                    return Ok((total, Ended::Raw));
+                }
+                // A short read almost always drained the socket: wait on the ring rather than
+                // spend a recv on EAGAIN (the ring's poll is level-triggered).
+                src.readable(false).await?;
+            }
+        }
+    }
+}
+
+/// Tunnel → peer: unwraps chunks until `END` (then FIN to the peer), or follows `RAW` by
+/// splicing to the tunnel's EOF. `early` are tunnel bytes already read.
+async fn decode(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipes: &PipePool,
+    early: &[u8],
+) -> io::Result<(u64, Ended, Vec<u8>)> {
+    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let mut st = Unchunk::default();
+    st.feed_all(dst, early).await?;
+    while !st.ended && !st.raw {
+        let blocked = with_scratch(|buf| -> io::Result<Option<Option<Blocked>>> {
+            // SAFETY: recv into the live scratch buffer on an open socket.
+            let n = unsafe { libc::recv(sfd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                return if err.kind() == io::ErrorKind::WouldBlock {
+                    Ok(None)
+                } else {
+                    Err(err)
+                };
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "data connection closed in the middle of a visitor",
+                ));
+            }
+            st.feed(dfd, &buf[..n as usize]).map(Some)
+        })?;
+        match blocked {
+            None => src.readable(false).await?,
+            Some(None) => {}
+            Some(Some(b)) => {
+                splice::write_all(dst, &b.pending).await?;
+                st.feed_all(dst, &b.rest).await?;
+            }
+        }
+    }
+    if st.raw {
+        let n = splice::splice_to_eof(src, dst, pipes).await?;
+        splice::shutdown(dfd, libc::SHUT_WR);
+        return Ok((st.moved + n, Ended::Raw, Vec::new()));
+    }
+    splice::shutdown(dfd, libc::SHUT_WR);
+    Ok((st.moved, Ended::Clean, st.leftover))
+}
+
+/// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then
+/// both sockets are shut down). `early`: tunnel bytes already read past `Start`.
+pub async fn forward(
+    peer: &TcpStream,
+    tunnel: &TcpStream,
+    pipes: &PipePool,
+    early: &[u8],
+) -> io::Result<Outcome> {
+    let shut = || {
+        splice::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR);
+        splice::shutdown(tunnel.as_raw_fd(), libc::SHUT_RDWR);
+    };
+    let (up, down) = monoio::join!(
+        async {
+            let r = encode(peer, tunnel, pipes).await;
+            if r.is_err() {
+                shut();
+            }
+            r
+        },
+        async {
+            let r = decode(tunnel, peer, pipes, early).await;
+            if r.is_err() {
+                shut();
+            }
+            r
+        }
+    );
+    let ((up, up_end), (down, down_end, leftover)) = (up?, down?);
+    Ok(Outcome {
+        up,
+        down,
+        reusable: up_end == Ended::Clean && down_end == Ended::Clean,
+        leftover,
+    })
+}

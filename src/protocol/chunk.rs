@@ -1,0 +1,223 @@
+//! Chunked visitor bytes on a data connection, so one connection can carry visitor after
+//! visitor instead of costing a TCP (and TLS) handshake each.
+//!
+//! After `Start`, each direction is a sequence of chunks, each behind a 4-byte big-endian
+//! header:
+//!
+//! - `1..=`[`MAX_CHUNK`]: that many bytes of the visitor's stream follow;
+//! - [`END`] (0): this direction is over, as a FIN would say; the connection stays open;
+//! - [`RAW`] (`0xFFFF_FFFF`): the rest of this direction is raw bytes up to the transport's own
+//!   end (FIN, or TLS close_notify). A sender switches to raw to splice a bulk transfer; the
+//!   connection then ends with this visitor.
+//!
+//! Anything else is a protocol error. A data connection is reused only when both directions
+//! ended with [`END`]. Nothing here does I/O: [`Deframer`] is fed whatever bytes arrived, split
+//! anywhere.
+
+use std::ops::Range;
+
+/// Header announcing the end of one direction.
+pub const END: u32 = 0;
+/// Header announcing that the rest of the direction is raw.
+pub const RAW: u32 = u32::MAX;
+/// Largest chunk payload a sender may announce, in bytes.
+pub const MAX_CHUNK: usize = 64 * 1024;
+/// Bytes in a chunk header.
+pub const HEADER_LEN: usize = 4;
+
+/// The header for a chunk of `len` bytes (`1..=MAX_CHUNK`), or [`END`]/[`RAW`].
+pub fn header(len: u32) -> [u8; HEADER_LEN] {
+    len.to_be_bytes()
+}
+
+/// A chunk header that is neither a valid length nor [`END`] nor [`RAW`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid chunk header 0x{0:08x} on a data connection")]
+pub struct BadChunk(pub u32);
+
+/// What the next bytes of the input are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Visitor bytes at this range of the input; the input is consumed up to its end.
+    Data(Range<usize>),
+    /// The direction ended with [`END`]; `used` bytes of the input belong to it. Later bytes
+    /// belong to whatever follows on the connection (the next `Start`).
+    End {
+        /// Input bytes consumed, up to and including the header.
+        used: usize,
+    },
+    /// The rest of the direction is raw; `used` bytes of the input were the header.
+    Raw {
+        /// Input bytes consumed, up to and including the header.
+        used: usize,
+    },
+    /// The whole input was consumed (part of a header); feed more.
+    NeedMore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Header { buf: [u8; HEADER_LEN], have: usize },
+    Data { left: usize },
+    Ended,
+}
+
+/// Incremental decoder for one direction's chunks.
+#[derive(Debug, Clone)]
+pub struct Deframer {
+    state: State,
+}
+
+impl Default for Deframer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Deframer {
+    /// A decoder at the start of a direction.
+    pub fn new() -> Self {
+        Deframer {
+            state: State::Header {
+                buf: [0; HEADER_LEN],
+                have: 0,
+            },
+        }
+    }
+
+    /// The next piece of `input`. After [`Piece::End`] or [`Piece::Raw`] the decoder is done
+    /// and must not be fed again.
+    pub fn next(&mut self, input: &[u8]) -> Result<Piece, BadChunk> {
+        let mut pos = 0;
+        loop {
+            match &mut self.state {
+                State::Ended => return Ok(Piece::NeedMore),
+                State::Data { left } => {
+                    if pos == input.len() {
+                        return Ok(Piece::NeedMore);
+                    }
+                    let n = (*left).min(input.len() - pos);
+                    *left -= n;
+                    if *left == 0 {
+                        self.state = State::Header {
+                            buf: [0; HEADER_LEN],
+                            have: 0,
+                        };
+                    }
+                    return Ok(Piece::Data(pos..pos + n));
+                }
+                State::Header { buf, have } => {
+                    let n = (HEADER_LEN - *have).min(input.len() - pos);
+                    buf[*have..*have + n].copy_from_slice(&input[pos..pos + n]);
+                    *have += n;
+                    pos += n;
+                    if *have < HEADER_LEN {
+                        return Ok(Piece::NeedMore);
+                    }
+                    match u32::from_be_bytes(*buf) {
+                        END => {
+                            self.state = State::Ended;
+                            return Ok(Piece::End { used: pos });
+                        }
+                        RAW => {
+                            self.state = State::Ended;
+                            return Ok(Piece::Raw { used: pos });
+                        }
+                        len if len as usize <= MAX_CHUNK => {
+                            self.state = State::Data { left: len as usize };
+                        }
+                        bad => return Err(BadChunk(bad)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Decodes `wire` fed in pieces cut at `cuts`; returns the data, how it ended, and the
+    /// bytes after the end.
+    type Decoded = (Vec<u8>, Option<u32>, Vec<u8>);
+
+    fn decode_split(wire: &[u8], cuts: &[usize]) -> Result<Decoded, BadChunk> {
+        let mut d = Deframer::new();
+        let mut out = Vec::new();
+        let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();
+        bounds.push(0);
+        bounds.push(wire.len());
+        bounds.sort_unstable();
+        bounds.dedup();
+        for w in bounds.windows(2) {
+            let mut input = &wire[w[0]..w[1]];
+            loop {
+                match d.next(input)? {
+                    Piece::Data(r) => {
+                        out.extend_from_slice(&input[r.clone()]);
+                        input = &input[r.end..];
+                    }
+                    Piece::End { used } => {
+                        let after = w[0] + (w[1] - w[0] - input.len()) + used;
+                        return Ok((out, Some(END), wire[after..].to_vec()));
+                    }
+                    Piece::Raw { used } => {
+                        let after = w[0] + (w[1] - w[0] - input.len()) + used;
+                        return Ok((out, Some(RAW), wire[after..].to_vec()));
+                    }
+                    Piece::NeedMore => break,
+                }
+            }
+        }
+        Ok((out, None, Vec::new()))
+    }
+
+    fn encode(chunks: &[Vec<u8>], last: u32, trailer: &[u8]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        for c in chunks {
+            wire.extend_from_slice(&header(c.len() as u32));
+            wire.extend_from_slice(c);
+        }
+        wire.extend_from_slice(&header(last));
+        wire.extend_from_slice(trailer);
+        wire
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_decodes_the_same(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..300), 0..8),
+            raw in any::<bool>(),
+            trailer in proptest::collection::vec(any::<u8>(), 0..40),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let last = if raw { RAW } else { END };
+            let wire = encode(&chunks, last, &trailer);
+            let (data, end, after) = decode_split(&wire, &cuts).unwrap();
+            prop_assert_eq!(data, chunks.concat());
+            prop_assert_eq!(end, Some(last));
+            prop_assert_eq!(after, trailer);
+        }
+
+        #[test]
+        fn garbage_never_panics(wire in proptest::collection::vec(any::<u8>(), 0..200),
+                                cuts in proptest::collection::vec(any::<usize>(), 0..6)) {
+            let _ = decode_split(&wire, &cuts);
+        }
+    }
+
+    #[test]
+    fn oversized_header_is_refused() {
+        let mut d = Deframer::new();
+        let wire = header(MAX_CHUNK as u32 + 1);
+        assert_eq!(d.next(&wire), Err(BadChunk(MAX_CHUNK as u32 + 1)));
+        let mut d = Deframer::new();
+        assert_eq!(
+            d.next(&header(MAX_CHUNK as u32)),
+            Ok(Piece::NeedMore),
+            "a full-size chunk is fine"
+        );
+    }
+}
