@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{data, AgentError, Ctx, CONNECT_TIMEOUT};
-use crate::config::BackendKind;
 use crate::dataplane::uring::agent::AgentTls;
 use crate::dataplane::uring::Command;
 use crate::protocol::auth::register_mac;
@@ -183,22 +182,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         });
     }
     *first = false;
-    // TLS data connections cannot be spliced without kTLS; the workers then copy them through
-    // rustls, which measured no faster than tokio, so only an explicit `--backend uring` does.
-    let workers = match &ctx.workers {
-        Some(_) if data_tls && cfg.backend != BackendKind::Uring => {
-            let why = match crate::dataplane::probe::ktls() {
-                Ok(()) => "kTLS offload is not wired in".to_string(),
-                Err(why) => format!("kTLS is unavailable: {why}"),
-            };
-            tracing::info!(
-                "data connections are TLS and cannot be spliced ({why}): copied in user space on tokio"
-            );
-            None
-        }
-        w => w.as_ref(),
-    };
-    let uring = match workers {
+    let uring = match &ctx.workers {
         Some(w) => match UringRoutes::resolve(ctx, relay_peer).await {
             Ok(routes) => {
                 let tls = data_tls.then(|| AgentTls {
