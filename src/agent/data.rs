@@ -3,11 +3,13 @@
 
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{Ctx, CONNECT_TIMEOUT};
 use crate::dataplane::chunked;
 use crate::protocol::auth::Ticket;
+use crate::protocol::chunk;
 use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::Framed;
 
@@ -68,6 +70,17 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
                 let (up, down) = (o.moved.b_to_a, o.moved.a_to_b);
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");
                 if !o.reusable {
+                    return;
+                }
+                drop(origin);
+                // Done with the local connection, cleanly: tell the relay it may send the
+                // next visitor here.
+                let ready = async {
+                    tunnel.write_all(&chunk::header(chunk::READY)).await?;
+                    tunnel.flush().await
+                };
+                if let Err(e) = ready.await {
+                    tracing::debug!(service, "data connection ended: {e}");
                     return;
                 }
                 framed = Framed::with_buffer(tunnel, o.leftover);

@@ -18,6 +18,7 @@ use crate::dataplane::chunked;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::Visitor;
 use crate::dataplane::{uring, DataPlane};
+use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::{Conn, FrameIoError, Framed};
@@ -242,8 +243,11 @@ async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::datapla
             Ok(o) => {
                 let (up, down) = (o.moved.a_to_b, o.moved.b_to_a);
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
-                // The agent sends nothing after its END until the next Start.
-                if !o.reusable || !o.leftover.is_empty() {
+                if !o.reusable {
+                    return;
+                }
+                drop((stream, admission));
+                if !agent_ready(&mut tunnel, o.leftover).await {
                     return;
                 }
             }
@@ -252,11 +256,33 @@ async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::datapla
                 return;
             }
         }
-        drop((stream, admission));
         let (slot, next) = oneshot::channel::<Visitor>();
         if !pool.reoffer(slot, generation) {
             return;
         }
         assigned = next;
     }
+}
+
+/// Waits (bounded) for the agent's `READY` after a visitor's two `END`s; `early` are bytes
+/// already read after the agent's `END`. Anything else, EOF or silence means the connection
+/// is not reused.
+async fn agent_ready(tunnel: &mut Conn, mut got: Vec<u8>) -> bool {
+    let wait = async {
+        loop {
+            match chunk::check_ready(&got) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+            let mut buf = [0u8; chunk::HEADER_LEN];
+            match tunnel.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(chunk::READY_WAIT, wait)
+        .await
+        .unwrap_or(false)
 }

@@ -11,8 +11,10 @@
 //!   connection then ends with this visitor.
 //!
 //! Anything else is a protocol error. A data connection is reused only when both directions
-//! ended with [`END`]. Nothing here does I/O: [`Deframer`] is fed whatever bytes arrived, split
-//! anywhere.
+//! ended with [`END`] and the agent then sent [`READY`]: it has finished with its local
+//! connection without error and waits for the next `Start`. Without that last word the relay
+//! could hand a new visitor to a connection the agent is about to close. Nothing here does
+//! I/O: [`Deframer`] is fed whatever bytes arrived, split anywhere.
 
 use std::ops::Range;
 
@@ -20,6 +22,12 @@ use std::ops::Range;
 pub const END: u32 = 0;
 /// Header announcing that the rest of the direction is raw.
 pub const RAW: u32 = u32::MAX;
+/// Sent by the agent, alone, after a visitor ended cleanly both ways: ready for the next one.
+/// Not a chunk header (a deframer refuses it).
+pub const READY: u32 = u32::MAX - 1;
+/// How long the relay waits for [`READY`] after a visitor's `END`s before closing the
+/// connection instead of reusing it.
+pub const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest chunk payload a sender may announce, in bytes.
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Bytes in a chunk header.
@@ -28,6 +36,19 @@ pub const HEADER_LEN: usize = 4;
 /// The header for a chunk of `len` bytes (`1..=MAX_CHUNK`), or [`END`]/[`RAW`].
 pub fn header(len: u32) -> [u8; HEADER_LEN] {
     len.to_be_bytes()
+}
+
+/// Checks what the relay read after a visitor's two `END`s: `Ok(true)` once it is exactly
+/// [`READY`], `Ok(false)` while it is still a prefix of it, an error for anything else.
+pub fn check_ready(buf: &[u8]) -> Result<bool, BadChunk> {
+    let ready = header(READY);
+    if buf.len() > HEADER_LEN || buf != &ready[..buf.len()] {
+        let mut h = [0u8; HEADER_LEN];
+        let n = buf.len().min(HEADER_LEN);
+        h[..n].copy_from_slice(&buf[..n]);
+        return Err(BadChunk(u32::from_be_bytes(h)));
+    }
+    Ok(buf.len() == HEADER_LEN)
 }
 
 /// A chunk header that is neither a valid length nor [`END`] nor [`RAW`].
@@ -206,6 +227,24 @@ mod tests {
                                 cuts in proptest::collection::vec(any::<usize>(), 0..6)) {
             let _ = decode_split(&wire, &cuts);
         }
+    }
+
+    #[test]
+    fn ready_is_exactly_one_marker() {
+        let ready = header(READY);
+        assert_eq!(check_ready(&[]), Ok(false));
+        assert_eq!(check_ready(&ready[..3]), Ok(false));
+        assert_eq!(check_ready(&ready), Ok(true));
+        assert!(
+            check_ready(&[ready, ready].concat()).is_err(),
+            "nothing may follow"
+        );
+        assert!(check_ready(&header(END)).is_err());
+        assert_eq!(
+            Deframer::new().next(&ready),
+            Err(BadChunk(READY)),
+            "not a chunk"
+        );
     }
 
     #[test]

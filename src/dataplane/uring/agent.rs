@@ -17,6 +17,7 @@ use super::splice::{self, PipePool};
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::protocol::auth::Ticket;
+use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, RelayMsg, MAX_FRAME_LEN, PROTOCOL_VERSION};
 
@@ -150,6 +151,9 @@ async fn run(
         if !reusable {
             return Ok(());
         }
+        drop(origin);
+        // Done with the local connection, cleanly: the relay may send the next visitor here.
+        tunnel.write_all(&chunk::header(chunk::READY)).await?;
         have = outcome.leftover.len();
         if buf.len() < have {
             buf.resize(have, 0);

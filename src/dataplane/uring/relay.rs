@@ -16,6 +16,7 @@ use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::listener::{self, VISITOR_WAIT};
 use crate::dataplane::pool::{Pool, Visitor};
+use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::RelayMsg;
 
@@ -135,15 +136,40 @@ async fn park_and_forward(
         };
         let (up, down, reusable) = (outcome.up, outcome.down, outcome.reusable);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
-        // The agent sends nothing after its END until the next Start.
-        if !reusable || !outcome.leftover.is_empty() {
+        if !reusable {
             return Ok(());
         }
         drop((stream, admission));
+        if !agent_ready(&tunnel, outcome.leftover).await {
+            return Ok(());
+        }
         let (slot, next) = oneshot::channel::<Visitor>();
         if !pool.reoffer(slot, generation) {
             return Ok(());
         }
         assigned = next;
     }
+}
+
+/// Waits (bounded) for the agent's `READY` after a visitor's two `END`s; `got` are bytes
+/// already read after the agent's `END`. Anything else, EOF or silence means the connection
+/// is not reused.
+async fn agent_ready(tunnel: &Tunnel, mut got: Vec<u8>) -> bool {
+    let wait = async {
+        loop {
+            match chunk::check_ready(&got) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+            let mut buf = [0u8; chunk::HEADER_LEN];
+            match tunnel.read_some(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    monoio::time::timeout(chunk::READY_WAIT, wait)
+        .await
+        .unwrap_or(false)
 }

@@ -1,0 +1,149 @@
+//! End-to-end with a hand-rolled agent on a real relay: a data connection carries a second
+//! visitor only after the agent said `READY`, and a data connection that breaks the chunk
+//! protocol costs only its own visitor.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ringtunnel::protocol::auth::Ticket;
+use ringtunnel::protocol::chunk::{self, Deframer, Piece};
+use ringtunnel::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
+use ringtunnel::transport::{BoxStream, Framed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// Opens a plain data connection with `ticket` and lets the relay park it.
+async fn open(relay: &Relay, ticket: Ticket) -> Framed<BoxStream> {
+    let mut conn = Framed::new(connect_data(relay, false).await);
+    let hello = AgentMsg::DataHello {
+        version: PROTOCOL_VERSION,
+        ticket,
+    };
+    conn.write_msg(&hello, LIMIT).await.unwrap();
+    // Redeeming and parking happen on the relay's side; give them a moment so the visitor
+    // below finds the connection in the pool.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn
+}
+
+/// Waits for `Start`, then reads the visitor's chunks up to `END`.
+async fn take_visitor(conn: Framed<BoxStream>) -> (BoxStream, Vec<u8>) {
+    let mut conn = conn;
+    let start = tokio::time::timeout(WAIT, conn.read_msg::<RelayMsg>())
+        .await
+        .expect("a visitor arrives")
+        .unwrap();
+    assert!(matches!(start, RelayMsg::Start { .. }), "{start:?}");
+    let (mut s, mut wire) = conn.into_parts();
+    let mut deframer = Deframer::new();
+    let mut got = Vec::new();
+    loop {
+        if wire.is_empty() {
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "relay closed mid-visitor");
+            wire.extend_from_slice(&buf[..n]);
+        }
+        match deframer.next(&wire).unwrap() {
+            Piece::Data(r) => {
+                got.extend_from_slice(&wire[r.clone()]);
+                wire.drain(..r.end);
+            }
+            Piece::NeedMore => wire.clear(),
+            Piece::End { used } => {
+                assert_eq!(used, wire.len(), "nothing after END");
+                return (s, got);
+            }
+            Piece::Raw { .. } => panic!("a small visitor went raw"),
+        }
+    }
+}
+
+/// A visitor that sends `msg`, half-closes, and reads until EOF.
+async fn visitor(port: u16, msg: &'static [u8]) -> tokio::task::JoinHandle<Vec<u8>> {
+    let mut v = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move {
+        v.write_all(msg).await.unwrap();
+        v.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(WAIT, v.read_to_end(&mut reply)).await;
+        reply
+    })
+}
+
+async fn reply(s: &mut BoxStream, data: &[u8]) {
+    let mut out = chunk::header(data.len() as u32).to_vec();
+    out.extend_from_slice(data);
+    out.extend_from_slice(&chunk::header(chunk::END));
+    s.write_all(&out).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+async fn second_visitor_waits_for_ready(backend: Backend) {
+    // One worker on uring: a waiting visitor waits on its own worker's pool.
+    let relay = Relay::spawn(backend, &["--workers", "1", "--data-tls", "off"]);
+    let (_ctl, port, tickets) = fake_agent(&relay, "ready").await;
+    let conn = open(&relay, tickets[0]).await;
+
+    let first = visitor(port, b"one").await;
+    let (mut s, got) = take_visitor(conn).await;
+    assert_eq!(got, b"one");
+    reply(&mut s, b"first reply").await;
+    assert_eq!(first.await.unwrap(), b"first reply");
+
+    // Both directions ended, but the agent has not said READY: the relay must not hand it
+    // the next visitor yet (the agent might be closing it).
+    let second = visitor(port, b"two").await;
+    let mut probe = [0u8; 16];
+    let early = tokio::time::timeout(Duration::from_millis(500), s.read(&mut probe)).await;
+    assert!(early.is_err(), "relay sent {early:?} before READY");
+
+    s.write_all(&chunk::header(chunk::READY)).await.unwrap();
+    s.flush().await.unwrap();
+    let (mut s, got) = take_visitor(Framed::new(s)).await;
+    assert_eq!(got, b"two");
+    reply(&mut s, b"second reply").await;
+    assert_eq!(second.await.unwrap(), b"second reply");
+}
+
+async fn a_bad_chunk_costs_only_its_visitor(backend: Backend) {
+    let relay = Relay::spawn(backend, &["--workers", "1", "--data-tls", "off"]);
+    let (_ctl, port, tickets) = fake_agent(&relay, "badchunk").await;
+    let conn = open(&relay, tickets[0]).await;
+
+    let first = visitor(port, b"one").await;
+    let (mut s, _) = take_visitor(conn).await;
+    // A header announcing more than MAX_CHUNK bytes.
+    s.write_all(&[0x7f, 0, 0, 0, b'x']).await.unwrap();
+    s.flush().await.unwrap();
+    assert!(
+        first.await.unwrap().is_empty(),
+        "the visitor sees a close, no bytes"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the relay closes the broken data connection"
+    );
+
+    // The relay keeps serving through a fresh connection.
+    let conn = open(&relay, tickets[1]).await;
+    let second = visitor(port, b"two").await;
+    let (mut s, got) = take_visitor(conn).await;
+    assert_eq!(got, b"two");
+    reply(&mut s, b"fine").await;
+    assert_eq!(second.await.unwrap(), b"fine");
+}
+
+both_backends!(
+    second_visitor_waits_for_ready,
+    a_bad_chunk_costs_only_its_visitor
+);
