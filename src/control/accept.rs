@@ -247,7 +247,8 @@ async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::datapla
                     return;
                 }
                 drop((stream, admission));
-                if !agent_ready(&mut tunnel, o.leftover).await {
+                // Boxed: a timer is cache-line aligned, and inline it would pad every task.
+                if !Box::pin(agent_ready(&mut tunnel, o.leftover)).await {
                     return;
                 }
             }
