@@ -132,7 +132,7 @@ async fn run(
                 }
                 buf.resize(buf.len() * 2, 0);
             }
-            let n = tunnel.read_some(&mut buf[have..]).await?;
+            let n = tunnel.read_some_later(&mut buf[have..]).await?;
             if n == 0 {
                 return Ok(()); // relay dropped the pooled connection
             }
@@ -145,7 +145,9 @@ async fn run(
                 return Ok(());
             }
         };
-        let outcome = tunnel.forward(&origin, pipes, &buf[used..have]).await?;
+        let outcome = tunnel
+            .forward(&origin, pipes, &buf[used..have], true)
+            .await?;
         // Forwarding ran origin → tunnel as "up" from the agent's side; the visitor's view is
         // the reverse.
         let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);

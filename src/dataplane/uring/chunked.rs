@@ -136,9 +136,19 @@ struct Sent {
 
 /// Peer → tunnel in chunks until the peer's EOF (`END`), or until a read fills the scratch
 /// buffer, from where on the direction is `RAW` and spliced.
-async fn encode(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<(u64, Ended)> {
+/// `fresh`: `src` was just connected (the agent's local service), so it has sent nothing yet
+/// and the first recv would only find `EAGAIN`: wait on the ring first.
+async fn encode(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipes: &PipePool,
+    fresh: bool,
+) -> io::Result<(u64, Ended)> {
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut total = 0u64;
+    if fresh {
+        src.readable(false).await?;
+    }
     loop {
         let step = with_scratch(|buf| -> io::Result<Option<Sent>> {
             let room = buf.len() - HEADER_LEN;
@@ -204,8 +214,14 @@ async fn decode(
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut st = Unchunk::default();
     st.feed_all(dst, early).await?;
+    // The peer answers after a round trip, so the first recv would almost always find
+    // nothing: wait on the ring first (a poll on a ready socket completes at once).
+    let mut wait_first = early.is_empty();
     while !st.ended && !st.raw {
-        let blocked = with_scratch(|buf| -> io::Result<Option<Option<Blocked>>> {
+        if wait_first {
+            src.readable(false).await?;
+        }
+        let step = with_scratch(|buf| -> io::Result<Option<(bool, Option<Blocked>)>> {
             // SAFETY: recv into the live scratch buffer on an open socket.
             let n = unsafe { libc::recv(sfd, buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
@@ -222,14 +238,18 @@ async fn decode(
                     "data connection closed in the middle of a visitor",
                 ));
             }
-            st.feed(dfd, &buf[..n as usize]).map(Some)
+            let short = (n as usize) < buf.len();
+            st.feed(dfd, &buf[..n as usize]).map(|b| Some((short, b)))
         })?;
-        match blocked {
-            None => src.readable(false).await?,
-            Some(None) => {}
-            Some(Some(b)) => {
-                splice::write_all(dst, &b.pending).await?;
-                st.feed_all(dst, &b.rest).await?;
+        match step {
+            None => wait_first = true,
+            Some((short, blocked)) => {
+                // A short read almost always drained the socket (as in `encode`).
+                wait_first = short;
+                if let Some(b) = blocked {
+                    splice::write_all(dst, &b.pending).await?;
+                    st.feed_all(dst, &b.rest).await?;
+                }
             }
         }
     }
@@ -243,12 +263,14 @@ async fn decode(
 }
 
 /// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then
-/// both sockets are shut down). `early`: tunnel bytes already read past `Start`.
+/// both sockets are shut down). `early`: tunnel bytes already read past `Start`; `fresh_peer`:
+/// the peer was just connected (the agent's local service) and has said nothing yet.
 pub async fn forward(
     peer: &TcpStream,
     tunnel: &TcpStream,
     pipes: &PipePool,
     early: &[u8],
+    fresh_peer: bool,
 ) -> io::Result<Outcome> {
     let shut = || {
         splice::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR);
@@ -256,7 +278,7 @@ pub async fn forward(
     };
     let (up, down) = monoio::join!(
         async {
-            let r = encode(peer, tunnel, pipes).await;
+            let r = encode(peer, tunnel, pipes, fresh_peer).await;
             if r.is_err() {
                 shut();
             }

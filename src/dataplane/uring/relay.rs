@@ -130,7 +130,7 @@ async fn park_and_forward(
         chunked::chunk_bytes(&mut start, &visitor.prefix);
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
-            o = tunnel.forward(&stream, pipes, &[]) => o?,
+            o = tunnel.forward(&stream, pipes, &[], false) => o?,
             _ = idle::monoio_idle(stream.as_raw_fd(), idle) => {
                 idle_closed(service, addr, &admission);
                 return Ok(());
@@ -166,7 +166,7 @@ async fn agent_ready(tunnel: &Tunnel, mut got: Vec<u8>) -> bool {
                 Err(_) => return false,
             }
             let mut buf = [0u8; chunk::HEADER_LEN];
-            match tunnel.read_some(&mut buf).await {
+            match tunnel.read_some_later(&mut buf).await {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
             }

@@ -351,9 +351,13 @@ async fn tls_to_plain(
 }
 
 /// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`.
-async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream) -> io::Result<u64> {
+async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, fresh: bool) -> io::Result<u64> {
     let pfd = plain.as_raw_fd();
     let mut total = 0u64;
+    if fresh {
+        // Just connected: nothing to read yet (see `chunked::encode`).
+        plain.readable(false).await?;
+    }
     loop {
         let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
             let n = match FdIo(pfd).read(&mut buf[HEADER_LEN..]) {
@@ -389,11 +393,16 @@ async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream) -> io::Result<u64> {
 
 /// Forwards a plain socket ↔ a TLS data connection in chunks until both directions end or
 /// either fails, in which case both sockets are shut down. `early`: plaintext already read
-/// past `Start`.
-pub async fn forward(plain: &TcpStream, tls: &TlsStream, early: &[u8]) -> io::Result<Outcome> {
+/// past `Start`; `fresh_peer`: `plain` was just connected and has said nothing yet.
+pub async fn forward(
+    plain: &TcpStream,
+    tls: &TlsStream,
+    early: &[u8],
+    fresh_peer: bool,
+) -> io::Result<Outcome> {
     let (up, down) = monoio::join!(
         async {
-            let r = plain_to_tls(plain, tls).await;
+            let r = plain_to_tls(plain, tls, fresh_peer).await;
             if r.is_err() {
                 shut_both(plain, tls);
             }

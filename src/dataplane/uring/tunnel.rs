@@ -44,16 +44,28 @@ impl Tunnel {
 
     /// Forwards one visitor both ways between `peer` (visitor or local service) and the
     /// tunnel, in chunks, until both directions end or either fails. `early`: tunnel bytes
-    /// already read past `Start`. The outcome says whether the tunnel can carry another.
+    /// already read past `Start`; `fresh_peer`: the peer was just connected and has said
+    /// nothing yet. The outcome says whether the tunnel can carry another.
     pub async fn forward(
         &self,
         peer: &TcpStream,
         pipes: &PipePool,
         early: &[u8],
+        fresh_peer: bool,
     ) -> io::Result<Outcome> {
         match self {
-            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early).await,
-            Tunnel::Tls(t) => tls::forward(peer, t, early).await,
+            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, fresh_peer).await,
+            Tunnel::Tls(t) => tls::forward(peer, t, early, fresh_peer).await,
         }
+    }
+
+    /// [`Self::read_some`] when the peer is expected to send only later (the next `Start`,
+    /// the agent's `READY`): a plain tunnel waits on the ring before its first `recv` instead
+    /// of spending one on `EAGAIN`. A TLS tunnel reads as usual (rustls may hold the bytes).
+    pub async fn read_some_later(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Tunnel::Plain(s) = self {
+            s.readable(false).await?;
+        }
+        self.read_some(buf).await
     }
 }
