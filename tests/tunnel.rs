@@ -68,6 +68,11 @@ async fn data_connections_carry_visitor_after_visitor(backend: Backend) {
             accepted < 20,
             "data-tls {tls}: {accepted} data connections for 40 visitors"
         );
+        let reused = admin_counter(admin, "data_reused").await;
+        assert!(
+            reused >= 30,
+            "data-tls {tls}: only {reused} reuses for 40 visitors"
+        );
         // A bulk transfer (spliced raw on uring, so its connection is not reused) and a
         // half-closed visitor leave the pool working.
         let payload = pseudo_random(7, 4 << 20);

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub bad_connections: Counter,
     /// Data connections accepted into a pool.
     pub data_accepted: Counter,
+    /// Data connections parked again after carrying a visitor (each one a TCP, and with data
+    /// TLS a TLS, handshake saved).
+    pub data_reused: Counter,
     /// Data connections refused: unknown, expired or replayed ticket, or plain when TLS is required.
     pub data_rejected: Counter,
     /// Visitors accepted on public ports.
@@ -68,6 +71,7 @@ impl Metrics {
             ("agents_over_limit", self.agents_over_limit.get()),
             ("bad_connections", self.bad_connections.get()),
             ("data_accepted", self.data_accepted.get()),
+            ("data_reused", self.data_reused.get()),
             ("data_rejected", self.data_rejected.get()),
             ("visitors_accepted", self.visitors_accepted.get()),
             ("visitors_unserved", self.visitors_unserved.get()),

@@ -179,7 +179,7 @@ async fn data_connection(
     shared.metrics.data_accepted.inc();
     let pool = service.pools[worker].clone();
     match &shared.dataplane {
-        DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool).await,
+        DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool, &shared.metrics).await,
         DataPlane::Uring(workers) => {
             // A plain socket is spliced by the worker; a TLS one moves there with its rustls
             // state (handshake done) and is copied through rustls.
@@ -196,6 +196,7 @@ async fn data_connection(
             let cmd = uring::Command::RelayData {
                 stream,
                 tls,
+                metrics: shared.metrics.clone(),
                 service: service.name.clone(),
                 pool,
             };
@@ -208,7 +209,12 @@ async fn data_connection(
 
 /// Tokio backend: idles in the pool until a visitor is assigned, then forwards; parks again
 /// for the next visitor while both directions keep ending cleanly.
-async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::dataplane::pool::Pool) {
+async fn park_and_forward(
+    mut tunnel: Conn,
+    service: &str,
+    pool: &crate::dataplane::pool::Pool,
+    metrics: &crate::admin::Metrics,
+) {
     let generation = pool.generation();
     let (slot, mut assigned) = oneshot::channel::<Visitor>();
     pool.offer(slot);
@@ -261,6 +267,7 @@ async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &crate::datapla
         if !pool.reoffer(slot, generation) {
             return;
         }
+        metrics.data_reused.inc();
         assigned = next;
     }
 }

@@ -65,6 +65,8 @@ pub enum Command {
         service: String,
         /// This worker's pool for the service.
         pool: Arc<Pool>,
+        /// The relay's counters (reuse is counted).
+        metrics: Arc<crate::admin::Metrics>,
     },
     /// Agent: open a data connection with `ticket`, wait for a visitor, dial `local`, forward.
     AgentData {
@@ -257,8 +259,16 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                 tls,
                 service,
                 pool,
+                metrics,
             } => {
-                monoio::spawn(relay::serve_data(stream, tls, service, pool, pipes.clone()));
+                monoio::spawn(relay::serve_data(
+                    stream,
+                    tls,
+                    service,
+                    pool,
+                    metrics,
+                    pipes.clone(),
+                ));
             }
             Command::AgentData {
                 tls,

@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 use super::splice::PipePool;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
+use crate::admin::Metrics;
 use crate::dataplane::chunked;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
@@ -81,9 +82,10 @@ pub async fn serve_data(
     tls: Option<Box<rustls::ServerConnection>>,
     service: String,
     pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = park_and_forward(stream, tls, &service, &pool, &pipes).await {
+    if let Err(e) = park_and_forward(stream, tls, &service, &pool, &metrics, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
@@ -93,6 +95,7 @@ async fn park_and_forward(
     tls: Option<Box<rustls::ServerConnection>>,
     service: &str,
     pool: &Pool,
+    metrics: &Metrics,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
@@ -150,6 +153,7 @@ async fn park_and_forward(
         if !pool.reoffer(slot, generation) {
             return Ok(());
         }
+        metrics.data_reused.inc();
         assigned = next;
     }
 }
@@ -195,6 +199,7 @@ mod tests {
                 None,
                 "x".into(),
                 std::sync::Arc::new(crate::dataplane::pool::Pool::new()),
+                std::sync::Arc::new(crate::admin::Metrics::default()),
                 std::rc::Rc::new(super::PipePool::default()),
             );
             let (size, align) = (std::mem::size_of_val(&task), std::mem::align_of_val(&task));
