@@ -237,7 +237,7 @@ async fn park_and_forward(
         };
         let fd = stream.as_raw_fd();
         let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-        chunked::chunk_bytes(&mut start, &visitor.prefix);
+        chunk::push_chunks(&mut start, &visitor.prefix);
         let outcome = tokio::select! {
             o = chunked::forward(&mut stream, &mut tunnel, &start, &[]) => o,
             _ = idle::tokio_idle(fd, idle) => {

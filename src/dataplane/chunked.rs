@@ -291,15 +291,6 @@ where
     })
 }
 
-/// `prefix` followed by `data` as one chunk (or nothing when `data` is empty): what the relay
-/// sends after `Start` for bytes it already holds for the visitor.
-pub fn chunk_bytes(prefix: &mut Vec<u8>, data: &[u8]) {
-    for part in data.chunks(chunk::MAX_CHUNK) {
-        prefix.extend_from_slice(&chunk::header(part.len() as u32));
-        prefix.extend_from_slice(part);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,7 +312,7 @@ mod tests {
             let (mut visitor, mut v_side) = pair().await;
             let (mut o_side, mut origin) = pair().await;
             let mut pre = Vec::new();
-            chunk_bytes(&mut pre, b"hello ");
+            chunk::push_chunks(&mut pre, b"hello ");
             let relay = forward(&mut v_side, &mut t_relay, &pre, &[]);
             let agent = forward(&mut o_side, &mut t_agent, &[], &[]);
             let client = async {

@@ -38,6 +38,15 @@ pub fn header(len: u32) -> [u8; HEADER_LEN] {
     len.to_be_bytes()
 }
 
+/// Appends `data` to `out` as chunks (none when `data` is empty): how the relay sends the
+/// bytes it already holds for a visitor (PROXY header, request head) after `Start`.
+pub fn push_chunks(out: &mut Vec<u8>, data: &[u8]) {
+    for part in data.chunks(MAX_CHUNK) {
+        out.extend_from_slice(&header(part.len() as u32));
+        out.extend_from_slice(part);
+    }
+}
+
 /// Checks what the relay read after a visitor's two `END`s: `Ok(true)` once it is exactly
 /// [`READY`], `Ok(false)` while it is still a prefix of it, an error for anything else.
 pub fn check_ready(buf: &[u8]) -> Result<bool, BadChunk> {
@@ -227,6 +236,20 @@ mod tests {
                                 cuts in proptest::collection::vec(any::<usize>(), 0..6)) {
             let _ = decode_split(&wire, &cuts);
         }
+    }
+
+    #[test]
+    fn held_bytes_go_out_as_chunks() {
+        let data: Vec<u8> = (0..150_000u32).map(|i| i as u8).collect();
+        let mut wire = Vec::new();
+        push_chunks(&mut wire, &data);
+        assert_eq!(wire.len(), data.len() + 3 * HEADER_LEN, "three chunks");
+        wire.extend_from_slice(&header(END));
+        let (got, end, after) = decode_split(&wire, &[7, 70_000]).unwrap();
+        assert_eq!((got, end, after), (data, Some(END), Vec::new()));
+        let mut none = Vec::new();
+        push_chunks(&mut none, &[]);
+        assert!(none.is_empty(), "nothing held, nothing sent");
     }
 
     #[test]

@@ -12,7 +12,6 @@ use super::splice::PipePool;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
-use crate::dataplane::chunked;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::listener::{self, VISITOR_WAIT};
@@ -130,7 +129,7 @@ async fn park_and_forward(
         let admission = visitor.admission;
         let stream = TcpStream::from_std(visitor.stream)?;
         let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-        chunked::chunk_bytes(&mut start, &visitor.prefix);
+        chunk::push_chunks(&mut start, &visitor.prefix);
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
             o = tunnel.forward(&stream, pipes, &[], false) => o?,
