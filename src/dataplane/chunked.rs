@@ -17,7 +17,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::forward::{Moved, COPY_BUF_LEN};
-use crate::protocol::chunk::{self, Deframer, Piece, HEADER_LEN};
+use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 
 /// How a forwarded visitor left the data connection.
 #[derive(Debug, Default)]
@@ -124,18 +124,15 @@ impl Encode {
 /// Tunnel → peer: chunks are unwrapped until `END` (or raw until EOF).
 #[derive(Default)]
 struct Decode {
-    deframer: Deframer,
+    chunks: Unchunker,
     /// Visitor bytes the peer has not taken yet.
     pending: Vec<u8>,
     written: usize,
     /// Tunnel bytes read but not decoded yet (kept while `pending` drains).
     carry: Vec<u8>,
-    /// After a `RAW` header: copy until EOF.
-    raw: bool,
     /// Saw `END` (or EOF in raw mode): shut the peer's write side, then done.
     ended: bool,
     done: bool,
-    leftover: Vec<u8>,
     moved: u64,
 }
 
@@ -148,36 +145,12 @@ impl Decode {
         mut w: Pin<&mut W>,
         mut input: &[u8],
     ) -> io::Result<()> {
-        while !input.is_empty() {
-            let data = if self.raw {
-                let all = input;
-                input = &[];
-                all
-            } else {
-                match self.deframer.next(input).map_err(io::Error::other)? {
-                    Piece::NeedMore => return Ok(()),
-                    Piece::End { used } => {
-                        self.leftover.extend_from_slice(&input[used..]);
-                        self.ended = true;
-                        return Ok(());
-                    }
-                    Piece::Raw { used } => {
-                        self.raw = true;
-                        input = &input[used..];
-                        continue;
-                    }
-                    Piece::Data(range) => {
-                        let data = &input[range.clone()];
-                        input = &input[range.end..];
-                        data
-                    }
-                }
-            };
+        while let Some(data) = self
+            .chunks
+            .next_data(&mut input)
+            .map_err(io::Error::other)?
+        {
             self.moved += data.len() as u64;
-            if !self.pending.is_empty() {
-                self.pending.extend_from_slice(data);
-                continue;
-            }
             match w.as_mut().poll_write(cx, data) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(m)) if m == data.len() => {}
@@ -191,6 +164,7 @@ impl Decode {
                 return Ok(());
             }
         }
+        self.ended = self.chunks.is_ended();
         Ok(())
     }
 
@@ -236,7 +210,7 @@ impl Decode {
                 Poll::Ready(Ok(())) => {}
             }
             if buf.filled().is_empty() {
-                if self.raw {
+                if self.chunks.is_raw() {
                     self.ended = true;
                     continue;
                 }
@@ -286,8 +260,8 @@ where
             a_to_b: up.moved,
             b_to_a: down.moved,
         },
-        reusable: !down.raw,
-        leftover: down.leftover,
+        reusable: !down.chunks.is_raw(),
+        leftover: down.chunks.take_leftover(),
     })
 }
 

@@ -164,6 +164,67 @@ impl Deframer {
     }
 }
 
+/// One direction's decoding after `Start`, whatever carries it: chunks until `END`, or
+/// every byte after `RAW`. Both backends feed it what they read and write out what it yields.
+#[derive(Debug, Default)]
+pub struct Unchunker {
+    deframer: Deframer,
+    raw: bool,
+    ended: bool,
+    leftover: Vec<u8>,
+}
+
+impl Unchunker {
+    /// The next run of visitor bytes in `input`, which is advanced past it. `None` once `input`
+    /// is used up or the direction has ended; bytes after `END` are kept as leftover.
+    pub fn next_data<'a>(&mut self, input: &mut &'a [u8]) -> Result<Option<&'a [u8]>, BadChunk> {
+        loop {
+            if self.ended || input.is_empty() {
+                return Ok(None);
+            }
+            if self.raw {
+                return Ok(Some(std::mem::take(input)));
+            }
+            match self.deframer.next(input)? {
+                Piece::NeedMore => {
+                    *input = &[];
+                    return Ok(None);
+                }
+                Piece::End { used } => {
+                    self.leftover.extend_from_slice(&input[used..]);
+                    *input = &[];
+                    self.ended = true;
+                    return Ok(None);
+                }
+                Piece::Raw { used } => {
+                    self.raw = true;
+                    *input = &input[used..];
+                }
+                Piece::Data(r) => {
+                    let data = &input[r.clone()];
+                    *input = &input[r.end..];
+                    return Ok(Some(data));
+                }
+            }
+        }
+    }
+
+    /// The direction switched to raw bytes (the connection ends with this visitor).
+    pub fn is_raw(&self) -> bool {
+        self.raw
+    }
+
+    /// The direction ended with `END`.
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Bytes that followed `END` (the start of whatever comes next on the connection).
+    pub fn take_leftover(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.leftover)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

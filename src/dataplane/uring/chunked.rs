@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use monoio::net::TcpStream;
 
 use super::splice::{self, with_scratch, PipePool};
-use crate::protocol::chunk::{self, Deframer, Piece, HEADER_LEN};
+use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +55,8 @@ fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
 /// (a socket, or plaintext out of rustls).
 #[derive(Default)]
 pub struct Unchunk {
-    deframer: Deframer,
-    /// After `RAW`: every byte is the visitor's.
-    pub raw: bool,
-    /// Saw `END`.
-    pub ended: bool,
-    /// Bytes after `END`.
-    pub leftover: Vec<u8>,
+    /// The chunk decoder.
+    pub chunks: Unchunker,
     /// Visitor bytes delivered or queued.
     pub moved: u64,
 }
@@ -78,29 +73,11 @@ impl Unchunk {
     /// Decodes `input`, sending visitor bytes to `dfd` without waiting. Stops at `END` (the
     /// rest goes to `leftover`); returns what is left when `dfd` is full.
     pub fn feed(&mut self, dfd: RawFd, mut input: &[u8]) -> io::Result<Option<Blocked>> {
-        while !input.is_empty() && !self.ended {
-            let data = if self.raw {
-                std::mem::take(&mut input)
-            } else {
-                match self.deframer.next(input).map_err(io::Error::other)? {
-                    Piece::NeedMore => return Ok(None),
-                    Piece::End { used } => {
-                        self.leftover.extend_from_slice(&input[used..]);
-                        self.ended = true;
-                        return Ok(None);
-                    }
-                    Piece::Raw { used } => {
-                        self.raw = true;
-                        input = &input[used..];
-                        continue;
-                    }
-                    Piece::Data(r) => {
-                        let data = &input[r.clone()];
-                        input = &input[r.end..];
-                        data
-                    }
-                }
-            };
+        while let Some(data) = self
+            .chunks
+            .next_data(&mut input)
+            .map_err(io::Error::other)?
+        {
             self.moved += data.len() as u64;
             let sent = send_now(dfd, data)?;
             if sent < data.len() {
@@ -217,7 +194,7 @@ async fn decode(
     // The peer answers after a round trip, so the first recv would almost always find
     // nothing: wait on the ring first (a poll on a ready socket completes at once).
     let mut wait_first = early.is_empty();
-    while !st.ended && !st.raw {
+    while !st.chunks.is_ended() && !st.chunks.is_raw() {
         if wait_first {
             src.readable(false).await?;
         }
@@ -253,13 +230,13 @@ async fn decode(
             }
         }
     }
-    if st.raw {
+    if st.chunks.is_raw() {
         let n = splice::splice_to_eof(src, dst, pipes).await?;
         splice::shutdown(dfd, libc::SHUT_WR);
         return Ok((st.moved + n, Ended::Raw, Vec::new()));
     }
     splice::shutdown(dfd, libc::SHUT_WR);
-    Ok((st.moved, Ended::Clean, st.leftover))
+    Ok((st.moved, Ended::Clean, st.chunks.take_leftover()))
 }
 
 /// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then

@@ -230,7 +230,7 @@ enum Step {
 /// the socket is empty, the direction ends, or `pfd` is full. Ciphertext is read 64 KiB per
 /// `recv` and fed to rustls from memory; what rustls cannot take yet (it holds at most 16 KiB
 /// of plaintext) is kept in `carry` for the next step. Plaintext after `END` stays in rustls
-/// (or in `st.leftover`) for the next visitor.
+/// (or in `st`'s leftover) for the next visitor.
 fn decrypt_step(
     tls: &TlsStream,
     pfd: RawFd,
@@ -256,7 +256,7 @@ fn decrypt_step(
                 Ok(n) => {
                     moved = true;
                     let blocked = st.feed(pfd, &plain[..n])?;
-                    if st.ended {
+                    if st.chunks.is_ended() {
                         keep_cipher(carry, fed, have, cipher);
                         return Ok(Step::Ended);
                     }
@@ -322,7 +322,7 @@ async fn tls_to_plain(
     let mut st = Unchunk::default();
     st.feed_all(plain, early).await?;
     let mut carry = Vec::new();
-    while !st.ended {
+    while !st.chunks.is_ended() {
         match decrypt_step(tls, pfd, &mut st, &mut carry)? {
             Step::NeedRecords => {
                 // Anything processing queued for the peer goes out if it can (see `fill`).
@@ -334,7 +334,7 @@ async fn tls_to_plain(
                 splice::write_all(plain, &b.pending).await?;
                 st.feed_all(plain, &b.rest).await?;
             }
-            Step::CloseNotify if st.raw => {
+            Step::CloseNotify if st.chunks.is_raw() => {
                 splice::shutdown(pfd, libc::SHUT_WR);
                 return Ok((st.moved, Ended::Raw, Vec::new()));
             }
@@ -347,7 +347,7 @@ async fn tls_to_plain(
         }
     }
     splice::shutdown(pfd, libc::SHUT_WR);
-    Ok((st.moved, Ended::Clean, std::mem::take(&mut st.leftover)))
+    Ok((st.moved, Ended::Clean, st.chunks.take_leftover()))
 }
 
 /// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`.
