@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use monoio::net::TcpStream;
 
-use super::splice::{self, with_scratch, PipePool};
+use super::splice::{self, recv_now, send_now, with_scratch, PipePool};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 
 /// How one direction ended.
@@ -34,21 +34,6 @@ pub struct Outcome {
     pub reusable: bool,
     /// Tunnel bytes read after the `END` (on the agent: the start of the next `Start`).
     pub leftover: Vec<u8>,
-}
-
-/// Sends as much of `data` as `fd` takes now, without waiting.
-fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: send from a live buffer on an open socket.
-    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
-    if n >= 0 {
-        return Ok(n as usize);
-    }
-    let err = io::Error::last_os_error();
-    if err.kind() == io::ErrorKind::WouldBlock {
-        Ok(0)
-    } else {
-        Err(err)
-    }
 }
 
 /// Decoding state of the tunnel → peer direction, independent of where its bytes come from
@@ -129,17 +114,9 @@ async fn encode(
     loop {
         let step = with_scratch(|buf| -> io::Result<Option<Sent>> {
             let room = buf.len() - HEADER_LEN;
-            // SAFETY: recv into the live scratch buffer, past the header's place.
-            let n = unsafe { libc::recv(sfd, buf[HEADER_LEN..].as_mut_ptr().cast(), room, 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                return if err.kind() == io::ErrorKind::WouldBlock {
-                    Ok(None)
-                } else {
-                    Err(err)
-                };
-            }
-            let n = n as usize;
+            let Some(n) = recv_now(sfd, &mut buf[HEADER_LEN..])? else {
+                return Ok(None);
+            };
             let frame_len = if n == 0 {
                 buf[..HEADER_LEN].copy_from_slice(&chunk::header(chunk::END));
                 HEADER_LEN
@@ -199,24 +176,17 @@ async fn decode(
             src.readable(false).await?;
         }
         let step = with_scratch(|buf| -> io::Result<Option<(bool, Option<Blocked>)>> {
-            // SAFETY: recv into the live scratch buffer on an open socket.
-            let n = unsafe { libc::recv(sfd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                return if err.kind() == io::ErrorKind::WouldBlock {
-                    Ok(None)
-                } else {
-                    Err(err)
-                };
-            }
+            let Some(n) = recv_now(sfd, buf)? else {
+                return Ok(None);
+            };
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "data connection closed in the middle of a visitor",
                 ));
             }
-            let short = (n as usize) < buf.len();
-            st.feed(dfd, &buf[..n as usize]).map(|b| Some((short, b)))
+            let short = n < buf.len();
+            st.feed(dfd, &buf[..n]).map(|b| Some((short, b)))
         })?;
         match step {
             None => wait_first = true,

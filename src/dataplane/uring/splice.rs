@@ -111,39 +111,49 @@ pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
 /// Writes all of `buf` to a non-blocking socket, waiting on the ring when it is full.
 pub async fn write_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: send from a live buffer on an open socket.
-        let n = unsafe {
-            libc::send(
-                s.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            buf = &buf[n as usize..];
-            continue;
+        match send_now(s.as_raw_fd(), buf)? {
+            0 => s.writable(false).await?,
+            n => buf = &buf[n..],
         }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::WouldBlock {
-            return Err(err);
-        }
-        s.writable(false).await?;
     }
     Ok(())
+}
+
+/// One `recv` on a non-blocking socket: `None` if it has nothing now, `Some(0)` at EOF.
+pub(super) fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: recv into a live, writable buffer on an open socket.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
+/// One `send` on a non-blocking socket: how much of `data` it took now (0 if it is full).
+pub(super) fn send_now(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: send from a live buffer on an open socket.
+    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(0)
+    } else {
+        Err(err)
+    }
 }
 
 /// Reads what is available (at least one byte, or 0 at EOF) from a non-blocking socket.
 pub async fn read_some(s: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        // SAFETY: recv into a live, writable buffer on an open socket.
-        let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::WouldBlock {
-            return Err(err);
+        if let Some(n) = recv_now(s.as_raw_fd(), buf)? {
+            return Ok(n);
         }
         s.readable(false).await?;
     }
@@ -177,31 +187,12 @@ enum Copied {
 /// Nothing awaits in between, so tasks on this worker never share the buffer.
 fn copy_once(sfd: RawFd, dfd: RawFd) -> io::Result<Copied> {
     with_scratch(|buf| {
-        // SAFETY: recv into the live scratch buffer on an open socket.
-        let n = unsafe { libc::recv(sfd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return if err.kind() == io::ErrorKind::WouldBlock {
-                Ok(Copied::Empty)
-            } else {
-                Err(err)
-            };
-        }
-        let n = n as usize;
-        if n == 0 {
-            return Ok(Copied::Eof);
-        }
-        // SAFETY: send from the live scratch buffer on an open socket.
-        let sent = unsafe { libc::send(dfd, buf.as_ptr().cast(), n, libc::MSG_NOSIGNAL) };
-        let sent = if sent < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::WouldBlock {
-                return Err(err);
-            }
-            0
-        } else {
-            sent as usize
+        let n = match recv_now(sfd, buf)? {
+            None => return Ok(Copied::Empty),
+            Some(0) => return Ok(Copied::Eof),
+            Some(n) => n,
         };
+        let sent = send_now(dfd, &buf[..n])?;
         let rest = (sent < n).then(|| buf[sent..n].to_vec());
         Ok(Copied::Moved { n, rest })
     })

@@ -35,24 +35,15 @@ struct FdIo(RawFd);
 
 impl Read for FdIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: recv into a live, writable buffer on an open socket.
-        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        splice::recv_now(self.0, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
     }
 }
 
 impl Write for FdIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: send from a live buffer on an open socket.
-        let n = unsafe { libc::send(self.0, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+        match splice::send_now(self.0, buf)? {
+            0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
         }
     }
     /// rustls hands over every queued record at once; one `sendmsg` sends them all (the
