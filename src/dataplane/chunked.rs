@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::forward::{Moved, COPY_BUF_LEN};
+use super::forward::{poll_drain, Moved, COPY_BUF_LEN};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 
 /// How a forwarded visitor left the data connection.
@@ -28,25 +28,6 @@ pub struct Outcome {
     pub reusable: bool,
     /// Bytes read from the tunnel after the `END` (the start of whatever follows).
     pub leftover: Vec<u8>,
-}
-
-/// Writes `pending[*written..]`; clears it once drained.
-fn poll_drain<W: AsyncWrite + ?Sized>(
-    cx: &mut Context<'_>,
-    mut w: Pin<&mut W>,
-    pending: &mut Vec<u8>,
-    written: &mut usize,
-) -> Poll<io::Result<()>> {
-    while *written < pending.len() {
-        let n = ready!(w.as_mut().poll_write(cx, &pending[*written..]))?;
-        if n == 0 {
-            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-        }
-        *written += n;
-    }
-    *pending = Vec::new();
-    *written = 0;
-    Poll::Ready(Ok(()))
 }
 
 /// Peer → tunnel: every read becomes one chunk; EOF becomes `END`.
@@ -74,12 +55,9 @@ impl Encode {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            ready!(poll_drain(
-                cx,
-                w.as_mut(),
-                &mut self.pending,
-                &mut self.written
-            ))?;
+            // Payload bytes were counted when read; the drain does not count them again.
+            let (pending, written) = (&mut self.pending, &mut self.written);
+            ready!(poll_drain(cx, w.as_mut(), pending, written, &mut 0))?;
             if self.ended {
                 ready!(w.as_mut().poll_flush(cx))?;
                 self.done = true;
@@ -182,12 +160,9 @@ impl Decode {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            ready!(poll_drain(
-                cx,
-                w.as_mut(),
-                &mut self.pending,
-                &mut self.written
-            ))?;
+            // Payload bytes were counted when read; the drain does not count them again.
+            let (pending, written) = (&mut self.pending, &mut self.written);
+            ready!(poll_drain(cx, w.as_mut(), pending, written, &mut 0))?;
             if !self.carry.is_empty() {
                 let carry = std::mem::take(&mut self.carry);
                 self.feed(cx, w.as_mut(), &carry)?;

@@ -28,6 +28,28 @@ pub struct Moved {
     pub b_to_a: u64,
 }
 
+/// Writes `pending[*written..]` to `w`, adding each write to `counted`; once all of it is
+/// written, frees it (an idle direction keeps no buffer).
+pub(super) fn poll_drain<W: AsyncWrite + ?Sized>(
+    cx: &mut Context<'_>,
+    mut w: Pin<&mut W>,
+    pending: &mut Vec<u8>,
+    written: &mut usize,
+    counted: &mut u64,
+) -> Poll<io::Result<()>> {
+    while *written < pending.len() {
+        let n = ready!(w.as_mut().poll_write(cx, &pending[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+        *counted += n as u64;
+    }
+    *pending = Vec::new();
+    *written = 0;
+    Poll::Ready(Ok(()))
+}
+
 /// One direction's state.
 #[derive(Default)]
 struct Direction {
@@ -55,16 +77,14 @@ impl Direction {
                 return Poll::Ready(Ok(()));
             }
             if self.written < self.pending.len() {
-                let n = ready!(w.as_mut().poll_write(cx, &self.pending[self.written..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.written += n;
-                self.moved += n as u64;
-                if self.written == self.pending.len() {
-                    self.pending = Vec::new(); // drained: give the memory back
-                    self.written = 0;
-                }
+                let (pending, written) = (&mut self.pending, &mut self.written);
+                ready!(poll_drain(
+                    cx,
+                    w.as_mut(),
+                    pending,
+                    written,
+                    &mut self.moved
+                ))?;
                 continue;
             }
             if self.eof {
