@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use ringtunnel::protocol::auth::Ticket;
-use ringtunnel::protocol::chunk::{self, Deframer, Piece};
+use ringtunnel::protocol::chunk::{self, Deframer};
 use ringtunnel::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
 use ringtunnel::transport::{BoxStream, Framed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,26 +42,13 @@ async fn take_visitor(conn: Framed<BoxStream>) -> (BoxStream, Vec<u8>) {
     let mut deframer = Deframer::new();
     let mut got = Vec::new();
     loop {
-        if wire.is_empty() {
-            let mut buf = [0u8; 256];
-            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "relay closed mid-visitor");
-            wire.extend_from_slice(&buf[..n]);
-        }
-        match deframer.next(&wire).unwrap() {
-            Piece::Data(r) => {
-                got.extend_from_slice(&wire[r.clone()]);
-                wire.drain(..r.end);
-            }
-            Piece::NeedMore => wire.clear(),
-            Piece::End { used } => {
-                assert_eq!(used, wire.len(), "nothing after END");
+        match next_chunk(&mut s, &mut wire, &mut deframer).await {
+            Chunk::Data(d) => got.extend_from_slice(&d),
+            Chunk::End { after } => {
+                assert_eq!(after, 0, "nothing after END");
                 return (s, got);
             }
-            Piece::Raw { .. } => panic!("a small visitor went raw"),
+            Chunk::Raw => panic!("a small visitor went raw"),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use ringtunnel::protocol::auth::Ticket;
-use ringtunnel::protocol::chunk::{Deframer, Piece};
+use ringtunnel::protocol::chunk::Deframer;
 use ringtunnel::protocol::msg::Message;
 use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use ringtunnel::transport::{BoxStream, Framed};
@@ -91,21 +91,8 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
         let mut deframer = Deframer::new();
         let mut got = Vec::new();
         while got.len() < secret.len() {
-            if wire.is_empty() {
-                let mut buf = [0u8; 64];
-                let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert!(n > 0);
-                wire.extend_from_slice(&buf[..n]);
-            }
-            match deframer.next(&wire).unwrap() {
-                Piece::Data(r) => {
-                    got.extend_from_slice(&wire[r.clone()]);
-                    wire.drain(..r.end);
-                }
-                Piece::NeedMore => wire.clear(),
+            match next_chunk(&mut s, &mut wire, &mut deframer).await {
+                Chunk::Data(d) => got.extend_from_slice(&d),
                 other => panic!("visitor still sending, got {other:?}"),
             }
         }

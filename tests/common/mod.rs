@@ -552,3 +552,48 @@ pub async fn admin_counter(admin: SocketAddr, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// The next piece of a chunked direction (a hand-rolled agent reading what the relay sends
+/// after `Start`): the bytes it carried, `END` with how many bytes followed it in `wire`, or
+/// `RAW`.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Vec<u8>),
+    End { after: usize },
+    Raw,
+}
+
+/// Reads from `s` (bounded by [`WAIT`]) until `deframer` yields the next [`Chunk`]; `wire`
+/// holds bytes read but not decoded yet.
+pub async fn next_chunk(
+    s: &mut BoxStream,
+    wire: &mut Vec<u8>,
+    deframer: &mut ringtunnel::protocol::chunk::Deframer,
+) -> Chunk {
+    use ringtunnel::protocol::chunk::Piece;
+    loop {
+        if wire.is_empty() {
+            let mut buf = [0u8; 256];
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "relay closed mid-visitor");
+            wire.extend_from_slice(&buf[..n]);
+        }
+        match deframer.next(wire).unwrap() {
+            Piece::Data(r) => {
+                let data = wire[r.clone()].to_vec();
+                wire.drain(..r.end);
+                return Chunk::Data(data);
+            }
+            Piece::NeedMore => wire.clear(),
+            Piece::End { used } => {
+                return Chunk::End {
+                    after: wire.len() - used,
+                }
+            }
+            Piece::Raw { .. } => return Chunk::Raw,
+        }
+    }
+}
