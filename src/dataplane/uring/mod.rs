@@ -291,6 +291,23 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
     tracing::debug!(worker = id, "worker stopping: command channel closed");
 }
 
+/// Test support: a worker task future's footprint. One such task lives per data connection
+/// (so per idle visitor); a timer or rustls state held inline once made them 128-byte aligned
+/// and padded.
+#[cfg(test)]
+pub(crate) fn assert_task_small<F: std::future::Future>(build: impl FnOnce() -> F) {
+    let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let task = build();
+        let (size, align) = (std::mem::size_of_val(&task), std::mem::align_of_val(&task));
+        assert!(align <= 16, "task future aligned to {align}");
+        assert!(size <= 2048, "task future is {size} bytes");
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

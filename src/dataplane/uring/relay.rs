@@ -187,23 +187,16 @@ mod tests {
     /// and padded (1.8 KiB more relay RSS per idle visitor); they are boxed now.
     #[test]
     fn connection_task_stays_small() {
-        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let task = super::serve_data(
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        super::super::assert_task_small(|| {
+            super::serve_data(
                 std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap(),
                 None,
                 "x".into(),
                 std::sync::Arc::new(crate::dataplane::pool::Pool::new()),
                 std::sync::Arc::new(crate::admin::Metrics::default()),
                 std::rc::Rc::new(super::PipePool::default()),
-            );
-            let (size, align) = (std::mem::size_of_val(&task), std::mem::align_of_val(&task));
-            assert!(align <= 16, "task future aligned to {align}");
-            assert!(size <= 2048, "task future is {size} bytes");
+            )
         });
     }
 }
