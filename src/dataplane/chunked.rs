@@ -243,15 +243,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::forward::tests::pair;
     use tokio::io::AsyncReadExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        (c, s)
-    }
 
     #[tokio::test]
     async fn two_visitors_share_one_tunnel() {
