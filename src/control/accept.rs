@@ -31,7 +31,6 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((tcp, peer)) => {
-                let _ = tcp.set_nodelay(true);
                 tokio::spawn(handle(shared.clone(), tcp, peer));
             }
             Err(e) => {

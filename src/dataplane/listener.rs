@@ -21,6 +21,8 @@ const BACKLOG: u32 = 1024;
 
 /// Binds a listener with `SO_REUSEADDR` (so a restarted relay can rebind ports with
 /// connections in TIME_WAIT), and `SO_REUSEPORT` when each worker gets its own socket.
+/// Connections it accepts have `TCP_NODELAY` already: Linux copies it from the listener, which
+/// saves a `setsockopt` per visitor.
 pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -28,6 +30,7 @@ pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     if reuse_port {
         socket.set_reuseport(true)?;
     }
@@ -68,7 +71,6 @@ pub fn spawn(listener: TcpListener, gate: Arc<Gate>, pool: Arc<Pool>) -> JoinHan
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
             metrics.visitors_accepted.inc();
             let Ok(stream) = stream.into_std() else {
                 continue;
@@ -88,4 +90,22 @@ pub fn spawn(listener: TcpListener, gate: Arc<Gate>, pool: Arc<Pool>) -> JoinHan
             });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every accept path relies on this instead of setting `TCP_NODELAY` per connection:
+    /// small responses must not wait behind Nagle.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        for reuse_port in [false, true] {
+            let l = bind("127.0.0.1:0".parse().unwrap(), reuse_port).unwrap();
+            let addr = l.local_addr().unwrap();
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (accepted, _) = l.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap(), "reuse_port={reuse_port}");
+        }
+    }
 }

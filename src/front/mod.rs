@@ -95,7 +95,6 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
                 shared.metrics.visitors_accepted.inc();
                 let Some(place) = pending.enter(addr.ip()) else {
                     shared.metrics.visitors_shed.inc();

@@ -98,17 +98,18 @@ struct Sent {
 
 /// Peer → tunnel in chunks until the peer's EOF (`END`), or until a read fills the scratch
 /// buffer, from where on the direction is `RAW` and spliced.
-/// `fresh`: `src` was just connected (the agent's local service), so it has sent nothing yet
-/// and the first recv would only find `EAGAIN`: wait on the ring first.
+/// `quiet`: `src` has nothing to read now (the agent's just-connected local service, or a
+/// visitor whose early bytes were already taken), so the first recv would only find `EAGAIN`:
+/// wait on the ring first.
 async fn encode(
     src: &TcpStream,
     dst: &TcpStream,
     pipes: &PipePool,
-    fresh: bool,
+    quiet: bool,
 ) -> io::Result<(u64, Ended)> {
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut total = 0u64;
-    if fresh {
+    if quiet {
         src.readable(false).await?;
     }
     loop {
@@ -168,9 +169,10 @@ async fn decode(
     let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
     let mut st = Unchunk::default();
     st.feed_all(dst, early).await?;
-    // The peer answers after a round trip, so the first recv would almost always find
-    // nothing: wait on the ring first (a poll on a ready socket completes at once).
-    let mut wait_first = early.is_empty();
+    // The tunnel's next bytes come after a round trip, and `early` (the visitor's first bytes,
+    // sent with `Start`) was a read that drained the socket: the first recv would almost always
+    // find nothing, so wait on the ring first (a poll on a ready socket completes at once).
+    let mut wait_first = true;
     while !st.chunks.is_ended() && !st.chunks.is_raw() {
         if wait_first {
             src.readable(false).await?;
@@ -210,14 +212,14 @@ async fn decode(
 }
 
 /// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then
-/// both sockets are shut down). `early`: tunnel bytes already read past `Start`; `fresh_peer`:
-/// the peer was just connected (the agent's local service) and has said nothing yet.
+/// both sockets are shut down). `early`: tunnel bytes already read past `Start`; `peer_quiet`:
+/// the peer has nothing to read now (see `encode`).
 pub async fn forward(
     peer: &TcpStream,
     tunnel: &TcpStream,
     pipes: &PipePool,
     early: &[u8],
-    fresh_peer: bool,
+    peer_quiet: bool,
 ) -> io::Result<Outcome> {
     let shut = || {
         splice::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR);
@@ -225,7 +227,7 @@ pub async fn forward(
     };
     let (up, down) = monoio::join!(
         async {
-            let r = encode(peer, tunnel, pipes, fresh_peer).await;
+            let r = encode(peer, tunnel, pipes, peer_quiet).await;
             if r.is_err() {
                 shut();
             }

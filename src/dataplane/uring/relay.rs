@@ -1,14 +1,14 @@
 //! Relay-side worker tasks: accept visitors on this worker's own listener, park authenticated
 //! data connections in this worker's pool, and splice each pair.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::splice::PipePool;
+use super::splice::{recv_now, with_scratch, PipePool};
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
@@ -46,7 +46,6 @@ pub async fn serve_listener(
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
                     metrics.visitors_accepted.inc();
-                    let _ = stream.set_nodelay(true);
                     // SAFETY: the fd comes straight from the stream we own and give up here.
                     let stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
                     let Some(visitor) = listener::admit(&gate, stream, addr) else {
@@ -130,15 +129,16 @@ async fn park_and_forward(
         let stream = TcpStream::from_std(visitor.stream)?;
         let mut start = RelayMsg::Start { visitor: addr }.to_frame();
         chunk::push_chunks(&mut start, &visitor.prefix);
+        let (sent_early, quiet) = take_early(stream.as_raw_fd(), &mut start)?;
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
-            o = tunnel.forward(&stream, pipes, &[], false) => o?,
+            o = tunnel.forward(&stream, pipes, &[], quiet) => o?,
             _ = idle::monoio_idle(stream.as_raw_fd(), idle) => {
                 idle_closed(service, addr, &admission);
                 return Ok(());
             }
         };
-        let (up, down, reusable) = (outcome.up, outcome.down, outcome.reusable);
+        let (up, down, reusable) = (outcome.up + sent_early, outcome.down, outcome.reusable);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
         if !reusable {
             return Ok(());
@@ -155,6 +155,23 @@ async fn park_and_forward(
         metrics.data_reused.inc();
         assigned = next;
     }
+}
+
+/// Appends what the visitor has sent already (a client-first protocol's request, usually here
+/// by the time the visitor reaches its data connection) to `frame` as one chunk, so it travels
+/// with `Start` in one send and reaches the agent in one read. Returns the bytes taken and
+/// whether the visitor has nothing more to read now (its next read should wait on the ring).
+fn take_early(fd: RawFd, frame: &mut Vec<u8>) -> std::io::Result<(u64, bool)> {
+    with_scratch(|buf| {
+        Ok(match recv_now(fd, buf)? {
+            None => (0, true),
+            Some(0) => (0, false), // EOF: the forwarder sees it at once and sends END
+            Some(n) => {
+                chunk::push_chunks(frame, &buf[..n]);
+                (n as u64, n < buf.len())
+            }
+        })
+    })
 }
 
 /// Waits (bounded) for the agent's `READY` after a visitor's two `END`s; `got` are bytes

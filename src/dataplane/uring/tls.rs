@@ -342,11 +342,11 @@ async fn tls_to_plain(
 }
 
 /// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`.
-async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, fresh: bool) -> io::Result<u64> {
+async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, quiet: bool) -> io::Result<u64> {
     let pfd = plain.as_raw_fd();
     let mut total = 0u64;
-    if fresh {
-        // Just connected: nothing to read yet (see `chunked::encode`).
+    if quiet {
+        // Nothing to read yet (see `chunked::encode`).
         plain.readable(false).await?;
     }
     loop {
@@ -384,16 +384,17 @@ async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, fresh: bool) -> io::Re
 
 /// Forwards a plain socket ↔ a TLS data connection in chunks until both directions end or
 /// either fails, in which case both sockets are shut down. `early`: plaintext already read
-/// past `Start`; `fresh_peer`: `plain` was just connected and has said nothing yet.
+/// past `Start`; `peer_quiet`: `plain` has nothing to read now (just connected, or its
+/// early bytes already taken).
 pub async fn forward(
     plain: &TcpStream,
     tls: &TlsStream,
     early: &[u8],
-    fresh_peer: bool,
+    peer_quiet: bool,
 ) -> io::Result<Outcome> {
     let (up, down) = monoio::join!(
         async {
-            let r = plain_to_tls(plain, tls, fresh_peer).await;
+            let r = plain_to_tls(plain, tls, peer_quiet).await;
             if r.is_err() {
                 shut_both(plain, tls);
             }

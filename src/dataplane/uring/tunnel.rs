@@ -44,18 +44,18 @@ impl Tunnel {
 
     /// Forwards one visitor both ways between `peer` (visitor or local service) and the
     /// tunnel, in chunks, until both directions end or either fails. `early`: tunnel bytes
-    /// already read past `Start`; `fresh_peer`: the peer was just connected and has said
-    /// nothing yet. The outcome says whether the tunnel can carry another.
+    /// already read past `Start`; `peer_quiet`: the peer has nothing to read now (just
+    /// connected, or its early bytes already sent with `Start`), so wait on the ring first. The outcome says whether the tunnel can carry another.
     pub async fn forward(
         &self,
         peer: &TcpStream,
         pipes: &PipePool,
         early: &[u8],
-        fresh_peer: bool,
+        peer_quiet: bool,
     ) -> io::Result<Outcome> {
         match self {
-            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, fresh_peer).await,
-            Tunnel::Tls(t) => tls::forward(peer, t, early, fresh_peer).await,
+            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, peer_quiet).await,
+            Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet).await,
         }
     }
 
