@@ -24,7 +24,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::Metrics;
 use crate::config::{ConfigError, RelayConfig};
-use crate::dataplane::{choose_backend, Backend, DataPlane};
+use crate::dataplane::{choose_backend, Backend, DataPlane, SharedListener};
+use crate::front::Port;
 use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
 use registry::{Registry, Service, SessionId, SharedPorts};
 use tickets::TicketStore;
@@ -142,22 +143,31 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         addr: cfg.control,
         source,
     })?;
+    let dataplane = DataPlane::start(backend, cfg.workers)
+        .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
+    // The shared ports are the data plane's: on uring every worker accepts on its own.
     let bind_shared = |addr: Option<SocketAddr>| -> Result<_, RelayError> {
         let Some(addr) = addr else {
             return Ok((None, None));
         };
-        let l = crate::dataplane::listener::bind(addr, false)
-            .map_err(|source| RelayError::Bind { addr, source })?;
-        let bound = l
-            .local_addr()
+        let (l, bound) = dataplane
+            .bind_shared(addr)
             .map_err(|source| RelayError::Bind { addr, source })?;
         Ok((Some(l), Some(bound)))
     };
     let (http_listener, http_addr) = bind_shared(cfg.front.http)?;
     let (tls_listener, tls_addr) = bind_shared(cfg.front.tls)?;
-    let (admin_listener, admin_addr) = bind_shared(cfg.admin)?;
-    let dataplane = DataPlane::start(backend, cfg.workers)
-        .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
+    let (admin_listener, admin_addr) = match cfg.admin {
+        None => (None, None),
+        Some(addr) => {
+            let l = crate::dataplane::listener::bind(addr, false)
+                .map_err(|source| RelayError::Bind { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| RelayError::Bind { addr, source })?;
+            (Some(l), Some(bound))
+        }
+    };
     tracing::info!(%backend, "data plane backend: {why}");
     if !cfg.data_tls {
         tracing::warn!("data connections are plain TCP (--data-tls off): visitor bytes cross the network unencrypted between relay and agent");
@@ -180,6 +190,24 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         dataplane,
         tickets: Mutex::new(TicketStore::default()),
     });
+    // Shared ports: tokio's accept loops start with the relay's task below; the workers' start
+    // now and stop when `worker_fronts` (held by that task) is dropped.
+    let mut tokio_fronts = Vec::new();
+    let mut worker_fronts = Vec::new();
+    for (l, port) in [(http_listener, Port::Http), (tls_listener, Port::Tls)] {
+        match l {
+            None => {}
+            Some(SharedListener::Tokio(l)) => tokio_fronts.push((l, port)),
+            Some(SharedListener::Uring(workers, group)) => worker_fronts.push(
+                crate::front::worker::start(&workers, &shared, port, group).map_err(|e| {
+                    RelayError::Backend(format!(
+                        "serving the {} port on the workers: {e}",
+                        port.name()
+                    ))
+                })?,
+            ),
+        }
+    }
     let sweeper = shared.clone();
     let task = tokio::spawn(async move {
         let sweep = tokio::spawn(async move {
@@ -194,25 +222,14 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
             }
         });
         let mut fronts = Vec::new();
-        if let Some(l) = http_listener {
-            let s = shared.clone();
-            fronts.push(tokio::spawn(crate::front::accept_loop(
-                s,
-                l,
-                "http",
-                crate::front::http::serve,
-            )));
-        }
         if let Some(l) = admin_listener {
             fronts.push(tokio::spawn(crate::admin::http::serve(shared.clone(), l)));
         }
-        if let Some(l) = tls_listener {
-            let s = shared.clone();
+        for (l, port) in tokio_fronts {
             fronts.push(tokio::spawn(crate::front::accept_loop(
-                s,
+                shared.clone(),
                 l,
-                "tls",
-                crate::front::tls::serve,
+                port,
             )));
         }
         accept::accept_loop(shared, listener).await;
@@ -220,6 +237,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         for f in fronts {
             f.abort();
         }
+        drop(worker_fronts);
     });
     Ok(RelayHandle {
         control_addr,

@@ -150,15 +150,7 @@ impl DataPlane {
                 )))
             }
             DataPlane::Uring(w) => {
-                // One SO_REUSEPORT listener per worker: accepts spread over cores by the
-                // kernel's 4-tuple hash, with no shared accept queue. SO_REUSEPORT would also
-                // join a group another process of this user already listens in, silently
-                // splitting visitors between the two; a plain bind first proves the port free.
-                drop(std::net::TcpListener::bind(addr)?);
-                let mut listeners = Vec::with_capacity(w.len());
-                for _ in 0..w.len() {
-                    listeners.push(listener::bind(addr, true)?.into_std()?);
-                }
+                let listeners = bind_group(addr, w.len())?;
                 let mut stops = Vec::with_capacity(w.len());
                 for (i, l) in listeners.into_iter().enumerate() {
                     let (stop_tx, stop) = oneshot::channel();
@@ -178,6 +170,49 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// A shared public port (HTTP or TLS), bound for the running backend.
+pub enum SharedListener {
+    /// One listener for tokio's accept loop.
+    Tokio(tokio::net::TcpListener),
+    /// The workers, and one `SO_REUSEPORT` listener for each, in worker order.
+    Uring(Arc<uring::Workers>, Vec<std::net::TcpListener>),
+}
+
+impl DataPlane {
+    /// Binds a shared public port: one listener on tokio, one per worker on uring (as
+    /// [`Self::listen`] does for a service's own port). Returns the address bound.
+    pub fn bind_shared(&self, addr: SocketAddr) -> io::Result<(SharedListener, SocketAddr)> {
+        match self {
+            DataPlane::Tokio => {
+                let l = listener::bind(addr, false)?;
+                let bound = l.local_addr()?;
+                Ok((SharedListener::Tokio(l), bound))
+            }
+            DataPlane::Uring(w) => {
+                let group = bind_group(addr, w.len())?;
+                let bound = group[0].local_addr()?;
+                Ok((SharedListener::Uring(w.clone(), group), bound))
+            }
+        }
+    }
+}
+
+/// `n` listeners on `addr` in one `SO_REUSEPORT` group, one per worker: accepts spread over
+/// cores by the kernel's 4-tuple hash, with no shared accept queue. With port 0 the first
+/// picks the port and the rest join it.
+fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    // SO_REUSEPORT would also join a group another process of this user already listens in,
+    // silently splitting visitors between the two; a plain bind first proves the port free.
+    drop(std::net::TcpListener::bind(addr)?);
+    let first = listener::bind(addr, true)?.into_std()?;
+    let bound = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..n {
+        group.push(listener::bind(bound, true)?.into_std()?);
+    }
+    Ok(group)
 }
 
 #[cfg(test)]
@@ -223,6 +258,32 @@ mod tests {
                 .err()
                 .expect("port refused");
             assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+            // The same holds for a shared (HTTP or TLS) port.
+            let err = plane.bind_shared(addr).err().expect("port refused");
+            assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        });
+    }
+
+    #[test]
+    fn uring_shared_ports_get_one_listener_per_worker_on_one_port() {
+        if probe::io_uring().is_err() {
+            println!("skipped: io_uring unavailable here");
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let plane = DataPlane::start(Backend::Uring, Some(3)).unwrap();
+            let (bound, addr) = plane.bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+            let SharedListener::Uring(_, group) = bound else {
+                panic!("uring binds a group");
+            };
+            assert_eq!(group.len(), 3);
+            for l in &group {
+                assert_eq!(l.local_addr().unwrap(), addr);
+            }
         });
     }
 }

@@ -4,56 +4,51 @@
 //! connection, a WebSocket after its upgrade — passes through untouched.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use tokio::net::TcpStream;
-
-use super::reply::{answer_and_close, Page};
-use super::{dispatch, read_head, reclaim, Head};
+use super::reply::Page;
+use super::{Decision, Head, Routed, Unserved};
 use crate::control::Shared;
-use crate::dataplane::pool::{TakeError, Visitor};
-use crate::protocol::http::{add_forwarded, HeadError, HeadScanner};
+use crate::protocol::http::{self, add_forwarded, HeadError};
 
-/// Serves one visitor of the shared HTTP port.
-pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+/// What the shared HTTP port does with a visitor, given how reading its head ended.
+pub fn decide(
+    shared: &Shared,
+    read: Result<Head<http::Head>, HeadError>,
+    addr: SocketAddr,
+) -> Decision {
     let front = &shared.cfg.front;
     let metrics = &shared.metrics;
-    let mut scanner = HeadScanner::new(front.max_head);
-    let (head, bytes) = match read_head(&mut stream, front.head_timeout, |b| scanner.feed(b)).await
-    {
+    let (head, bytes) = match read {
         Ok(Head::Done(h, bytes)) => (h, bytes),
-        Ok(Head::Closed) => return,
+        Ok(Head::Closed) => return Decision::Close,
         Ok(Head::TimedOut) => {
             metrics.http_bad_requests.inc();
             tracing::info!(visitor = %addr, "HTTP visitor cut off: no complete request head within {:?}", front.head_timeout);
-            let page = Page::Timeout.response("the request head did not arrive in time");
-            return answer_and_close(stream, &page).await;
+            return Decision::Answer(
+                Page::Timeout.response("the request head did not arrive in time"),
+            );
         }
         Err(e) => {
             metrics.http_bad_requests.inc();
             tracing::info!(visitor = %addr, "HTTP visitor refused: {e}");
-            let page = match e {
+            return Decision::Answer(match e {
                 HeadError::TooLarge(n) => {
                     Page::TooLarge.response(&format!("the request head is larger than {n} bytes"))
                 }
                 HeadError::Malformed(why) => Page::BadRequest.response(why),
-            };
-            return answer_and_close(stream, &page).await;
+            });
         }
     };
     let Some(svc) = shared.registry.route_http(&head.host, &head.path) else {
         metrics.http_unknown_host.inc();
         tracing::debug!(visitor = %addr, host = %head.host, "HTTP visitor for an unknown host");
-        let page =
-            Page::UnknownHost.response(&format!("no service is published for {}", head.host));
-        return answer_and_close(stream, &page).await;
+        return Decision::Answer(
+            Page::UnknownHost.response(&format!("no service is published for {}", head.host)),
+        );
     };
     let admission = match svc.gate.admit(addr.ip()) {
         Ok(a) => a,
-        Err(refusal) => {
-            let page = Page::OverLimit.response(&refusal.to_string());
-            return answer_and_close(stream, &page).await;
-        }
+        Err(refusal) => return Decision::Answer(Page::OverLimit.response(&refusal.to_string())),
     };
     let prefix = if svc.gate.forwarded_headers() {
         let mut p = add_forwarded(&bytes[..head.len], addr, "http");
@@ -62,30 +57,10 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr)
     } else {
         bytes
     };
-    let Ok(std_stream) = stream.into_std() else {
-        return;
-    };
-    let visitor = Visitor {
-        stream: std_stream,
-        addr,
+    Decision::Dispatch(Routed {
+        svc,
         prefix,
-        admission: Some(admission),
-    };
-    if let Err((e, visitor)) = dispatch(&shared.dataplane, &svc, visitor, front.agent_wait).await {
-        metrics.visitors_unserved.inc();
-        let page = match e {
-            TakeError::Timeout(_) => {
-                metrics.http_agent_offline.inc();
-                tracing::warn!(service = %svc.name, visitor = %addr, "HTTP visitor answered 502: {e}");
-                Page::AgentOffline.response(&format!("the service for {} is offline", head.host))
-            }
-            TakeError::Full => {
-                tracing::warn!(service = %svc.name, visitor = %addr, "HTTP visitor answered 503: {e}");
-                Page::OverLimit.response("too many visitors are waiting for this service")
-            }
-        };
-        if let Ok(stream) = reclaim(visitor) {
-            answer_and_close(stream, &page).await;
-        }
-    }
+        admission,
+        unserved: Unserved::HttpPage { host: head.host },
+    })
 }

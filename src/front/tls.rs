@@ -5,39 +5,34 @@
 //! TLS alert (where it makes sense) and a clean close, counted.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use tokio::net::TcpStream;
-
-use super::reply::{answer_and_close, TLS_ALERT_UNRECOGNIZED_NAME};
-use super::{dispatch, read_head, Head};
+use super::reply::TLS_ALERT_UNRECOGNIZED_NAME;
+use super::{Decision, Head, Routed, Unserved};
 use crate::control::Shared;
-use crate::dataplane::gate::local_addr_of;
-use crate::dataplane::pool::Visitor;
-use crate::protocol::sni::{HelloScanner, Sni};
+use crate::protocol::sni::{Sni, SniError};
 
-/// Serves one visitor of the shared TLS port.
-pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+/// What the shared TLS port does with a visitor, given how reading its ClientHello ended.
+/// `local`: the visitor's local address, asked only for a PROXY header.
+pub fn decide(
+    shared: &Shared,
+    read: Result<Head<Sni>, SniError>,
+    addr: SocketAddr,
+    local: impl FnOnce() -> SocketAddr,
+) -> Decision {
     let front = &shared.cfg.front;
     let metrics = &shared.metrics;
-    let mut scanner = HelloScanner::new();
-    let parse = |b: &[u8]| match scanner.feed(b) {
-        Ok(Sni::NeedMore) => Ok(None),
-        Ok(found) => Ok(Some(found)),
-        Err(e) => Err(e),
-    };
-    let (sni, bytes) = match read_head(&mut stream, front.head_timeout, parse).await {
+    let (sni, bytes) = match read {
         Ok(Head::Done(sni, bytes)) => (sni, bytes),
-        Ok(Head::Closed) => return,
+        Ok(Head::Closed) => return Decision::Close,
         Ok(Head::TimedOut) => {
             metrics.tls_unroutable.inc();
             tracing::info!(visitor = %addr, "TLS visitor cut off: no ClientHello within {:?}", front.head_timeout);
-            return;
+            return Decision::Close;
         }
         Err(e) => {
             metrics.tls_unroutable.inc();
             tracing::info!(visitor = %addr, "TLS visitor refused: {e}");
-            return;
+            return Decision::Close;
         }
     };
     let name = match sni {
@@ -45,30 +40,27 @@ pub async fn serve(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr)
         Sni::Missing | Sni::NeedMore => {
             metrics.tls_unroutable.inc();
             tracing::info!(visitor = %addr, "TLS visitor refused: no server name (SNI) to route by");
-            return answer_and_close(stream, &TLS_ALERT_UNRECOGNIZED_NAME).await;
+            return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());
         }
     };
     let Some(svc) = shared.registry.route_tls(&name) else {
         metrics.tls_unroutable.inc();
         tracing::debug!(visitor = %addr, sni = %name, "TLS visitor for an unknown name");
-        return answer_and_close(stream, &TLS_ALERT_UNRECOGNIZED_NAME).await;
+        return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());
     };
     let Ok(admission) = svc.gate.admit(addr.ip()) else {
-        return; // counted and logged by the gate
+        return Decision::Close; // counted and logged by the gate
     };
-    let Ok(std_stream) = stream.into_std() else {
-        return;
+    let mut prefix = if svc.gate.wants_proxy_header() {
+        svc.gate.proxy_header(addr, local())
+    } else {
+        Vec::new()
     };
-    let mut prefix = svc.gate.proxy_header(addr, local_addr_of(&std_stream));
     prefix.extend_from_slice(&bytes);
-    let visitor = Visitor {
-        stream: std_stream,
-        addr,
+    Decision::Dispatch(Routed {
+        svc,
         prefix,
-        admission: Some(admission),
-    };
-    if let Err((e, _)) = dispatch(&shared.dataplane, &svc, visitor, front.agent_wait).await {
-        metrics.visitors_unserved.inc();
-        tracing::warn!(service = %svc.name, visitor = %addr, "TLS visitor closed: {e}");
-    }
+        admission,
+        unserved: Unserved::Close,
+    })
 }

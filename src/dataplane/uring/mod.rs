@@ -41,6 +41,9 @@ const RING_ENTRIES: u32 = 1024;
 
 /// Work handed to a worker.
 pub enum Command {
+    /// Runs a job on the worker's thread, inside its runtime: it may `monoio::spawn` tasks
+    /// built there (the relay's shared-port accept loops, which live with the control plane).
+    Run(Box<dyn FnOnce(usize) + Send>),
     /// Relay: accept visitors on this (SO_REUSEPORT) listener into `pool` until `stop` fires
     /// or its sender is dropped.
     Listen {
@@ -244,6 +247,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
     let pipes = Rc::new(PipePool::default());
     while let Some(cmd) = rx.recv().await {
         match cmd {
+            Command::Run(job) => job(id),
             Command::Listen {
                 listener,
                 gate,

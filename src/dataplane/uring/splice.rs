@@ -103,7 +103,8 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
+/// `shutdown(2)` on a socket the caller owns; errors (already closed) are ignored.
+pub fn shutdown(fd: RawFd, how: libc::c_int) {
     // SAFETY: shutdown on an open socket; errors (already closed) are irrelevant here.
     unsafe { libc::shutdown(fd, how) };
 }

@@ -1,0 +1,139 @@
+//! The shared ports on the uring backend: every worker accepts on its own `SO_REUSEPORT`
+//! listener, reads the visitor's head, routes it and hands it to its own pool of the service,
+//! as it does for a service's own port. No visitor crosses threads on the way in; only an
+//! unroutable one is answered, also on the worker.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::reply::{answer_and_close, CLOSE_GRACE};
+use super::{local_addr_of_fd, Decision, Pending, Port, VisitorConn, MAX_PENDING_PER_IP};
+use crate::control::Shared;
+use crate::dataplane::pool::Pool;
+use crate::dataplane::uring::{splice, Command, Workers};
+
+/// Starts `port`'s accept loop on every worker, listener `i` on worker `i`. The loops stop
+/// when the returned senders are dropped.
+pub fn start(
+    workers: &Workers,
+    shared: &Arc<Shared>,
+    port: Port,
+    listeners: Vec<std::net::TcpListener>,
+) -> io::Result<Vec<oneshot::Sender<()>>> {
+    let pending = Arc::new(Pending::default());
+    let mut stops = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (stop_tx, stop) = oneshot::channel();
+        let (shared, pending) = (shared.clone(), pending.clone());
+        let job = move |worker| {
+            monoio::spawn(accept_loop(shared, listener, port, pending, worker, stop));
+        };
+        workers.send(i, Command::Run(Box::new(job)))?;
+        stops.push(stop_tx);
+    }
+    Ok(stops)
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    port: Port,
+    pending: Arc<Pending>,
+    worker: usize,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(port = port.name(), "worker cannot adopt listener: {e}");
+            return;
+        }
+    };
+    loop {
+        monoio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    shared.metrics.visitors_accepted.inc();
+                    let Some(place) = pending.enter(addr.ip()) else {
+                        shared.metrics.visitors_shed.inc();
+                        tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    monoio::spawn(async move {
+                        serve(&shared, port, stream, addr, worker).await;
+                        drop(place);
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(port = port.name(), error = %e, "accepting visitor failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// A worker's visitor socket, non-blocking, waiting on the ring.
+struct Conn(TcpStream);
+
+impl VisitorConn for Conn {
+    async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        splice::read_some(&self.0, buf).await
+    }
+
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        splice::write_all(&self.0, buf).await
+    }
+
+    fn shutdown_write(&mut self) {
+        splice::shutdown(self.0.as_raw_fd(), libc::SHUT_WR);
+    }
+}
+
+/// Routes one visitor and hands it to this worker's pool of its service (or another
+/// worker's idle connection), or answers it.
+async fn serve(shared: &Shared, port: Port, stream: TcpStream, addr: SocketAddr, worker: usize) {
+    if splice::set_nonblocking(stream.as_raw_fd()).is_err() {
+        return;
+    }
+    let fd = stream.as_raw_fd();
+    let mut conn = Conn(stream);
+    let deadline = monoio::time::sleep(shared.cfg.front.head_timeout);
+    let decision = port
+        .read_and_decide(shared, &mut conn, addr, || local_addr_of_fd(fd), deadline)
+        .await;
+    let routed = match decision {
+        Decision::Dispatch(r) => r,
+        Decision::Answer(bytes) => return answer(&mut conn, &bytes).await,
+        Decision::Close => return,
+    };
+    // SAFETY: the fd comes straight from the stream we own and give up here.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };
+    let (visitor, unserved, svc) = routed.visitor(stream, addr);
+    let Err(visitor) = Pool::try_take_any(&svc.pools, worker, visitor) else {
+        return;
+    };
+    let wait = shared.cfg.front.agent_wait;
+    let pool = &svc.pools[worker % svc.pools.len()];
+    let Err((e, visitor)) = pool.take(visitor, monoio::time::sleep(wait), wait).await else {
+        return;
+    };
+    if let Some(bytes) = unserved.answer(shared, &svc, addr, &e) {
+        if let Ok(stream) = TcpStream::from_std(visitor.stream) {
+            answer(&mut Conn(stream), &bytes).await;
+        }
+    }
+}
+
+async fn answer(conn: &mut Conn, bytes: &[u8]) {
+    answer_and_close(conn, bytes, monoio::time::sleep(CLOSE_GRACE)).await;
+}
