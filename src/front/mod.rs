@@ -39,7 +39,6 @@ use crate::control::registry::Service;
 use crate::control::Shared;
 use crate::dataplane::gate::{local_addr_of, Admission};
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
-use crate::dataplane::DataPlane;
 use crate::protocol::http::HeadScanner;
 use crate::protocol::sni::{HelloScanner, Sni};
 use reply::{answer_and_close, Page, CLOSE_GRACE};
@@ -318,7 +317,7 @@ async fn serve(shared: &Shared, port: Port, mut stream: TcpStream, addr: SocketA
     };
     let (visitor, unserved, svc) = routed.visitor(std_stream, addr);
     let wait = shared.cfg.front.agent_wait;
-    if let Err((e, visitor)) = dispatch(&shared.dataplane, &svc, visitor, wait).await {
+    if let Err((e, visitor)) = dispatch(&svc, visitor, wait).await {
         if let Some(bytes) = unserved.answer(shared, &svc, addr, &e) {
             if let Ok(mut stream) = reclaim(visitor) {
                 answer(&mut stream, &bytes).await;
@@ -366,28 +365,25 @@ pub(crate) async fn read_head<T, E>(
     race(read, deadline).await.unwrap_or(Ok(Head::TimedOut))
 }
 
-/// Tokio: hands a routed visitor to `svc`'s pools, waiting up to `wait` for a tunnel
-/// connection (an agent reconnecting). On failure the visitor comes back with the reason.
-pub async fn dispatch(
-    dataplane: &DataPlane,
+/// Tokio: hands a routed visitor to `svc`'s pool (the tokio data plane has one per service),
+/// waiting up to `wait` for a tunnel connection (an agent reconnecting). On failure the
+/// visitor comes back with the reason.
+async fn dispatch(
     svc: &Service,
     visitor: Visitor,
     wait: Duration,
 ) -> Result<(), (TakeError, Visitor)> {
-    let first = match dataplane {
-        DataPlane::Tokio => 0,
-        DataPlane::Uring(w) => w.next_worker(),
-    };
-    let visitor = match Pool::try_take_any(&svc.pools, first, visitor) {
+    let visitor = match Pool::try_take_any(&svc.pools, 0, visitor) {
         Ok(()) => return Ok(()),
         Err(v) => v,
     };
-    let pool = &svc.pools[first % svc.pools.len()];
-    pool.take(visitor, tokio::time::sleep(wait), wait).await
+    svc.pools[0]
+        .take(visitor, tokio::time::sleep(wait), wait)
+        .await
 }
 
 /// The visitor's socket back on tokio, to answer it after a failed dispatch.
-pub fn reclaim(visitor: Visitor) -> io::Result<TcpStream> {
+fn reclaim(visitor: Visitor) -> io::Result<TcpStream> {
     visitor.stream.set_nonblocking(true)?;
     TcpStream::from_std(visitor.stream)
 }
