@@ -235,55 +235,43 @@ mod tests {
         assert!(!why.contains("rustls"), "{why}");
     }
 
-    #[test]
-    fn uring_listeners_never_share_a_port_with_another_reuseport_group() {
+    #[tokio::test]
+    async fn uring_listeners_never_share_a_port_with_another_reuseport_group() {
         if probe::io_uring().is_err() {
             println!("skipped: io_uring unavailable here");
             return;
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // Someone else (same user) listens with SO_REUSEPORT on a port...
-            let foreign = listener::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
-            let addr = foreign.local_addr().unwrap();
-            let plane = DataPlane::start(Backend::Uring, Some(1)).unwrap();
-            let gate = Gate::new("t", &Default::default(), Default::default());
-            let pools = vec![Arc::new(Pool::new())];
-            // ...so the relay must refuse the port rather than join their group.
-            let err = plane
-                .listen(addr, &gate, &pools)
-                .err()
-                .expect("port refused");
-            assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-            // The same holds for a shared (HTTP or TLS) port.
-            let err = plane.bind_shared(addr).err().expect("port refused");
-            assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
-        });
+        // Someone else (same user) listens with SO_REUSEPORT on a port...
+        let foreign = listener::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = foreign.local_addr().unwrap();
+        let plane = DataPlane::start(Backend::Uring, Some(1)).unwrap();
+        let gate = Gate::new("t", &Default::default(), Default::default());
+        let pools = vec![Arc::new(Pool::new())];
+        // ...so the relay must refuse the port rather than join their group.
+        let err = plane
+            .listen(addr, &gate, &pools)
+            .err()
+            .expect("port refused");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        // The same holds for a shared (HTTP or TLS) port.
+        let err = plane.bind_shared(addr).err().expect("port refused");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 
-    #[test]
-    fn uring_shared_ports_get_one_listener_per_worker_on_one_port() {
+    #[tokio::test]
+    async fn uring_shared_ports_get_one_listener_per_worker_on_one_port() {
         if probe::io_uring().is_err() {
             println!("skipped: io_uring unavailable here");
             return;
         }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let plane = DataPlane::start(Backend::Uring, Some(3)).unwrap();
-            let (bound, addr) = plane.bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
-            let SharedListener::Uring(_, group) = bound else {
-                panic!("uring binds a group");
-            };
-            assert_eq!(group.len(), 3);
-            for l in &group {
-                assert_eq!(l.local_addr().unwrap(), addr);
-            }
-        });
+        let plane = DataPlane::start(Backend::Uring, Some(3)).unwrap();
+        let (bound, addr) = plane.bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let SharedListener::Uring(_, group) = bound else {
+            panic!("uring binds a group");
+        };
+        assert_eq!(group.len(), 3);
+        for l in &group {
+            assert_eq!(l.local_addr().unwrap(), addr);
+        }
     }
 }
