@@ -17,6 +17,7 @@ use std::os::fd::AsRawFd;
 use crate::dataplane::chunked;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::Visitor;
+use crate::dataplane::wait::agent_ready;
 use crate::dataplane::{uring, DataPlane};
 use crate::protocol::chunk;
 use crate::protocol::msg::Message;
@@ -253,7 +254,8 @@ async fn park_and_forward(
                 }
                 drop((stream, admission));
                 // Boxed: a timer is cache-line aligned, and inline it would pad every task.
-                if !Box::pin(agent_ready(&mut tunnel, o.leftover)).await {
+                let deadline = tokio::time::sleep(chunk::READY_WAIT);
+                if !Box::pin(agent_ready(&mut tunnel, o.leftover, deadline)).await {
                     return;
                 }
             }
@@ -269,27 +271,4 @@ async fn park_and_forward(
         metrics.data_reused.inc();
         assigned = next;
     }
-}
-
-/// Waits (bounded) for the agent's `READY` after a visitor's two `END`s; `early` are bytes
-/// already read after the agent's `END`. Anything else, EOF or silence means the connection
-/// is not reused.
-async fn agent_ready(tunnel: &mut Conn, mut got: Vec<u8>) -> bool {
-    let wait = async {
-        loop {
-            match chunk::check_ready(&got) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-            let mut buf = [0u8; chunk::HEADER_LEN];
-            match tunnel.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(chunk::READY_WAIT, wait)
-        .await
-        .unwrap_or(false)
 }

@@ -9,6 +9,7 @@
 //! - [`probe`]: whether io_uring and kTLS work here.
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
 //! - [`idle`]: the idle-timeout watcher beside each forwarded visitor.
+//! - [`wait`]: runtime-agnostic waits (a deadline race, the relay's wait for `READY`).
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
@@ -20,6 +21,7 @@ pub mod listener;
 pub mod pool;
 pub mod probe;
 pub mod uring;
+pub mod wait;
 
 use std::io;
 use std::net::SocketAddr;

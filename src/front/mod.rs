@@ -21,24 +21,23 @@ pub mod tls;
 pub mod worker;
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::Duration;
 
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::control::registry::Service;
 use crate::control::Shared;
 use crate::dataplane::gate::{local_addr_of, Admission};
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
+use crate::dataplane::wait::{race, ReadSome};
 use crate::protocol::http::HeadScanner;
 use crate::protocol::sni::{HelloScanner, Sni};
 use reply::{answer_and_close, Page, CLOSE_GRACE};
@@ -144,9 +143,7 @@ impl Port {
 }
 
 /// A visitor's socket on whichever runtime accepted it (tokio's, or a worker's).
-pub(crate) trait VisitorConn {
-    /// Reads what is available: at least one byte, or 0 at EOF.
-    async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+pub(crate) trait VisitorConn: ReadSome {
     /// Writes all of `buf`.
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Sends FIN (errors ignored: the visitor may be gone).
@@ -154,10 +151,6 @@ pub(crate) trait VisitorConn {
 }
 
 impl VisitorConn for TcpStream {
-    async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read(buf).await
-    }
-
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         AsyncWriteExt::write_all(self, buf).await
     }
@@ -173,21 +166,6 @@ fn local_addr_of_fd(fd: RawFd) -> SocketAddr {
     // SAFETY: borrows the open fd for one getsockname; ManuallyDrop never closes it.
     let stream = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
     local_addr_of(&stream)
-}
-
-/// Runs `work` until it finishes (`Some`) or `deadline` fires first (`None`), on any runtime.
-pub(crate) async fn race<T>(
-    work: impl Future<Output = T>,
-    deadline: impl Future<Output = ()>,
-) -> Option<T> {
-    let (mut work, mut deadline) = (pin!(work), pin!(deadline));
-    poll_fn(|cx| {
-        if let Poll::Ready(r) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        deadline.as_mut().poll(cx).map(|()| None)
-    })
-    .await
 }
 
 /// What a shared port does with a visitor once its first bytes are read.

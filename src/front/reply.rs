@@ -4,7 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::{race, VisitorConn};
+use super::VisitorConn;
+use crate::dataplane::wait::race;
 
 /// Longest time spent writing an answer and draining what the visitor still sends.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(2);

@@ -7,16 +7,17 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
-use std::time::Duration;
 
-use monoio::net::{TcpListener, TcpStream};
+use monoio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::{local_addr_of_fd, Decision, Pending, Port, VisitorConn, MAX_PENDING_PER_IP};
 use crate::control::Shared;
 use crate::dataplane::pool::Pool;
+use crate::dataplane::uring::relay::accept_until;
 use crate::dataplane::uring::{splice, Command, Workers};
+use crate::dataplane::wait::ReadSome;
 
 /// Starts `port`'s accept loop on every worker, listener `i` on worker `i`. The loops stop
 /// when the returned senders are dropped.
@@ -46,50 +47,33 @@ async fn accept_loop(
     port: Port,
     pending: Arc<Pending>,
     worker: usize,
-    mut stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<()>,
 ) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(port = port.name(), "worker cannot adopt listener: {e}");
+    accept_until(listener, &shared.metrics, port.name(), stop, |stream, addr| {
+        let Some(place) = pending.enter(addr.ip()) else {
+            shared.metrics.visitors_shed.inc();
+            tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
             return;
-        }
-    };
-    loop {
-        monoio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    shared.metrics.visitors_accepted.inc();
-                    let Some(place) = pending.enter(addr.ip()) else {
-                        shared.metrics.visitors_shed.inc();
-                        tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    monoio::spawn(async move {
-                        serve(&shared, port, stream, addr, worker).await;
-                        drop(place);
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(port = port.name(), error = %e, "accepting visitor failed");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
+        };
+        let shared = shared.clone();
+        monoio::spawn(async move {
+            serve(&shared, port, stream, addr, worker).await;
+            drop(place);
+        });
+    })
+    .await;
 }
 
 /// A worker's visitor socket, non-blocking, waiting on the ring.
 struct Conn(TcpStream);
 
-impl VisitorConn for Conn {
+impl ReadSome for Conn {
     async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         splice::read_some(&self.0, buf).await
     }
+}
 
+impl VisitorConn for Conn {
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         splice::write_all(&self.0, buf).await
     }

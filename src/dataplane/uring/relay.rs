@@ -1,6 +1,7 @@
 //! Relay-side worker tasks: accept visitors on this worker's own listener, park authenticated
 //! data connections in this worker's pool, and splice each pair.
 
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::listener::{self, VISITOR_WAIT};
 use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::RelayMsg;
@@ -29,43 +31,59 @@ pub async fn serve_listener(
     gate: Arc<Gate>,
     pools: Vec<Arc<Pool>>,
     worker: usize,
-    mut stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<()>,
 ) {
     let service = gate.service().to_string();
     let metrics = gate.metrics().clone();
+    accept_until(listener, &metrics, &service, stop, |stream, addr| {
+        // SAFETY: the fd comes straight from the stream we own and give up here.
+        let stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
+        let Some(visitor) = listener::admit(&gate, stream, addr) else {
+            return;
+        };
+        let Err(visitor) = Pool::try_take_any(&pools, worker, visitor) else {
+            return;
+        };
+        let (pool, metrics, service) = (pools[worker].clone(), metrics.clone(), service.clone());
+        monoio::spawn(async move {
+            let deadline = monoio::time::sleep(VISITOR_WAIT);
+            if let Err((e, _)) = pool.take(visitor, deadline, VISITOR_WAIT).await {
+                metrics.visitors_unserved.inc();
+                tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
+            }
+        });
+    })
+    .await;
+}
+
+/// A worker's accept loop on its own listener (a service's port or a shared port): counts
+/// and hands every visitor to `accepted` until `stop` fires or its sender is dropped, and
+/// backs off briefly on errors (EMFILE and friends) instead of spinning. `what` names the
+/// listener in logs.
+pub async fn accept_until(
+    listener: std::net::TcpListener,
+    metrics: &Metrics,
+    what: &str,
+    mut stop: oneshot::Receiver<()>,
+    mut accepted: impl FnMut(TcpStream, SocketAddr),
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!(service, "worker cannot adopt listener: {e}");
+            tracing::error!(listener = what, "worker cannot adopt listener: {e}");
             return;
         }
     };
     loop {
         monoio::select! {
             _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
+            got = listener.accept() => match got {
                 Ok((stream, addr)) => {
                     metrics.visitors_accepted.inc();
-                    // SAFETY: the fd comes straight from the stream we own and give up here.
-                    let stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
-                    let Some(visitor) = listener::admit(&gate, stream, addr) else {
-                        continue;
-                    };
-                    let Err(visitor) = Pool::try_take_any(&pools, worker, visitor) else {
-                        continue;
-                    };
-                    let (pool, metrics, service) = (pools[worker].clone(), metrics.clone(), service.clone());
-                    monoio::spawn(async move {
-                        let deadline = monoio::time::sleep(VISITOR_WAIT);
-                        if let Err((e, _)) = pool.take(visitor, deadline, VISITOR_WAIT).await {
-                            metrics.visitors_unserved.inc();
-                            tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
-                        }
-                    });
+                    accepted(stream, addr);
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(service, error = %e, "accepting visitor failed");
+                    tracing::warn!(listener = what, error = %e, "accepting visitor failed");
                     monoio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
@@ -145,7 +163,9 @@ async fn park_and_forward(
         }
         drop((stream, admission));
         // Boxed: a timer is cache-line aligned, and inline it would pad every task.
-        if !Box::pin(agent_ready(&tunnel, outcome.leftover)).await {
+        let deadline = monoio::time::sleep(chunk::READY_WAIT);
+        let later = &mut ReadLater(&tunnel);
+        if !Box::pin(agent_ready(later, outcome.leftover, deadline)).await {
             return Ok(());
         }
         let (slot, next) = oneshot::channel::<Visitor>();
@@ -174,27 +194,13 @@ fn take_early(fd: RawFd, frame: &mut Vec<u8>) -> std::io::Result<(u64, bool)> {
     })
 }
 
-/// Waits (bounded) for the agent's `READY` after a visitor's two `END`s; `got` are bytes
-/// already read after the agent's `END`. Anything else, EOF or silence means the connection
-/// is not reused.
-async fn agent_ready(tunnel: &Tunnel, mut got: Vec<u8>) -> bool {
-    let wait = async {
-        loop {
-            match chunk::check_ready(&got) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(_) => return false,
-            }
-            let mut buf = [0u8; chunk::HEADER_LEN];
-            match tunnel.read_some_later(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    };
-    monoio::time::timeout(chunk::READY_WAIT, wait)
-        .await
-        .unwrap_or(false)
+/// A data connection read when the agent is expected to send only later (`READY`).
+struct ReadLater<'a>(&'a Tunnel);
+
+impl ReadSome for ReadLater<'_> {
+    async fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read_some_later(buf).await
+    }
 }
 
 #[cfg(test)]
