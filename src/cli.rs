@@ -198,6 +198,9 @@ pub struct AgentArgs {
     /// Data-plane backend.
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
+    /// io_uring worker threads carrying data connections (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// TOML config file with `[[service]]` tables; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -255,6 +258,7 @@ impl AgentArgs {
             ca: self.ca.or(file.ca),
             services,
             backend: self.backend.or(file.backend).unwrap_or_default(),
+            workers: self.workers.or(file.workers),
             heartbeat: Heartbeat::from_secs(
                 file.heartbeat_interval_secs,
                 file.heartbeat_timeout_secs,

@@ -575,6 +575,8 @@ pub struct AgentFile {
     pub ca: Option<PathBuf>,
     /// Data-plane backend.
     pub backend: Option<BackendKind>,
+    /// io_uring worker threads (default: one per core).
+    pub workers: Option<usize>,
     /// Seconds between heartbeats.
     pub heartbeat_interval_secs: Option<u64>,
     /// Seconds of silence before the relay is considered gone.
@@ -727,6 +729,8 @@ pub struct AgentConfig {
     pub services: Vec<ServiceConfig>,
     /// Data-plane backend.
     pub backend: BackendKind,
+    /// io_uring worker threads (`None`: one per core).
+    pub workers: Option<usize>,
     /// Heartbeat timing.
     pub heartbeat: Heartbeat,
 }
@@ -752,6 +756,9 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(
                 "no service to publish: pass --local HOST:PORT or add [[service]] tables to the config file".into(),
             ));
+        }
+        if self.workers == Some(0) {
+            return Err(ConfigError::Invalid("--workers must be at least 1".into()));
         }
         if self.services.len() > MAX_SERVICES_PER_AGENT {
             return Err(ConfigError::Invalid(format!(

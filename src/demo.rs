@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use crate::agent;
 use crate::cli::DemoArgs;
 use crate::config::{AgentConfig, Heartbeat, PortRange, RelayConfig, Secret, ServiceConfig};
-use crate::control;
 use crate::protocol::auth::random_bytes;
+use crate::relay;
 
 /// Body the demo origin answers every request with.
 pub const ORIGIN_BODY: &str = "hello from the ringtunnel demo origin, reached through the relay\n";
@@ -53,7 +53,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     random_bytes(&mut raw);
     let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     let state_dir = std::env::temp_dir().join(format!("ringtunnel-demo-{}", std::process::id()));
-    let relay = control::start(RelayConfig {
+    let relay = relay::start(RelayConfig {
         control: "127.0.0.1:0".parse()?,
         secret: Some(Secret::new(secret.clone())),
         service_secrets: Vec::new(),
@@ -85,6 +85,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ca: None,
         services: vec![ServiceConfig::tcp("demo", origin_addr.to_string())],
         backend: Default::default(),
+        workers: None,
         heartbeat: Heartbeat::default(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();

@@ -6,9 +6,11 @@
 //!
 //! # Layout
 //! - [`protocol`] — the wire format, sans-IO: frames, messages, HMAC auth, heartbeat timer.
-//! - [`control`] — the relay: control port, agent sessions, service registry, tickets.
+//! - [`relay`] — the relay: starts and wires every part, owns their tasks, stops them.
+//! - [`control`] — the relay's agent-facing control plane: control port, agent sessions,
+//!   service registry, routes, tickets.
+//! - [`shared_ports`] — the shared HTTP and TLS ports: routing visitors by Host and SNI.
 //! - [`agent`] — the agent: control session, data connections, reconnect backoff.
-//! - [`front`] — the shared HTTP and TLS ports: routing visitors by Host and SNI.
 //! - [`dataplane`] — visitor listeners, admission limits, the per-service connection pool,
 //!   forwarding.
 //! - [`tls`] — rustls configs, the relay's (self-signed) certificate, fingerprint pinning.
@@ -16,7 +18,7 @@
 //! - [`config`] — TOML files, merged settings, validation, the masked [`config::Secret`].
 //! - [`cli`] — the command line (clap), merged into configs.
 //! - [`demo`] — relay + agent + origin on loopback in one process.
-//! - [`admin`] — counters.
+//! - [`admin`] — counters and the admin endpoint (`/health`, `/metrics`).
 
 pub mod admin;
 pub mod agent;
@@ -25,8 +27,9 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
-pub mod front;
 pub mod protocol;
+pub mod relay;
+pub mod shared_ports;
 pub mod tls;
 pub mod transport;
 

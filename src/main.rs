@@ -9,7 +9,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use ringtunnel::cli::{Cli, Command};
-use ringtunnel::{agent, control, demo, say};
+use ringtunnel::{agent, demo, relay, say};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,7 +51,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let rt = runtime(cfg.workers)?;
             rt.block_on(async {
                 let data_tls = if cfg.data_tls { "on" } else { "off" };
-                let relay = control::start(cfg).await?;
+                let relay = relay::start(cfg).await?;
                 if relay.generated_cert {
                     tracing::info!("generated a self-signed certificate");
                 }

@@ -74,6 +74,13 @@ async fn health_and_metrics_behind_a_token(backend: Backend) {
         request(admin, &get("/nothing", Some("let-me-in"))).await.0,
         404
     );
+    // HEAD: the GET response's status and headers, and not one byte of body.
+    let (status, body) = request(
+        admin,
+        "HEAD /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer let-me-in\r\n\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, ""));
     assert_eq!(request(admin, "garbage\r\n\r\n").await.0, 400);
     assert_eq!(
         request(

@@ -399,3 +399,28 @@ async fn mixed_backends_interoperate() {
         }
     }
 }
+
+/// The agent starts as many io_uring workers as `--workers` says, and refuses zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_honours_workers() {
+    let Some(uring) = Backend::uring() else {
+        return;
+    };
+    let origin = echo_origin().await;
+    let relay = Relay::spawn(uring, &[]);
+    let mut args = relay.agent_args(origin, "three-workers");
+    args.extend(["--workers".into(), "3".into()]);
+    let agent = Agent::spawn(args);
+    agent.proc.wait_stderr("workers=3");
+    assert_echo(agent.public).await;
+
+    let mut args = relay.agent_args(origin, "no-workers");
+    args.extend(["--workers".into(), "0".into()]);
+    let mut refused = Proc::spawn(&args);
+    assert!(!refused.wait_exit().success());
+    assert!(
+        refused.stderr().contains("--workers must be at least 1"),
+        "{}",
+        refused.stderr()
+    );
+}

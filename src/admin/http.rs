@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 
-use crate::control::Shared;
+use super::{Metrics, ServiceSnapshot};
+use crate::config::Secret;
+use crate::dataplane::listener::accept_failed;
 use crate::protocol::http::parse_head;
 
 /// Largest request head the admin endpoint reads.
@@ -17,27 +20,40 @@ const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves the admin endpoint on `listener` forever.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// What the admin endpoint reads: the counters, the services as they are now, and the token
+/// requests must present. It sees nothing else of the relay.
+pub struct AdminView {
+    /// The relay's counters.
+    pub metrics: Arc<Metrics>,
+    /// Every service as it is at the moment of the call.
+    pub services: Box<dyn Fn() -> Vec<ServiceSnapshot> + Send + Sync>,
+    /// When set, every request needs `Authorization: Bearer <token>`.
+    pub token: Option<Secret>,
+}
+
+/// Serves the admin endpoint on `listener` until the task is dropped; each request in its own
+/// task, which ends with the loop.
+pub async fn serve(view: Arc<AdminView>, listener: TcpListener) {
+    let mut conns = JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(shared.clone(), stream));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting admin connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        tokio::select! {
+            got = listener.accept() => match got {
+                Ok((stream, _)) => {
+                    conns.spawn(answer(view.clone(), stream));
+                }
+                Err(e) => accept_failed("admin", &e).await,
+            },
+            Some(_) = conns.join_next() => {}
         }
     }
 }
 
-async fn answer(shared: Arc<Shared>, mut stream: TcpStream) {
+async fn answer(view: Arc<AdminView>, mut stream: TcpStream) {
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await;
-    let (status, body) = match head {
-        Ok(Some(raw)) => respond(&shared, &raw),
-        Ok(None) => (400, "bad request\n".to_string()),
-        Err(_) => (408, "request timeout\n".to_string()),
+    let (status, body, is_head) = match head {
+        Ok(Some(raw)) => respond(&view, &raw),
+        Ok(None) => (400, "bad request\n".to_string(), false),
+        Err(_) => (408, "request timeout\n".to_string(), false),
     };
     let reason = match status {
         200 => "OK",
@@ -55,7 +71,10 @@ async fn answer(shared: Arc<Shared>, mut stream: TcpStream) {
         out.push_str("WWW-Authenticate: Bearer\r\n");
     }
     out.push_str("\r\n");
-    out.push_str(&body);
+    // A HEAD response carries the GET response's headers (Content-Length included), no body.
+    if !is_head {
+        out.push_str(&body);
+    }
     let _ = stream.write_all(out.as_bytes()).await;
     let _ = stream.shutdown().await;
 }
@@ -81,31 +100,33 @@ async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     }
 }
 
-/// Status and body for one complete request head.
-fn respond(shared: &Shared, raw: &[u8]) -> (u16, String) {
+/// Status and body for one complete request head, and whether it was a `HEAD` request.
+fn respond(view: &AdminView, raw: &[u8]) -> (u16, String, bool) {
     let text = String::from_utf8_lossy(raw);
     let mut lines = text.split("\r\n").flat_map(|l| l.split('\n'));
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if let Some(token) = &shared.cfg.admin_token {
+    let is_head = method == "HEAD";
+    if let Some(token) = &view.token {
         let presented = lines
             .filter_map(|l| l.split_once(':'))
             .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
             .and_then(|(_, v)| v.trim().strip_prefix("Bearer "))
             .unwrap_or("");
         if !token_matches(token.expose(), presented.trim().as_bytes()) {
-            return (401, "a bearer token is required\n".into());
+            return (401, "a bearer token is required\n".into(), is_head);
         }
     }
     if method != "GET" && method != "HEAD" {
-        return (405, "only GET\n".into());
+        return (405, "only GET\n".into(), false);
     }
-    match target.split('?').next().unwrap_or("") {
+    let (status, body) = match target.split('?').next().unwrap_or("") {
         "/health" => (200, "ok\n".into()),
-        "/metrics" => (200, metrics_text(shared)),
+        "/metrics" => (200, metrics_text(view)),
         _ => (404, "try /health or /metrics\n".into()),
-    }
+    };
+    (status, body, is_head)
 }
 
 /// Compares in time independent of where the first difference is.
@@ -118,13 +139,13 @@ fn token_matches(want: &[u8], got: &[u8]) -> bool {
 }
 
 /// Every counter as `ringtunnel_<name>_total`, and per-service gauges.
-fn metrics_text(shared: &Shared) -> String {
+fn metrics_text(view: &AdminView) -> String {
     let mut out = String::with_capacity(4096);
-    for (name, value) in shared.metrics.snapshot() {
+    for (name, value) in view.metrics.snapshot() {
         let _ = writeln!(out, "# TYPE ringtunnel_{name}_total counter");
         let _ = writeln!(out, "ringtunnel_{name}_total {value}");
     }
-    let services = shared.registry.snapshot();
+    let services = (view.services)();
     let _ = writeln!(out, "# TYPE ringtunnel_service_online gauge");
     for s in &services {
         let _ = writeln!(

@@ -5,6 +5,8 @@ pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::protocol::ServiceKind;
+
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -85,4 +87,17 @@ impl Metrics {
             ("visitors_shed", self.visitors_shed.get()),
         ]
     }
+}
+
+/// One service as the admin endpoint reports it.
+#[derive(Debug, Clone)]
+pub struct ServiceSnapshot {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: ServiceKind,
+    /// Whether an agent session owns it now (false while it lingers).
+    pub online: bool,
+    /// Visitors connected right now.
+    pub visitors: usize,
 }

@@ -134,13 +134,16 @@ impl Ctx {
 
 /// Starts io_uring workers unless the backend is tokio or io_uring is unavailable (which is
 /// fatal only when uring was asked for explicitly).
-fn start_workers(backend: BackendKind) -> Result<Option<Arc<Workers>>, AgentError> {
+fn start_workers(
+    backend: BackendKind,
+    workers: Option<usize>,
+) -> Result<Option<Arc<Workers>>, AgentError> {
     if backend == BackendKind::Tokio {
         tracing::info!("data plane backend: tokio (requested with --backend tokio)");
         return Ok(None);
     }
     match probe::io_uring() {
-        Ok(()) => Workers::start(None)
+        Ok(()) => Workers::start(workers)
             .map(Some)
             .map_err(|e| AgentError::Fatal(format!("starting io_uring workers: {e}"))),
         Err(why) if backend == BackendKind::Uring => Err(AgentError::Fatal(format!(
@@ -197,7 +200,7 @@ pub async fn run_with_events(
     let client = tls::client_config(&trust).map_err(|e| AgentError::Fatal(e.to_string()))?;
     let server_name = ServerName::try_from(cfg.relay_host.clone())
         .map_err(|_| AgentError::Fatal(format!("invalid relay host {:?}", cfg.relay_host)))?;
-    let workers = start_workers(cfg.backend)?;
+    let workers = start_workers(cfg.backend, cfg.workers)?;
     let ctx = Arc::new(Ctx {
         cfg,
         connector: TlsConnector::from(client),

@@ -9,13 +9,16 @@ use std::time::Instant;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 
+use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use super::session;
 use super::tickets::Redeemed;
-use super::{session, Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use std::os::fd::AsRawFd;
 
 use crate::dataplane::chunked;
 use crate::dataplane::idle::{self, idle_closed};
+use crate::dataplane::listener::accept_failed;
 use crate::dataplane::pool::Visitor;
 use crate::dataplane::wait::agent_ready;
 use crate::dataplane::{uring, DataPlane};
@@ -27,17 +30,19 @@ use crate::transport::{Conn, FrameIoError, Framed};
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Accepts agent connections forever.
-pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+/// Accepts agent connections forever. Each connection's task (handshake, session, parked
+/// data connection) belongs to this loop: when the loop is dropped, they end with it.
+pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
+    let mut conns = JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((tcp, peer)) => {
-                tokio::spawn(handle(shared.clone(), tcp, peer));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting agent connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+        tokio::select! {
+            got = listener.accept() => match got {
+                Ok((tcp, peer)) => {
+                    conns.spawn(handle(plane.clone(), tcp, peer));
+                }
+                Err(e) => accept_failed("agent connection", &e).await,
+            },
+            Some(_) = conns.join_next() => {}
         }
     }
 }
@@ -47,14 +52,14 @@ enum Opened {
     Data(Framed<Conn>, u16, crate::protocol::auth::Ticket, bool),
 }
 
-async fn open(shared: &Shared, tcp: TcpStream) -> Result<Opened, FrameIoError> {
+async fn open(plane: &ControlPlane, tcp: TcpStream) -> Result<Opened, FrameIoError> {
     let mut first = [0u8; 1];
     if tcp.peek(&mut first).await? == 0 {
         return Err(FrameIoError::Closed);
     }
     let tls = first[0] == TLS_HANDSHAKE;
     let stream = if tls {
-        Conn::Tls(Box::new(shared.acceptor.accept(tcp).await?))
+        Conn::Tls(Box::new(plane.acceptor.accept(tcp).await?))
     } else {
         Conn::Plain(tcp)
     };
@@ -71,24 +76,24 @@ async fn open(shared: &Shared, tcp: TcpStream) -> Result<Opened, FrameIoError> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&shared, tcp)).await {
+async fn handle(plane: Arc<ControlPlane>, tcp: TcpStream, peer: SocketAddr) {
+    let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&plane, tcp)).await {
         Ok(Ok(o)) => o,
         Ok(Err(FrameIoError::Closed)) => return, // port probe, health check
         Ok(Err(e)) => {
-            shared.metrics.bad_connections.inc();
+            plane.metrics.bad_connections.inc();
             tracing::warn!(%peer, "connection refused: {e}");
             return;
         }
         Err(_) => {
-            shared.metrics.bad_connections.inc();
+            plane.metrics.bad_connections.inc();
             tracing::warn!(%peer, "connection refused: no valid hello within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
     };
     match opened {
         Opened::Control(framed, version) => {
-            match session::run(shared.clone(), framed, peer, version).await {
+            match session::run(plane.clone(), framed, peer, version).await {
                 Ok(()) => {}
                 Err(e @ session::SessionEnd::AuthFailed(_)) => {
                     tracing::warn!(%peer, "agent rejected: {e}")
@@ -97,19 +102,19 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             }
         }
         Opened::Data(framed, version, ticket, tls) => {
-            data_connection(shared, framed, peer, version, ticket, tls).await
+            data_connection(plane, framed, peer, version, ticket, tls).await
         }
     }
 }
 
 async fn reject(
-    shared: &Shared,
+    plane: &ControlPlane,
     mut framed: Framed<Conn>,
     peer: SocketAddr,
     code: ErrorCode,
     message: &str,
 ) {
-    shared.metrics.data_rejected.inc();
+    plane.metrics.data_rejected.inc();
     tracing::warn!(%peer, "data connection refused: {message}");
     let msg = RelayMsg::Error {
         code,
@@ -119,7 +124,7 @@ async fn reject(
 }
 
 async fn data_connection(
-    shared: Arc<Shared>,
+    plane: Arc<ControlPlane>,
     framed: Framed<Conn>,
     peer: SocketAddr,
     version: u16,
@@ -128,9 +133,9 @@ async fn data_connection(
 ) {
     if version != PROTOCOL_VERSION {
         let m = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
-        return reject(&shared, framed, peer, ErrorCode::UnsupportedVersion, &m).await;
+        return reject(&plane, framed, peer, ErrorCode::UnsupportedVersion, &m).await;
     }
-    let redeemed = shared.tickets().redeem(Instant::now(), &ticket);
+    let redeemed = plane.tickets().redeem(Instant::now(), &ticket);
     let (service, worker) = match redeemed {
         Redeemed::Valid(Grant {
             session,
@@ -142,7 +147,7 @@ async fn data_connection(
         }
         Redeemed::Valid(_) => {
             let m = "ticket belongs to an agent session that has ended";
-            return reject(&shared, framed, peer, ErrorCode::BadTicket, m).await;
+            return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;
         }
         Redeemed::Expired(Grant {
             session,
@@ -152,34 +157,27 @@ async fn data_connection(
             if service.is_owned_by(session) {
                 service.pools[worker].ticket_done();
             }
-            return reject(
-                &shared,
-                framed,
-                peer,
-                ErrorCode::BadTicket,
-                "expired ticket",
-            )
-            .await;
+            return reject(&plane, framed, peer, ErrorCode::BadTicket, "expired ticket").await;
         }
         Redeemed::Unknown => {
             let m = "unknown or already used ticket";
-            return reject(&shared, framed, peer, ErrorCode::BadTicket, m).await;
+            return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;
         }
     };
-    if shared.cfg.data_tls && !tls {
+    if plane.cfg.data_tls && !tls {
         let m = "this relay requires TLS on data connections";
-        return reject(&shared, framed, peer, ErrorCode::BadRequest, m).await;
+        return reject(&plane, framed, peer, ErrorCode::BadRequest, m).await;
     }
     let (tunnel, leftover) = framed.into_parts();
     if !leftover.is_empty() {
-        shared.metrics.data_rejected.inc();
+        plane.metrics.data_rejected.inc();
         tracing::warn!(%peer, "data connection refused: bytes sent before a visitor arrived");
         return;
     }
-    shared.metrics.data_accepted.inc();
+    plane.metrics.data_accepted.inc();
     let pool = service.pools[worker].clone();
-    match &shared.dataplane {
-        DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool, &shared.metrics).await,
+    match &plane.dataplane {
+        DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool, &plane.metrics).await,
         DataPlane::Uring(workers) => {
             // A plain socket is spliced by the worker; a TLS one moves there with its rustls
             // state (handshake done) and is copied through rustls.
@@ -196,7 +194,7 @@ async fn data_connection(
             let cmd = uring::Command::RelayData {
                 stream,
                 tls,
-                metrics: shared.metrics.clone(),
+                metrics: plane.metrics.clone(),
                 service: service.name.clone(),
                 pool,
             };

@@ -13,15 +13,14 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 
 use super::routes::{normalize_prefix, Routes};
-use crate::admin::Metrics;
+pub use super::service::SessionId;
+use super::service::{Service, ServiceState};
+use crate::admin::{Metrics, ServiceSnapshot};
 use crate::config::{validate_name, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
 use crate::protocol::{ErrorCode, ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult};
-
-/// Identifies one authenticated control connection.
-pub type SessionId = u64;
 
 /// How long a service keeps its port after its agent disconnects.
 pub const LINGER: Duration = Duration::from_secs(30);
@@ -32,60 +31,6 @@ const PORT_ATTEMPTS: usize = 64;
 /// Remembered name → port assignments (so a returning service gets its old port).
 const MAX_REMEMBERED_PORTS: usize = 4096;
 
-/// A published service on the relay.
-pub struct Service {
-    /// Unique name.
-    pub name: String,
-    /// How visitors reach it.
-    pub kind: ServiceKind,
-    /// `tcp`: its public port. `http`/`tls`: the shared port.
-    pub port: u16,
-    /// `http`/`tls`: the full host names it claims.
-    pub hosts: Vec<String>,
-    /// `http`: the path prefix it claims on those hosts.
-    pub path: String,
-    /// Admission: limits, PROXY header, forwarded headers.
-    pub gate: Arc<Gate>,
-    /// Ready data connections and waiting visitors, one pool per data-plane worker.
-    pub pools: Vec<Arc<Pool>>,
-    state: Mutex<ServiceState>,
-}
-
-struct ServiceState {
-    owner: Option<SessionId>,
-    listener: Option<ListenerGuard>,
-    /// Bumped whenever the owner changes, so a stale linger timer does nothing.
-    generation: u64,
-}
-
-impl Service {
-    fn state(&self) -> MutexGuard<'_, ServiceState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether `session` currently owns this service.
-    pub fn is_owned_by(&self, session: SessionId) -> bool {
-        self.state().owner == Some(session)
-    }
-
-    fn close(&self) {
-        self.detach_pools();
-        drop(self.state().listener.take());
-    }
-
-    fn attach_pools(&self, target: usize, wake: &Arc<Notify>) {
-        for p in &self.pools {
-            p.attach(target, wake.clone());
-        }
-    }
-
-    fn detach_pools(&self) {
-        for p in &self.pools {
-            p.detach();
-        }
-    }
-}
-
 #[derive(Default)]
 struct Inner {
     services: HashMap<String, Arc<Service>>,
@@ -93,19 +38,6 @@ struct Inner {
     agents_per_secret: HashMap<SecretId, usize>,
     last_port: HashMap<String, u16>,
     next_session: SessionId,
-}
-
-/// One service as the admin endpoint reports it.
-#[derive(Debug, Clone)]
-pub struct ServiceSnapshot {
-    /// Name.
-    pub name: String,
-    /// Kind.
-    pub kind: ServiceKind,
-    /// Whether an agent session owns it now (false while it lingers).
-    pub online: bool,
-    /// Visitors connected right now.
-    pub visitors: usize,
 }
 
 /// The actual ports of the relay's shared listeners (after binding, so port 0 is resolved).
@@ -524,6 +456,16 @@ impl Registry {
                 me.expire(&name, generation);
             });
         }
+    }
+
+    /// Closes every service (listeners, pools, routes) and forgets it: the relay is stopping.
+    pub fn close_all(&self) {
+        let mut g = self.lock();
+        for svc in g.services.values() {
+            svc.close();
+        }
+        g.services.clear();
+        *self.routes_mut() = Routes::default();
     }
 
     fn expire(&self, name: &str, generation: u64) {

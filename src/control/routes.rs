@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::registry::Service;
+use super::service::Service;
 
 /// Host → services, for both shared ports.
 #[derive(Default)]

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, Notify};
 
-use super::registry::{Service, SessionId, LINGER};
-use super::{Grant, Shared, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use super::registry::LINGER;
+use super::service::{Service, SessionId};
 use crate::protocol::auth::{new_nonce, verify_register_mac};
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::msg::MAX_TICKETS_PER_FRAME;
@@ -43,7 +44,7 @@ pub enum SessionEnd {
 
 /// Runs a control session whose `ControlHello` (with `version`) was already read.
 pub async fn run(
-    shared: Arc<Shared>,
+    plane: Arc<ControlPlane>,
     mut framed: Framed<Conn>,
     peer: SocketAddr,
     version: u16,
@@ -65,7 +66,7 @@ pub async fn run(
     let challenge = RelayMsg::Challenge {
         version: PROTOCOL_VERSION,
         nonce,
-        data_tls: shared.cfg.data_tls,
+        data_tls: plane.cfg.data_tls,
     };
     framed.write_msg(&challenge, WRITE_TIMEOUT).await?;
     let services = match framed
@@ -81,11 +82,11 @@ pub async fn run(
         }
     };
     for s in &services {
-        let ok = shared.cfg.secret_for(&s.name).is_some_and(|(secret, _)| {
+        let ok = plane.cfg.secret_for(&s.name).is_some_and(|(secret, _)| {
             verify_register_mac(secret.expose(), &nonce, &s.name, &s.mac)
         });
         if !ok {
-            shared.metrics.auth_failures.inc();
+            plane.metrics.auth_failures.inc();
             let end = SessionEnd::AuthFailed(s.name.clone());
             let _ = framed
                 .write_msg(
@@ -104,9 +105,9 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let secrets = services
         .iter()
-        .filter_map(|s| shared.cfg.secret_for(&s.name).map(|(_, id)| id))
+        .filter_map(|s| plane.cfg.secret_for(&s.name).map(|(_, id)| id))
         .collect();
-    let session = match shared.registry.new_session(kick_tx, secrets) {
+    let session = match plane.registry.new_session(kick_tx, secrets) {
         Ok(id) => id,
         Err(message) => {
             tracing::warn!(%peer, "agent refused: {message}");
@@ -123,7 +124,7 @@ pub async fn run(
         }
     };
     let result = serve(
-        &shared,
+        &plane,
         &mut framed,
         peer,
         session,
@@ -132,7 +133,7 @@ pub async fn run(
         kick_rx,
     )
     .await;
-    shared.registry.end_session(session, LINGER);
+    plane.registry.end_session(session, LINGER);
     if let Err(SessionEnd::Replaced(reason)) = &result {
         let _ = framed
             .write_msg(
@@ -148,7 +149,7 @@ pub async fn run(
 }
 
 async fn serve(
-    shared: &Arc<Shared>,
+    plane: &Arc<ControlPlane>,
     framed: &mut Framed<Conn>,
     peer: SocketAddr,
     session: SessionId,
@@ -156,7 +157,7 @@ async fn serve(
     wake: &Arc<Notify>,
     mut kick: mpsc::Receiver<String>,
 ) -> Result<(), SessionEnd> {
-    let (results, owned) = shared.registry.register(session, services, wake);
+    let (results, owned) = plane.registry.register(session, services, wake);
     for r in &results {
         match &r.outcome {
             ServiceOutcome::Online { port, hosts } => {
@@ -173,12 +174,12 @@ async fn serve(
     if owned.is_empty() {
         return Err(SessionEnd::NothingPublished);
     }
-    shared.metrics.sessions_accepted.inc();
+    plane.metrics.sessions_accepted.inc();
 
-    let hb = shared.cfg.heartbeat;
+    let hb = plane.cfg.heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
     loop {
-        for msg in issue_tickets(shared, session, &owned) {
+        for msg in issue_tickets(plane, session, &owned) {
             framed.write_msg(&msg, WRITE_TIMEOUT).await?;
             live.sent(Instant::now());
         }
@@ -211,7 +212,11 @@ async fn serve(
 }
 
 /// Tickets every owned service's pool asks for, as frames ready to send.
-fn issue_tickets(shared: &Shared, session: SessionId, owned: &[Arc<Service>]) -> Vec<RelayMsg> {
+fn issue_tickets(
+    plane: &ControlPlane,
+    session: SessionId,
+    owned: &[Arc<Service>],
+) -> Vec<RelayMsg> {
     let mut frames = Vec::new();
     for svc in owned {
         if !svc.is_owned_by(session) {
@@ -224,7 +229,7 @@ fn issue_tickets(shared: &Shared, session: SessionId, owned: &[Arc<Service>]) ->
                 continue;
             }
             let now = Instant::now();
-            let mut store = shared.tickets();
+            let mut store = plane.tickets();
             for _ in 0..n {
                 let grant = Grant {
                     session,

@@ -16,6 +16,17 @@ use super::pool::{Pool, Visitor};
 /// out an agent reconnecting, short enough that a client is not left hanging.
 pub const VISITOR_WAIT: Duration = Duration::from_secs(10);
 
+/// Pause after a failed accept (EMFILE and friends), so an accept loop backs off instead of
+/// spinning on an error that persists for a while.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every tokio accept loop does when `accept` fails: log it, naming the listener
+/// (`what`), and back off for [`ACCEPT_BACKOFF`].
+pub async fn accept_failed(what: &str, e: &io::Error) {
+    tracing::warn!(listener = what, error = %e, "accept failed");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
 /// Listen backlog for public ports.
 const BACKLOG: u32 = 1024;
 
@@ -65,9 +76,7 @@ pub fn spawn(listener: TcpListener, gate: Arc<Gate>, pool: Arc<Pool>) -> JoinHan
             let (stream, addr) = match listener.accept().await {
                 Ok(v) => v,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(service, error = %e, "accepting visitor failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&service, &e).await;
                     continue;
                 }
             };

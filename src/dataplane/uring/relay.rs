@@ -15,7 +15,7 @@ use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
-use crate::dataplane::listener::{self, VISITOR_WAIT};
+use crate::dataplane::listener::{self, ACCEPT_BACKOFF, VISITOR_WAIT};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::protocol::chunk;
@@ -83,8 +83,8 @@ pub async fn accept_until(
                     accepted(stream, addr);
                 }
                 Err(e) => {
-                    tracing::warn!(listener = what, error = %e, "accepting visitor failed");
-                    monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    monoio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
         }

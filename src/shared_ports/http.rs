@@ -5,19 +5,20 @@
 
 use std::net::SocketAddr;
 
+use super::conn::Head;
 use super::reply::Page;
-use super::{Decision, Head, Routed, Unserved};
-use crate::control::Shared;
+use super::route::Router;
+use super::route::{Decision, Routed, Unserved};
 use crate::protocol::http::{self, add_forwarded, HeadError};
 
 /// What the shared HTTP port does with a visitor, given how reading its head ended.
 pub fn decide(
-    shared: &Shared,
+    router: &Router,
     read: Result<Head<http::Head>, HeadError>,
     addr: SocketAddr,
 ) -> Decision {
-    let front = &shared.cfg.front;
-    let metrics = &shared.metrics;
+    let front = &router.cfg;
+    let metrics = &router.metrics;
     let (head, bytes) = match read {
         Ok(Head::Done(h, bytes)) => (h, bytes),
         Ok(Head::Closed) => return Decision::Close,
@@ -39,7 +40,7 @@ pub fn decide(
             });
         }
     };
-    let Some(svc) = shared.registry.route_http(&head.host, &head.path) else {
+    let Some(svc) = router.registry.route_http(&head.host, &head.path) else {
         metrics.http_unknown_host.inc();
         tracing::debug!(visitor = %addr, host = %head.host, "HTTP visitor for an unknown host");
         return Decision::Answer(

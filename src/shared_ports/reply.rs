@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::VisitorConn;
+use super::conn::VisitorConn;
 use crate::dataplane::wait::race;
 
 /// Longest time spent writing an answer and draining what the visitor still sends.

@@ -6,21 +6,22 @@
 
 use std::net::SocketAddr;
 
+use super::conn::Head;
 use super::reply::TLS_ALERT_UNRECOGNIZED_NAME;
-use super::{Decision, Head, Routed, Unserved};
-use crate::control::Shared;
+use super::route::Router;
+use super::route::{Decision, Routed, Unserved};
 use crate::protocol::sni::{Sni, SniError};
 
 /// What the shared TLS port does with a visitor, given how reading its ClientHello ended.
 /// `local`: the visitor's local address, asked only for a PROXY header.
 pub fn decide(
-    shared: &Shared,
+    router: &Router,
     read: Result<Head<Sni>, SniError>,
     addr: SocketAddr,
     local: impl FnOnce() -> SocketAddr,
 ) -> Decision {
-    let front = &shared.cfg.front;
-    let metrics = &shared.metrics;
+    let front = &router.cfg;
+    let metrics = &router.metrics;
     let (sni, bytes) = match read {
         Ok(Head::Done(sni, bytes)) => (sni, bytes),
         Ok(Head::Closed) => return Decision::Close,
@@ -43,7 +44,7 @@ pub fn decide(
             return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());
         }
     };
-    let Some(svc) = shared.registry.route_tls(&name) else {
+    let Some(svc) = router.registry.route_tls(&name) else {
         metrics.tls_unroutable.inc();
         tracing::debug!(visitor = %addr, sni = %name, "TLS visitor for an unknown name");
         return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());

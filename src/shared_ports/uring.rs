@@ -11,9 +11,10 @@ use std::sync::Arc;
 use monoio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::conn::{local_addr_of_fd, VisitorConn};
+use super::port::{Pending, Port, MAX_PENDING_PER_IP};
 use super::reply::{answer_and_close, CLOSE_GRACE};
-use super::{local_addr_of_fd, Decision, Pending, Port, VisitorConn, MAX_PENDING_PER_IP};
-use crate::control::Shared;
+use super::route::{Decision, Router};
 use crate::dataplane::pool::Pool;
 use crate::dataplane::uring::relay::accept_until;
 use crate::dataplane::uring::{splice, Command, Workers};
@@ -23,7 +24,7 @@ use crate::dataplane::wait::ReadSome;
 /// when the returned senders are dropped.
 pub fn start(
     workers: &Workers,
-    shared: &Arc<Shared>,
+    router: &Arc<Router>,
     port: Port,
     listeners: Vec<std::net::TcpListener>,
 ) -> io::Result<Vec<oneshot::Sender<()>>> {
@@ -31,9 +32,9 @@ pub fn start(
     let mut stops = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
         let (stop_tx, stop) = oneshot::channel();
-        let (shared, pending) = (shared.clone(), pending.clone());
+        let (router, pending) = (router.clone(), pending.clone());
         let job = move |worker| {
-            monoio::spawn(accept_loop(shared, listener, port, pending, worker, stop));
+            monoio::spawn(accept_loop(router, listener, port, pending, worker, stop));
         };
         workers.send(i, Command::Run(Box::new(job)))?;
         stops.push(stop_tx);
@@ -42,22 +43,22 @@ pub fn start(
 }
 
 async fn accept_loop(
-    shared: Arc<Shared>,
+    router: Arc<Router>,
     listener: std::net::TcpListener,
     port: Port,
     pending: Arc<Pending>,
     worker: usize,
     stop: oneshot::Receiver<()>,
 ) {
-    accept_until(listener, &shared.metrics, port.name(), stop, |stream, addr| {
+    accept_until(listener, &router.metrics, port.name(), stop, |stream, addr| {
         let Some(place) = pending.enter(addr.ip()) else {
-            shared.metrics.visitors_shed.inc();
+            router.metrics.visitors_shed.inc();
             tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
             return;
         };
-        let shared = shared.clone();
+        let router = router.clone();
         monoio::spawn(async move {
-            serve(&shared, port, stream, addr, worker).await;
+            serve(&router, port, stream, addr, worker).await;
             drop(place);
         });
     })
@@ -85,15 +86,15 @@ impl VisitorConn for Conn {
 
 /// Routes one visitor and hands it to this worker's pool of its service (or another
 /// worker's idle connection), or answers it.
-async fn serve(shared: &Shared, port: Port, stream: TcpStream, addr: SocketAddr, worker: usize) {
+async fn serve(router: &Router, port: Port, stream: TcpStream, addr: SocketAddr, worker: usize) {
     if splice::set_nonblocking(stream.as_raw_fd()).is_err() {
         return;
     }
     let fd = stream.as_raw_fd();
     let mut conn = Conn(stream);
-    let deadline = monoio::time::sleep(shared.cfg.front.head_timeout);
+    let deadline = monoio::time::sleep(router.cfg.head_timeout);
     let decision = port
-        .read_and_decide(shared, &mut conn, addr, || local_addr_of_fd(fd), deadline)
+        .read_and_decide(router, &mut conn, addr, || local_addr_of_fd(fd), deadline)
         .await;
     let routed = match decision {
         Decision::Dispatch(r) => r,
@@ -106,12 +107,12 @@ async fn serve(shared: &Shared, port: Port, stream: TcpStream, addr: SocketAddr,
     let Err(visitor) = Pool::try_take_any(&svc.pools, worker, visitor) else {
         return;
     };
-    let wait = shared.cfg.front.agent_wait;
+    let wait = router.cfg.agent_wait;
     let pool = &svc.pools[worker % svc.pools.len()];
     let Err((e, visitor)) = pool.take(visitor, monoio::time::sleep(wait), wait).await else {
         return;
     };
-    if let Some(bytes) = unserved.answer(shared, &svc, addr, &e) {
+    if let Some(bytes) = unserved.answer(router, &svc, addr, &e) {
         if let Ok(stream) = TcpStream::from_std(visitor.stream) {
             answer(&mut Conn(stream), &bytes).await;
         }

@@ -1,0 +1,79 @@
+//! What the agent-facing control plane reads and keeps: settings, the registry, the ticket
+//! store, the TLS acceptor and the data plane it hands data connections to.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio_rustls::TlsAcceptor;
+
+use super::registry::{Registry, SessionId};
+use super::service::Service;
+use super::tickets::TicketStore;
+use crate::admin::Metrics;
+use crate::config::RelayConfig;
+use crate::dataplane::DataPlane;
+
+/// Deadline for an agent connection's TLS handshake and first frames.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for writing one control frame to an agent.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a ticket was issued for.
+pub struct Grant {
+    /// The session it was issued to; only valid while that session owns the service.
+    pub session: SessionId,
+    /// The service whose pool the connection joins.
+    pub service: Arc<Service>,
+    /// Which of the service's pools (data-plane worker) the connection joins.
+    pub worker: usize,
+}
+
+/// State shared by every control-plane task of one relay.
+pub struct ControlPlane {
+    /// Settings.
+    pub cfg: RelayConfig,
+    /// Services and sessions.
+    pub registry: Arc<Registry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// TLS for control and data connections.
+    pub acceptor: TlsAcceptor,
+    /// Where visitor bytes are forwarded.
+    pub dataplane: DataPlane,
+    tickets: Mutex<TicketStore<Grant>>,
+}
+
+impl ControlPlane {
+    /// A control plane with no ticket outstanding.
+    pub fn new(
+        cfg: RelayConfig,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        acceptor: TlsAcceptor,
+        dataplane: DataPlane,
+    ) -> Self {
+        Self {
+            cfg,
+            registry,
+            metrics,
+            acceptor,
+            dataplane,
+            tickets: Mutex::new(TicketStore::default()),
+        }
+    }
+
+    pub(super) fn tickets(&self) -> MutexGuard<'_, TicketStore<Grant>> {
+        self.tickets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the tickets expired at `now`, giving each one's place back to its pool (so the
+    /// pool asks for a fresh one).
+    pub fn sweep_tickets(&self, now: Instant) {
+        let expired = self.tickets().purge(now);
+        for g in expired {
+            if g.service.is_owned_by(g.session) {
+                g.service.pools[g.worker].ticket_done();
+            }
+        }
+    }
+}

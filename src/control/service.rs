@@ -1,0 +1,67 @@
+//! One published service on the relay: what it claims, who owns it, its admission gate and its
+//! pools of data connections.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::dataplane::gate::Gate;
+use crate::dataplane::{pool::Pool, ListenerGuard};
+use crate::protocol::ServiceKind;
+
+/// Identifies one authenticated control connection (the owner of services).
+pub type SessionId = u64;
+
+/// A published service on the relay.
+pub struct Service {
+    /// Unique name.
+    pub name: String,
+    /// How visitors reach it.
+    pub kind: ServiceKind,
+    /// `tcp`: its public port. `http`/`tls`: the shared port.
+    pub port: u16,
+    /// `http`/`tls`: the full host names it claims.
+    pub hosts: Vec<String>,
+    /// `http`: the path prefix it claims on those hosts.
+    pub path: String,
+    /// Admission: limits, PROXY header, forwarded headers.
+    pub gate: Arc<Gate>,
+    /// Ready data connections and waiting visitors, one pool per data-plane worker.
+    pub pools: Vec<Arc<Pool>>,
+    pub(super) state: Mutex<ServiceState>,
+}
+
+pub(super) struct ServiceState {
+    pub(super) owner: Option<SessionId>,
+    pub(super) listener: Option<ListenerGuard>,
+    /// Bumped whenever the owner changes, so a stale linger timer does nothing.
+    pub(super) generation: u64,
+}
+
+impl Service {
+    pub(super) fn state(&self) -> MutexGuard<'_, ServiceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `session` currently owns this service.
+    pub fn is_owned_by(&self, session: SessionId) -> bool {
+        self.state().owner == Some(session)
+    }
+
+    pub(super) fn close(&self) {
+        self.detach_pools();
+        drop(self.state().listener.take());
+    }
+
+    pub(super) fn attach_pools(&self, target: usize, wake: &Arc<Notify>) {
+        for p in &self.pools {
+            p.attach(target, wake.clone());
+        }
+    }
+
+    pub(super) fn detach_pools(&self) {
+        for p in &self.pools {
+            p.detach();
+        }
+    }
+}

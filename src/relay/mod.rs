@@ -1,0 +1,217 @@
+//! The relay: binds its ports, wires the control plane, the data plane, the shared ports and
+//! the admin endpoint together, and owns every task it starts.
+//!
+//! The parts never import this module: each is handed what it reads
+//! ([`ControlPlane`], [`Router`], [`AdminView`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admin::http::AdminView;
+use crate::admin::Metrics;
+use crate::config::{ConfigError, RelayConfig};
+use crate::control::accept;
+use crate::control::plane::ControlPlane;
+use crate::control::registry::{Registry, SharedPorts};
+use crate::dataplane::{choose_backend, Backend, DataPlane, SharedListener};
+use crate::shared_ports::{Port, Router};
+use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
+
+/// How often expired tickets are swept.
+const TICKET_SWEEP: Duration = Duration::from_secs(5);
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Bad settings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificate trouble.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The requested data-plane backend cannot run here.
+    #[error("{0}")]
+    Backend(String),
+    /// The control port could not be bound.
+    #[error("cannot listen on control address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running relay. Dropping it (or [`RelayHandle::stop`]) ends every task the relay started:
+/// the control port, agent sessions, the ticket sweeper, the admin endpoint and the shared
+/// ports, on tokio and on the workers.
+pub struct RelayHandle {
+    /// The bound control address (resolves port 0).
+    pub control_addr: SocketAddr,
+    /// SHA-256 fingerprint of the relay certificate, for agents to pin.
+    pub fingerprint: Fingerprint,
+    /// Whether this start generated the self-signed certificate.
+    pub generated_cert: bool,
+    /// The data-plane backend in use.
+    pub backend: Backend,
+    /// The bound shared HTTP port, if any.
+    pub http_addr: Option<SocketAddr>,
+    /// The bound shared TLS port, if any.
+    pub tls_addr: Option<SocketAddr>,
+    /// The bound admin endpoint, if any.
+    pub admin_addr: Option<SocketAddr>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Every tokio task of the relay; dropping the set aborts them.
+    tasks: JoinSet<()>,
+    /// Stop signals of the shared ports' accept loops on the uring workers; dropping them
+    /// stops those loops.
+    worker_ports: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The control plane, whose registry holds the services' public listeners: closed on stop
+    /// even while a session task still unwinds.
+    plane: Arc<ControlPlane>,
+}
+
+impl RelayHandle {
+    /// Runs until the relay's tasks end (they do not, short of a panic).
+    pub async fn wait(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops the relay: every task it started ends, its ports close, and its services'
+    /// listeners with them. Visitors in flight are cut.
+    pub fn stop(mut self) {
+        self.tasks.abort_all();
+        self.worker_ports.clear();
+        self.plane.registry.close_all();
+    }
+}
+
+/// Validates `cfg`, loads or creates the certificate, binds the control port and starts
+/// serving. Must be called inside a tokio runtime.
+pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
+    cfg.validate()?;
+    let identity = match &cfg.cert {
+        Some((cert, key)) => RelayIdentity::from_files(cert, key)?,
+        None => RelayIdentity::load_or_create(&cfg.state_dir)?,
+    };
+    let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
+    let (backend, why) = choose_backend(cfg.backend, cfg.data_tls).map_err(RelayError::Backend)?;
+    let listener = crate::dataplane::listener::bind(cfg.control, false).map_err(|source| {
+        RelayError::Bind {
+            addr: cfg.control,
+            source,
+        }
+    })?;
+    let control_addr = listener.local_addr().map_err(|source| RelayError::Bind {
+        addr: cfg.control,
+        source,
+    })?;
+    let dataplane = DataPlane::start(backend, cfg.workers)
+        .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
+    // The shared ports are the data plane's: on uring every worker accepts on its own.
+    let bind_shared = |addr: Option<SocketAddr>| -> Result<_, RelayError> {
+        let Some(addr) = addr else {
+            return Ok((None, None));
+        };
+        let (l, bound) = dataplane
+            .bind_shared(addr)
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        Ok((Some(l), Some(bound)))
+    };
+    let (http_listener, http_addr) = bind_shared(cfg.front.http)?;
+    let (tls_listener, tls_addr) = bind_shared(cfg.front.tls)?;
+    let (admin_listener, admin_addr) = match cfg.admin {
+        None => (None, None),
+        Some(addr) => {
+            let l = crate::dataplane::listener::bind(addr, false)
+                .map_err(|source| RelayError::Bind { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| RelayError::Bind { addr, source })?;
+            (Some(l), Some(bound))
+        }
+    };
+    tracing::info!(%backend, "data plane backend: {why}");
+    if !cfg.data_tls {
+        tracing::warn!("data connections are plain TCP (--data-tls off): visitor bytes cross the network unencrypted between relay and agent");
+    }
+    let metrics = Arc::new(Metrics::default());
+    let registry = Arc::new(Registry::new(
+        cfg.clone(),
+        SharedPorts {
+            http: http_addr.map(|a| a.port()),
+            tls: tls_addr.map(|a| a.port()),
+        },
+        metrics.clone(),
+        dataplane.clone(),
+    ));
+    let router = Arc::new(Router {
+        cfg: cfg.front.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+    });
+    let admin_token = cfg.admin_token.clone();
+    let plane = Arc::new(ControlPlane::new(
+        cfg,
+        registry.clone(),
+        metrics.clone(),
+        acceptor,
+        dataplane,
+    ));
+    let mut tasks = JoinSet::new();
+    let mut worker_ports = Vec::new();
+    for (l, port) in [(http_listener, Port::Http), (tls_listener, Port::Tls)] {
+        match l {
+            None => {}
+            Some(SharedListener::Tokio(l)) => {
+                tasks.spawn(crate::shared_ports::tokio::accept_loop(
+                    router.clone(),
+                    l,
+                    port,
+                ));
+            }
+            Some(SharedListener::Uring(workers, group)) => worker_ports.extend(
+                crate::shared_ports::uring::start(&workers, &router, port, group).map_err(|e| {
+                    RelayError::Backend(format!(
+                        "serving the {} port on the workers: {e}",
+                        port.name()
+                    ))
+                })?,
+            ),
+        }
+    }
+    if let Some(l) = admin_listener {
+        let view = Arc::new(AdminView {
+            metrics: metrics.clone(),
+            services: Box::new(move || registry.snapshot()),
+            token: admin_token,
+        });
+        tasks.spawn(crate::admin::http::serve(view, l));
+    }
+    let sweeper = plane.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::time::sleep(TICKET_SWEEP).await;
+            sweeper.sweep_tickets(Instant::now());
+        }
+    });
+    tasks.spawn(accept::accept_loop(plane.clone(), listener));
+    Ok(RelayHandle {
+        control_addr,
+        fingerprint: identity.fingerprint,
+        generated_cert: identity.generated,
+        backend,
+        http_addr,
+        tls_addr,
+        admin_addr,
+        metrics,
+        tasks,
+        worker_ports,
+        plane,
+    })
+}

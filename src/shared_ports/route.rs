@@ -1,0 +1,105 @@
+//! What routing decides for a visitor of a shared port, and what it needs to decide it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::reply::Page;
+use crate::admin::Metrics;
+use crate::config::FrontConfig;
+use crate::control::registry::Registry;
+use crate::control::service::Service;
+use crate::dataplane::gate::Admission;
+use crate::dataplane::pool::{TakeError, Visitor};
+
+/// What a shared port reads to route a visitor: its settings, the routing table (in the
+/// registry) and the relay's counters. Nothing else of the relay is reachable from here.
+pub struct Router {
+    /// Head size and time limits, the domain, the agent wait.
+    pub cfg: FrontConfig,
+    /// Services and the host → service routes.
+    pub registry: Arc<Registry>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a shared port does with a visitor once its first bytes are read.
+pub enum Decision {
+    /// Hand it to a service.
+    Dispatch(Routed),
+    /// Answer these bytes (an error page, a TLS alert), then close.
+    Answer(Vec<u8>),
+    /// Close without a word.
+    Close,
+}
+
+/// A visitor routed to a service, not yet handed to its pools.
+pub struct Routed {
+    /// The service.
+    pub svc: Arc<Service>,
+    /// Bytes to send down the tunnel before the visitor's own (what was read to route it,
+    /// with added headers).
+    pub prefix: Vec<u8>,
+    /// The visitor's counted place in the service.
+    pub admission: Admission,
+    /// What the visitor hears if no tunnel connection takes it.
+    pub unserved: Unserved,
+}
+
+/// How a routed visitor that no tunnel connection took is told.
+pub enum Unserved {
+    /// An HTTP error page naming the host.
+    HttpPage {
+        /// The host the visitor asked for.
+        host: String,
+    },
+    /// A plain close (the TLS port: the visitor expects TLS, which only the origin speaks).
+    Close,
+}
+
+impl Routed {
+    /// The visitor, ready for the service's pools.
+    pub fn visitor(
+        self,
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+    ) -> (Visitor, Unserved, Arc<Service>) {
+        let visitor = Visitor {
+            stream,
+            addr,
+            prefix: self.prefix,
+            admission: Some(self.admission),
+        };
+        (visitor, self.unserved, self.svc)
+    }
+}
+
+impl Unserved {
+    /// Counts and logs a visitor no tunnel connection took; returns what it hears, if anything.
+    pub fn answer(
+        &self,
+        router: &Router,
+        svc: &Service,
+        addr: SocketAddr,
+        e: &TakeError,
+    ) -> Option<Vec<u8>> {
+        let metrics = &router.metrics;
+        metrics.visitors_unserved.inc();
+        match self {
+            Unserved::Close => {
+                tracing::warn!(service = %svc.name, visitor = %addr, "TLS visitor closed: {e}");
+                None
+            }
+            Unserved::HttpPage { host } => Some(match e {
+                TakeError::Timeout(_) => {
+                    metrics.http_agent_offline.inc();
+                    tracing::warn!(service = %svc.name, visitor = %addr, "HTTP visitor answered 502: {e}");
+                    Page::AgentOffline.response(&format!("the service for {host} is offline"))
+                }
+                TakeError::Full => {
+                    tracing::warn!(service = %svc.name, visitor = %addr, "HTTP visitor answered 503: {e}");
+                    Page::OverLimit.response("too many visitors are waiting for this service")
+                }
+            }),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! The shared ports on the tokio backend: one accept loop per port, one task per visitor.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::conn::local_addr_of_fd;
+use super::port::{Pending, Port, MAX_PENDING_PER_IP};
+use super::reply::{answer_and_close, CLOSE_GRACE};
+use super::route::{Decision, Router};
+use crate::control::service::Service;
+use crate::dataplane::listener::accept_failed;
+use crate::dataplane::pool::{Pool, TakeError, Visitor};
+
+/// Tokio: accepts visitors on a shared port forever, one task each.
+pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port) {
+    let pending = Arc::new(Pending::default());
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                router.metrics.visitors_accepted.inc();
+                let Some(place) = pending.enter(addr.ip()) else {
+                    router.metrics.visitors_shed.inc();
+                    tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
+                    continue; // dropping the stream closes it
+                };
+                let router = router.clone();
+                tokio::spawn(async move {
+                    serve(&router, port, stream, addr).await;
+                    drop(place);
+                });
+            }
+            Err(e) => accept_failed(port.name(), &e).await,
+        }
+    }
+}
+
+/// Tokio: routes one visitor of a shared port and hands it on (or answers it).
+async fn serve(router: &Router, port: Port, mut stream: TcpStream, addr: SocketAddr) {
+    let fd = stream.as_raw_fd();
+    let local = || local_addr_of_fd(fd);
+    let deadline = tokio::time::sleep(router.cfg.head_timeout);
+    let routed = match port
+        .read_and_decide(router, &mut stream, addr, local, deadline)
+        .await
+    {
+        Decision::Dispatch(r) => r,
+        Decision::Answer(bytes) => return answer(&mut stream, &bytes).await,
+        Decision::Close => return,
+    };
+    let Ok(std_stream) = stream.into_std() else {
+        return;
+    };
+    let (visitor, unserved, svc) = routed.visitor(std_stream, addr);
+    let wait = router.cfg.agent_wait;
+    if let Err((e, visitor)) = dispatch(&svc, visitor, wait).await {
+        if let Some(bytes) = unserved.answer(router, &svc, addr, &e) {
+            if let Ok(mut stream) = reclaim(visitor) {
+                answer(&mut stream, &bytes).await;
+            }
+        }
+    }
+}
+
+/// Tokio: answers a visitor and closes (see [`reply::answer_and_close`]).
+async fn answer(stream: &mut TcpStream, bytes: &[u8]) {
+    answer_and_close(stream, bytes, tokio::time::sleep(CLOSE_GRACE)).await;
+}
+
+/// Tokio: hands a routed visitor to `svc`'s pool (the tokio data plane has one per service),
+/// waiting up to `wait` for a tunnel connection (an agent reconnecting). On failure the
+/// visitor comes back with the reason.
+async fn dispatch(
+    svc: &Service,
+    visitor: Visitor,
+    wait: Duration,
+) -> Result<(), (TakeError, Visitor)> {
+    let visitor = match Pool::try_take_any(&svc.pools, 0, visitor) {
+        Ok(()) => return Ok(()),
+        Err(v) => v,
+    };
+    svc.pools[0]
+        .take(visitor, tokio::time::sleep(wait), wait)
+        .await
+}
+
+/// The visitor's socket back on tokio, to answer it after a failed dispatch.
+fn reclaim(visitor: Visitor) -> io::Result<TcpStream> {
+    visitor.stream.set_nonblocking(true)?;
+    TcpStream::from_std(visitor.stream)
+}
