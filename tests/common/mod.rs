@@ -169,15 +169,10 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// `Some(Uring)` if io_uring works here; otherwise prints why the test is skipped.
+    /// `Some(Uring)` if io_uring works here; otherwise prints why the test is skipped (or
+    /// fails it, under `RINGTUNNEL_REQUIRE_URING=1` as in `.ci/run`).
     pub fn uring() -> Option<Backend> {
-        match ringtunnel::dataplane::probe::io_uring() {
-            Ok(()) => Some(Backend::Uring),
-            Err(why) => {
-                println!("skipped: io_uring unavailable here ({why})");
-                None
-            }
-        }
+        ringtunnel::dataplane::probe::uring_for_tests().then_some(Backend::Uring)
     }
 
     pub fn flag(self) -> &'static str {
