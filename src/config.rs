@@ -27,7 +27,8 @@ pub const DEFAULT_POOL: u8 = 4;
 /// Largest pool an agent may ask for per service.
 pub const MAX_POOL: u8 = 64;
 
-/// A shared secret. `Debug` and `Display` print `***`, so it never lands in a log.
+/// A shared secret. `Debug` prints `***` and there is no `Display`, so it never lands in a
+/// log by accident; [`Secret::expose`] is the one way to its bytes.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);

@@ -14,6 +14,7 @@
 //! - [`dataplane`] — visitor listeners, admission limits, the per-service connection pool,
 //!   forwarding.
 //! - [`tls`] — rustls configs, the relay's (self-signed) certificate, fingerprint pinning.
+//! - [`net`] — binding listeners the same way everywhere; the accept back-off.
 //! - [`transport`] — type-erased plain/TLS streams and framed message I/O.
 //! - [`config`] — TOML files, merged settings, validation, the masked [`config::Secret`].
 //! - [`cli`] — the command line (clap), merged into configs.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod net;
 pub mod protocol;
 pub mod relay;
 pub mod shared_ports;

@@ -179,6 +179,27 @@ async fn agent_restart_keeps_public_port(backend: Backend) {
     assert_echo(agent.public).await;
 }
 
+/// A visitor of a `tcp` service whose agent is gone waits `agent_wait_secs` (from relay.toml),
+/// as shared-port visitors do, then is closed; the log names the wait it got.
+async fn tcp_visitors_wait_the_configured_agent_wait(backend: Backend) {
+    let (_dir, path) = config_file("agent_wait_secs = 1.5\n");
+    let origin = echo_origin().await;
+    let relay = Relay::spawn(backend, &["--config", &path]);
+    let mut agent = Agent::spawn(relay.agent_args(origin, "brief"));
+    assert_echo(agent.public).await;
+    agent.proc.kill();
+    relay.proc.wait_stderr("agent session ended");
+    let mut visitor = tokio::net::TcpStream::connect(agent.public).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, visitor.read_to_end(&mut rest))
+        .await
+        .expect("visitor closed after the agent wait");
+    assert!(rest.is_empty());
+    relay
+        .proc
+        .wait_stderr("no tunnel connection became ready within 1.5s");
+}
+
 async fn relay_restart_agent_reconnects_by_itself(backend: Backend) {
     let origin = echo_origin().await;
     let relay = Relay::spawn(backend, &[]);
@@ -310,6 +331,7 @@ both_backends!(
     garbage_on_control_port_does_not_hurt,
     agent_restart_keeps_public_port,
     relay_restart_agent_reconnects_by_itself,
+    tcp_visitors_wait_the_configured_agent_wait,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::{Metrics, ServiceSnapshot};
 use crate::config::Secret;
-use crate::dataplane::listener::accept_failed;
+use crate::net::accept_failed;
 use crate::protocol::http::parse_head;
 
 /// Largest request head the admin endpoint reads.

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{Ctx, CONNECT_TIMEOUT};
+use super::Ctx;
 use crate::dataplane::chunked;
+use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::chunk;
 use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};

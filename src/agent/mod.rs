@@ -23,13 +23,12 @@ use tokio_rustls::TlsConnector;
 use crate::config::{AgentConfig, BackendKind};
 use crate::dataplane::probe;
 use crate::dataplane::uring::Workers;
+use crate::net::CONNECT_TIMEOUT;
 use crate::tls::fingerprint::FingerprintMismatch;
 use crate::tls::{self, RelayTrust};
 use crate::transport::BoxStream;
 use backoff::Backoff;
 
-/// Deadline for TCP connect plus TLS handshake to the relay or the local service.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// First reconnect delay.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.

@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{data, AgentError, Ctx, CONNECT_TIMEOUT};
+use super::{data, AgentError, Ctx};
 use crate::dataplane::uring::agent::AgentTls;
 use crate::dataplane::uring::Command;
+use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::register_mac;
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::{

@@ -18,10 +18,10 @@ use std::os::fd::AsRawFd;
 
 use crate::dataplane::chunked;
 use crate::dataplane::idle::{self, idle_closed};
-use crate::dataplane::listener::accept_failed;
 use crate::dataplane::pool::Visitor;
 use crate::dataplane::wait::agent_ready;
 use crate::dataplane::{uring, DataPlane};
+use crate::net::accept_failed;
 use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};

@@ -375,7 +375,8 @@ impl Registry {
         let range = self.cfg.port_range;
         let try_bind = |port: u16| {
             let addr = SocketAddr::new(self.cfg.bind_addr, port);
-            self.dataplane.listen(addr, gate, pools)
+            self.dataplane
+                .listen(addr, gate, pools, self.cfg.front.agent_wait)
         };
         if req.remote_port != 0 {
             let port = req.remote_port;

@@ -49,7 +49,9 @@ impl Service {
     }
 
     pub(super) fn close(&self) {
-        self.detach_pools();
+        for p in &self.pools {
+            p.close();
+        }
         drop(self.state().listener.take());
     }
 

@@ -4,7 +4,7 @@
 //!   the relay, and the visitors waiting for one.
 //! - [`forward`]: the tokio backend's bidirectional copy with half-close.
 //! - [`chunked`]: the same over a reusable data connection (chunks, `END` instead of FIN).
-//! - [`listener`]: binding public ports and the tokio backend's accept loop.
+//! - [`listener`]: admitting visitors of a service's own port; the tokio backend's accept loop.
 //! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
 //! - [`probe`]: whether io_uring and kTLS work here.
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
@@ -26,6 +26,7 @@ pub mod wait;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -135,20 +136,22 @@ impl DataPlane {
     }
 
     /// Binds `addr` for the service behind `gate` and starts accepting visitors into `pools`
-    /// (one per worker).
+    /// (one per worker); a visitor waits up to `wait` for a data connection.
     pub fn listen(
         &self,
         addr: SocketAddr,
         gate: &Arc<Gate>,
         pools: &[Arc<Pool>],
+        wait: Duration,
     ) -> io::Result<ListenerGuard> {
         match self {
             DataPlane::Tokio => {
-                let l = listener::bind(addr, false)?;
+                let l = crate::net::bind(addr, false)?;
                 Ok(ListenerGuard::Tokio(listener::spawn(
                     l,
                     gate.clone(),
                     pools[0].clone(),
+                    wait,
                 )))
             }
             DataPlane::Uring(w) => {
@@ -163,6 +166,7 @@ impl DataPlane {
                             gate: gate.clone(),
                             pools: pools.to_vec(),
                             worker: i,
+                            wait,
                             stop,
                         },
                     )?;
@@ -188,7 +192,7 @@ impl DataPlane {
     pub fn bind_shared(&self, addr: SocketAddr) -> io::Result<(SharedListener, SocketAddr)> {
         match self {
             DataPlane::Tokio => {
-                let l = listener::bind(addr, false)?;
+                let l = crate::net::bind(addr, false)?;
                 let bound = l.local_addr()?;
                 Ok((SharedListener::Tokio(l), bound))
             }
@@ -208,11 +212,11 @@ fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListene
     // SO_REUSEPORT would also join a group another process of this user already listens in,
     // silently splitting visitors between the two; a plain bind first proves the port free.
     drop(std::net::TcpListener::bind(addr)?);
-    let first = listener::bind(addr, true)?.into_std()?;
+    let first = crate::net::bind(addr, true)?.into_std()?;
     let bound = first.local_addr()?;
     let mut group = vec![first];
     for _ in 1..n {
-        group.push(listener::bind(bound, true)?.into_std()?);
+        group.push(crate::net::bind(bound, true)?.into_std()?);
     }
     Ok(group)
 }
@@ -246,14 +250,14 @@ mod tests {
             return;
         }
         // Someone else (same user) listens with SO_REUSEPORT on a port...
-        let foreign = listener::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let foreign = crate::net::bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
         let addr = foreign.local_addr().unwrap();
         let plane = DataPlane::start(Backend::Uring, Some(1)).unwrap();
         let gate = Gate::new("t", &Default::default(), Default::default());
         let pools = vec![Arc::new(Pool::new())];
         // ...so the relay must refuse the port rather than join their group.
         let err = plane
-            .listen(addr, &gate, &pools)
+            .listen(addr, &gate, &pools, Duration::from_secs(1))
             .err()
             .expect("port refused");
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);

@@ -60,6 +60,9 @@ pub enum TakeError {
     /// Too many visitors are already waiting.
     #[error("{MAX_WAITING_VISITORS} visitors are already waiting")]
     Full,
+    /// The service closed (retired, or the relay stopped) while the visitor waited.
+    #[error("the service closed while the visitor waited")]
+    Closed,
 }
 
 #[derive(Default)]
@@ -160,6 +163,17 @@ impl Pool {
         g.generation += 1;
     }
 
+    /// The service is closing for good: drop idle connections and tell every waiting visitor
+    /// at once ([`TakeError::Closed`]) instead of letting it wait out its deadline.
+    pub fn close(&self) {
+        let mut g = self.lock();
+        g.idle.clear();
+        g.waiters.clear();
+        g.outstanding = 0;
+        g.wake = None;
+        g.generation += 1;
+    }
+
     /// The current owner's generation; pass it to [`Self::reoffer`].
     pub fn generation(&self) -> u64 {
         self.lock().generation
@@ -219,17 +233,21 @@ impl Pool {
             };
             let got = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = std::pin::Pin::new(&mut rx).poll(cx) {
-                    return Poll::Ready(r.ok());
+                    // A dropped sender: the pool closed and let go of its waiters.
+                    return Poll::Ready(r.map_err(|_| TakeError::Closed));
                 }
-                deadline.as_mut().poll(cx).map(|()| None)
+                deadline
+                    .as_mut()
+                    .poll(cx)
+                    .map(|()| Err(TakeError::Timeout(wait)))
             })
             .await;
             match got {
-                Some(slot) => match slot.send(visitor) {
+                Ok(slot) => match slot.send(visitor) {
                     Ok(()) => return Ok(()),
                     Err(back) => visitor = back,
                 },
-                None => return Err((TakeError::Timeout(wait), visitor)),
+                Err(e) => return Err((e, visitor)),
             }
         }
     }
@@ -342,6 +360,25 @@ mod tests {
         pool.offer(slot);
         waiting.await.unwrap().unwrap();
         assert!(rx.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn closing_the_pool_tells_waiting_visitors_at_once() {
+        let pool = Arc::new(Pool::new());
+        let (v, _c) = visitor().await;
+        let p2 = pool.clone();
+        let waiting = tokio::spawn(async move {
+            // A deadline that never fires: only the close can end this wait.
+            p2.take(v, std::future::pending(), Duration::MAX).await
+        });
+        // The visitor is queued once the pool wants a ticket for it.
+        let wake = Arc::new(Notify::new());
+        let notified = wake.notified();
+        pool.attach(0, wake.clone());
+        notified.await;
+        pool.close();
+        let (err, _back) = waiting.await.unwrap().unwrap_err();
+        assert!(matches!(err, TakeError::Closed), "{err}");
     }
 
     #[tokio::test]

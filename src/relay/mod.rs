@@ -101,11 +101,9 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     };
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
     let (backend, why) = choose_backend(cfg.backend, cfg.data_tls).map_err(RelayError::Backend)?;
-    let listener = crate::dataplane::listener::bind(cfg.control, false).map_err(|source| {
-        RelayError::Bind {
-            addr: cfg.control,
-            source,
-        }
+    let listener = crate::net::bind(cfg.control, false).map_err(|source| RelayError::Bind {
+        addr: cfg.control,
+        source,
     })?;
     let control_addr = listener.local_addr().map_err(|source| RelayError::Bind {
         addr: cfg.control,
@@ -128,7 +126,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     let (admin_listener, admin_addr) = match cfg.admin {
         None => (None, None),
         Some(addr) => {
-            let l = crate::dataplane::listener::bind(addr, false)
+            let l = crate::net::bind(addr, false)
                 .map_err(|source| RelayError::Bind { addr, source })?;
             let bound = l
                 .local_addr()

@@ -90,7 +90,7 @@ impl Unserved {
                 None
             }
             Unserved::HttpPage { host } => Some(match e {
-                TakeError::Timeout(_) => {
+                TakeError::Timeout(_) | TakeError::Closed => {
                     metrics.http_agent_offline.inc();
                     tracing::warn!(service = %svc.name, visitor = %addr, "HTTP visitor answered 502: {e}");
                     Page::AgentOffline.response(&format!("the service for {host} is offline"))

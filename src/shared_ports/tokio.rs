@@ -13,8 +13,8 @@ use super::port::{Pending, Port, MAX_PENDING_PER_IP};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
 use crate::control::service::Service;
-use crate::dataplane::listener::accept_failed;
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
+use crate::net::accept_failed;
 
 /// Tokio: accepts visitors on a shared port forever, one task each.
 pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port) {

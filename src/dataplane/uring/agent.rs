@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use monoio::net::TcpStream;
 
@@ -16,13 +15,11 @@ use rustls_pki_types::ServerName;
 use super::splice::{self, PipePool};
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
+use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, RelayMsg, MAX_FRAME_LEN, PROTOCOL_VERSION};
-
-/// Deadline for dialing the relay or the local service.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a worker speaks TLS to the relay on data connections.
 #[derive(Clone)]
@@ -33,7 +30,8 @@ pub struct AgentTls {
     pub server_name: ServerName<'static>,
 }
 
-/// Serves one visitor through one data connection.
+/// Runs one data connection: redeems `ticket`, then serves visitor after visitor (each on a
+/// fresh connection to the local service) for as long as the connection stays reusable.
 pub async fn serve_data(
     tls: Option<AgentTls>,
     relay: SocketAddr,

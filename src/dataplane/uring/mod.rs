@@ -55,6 +55,8 @@ pub enum Command {
         pools: Vec<Arc<Pool>>,
         /// Which of them is this worker's.
         worker: usize,
+        /// How long a visitor waits for a data connection.
+        wait: std::time::Duration,
         /// Closes the listener.
         stop: oneshot::Receiver<()>,
     },
@@ -253,9 +255,10 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                 gate,
                 pools,
                 worker,
+                wait,
                 stop,
             } => {
-                let accept = relay::serve_listener(listener, gate, pools, worker, stop);
+                let accept = relay::serve_listener(listener, gate, pools, worker, wait, stop);
                 monoio::spawn(accept);
             }
             Command::RelayData {

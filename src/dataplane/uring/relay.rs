@@ -15,9 +15,10 @@ use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
-use crate::dataplane::listener::{self, ACCEPT_BACKOFF, VISITOR_WAIT};
+use crate::dataplane::listener;
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::wait::{agent_ready, ReadSome};
+use crate::net::ACCEPT_BACKOFF;
 use crate::protocol::chunk;
 use crate::protocol::msg::Message;
 use crate::protocol::RelayMsg;
@@ -25,12 +26,13 @@ use crate::protocol::RelayMsg;
 /// Accepts visitors until `stop` fires (or its sender is dropped). A visitor pairs with a
 /// connection from this worker's pool; if that is empty it takes an idle one from another
 /// worker (forwarded there) rather than wait for the agent to open a new one; only if every
-/// pool is empty does it wait on this worker's.
+/// pool is empty does it wait on this worker's, for up to `wait`.
 pub async fn serve_listener(
     listener: std::net::TcpListener,
     gate: Arc<Gate>,
     pools: Vec<Arc<Pool>>,
     worker: usize,
+    wait: std::time::Duration,
     stop: oneshot::Receiver<()>,
 ) {
     let service = gate.service().to_string();
@@ -46,8 +48,8 @@ pub async fn serve_listener(
         };
         let (pool, metrics, service) = (pools[worker].clone(), metrics.clone(), service.clone());
         monoio::spawn(async move {
-            let deadline = monoio::time::sleep(VISITOR_WAIT);
-            if let Err((e, _)) = pool.take(visitor, deadline, VISITOR_WAIT).await {
+            let deadline = monoio::time::sleep(wait);
+            if let Err((e, _)) = pool.take(visitor, deadline, wait).await {
                 metrics.visitors_unserved.inc();
                 tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
             }

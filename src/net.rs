@@ -1,0 +1,64 @@
+//! Sockets every part of the relay binds the same way: listeners (`SO_REUSEADDR`, optional
+//! `SO_REUSEPORT`, `TCP_NODELAY` inherited by accepted sockets), and what an accept loop does
+//! when `accept` fails; how long dialing may take.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+
+/// Deadline for dialing: a TCP connect plus, where there is one, the TLS handshake (agent to
+/// relay, on control and data connections), or a TCP connect to the local service.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause after a failed accept (EMFILE and friends), so an accept loop backs off instead of
+/// spinning on an error that persists for a while.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every tokio accept loop does when `accept` fails: log it, naming the listener
+/// (`what`), and back off for [`ACCEPT_BACKOFF`].
+pub async fn accept_failed(what: &str, e: &io::Error) {
+    tracing::warn!(listener = what, error = %e, "accept failed");
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// Listen backlog for public ports.
+const BACKLOG: u32 = 1024;
+
+/// Binds a listener with `SO_REUSEADDR` (so a restarted relay can rebind ports with
+/// connections in TIME_WAIT), and `SO_REUSEPORT` when each worker gets its own socket.
+/// Connections it accepts have `TCP_NODELAY` already: Linux copies it from the listener, which
+/// saves a `setsockopt` per visitor.
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every accept path relies on this instead of setting `TCP_NODELAY` per connection:
+    /// small responses must not wait behind Nagle.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        for reuse_port in [false, true] {
+            let l = bind("127.0.0.1:0".parse().unwrap(), reuse_port).unwrap();
+            let addr = l.local_addr().unwrap();
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            let (accepted, _) = l.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap(), "reuse_port={reuse_port}");
+        }
+    }
+}
