@@ -1,11 +1,13 @@
-//! Forwarding cost of the data path on loopback: N bytes from a client through the tokio
-//! backend's copy (`dataplane::forward`) and through the uring backend's splice
-//! (`dataplane::uring::splice::forward`, on its own monoio thread), against the same transfer
-//! on a direct socket pair in the same run. Read the ratio, not the absolute numbers: loopback on
-//! a shared machine is noisy, and loopback understates what zero-copy would save.
+//! Forwarding cost of the production data path on loopback: N bytes from a visitor through a
+//! relay-side and an agent-side forwarder joined by one tunnel connection (a tunnel's shape),
+//! for the tokio backend (`dataplane::tokio::chunked::forward`) and the uring backend
+//! (`dataplane::uring::chunked::forward`, each side on its own monoio thread, as relay and
+//! agent workers are), against the same transfer on a direct socket pair in the same run.
+//! Read the ratio, not the absolute numbers: loopback on a shared machine is noisy, and
+//! loopback understates what zero-copy would save.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringtunnel::dataplane::forward::forward;
+use ringtunnel::dataplane::tokio::chunked;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -22,42 +24,51 @@ async fn pair() -> (TcpStream, TcpStream) {
 #[derive(Clone, Copy)]
 enum Via {
     Direct,
-    TokioCopy,
-    UringSplice,
+    Tokio,
+    Uring,
 }
 
-/// (client, server): direct, or with a forwarder running between two pairs.
+/// (visitor, origin): directly connected, or through relay forwarder ⇄ tunnel ⇄ agent forwarder.
 async fn path(via: Via) -> (TcpStream, TcpStream) {
     if let Via::Direct = via {
         return pair().await;
     }
-    let (client, mut a) = pair().await;
-    let (mut b, server) = pair().await;
+    let (visitor, mut v_side) = pair().await;
+    let (mut t_relay, mut t_agent) = pair().await;
+    let (mut o_side, origin) = pair().await;
     match via {
-        Via::TokioCopy => {
-            tokio::spawn(async move { forward(&mut a, &mut b, &[]).await });
+        Via::Tokio => {
+            tokio::spawn(
+                async move { chunked::forward(&mut v_side, &mut t_relay, &[], &[]).await },
+            );
+            tokio::spawn(
+                async move { chunked::forward(&mut o_side, &mut t_agent, &[], &[]).await },
+            );
         }
         _ => {
-            let (a, b) = (a.into_std().unwrap(), b.into_std().unwrap());
-            std::thread::spawn(move || splice_thread(a, b));
+            for (peer, tunnel) in [(v_side, t_relay), (o_side, t_agent)] {
+                let (peer, tunnel) = (peer.into_std().unwrap(), tunnel.into_std().unwrap());
+                std::thread::spawn(move || uring_side(peer, tunnel));
+            }
         }
     }
-    (client, server)
+    (visitor, origin)
 }
 
-fn splice_thread(a: std::net::TcpStream, b: std::net::TcpStream) {
-    use ringtunnel::dataplane::uring::splice::{self, PipePool};
+/// One side of the tunnel on its own ring, as a relay or agent worker runs it.
+fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream) {
+    use ringtunnel::dataplane::uring::{chunked, splice::PipePool};
     let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .enable_timer()
         .build()
         .expect("io_uring runtime");
     rt.block_on(async move {
-        a.set_nonblocking(true).unwrap();
-        b.set_nonblocking(true).unwrap();
-        let a = monoio::net::TcpStream::from_std(a).unwrap();
-        let b = monoio::net::TcpStream::from_std(b).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        tunnel.set_nonblocking(true).unwrap();
+        let peer = monoio::net::TcpStream::from_std(peer).unwrap();
+        let tunnel = monoio::net::TcpStream::from_std(tunnel).unwrap();
         let pipes = PipePool::default();
-        let _ = splice::forward(&a, &b, &pipes).await;
+        let _ = chunked::forward(&peer, &tunnel, &pipes, &[], false).await;
     });
 }
 
@@ -92,11 +103,11 @@ fn bench(c: &mut Criterion) {
         let mut sink = vec![0u8; 256 << 10];
         let uring = ringtunnel::dataplane::probe::io_uring();
         if let Err(why) = &uring {
-            eprintln!("forward/uring-splice skipped: io_uring unavailable ({why})");
+            eprintln!("forward/uring-chunked skipped: io_uring unavailable ({why})");
         }
-        let mut vias = vec![("direct", Via::Direct), ("tokio-copy", Via::TokioCopy)];
+        let mut vias = vec![("direct", Via::Direct), ("tokio-chunked", Via::Tokio)];
         if uring.is_ok() {
-            vias.push(("uring-splice", Via::UringSplice));
+            vias.push(("uring-chunked", Via::Uring));
         }
         for (name, via) in vias {
             let (mut client, mut server) = rt.block_on(path(via));

@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Ctx;
-use crate::dataplane::chunked;
+use crate::dataplane::tokio::chunked;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::chunk;

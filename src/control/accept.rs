@@ -6,24 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use super::session;
 use super::tickets::Redeemed;
-use std::os::fd::AsRawFd;
 
-use crate::dataplane::chunked;
-use crate::dataplane::idle::{self, idle_closed};
-use crate::dataplane::pool::Visitor;
-use crate::dataplane::wait::agent_ready;
+use crate::dataplane::tokio::relay as tokio_backend;
 use crate::dataplane::{uring, DataPlane};
 use crate::net::accept_failed;
-use crate::protocol::chunk;
-use crate::protocol::msg::Message;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::{Conn, FrameIoError, Framed};
 
@@ -177,7 +169,9 @@ async fn data_connection(
     plane.metrics.data_accepted.inc();
     let pool = service.pools[worker].clone();
     match &plane.dataplane {
-        DataPlane::Tokio => park_and_forward(tunnel, &service.name, &pool, &plane.metrics).await,
+        DataPlane::Tokio => {
+            tokio_backend::park_and_forward(tunnel, &service.name, &pool, &plane.metrics).await
+        }
         DataPlane::Uring(workers) => {
             // A plain socket is spliced by the worker; a TLS one moves there with its rustls
             // state (handshake done) and is copied through rustls.
@@ -202,71 +196,5 @@ async fn data_connection(
                 tracing::warn!(%peer, "data connection dropped: {e}");
             }
         }
-    }
-}
-
-/// Tokio backend: idles in the pool until a visitor is assigned, then forwards; parks again
-/// for the next visitor while both directions keep ending cleanly.
-async fn park_and_forward(
-    mut tunnel: Conn,
-    service: &str,
-    pool: &crate::dataplane::pool::Pool,
-    metrics: &crate::admin::Metrics,
-) {
-    let generation = pool.generation();
-    let (slot, mut assigned) = oneshot::channel::<Visitor>();
-    pool.offer(slot);
-    loop {
-        let mut probe = [0u8; 1];
-        // Any byte or EOF from the agent while idle means the connection is gone or
-        // misbehaving, and it leaves the pool.
-        let visitor = tokio::select! {
-            v = assigned => match v {
-                Ok(v) => v,
-                Err(_) => return, // pool dropped us: owner changed or service closed
-            },
-            _ = tunnel.read(&mut probe) => return,
-        };
-        let addr = visitor.addr;
-        let idle = visitor.idle_timeout();
-        let admission = visitor.admission;
-        let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
-            return;
-        };
-        let fd = stream.as_raw_fd();
-        let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-        chunk::push_chunks(&mut start, &visitor.prefix);
-        let outcome = tokio::select! {
-            o = chunked::forward(&mut stream, &mut tunnel, &start, &[]) => o,
-            _ = idle::tokio_idle(fd, idle) => {
-                idle_closed(service, addr, &admission);
-                return;
-            }
-        };
-        match outcome {
-            Ok(o) => {
-                let (up, down) = (o.moved.a_to_b, o.moved.b_to_a);
-                tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
-                if !o.reusable {
-                    return;
-                }
-                drop((stream, admission));
-                // Boxed: a timer is cache-line aligned, and inline it would pad every task.
-                let deadline = tokio::time::sleep(chunk::READY_WAIT);
-                if !Box::pin(agent_ready(&mut tunnel, o.leftover, deadline)).await {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
-                return;
-            }
-        }
-        let (slot, next) = oneshot::channel::<Visitor>();
-        if !pool.reoffer(slot, generation) {
-            return;
-        }
-        metrics.data_reused.inc();
-        assigned = next;
     }
 }

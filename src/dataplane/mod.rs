@@ -2,9 +2,7 @@
 //!
 //! - [`pool`]: per-service (and per-worker) pools of authenticated tunnel data connections on
 //!   the relay, and the visitors waiting for one.
-//! - [`forward`]: the tokio backend's bidirectional copy with half-close.
-//! - [`chunked`]: the same over a reusable data connection (chunks, `END` instead of FIN).
-//! - [`listener`]: admitting visitors of a service's own port; the tokio backend's accept loop.
+//! - [`tokio`]: the tokio backend — buffered copies over chunked, reusable data connections.
 //! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
 //! - [`probe`]: whether io_uring and kTLS work here.
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
@@ -13,13 +11,11 @@
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
-pub mod chunked;
-pub mod forward;
 pub mod gate;
 pub mod idle;
-pub mod listener;
 pub mod pool;
 pub mod probe;
+pub mod tokio;
 pub mod uring;
 pub mod wait;
 
@@ -28,8 +24,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use ::tokio::sync::oneshot;
+use ::tokio::task::JoinHandle;
 
 use crate::config::BackendKind;
 use gate::Gate;
@@ -147,7 +143,7 @@ impl DataPlane {
         match self {
             DataPlane::Tokio => {
                 let l = crate::net::bind(addr, false)?;
-                Ok(ListenerGuard::Tokio(listener::spawn(
+                Ok(ListenerGuard::Tokio(tokio::relay::spawn(
                     l,
                     gate.clone(),
                     pools[0].clone(),
@@ -181,7 +177,7 @@ impl DataPlane {
 /// A shared public port (HTTP or TLS), bound for the running backend.
 pub enum SharedListener {
     /// One listener for tokio's accept loop.
-    Tokio(tokio::net::TcpListener),
+    Tokio(::tokio::net::TcpListener),
     /// The workers, and one `SO_REUSEPORT` listener for each, in worker order.
     Uring(Arc<uring::Workers>, Vec<std::net::TcpListener>),
 }
@@ -223,7 +219,11 @@ fn bind_group(addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpListene
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        choose_backend, probe, Arc, Backend, BackendKind, DataPlane, Duration, Gate, Pool,
+        SharedListener,
+    };
+    use std::io;
 
     #[test]
     fn tls_data_connections_run_on_the_workers() {

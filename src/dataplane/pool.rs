@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::gate::Admission;
+use super::gate::{self, Admission, Gate};
 
 /// Most visitors that may wait for a data connection per service; more are turned away
 /// at once rather than queued without bound.
@@ -42,6 +42,23 @@ pub struct Visitor {
 }
 
 impl Visitor {
+    /// Admits a visitor accepted on a service's own port: limits first, then the PROXY header
+    /// the service wants. `None`: refused (and counted by the gate); dropping the stream closes it.
+    pub fn admit(gate: &Arc<Gate>, stream: TcpStream, addr: SocketAddr) -> Option<Visitor> {
+        let admission = gate.admit(addr.ip()).ok()?;
+        let prefix = if gate.wants_proxy_header() {
+            gate.proxy_header(addr, gate::local_addr_of(&stream))
+        } else {
+            Vec::new()
+        };
+        Some(Visitor {
+            stream,
+            addr,
+            prefix,
+            admission: Some(admission),
+        })
+    }
+
     /// Idle timeout that applies to this visitor.
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.admission.as_ref().and_then(|a| a.gate.idle_timeout())

@@ -15,7 +15,6 @@ use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
-use crate::dataplane::listener;
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::net::ACCEPT_BACKOFF;
@@ -40,7 +39,7 @@ pub async fn serve_listener(
     accept_until(listener, &metrics, &service, stop, |stream, addr| {
         // SAFETY: the fd comes straight from the stream we own and give up here.
         let stream = unsafe { std::net::TcpStream::from_raw_fd(stream.into_raw_fd()) };
-        let Some(visitor) = listener::admit(&gate, stream, addr) else {
+        let Some(visitor) = Visitor::admit(&gate, stream, addr) else {
             return;
         };
         let Err(visitor) = Pool::try_take_any(&pools, worker, visitor) else {

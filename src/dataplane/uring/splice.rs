@@ -175,30 +175,6 @@ pub(super) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     SCRATCH.with(|buf| f(&mut buf.borrow_mut()))
 }
 
-enum Copied {
-    /// `src` had nothing to read.
-    Empty,
-    /// `src` reached EOF.
-    Eof,
-    /// Moved this many bytes; `rest` did not fit into `dst` yet.
-    Moved { n: usize, rest: Option<Vec<u8>> },
-}
-
-/// One non-blocking read from `src` into the worker's scratch buffer and one write to `dst`.
-/// Nothing awaits in between, so tasks on this worker never share the buffer.
-fn copy_once(sfd: RawFd, dfd: RawFd) -> io::Result<Copied> {
-    with_scratch(|buf| {
-        let n = match recv_now(sfd, buf)? {
-            None => return Ok(Copied::Empty),
-            Some(0) => return Ok(Copied::Eof),
-            Some(n) => n,
-        };
-        let sent = send_now(dfd, &buf[..n])?;
-        let rest = (sent < n).then(|| buf[sent..n].to_vec());
-        Ok(Copied::Moved { n, rest })
-    })
-}
-
 /// Splices `src → dst` through a pooled pipe until `src`'s EOF; returns the bytes moved. The
 /// caller decides what EOF means for `dst` (FIN, or nothing). On error the pipe may still
 /// hold bytes and is dropped, not pooled.
@@ -232,49 +208,4 @@ pub async fn splice_to_eof(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -
         pipes.put(pipe);
         total += n as u64;
     }
-}
-
-/// Moves bytes `src → dst` until `src` reaches EOF, then shuts `dst`'s write side.
-/// On error both sockets are shut down so the opposite direction ends too.
-async fn pump(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<u64> {
-    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
-    let result = async {
-        let mut total = 0u64;
-        loop {
-            match copy_once(sfd, dfd)? {
-                Copied::Empty => src.readable(false).await?,
-                Copied::Eof => return Ok(total),
-                Copied::Moved { n, rest } => {
-                    total += n as u64;
-                    if let Some(rest) = rest {
-                        write_all(dst, &rest).await?;
-                    }
-                    if n == SCRATCH_LEN {
-                        break; // bulk: splice from here on
-                    }
-                    // A short read almost always drained the socket: wait on the ring rather
-                    // than spend a recv on EAGAIN. The ring's poll is level-triggered, so
-                    // bytes that did arrive meanwhile complete it at once.
-                    src.readable(false).await?;
-                }
-            }
-        }
-        Ok(total + splice_to_eof(src, dst, pipes).await?)
-    }
-    .await;
-    match &result {
-        Ok(_) => shutdown(dfd, libc::SHUT_WR),
-        Err(_) => {
-            shutdown(sfd, libc::SHUT_RDWR);
-            shutdown(dfd, libc::SHUT_RDWR);
-        }
-    }
-    result
-}
-
-/// Splices both directions between `a` and `b` until both reach EOF (half-close propagated)
-/// or either fails. Returns bytes moved `a → b` and `b → a`.
-pub async fn forward(a: &TcpStream, b: &TcpStream, pipes: &PipePool) -> io::Result<(u64, u64)> {
-    let (ab, ba) = monoio::join!(pump(a, b, pipes), pump(b, a, pipes));
-    Ok((ab?, ba?))
 }

@@ -5,8 +5,10 @@
 //! transfer) is followed: the rest of that direction is copied as it comes, and the connection
 //! ends with this visitor.
 //!
-//! As in [`super::forward`], reads land in a stack buffer of the polling thread; only bytes a
-//! writer could not take yet go to the heap.
+//! Memory follows traffic, not connections: a direction reads into a buffer on the stack of
+//! the poll that found data and writes it straight on; only bytes the writer could not take
+//! yet move to the heap, and that buffer is freed once drained. An idle forwarded pair owns no
+//! buffer at all (tokio's `copy_bidirectional` keeps two for the pair's whole life).
 
 use std::future::poll_fn;
 use std::io;
@@ -16,8 +18,42 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::forward::{poll_drain, Moved, COPY_BUF_LEN};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
+
+/// Bytes one read may move, in bytes. 64 KiB keeps syscalls per GiB low on bulk transfers;
+/// it lives on the polling thread's stack, not per connection.
+pub const COPY_BUF_LEN: usize = 64 * 1024;
+
+/// Bytes moved in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// From the first stream to the second.
+    pub a_to_b: u64,
+    /// From the second stream to the first.
+    pub b_to_a: u64,
+}
+
+/// Writes `pending[*written..]` to `w`, adding each write to `counted`; once all of it is
+/// written, frees it (an idle direction keeps no buffer).
+fn poll_drain<W: AsyncWrite + ?Sized>(
+    cx: &mut Context<'_>,
+    mut w: Pin<&mut W>,
+    pending: &mut Vec<u8>,
+    written: &mut usize,
+    counted: &mut u64,
+) -> Poll<io::Result<()>> {
+    while *written < pending.len() {
+        let n = ready!(w.as_mut().poll_write(cx, &pending[*written..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *written += n;
+        *counted += n as u64;
+    }
+    *pending = Vec::new();
+    *written = 0;
+    Poll::Ready(Ok(()))
+}
 
 /// How a forwarded visitor left the data connection.
 #[derive(Debug, Default)]
@@ -243,8 +279,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::forward::tests::pair;
     use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected loopback socket pair.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
 
     #[tokio::test]
     async fn two_visitors_share_one_tunnel() {
@@ -287,5 +331,34 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("invalid chunk header"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn slow_reader_gets_everything_in_order() {
+        // visitor <-> relay forwarder <-> tunnel <-> agent forwarder <-> origin, the origin
+        // reading only after the visitor has written far more than socket buffers hold, so
+        // both forwarders' writers block and bytes wait in their heap buffers.
+        let (mut t_relay, mut t_agent) = pair().await;
+        let (mut visitor, mut v_side) = pair().await;
+        let (mut o_side, mut origin) = pair().await;
+        let relay = tokio::spawn(async move { forward(&mut v_side, &mut t_relay, &[], &[]).await });
+        let agent = tokio::spawn(async move { forward(&mut o_side, &mut t_agent, &[], &[]).await });
+        let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            visitor.write_all(&data).await.unwrap();
+            visitor.shutdown().await.unwrap();
+            visitor
+        });
+        tokio::task::yield_now().await;
+        let mut got = Vec::new();
+        origin.read_to_end(&mut got).await.unwrap();
+        assert!(got == expected, "16 MiB arrive intact and in order");
+        origin.shutdown().await.unwrap();
+        drop(writer.await.unwrap());
+        let (relay, agent) = (relay.await.unwrap().unwrap(), agent.await.unwrap().unwrap());
+        assert_eq!(relay.moved.a_to_b, 16 << 20);
+        assert_eq!(agent.moved.b_to_a, 16 << 20);
+        assert!(relay.reusable && agent.reusable);
     }
 }

@@ -1,0 +1,125 @@
+//! Relay-side tokio tasks: accept visitors on a service's own port, and park authenticated
+//! data connections in the service's pool until a visitor is assigned, then forward.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::chunked;
+use crate::admin::Metrics;
+use crate::dataplane::gate::Gate;
+use crate::dataplane::idle::{self, idle_closed};
+use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::wait::agent_ready;
+use crate::net::accept_failed;
+use crate::protocol::chunk;
+use crate::protocol::msg::Message;
+use crate::protocol::RelayMsg;
+use crate::transport::Conn;
+
+/// Accepts visitors on `listener` for the service behind `gate`; abort the
+/// handle to close it.
+/// A visitor waits up to `wait` for a tunnel connection (the relay's `agent_wait_secs`).
+pub fn spawn(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+    pool: Arc<Pool>,
+    wait: Duration,
+) -> JoinHandle<()> {
+    let metrics = gate.metrics().clone();
+    let service = gate.service().to_string();
+    tokio::spawn(async move {
+        loop {
+            let (stream, addr) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    accept_failed(&service, &e).await;
+                    continue;
+                }
+            };
+            metrics.visitors_accepted.inc();
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            let Some(visitor) = Visitor::admit(&gate, stream, addr) else {
+                continue;
+            };
+            let pool = pool.clone();
+            let metrics = metrics.clone();
+            let service = service.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::sleep(wait);
+                if let Err((e, _)) = pool.take(visitor, deadline, wait).await {
+                    metrics.visitors_unserved.inc();
+                    tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
+                }
+            });
+        }
+    })
+}
+
+/// Idles in the pool until a visitor is assigned, then forwards; parks again
+/// for the next visitor while both directions keep ending cleanly.
+pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metrics: &Metrics) {
+    let generation = pool.generation();
+    let (slot, mut assigned) = oneshot::channel::<Visitor>();
+    pool.offer(slot);
+    loop {
+        let mut probe = [0u8; 1];
+        // Any byte or EOF from the agent while idle means the connection is gone or
+        // misbehaving, and it leaves the pool.
+        let visitor = tokio::select! {
+            v = assigned => match v {
+                Ok(v) => v,
+                Err(_) => return, // pool dropped us: owner changed or service closed
+            },
+            _ = tunnel.read(&mut probe) => return,
+        };
+        let addr = visitor.addr;
+        let idle = visitor.idle_timeout();
+        let admission = visitor.admission;
+        let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
+            return;
+        };
+        let fd = stream.as_raw_fd();
+        let mut start = RelayMsg::Start { visitor: addr }.to_frame();
+        chunk::push_chunks(&mut start, &visitor.prefix);
+        let outcome = tokio::select! {
+            o = chunked::forward(&mut stream, &mut tunnel, &start, &[]) => o,
+            _ = idle::tokio_idle(fd, idle) => {
+                idle_closed(service, addr, &admission);
+                return;
+            }
+        };
+        match outcome {
+            Ok(o) => {
+                let (up, down) = (o.moved.a_to_b, o.moved.b_to_a);
+                tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
+                if !o.reusable {
+                    return;
+                }
+                drop((stream, admission));
+                // Boxed: a timer is cache-line aligned, and inline it would pad every task.
+                let deadline = tokio::time::sleep(chunk::READY_WAIT);
+                if !Box::pin(agent_ready(&mut tunnel, o.leftover, deadline)).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
+                return;
+            }
+        }
+        let (slot, next) = oneshot::channel::<Visitor>();
+        if !pool.reoffer(slot, generation) {
+            return;
+        }
+        metrics.data_reused.inc();
+        assigned = next;
+    }
+}
