@@ -57,7 +57,7 @@ async fn path(via: Via) -> (TcpStream, TcpStream) {
 
 /// One side of the tunnel on its own ring, as a relay or agent worker runs it.
 fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream) {
-    use ringtunnel::dataplane::uring::{chunked, splice::PipePool};
+    use ringtunnel::dataplane::uring::{chunked, pipe::PipePool};
     let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .enable_timer()
         .build()

@@ -4,7 +4,8 @@
 //! tunnel connection, whichever backend and whichever port (own, shared HTTP, shared TLS).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -187,11 +188,13 @@ impl Gate {
     }
 }
 
-/// The local address a visitor connected to, for PROXY headers (`0.0.0.0:port` if unknown).
-pub fn local_addr_of(stream: &TcpStream) -> SocketAddr {
-    stream
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+/// The local address a visitor connected to, for PROXY headers (`0.0.0.0:0` if unknown).
+/// Costs a `getsockname`, so callers ask only when a header wants it.
+pub fn local_addr_of(socket: BorrowedFd<'_>) -> SocketAddr {
+    rustix::net::getsockname(socket)
+        .ok()
+        .and_then(|a| SocketAddr::try_from(a).ok())
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //!   the relay, and the visitors waiting for one.
 //! - [`tokio`]: the tokio backend — buffered copies over chunked, reusable data connections.
 //! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
+//! - [`sock`]: non-blocking socket calls on borrowed descriptors, for both backends.
 //! - [`probe`]: whether io_uring and kTLS work here.
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
 //! - [`idle`]: the idle-timeout watcher beside each forwarded visitor.
@@ -15,6 +16,7 @@ pub mod gate;
 pub mod idle;
 pub mod pool;
 pub mod probe;
+pub mod sock;
 pub mod tokio;
 pub mod uring;
 pub mod wait;

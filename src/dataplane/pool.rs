@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -47,7 +48,7 @@ impl Visitor {
     pub fn admit(gate: &Arc<Gate>, stream: TcpStream, addr: SocketAddr) -> Option<Visitor> {
         let admission = gate.admit(addr.ip()).ok()?;
         let prefix = if gate.wants_proxy_header() {
-            gate.proxy_header(addr, gate::local_addr_of(&stream))
+            gate.proxy_header(addr, gate::local_addr_of(stream.as_fd()))
         } else {
             Vec::new()
         };

@@ -3,14 +3,14 @@
 
 use std::future::Future;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::AsFd;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::dataplane::gate::local_addr_of;
+use crate::dataplane::sock::{shutdown, Half};
 use crate::dataplane::wait::{race, ReadSome};
 
 /// A visitor's socket on whichever runtime accepted it (tokio's, or a worker's).
@@ -19,6 +19,8 @@ pub(crate) trait VisitorConn: ReadSome {
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()>;
     /// Sends FIN (errors ignored: the visitor may be gone).
     fn shutdown_write(&mut self);
+    /// The local address the visitor connected to (a `getsockname`: ask only when needed).
+    fn local_addr(&self) -> SocketAddr;
 }
 
 impl VisitorConn for TcpStream {
@@ -27,16 +29,12 @@ impl VisitorConn for TcpStream {
     }
 
     fn shutdown_write(&mut self) {
-        crate::dataplane::uring::splice::shutdown(self.as_raw_fd(), libc::SHUT_WR);
+        shutdown(self.as_fd(), Half::Write);
     }
-}
 
-/// The local address of a socket the caller keeps open (for a PROXY header), asked only when
-/// needed: it costs a `getsockname`.
-pub(crate) fn local_addr_of_fd(fd: RawFd) -> SocketAddr {
-    // SAFETY: borrows the open fd for one getsockname; ManuallyDrop never closes it.
-    let stream = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
-    local_addr_of(&stream)
+    fn local_addr(&self) -> SocketAddr {
+        local_addr_of(self.as_fd())
+    }
 }
 
 /// What reading a visitor's first bytes ended with.

@@ -81,15 +81,14 @@ impl Port {
         }
     }
 
-    /// Reads a visitor's first bytes from `conn` (bounded by the front's size limit, and in
-    /// time by `deadline`, which should fire after the front's head timeout), then decides
+    /// Reads a visitor's first bytes from `conn` (bounded by the port's size limit, and in
+    /// time by `deadline`, which should fire after the port's head timeout), then decides
     /// what happens to the visitor. The same for every runtime.
     pub(crate) async fn read_and_decide(
         self,
         router: &Router,
         conn: &mut impl VisitorConn,
         addr: SocketAddr,
-        local: impl FnOnce() -> SocketAddr,
         deadline: impl Future<Output = ()>,
     ) -> Decision {
         match self {
@@ -106,7 +105,7 @@ impl Port {
                     Err(e) => Err(e),
                 };
                 let read = read_head(conn, deadline, parse).await;
-                tls::decide(router, read, addr, local)
+                tls::decide(router, read, addr, || conn.local_addr())
             }
         }
     }

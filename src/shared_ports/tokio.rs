@@ -2,13 +2,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::conn::local_addr_of_fd;
 use super::port::{Pending, Port, MAX_PENDING_PER_IP};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
@@ -41,11 +39,9 @@ pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port)
 
 /// Tokio: routes one visitor of a shared port and hands it on (or answers it).
 async fn serve(router: &Router, port: Port, mut stream: TcpStream, addr: SocketAddr) {
-    let fd = stream.as_raw_fd();
-    let local = || local_addr_of_fd(fd);
     let deadline = tokio::time::sleep(router.cfg.head_timeout);
     let routed = match port
-        .read_and_decide(router, &mut stream, addr, local, deadline)
+        .read_and_decide(router, &mut stream, addr, deadline)
         .await
     {
         Decision::Dispatch(r) => r,

@@ -5,19 +5,22 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use monoio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::conn::{local_addr_of_fd, VisitorConn};
+use super::conn::VisitorConn;
 use super::port::{Pending, Port, MAX_PENDING_PER_IP};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
+use crate::dataplane::gate::local_addr_of;
 use crate::dataplane::pool::Pool;
+use crate::dataplane::sock::{set_nonblocking, shutdown, Half};
 use crate::dataplane::uring::relay::accept_until;
-use crate::dataplane::uring::{splice, Command, Workers};
+use crate::dataplane::uring::sockio::{self, fd};
+use crate::dataplane::uring::{Command, Workers};
 use crate::dataplane::wait::ReadSome;
 
 /// Starts `port`'s accept loop on every worker, listener `i` on worker `i`. The loops stop
@@ -70,31 +73,34 @@ struct Conn(TcpStream);
 
 impl ReadSome for Conn {
     async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        splice::read_some(&self.0, buf).await
+        sockio::read_some(&self.0, buf).await
     }
 }
 
 impl VisitorConn for Conn {
     async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        splice::write_all(&self.0, buf).await
+        sockio::write_all(&self.0, buf).await
     }
 
     fn shutdown_write(&mut self) {
-        splice::shutdown(self.0.as_raw_fd(), libc::SHUT_WR);
+        shutdown(fd(&self.0), Half::Write);
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        local_addr_of(fd(&self.0))
     }
 }
 
 /// Routes one visitor and hands it to this worker's pool of its service (or another
 /// worker's idle connection), or answers it.
 async fn serve(router: &Router, port: Port, stream: TcpStream, addr: SocketAddr, worker: usize) {
-    if splice::set_nonblocking(stream.as_raw_fd()).is_err() {
+    if set_nonblocking(fd(&stream)).is_err() {
         return;
     }
-    let fd = stream.as_raw_fd();
     let mut conn = Conn(stream);
     let deadline = monoio::time::sleep(router.cfg.head_timeout);
     let decision = port
-        .read_and_decide(router, &mut conn, addr, || local_addr_of_fd(fd), deadline)
+        .read_and_decide(router, &mut conn, addr, deadline)
         .await;
     let routed = match decision {
         Decision::Dispatch(r) => r,

@@ -1,7 +1,7 @@
 //! Relay-side tokio tasks: accept visitors on a service's own port, and park authenticated
 //! data connections in the service's pool until a visitor is assigned, then forward.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +86,10 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
         let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
             return;
         };
-        let fd = stream.as_raw_fd();
+        let raw = stream.as_raw_fd();
+        // SAFETY: `stream` stays open (it is only lent to the forwarder) for as long as the
+        // select below lives, and the watcher borrowing the fd lives no longer than that.
+        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
         let mut start = RelayMsg::Start { visitor: addr }.to_frame();
         chunk::push_chunks(&mut start, &visitor.prefix);
         let outcome = tokio::select! {

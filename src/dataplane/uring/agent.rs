@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -12,9 +11,11 @@ use monoio::net::TcpStream;
 
 use rustls_pki_types::ServerName;
 
-use super::splice::{self, PipePool};
+use super::pipe::PipePool;
+use super::sockio::fd;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
+use crate::dataplane::sock::set_nonblocking;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::chunk;
@@ -55,7 +56,7 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
                 format!("connecting to {addr} timed out"),
             )
         })??;
-    splice::set_nonblocking(s.as_raw_fd())?;
+    set_nonblocking(fd(&s))?;
     let _ = s.set_nodelay(true);
     Ok(s)
 }

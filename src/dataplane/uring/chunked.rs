@@ -7,11 +7,13 @@
 //! splice cannot frame, and a bulk transfer amortises a new connection anyway.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::BorrowedFd;
 
 use monoio::net::TcpStream;
 
-use super::splice::{self, recv_now, send_now, with_scratch, PipePool};
+use super::pipe::{self, PipePool};
+use super::sockio::{self, fd, with_scratch};
+use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 
 /// How one direction ended.
@@ -57,7 +59,7 @@ pub struct Blocked {
 impl Unchunk {
     /// Decodes `input`, sending visitor bytes to `dfd` without waiting. Stops at `END` (the
     /// rest goes to `leftover`); returns what is left when `dfd` is full.
-    pub fn feed(&mut self, dfd: RawFd, mut input: &[u8]) -> io::Result<Option<Blocked>> {
+    pub fn feed(&mut self, dfd: BorrowedFd<'_>, mut input: &[u8]) -> io::Result<Option<Blocked>> {
         while let Some(data) = self
             .chunks
             .next_data(&mut input)
@@ -77,10 +79,10 @@ impl Unchunk {
 
     /// [`Self::feed`], waiting on `dst` whenever it is full, until `input` is all decoded.
     pub async fn feed_all(&mut self, dst: &TcpStream, input: &[u8]) -> io::Result<()> {
-        let mut blocked = self.feed(dst.as_raw_fd(), input)?;
+        let mut blocked = self.feed(fd(dst), input)?;
         while let Some(b) = blocked {
-            splice::write_all(dst, &b.pending).await?;
-            blocked = self.feed(dst.as_raw_fd(), &b.rest)?;
+            sockio::write_all(dst, &b.pending).await?;
+            blocked = self.feed(fd(dst), &b.rest)?;
         }
         Ok(())
     }
@@ -107,7 +109,7 @@ async fn encode(
     pipes: &PipePool,
     quiet: bool,
 ) -> io::Result<(u64, Ended)> {
-    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let (sfd, dfd) = (fd(src), fd(dst));
     let mut total = 0u64;
     if quiet {
         src.readable(false).await?;
@@ -137,7 +139,7 @@ async fn encode(
             None => src.readable(false).await?,
             Some(Sent { n, full, rest }) => {
                 if let Some(rest) = rest {
-                    splice::write_all(dst, &rest).await?;
+                    sockio::write_all(dst, &rest).await?;
                 }
                 if n == 0 {
                     return Ok((total, Ended::Clean));
@@ -145,9 +147,9 @@ async fn encode(
                 total += n as u64;
                 if full {
                     // Bulk: the rest of this direction is raw, spliced.
-                    splice::write_all(dst, &chunk::header(chunk::RAW)).await?;
-                    total += splice::splice_to_eof(src, dst, pipes).await?;
-                    splice::shutdown(dfd, libc::SHUT_WR);
+                    sockio::write_all(dst, &chunk::header(chunk::RAW)).await?;
+                    total += pipe::splice_to_eof(src, dst, pipes).await?;
+                    shutdown(dfd, Half::Write);
                     return Ok((total, Ended::Raw));
                 }
                 // A short read almost always drained the socket: wait on the ring rather than
@@ -166,7 +168,7 @@ async fn decode(
     pipes: &PipePool,
     early: &[u8],
 ) -> io::Result<(u64, Ended, Vec<u8>)> {
-    let (sfd, dfd) = (src.as_raw_fd(), dst.as_raw_fd());
+    let (sfd, dfd) = (fd(src), fd(dst));
     let mut st = Unchunk::default();
     st.feed_all(dst, early).await?;
     // The tunnel's next bytes come after a round trip, and `early` (the visitor's first bytes,
@@ -196,18 +198,18 @@ async fn decode(
                 // A short read almost always drained the socket (as in `encode`).
                 wait_first = short;
                 if let Some(b) = blocked {
-                    splice::write_all(dst, &b.pending).await?;
+                    sockio::write_all(dst, &b.pending).await?;
                     st.feed_all(dst, &b.rest).await?;
                 }
             }
         }
     }
     if st.chunks.is_raw() {
-        let n = splice::splice_to_eof(src, dst, pipes).await?;
-        splice::shutdown(dfd, libc::SHUT_WR);
+        let n = pipe::splice_to_eof(src, dst, pipes).await?;
+        shutdown(dfd, Half::Write);
         return Ok((st.moved + n, Ended::Raw, Vec::new()));
     }
-    splice::shutdown(dfd, libc::SHUT_WR);
+    shutdown(dfd, Half::Write);
     Ok((st.moved, Ended::Clean, st.chunks.take_leftover()))
 }
 
@@ -222,8 +224,8 @@ pub async fn forward(
     peer_quiet: bool,
 ) -> io::Result<Outcome> {
     let shut = || {
-        splice::shutdown(peer.as_raw_fd(), libc::SHUT_RDWR);
-        splice::shutdown(tunnel.as_raw_fd(), libc::SHUT_RDWR);
+        shutdown(fd(peer), Half::Both);
+        shutdown(fd(tunnel), Half::Both);
     };
     let (up, down) = monoio::join!(
         async {

@@ -7,7 +7,8 @@
 //! runtime-agnostic and awaitable from monoio (with monoio's `sync` feature waking the worker
 //! from another thread), where crossbeam would need an extra eventfd to wait on.
 //!
-//! - [`splice`]: pipes and the splice pump.
+//! - [`pipe`]: kernel pipes, pooled per worker, and splicing a direction through them.
+//! - [`sockio`]: non-blocking socket I/O that waits on the ring; the worker's scratch buffer.
 //! - [`chunked`]: forwarding one visitor over a reusable data connection (chunks, then splice
 //!   for bulk).
 //! - [`relay`]: relay-side worker tasks — visitor accept, pooled data connections.
@@ -17,8 +18,9 @@
 
 pub mod agent;
 pub mod chunked;
+pub mod pipe;
 pub mod relay;
-pub mod splice;
+pub mod sockio;
 pub mod tls;
 pub mod tunnel;
 
@@ -32,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::gate::Gate;
 use super::pool::Pool;
 use crate::protocol::auth::Ticket;
-use splice::PipePool;
+use pipe::PipePool;
 
 /// Commands queued per worker before senders have to wait.
 const COMMAND_QUEUE: usize = 4096;

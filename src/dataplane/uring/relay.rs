@@ -2,20 +2,22 @@
 //! data connections in this worker's pool, and splice each pair.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
-use super::splice::{recv_now, with_scratch, PipePool};
+use super::pipe::PipePool;
+use super::sockio::{fd, with_scratch};
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::sock::recv_now;
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::net::ACCEPT_BACKOFF;
 use crate::protocol::chunk;
@@ -148,11 +150,11 @@ async fn park_and_forward(
         let stream = TcpStream::from_std(visitor.stream)?;
         let mut start = RelayMsg::Start { visitor: addr }.to_frame();
         chunk::push_chunks(&mut start, &visitor.prefix);
-        let (sent_early, quiet) = take_early(stream.as_raw_fd(), &mut start)?;
+        let (sent_early, quiet) = take_early(fd(&stream), &mut start)?;
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
             o = tunnel.forward(&stream, pipes, &[], quiet) => o?,
-            _ = idle::monoio_idle(stream.as_raw_fd(), idle) => {
+            _ = idle::monoio_idle(fd(&stream), idle) => {
                 idle_closed(service, addr, &admission);
                 return Ok(());
             }
@@ -182,7 +184,7 @@ async fn park_and_forward(
 /// by the time the visitor reaches its data connection) to `frame` as one chunk, so it travels
 /// with `Start` in one send and reaches the agent in one read. Returns the bytes taken and
 /// whether the visitor has nothing more to read now (its next read should wait on the ring).
-fn take_early(fd: RawFd, frame: &mut Vec<u8>) -> std::io::Result<(u64, bool)> {
+fn take_early(fd: BorrowedFd<'_>, frame: &mut Vec<u8>) -> std::io::Result<(u64, bool)> {
     with_scratch(|buf| {
         Ok(match recv_now(fd, buf)? {
             None => (0, true),

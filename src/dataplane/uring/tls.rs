@@ -7,13 +7,15 @@
 
 use std::cell::RefCell;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::BorrowedFd;
 
 use monoio::net::TcpStream;
 
 use super::chunked::{Blocked, Ended, Outcome, Unchunk};
-use super::splice;
+use super::sockio::{self, fd};
+use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, HEADER_LEN};
+use rustix::net::{SendAncillaryBuffer, SendFlags};
 
 /// Bytes of plaintext or ciphertext one step moves: four full TLS records, so one `recv` or one
 /// `sendmsg` carries several records (rustls alone reads 4 KiB per call).
@@ -31,17 +33,17 @@ fn with_buffers<R>(f: impl FnOnce(&mut [u8], &mut [u8]) -> R) -> R {
 }
 
 /// `io::Read`/`io::Write` straight on a non-blocking socket, for `read_tls`/`write_tls`.
-struct FdIo(RawFd);
+struct FdIo<'a>(BorrowedFd<'a>);
 
-impl Read for FdIo {
+impl Read for FdIo<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        splice::recv_now(self.0, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
+        recv_now(self.0, buf)?.ok_or_else(|| io::ErrorKind::WouldBlock.into())
     }
 }
 
-impl Write for FdIo {
+impl Write for FdIo<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match splice::send_now(self.0, buf)? {
+        match send_now(self.0, buf)? {
             0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
             n => Ok(n),
         }
@@ -49,17 +51,11 @@ impl Write for FdIo {
     /// rustls hands over every queued record at once; one `sendmsg` sends them all (the
     /// default would send one record per syscall).
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: a zeroed msghdr is valid; the iovecs point into live slices (IoSlice is
-        // ABI-compatible with iovec) that outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len() as _;
-        // SAFETY: as above, on an open socket.
-        let n = unsafe { libc::sendmsg(self.0, &msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
+        let mut no_control = SendAncillaryBuffer::default();
+        match rustix::net::sendmsg(self.0, bufs, &mut no_control, SendFlags::NOSIGNAL) {
+            Ok(n) => Ok(n),
+            Err(rustix::io::Errno::AGAIN) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(e) => Err(e.into()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -113,14 +109,14 @@ impl TlsStream {
 
     /// Writes every queued TLS record to the socket.
     pub async fn flush(&self) -> io::Result<()> {
-        let fd = self.sock.as_raw_fd();
+        let sfd = fd(&self.sock);
         loop {
             let written = {
                 let mut c = self.conn.borrow_mut();
                 if !c.wants_write() {
                     return Ok(());
                 }
-                c.write_tls(&mut FdIo(fd))
+                c.write_tls(&mut FdIo(sfd))
             };
             match written {
                 Ok(_) => {}
@@ -134,13 +130,13 @@ impl TlsStream {
 
     /// Writes queued TLS records while the socket takes them, without waiting.
     fn try_flush(&self) -> io::Result<()> {
-        let fd = self.sock.as_raw_fd();
+        let sfd = fd(&self.sock);
         loop {
             let mut c = self.conn.borrow_mut();
             if !c.wants_write() {
                 return Ok(());
             }
-            match c.write_tls(&mut FdIo(fd)) {
+            match c.write_tls(&mut FdIo(sfd)) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -150,9 +146,9 @@ impl TlsStream {
 
     /// Reads what the socket has into rustls and processes it. `false` at the peer's EOF.
     async fn fill(&self) -> io::Result<bool> {
-        let fd = self.sock.as_raw_fd();
+        let sfd = fd(&self.sock);
         loop {
-            let read = self.conn.borrow_mut().read_tls(&mut FdIo(fd));
+            let read = self.conn.borrow_mut().read_tls(&mut FdIo(sfd));
             match read {
                 Ok(0) => return Ok(false),
                 Ok(_) => {
@@ -224,11 +220,11 @@ enum Step {
 /// (or in `st`'s leftover) for the next visitor.
 fn decrypt_step(
     tls: &TlsStream,
-    pfd: RawFd,
+    pfd: BorrowedFd<'_>,
     st: &mut Unchunk,
     carry: &mut Vec<u8>,
 ) -> io::Result<Step> {
-    let tfd = tls.sock.as_raw_fd();
+    let tfd = fd(&tls.sock);
     with_buffers(|plain, cipher| {
         let mut moved = false;
         let mut fed = 0usize; // of `carry`, or of `cipher` once carry is empty
@@ -309,7 +305,7 @@ async fn tls_to_plain(
     plain: &TcpStream,
     early: &[u8],
 ) -> io::Result<(u64, Ended, Vec<u8>)> {
-    let pfd = plain.as_raw_fd();
+    let pfd = fd(plain);
     let mut st = Unchunk::default();
     st.feed_all(plain, early).await?;
     let mut carry = Vec::new();
@@ -322,11 +318,11 @@ async fn tls_to_plain(
             }
             Step::Progress | Step::Ended => {}
             Step::Blocked(b) => {
-                splice::write_all(plain, &b.pending).await?;
+                sockio::write_all(plain, &b.pending).await?;
                 st.feed_all(plain, &b.rest).await?;
             }
             Step::CloseNotify if st.chunks.is_raw() => {
-                splice::shutdown(pfd, libc::SHUT_WR);
+                shutdown(pfd, Half::Write);
                 return Ok((st.moved, Ended::Raw, Vec::new()));
             }
             Step::CloseNotify => {
@@ -337,13 +333,13 @@ async fn tls_to_plain(
             }
         }
     }
-    splice::shutdown(pfd, libc::SHUT_WR);
+    shutdown(pfd, Half::Write);
     Ok((st.moved, Ended::Clean, st.chunks.take_leftover()))
 }
 
 /// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`.
 async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, quiet: bool) -> io::Result<u64> {
-    let pfd = plain.as_raw_fd();
+    let pfd = fd(plain);
     let mut total = 0u64;
     if quiet {
         // Nothing to read yet (see `chunked::encode`).
@@ -418,6 +414,6 @@ pub async fn forward(
 }
 
 fn shut_both(plain: &TcpStream, tls: &TlsStream) {
-    splice::shutdown(plain.as_raw_fd(), libc::SHUT_RDWR);
-    splice::shutdown(tls.sock.as_raw_fd(), libc::SHUT_RDWR);
+    shutdown(fd(plain), Half::Both);
+    shutdown(fd(&tls.sock), Half::Both);
 }

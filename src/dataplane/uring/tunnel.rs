@@ -6,7 +6,8 @@ use std::io;
 use monoio::net::TcpStream;
 
 use super::chunked::{self, Outcome};
-use super::splice::{self, PipePool};
+use super::pipe::PipePool;
+use super::sockio;
 use super::tls::{self, TlsStream};
 
 /// A data connection owned by one worker.
@@ -29,7 +30,7 @@ impl Tunnel {
     /// Sends all of `data` (encrypted on TLS), waiting on the ring when the socket is full.
     pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
         match self {
-            Tunnel::Plain(s) => splice::write_all(s, data).await,
+            Tunnel::Plain(s) => sockio::write_all(s, data).await,
             Tunnel::Tls(t) => t.write_all(data).await,
         }
     }
@@ -37,7 +38,7 @@ impl Tunnel {
     /// Reads what is available: at least one byte, or 0 at the end of the stream.
     pub async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Tunnel::Plain(s) => splice::read_some(s, buf).await,
+            Tunnel::Plain(s) => sockio::read_some(s, buf).await,
             Tunnel::Tls(t) => t.read(buf).await,
         }
     }
