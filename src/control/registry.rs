@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Notify};
 
-use super::routes::{normalize_prefix, Routes};
+use super::routes::Routes;
 pub use super::service::SessionId;
 use super::service::{Service, ServiceState};
 use crate::admin::{Metrics, ServiceSnapshot};
@@ -20,6 +20,7 @@ use crate::config::{validate_name, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
+use crate::protocol::http::normalize_prefix;
 use crate::protocol::{ErrorCode, ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult};
 
 /// How long a service keeps its port after its agent disconnects.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::service::Service;
+use crate::protocol::http::prefix_matches;
 
 /// Host → services, for both shared ports.
 #[derive(Default)]
@@ -15,45 +16,11 @@ pub struct Routes {
     tls: HashMap<String, Arc<Service>>,
 }
 
-/// A claimed path prefix in canonical form: starts with `/`, no trailing `/` except the root.
-/// An empty prefix means the root.
-pub fn normalize_prefix(p: &str) -> Result<String, String> {
-    if p.is_empty() {
-        return Ok("/".into());
-    }
-    if !p.starts_with('/')
-        || p.bytes()
-            .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
-    {
-        return Err(format!(
-            "path prefix {p:?} must start with '/' and hold no spaces, '?' or '#'"
-        ));
-    }
-    let trimmed = p.trim_end_matches('/');
-    Ok(if trimmed.is_empty() {
-        "/".into()
-    } else {
-        trimmed.to_string()
-    })
-}
-
 /// The wildcard claim that would cover `host`: its first label replaced by `*`
 /// (`a.example.com` → `*.example.com`); `None` for a single-label host.
 pub fn wildcard_for(host: &str) -> Option<String> {
     let (_, parent) = host.split_once('.')?;
     Some(format!("*.{parent}"))
-}
-
-/// Whether request path `path` falls under `prefix` (canonical): `/api` covers `/api`,
-/// `/api/x` and `/api?q`, but not `/apix`.
-pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    if prefix == "/" {
-        return true;
-    }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
-        None => false,
-    }
 }
 
 impl Routes {
@@ -129,21 +96,6 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_normalize_and_match_on_segment_boundaries() {
-        assert_eq!(normalize_prefix("").unwrap(), "/");
-        assert_eq!(normalize_prefix("/").unwrap(), "/");
-        assert_eq!(normalize_prefix("/api/").unwrap(), "/api");
-        assert!(normalize_prefix("api").is_err());
-        assert!(normalize_prefix("/a b").is_err());
-        assert!(prefix_matches("/", "/anything"));
-        assert!(prefix_matches("/api", "/api"));
-        assert!(prefix_matches("/api", "/api/v1"));
-        assert!(prefix_matches("/api", "/api?x=1"));
-        assert!(!prefix_matches("/api", "/apix"));
-        assert!(!prefix_matches("/api", "/"));
-    }
 
     #[test]
     fn wildcards_cover_exactly_one_label() {

@@ -382,6 +382,40 @@ pub fn add_forwarded(head: &[u8], visitor: SocketAddr, proto: &str) -> Vec<u8> {
     out
 }
 
+/// A claimed path prefix in canonical form: starts with `/`, no trailing `/` except the root.
+/// An empty prefix means the root.
+pub fn normalize_prefix(p: &str) -> Result<String, String> {
+    if p.is_empty() {
+        return Ok("/".into());
+    }
+    if !p.starts_with('/')
+        || p.bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
+    {
+        return Err(format!(
+            "path prefix {p:?} must start with '/' and hold no spaces, '?' or '#'"
+        ));
+    }
+    let trimmed = p.trim_end_matches('/');
+    Ok(if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.to_string()
+    })
+}
+
+/// Whether request path `path` falls under `prefix` (canonical): `/api` covers `/api`,
+/// `/api/x` and `/api?q`, but not `/apix`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        None => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,5 +594,20 @@ mod tests {
             prop_assert_eq!(h.host, host);
             prop_assert_eq!(h.len, out.len());
         }
+    }
+
+    #[test]
+    fn prefixes_normalize_and_match_on_segment_boundaries() {
+        assert_eq!(normalize_prefix("").unwrap(), "/");
+        assert_eq!(normalize_prefix("/").unwrap(), "/");
+        assert_eq!(normalize_prefix("/api/").unwrap(), "/api");
+        assert!(normalize_prefix("api").is_err());
+        assert!(normalize_prefix("/a b").is_err());
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/v1"));
+        assert!(prefix_matches("/api", "/api?x=1"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(!prefix_matches("/api", "/"));
     }
 }

@@ -1,0 +1,265 @@
+//! `agent.toml`, one published service, and the agent's settings after merging flags, file
+//! and defaults.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::hosts::claimable_host;
+use super::{
+    split_host_port, validate_name, BackendKind, ConfigError, Heartbeat, Secret, DEFAULT_POOL,
+    MAX_POOL,
+};
+use crate::protocol::http::normalize_prefix;
+use crate::protocol::msg::{
+    ServiceKind, MAX_HOSTS_PER_SERVICE, MAX_HOST_LEN, MAX_SERVICES_PER_AGENT,
+};
+use crate::protocol::proxy::ProxyVersion;
+use crate::protocol::MAX_FRAME_LEN;
+use crate::tls::Fingerprint;
+
+/// `agent.toml`. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// Relay address, `HOST[:PORT]`.
+    pub relay: Option<String>,
+    /// Default secret for services without their own.
+    pub secret: Option<Secret>,
+    /// Pinned SHA-256 fingerprint of the relay certificate.
+    pub relay_fingerprint: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the relay.
+    pub ca: Option<PathBuf>,
+    /// Data-plane backend.
+    pub backend: Option<BackendKind>,
+    /// io_uring worker threads (default: one per core).
+    pub workers: Option<usize>,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds of silence before the relay is considered gone.
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// Services to publish.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// One service the agent publishes (`[[service]]` in `agent.toml`, or the `--local` flags).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name on the relay.
+    pub name: String,
+    /// Local address of the service, `HOST:PORT`.
+    pub local: String,
+    /// How visitors reach it: `tcp` (its own port), `http` (shared port, by host name) or
+    /// `tls` (shared port, by SNI).
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// `tcp`: public port wanted (`None`: the relay picks one from its range).
+    pub remote_port: Option<u16>,
+    /// `http`/`tls`: host names to claim; a name without a dot is a subdomain of the relay's
+    /// domain.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// `http`: path prefix to claim on those hosts (default `/`).
+    pub path: Option<String>,
+    /// `tcp`/`tls`: PROXY protocol header in front of each visitor (`off`, `v1`, `v2`).
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
+    /// `http`: add `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` (default true).
+    #[serde(default = "default_true")]
+    pub forwarded_headers: bool,
+    /// Secret for this service (`None`: the agent's secret).
+    pub secret: Option<Secret>,
+    /// Idle data connections kept open for this service.
+    #[serde(default = "default_pool")]
+    pub pool: u8,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl ServiceConfig {
+    /// A `tcp` service with defaults: what `--local` alone publishes.
+    pub fn tcp(name: impl Into<String>, local: impl Into<String>) -> Self {
+        ServiceConfig {
+            name: name.into(),
+            local: local.into(),
+            kind: ServiceKind::Tcp,
+            remote_port: None,
+            hosts: Vec::new(),
+            path: None,
+            proxy_protocol: ProxyVersion::Off,
+            forwarded_headers: true,
+            secret: None,
+            pool: DEFAULT_POOL,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| {
+            Err(ConfigError::Invalid(format!(
+                "service {:?}: {m}",
+                self.name
+            )))
+        };
+        match self.kind {
+            ServiceKind::Tcp => {
+                if !self.hosts.is_empty() || self.path.is_some() {
+                    return bad("hosts and path are for http and tls services".into());
+                }
+            }
+            ServiceKind::Http | ServiceKind::Tls => {
+                if self.remote_port.is_some() {
+                    return bad(format!(
+                        "remote_port is for tcp services, not {}",
+                        self.kind
+                    ));
+                }
+                if self.hosts.is_empty() {
+                    return bad(format!(
+                        "a {} service needs at least one host name",
+                        self.kind
+                    ));
+                }
+                if self.hosts.len() > MAX_HOSTS_PER_SERVICE {
+                    return bad(format!("at most {MAX_HOSTS_PER_SERVICE} host names"));
+                }
+                for h in &self.hosts {
+                    let name = h.strip_prefix("*.").unwrap_or(h);
+                    let ok = h.len() <= MAX_HOST_LEN && claimable_host(name).is_some();
+                    if !ok {
+                        return bad(format!("invalid host name {h:?}"));
+                    }
+                }
+            }
+        }
+        if let Some(p) = &self.path {
+            if self.kind != ServiceKind::Http {
+                return bad("path is for http services".into());
+            }
+            if p.len() > MAX_HOST_LEN {
+                return bad(format!(
+                    "path prefix {p:?} is longer than {MAX_HOST_LEN} bytes"
+                ));
+            }
+            // The relay applies the same rule to what it receives.
+            normalize_prefix(p).map_err(ConfigError::Invalid)?;
+        }
+        if self.proxy_protocol != ProxyVersion::Off && self.kind == ServiceKind::Http {
+            return bad(
+                "proxy_protocol is for tcp and tls services; http services get X-Forwarded-For"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Bytes this service takes in the Register frame (an upper bound).
+    fn wire_len(&self) -> usize {
+        let strings: usize = self.hosts.iter().map(|h| h.len() + 2).sum();
+        self.name.len() + 2 + strings + self.path.as_deref().map_or(0, str::len) + 2 + 40
+    }
+}
+
+fn default_pool() -> u8 {
+    DEFAULT_POOL
+}
+
+/// Everything the agent runs on, after merging flags, file and defaults.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Relay host name or address.
+    pub relay_host: String,
+    /// Relay control port.
+    pub relay_port: u16,
+    /// Default secret.
+    pub secret: Option<Secret>,
+    /// Pinned relay certificate.
+    pub relay_fingerprint: Option<Fingerprint>,
+    /// Extra CA file.
+    pub ca: Option<PathBuf>,
+    /// Services to publish.
+    pub services: Vec<ServiceConfig>,
+    /// Data-plane backend.
+    pub backend: BackendKind,
+    /// io_uring worker threads (`None`: one per core).
+    pub workers: Option<usize>,
+    /// Heartbeat timing.
+    pub heartbeat: Heartbeat,
+}
+
+impl AgentConfig {
+    /// The secret service `svc` authenticates with.
+    pub fn secret_for<'a>(&'a self, svc: &'a ServiceConfig) -> Option<&'a Secret> {
+        svc.secret.as_ref().or(self.secret.as_ref())
+    }
+
+    /// `HOST:PORT` of the relay control port, for dialing and display.
+    pub fn relay_addr(&self) -> String {
+        if self.relay_host.contains(':') {
+            format!("[{}]:{}", self.relay_host, self.relay_port)
+        } else {
+            format!("{}:{}", self.relay_host, self.relay_port)
+        }
+    }
+
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.services.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no service to publish: pass --local HOST:PORT or add [[service]] tables to the config file".into(),
+            ));
+        }
+        if self.workers == Some(0) {
+            return Err(ConfigError::Invalid("--workers must be at least 1".into()));
+        }
+        if self.services.len() > MAX_SERVICES_PER_AGENT {
+            return Err(ConfigError::Invalid(format!(
+                "at most {MAX_SERVICES_PER_AGENT} services per agent"
+            )));
+        }
+        let mut names = HashSet::new();
+        for s in &self.services {
+            validate_name(&s.name)?;
+            if !names.insert(&s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "service name {:?} is used twice",
+                    s.name
+                )));
+            }
+            if self.secret_for(s).is_none_or(|x| x.expose().is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?} has no secret: pass --secret (or RINGTUNNEL_SECRET)",
+                    s.name
+                )));
+            }
+            if s.remote_port == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?}: remote_port 0 is not a port; leave it out to let the relay pick",
+                    s.name
+                )));
+            }
+            if s.pool == 0 || s.pool > MAX_POOL {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?}: pool must be between 1 and {MAX_POOL}",
+                    s.name
+                )));
+            }
+            split_host_port(&s.local).map_err(|e| {
+                ConfigError::Invalid(format!("service {:?}: local address: {e}", s.name))
+            })?;
+            s.validate()?;
+        }
+        let total: usize = self.services.iter().map(ServiceConfig::wire_len).sum();
+        if total + 16 > MAX_FRAME_LEN {
+            return Err(ConfigError::Invalid(
+                "too many services and host names for one registration; split them over two agents"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}

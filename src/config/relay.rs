@@ -1,0 +1,201 @@
+//! `relay.toml` and the relay's settings after merging flags, file and defaults.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::validate_name;
+use super::{BackendKind, ConfigError, FrontConfig, Heartbeat, Limits, PortRange, Secret, Toggle};
+
+/// `relay.toml`. Every key is optional; unknown keys are an error.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    /// Control listen address.
+    pub control: Option<SocketAddr>,
+    /// Default secret for services without their own.
+    pub secret: Option<Secret>,
+    /// Address public service ports bind to.
+    pub bind_addr: Option<std::net::IpAddr>,
+    /// Public ports the relay may hand out.
+    pub port_range: Option<PortRange>,
+    /// TLS on data connections.
+    pub data_tls: Option<Toggle>,
+    /// Where the self-signed certificate is kept.
+    pub state_dir: Option<PathBuf>,
+    /// PEM certificate chain (CA-signed), with `key`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+    /// Data-plane backend.
+    pub backend: Option<BackendKind>,
+    /// Data-plane worker threads.
+    pub workers: Option<usize>,
+    /// Seconds between heartbeats.
+    pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds of silence before an agent is dropped.
+    pub heartbeat_timeout_secs: Option<u64>,
+    /// Admin endpoint (`/health`, `/metrics`).
+    pub admin: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires.
+    pub admin_token: Option<Secret>,
+    /// Shared HTTP port for `http` services.
+    pub http: Option<SocketAddr>,
+    /// Shared TLS (SNI passthrough) port for `tls` services.
+    pub tls: Option<SocketAddr>,
+    /// Domain that bare `http`/`tls` host names are subdomains of.
+    pub domain: Option<String>,
+    /// Shared ports: largest request head read, in bytes (larger: 431).
+    pub max_head_bytes: Option<usize>,
+    /// Shared ports: seconds a visitor has to send its request head or ClientHello.
+    pub head_timeout_secs: Option<f64>,
+    /// Shared HTTP port: seconds a visitor waits for an offline agent before 502.
+    pub agent_wait_secs: Option<f64>,
+    /// Limits for every service (each `[[service]]` may override them).
+    #[serde(default)]
+    pub limits: Limits,
+    /// Per-service secrets and limits.
+    #[serde(default, rename = "service")]
+    pub services: Vec<RelayServiceFile>,
+}
+
+/// A `[[service]]` table in `relay.toml`: a service name with its own secret and/or limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayServiceFile {
+    /// Service name.
+    pub name: String,
+    /// The only secret that may register this name (`None`: the relay's secret).
+    pub secret: Option<Secret>,
+    /// Limits for this service, over the relay-wide `[limits]`.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Everything the relay runs on, after merging flags, file and defaults.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Control listen address (agents' control and data connections).
+    pub control: SocketAddr,
+    /// Default secret; `None` means only services with their own secret may register.
+    pub secret: Option<Secret>,
+    /// Per-service secrets, overriding `secret` for that name.
+    pub service_secrets: Vec<RelayServiceFile>,
+    /// Address public service ports bind to.
+    pub bind_addr: std::net::IpAddr,
+    /// Public ports the relay may hand out.
+    pub port_range: PortRange,
+    /// Whether data connections must be TLS.
+    pub data_tls: bool,
+    /// Where the self-signed certificate is kept.
+    pub state_dir: PathBuf,
+    /// CA-signed certificate and key files, instead of the self-signed one.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// Data-plane backend.
+    pub backend: BackendKind,
+    /// Data-plane worker threads (`None`: one per core).
+    pub workers: Option<usize>,
+    /// Heartbeat timing.
+    pub heartbeat: Heartbeat,
+    /// Shared HTTP/TLS ports.
+    pub front: FrontConfig,
+    /// Relay-wide limits.
+    pub limits: Limits,
+    /// Admin endpoint address (`None`: off).
+    pub admin: Option<SocketAddr>,
+    /// Bearer token the admin endpoint requires (`None`: none).
+    pub admin_token: Option<Secret>,
+}
+
+/// Which secret authenticated a service: the relay's default one, or a service's own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SecretId {
+    /// The relay-wide secret.
+    Default,
+    /// The secret of the named `[[service]]`.
+    Service(String),
+}
+
+impl RelayConfig {
+    /// The secret that authenticates service `name`, if any, and which one it is.
+    pub fn secret_for(&self, name: &str) -> Option<(&Secret, SecretId)> {
+        let own = self
+            .service_secrets
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.secret.as_ref());
+        match own {
+            Some(s) => Some((s, SecretId::Service(name.to_string()))),
+            None => self.secret.as_ref().map(|s| (s, SecretId::Default)),
+        }
+    }
+
+    /// Limits for service `name`: its own `[service.limits]` over the relay-wide ones.
+    pub fn limits_for(&self, name: &str) -> Limits {
+        match self.service_secrets.iter().find(|s| s.name == name) {
+            Some(s) => s.limits.over(&self.limits),
+            None => self.limits.clone(),
+        }
+    }
+
+    /// Most agents that may hold sessions with secret `id` at once.
+    pub fn max_agents(&self, id: &SecretId) -> Option<usize> {
+        match id {
+            SecretId::Default => self.limits.max_agents,
+            SecretId::Service(name) => self.limits_for(name).max_agents,
+        }
+    }
+
+    /// Checks the settings make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret.is_none() && self.service_secrets.iter().all(|s| s.secret.is_none()) {
+            return Err(ConfigError::Invalid(
+                "no secret configured: pass --secret (or RINGTUNNEL_SECRET), or give services their own secret in the config file".into(),
+            ));
+        }
+        if self.secret.as_ref().is_some_and(|s| s.expose().is_empty()) {
+            return Err(ConfigError::Invalid("the secret must not be empty".into()));
+        }
+        let mut seen = HashSet::new();
+        for s in &self.service_secrets {
+            validate_name(&s.name)?;
+            if !seen.insert(&s.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?} appears twice in the relay config",
+                    s.name
+                )));
+            }
+            if s.secret.as_ref().is_some_and(|x| x.expose().is_empty()) {
+                return Err(ConfigError::Invalid(format!(
+                    "service {:?} has an empty secret",
+                    s.name
+                )));
+            }
+            s.limits.validate(&format!("service {:?}", s.name))?;
+        }
+        self.limits.validate("[limits]")?;
+        if self.workers == Some(0) {
+            return Err(ConfigError::Invalid("--workers must be at least 1".into()));
+        }
+        if self
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.expose().is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "the admin token must not be empty".into(),
+            ));
+        }
+        if self
+            .admin
+            .is_some_and(|a| !a.ip().is_loopback() && self.admin_token.is_none())
+        {
+            return Err(ConfigError::Invalid(
+                "the admin endpoint listens beyond loopback: set an admin token (--admin-token or RINGTUNNEL_ADMIN_TOKEN)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
