@@ -69,6 +69,11 @@ async fn health_and_metrics_behind_a_token(backend: Backend) {
         body.contains("ringtunnel_sessions_accepted_total 1"),
         "{body}"
     );
+    // The agent keeps a pool of data connections parked for visitors.
+    assert!(
+        body.contains("ringtunnel_service_idle_connections{service=\"web\",kind=\"tcp\"} "),
+        "{body}"
+    );
 
     assert_eq!(
         request(admin, &get("/nothing", Some("let-me-in"))).await.0,

@@ -16,17 +16,30 @@ use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-/// Opens a plain data connection with `ticket` and lets the relay park it.
-async fn open(relay: &Relay, ticket: Ticket) -> Framed<BoxStream> {
+/// One worker on uring (a waiting visitor waits on its own worker's pool), plain data
+/// connections, and the admin endpoint the tests watch the pool through.
+const RELAY_ARGS: [&str; 6] = [
+    "--workers",
+    "1",
+    "--data-tls",
+    "off",
+    "--admin",
+    "127.0.0.1:0",
+];
+
+/// Opens a plain data connection with `ticket` for `service` and waits until the relay has
+/// parked it (its idle gauge reaches `parked`).
+async fn open(relay: &Relay, service: &str, parked: u64, ticket: Ticket) -> Framed<BoxStream> {
     let mut conn = Framed::new(connect_data(relay, false).await);
     let hello = AgentMsg::DataHello {
         version: PROTOCOL_VERSION,
         ticket,
     };
     conn.write_msg(&hello, LIMIT).await.unwrap();
-    // Redeeming and parking happen on the relay's side; give them a moment so the visitor
-    // below finds the connection in the pool.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Redeeming and parking happen on the relay's side (on uring, on a worker): the visitor
+    // that follows must find the connection in the pool.
+    let admin = relay.admin.expect("relay started with --admin");
+    wait_metric(admin, &idle_series(service), parked).await;
     conn
 }
 
@@ -74,10 +87,9 @@ async fn reply(s: &mut BoxStream, data: &[u8]) {
 }
 
 async fn second_visitor_waits_for_ready(backend: Backend) {
-    // One worker on uring: a waiting visitor waits on its own worker's pool.
-    let relay = Relay::spawn(backend, &["--workers", "1", "--data-tls", "off"]);
+    let relay = Relay::spawn(backend, &RELAY_ARGS);
     let (_ctl, port, tickets) = fake_agent(&relay, "ready").await;
-    let conn = open(&relay, tickets[0]).await;
+    let conn = open(&relay, "ready", 1, tickets[0]).await;
 
     let first = visitor(port, b"one").await;
     let (mut s, got) = take_visitor(conn).await;
@@ -101,9 +113,9 @@ async fn second_visitor_waits_for_ready(backend: Backend) {
 }
 
 async fn a_bad_chunk_costs_only_its_visitor(backend: Backend) {
-    let relay = Relay::spawn(backend, &["--workers", "1", "--data-tls", "off"]);
+    let relay = Relay::spawn(backend, &RELAY_ARGS);
     let (_ctl, port, tickets) = fake_agent(&relay, "badchunk").await;
-    let conn = open(&relay, tickets[0]).await;
+    let conn = open(&relay, "badchunk", 1, tickets[0]).await;
 
     let first = visitor(port, b"one").await;
     let (mut s, _) = take_visitor(conn).await;
@@ -122,7 +134,7 @@ async fn a_bad_chunk_costs_only_its_visitor(backend: Backend) {
     );
 
     // The relay keeps serving through a fresh connection.
-    let conn = open(&relay, tickets[1]).await;
+    let conn = open(&relay, "badchunk", 1, tickets[1]).await;
     let second = visitor(port, b"two").await;
     let (mut s, got) = take_visitor(conn).await;
     assert_eq!(got, b"two");

@@ -30,6 +30,8 @@ fn shared_relay(backend: Backend, toml: &str) -> (Relay, TempDir) {
             DOMAIN,
             "--config",
             &path,
+            "--admin",
+            "127.0.0.1:0",
         ],
     );
     (relay, dir)
@@ -191,8 +193,11 @@ async fn hosts_and_paths_route_to_the_right_agent(backend: Backend) {
     // The shop agent goes away: its visitors get 502 after the bounded wait, and the route
     // works again once the agent is back.
     b.proc.kill();
-    // Let the relay see the agent's connections close before visiting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The relay must have ended the agent's session (dropping its pooled connections)
+    // before the visit, or the visitor could meet a dead pooled connection.
+    relay
+        .proc
+        .wait_stderr("agent session ended: agent connection");
     let (st, body) = get(http, "shop.example.test", "/cart").await;
     assert_eq!(st, 502, "{body}");
     let (_, body) = get(http, "shop.example.test", "/api/still-up").await;
@@ -312,10 +317,15 @@ async fn agent_blip_is_invisible_to_visitors(backend: Backend) {
     let mut agent = Agent::spawn(args.clone());
     assert_eq!(get(http, "app.example.test", "/").await.0, 200);
     agent.proc.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay
+        .proc
+        .wait_stderr("agent session ended: agent connection");
     // A visitor arriving while the agent is away waits for it instead of failing.
     let during = tokio::spawn(async move { get(http, "app.example.test", "/during").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It has been routed and admitted (now waiting for a data connection) before the agent
+    // comes back.
+    let visitors = "ringtunnel_service_visitors{service=\"app\",kind=\"http\"}";
+    wait_metric(relay.admin.unwrap(), visitors, 1).await;
     let _back = Agent::spawn(args);
     let (st, body) = tokio::time::timeout(WAIT, during).await.unwrap().unwrap();
     assert_eq!((st, body.starts_with("app /during")), (200, true), "{body}");

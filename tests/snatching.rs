@@ -40,7 +40,7 @@ fn assert_rejected(bytes: &[u8], secret: &[u8]) {
 
 async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
     for data_tls in ["on", "off"] {
-        let relay = Relay::spawn(backend, &["--data-tls", data_tls]);
+        let relay = Relay::spawn(backend, &["--data-tls", data_tls, "--admin", "127.0.0.1:0"]);
         let (_ctl, port, tickets) = fake_agent(&relay, "victim").await;
         let limit = Duration::from_secs(10);
         // A legitimate data connection redeems the first ticket...
@@ -50,11 +50,10 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
             ticket: tickets[0],
         };
         legit.write_msg(&hello, limit).await.unwrap();
-        // Let the relay redeem it and park the connection before anything else arrives: a
-        // replay racing ahead would win the ticket, and on uring a visitor that finds every
-        // worker's pool empty waits on its own worker's, which this hand-rolled agent never
-        // refills.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Wait until the relay has redeemed it and parked the connection: a replay racing
+        // ahead would win the ticket, and on uring a visitor that finds every worker's pool
+        // empty waits on its own worker's, which this hand-rolled agent never refills.
+        wait_metric(relay.admin.unwrap(), &idle_series("victim"), 1).await;
 
         // ...a replay of that ticket and a forged one are refused.
         let mut replay = Framed::new(connect_data(&relay, data_tls == "on").await);

@@ -164,6 +164,14 @@ fn metrics_text(view: &AdminView) -> String {
             s.name, s.kind, s.visitors
         );
     }
+    let _ = writeln!(out, "# TYPE ringtunnel_service_idle_connections gauge");
+    for s in &services {
+        let _ = writeln!(
+            out,
+            "ringtunnel_service_idle_connections{{service=\"{}\",kind=\"{}\"}} {}",
+            s.name, s.kind, s.idle_connections
+        );
+    }
     out
 }
 

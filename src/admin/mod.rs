@@ -100,4 +100,6 @@ pub struct ServiceSnapshot {
     pub online: bool,
     /// Visitors connected right now.
     pub visitors: usize,
+    /// Data connections parked, waiting for a visitor (all of the service's pools).
+    pub idle_connections: usize,
 }

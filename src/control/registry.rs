@@ -107,6 +107,7 @@ impl Registry {
                 kind: s.kind,
                 online: s.state().owner.is_some(),
                 visitors: s.gate.active(),
+                idle_connections: s.pools.iter().map(|p| p.idle_count()).sum(),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));

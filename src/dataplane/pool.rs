@@ -192,6 +192,12 @@ impl Pool {
         g.generation += 1;
     }
 
+    /// Data connections parked here waiting for a visitor (some may have died since; they
+    /// are skipped when tried).
+    pub fn idle_count(&self) -> usize {
+        self.lock().idle.len()
+    }
+
     /// The current owner's generation; pass it to [`Self::reoffer`].
     pub fn generation(&self) -> u64 {
         self.lock().generation

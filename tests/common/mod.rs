@@ -20,6 +20,44 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+/// The value of one series on the relay's `/metrics` (admin endpoint without a token), e.g.
+/// `ringtunnel_data_accepted_total` or `ringtunnel_service_idle_connections{service="x",kind="tcp"}`.
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<u64> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    out.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits (bounded) until `series` on the relay's `/metrics` is at least `n`: a condition, not
+/// a sleep, for "the relay has done X".
+pub async fn wait_metric(admin: SocketAddr, series: &str, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = metric(admin, series).await;
+        if v.is_some_and(|v| v >= n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} never reached {n} (last {v:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The idle-connection gauge of a `tcp` service.
+pub fn idle_series(service: &str) -> String {
+    format!("ringtunnel_service_idle_connections{{service=\"{service}\",kind=\"tcp\"}}")
+}
+
 /// Upper bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -125,6 +163,21 @@ impl Proc {
         }
         panic!(
             "process did not exit within {WAIT:?}; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
+    /// Waits (bounded) until stderr contains `needle` at least `n` times.
+    pub fn wait_stderr_count(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if self.stderr().matches(needle).count() >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "stderr never contained {needle:?} {n} times:\n{}",
             self.stderr()
         );
     }
