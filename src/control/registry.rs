@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -249,7 +249,7 @@ impl Registry {
             state: Mutex::new(ServiceState {
                 owner: Some(session),
                 listener: guard,
-                generation: 0,
+                linger_until: None,
             }),
         });
         svc.attach_pools(target, wake);
@@ -357,7 +357,7 @@ impl Registry {
             }
         }
         st.owner = Some(session);
-        st.generation += 1;
+        st.linger_until = None;
     }
 
     fn port_holder<'a>(&self, g: &'a Inner, port: u16) -> Option<&'a str> {
@@ -431,9 +431,10 @@ impl Registry {
         ))
     }
 
-    /// Ends `session`: services it still owns stop taking tickets and linger for `linger`
-    /// before their ports are closed, unless an agent claims them first.
-    pub fn end_session(self: &Arc<Self>, session: SessionId, linger: Duration) {
+    /// Ends `session` at `now`: services it still owns stop taking tickets and linger until
+    /// `now + linger`; [`Self::expire_lingering`] closes their ports after that, unless an
+    /// agent claims them first.
+    pub fn end_session(&self, session: SessionId, linger: Duration, now: Instant) {
         let mut g = self.lock();
         if let Some((_, secrets)) = g.sessions.remove(&session) {
             for id in secrets {
@@ -448,16 +449,32 @@ impl Registry {
                 continue;
             }
             st.owner = None;
-            st.generation += 1;
-            let generation = st.generation;
+            st.linger_until = Some(now + linger);
             drop(st);
             svc.detach_pools();
-            let me = self.clone();
-            let name = svc.name.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(linger).await;
-                me.expire(&name, generation);
-            });
+        }
+    }
+
+    /// Closes every service whose linger ended by `now` (its agent did not return). Driven by
+    /// the relay's sweeper; time is a parameter so tests can move it.
+    pub fn expire_lingering(&self, now: Instant) {
+        let mut g = self.lock();
+        let due: Vec<Arc<Service>> = g
+            .services
+            .values()
+            .filter(|s| {
+                let st = s.state();
+                st.owner.is_none() && st.linger_until.is_some_and(|t| t <= now)
+            })
+            .cloned()
+            .collect();
+        for svc in due {
+            tracing::info!(
+                service = %svc.name,
+                port = svc.port,
+                "service closed: its agent did not return"
+            );
+            self.retire(&mut g, &svc);
         }
     }
 
@@ -470,23 +487,226 @@ impl Registry {
         g.services.clear();
         *self.routes_mut() = Routes::default();
     }
+}
 
-    fn expire(&self, name: &str, generation: u64) {
-        let mut g = self.lock();
-        let Some(svc) = g.services.get(name).cloned() else {
-            return;
+#[cfg(test)]
+mod tests {
+    //! The registry under simulated time: sessions, claims, takeover, linger and port reuse,
+    //! with `now` passed in and the tokio data plane's real listeners on loopback.
+
+    use super::*;
+    use crate::config::{BackendKind, FrontConfig, Heartbeat, Limits, PortRange, Secret};
+
+    const SECRET: &str = "registry-test-secret";
+
+    fn registry(limits: Limits) -> Arc<Registry> {
+        let cfg = RelayConfig {
+            control: "127.0.0.1:0".parse().unwrap(),
+            secret: Some(Secret::new(SECRET)),
+            service_secrets: Vec::new(),
+            bind_addr: "127.0.0.1".parse().unwrap(),
+            port_range: PortRange::default(),
+            data_tls: false,
+            state_dir: std::env::temp_dir(),
+            cert: None,
+            backend: BackendKind::Tokio,
+            workers: None,
+            heartbeat: Heartbeat::default(),
+            front: FrontConfig {
+                domain: Some("example.test".into()),
+                ..Default::default()
+            },
+            limits,
+            admin: None,
+            admin_token: None,
         };
-        {
-            let st = svc.state();
-            if st.owner.is_some() || st.generation != generation {
-                return;
-            }
+        let ports = SharedPorts {
+            http: Some(8080),
+            tls: Some(8443),
+        };
+        Arc::new(Registry::new(
+            cfg,
+            ports,
+            Arc::new(Metrics::default()),
+            DataPlane::Tokio,
+        ))
+    }
+
+    fn http(name: &str, host: &str, path: &str) -> ServiceRequest {
+        ServiceRequest {
+            name: name.into(),
+            kind: ServiceKind::Http,
+            hosts: vec![host.into()],
+            path: path.into(),
+            pool: 2,
+            ..Default::default()
         }
-        tracing::info!(
-            service = name,
-            port = svc.port,
-            "service closed: its agent did not return"
+    }
+
+    fn tcp(name: &str) -> ServiceRequest {
+        ServiceRequest {
+            name: name.into(),
+            kind: ServiceKind::Tcp,
+            pool: 2,
+            ..Default::default()
+        }
+    }
+
+    /// A session with the relay's secret; its kick receiver says whether it was replaced.
+    fn session(reg: &Registry) -> (SessionId, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(1);
+        (reg.new_session(tx, vec![SecretId::Default]).unwrap(), rx)
+    }
+
+    fn publish(reg: &Arc<Registry>, s: SessionId, req: ServiceRequest) -> ServiceOutcome {
+        let wake = Arc::new(Notify::new());
+        let (mut results, _) = reg.register(s, &[req], &wake);
+        results.remove(0).outcome
+    }
+
+    fn online(reg: &Registry, name: &str) -> Option<bool> {
+        reg.snapshot()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.online)
+    }
+
+    #[tokio::test]
+    async fn a_service_lingers_then_expires_and_frees_its_host() {
+        let reg = registry(Limits::default());
+        let t0 = Instant::now();
+        let (a, _kick) = session(&reg);
+        assert!(matches!(
+            publish(&reg, a, http("blog", "blog", "/")),
+            ServiceOutcome::Online { .. }
+        ));
+        assert!(reg.route_http("blog.example.test", "/x").is_some());
+
+        reg.end_session(a, LINGER, t0);
+        assert_eq!(online(&reg, "blog"), Some(false), "lingering, not gone");
+        reg.expire_lingering(t0 + LINGER - Duration::from_secs(1));
+        assert!(
+            reg.route_http("blog.example.test", "/x").is_some(),
+            "visitors still wait for the agent during the linger"
         );
-        self.retire(&mut g, &svc);
+        reg.expire_lingering(t0 + LINGER);
+        assert_eq!(online(&reg, "blog"), None, "closed after the linger");
+        assert!(reg.route_http("blog.example.test", "/x").is_none());
+
+        // The host is free for another name now.
+        let (b, _kick) = session(&reg);
+        assert!(matches!(
+            publish(&reg, b, http("other", "blog", "/")),
+            ServiceOutcome::Online { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_agent_back_within_the_linger_keeps_its_service() {
+        let reg = registry(Limits::default());
+        let t0 = Instant::now();
+        let (a, _kick) = session(&reg);
+        let ServiceOutcome::Online { port, .. } = publish(&reg, a, tcp("db")) else {
+            panic!("tcp service refused")
+        };
+        reg.end_session(a, LINGER, t0);
+        let (b, _kick) = session(&reg);
+        let back = publish(&reg, b, tcp("db"));
+        assert!(
+            matches!(back, ServiceOutcome::Online { port: p, .. } if p == port),
+            "{back:?}"
+        );
+        reg.expire_lingering(t0 + LINGER * 2);
+        assert_eq!(
+            online(&reg, "db"),
+            Some(true),
+            "the new owner cleared the linger"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_returning_tcp_service_gets_its_old_port_after_expiry() {
+        let reg = registry(Limits::default());
+        let t0 = Instant::now();
+        let (a, _kick) = session(&reg);
+        let ServiceOutcome::Online { port, .. } = publish(&reg, a, tcp("cache")) else {
+            panic!("tcp service refused")
+        };
+        reg.end_session(a, LINGER, t0);
+        reg.expire_lingering(t0 + LINGER);
+        assert_eq!(online(&reg, "cache"), None);
+        // The tokio listener closes when its aborted accept task is dropped, on the runtime's
+        // next turn.
+        let mut turns = 0;
+        while std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            turns += 1;
+            assert!(turns < 1000, "port {port} never released");
+            tokio::task::yield_now().await;
+        }
+        let (b, _kick) = session(&reg);
+        let again = publish(&reg, b, tcp("cache"));
+        assert!(
+            matches!(again, ServiceOutcome::Online { port: p, .. } if p == port),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_same_name_takes_over_and_the_old_session_is_told() {
+        let reg = registry(Limits::default());
+        let (a, mut kick_a) = session(&reg);
+        publish(&reg, a, http("shop", "shop", "/"));
+        let (b, _kick_b) = session(&reg);
+        assert!(matches!(
+            publish(&reg, b, http("shop", "shop", "/")),
+            ServiceOutcome::Online { .. }
+        ));
+        let told = kick_a.try_recv().expect("the old session is told");
+        assert!(told.contains("taken over"), "{told}");
+        // The old session ending now must not unpublish the new owner's service.
+        reg.end_session(a, LINGER, Instant::now());
+        assert_eq!(online(&reg, "shop"), Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_claimed_host_and_prefix_is_refused_to_another_name() {
+        let reg = registry(Limits::default());
+        let (a, _ka) = session(&reg);
+        publish(&reg, a, http("blog", "blog", "/"));
+        let (b, _kb) = session(&reg);
+        match publish(&reg, b, http("thief", "blog", "/")) {
+            ServiceOutcome::Rejected { code, message } => {
+                assert_eq!(code, ErrorCode::HostTaken);
+                assert!(message.contains("claimed by service blog"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same name listed twice in one Register is refused too.
+        let wake = Arc::new(Notify::new());
+        let (results, owned) = reg.register(b, &[http("x", "x", "/"), http("x", "y", "/")], &wake);
+        assert_eq!(owned.len(), 1);
+        assert!(matches!(
+            results[1].outcome,
+            ServiceOutcome::Rejected {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test]
+    async fn agents_per_secret_are_bounded_and_released() {
+        let reg = registry(Limits {
+            max_agents: Some(2),
+            ..Default::default()
+        });
+        let (a, _ka) = session(&reg);
+        let (_b, _kb) = session(&reg);
+        let (tx, _rx) = mpsc::channel(1);
+        let refused = reg.new_session(tx, vec![SecretId::Default]).unwrap_err();
+        assert!(refused.contains("maximum of 2 agents"), "{refused}");
+        reg.end_session(a, LINGER, Instant::now());
+        let (tx, _rx) = mpsc::channel(1);
+        assert!(reg.new_session(tx, vec![SecretId::Default]).is_ok());
     }
 }

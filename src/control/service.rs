@@ -2,6 +2,7 @@
 //! pools of data connections.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -34,8 +35,8 @@ pub struct Service {
 pub(super) struct ServiceState {
     pub(super) owner: Option<SessionId>,
     pub(super) listener: Option<ListenerGuard>,
-    /// Bumped whenever the owner changes, so a stale linger timer does nothing.
-    pub(super) generation: u64,
+    /// While unowned: when the service closes unless an agent claims it first.
+    pub(super) linger_until: Option<Instant>,
 }
 
 impl Service {

@@ -133,7 +133,7 @@ pub async fn run(
         kick_rx,
     )
     .await;
-    plane.registry.end_session(session, LINGER);
+    plane.registry.end_session(session, LINGER, Instant::now());
     if let Err(SessionEnd::Replaced(reason)) = &result {
         let _ = framed
             .write_msg(

@@ -21,8 +21,9 @@ use crate::dataplane::{choose_backend, Backend, DataPlane, SharedListener};
 use crate::shared_ports::{Port, Router};
 use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
 
-/// How often expired tickets are swept.
-const TICKET_SWEEP: Duration = Duration::from_secs(5);
+/// How often expired tickets and services whose linger ended are swept: a lingering service
+/// closes at most this long after its linger.
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -194,8 +195,10 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     let sweeper = plane.clone();
     tasks.spawn(async move {
         loop {
-            tokio::time::sleep(TICKET_SWEEP).await;
-            sweeper.sweep_tickets(Instant::now());
+            tokio::time::sleep(SWEEP).await;
+            let now = Instant::now();
+            sweeper.sweep_tickets(now);
+            sweeper.registry.expire_lingering(now);
         }
     });
     tasks.spawn(accept::accept_loop(plane.clone(), listener));
