@@ -6,6 +6,7 @@
 //! - [`plane`]: what the control plane reads and keeps ([`plane::ControlPlane`]), tickets'
 //!   grants, its deadlines.
 //! - [`registry`]: services, their owners and their public ports.
+//! - [`refusal`]: why the registry refuses an agent or a service, with its wire code.
 //! - [`service`]: one published service.
 //! - [`routes`]: host names (and path prefixes) of the shared ports → services.
 //! - [`tickets`]: single-use data-connection tickets.
@@ -15,6 +16,7 @@
 
 pub mod accept;
 pub mod plane;
+pub mod refusal;
 pub mod registry;
 pub mod routes;
 pub mod service;

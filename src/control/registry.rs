@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Notify};
 
+use super::refusal::Refusal;
 use super::routes::Routes;
 pub use super::service::SessionId;
 use super::service::{Service, ServiceState};
@@ -21,7 +22,7 @@ use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
 use crate::protocol::http::normalize_prefix;
-use crate::protocol::{ErrorCode, ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult};
+use crate::protocol::{ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult};
 
 /// How long a service keeps its port after its agent disconnects.
 pub const LINGER: Duration = Duration::from_secs(30);
@@ -126,7 +127,7 @@ impl Registry {
         &self,
         kick: mpsc::Sender<String>,
         mut secrets: Vec<SecretId>,
-    ) -> Result<SessionId, String> {
+    ) -> Result<SessionId, Refusal> {
         secrets.sort();
         secrets.dedup();
         let mut g = self.lock();
@@ -139,9 +140,7 @@ impl Registry {
                         SecretId::Default => "the relay's secret".to_string(),
                         SecretId::Service(n) => format!("service {n}'s secret"),
                     };
-                    return Err(format!(
-                        "{whose} already has its maximum of {max} agents connected"
-                    ));
+                    return Err(Refusal::AgentsPerSecret { whose, max });
                 }
             }
         }
@@ -167,12 +166,9 @@ impl Registry {
         let mut owned = Vec::new();
         for (i, req) in requests.iter().enumerate() {
             let outcome = if requests[..i].iter().any(|r| r.name == req.name) {
-                Err((
-                    ErrorCode::BadRequest,
-                    format!("service {} is listed twice", req.name),
-                ))
+                Err(Refusal::ListedTwice(req.name.clone()))
             } else if let Err(e) = validate_name(&req.name) {
-                Err((ErrorCode::BadRequest, e.to_string()))
+                Err(Refusal::BadRequest(e.to_string()))
             } else {
                 self.register_one(&mut g, session, req, wake)
             };
@@ -182,7 +178,10 @@ impl Registry {
                     owned.push(svc);
                     ServiceOutcome::Online { port, hosts }
                 }
-                Err((code, message)) => ServiceOutcome::Rejected { code, message },
+                Err(refusal) => ServiceOutcome::Rejected {
+                    code: refusal.code(),
+                    message: refusal.to_string(),
+                },
             };
             results.push(ServiceResult {
                 name: req.name.clone(),
@@ -198,7 +197,7 @@ impl Registry {
         session: SessionId,
         req: &ServiceRequest,
         wake: &Arc<Notify>,
-    ) -> Result<Arc<Service>, (ErrorCode, String)> {
+    ) -> Result<Arc<Service>, Refusal> {
         let target = usize::from(req.pool.clamp(1, MAX_POOL));
         let (hosts, path) = self.claims(req)?;
         if let Some(existing) = g.services.get(&req.name).cloned() {
@@ -268,9 +267,9 @@ impl Registry {
     }
 
     /// The full host names and path prefix `req` claims, or why it cannot.
-    fn claims(&self, req: &ServiceRequest) -> Result<(Vec<String>, String), (ErrorCode, String)> {
-        let reject = |m: String| (ErrorCode::BadRequest, m);
-        let bad = |m: String| Err(reject(m));
+    fn claims(&self, req: &ServiceRequest) -> Result<(Vec<String>, String), Refusal> {
+        let reject = Refusal::BadRequest;
+        let bad = |m: String| Err(Refusal::BadRequest(m));
         match req.kind {
             ServiceKind::Tcp => {
                 if !req.hosts.is_empty() || !req.path.is_empty() {
@@ -313,7 +312,7 @@ impl Registry {
         req: &ServiceRequest,
         hosts: &[String],
         path: &str,
-    ) -> Result<(), (ErrorCode, String)> {
+    ) -> Result<(), Refusal> {
         let routes = self.routes();
         for h in hosts {
             let holder = match req.kind {
@@ -326,10 +325,10 @@ impl Registry {
                     ServiceKind::Http if path != "/" => format!("{h}{path}"),
                     _ => h.clone(),
                 };
-                return Err((
-                    ErrorCode::HostTaken,
-                    format!("{what} is already claimed by service {other}"),
-                ));
+                return Err(Refusal::HostTaken {
+                    what,
+                    holder: other.to_string(),
+                });
             }
         }
         Ok(())
@@ -373,7 +372,7 @@ impl Registry {
         req: &ServiceRequest,
         gate: &Arc<Gate>,
         pools: &[Arc<Pool>],
-    ) -> Result<(u16, ListenerGuard), (ErrorCode, String)> {
+    ) -> Result<(u16, ListenerGuard), Refusal> {
         let range = self.cfg.port_range;
         let try_bind = |port: u16| {
             let addr = SocketAddr::new(self.cfg.bind_addr, port);
@@ -383,23 +382,20 @@ impl Registry {
         if req.remote_port != 0 {
             let port = req.remote_port;
             if !range.contains(port) {
-                return Err((
-                    ErrorCode::PortForbidden,
-                    format!("port {port} is outside the relay's allowed range {}", range),
-                ));
+                return Err(Refusal::PortForbidden { port, range });
             }
             if let Some(holder) = self.port_holder(g, port) {
-                return Err((
-                    ErrorCode::PortTaken,
-                    format!("port {port} is already used by service {holder}"),
-                ));
+                return Err(Refusal::PortTaken {
+                    port,
+                    holder: holder.to_string(),
+                });
             }
-            return try_bind(port).map(|l| (port, l)).map_err(|e| {
-                (
-                    ErrorCode::PortTaken,
-                    format!("port {port} cannot be bound on the relay: {e}"),
-                )
-            });
+            return try_bind(port)
+                .map(|l| (port, l))
+                .map_err(|e| Refusal::PortUnbindable {
+                    port,
+                    reason: e.to_string(),
+                });
         }
         // No port asked for: the one this name had before, else a random free one. Ports
         // remembered for other names are avoided while there is a choice.
@@ -425,10 +421,7 @@ impl Registry {
                 return Ok((port, l));
             }
         }
-        Err((
-            ErrorCode::LimitReached,
-            format!("no free port found in the relay's range {}", range),
-        ))
+        Err(Refusal::NoFreePort(range))
     }
 
     /// Ends `session` at `now`: services it still owns stop taking tickets and linger until
@@ -496,6 +489,7 @@ mod tests {
 
     use super::*;
     use crate::config::{BackendKind, FrontConfig, Heartbeat, Limits, PortRange, Secret};
+    use crate::protocol::ErrorCode;
 
     const SECRET: &str = "registry-test-secret";
 
@@ -704,7 +698,10 @@ mod tests {
         let (_b, _kb) = session(&reg);
         let (tx, _rx) = mpsc::channel(1);
         let refused = reg.new_session(tx, vec![SecretId::Default]).unwrap_err();
-        assert!(refused.contains("maximum of 2 agents"), "{refused}");
+        assert!(
+            refused.to_string().contains("maximum of 2 agents"),
+            "{refused}"
+        );
         reg.end_session(a, LINGER, Instant::now());
         let (tx, _rx) = mpsc::channel(1);
         assert!(reg.new_session(tx, vec![SecretId::Default]).is_ok());

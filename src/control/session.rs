@@ -8,6 +8,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, Notify};
 
 use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use super::refusal::Refusal;
 use super::registry::LINGER;
 use super::service::{Service, SessionId};
 use crate::protocol::auth::{new_nonce, verify_register_mac};
@@ -37,9 +38,9 @@ pub enum SessionEnd {
     /// No requested service could be published.
     #[error("no service could be published")]
     NothingPublished,
-    /// A limit refused the agent (agents per secret).
+    /// The registry refused the agent (agents per secret).
     #[error("{0}")]
-    Limit(String),
+    Refused(#[from] Refusal),
 }
 
 /// Runs a control session whose `ControlHello` (with `version`) was already read.
@@ -109,18 +110,18 @@ pub async fn run(
         .collect();
     let session = match plane.registry.new_session(kick_tx, secrets) {
         Ok(id) => id,
-        Err(message) => {
-            tracing::warn!(%peer, "agent refused: {message}");
+        Err(refusal) => {
+            tracing::warn!(%peer, "agent refused: {refusal}");
             let _ = framed
                 .write_msg(
                     &RelayMsg::Error {
-                        code: ErrorCode::LimitReached,
-                        message: message.clone(),
+                        code: refusal.code(),
+                        message: refusal.to_string(),
                     },
                     WRITE_TIMEOUT,
                 )
                 .await;
-            return Err(SessionEnd::Limit(message));
+            return Err(SessionEnd::Refused(refusal));
         }
     };
     let result = serve(

@@ -1,0 +1,101 @@
+//! Why the registry refuses an agent or one of its services. Every refusal is the agent's to
+//! fix (its request, or its secret's share of the relay): the relay never retries one, and
+//! the agent decides whether waiting can help (see [`Refusal::code`]).
+
+use crate::config::PortRange;
+use crate::protocol::ErrorCode;
+
+/// A refusal, with the wire code the agent sees and a one-line message naming the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// A secret already has `max` agents connected (`max_agents`).
+    #[error("{whose} already has its maximum of {max} agents connected")]
+    AgentsPerSecret {
+        /// "the relay's secret" or "service NAME's secret".
+        whose: String,
+        /// The limit.
+        max: usize,
+    },
+    /// The same service name twice in one `Register`.
+    #[error("service {0} is listed twice")]
+    ListedTwice(String),
+    /// The request is malformed or does not fit this relay (name, hosts, path, port kind).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A host name (with its path prefix) belongs to another service.
+    #[error("{what} is already claimed by service {holder}")]
+    HostTaken {
+        /// The host, with the prefix when it is not `/`.
+        what: String,
+        /// The service holding it.
+        holder: String,
+    },
+    /// The port asked for is outside the relay's `port_range`.
+    #[error("port {port} is outside the relay's allowed range {range}")]
+    PortForbidden {
+        /// The port asked for.
+        port: u16,
+        /// The relay's range.
+        range: PortRange,
+    },
+    /// Another service holds the port asked for.
+    #[error("port {port} is already used by service {holder}")]
+    PortTaken {
+        /// The port asked for.
+        port: u16,
+        /// The service holding it.
+        holder: String,
+    },
+    /// The port is free in the registry but the kernel refused to bind it (another process).
+    #[error("port {port} cannot be bound on the relay: {reason}")]
+    PortUnbindable {
+        /// The port asked for.
+        port: u16,
+        /// The bind error.
+        reason: String,
+    },
+    /// No port asked for, and none of the tries in the range was free.
+    #[error("no free port found in the relay's range {0}")]
+    NoFreePort(PortRange),
+}
+
+impl Refusal {
+    /// The code on the wire: what the agent can tell apart without parsing the message.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::AgentsPerSecret { .. } | Refusal::NoFreePort(_) => ErrorCode::LimitReached,
+            Refusal::ListedTwice(_) | Refusal::BadRequest(_) => ErrorCode::BadRequest,
+            Refusal::HostTaken { .. } => ErrorCode::HostTaken,
+            Refusal::PortForbidden { .. } => ErrorCode::PortForbidden,
+            Refusal::PortTaken { .. } | Refusal::PortUnbindable { .. } => ErrorCode::PortTaken,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages_name_the_problem() {
+        let r = Refusal::HostTaken {
+            what: "shop.example.test/api".into(),
+            holder: "shop-api".into(),
+        };
+        assert_eq!(r.code(), ErrorCode::HostTaken);
+        assert_eq!(
+            r.to_string(),
+            "shop.example.test/api is already claimed by service shop-api"
+        );
+        let r = Refusal::PortForbidden {
+            port: 80,
+            range: PortRange::default(),
+        };
+        assert_eq!(r.code(), ErrorCode::PortForbidden);
+        assert!(r.to_string().contains("outside the relay's allowed range"));
+        assert_eq!(
+            Refusal::NoFreePort(PortRange::default()).code(),
+            ErrorCode::LimitReached
+        );
+    }
+}
