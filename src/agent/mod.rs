@@ -24,6 +24,7 @@ use crate::config::{AgentConfig, BackendKind};
 use crate::dataplane::probe;
 use crate::dataplane::uring::Workers;
 use crate::net::CONNECT_TIMEOUT;
+use crate::protocol::ErrorCode;
 use crate::tls::fingerprint::FingerprintMismatch;
 use crate::tls::{self, RelayTrust};
 use crate::transport::BoxStream;
@@ -36,15 +37,67 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
-/// How an agent run ends or a session fails.
+/// Whose side an agent failure is on: what the person reading the error should look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This agent's settings or machine (config, flags, io_uring, the local service).
+    Agent,
+    /// The relay: what it answered, its certificate, its protocol.
+    Relay,
+    /// The way between: the relay unreachable, the connection lost, the relay silent.
+    Network,
+}
+
+/// How an agent run ends or a session fails. [`AgentError::retryable`] says whether the
+/// agent reconnects (with backoff) or exits; [`AgentError::side`] says whose fault it is.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// Retrying cannot help (wrong secret, untrusted certificate, bad config): exit.
+    /// The agent's settings or machine cannot work (bad config, io_uring asked for but
+    /// missing): exit.
     #[error("{0}")]
-    Fatal(String),
-    /// Worth retrying after a delay (relay unreachable, connection lost).
+    Settings(String),
+    /// The relay's certificate is not the one the agent trusts: exit.
     #[error("{0}")]
-    Transient(String),
+    Certificate(String),
+    /// The relay is unreachable, the connection broke or went silent: retry.
+    #[error("{0}")]
+    Network(String),
+    /// The relay refused, with `code`; `retry` says whether waiting can help (a port still
+    /// held by a lingering session) or not (wrong secret, replaced, wrong version).
+    #[error("{message}")]
+    Refused {
+        /// The relay's reason.
+        code: ErrorCode,
+        /// What the relay said, with context.
+        message: String,
+        /// Whether reconnecting can succeed.
+        retry: bool,
+    },
+    /// The relay sent something out of order: retry (a relay mid-upgrade, say).
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl AgentError {
+    /// Whether reconnecting after a delay can help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            AgentError::Settings(_) | AgentError::Certificate(_) => false,
+            AgentError::Network(_) | AgentError::Protocol(_) => true,
+            AgentError::Refused { retry, .. } => *retry,
+        }
+    }
+
+    /// Whose side the failure is on.
+    pub fn side(&self) -> Side {
+        match self {
+            AgentError::Settings(_) => Side::Agent,
+            AgentError::Certificate(_) | AgentError::Refused { .. } | AgentError::Protocol(_) => {
+                Side::Relay
+            }
+            AgentError::Network(_) => Side::Network,
+        }
+    }
 }
 
 /// State shared by the agent's sessions and data connections.
@@ -84,11 +137,11 @@ impl Ctx {
         let connect = async {
             let tcp = TcpStream::connect((self.cfg.relay_host.as_str(), self.cfg.relay_port))
                 .await
-                .map_err(|e| AgentError::Transient(format!("relay {addr} unreachable: {e}")))?;
+                .map_err(|e| AgentError::Network(format!("relay {addr} unreachable: {e}")))?;
             let _ = tcp.set_nodelay(true);
             let peer = tcp
                 .peer_addr()
-                .map_err(|e| AgentError::Transient(format!("relay {addr}: {e}")))?;
+                .map_err(|e| AgentError::Network(format!("relay {addr}: {e}")))?;
             if !tls {
                 return Ok((Box::new(tcp) as BoxStream, peer));
             }
@@ -102,7 +155,7 @@ impl Ctx {
         };
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| AgentError::Transient(format!("relay {addr}: connect timed out")))?
+            .map_err(|_| AgentError::Network(format!("relay {addr}: connect timed out")))?
     }
 
     fn assigned_port(&self, name: &str) -> Option<u16> {
@@ -144,8 +197,8 @@ fn start_workers(
     match probe::io_uring() {
         Ok(()) => Workers::start(workers)
             .map(Some)
-            .map_err(|e| AgentError::Fatal(format!("starting io_uring workers: {e}"))),
-        Err(why) if backend == BackendKind::Uring => Err(AgentError::Fatal(format!(
+            .map_err(|e| AgentError::Settings(format!("starting io_uring workers: {e}"))),
+        Err(why) if backend == BackendKind::Uring => Err(AgentError::Settings(format!(
             "--backend uring: io_uring is unavailable: {why}"
         ))),
         Err(why) => {
@@ -162,19 +215,19 @@ fn classify_tls_error(e: io::Error) -> AgentError {
     match rustls_err {
         Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => {
             match other.0.downcast_ref::<FingerprintMismatch>() {
-                Some(m) => AgentError::Fatal(m.to_string()),
-                None => AgentError::Fatal(format!("relay certificate rejected: {other}")),
+                Some(m) => AgentError::Certificate(m.to_string()),
+                None => AgentError::Certificate(format!("relay certificate rejected: {other}")),
             }
         }
         Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
-            AgentError::Fatal(
+            AgentError::Certificate(
                 "relay certificate is not trusted (self-signed?): pass --relay-fingerprint with the fingerprint the relay printed at start".into(),
             )
         }
         Some(rustls::Error::InvalidCertificate(c)) => {
-            AgentError::Fatal(format!("relay certificate rejected: {c:?}"))
+            AgentError::Certificate(format!("relay certificate rejected: {c:?}"))
         }
-        _ => AgentError::Transient(format!("TLS handshake with relay failed: {e}")),
+        _ => AgentError::Network(format!("TLS handshake with relay failed: {e}")),
     }
 }
 
@@ -190,15 +243,15 @@ pub async fn run_with_events(
     events: Option<mpsc::UnboundedSender<Online>>,
 ) -> Result<(), AgentError> {
     cfg.validate()
-        .map_err(|e| AgentError::Fatal(e.to_string()))?;
+        .map_err(|e| AgentError::Settings(e.to_string()))?;
     let trust = match (&cfg.relay_fingerprint, &cfg.ca) {
         (Some(fp), _) => RelayTrust::Pinned(*fp),
         (None, Some(ca)) => RelayTrust::CaFile(ca.clone()),
         (None, None) => RelayTrust::PublicRoots,
     };
-    let client = tls::client_config(&trust).map_err(|e| AgentError::Fatal(e.to_string()))?;
+    let client = tls::client_config(&trust).map_err(|e| AgentError::Settings(e.to_string()))?;
     let server_name = ServerName::try_from(cfg.relay_host.clone())
-        .map_err(|_| AgentError::Fatal(format!("invalid relay host {:?}", cfg.relay_host)))?;
+        .map_err(|_| AgentError::Settings(format!("invalid relay host {:?}", cfg.relay_host)))?;
     let workers = start_workers(cfg.backend, cfg.workers)?;
     let ctx = Arc::new(Ctx {
         cfg,
@@ -213,15 +266,48 @@ pub async fn run_with_events(
     loop {
         let started = Instant::now();
         let err = session::run(&ctx, &mut first).await;
-        let err = match err {
-            AgentError::Fatal(_) => return Err(err),
-            AgentError::Transient(m) => m,
-        };
+        if !err.retryable() {
+            return Err(err);
+        }
         if started.elapsed() >= STABLE_SESSION {
             backoff.reset();
         }
         let delay = backoff.next_delay();
         tracing::warn!("{err}; reconnecting in {:.1}s", delay.as_secs_f64());
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_whose_fault_and_whether_to_retry() {
+        let wrong_secret = session::relay_error(ErrorCode::AuthFailed, "wrong secret".into());
+        assert!(!wrong_secret.retryable());
+        assert_eq!(wrong_secret.side(), Side::Relay);
+        assert_eq!(
+            wrong_secret.to_string(),
+            "relay rejected the agent: wrong secret"
+        );
+        let busy = session::relay_error(ErrorCode::LimitReached, "too many agents".into());
+        assert!(busy.retryable(), "a limit may free up");
+        let gone = AgentError::Network("relay 127.0.0.1:1 unreachable".into());
+        assert!(gone.retryable());
+        assert_eq!(gone.side(), Side::Network);
+        let pinned = classify_tls_error(io::Error::other(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        )));
+        assert!(!pinned.retryable());
+        assert!(
+            pinned.to_string().contains("--relay-fingerprint"),
+            "{pinned}"
+        );
+        let settings = AgentError::Settings("--backend uring: io_uring is unavailable".into());
+        assert_eq!(
+            (settings.retryable(), settings.side()),
+            (false, Side::Agent)
+        );
     }
 }

@@ -18,14 +18,19 @@ use crate::protocol::{
 use crate::transport::{FrameIoError, Framed};
 
 fn lost(e: FrameIoError) -> AgentError {
-    AgentError::Transient(format!("relay connection lost: {e}"))
+    AgentError::Network(format!("relay connection lost: {e}"))
 }
 
-fn relay_error(code: ErrorCode, message: String) -> AgentError {
-    match code {
-        ErrorCode::AuthFailed => AgentError::Fatal(format!("relay rejected the agent: {message}")),
-        ErrorCode::UnsupportedVersion | ErrorCode::Replaced => AgentError::Fatal(message),
-        _ => AgentError::Transient(format!("relay closed the session: {message}")),
+pub(super) fn relay_error(code: ErrorCode, message: String) -> AgentError {
+    let (message, retry) = match code {
+        ErrorCode::AuthFailed => (format!("relay rejected the agent: {message}"), false),
+        ErrorCode::UnsupportedVersion | ErrorCode::Replaced => (message, false),
+        _ => (format!("relay closed the session: {message}"), true),
+    };
+    AgentError::Refused {
+        code,
+        message,
+        retry,
     }
 }
 
@@ -87,13 +92,17 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
             data_tls,
         } if version == PROTOCOL_VERSION => (nonce, data_tls),
         RelayMsg::Challenge { version, .. } => {
-            return Err(AgentError::Fatal(format!(
-                "relay speaks protocol {version}, this agent speaks {PROTOCOL_VERSION}"
-            )))
+            return Err(AgentError::Refused {
+                code: ErrorCode::UnsupportedVersion,
+                message: format!(
+                    "relay speaks protocol {version}, this agent speaks {PROTOCOL_VERSION}"
+                ),
+                retry: false,
+            })
         }
         RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
         other => {
-            return Err(AgentError::Transient(format!(
+            return Err(AgentError::Protocol(format!(
                 "unexpected {other:?} from relay"
             )))
         }
@@ -136,7 +145,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         RelayMsg::Registered { results } => results,
         RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
         other => {
-            return Err(AgentError::Transient(format!(
+            return Err(AgentError::Protocol(format!(
                 "unexpected {other:?} from relay"
             )))
         }
@@ -144,6 +153,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
 
     let mut online = 0;
     let mut refusals = Vec::new();
+    let mut first_code = None;
     for r in &results {
         match &r.outcome {
             ServiceOutcome::Online { port, hosts } => {
@@ -171,15 +181,19 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                     ctx.remember_port(&r.name, None);
                 }
                 refusals.push(format!("service {}: {message}", r.name));
+                first_code.get_or_insert(*code);
             }
         }
     }
     if online == 0 {
         let msg = format!("relay published no service: {}", refusals.join("; "));
-        return Err(if *first {
-            AgentError::Fatal(msg)
-        } else {
-            AgentError::Transient(msg)
+        // Refused on the first connection: the settings are wrong, so exit. After the
+        // agent has been online, a refusal (its old port briefly still held) is retried.
+        let code = first_code.unwrap_or(ErrorCode::BadRequest);
+        return Err(AgentError::Refused {
+            code,
+            message: msg,
+            retry: !*first,
         });
     }
     *first = false;
@@ -220,7 +234,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
     loop {
         let wait_until = match live.poll(Instant::now()) {
             Action::PeerDead => {
-                return Err(AgentError::Transient(format!(
+                return Err(AgentError::Network(format!(
                     "relay silent for {:?}",
                     hb.timeout
                 )))
@@ -266,7 +280,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                         }
                     }
                     RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
-                    other => return Err(AgentError::Transient(format!("unexpected {other:?} from relay"))),
+                    other => return Err(AgentError::Protocol(format!("unexpected {other:?} from relay"))),
                 }
             }
             _ = tokio::time::sleep_until(wait_until.into()) => {}
