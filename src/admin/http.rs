@@ -138,6 +138,9 @@ fn token_matches(want: &[u8], got: &[u8]) -> bool {
     diff == 0
 }
 
+/// Reads one per-service gauge off a service's snapshot.
+type Gauge = fn(&ServiceSnapshot) -> usize;
+
 /// Every counter as `ringtunnel_<name>_total`, and per-service gauges.
 fn metrics_text(view: &AdminView) -> String {
     let mut out = String::with_capacity(4096);
@@ -146,31 +149,22 @@ fn metrics_text(view: &AdminView) -> String {
         let _ = writeln!(out, "ringtunnel_{name}_total {value}");
     }
     let services = (view.services)();
-    let _ = writeln!(out, "# TYPE ringtunnel_service_online gauge");
-    for s in &services {
-        let _ = writeln!(
-            out,
-            "ringtunnel_service_online{{service=\"{}\",kind=\"{}\"}} {}",
-            s.name,
-            s.kind,
-            u8::from(s.online)
-        );
-    }
-    let _ = writeln!(out, "# TYPE ringtunnel_service_visitors gauge");
-    for s in &services {
-        let _ = writeln!(
-            out,
-            "ringtunnel_service_visitors{{service=\"{}\",kind=\"{}\"}} {}",
-            s.name, s.kind, s.visitors
-        );
-    }
-    let _ = writeln!(out, "# TYPE ringtunnel_service_idle_connections gauge");
-    for s in &services {
-        let _ = writeln!(
-            out,
-            "ringtunnel_service_idle_connections{{service=\"{}\",kind=\"{}\"}} {}",
-            s.name, s.kind, s.idle_connections
-        );
+    let gauges: [(&str, Gauge); 3] = [
+        ("online", |s| usize::from(s.online)),
+        ("visitors", |s| s.visitors),
+        ("idle_connections", |s| s.idle_connections),
+    ];
+    for (name, value) in gauges {
+        let _ = writeln!(out, "# TYPE ringtunnel_service_{name} gauge");
+        for s in &services {
+            let _ = writeln!(
+                out,
+                "ringtunnel_service_{name}{{service=\"{}\",kind=\"{}\"}} {}",
+                s.name,
+                s.kind,
+                value(s)
+            );
+        }
     }
     out
 }
