@@ -1,60 +1,70 @@
-//! One data connection on the agent: open it with a ticket, wait (pooled) for the relay to
-//! assign a visitor, then dial the local service and forward both ways.
+//! One data connection on the agent, on tokio: open it with a ticket, wait (pooled) for the
+//! relay to assign a visitor, then dial the local service and forward both ways. The
+//! protocol decisions are [`AgentDataConn`]'s; this is its tokio driver.
 
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Ctx;
 use crate::dataplane::tokio::chunked;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
-use crate::protocol::chunk;
-use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
-use crate::transport::Framed;
+use crate::protocol::lifecycle::{AgentDataConn, AgentEvent};
 
 /// Opens a data connection with `ticket` and serves visitors through it to `local`, one at a
 /// time, for as long as the relay keeps it.
 pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, ticket: Ticket) {
     // Dialing holds timers (cache-line aligned) and a TLS handshake: boxed, so none of it
     // pads the task that lives as long as the connection.
-    let stream = match Box::pin(ctx.connect(tls)).await {
+    let mut tunnel = match Box::pin(ctx.connect(tls)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(service, "data connection failed: {e}");
             return;
         }
     };
-    let mut framed = Framed::new(stream);
-    let hello = AgentMsg::DataHello {
-        version: PROTOCOL_VERSION,
-        ticket,
-    };
-    if let Err(e) = Box::pin(framed.write_msg(&hello, CONNECT_TIMEOUT)).await {
-        tracing::debug!(service, "data connection failed: {e}");
-        return;
+    let (mut conn, hello) = AgentDataConn::open(ticket);
+    let sent = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, async {
+        tunnel.write_all(&hello).await?;
+        tunnel.flush().await
+    }));
+    match sent.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return tracing::debug!(service, "data connection failed: {e}"),
+        Err(_) => return tracing::debug!(service, "data connection failed: hello timed out"),
     }
+    // On the heap: held across the pooled wait, inline it would grow every idle task.
+    let mut buf = vec![0u8; 512];
     // One visitor after another: a connection whose visitor ended cleanly in both directions
     // goes back to waiting for the next `Start`.
     loop {
         // Pooled: this waits, unbounded, until a visitor arrives or the relay drops us.
-        let visitor = match framed.read_msg::<RelayMsg>().await {
-            Ok(RelayMsg::Start { visitor }) => visitor,
-            Ok(RelayMsg::Error { message, .. }) => {
-                tracing::warn!(service, "relay refused a data connection: {message}");
-                return;
-            }
-            Ok(other) => {
-                tracing::warn!(service, "unexpected frame on data connection: {other:?}");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(service, "pooled data connection closed: {e}");
-                return;
+        let mut event = conn.pending();
+        let (visitor, early) = loop {
+            match event {
+                AgentEvent::NeedMore => {
+                    let n = match tunnel.read(&mut buf).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            return tracing::debug!(service, "pooled data connection closed: {e}")
+                        }
+                    };
+                    event = conn.on_pooled_input(&buf[..n]);
+                }
+                AgentEvent::Start { visitor, early } => break (visitor, early),
+                AgentEvent::Refused(message) => {
+                    return tracing::warn!(service, "relay refused a data connection: {message}")
+                }
+                AgentEvent::Ended => {
+                    return tracing::debug!(service, "pooled data connection closed by the relay")
+                }
+                AgentEvent::Invalid(why) => {
+                    return tracing::warn!(service, "data connection closed: {why}")
+                }
             }
         };
-        let (mut tunnel, early) = framed.into_parts();
         let connect = Box::pin(tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect(&local),
@@ -75,21 +85,20 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
             Ok(o) => {
                 let (up, down) = (o.moved.b_to_a, o.moved.a_to_b);
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");
-                if !o.reusable {
-                    return;
-                }
                 drop(origin);
-                // Done with the local connection, cleanly: tell the relay it may send the
-                // next visitor here.
-                let ready = async {
-                    tunnel.write_all(&chunk::header(chunk::READY)).await?;
+                let Some(ready) = conn.on_visitor_done(o.reusable, o.leftover) else {
+                    return;
+                };
+                // Done with the local connection, cleanly: the relay may send the next
+                // visitor here.
+                let sent = async {
+                    tunnel.write_all(&ready).await?;
                     tunnel.flush().await
                 };
-                if let Err(e) = ready.await {
+                if let Err(e) = sent.await {
                     tracing::debug!(service, "data connection ended: {e}");
                     return;
                 }
-                framed = Framed::with_buffer(tunnel, o.leftover);
             }
             Err(e) => {
                 tracing::debug!(service, %visitor, "visitor ended: {e}");

@@ -5,10 +5,12 @@ use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::pin;
 use std::task::Poll;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::protocol::chunk;
+use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 
 /// A socket (or stream over one) read on whichever runtime owns it.
 #[allow(async_fn_in_trait)] // implemented and awaited only inside this crate, on concrete types
@@ -39,27 +41,27 @@ pub async fn race<T>(
     .await
 }
 
-/// The relay's wait for the agent's `READY` after a visitor's two `END`s, until `deadline`
-/// (which should fire after [`chunk::READY_WAIT`]). `got` are bytes already read after the
-/// agent's `END`; the rest is read from `tunnel`. Anything but `READY`, EOF or silence means
-/// the connection is not reused.
+/// The relay's wait for the agent's `READY` after a visitor's two `END`s: feeds what the
+/// agent sends to `conn` until it says park or close, or `deadline` (which should fire after
+/// [`chunk::READY_WAIT`]) comes first. `next` is what [`RelayDataConn::on_visitor_done`]
+/// answered. `true`: park the connection again.
 pub async fn agent_ready(
+    conn: &mut RelayDataConn,
+    mut next: RelayNext,
     tunnel: &mut impl ReadSome,
-    mut got: Vec<u8>,
     deadline: impl Future<Output = ()>,
 ) -> bool {
     let wait = async {
         loop {
-            match chunk::check_ready(&got) {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(_) => return false,
+            match next {
+                RelayNext::Park => return true,
+                RelayNext::Close => return false,
+                RelayNext::WaitReady(_) => {}
             }
             let mut buf = [0u8; chunk::HEADER_LEN];
-            match tunnel.read_some(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
+            // An error reads as EOF: either way the connection is not reused.
+            let n = tunnel.read_some(&mut buf).await.unwrap_or(0);
+            next = conn.on_ready_input(&buf[..n], Instant::now());
         }
     };
     race(wait, deadline).await.unwrap_or(false)

@@ -6,6 +6,8 @@
 //! - [`msg`]: one message enum per direction, [`AgentMsg`] and [`RelayMsg`].
 //! - [`auth`]: HMAC-SHA256 challenge–response and ticket types.
 //! - [`chunk`]: chunked visitor bytes on a data connection, so connections can be reused.
+//! - [`lifecycle`]: one data connection's life on each side (park, `Start`, forward,
+//!   `READY`), the state machines both backends drive.
 //! - [`liveness`]: the heartbeat state machine both ends run on the control connection.
 //! - [`http`]: HTTP/1.x request heads, for routing shared HTTP ports by host and path.
 //! - [`sni`]: the server name in a TLS ClientHello, for routing shared TLS ports.
@@ -15,6 +17,7 @@ pub mod auth;
 pub mod chunk;
 pub mod frame;
 pub mod http;
+pub mod lifecycle;
 pub mod liveness;
 pub mod msg;
 pub mod proxy;

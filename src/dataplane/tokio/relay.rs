@@ -3,7 +3,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,8 +18,7 @@ use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::wait::agent_ready;
 use crate::net::accept_failed;
 use crate::protocol::chunk;
-use crate::protocol::msg::Message;
-use crate::protocol::RelayMsg;
+use crate::protocol::lifecycle::RelayDataConn;
 use crate::transport::Conn;
 
 /// Accepts visitors on `listener` for the service behind `gate`; abort the
@@ -63,9 +62,11 @@ pub fn spawn(
     })
 }
 
-/// Idles in the pool until a visitor is assigned, then forwards; parks again
-/// for the next visitor while both directions keep ending cleanly.
+/// Idles in the pool until a visitor is assigned, then forwards; parks again for the next
+/// visitor while both directions keep ending cleanly. The tokio driver of
+/// [`RelayDataConn`].
 pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metrics: &Metrics) {
+    let mut conn = RelayDataConn::new();
     let generation = pool.generation();
     let (slot, mut assigned) = oneshot::channel::<Visitor>();
     pool.offer(slot);
@@ -78,7 +79,10 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
                 Ok(v) => v,
                 Err(_) => return, // pool dropped us: owner changed or service closed
             },
-            _ = tunnel.read(&mut probe) => return,
+            _ = tunnel.read(&mut probe) => {
+                conn.on_parked_input();
+                return;
+            }
         };
         let addr = visitor.addr;
         let idle = visitor.idle_timeout();
@@ -90,8 +94,7 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
         // SAFETY: `stream` stays open (it is only lent to the forwarder) for as long as the
         // select below lives, and the watcher borrowing the fd lives no longer than that.
         let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-        let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-        chunk::push_chunks(&mut start, &visitor.prefix);
+        let start = conn.on_visitor(addr, &visitor.prefix, &[]);
         let outcome = tokio::select! {
             o = chunked::forward(&mut stream, &mut tunnel, &start, &[]) => o,
             _ = idle::tokio_idle(fd, idle) => {
@@ -103,13 +106,11 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
             Ok(o) => {
                 let (up, down) = (o.moved.a_to_b, o.moved.b_to_a);
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
-                if !o.reusable {
-                    return;
-                }
                 drop((stream, admission));
+                let next = conn.on_visitor_done(o.reusable, o.leftover, Instant::now());
                 // Boxed: a timer is cache-line aligned, and inline it would pad every task.
                 let deadline = tokio::time::sleep(chunk::READY_WAIT);
-                if !Box::pin(agent_ready(&mut tunnel, o.leftover, deadline)).await {
+                if !Box::pin(agent_ready(&mut conn, next, &mut tunnel, deadline)).await {
                     return;
                 }
             }

@@ -18,9 +18,7 @@ use super::tunnel::Tunnel;
 use crate::dataplane::sock::set_nonblocking;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
-use crate::protocol::chunk;
-use crate::protocol::msg::Message;
-use crate::protocol::{AgentMsg, RelayMsg, MAX_FRAME_LEN, PROTOCOL_VERSION};
+use crate::protocol::lifecycle::{AgentDataConn, AgentEvent};
 
 /// How a worker speaks TLS to the relay on data connections.
 #[derive(Clone)]
@@ -99,43 +97,29 @@ async fn run(
     // Dialing holds timers (cache-line aligned) and, with TLS, a handshaking rustls state:
     // boxed, so none of it pads the task that lives as long as the connection.
     let tunnel = Box::pin(open_tunnel(tls, relay)).await?;
-    let hello = AgentMsg::DataHello {
-        version: PROTOCOL_VERSION,
-        ticket,
-    };
-    tunnel.write_all(&hello.to_frame()).await?;
+    let (mut conn, hello) = AgentDataConn::open(ticket);
+    tunnel.write_all(&hello).await?;
 
-    // One visitor after another, for as long as each ends cleanly both ways.
+    // On the heap: held across the pooled wait, inline it would grow every idle task.
     let mut buf = vec![0u8; 512];
-    let mut have = 0;
+    // One visitor after another, for as long as each ends cleanly both ways.
     loop {
         // Pooled: wait, unbounded, for Start (or the relay closing us).
-        let (visitor, used) = loop {
-            match RelayMsg::decode(&buf[..have]) {
-                Ok(None) => {}
-                Ok(Some((RelayMsg::Start { visitor }, used))) => break (visitor, used),
-                Ok(Some((RelayMsg::Error { message, .. }, _))) => {
+        let mut event = conn.pending();
+        let (visitor, early) = loop {
+            match event {
+                AgentEvent::NeedMore => {
+                    let n = tunnel.read_some_later(&mut buf).await?;
+                    event = conn.on_pooled_input(&buf[..n]);
+                }
+                AgentEvent::Start { visitor, early } => break (visitor, early),
+                AgentEvent::Refused(message) => {
                     tracing::warn!(service, "relay refused a data connection: {message}");
                     return Ok(());
                 }
-                Ok(Some((other, _))) => {
-                    return Err(io::Error::other(format!(
-                        "unexpected {other:?} on data connection"
-                    )))
-                }
-                Err(e) => return Err(io::Error::other(e.to_string())),
+                AgentEvent::Ended => return Ok(()), // relay dropped the pooled connection
+                AgentEvent::Invalid(why) => return Err(io::Error::other(why)),
             }
-            if have == buf.len() {
-                if buf.len() > MAX_FRAME_LEN + 4 {
-                    return Err(io::Error::other("oversized frame from relay"));
-                }
-                buf.resize(buf.len() * 2, 0);
-            }
-            let n = tunnel.read_some_later(&mut buf[have..]).await?;
-            if n == 0 {
-                return Ok(()); // relay dropped the pooled connection
-            }
-            have += n;
         };
         let origin = match Box::pin(connect_any(local)).await {
             Ok(s) => s,
@@ -144,24 +128,17 @@ async fn run(
                 return Ok(());
             }
         };
-        let outcome = tunnel
-            .forward(&origin, pipes, &buf[used..have], true)
-            .await?;
+        let outcome = tunnel.forward(&origin, pipes, &early, true).await?;
         // Forwarding ran origin → tunnel as "up" from the agent's side; the visitor's view is
         // the reverse.
         let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);
         tracing::debug!(service, %visitor, up, down, reusable, "visitor done");
-        if !reusable {
-            return Ok(());
-        }
         drop(origin);
+        let Some(ready) = conn.on_visitor_done(reusable, outcome.leftover) else {
+            return Ok(());
+        };
         // Done with the local connection, cleanly: the relay may send the next visitor here.
-        tunnel.write_all(&chunk::header(chunk::READY)).await?;
-        have = outcome.leftover.len();
-        if buf.len() < have {
-            buf.resize(have, 0);
-        }
-        buf[..have].copy_from_slice(&outcome.leftover);
+        tunnel.write_all(&ready).await?;
     }
 }
 

@@ -2,9 +2,10 @@
 //! data connections in this worker's pool, and splice each pair.
 
 use std::net::SocketAddr;
-use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -21,8 +22,7 @@ use crate::dataplane::sock::recv_now;
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::net::ACCEPT_BACKOFF;
 use crate::protocol::chunk;
-use crate::protocol::msg::Message;
-use crate::protocol::RelayMsg;
+use crate::protocol::lifecycle::RelayDataConn;
 
 /// Accepts visitors until `stop` fires (or its sender is dropped). A visitor pairs with a
 /// connection from this worker's pool; if that is empty it takes an idle one from another
@@ -130,6 +130,7 @@ async fn park_and_forward(
             Tunnel::Tls(tls)
         }
     };
+    let mut conn = RelayDataConn::new();
     let generation = pool.generation();
     let (slot, mut assigned) = oneshot::channel::<Visitor>();
     pool.offer(slot);
@@ -141,16 +142,17 @@ async fn park_and_forward(
                 Ok(v) => v,
                 Err(_) => return Ok(()), // pool dropped us: owner changed or service closed
             },
-            _ = tunnel.socket().readable(false) => return Ok(()),
+            _ = tunnel.socket().readable(false) => {
+                conn.on_parked_input();
+                return Ok(());
+            }
         };
         visitor.stream.set_nonblocking(true)?;
         let addr = visitor.addr;
         let idle = visitor.idle_timeout();
         let admission = visitor.admission;
         let stream = TcpStream::from_std(visitor.stream)?;
-        let mut start = RelayMsg::Start { visitor: addr }.to_frame();
-        chunk::push_chunks(&mut start, &visitor.prefix);
-        let (sent_early, quiet) = take_early(fd(&stream), &mut start)?;
+        let (start, sent_early, quiet) = start_frame(&mut conn, &stream, addr, &visitor.prefix)?;
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
             o = tunnel.forward(&stream, pipes, &[], quiet) => o?,
@@ -161,14 +163,12 @@ async fn park_and_forward(
         };
         let (up, down, reusable) = (outcome.up + sent_early, outcome.down, outcome.reusable);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
-        if !reusable {
-            return Ok(());
-        }
         drop((stream, admission));
+        let next = conn.on_visitor_done(reusable, outcome.leftover, Instant::now());
         // Boxed: a timer is cache-line aligned, and inline it would pad every task.
         let deadline = monoio::time::sleep(chunk::READY_WAIT);
         let later = &mut ReadLater(&tunnel);
-        if !Box::pin(agent_ready(later, outcome.leftover, deadline)).await {
+        if !Box::pin(agent_ready(&mut conn, next, later, deadline)).await {
             return Ok(());
         }
         let (slot, next) = oneshot::channel::<Visitor>();
@@ -180,20 +180,24 @@ async fn park_and_forward(
     }
 }
 
-/// Appends what the visitor has sent already (a client-first protocol's request, usually here
-/// by the time the visitor reaches its data connection) to `frame` as one chunk, so it travels
-/// with `Start` in one send and reaches the agent in one read. Returns the bytes taken and
-/// whether the visitor has nothing more to read now (its next read should wait on the ring).
-fn take_early(fd: BorrowedFd<'_>, frame: &mut Vec<u8>) -> std::io::Result<(u64, bool)> {
+/// The bytes that start a visitor on the tunnel: `Start`, the bytes held for it (`held`), and
+/// what the visitor has sent already (a client-first protocol's request, usually here by the
+/// time the visitor reaches its data connection), so they travel in one send and reach the
+/// agent in one read. Also returns the visitor bytes taken and whether the visitor has nothing
+/// more to read now (its next read should wait on the ring).
+fn start_frame(
+    conn: &mut RelayDataConn,
+    visitor: &TcpStream,
+    addr: SocketAddr,
+    held: &[u8],
+) -> std::io::Result<(Vec<u8>, u64, bool)> {
     with_scratch(|buf| {
-        Ok(match recv_now(fd, buf)? {
+        let (n, quiet) = match recv_now(fd(visitor), buf)? {
             None => (0, true),
             Some(0) => (0, false), // EOF: the forwarder sees it at once and sends END
-            Some(n) => {
-                chunk::push_chunks(frame, &buf[..n]);
-                (n as u64, n < buf.len())
-            }
-        })
+            Some(n) => (n, n < buf.len()),
+        };
+        Ok((conn.on_visitor(addr, held, &buf[..n]), n as u64, quiet))
     })
 }
 
