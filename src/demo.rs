@@ -89,7 +89,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         heartbeat: Heartbeat::default(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let agent_task = tokio::spawn(agent::run_with_events(agent_cfg, Some(tx)));
+    let mut agent_task = tokio::spawn(agent::run_with_events(agent_cfg, Some(tx)));
     let online = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .context("agent did not come online within 20 s")?
@@ -112,12 +112,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else {
         tokio::select! {
             r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
-            r = agent_task => match r {
+            r = &mut agent_task => match r {
                 Ok(Err(e)) => Err(anyhow::anyhow!("agent stopped: {e}")),
                 _ => Ok(()),
             },
         }
     };
+    // The agent goes first: stopping the relay under a live agent would make it log a lost
+    // connection and start reconnecting on the way out.
+    if !agent_task.is_finished() {
+        agent_task.abort();
+        let _ = (&mut agent_task).await;
+    }
     relay.stop();
     let _ = std::fs::remove_dir_all(&state_dir);
     result
