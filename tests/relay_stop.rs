@@ -41,10 +41,15 @@ fn relay_config(backend: Backend, state: &TempDir) -> RelayConfig {
     }
 }
 
-/// Waits (bounded) until nothing accepts on `addr`.
+/// Waits (bounded) until nothing accepts on `addr`. A connect that times out (a full accept
+/// queue nobody drains) counts as still listening.
 async fn until_refused(addr: SocketAddr, what: &str) {
     let deadline = Instant::now() + WAIT;
-    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+    let attempt = Duration::from_secs(1);
+    while !matches!(
+        tokio::time::timeout(attempt, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(_))
+    ) {
         assert!(
             Instant::now() < deadline,
             "{what} {addr} still accepts after stop"

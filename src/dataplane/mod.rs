@@ -26,7 +26,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::tokio::sync::oneshot;
 use ::tokio::task::JoinHandle;
 
 use crate::config::BackendKind;
@@ -103,8 +102,8 @@ pub enum DataPlane {
 pub enum ListenerGuard {
     /// The tokio accept task.
     Tokio(JoinHandle<()>),
-    /// One stop signal per worker listener.
-    Uring(Vec<oneshot::Sender<()>>),
+    /// One stop handle per worker listener.
+    Uring(Vec<uring::ListenerStop>),
 }
 
 impl Drop for ListenerGuard {
@@ -112,7 +111,8 @@ impl Drop for ListenerGuard {
         if let ListenerGuard::Tokio(h) = self {
             h.abort();
         }
-        // Uring: dropping the senders stops each worker's accept loop.
+        // Uring: dropping the stop handles stops each worker's accept loop and shuts its
+        // listener down.
     }
 }
 
@@ -156,7 +156,7 @@ impl DataPlane {
                 let listeners = bind_group(addr, w.len())?;
                 let mut stops = Vec::with_capacity(w.len());
                 for (i, l) in listeners.into_iter().enumerate() {
-                    let (stop_tx, stop) = oneshot::channel();
+                    let (stop_tx, stop) = uring::ListenerStop::new(&l)?;
                     w.send(
                         i,
                         uring::Command::Listen {

@@ -69,9 +69,9 @@ pub struct RelayHandle {
     pub metrics: Arc<Metrics>,
     /// Every tokio task of the relay; dropping the set aborts them.
     tasks: JoinSet<()>,
-    /// Stop signals of the shared ports' accept loops on the uring workers; dropping them
-    /// stops those loops.
-    worker_ports: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// Stop handles of the shared ports' accept loops on the uring workers; dropping them
+    /// stops those loops and closes the ports.
+    worker_ports: Vec<crate::dataplane::uring::ListenerStop>,
     /// The control plane, whose registry holds the services' public listeners: closed on stop
     /// even while a session task still unwinds.
     plane: Arc<ControlPlane>,

@@ -20,21 +20,21 @@ use crate::dataplane::pool::Pool;
 use crate::dataplane::sock::{set_nonblocking, shutdown, Half};
 use crate::dataplane::uring::relay::accept_until;
 use crate::dataplane::uring::sockio::{self, fd};
-use crate::dataplane::uring::{Command, Workers};
+use crate::dataplane::uring::{Command, ListenerStop, Workers};
 use crate::dataplane::wait::ReadSome;
 
-/// Starts `port`'s accept loop on every worker, listener `i` on worker `i`. The loops stop
-/// when the returned senders are dropped.
+/// Starts `port`'s accept loop on every worker, listener `i` on worker `i`. The loops stop,
+/// and the port stops listening, when the returned handles are dropped.
 pub fn start(
     workers: &Workers,
     router: &Arc<Router>,
     port: Port,
     listeners: Vec<std::net::TcpListener>,
-) -> io::Result<Vec<oneshot::Sender<()>>> {
+) -> io::Result<Vec<ListenerStop>> {
     let pending = Arc::new(Pending::default());
     let mut stops = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
-        let (stop_tx, stop) = oneshot::channel();
+        let (stop_tx, stop) = ListenerStop::new(&listener)?;
         let (router, pending) = (router.clone(), pending.clone());
         let job = move |worker| {
             monoio::spawn(accept_loop(router, listener, port, pending, worker, stop));

@@ -36,6 +36,45 @@ use super::pool::Pool;
 use crate::protocol::auth::Ticket;
 use pipe::PipePool;
 
+/// Stops one worker's accept loop on a listener, and makes sure the port stops listening at
+/// once, whatever the worker is doing. Dropping it signals the loop and shuts the listening
+/// socket down through a duplicate descriptor held here: a monoio listener dropped with an
+/// accept in flight (or a worker runtime ending before its loop saw the signal) keeps its
+/// descriptor until the ring completes the op, so without the shutdown the kernel could go on
+/// queueing connections on a port nobody accepts on any more.
+pub struct ListenerStop {
+    stop: Option<oneshot::Sender<()>>,
+    socket: std::os::fd::OwnedFd,
+}
+
+impl ListenerStop {
+    /// A stop handle for `listener` (about to be handed to a worker) and the receiver its
+    /// accept loop waits on.
+    pub fn new(listener: &std::net::TcpListener) -> io::Result<(Self, oneshot::Receiver<()>)> {
+        let (tx, rx) = oneshot::channel();
+        let socket = std::os::fd::OwnedFd::from(listener.try_clone()?);
+        Ok((
+            ListenerStop {
+                stop: Some(tx),
+                socket,
+            },
+            rx,
+        ))
+    }
+}
+
+impl Drop for ListenerStop {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        // On a listening socket SHUT_RD stops listening: new connections are refused and the
+        // ones queued but not accepted are reset.
+        crate::dataplane::sock::shutdown(
+            std::os::fd::AsFd::as_fd(&self.socket),
+            crate::dataplane::sock::Half::Both,
+        );
+    }
+}
+
 /// Commands queued per worker before senders have to wait.
 const COMMAND_QUEUE: usize = 4096;
 /// io_uring submission queue entries per worker.
@@ -320,6 +359,20 @@ pub(crate) fn assert_task_small<F: std::future::Future>(build: impl FnOnce() -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_listener_refuses_even_while_its_descriptor_lingers() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, _rx) = ListenerStop::new(&listener).unwrap();
+        drop(std::net::TcpStream::connect(addr).unwrap());
+        // `listener` stays open here, as a worker's would when its runtime ended with an
+        // accept in flight; dropping the stop handle must end the listening anyway.
+        drop(stop);
+        let refused = std::net::TcpStream::connect(addr).unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        drop(listener);
+    }
 
     #[test]
     fn every_ring_mode_the_kernel_accepts_runs_timers() {

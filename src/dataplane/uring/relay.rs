@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use monoio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::oneshot::{self, error::TryRecvError};
 
 use super::pipe::PipePool;
 use super::sockio::{fd, with_scratch};
@@ -85,6 +85,9 @@ pub async fn accept_until(
                     metrics.visitors_accepted.inc();
                     accepted(stream, addr);
                 }
+                // A stopped listener is shut down as its stop fires (see `ListenerStop`), which
+                // fails the accept in flight: that is the stop, not an error.
+                Err(_) if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) => break,
                 Err(e) => {
                     tracing::warn!(listener = what, error = %e, "accept failed");
                     monoio::time::sleep(ACCEPT_BACKOFF).await;
