@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use super::plane::{ControlPlane, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use super::session;
 use super::tickets::Redeemed;
 
@@ -129,26 +129,13 @@ async fn data_connection(
     }
     let redeemed = plane.tickets().redeem(Instant::now(), &ticket);
     let (service, worker) = match redeemed {
-        Redeemed::Valid(Grant {
-            session,
-            service,
-            worker,
-        }) if service.is_owned_by(session) => {
-            service.pools[worker].ticket_done();
-            (service, worker)
-        }
+        Redeemed::Valid(grant) if grant.settle() => (grant.service, grant.worker),
         Redeemed::Valid(_) => {
             let m = "ticket belongs to an agent session that has ended";
             return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;
         }
-        Redeemed::Expired(Grant {
-            session,
-            service,
-            worker,
-        }) => {
-            if service.is_owned_by(session) {
-                service.pools[worker].ticket_done();
-            }
+        Redeemed::Expired(grant) => {
+            grant.settle();
             return reject(&plane, framed, peer, ErrorCode::BadTicket, "expired ticket").await;
         }
         Redeemed::Unknown => {

@@ -28,6 +28,19 @@ pub struct Grant {
     pub worker: usize,
 }
 
+impl Grant {
+    /// The ticket is spent (redeemed or expired): gives its place back to the pool, so the
+    /// pool may ask for another, if the session still owns the service. Returns whether it
+    /// does (a redeemed ticket of an ended session is refused).
+    pub fn settle(&self) -> bool {
+        let owned = self.service.is_owned_by(self.session);
+        if owned {
+            self.service.pools[self.worker].ticket_done();
+        }
+        owned
+    }
+}
+
 /// State shared by every control-plane task of one relay.
 pub struct ControlPlane {
     /// Settings.
@@ -71,9 +84,7 @@ impl ControlPlane {
     pub fn sweep_tickets(&self, now: Instant) {
         let expired = self.tickets().purge(now);
         for g in expired {
-            if g.service.is_owned_by(g.session) {
-                g.service.pools[g.worker].ticket_done();
-            }
+            g.settle();
         }
     }
 }

@@ -131,6 +131,13 @@ impl Inner {
         self.idle.push_back(slot);
     }
 
+    fn detach(&mut self) {
+        self.idle.clear();
+        self.outstanding = 0;
+        self.wake = None;
+        self.generation += 1;
+    }
+
     fn nudge(&self) {
         if self.want_more() {
             if let Some(w) = &self.wake {
@@ -174,22 +181,15 @@ impl Pool {
     /// The owner went away: drop its idle connections and stop asking for tickets. Waiting
     /// visitors keep waiting (bounded) in case a new owner attaches soon.
     pub fn detach(&self) {
-        let mut g = self.lock();
-        g.idle.clear();
-        g.outstanding = 0;
-        g.wake = None;
-        g.generation += 1;
+        self.lock().detach();
     }
 
-    /// The service is closing for good: drop idle connections and tell every waiting visitor
-    /// at once ([`TakeError::Closed`]) instead of letting it wait out its deadline.
+    /// The service is closing for good: detach, and tell every waiting visitor at once
+    /// ([`TakeError::Closed`]) instead of letting it wait out its deadline.
     pub fn close(&self) {
         let mut g = self.lock();
-        g.idle.clear();
+        g.detach();
         g.waiters.clear();
-        g.outstanding = 0;
-        g.wake = None;
-        g.generation += 1;
     }
 
     /// Data connections parked here waiting for a visitor (some may have died since; they
