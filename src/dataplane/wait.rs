@@ -64,5 +64,9 @@ pub async fn agent_ready(
             next = conn.on_ready_input(&buf[..n], Instant::now());
         }
     };
-    race(wait, deadline).await.unwrap_or(false)
+    match race(wait, deadline).await {
+        Some(park) => park,
+        // The driver's timer fired: the machine decides (past its deadline, it closes).
+        None => conn.on_timeout(Instant::now()) == RelayNext::Park,
+    }
 }

@@ -92,6 +92,15 @@ impl RelayHandle {
     }
 }
 
+/// Binds one tokio listener (control port, admin endpoint); returns it with the address it
+/// got (port 0 resolved).
+fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
+    let bound = |source| RelayError::Bind { addr, source };
+    let l = crate::net::bind(addr, false).map_err(bound)?;
+    let local = l.local_addr().map_err(bound)?;
+    Ok((l, local))
+}
+
 /// Validates `cfg`, loads or creates the certificate, binds the control port and starts
 /// serving. Must be called inside a tokio runtime.
 pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
@@ -102,14 +111,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     };
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
     let (backend, why) = choose_backend(cfg.backend, cfg.data_tls).map_err(RelayError::Backend)?;
-    let listener = crate::net::bind(cfg.control, false).map_err(|source| RelayError::Bind {
-        addr: cfg.control,
-        source,
-    })?;
-    let control_addr = listener.local_addr().map_err(|source| RelayError::Bind {
-        addr: cfg.control,
-        source,
-    })?;
+    let (listener, control_addr) = bind(cfg.control)?;
     let dataplane = DataPlane::start(backend, cfg.workers)
         .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
     // The shared ports are the data plane's: on uring every worker accepts on its own.
@@ -127,11 +129,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     let (admin_listener, admin_addr) = match cfg.admin {
         None => (None, None),
         Some(addr) => {
-            let l = crate::net::bind(addr, false)
-                .map_err(|source| RelayError::Bind { addr, source })?;
-            let bound = l
-                .local_addr()
-                .map_err(|source| RelayError::Bind { addr, source })?;
+            let (l, bound) = bind(addr)?;
             (Some(l), Some(bound))
         }
     };

@@ -18,7 +18,7 @@ use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::wait::agent_ready;
 use crate::net::accept_failed;
 use crate::protocol::chunk;
-use crate::protocol::lifecycle::RelayDataConn;
+use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 use crate::transport::Conn;
 
 /// Accepts visitors on `listener` for the service behind `gate`; abort the
@@ -108,6 +108,9 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
                 drop((stream, admission));
                 let next = conn.on_visitor_done(o.reusable, o.leftover, Instant::now());
+                if next == RelayNext::Close {
+                    return; // not reusable: no READY to wait for, no timer to arm
+                }
                 // Boxed: a timer is cache-line aligned, and inline it would pad every task.
                 let deadline = tokio::time::sleep(chunk::READY_WAIT);
                 if !Box::pin(agent_ready(&mut conn, next, &mut tunnel, deadline)).await {

@@ -22,7 +22,7 @@ use crate::dataplane::sock::recv_now;
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::net::ACCEPT_BACKOFF;
 use crate::protocol::chunk;
-use crate::protocol::lifecycle::RelayDataConn;
+use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 
 /// Accepts visitors until `stop` fires (or its sender is dropped). A visitor pairs with a
 /// connection from this worker's pool; if that is empty it takes an idle one from another
@@ -168,6 +168,9 @@ async fn park_and_forward(
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
         drop((stream, admission));
         let next = conn.on_visitor_done(reusable, outcome.leftover, Instant::now());
+        if next == RelayNext::Close {
+            return Ok(()); // not reusable: no READY to wait for, no timer to arm
+        }
         // Boxed: a timer is cache-line aligned, and inline it would pad every task.
         let deadline = monoio::time::sleep(chunk::READY_WAIT);
         let later = &mut ReadLater(&tunnel);
