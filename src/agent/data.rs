@@ -54,8 +54,15 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
                     event = conn.on_pooled_input(&buf[..n]);
                 }
                 AgentEvent::Start { visitor, early } => break (visitor, early),
-                AgentEvent::Refused(message) => {
-                    return tracing::warn!(service, "relay refused a data connection: {message}")
+                AgentEvent::Refused { message, routine } => {
+                    return match routine {
+                        true => {
+                            tracing::debug!(service, "relay refused a data connection: {message}")
+                        }
+                        false => {
+                            tracing::warn!(service, "relay refused a data connection: {message}")
+                        }
+                    };
                 }
                 AgentEvent::Ended => {
                     return tracing::debug!(service, "pooled data connection closed by the relay")

@@ -101,13 +101,19 @@ async fn handle(plane: Arc<ControlPlane>, tcp: TcpStream, peer: SocketAddr) {
 
 async fn reject(
     plane: &ControlPlane,
-    mut framed: Framed<Conn>,
+    framed: Framed<Conn>,
     peer: SocketAddr,
     code: ErrorCode,
     message: &str,
 ) {
-    plane.metrics.data_rejected.inc();
     tracing::warn!(%peer, "data connection refused: {message}");
+    refuse(plane, framed, code, message).await
+}
+
+/// Refuses a data connection without a warning: used when the refusal is an expected race,
+/// not a fault (a connection the agent dialled before its own session ended).
+async fn refuse(plane: &ControlPlane, mut framed: Framed<Conn>, code: ErrorCode, message: &str) {
+    plane.metrics.data_rejected.inc();
     let msg = RelayMsg::Error {
         code,
         message: message.to_string(),
@@ -131,8 +137,11 @@ async fn data_connection(
     let (service, worker) = match redeemed {
         Redeemed::Valid(grant) if grant.settle() => (grant.service, grant.worker),
         Redeemed::Valid(_) => {
+            // An agent that ends its session cannot recall the data connections it is dialling
+            // at that moment; they arrive after the end and are refused quietly.
             let m = "ticket belongs to an agent session that has ended";
-            return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;
+            tracing::debug!(%peer, "data connection refused: {m}");
+            return refuse(&plane, framed, ErrorCode::BadTicket, m).await;
         }
         Redeemed::Expired(grant) => {
             grant.settle();

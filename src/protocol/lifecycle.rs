@@ -178,8 +178,14 @@ pub enum AgentEvent {
         /// Tunnel bytes after `Start`, to decode first.
         early: Vec<u8>,
     },
-    /// The relay refused the connection (a bad or expired ticket): close, saying why.
-    Refused(String),
+    /// The relay refused the connection: close, saying why.
+    Refused {
+        /// The relay's reason.
+        message: String,
+        /// A refused ticket: routine when a session ends or the relay restarts (the agent
+        /// cannot recall connections it was dialling then), so not worth a warning.
+        routine: bool,
+    },
     /// The relay closed the pooled connection: close quietly.
     Ended,
     /// Anything else breaks the protocol: close.
@@ -238,7 +244,10 @@ impl AgentDataConn {
                 self.state = AgentState::Forwarding;
                 return AgentEvent::Start { visitor, early };
             }
-            Ok(Some((RelayMsg::Error { message, .. }, _))) => AgentEvent::Refused(message),
+            Ok(Some((RelayMsg::Error { code, message }, _))) => AgentEvent::Refused {
+                message,
+                routine: code == super::ErrorCode::BadTicket,
+            },
             Ok(Some((other, _))) => {
                 AgentEvent::Invalid(format!("unexpected {other:?} on data connection"))
             }
@@ -381,7 +390,10 @@ mod tests {
         .to_frame();
         assert_eq!(
             a.on_pooled_input(&refusal),
-            AgentEvent::Refused("expired ticket".into())
+            AgentEvent::Refused {
+                message: "expired ticket".into(),
+                routine: true,
+            }
         );
         assert_eq!(a.state(), AgentState::Closed);
 

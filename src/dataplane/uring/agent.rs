@@ -113,8 +113,15 @@ async fn run(
                     event = conn.on_pooled_input(&buf[..n]);
                 }
                 AgentEvent::Start { visitor, early } => break (visitor, early),
-                AgentEvent::Refused(message) => {
-                    tracing::warn!(service, "relay refused a data connection: {message}");
+                AgentEvent::Refused { message, routine } => {
+                    match routine {
+                        true => {
+                            tracing::debug!(service, "relay refused a data connection: {message}")
+                        }
+                        false => {
+                            tracing::warn!(service, "relay refused a data connection: {message}")
+                        }
+                    }
                     return Ok(());
                 }
                 AgentEvent::Ended => return Ok(()), // relay dropped the pooled connection
