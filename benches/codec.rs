@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use ringtunnel::control::tickets::{Redeemed, TicketStore};
+use ringtunnel::config::SecretId;
+use ringtunnel::control::tickets::{Owner, Redeemed, TicketStore};
 use ringtunnel::protocol::auth::{register_mac, verify_register_mac, Ticket};
 use ringtunnel::protocol::msg::Message;
 use ringtunnel::protocol::{AgentMsg, RelayMsg, ServiceRequest};
@@ -67,9 +68,13 @@ fn auth(c: &mut Criterion) {
     });
     g.bench_function("tickets/issue+redeem", |b| {
         let mut store = TicketStore::default();
+        let owner = Owner {
+            session: 1,
+            secret: SecretId::Default,
+        };
         b.iter(|| {
             let now = Instant::now();
-            let t = store.issue(now, 1u32).unwrap();
+            let t = store.issue(now, owner.clone(), 1u32).unwrap();
             assert_eq!(store.redeem(now, &t), Redeemed::Valid(1));
         })
     });

@@ -141,8 +141,9 @@ impl RelayArgs {
                 file.max_head_bytes,
                 file.head_timeout_secs,
                 file.agent_wait_secs,
+                file.trusted_proxies,
             )?,
-            limits: file.limits,
+            limits: file.limits.over(&config::Limits::public_defaults()),
             admin: self.admin.or(file.admin),
             admin_token: self.admin_token.or(file.admin_token),
         };

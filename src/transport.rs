@@ -137,6 +137,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// Reads the next message, refusing any frame that declares more than `max_len` bytes
+    /// before its body is read: the first frames of an unauthenticated connection are tiny,
+    /// and a peer must not make the relay buffer a maximum-size frame for free.
+    pub async fn read_msg_capped<M: Message>(&mut self, max_len: usize) -> Result<M, FrameIoError> {
+        loop {
+            if let Some(header) = self.buf.get(..4) {
+                let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+                if len > max_len {
+                    return Err(ProtocolError::FrameTooLarge { len, max: max_len }.into());
+                }
+            }
+            if let Some((msg, used)) = M::decode(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(msg);
+            }
+            // Never read past the frame, so a capped read buffers at most `max_len + 4` bytes.
+            let want = match self.buf.len() {
+                n if n < 4 => 4 - n,
+                n => {
+                    let h = &self.buf[..4];
+                    4 + u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize - n
+                }
+            };
+            let mut chunk = [0u8; 512];
+            let want = want.min(chunk.len());
+            let n = self.io.read(&mut chunk[..want]).await?;
+            if n == 0 {
+                return Err(if self.buf.is_empty() {
+                    FrameIoError::Closed
+                } else {
+                    FrameIoError::Truncated
+                });
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     /// [`Self::read_msg`] bounded by `limit`.
     pub async fn read_msg_within<M: Message>(
         &mut self,

@@ -144,7 +144,23 @@ fn broken_configs_are_rejected_with_reasons() {
         ("secret = \"s\"\nhead_timeout_secs = 0", "head_timeout_secs"),
         ("secret = \"s\"\nagent_wait_secs = -1", "agent_wait_secs"),
         ("secret = \"s\"\nmax_head_bytes = 10", "max_head_bytes"),
-        ("secret = \"s\"\n[limits]\nmax_visitors = 0", "max_visitors"),
+        ("secret = \"s\"\n[limits]\nmax_visitors = -1", "max_visitors"),
+        (
+            "secret = \"s\"\n[[service]]\nname = \"a\"\nhosts = [\"*.x.test\"]",
+            "not wildcards",
+        ),
+        (
+            "secret = \"s\"\ndomain = \"x.test\"\n[[service]]\nname = \"a\"\nhosts = [\"b\"]\n[[service]]\nname = \"c\"\nhosts = [\"B.x.test\"]",
+            "reserved for both",
+        ),
+        (
+            "secret = \"s\"\n[[service]]\nname = \"a\"\n[[service]]\nname = \"A\"",
+            "appears twice",
+        ),
+        (
+            "secret = \"s\"\ntrusted_proxies = [\"10.0.0.0/40\"]",
+            "address block",
+        ),
         (
             "secret = \"s\"\n[limits]\nidle_timeout_secs = nan",
             "idle_timeout_secs",

@@ -161,7 +161,9 @@ async fn hosts_and_paths_route_to_the_right_agent(backend: Backend) {
     );
     // The origin learns the visitor's address.
     assert!(
-        body.contains("xff=127.0.0.1 proto=http fwd=for=127.0.0.1;proto=http"),
+        body.contains(
+            "xff=127.0.0.1 proto=http fwd=for=127.0.0.1;host=shop.example.test;proto=http"
+        ),
         "{body}"
     );
 

@@ -62,6 +62,14 @@ pub struct Metrics {
     /// Shared ports: visitors closed at once because their address had too many still being
     /// routed.
     pub visitors_shed: Counter,
+    /// Control port: connections closed at accept because too many from their address (or
+    /// from all addresses) had not authenticated yet.
+    pub unauthenticated_shed: Counter,
+    /// Control port: failed attempts (wrong secret, unknown ticket) answered late because
+    /// their address failed too often.
+    pub failures_throttled: Counter,
+    /// Tickets not issued because a session, a secret or the whole relay had its quota out.
+    pub tickets_withheld: Counter,
 }
 
 impl Metrics {
@@ -85,6 +93,9 @@ impl Metrics {
             ("http_agent_offline", self.http_agent_offline.get()),
             ("tls_unroutable", self.tls_unroutable.get()),
             ("visitors_shed", self.visitors_shed.get()),
+            ("unauthenticated_shed", self.unauthenticated_shed.get()),
+            ("failures_throttled", self.failures_throttled.get()),
+            ("tickets_withheld", self.tickets_withheld.get()),
         ]
     }
 }

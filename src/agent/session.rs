@@ -161,7 +161,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                 let kind = cfg
                     .services
                     .iter()
-                    .find(|s| s.name == r.name)
+                    .find(|s| s.name.eq_ignore_ascii_case(&r.name))
                     .map_or(ServiceKind::Tcp, |s| s.kind);
                 if kind == ServiceKind::Tcp {
                     ctx.remember_port(&r.name, Some(*port));
@@ -176,7 +176,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                 let configured = cfg
                     .services
                     .iter()
-                    .any(|s| s.name == r.name && s.remote_port.is_some());
+                    .any(|s| s.name.eq_ignore_ascii_case(&r.name) && s.remote_port.is_some());
                 if *code == ErrorCode::PortTaken && !configured {
                     ctx.remember_port(&r.name, None);
                 }
@@ -255,7 +255,7 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
                 match msg.map_err(lost)? {
                     RelayMsg::Heartbeat => {}
                     RelayMsg::Tickets { service, tickets } => {
-                        let Some(svc) = cfg.services.iter().find(|s| s.name == service) else {
+                        let Some(svc) = cfg.services.iter().find(|s| s.name.eq_ignore_ascii_case(&service)) else {
                             tracing::warn!(service, "tickets for a service this agent does not have");
                             continue;
                         };

@@ -224,9 +224,9 @@ impl AgentConfig {
         let mut names = HashSet::new();
         for s in &self.services {
             validate_name(&s.name)?;
-            if !names.insert(&s.name) {
+            if !names.insert(s.name.to_ascii_lowercase()) {
                 return Err(ConfigError::Invalid(format!(
-                    "service name {:?} is used twice",
+                    "service name {:?} is used twice (names ignore case)",
                     s.name
                 )));
             }

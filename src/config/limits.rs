@@ -6,13 +6,15 @@ use serde::Deserialize;
 
 use super::ConfigError;
 
-/// Per-service limits (`[limits]`, or `[service.limits]` for one service). `None`: no limit.
+/// Per-service limits (`[limits]`, or `[service.limits]` for one service). `None`: not set
+/// here (the relay's command line fills in [`Limits::public_defaults`]); `0`: no limit.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Most visitors connected to the service at once; more are refused (HTTP: 503).
     pub max_visitors: Option<usize>,
-    /// Most new connections per second from one visitor IP address.
+    /// Most new connections per second from one visitor address (an IPv6 /64), as a token
+    /// bucket: a burst of this many, then this many per second.
     pub conn_rate_per_ip: Option<u32>,
     /// Seconds without a byte either way after which a visitor connection is closed.
     pub idle_timeout_secs: Option<f64>,
@@ -21,7 +23,39 @@ pub struct Limits {
     pub max_agents: Option<usize>,
 }
 
+/// Default most visitors at once per service: far above what one agent's link carries, low
+/// enough that one service cannot take every descriptor of the relay.
+pub const DEFAULT_MAX_VISITORS: usize = 10_000;
+
+/// Default new connections per second per visitor address, per service: a browser opens
+/// six per host; a busy NAT of users stays well under this.
+pub const DEFAULT_CONN_RATE_PER_IP: u32 = 200;
+
+/// Default seconds a visitor connection may sit silent both ways: an hour, so interactive
+/// sessions (SSH, databases) left open survive a lunch break, and abandoned ones still go.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 3600.0;
+
 impl Limits {
+    /// The limits a relay on a public address runs with unless its config says otherwise.
+    pub fn public_defaults() -> Limits {
+        Limits {
+            max_visitors: Some(DEFAULT_MAX_VISITORS),
+            conn_rate_per_ip: Some(DEFAULT_CONN_RATE_PER_IP),
+            idle_timeout_secs: Some(DEFAULT_IDLE_TIMEOUT_SECS),
+            max_agents: None,
+        }
+    }
+
+    /// The visitor cap in force (`0` means none).
+    pub fn visitor_cap(&self) -> Option<usize> {
+        self.max_visitors.filter(|n| *n > 0)
+    }
+
+    /// The per-address connection rate in force (`0` means none).
+    pub fn rate_cap(&self) -> Option<u32> {
+        self.conn_rate_per_ip.filter(|n| *n > 0)
+    }
+
     /// These limits with every unset field taken from `base`.
     pub fn over(&self, base: &Limits) -> Limits {
         Limits {
@@ -32,24 +66,21 @@ impl Limits {
         }
     }
 
-    /// The idle timeout as a duration.
+    /// The idle timeout as a duration (`0` means none).
     pub fn idle_timeout(&self) -> Option<Duration> {
-        self.idle_timeout_secs.map(Duration::from_secs_f64)
+        self.idle_timeout_secs
+            .filter(|t| *t > 0.0)
+            .map(Duration::from_secs_f64)
     }
 
     pub(super) fn validate(&self, whose: &str) -> Result<(), ConfigError> {
-        let bad = |what: &str| ConfigError::Invalid(format!("{whose}: {what} must be at least 1"));
-        if self.max_visitors == Some(0) {
-            return Err(bad("max_visitors"));
-        }
-        if self.conn_rate_per_ip == Some(0) {
-            return Err(bad("conn_rate_per_ip"));
-        }
         if self.max_agents == Some(0) {
-            return Err(bad("max_agents"));
+            return Err(ConfigError::Invalid(format!(
+                "{whose}: max_agents must be at least 1"
+            )));
         }
-        if let Some(t) = self.idle_timeout_secs {
-            positive_secs(t, &format!("{whose}: idle_timeout_secs"))?;
+        if let Some(t) = self.idle_timeout_secs.filter(|t| *t != 0.0) {
+            positive_secs(t, &format!("{whose}: idle_timeout_secs (0: none)"))?;
         }
         Ok(())
     }

@@ -26,7 +26,7 @@ pub mod limits;
 pub mod relay;
 
 pub use agent::{AgentConfig, AgentFile, ServiceConfig};
-pub use hosts::FrontConfig;
+pub use hosts::{Cidr, FrontConfig};
 pub use limits::Limits;
 pub use relay::{RelayConfig, RelayFile, RelayServiceFile, SecretId};
 

@@ -53,6 +53,10 @@ pub struct RelayFile {
     pub head_timeout_secs: Option<f64>,
     /// Shared HTTP port: seconds a visitor waits for an offline agent before 502.
     pub agent_wait_secs: Option<f64>,
+    /// Shared HTTP port: address blocks (a load balancer in front) whose `X-Forwarded-For`
+    /// and `Forwarded` chains are kept; everyone else's are replaced.
+    #[serde(default)]
+    pub trusted_proxies: Vec<super::Cidr>,
     /// Limits for every service (each `[[service]]` may override them).
     #[serde(default)]
     pub limits: Limits,
@@ -69,6 +73,10 @@ pub struct RelayServiceFile {
     pub name: String,
     /// The only secret that may register this name (`None`: the relay's secret).
     pub secret: Option<Secret>,
+    /// Host names reserved for this service (`http`/`tls`), whether it is online or not: no
+    /// other service may claim them, nor any path under them, and no wildcard serves them.
+    #[serde(default)]
+    pub hosts: Vec<String>,
     /// Limits for this service, over the relay-wide `[limits]`.
     #[serde(default)]
     pub limits: Limits,
@@ -119,22 +127,55 @@ pub enum SecretId {
 }
 
 impl RelayConfig {
+    /// The `[[service]]` table for `name`. Service names compare without regard to case
+    /// everywhere: `Billing` is `billing`, with its secret, limits and reservations.
+    pub fn service_file(&self, name: &str) -> Option<&RelayServiceFile> {
+        self.service_secrets
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(name))
+    }
+
     /// The secret that authenticates service `name`, if any, and which one it is.
     pub fn secret_for(&self, name: &str) -> Option<(&Secret, SecretId)> {
-        let own = self
-            .service_secrets
-            .iter()
-            .find(|s| s.name == name)
-            .and_then(|s| s.secret.as_ref());
-        match own {
-            Some(s) => Some((s, SecretId::Service(name.to_string()))),
+        match self
+            .service_file(name)
+            .and_then(|s| Some((s, s.secret.as_ref()?)))
+        {
+            Some((file, own)) => Some((own, SecretId::Service(file.name.to_ascii_lowercase()))),
             None => self.secret.as_ref().map(|s| (s, SecretId::Default)),
         }
     }
 
+    /// Every reserved host name (qualified with the relay's domain) and the service it is
+    /// reserved for. Fails on a host that is not a plain name or is reserved twice.
+    pub fn reservations(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for s in &self.service_secrets {
+            for h in &s.hosts {
+                if h.starts_with("*.") {
+                    return Err(ConfigError::Invalid(format!(
+                        "service {:?}: reserved host {h:?}: reservations are exact names, not wildcards",
+                        s.name
+                    )));
+                }
+                let q = self.front.qualify(h).map_err(|e| {
+                    ConfigError::Invalid(format!("service {:?}: reserved host: {e}", s.name))
+                })?;
+                if let Some((_, other)) = out.iter().find(|(o, _)| *o == q) {
+                    return Err(ConfigError::Invalid(format!(
+                        "host {q} is reserved for both service {other:?} and service {:?}",
+                        s.name
+                    )));
+                }
+                out.push((q, s.name.clone()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Limits for service `name`: its own `[service.limits]` over the relay-wide ones.
     pub fn limits_for(&self, name: &str) -> Limits {
-        match self.service_secrets.iter().find(|s| s.name == name) {
+        match self.service_file(name) {
             Some(s) => s.limits.over(&self.limits),
             None => self.limits.clone(),
         }
@@ -161,7 +202,7 @@ impl RelayConfig {
         let mut seen = HashSet::new();
         for s in &self.service_secrets {
             validate_name(&s.name)?;
-            if !seen.insert(&s.name) {
+            if !seen.insert(s.name.to_ascii_lowercase()) {
                 return Err(ConfigError::Invalid(format!(
                     "service {:?} appears twice in the relay config",
                     s.name
@@ -176,6 +217,7 @@ impl RelayConfig {
             s.limits.validate(&format!("service {:?}", s.name))?;
         }
         self.limits.validate("[limits]")?;
+        self.reservations()?;
         if self.workers == Some(0) {
             return Err(ConfigError::Invalid("--workers must be at least 1".into()));
         }

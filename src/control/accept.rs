@@ -16,21 +16,62 @@ use super::tickets::Redeemed;
 use crate::dataplane::tokio::relay as tokio_backend;
 use crate::dataplane::{uring, DataPlane};
 use crate::net::accept_failed;
+use crate::net::cap::{CapPlace, ConnCap};
+use crate::net::throttle::THROTTLED_PER_ADDRESS;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::{Conn, FrameIoError, Framed};
 
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
+/// Most connections from one address (an IPv6 /64) that may be on the control port at once
+/// without having authenticated (a control connection before its `Register` is verified, a
+/// data connection before its ticket is redeemed). Sized for an agent filling its pools of
+/// many services at once, which dials one data connection per ticket.
+pub const MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 256;
+
+/// Most unauthenticated connections on the control port at once, from all addresses, at
+/// most: each holds a descriptor, a task and a TLS state for up to [`HANDSHAKE_TIMEOUT`].
+pub const MAX_UNAUTHENTICATED: usize = 2048;
+
+/// The control port's cap on unauthenticated connections: [`MAX_UNAUTHENTICATED`], or an
+/// eighth of the file-descriptor limit if that is lower (the rest is for visitors and
+/// authenticated agents, so a flood here never starves them).
+pub fn unauthenticated_cap() -> Arc<ConnCap> {
+    let by_fds = usize::try_from(crate::net::fds::fd_limit() / 8).unwrap_or(usize::MAX);
+    ConnCap::new(
+        MAX_UNAUTHENTICATED.min(by_fds).max(1),
+        MAX_UNAUTHENTICATED_PER_ADDRESS,
+    )
+}
+
+/// The first frame of any connection (`ControlHello` or `DataHello`) is a few bytes; a frame
+/// declaring more is refused before its body is read.
+const FIRST_FRAME_MAX: usize = 64;
+
 /// Accepts agent connections forever. Each connection's task (handshake, session, parked
 /// data connection) belongs to this loop: when the loop is dropped, they end with it.
 pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
     let mut conns = JoinSet::new();
+    let unauthenticated = unauthenticated_cap();
     loop {
         tokio::select! {
             got = listener.accept() => match got {
                 Ok((tcp, peer)) => {
-                    conns.spawn(handle(plane.clone(), tcp, peer));
+                    let allowance = match plane.throttle.is_throttled(peer.ip(), Instant::now()) {
+                        true => THROTTLED_PER_ADDRESS,
+                        false => MAX_UNAUTHENTICATED_PER_ADDRESS,
+                    };
+                    match unauthenticated.enter_within(peer.ip(), allowance) {
+                        Ok(place) => {
+                            conns.spawn(handle(plane.clone(), tcp, peer, place));
+                        }
+                        Err(full) => {
+                            // Dropping the socket closes it at once: no task, no TLS state.
+                            plane.metrics.unauthenticated_shed.inc();
+                            plane.refusals.note(peer, "connection closed at accept", &full.to_string());
+                        }
+                    }
                 }
                 Err(e) => accept_failed("agent connection", &e).await,
             },
@@ -56,7 +97,7 @@ async fn open(plane: &ControlPlane, tcp: TcpStream) -> Result<Opened, FrameIoErr
         Conn::Plain(tcp)
     };
     let mut framed = Framed::new(stream);
-    match framed.read_msg::<AgentMsg>().await? {
+    match framed.read_msg_capped::<AgentMsg>(FIRST_FRAME_MAX).await? {
         AgentMsg::ControlHello { version } if tls => Ok(Opened::Control(framed, version)),
         AgentMsg::DataHello { version, ticket } => Ok(Opened::Data(framed, version, ticket, tls)),
         AgentMsg::ControlHello { .. } => Err(FrameIoError::Unexpected(
@@ -68,33 +109,38 @@ async fn open(plane: &ControlPlane, tcp: TcpStream) -> Result<Opened, FrameIoErr
     }
 }
 
-async fn handle(plane: Arc<ControlPlane>, tcp: TcpStream, peer: SocketAddr) {
+async fn handle(plane: Arc<ControlPlane>, tcp: TcpStream, peer: SocketAddr, place: CapPlace) {
     let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&plane, tcp)).await {
         Ok(Ok(o)) => o,
         Ok(Err(FrameIoError::Closed)) => return, // port probe, health check
         Ok(Err(e)) => {
             plane.metrics.bad_connections.inc();
-            tracing::warn!(%peer, "connection refused: {e}");
+            plane.failed(peer).await;
+            plane
+                .refusals
+                .note(peer, "connection refused", &e.to_string());
             return;
         }
         Err(_) => {
             plane.metrics.bad_connections.inc();
-            tracing::warn!(%peer, "connection refused: no valid hello within {HANDSHAKE_TIMEOUT:?}");
+            plane.failed(peer).await;
+            let why = format!("no valid hello within {HANDSHAKE_TIMEOUT:?}");
+            plane.refusals.note(peer, "connection refused", &why);
             return;
         }
     };
     match opened {
         Opened::Control(framed, version) => {
-            match session::run(plane.clone(), framed, peer, version).await {
+            match session::run(plane.clone(), framed, peer, version, place).await {
                 Ok(()) => {}
                 Err(e @ session::SessionEnd::AuthFailed(_)) => {
-                    tracing::warn!(%peer, "agent rejected: {e}")
+                    plane.refusals.note(peer, "agent rejected", &e.to_string())
                 }
                 Err(e) => tracing::info!(%peer, "agent session ended: {e}"),
             }
         }
         Opened::Data(framed, version, ticket, tls) => {
-            data_connection(plane, framed, peer, version, ticket, tls).await
+            data_connection(plane, framed, peer, version, ticket, tls, place).await
         }
     }
 }
@@ -106,7 +152,10 @@ async fn reject(
     code: ErrorCode,
     message: &str,
 ) {
-    tracing::warn!(%peer, "data connection refused: {message}");
+    plane.failed(peer).await;
+    plane
+        .refusals
+        .note(peer, "data connection refused", message);
     refuse(plane, framed, code, message).await
 }
 
@@ -128,10 +177,17 @@ async fn data_connection(
     version: u16,
     ticket: crate::protocol::auth::Ticket,
     tls: bool,
+    place: CapPlace,
 ) {
     if version != PROTOCOL_VERSION {
         let m = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
         return reject(&plane, framed, peer, ErrorCode::UnsupportedVersion, &m).await;
+    }
+    // The transport is checked before the ticket is touched: a plain connection to a relay
+    // that requires TLS must not spend a ticket it cannot use.
+    if plane.cfg.data_tls && !tls {
+        let m = "this relay requires TLS on data connections";
+        return reject(&plane, framed, peer, ErrorCode::BadRequest, m).await;
     }
     let redeemed = plane.tickets().redeem(Instant::now(), &ticket);
     let (service, worker) = match redeemed {
@@ -152,14 +208,12 @@ async fn data_connection(
             return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;
         }
     };
-    if plane.cfg.data_tls && !tls {
-        let m = "this relay requires TLS on data connections";
-        return reject(&plane, framed, peer, ErrorCode::BadRequest, m).await;
-    }
+    drop(place); // authenticated by its ticket
     let (tunnel, leftover) = framed.into_parts();
     if !leftover.is_empty() {
         plane.metrics.data_rejected.inc();
-        tracing::warn!(%peer, "data connection refused: bytes sent before a visitor arrived");
+        let m = "bytes sent before a visitor arrived";
+        plane.refusals.note(peer, "data connection refused", m);
         return;
     }
     plane.metrics.data_accepted.inc();

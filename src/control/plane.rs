@@ -1,6 +1,7 @@
 //! What the agent-facing control plane reads and keeps: settings, the registry, the ticket
 //! store, the TLS acceptor and the data plane it hands data connections to.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -12,9 +13,13 @@ use super::tickets::TicketStore;
 use crate::admin::Metrics;
 use crate::config::RelayConfig;
 use crate::dataplane::DataPlane;
+use crate::net::refusals::RefusalLog;
+use crate::net::throttle::{FailureThrottle, PENALTY};
 
-/// Deadline for an agent connection's TLS handshake and first frames.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for an agent connection's TLS handshake and first frames, up to its `Register`:
+/// short, because every connection in that state holds a place in the unauthenticated cap.
+/// A handshake takes two round trips; 5 s covers a congested intercontinental link.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline for writing one control frame to an agent.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,6 +58,10 @@ pub struct ControlPlane {
     pub acceptor: TlsAcceptor,
     /// Where visitor bytes are forwarded.
     pub dataplane: DataPlane,
+    /// Refusal lines, rate-limited.
+    pub refusals: RefusalLog,
+    /// Failed attempts per address.
+    pub throttle: FailureThrottle,
     tickets: Mutex<TicketStore<Grant>>,
 }
 
@@ -71,7 +80,18 @@ impl ControlPlane {
             metrics,
             acceptor,
             dataplane,
+            refusals: RefusalLog::new("control port"),
+            throttle: FailureThrottle::default(),
             tickets: Mutex::new(TicketStore::default()),
+        }
+    }
+
+    /// Counts a failed attempt (malformed handshake, wrong secret, bad ticket) from `peer`;
+    /// if its address fails too often, waits [`PENALTY`] before the caller answers it.
+    pub async fn failed(&self, peer: SocketAddr) {
+        if self.throttle.failed(peer.ip(), Instant::now()) {
+            self.metrics.failures_throttled.inc();
+            tokio::time::sleep(PENALTY).await;
         }
     }
 

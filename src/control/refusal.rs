@@ -30,6 +30,22 @@ pub enum Refusal {
         /// The service holding it.
         holder: String,
     },
+    /// A host name (or a path under it) serves a service authenticated by another secret.
+    #[error("{host} belongs to service {holder}, which another secret holds: no other secret may claim it or any path under it")]
+    HostOwned {
+        /// The host.
+        host: String,
+        /// The service serving it.
+        holder: String,
+    },
+    /// A host name is reserved in the relay's config for another service.
+    #[error("{host} is reserved for service {service} in the relay's config")]
+    HostReserved {
+        /// The host.
+        host: String,
+        /// The service it is reserved for.
+        service: String,
+    },
     /// The port asked for is outside the relay's `port_range`.
     #[error("port {port} is outside the relay's allowed range {range}")]
     PortForbidden {
@@ -65,7 +81,9 @@ impl Refusal {
         match self {
             Refusal::AgentsPerSecret { .. } | Refusal::NoFreePort(_) => ErrorCode::LimitReached,
             Refusal::ListedTwice(_) | Refusal::BadRequest(_) => ErrorCode::BadRequest,
-            Refusal::HostTaken { .. } => ErrorCode::HostTaken,
+            Refusal::HostTaken { .. }
+            | Refusal::HostOwned { .. }
+            | Refusal::HostReserved { .. } => ErrorCode::HostTaken,
             Refusal::PortForbidden { .. } => ErrorCode::PortForbidden,
             Refusal::PortTaken { .. } | Refusal::PortUnbindable { .. } => ErrorCode::PortTaken,
         }

@@ -33,11 +33,19 @@ const PORT_ATTEMPTS: usize = 64;
 /// Remembered name → port assignments (so a returning service gets its old port).
 const MAX_REMEMBERED_PORTS: usize = 4096;
 
+/// The key a service name is kept under: names compare without regard to case, so
+/// `Billing` can never sit beside (or squat the port of) `billing`.
+fn key(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
 #[derive(Default)]
 struct Inner {
+    /// By [`key`] of the name.
     services: HashMap<String, Arc<Service>>,
     sessions: HashMap<SessionId, (mpsc::Sender<String>, Vec<SecretId>)>,
     agents_per_secret: HashMap<SecretId, usize>,
+    /// By [`key`] of the name.
     last_port: HashMap<String, u16>,
     next_session: SessionId,
 }
@@ -71,7 +79,8 @@ impl Registry {
     ) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
-            routes: RwLock::new(Routes::default()),
+            // Validated with the config: a bad reservation never gets this far.
+            routes: RwLock::new(Routes::new(cfg.reservations().unwrap_or_default())),
             cfg,
             shared_ports,
             metrics,
@@ -165,7 +174,10 @@ impl Registry {
         let mut results = Vec::with_capacity(requests.len());
         let mut owned = Vec::new();
         for (i, req) in requests.iter().enumerate() {
-            let outcome = if requests[..i].iter().any(|r| r.name == req.name) {
+            let outcome = if requests[..i]
+                .iter()
+                .any(|r| r.name.eq_ignore_ascii_case(&req.name))
+            {
                 Err(Refusal::ListedTwice(req.name.clone()))
             } else if let Err(e) = validate_name(&req.name) {
                 Err(Refusal::BadRequest(e.to_string()))
@@ -200,7 +212,12 @@ impl Registry {
     ) -> Result<Arc<Service>, Refusal> {
         let target = usize::from(req.pool.clamp(1, MAX_POOL));
         let (hosts, path) = self.claims(req)?;
-        if let Some(existing) = g.services.get(&req.name).cloned() {
+        let secret = self
+            .cfg
+            .secret_for(&req.name)
+            .map(|(_, id)| id)
+            .ok_or_else(|| Refusal::BadRequest(format!("no secret for service {}", req.name)))?;
+        if let Some(existing) = g.services.get(&key(&req.name)).cloned() {
             let same = existing.kind == req.kind
                 && match req.kind {
                     ServiceKind::Tcp => req.remote_port == 0 || req.remote_port == existing.port,
@@ -212,13 +229,13 @@ impl Registry {
                 existing.attach_pools(target, wake);
                 return Ok(existing);
             }
-            self.check_claims(req, &hosts, &path)?;
+            self.check_claims(req, &secret, &hosts, &path)?;
             // The agent now wants a different port or other host names: retire the old
             // entry first.
             self.take_over(g, &existing, session);
             self.retire(g, &existing);
         } else {
-            self.check_claims(req, &hosts, &path)?;
+            self.check_claims(req, &secret, &hosts, &path)?;
         }
         let pools: Vec<Arc<Pool>> = (0..self.dataplane.pools_per_service())
             .map(|_| Arc::new(Pool::new()))
@@ -243,6 +260,7 @@ impl Registry {
             port,
             hosts,
             path,
+            secret,
             gate,
             pools,
             state: Mutex::new(ServiceState {
@@ -253,16 +271,18 @@ impl Registry {
         });
         svc.attach_pools(target, wake);
         if req.kind == ServiceKind::Tcp {
-            if g.last_port.len() >= MAX_REMEMBERED_PORTS && !g.last_port.contains_key(&req.name) {
+            if g.last_port.len() >= MAX_REMEMBERED_PORTS
+                && !g.last_port.contains_key(&key(&req.name))
+            {
                 if let Some(k) = g.last_port.keys().next().cloned() {
                     g.last_port.remove(&k);
                 }
             }
-            g.last_port.insert(req.name.clone(), port);
+            g.last_port.insert(key(&req.name), port);
         } else {
             self.routes_mut().insert(&svc);
         }
-        g.services.insert(req.name.clone(), svc.clone());
+        g.services.insert(key(&req.name), svc.clone());
         Ok(svc)
     }
 
@@ -306,28 +326,48 @@ impl Registry {
         Ok((hosts, path))
     }
 
-    /// Fails if another service holds one of the host names (with the same path prefix).
+    /// Fails if one of the host names is reserved for another service, serves (at any path)
+    /// a service authenticated by another secret, or is held with the same path prefix by
+    /// another service. A host, with every path under it, belongs to the secret that holds it.
     fn check_claims(
         &self,
         req: &ServiceRequest,
+        secret: &SecretId,
         hosts: &[String],
         path: &str,
     ) -> Result<(), Refusal> {
         let routes = self.routes();
+        let other = |name: &str| !name.eq_ignore_ascii_case(&req.name);
         for h in hosts {
+            if let Some(owner) = routes.reserved_for(h).filter(|n| other(n)) {
+                return Err(Refusal::HostReserved {
+                    host: h.clone(),
+                    service: owner.to_string(),
+                });
+            }
+            if let Some(s) = routes
+                .serving(req.kind, h)
+                .into_iter()
+                .find(|s| other(&s.name) && s.secret != *secret)
+            {
+                return Err(Refusal::HostOwned {
+                    host: h.clone(),
+                    holder: s.name.clone(),
+                });
+            }
             let holder = match req.kind {
                 ServiceKind::Tcp => None,
                 ServiceKind::Http => routes.http_holder(h, path),
                 ServiceKind::Tls => routes.tls_holder(h),
             };
-            if let Some(other) = holder.filter(|n| *n != req.name) {
+            if let Some(holder) = holder.filter(|n| other(n)) {
                 let what = match req.kind {
                     ServiceKind::Http if path != "/" => format!("{h}{path}"),
                     _ => h.clone(),
                 };
                 return Err(Refusal::HostTaken {
                     what,
-                    holder: other.to_string(),
+                    holder: holder.to_string(),
                 });
             }
         }
@@ -340,7 +380,7 @@ impl Registry {
         if svc.kind != ServiceKind::Tcp {
             self.routes_mut().remove(svc);
         }
-        g.services.remove(&svc.name);
+        g.services.remove(&key(&svc.name));
     }
 
     /// Makes `session` the owner of `svc`, kicking a different live owner.
@@ -399,7 +439,7 @@ impl Registry {
         }
         // No port asked for: the one this name had before, else a random free one. Ports
         // remembered for other names are avoided while there is a choice.
-        if let Some(&port) = g.last_port.get(&req.name) {
+        if let Some(&port) = g.last_port.get(&key(&req.name)) {
             if self.port_holder(g, port).is_none() {
                 if let Ok(l) = try_bind(port) {
                     return Ok((port, l));
@@ -413,7 +453,7 @@ impl Registry {
             let reserved = g
                 .last_port
                 .iter()
-                .any(|(n, p)| *p == port && *n != req.name);
+                .any(|(n, p)| *p == port && *n != key(&req.name));
             if self.port_holder(g, port).is_some() || (reserved && attempt < PORT_ATTEMPTS / 2) {
                 continue;
             }

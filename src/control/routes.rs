@@ -1,12 +1,17 @@
 //! The routing table of the shared ports: host name (and, for HTTP, path prefix) → service.
 //! Read on every visitor of a shared port, written only when services come and go, so it
 //! sits behind a read-write lock of its own, apart from the registry's mutex.
+//!
+//! A host that has a claim of its own is served by its claims only, for every path: a
+//! wildcard never picks up the paths its claims leave out. A host reserved in the relay's
+//! config is never served by a wildcard, whether its service is online or not.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::service::Service;
 use crate::protocol::http::prefix_matches;
+use crate::protocol::ServiceKind;
 
 /// Host → services, for both shared ports.
 #[derive(Default)]
@@ -14,6 +19,8 @@ pub struct Routes {
     /// Per host: `(prefix, service)`, longest prefix first.
     http: HashMap<String, Vec<(String, Arc<Service>)>>,
     tls: HashMap<String, Arc<Service>>,
+    /// Reserved host → the service it is reserved for.
+    reserved: HashMap<String, String>,
 }
 
 /// The wildcard claim that would cover `host`: its first label replaced by `*`
@@ -24,25 +31,64 @@ pub fn wildcard_for(host: &str) -> Option<String> {
 }
 
 impl Routes {
-    /// The service for `host` + `path`: the exact host's claims first (longest matching
-    /// prefix), then a wildcard claim one label up (`*.example.com` for `a.example.com`).
-    pub fn http(&self, host: &str, path: &str) -> Option<Arc<Service>> {
-        let find = |h: &str| {
-            self.http
-                .get(h)?
-                .iter()
-                .find(|(prefix, _)| prefix_matches(prefix, path))
-                .map(|(_, s)| s.clone())
-        };
-        find(host).or_else(|| find(&wildcard_for(host)?))
+    /// An empty table with `reserved` hosts (host → service).
+    pub fn new(reserved: Vec<(String, String)>) -> Self {
+        Self {
+            reserved: reserved.into_iter().collect(),
+            ..Self::default()
+        }
     }
 
-    /// The service for SNI name `host`: exact claim first, then a wildcard one label up.
+    /// The claims that serve visitors of `host` now: the host's own, or if it has none and
+    /// is not reserved, those of the wildcard one label up.
+    fn http_claims(&self, host: &str) -> &[(String, Arc<Service>)] {
+        if let Some(own) = self.http.get(host) {
+            return own;
+        }
+        if self.reserved.contains_key(host) {
+            return &[];
+        }
+        wildcard_for(host)
+            .and_then(|w| self.http.get(&w))
+            .map_or(&[], |v| v.as_slice())
+    }
+
+    /// The service for `host` + `path`: the longest matching prefix among the claims that
+    /// serve the host (its own, else a wildcard's: `*.example.com` for `a.example.com`).
+    pub fn http(&self, host: &str, path: &str) -> Option<Arc<Service>> {
+        self.http_claims(host)
+            .iter()
+            .find(|(prefix, _)| prefix_matches(prefix, path))
+            .map(|(_, s)| s.clone())
+    }
+
+    /// The service for SNI name `host`: its own claim, else (unless it is reserved) a
+    /// wildcard one label up.
     pub fn tls(&self, host: &str) -> Option<Arc<Service>> {
-        self.tls
-            .get(host)
-            .or_else(|| self.tls.get(&wildcard_for(host)?))
-            .cloned()
+        match self.tls.get(host) {
+            Some(s) => Some(s.clone()),
+            None if self.reserved.contains_key(host) => None,
+            None => self.tls.get(&wildcard_for(host)?).cloned(),
+        }
+    }
+
+    /// The services that serve visitors of `host` now (any path): whose traffic a new claim
+    /// of `host` would take.
+    pub fn serving(&self, kind: ServiceKind, host: &str) -> Vec<Arc<Service>> {
+        match kind {
+            ServiceKind::Http => self
+                .http_claims(host)
+                .iter()
+                .map(|(_, s)| s.clone())
+                .collect(),
+            ServiceKind::Tls => self.tls(host).into_iter().collect(),
+            ServiceKind::Tcp => Vec::new(),
+        }
+    }
+
+    /// The service `host` is reserved for, if any.
+    pub fn reserved_for(&self, host: &str) -> Option<&str> {
+        self.reserved.get(host).map(String::as_str)
     }
 
     /// Name of the service holding exactly `host` + `prefix`, if any.
@@ -63,16 +109,16 @@ impl Routes {
     pub fn insert(&mut self, svc: &Arc<Service>) {
         for h in &svc.hosts {
             match svc.kind {
-                crate::protocol::ServiceKind::Http => {
+                ServiceKind::Http => {
                     let list = self.http.entry(h.clone()).or_default();
                     list.retain(|(p, _)| *p != svc.path);
                     list.push((svc.path.clone(), svc.clone()));
                     list.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
                 }
-                crate::protocol::ServiceKind::Tls => {
+                ServiceKind::Tls => {
                     self.tls.insert(h.clone(), svc.clone());
                 }
-                crate::protocol::ServiceKind::Tcp => {}
+                ServiceKind::Tcp => {}
             }
         }
     }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use crate::config::SecretId;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, ListenerGuard};
 use crate::protocol::ServiceKind;
@@ -25,6 +26,8 @@ pub struct Service {
     pub hosts: Vec<String>,
     /// `http`: the path prefix it claims on those hosts.
     pub path: String,
+    /// The secret that authenticated it: its host names belong to that secret.
+    pub secret: SecretId,
     /// Admission: limits, PROXY header, forwarded headers.
     pub gate: Arc<Gate>,
     /// Ready data connections and waiting visitors, one pool per data-plane worker.

@@ -11,11 +11,17 @@ use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use super::refusal::Refusal;
 use super::registry::LINGER;
 use super::service::{Service, SessionId};
+use super::tickets::Owner;
+use crate::net::cap::CapPlace;
 use crate::protocol::auth::{new_nonce, verify_register_mac};
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::msg::MAX_TICKETS_PER_FRAME;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, PROTOCOL_VERSION};
 use crate::transport::{Conn, FrameIoError, Framed};
+
+/// How long a session whose tickets were withheld (a quota was out) waits before asking
+/// the store again.
+pub const TICKET_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a control session ended.
 #[derive(Debug, thiserror::Error)]
@@ -43,12 +49,15 @@ pub enum SessionEnd {
     Refused(#[from] Refusal),
 }
 
-/// Runs a control session whose `ControlHello` (with `version`) was already read.
+/// Runs a control session whose `ControlHello` (with `version`) was already read. `place`
+/// is the connection's place among unauthenticated ones; it is given up once the agent has
+/// proved its secrets.
 pub async fn run(
     plane: Arc<ControlPlane>,
     mut framed: Framed<Conn>,
     peer: SocketAddr,
     version: u16,
+    place: CapPlace,
 ) -> Result<(), SessionEnd> {
     if version != PROTOCOL_VERSION {
         let message = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
@@ -88,6 +97,7 @@ pub async fn run(
         });
         if !ok {
             plane.metrics.auth_failures.inc();
+            plane.failed(peer).await;
             let end = SessionEnd::AuthFailed(s.name.clone());
             let _ = framed
                 .write_msg(
@@ -102,6 +112,7 @@ pub async fn run(
         }
     }
 
+    drop(place); // authenticated
     let (kick_tx, kick_rx) = mpsc::channel(1);
     let wake = Arc::new(Notify::new());
     let secrets = services
@@ -135,6 +146,7 @@ pub async fn run(
     )
     .await;
     plane.registry.end_session(session, LINGER, Instant::now());
+    plane.tickets().drop_session(session);
     if let Err(SessionEnd::Replaced(reason)) = &result {
         let _ = framed
             .write_msg(
@@ -180,10 +192,12 @@ async fn serve(
     let hb = plane.cfg.heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
     loop {
-        for msg in issue_tickets(plane, session, &owned) {
+        let (frames, withheld) = issue_tickets(plane, session, &owned);
+        for msg in frames {
             framed.write_msg(&msg, WRITE_TIMEOUT).await?;
             live.sent(Instant::now());
         }
+        let retry = withheld.then(|| Instant::now() + TICKET_RETRY);
         let wait_until = match live.poll(Instant::now()) {
             Action::PeerDead => return Err(SessionEnd::Silent(hb.timeout)),
             Action::SendHeartbeat => {
@@ -193,7 +207,7 @@ async fn serve(
                 live.sent(Instant::now());
                 continue;
             }
-            Action::WaitUntil(t) => t,
+            Action::WaitUntil(t) => retry.map_or(t, |r| r.min(t)),
         };
         tokio::select! {
             msg = framed.read_msg::<AgentMsg>() => {
@@ -212,13 +226,16 @@ async fn serve(
     }
 }
 
-/// Tickets every owned service's pool asks for, as frames ready to send.
+/// Tickets every owned service's pool asks for, as frames ready to send, and whether some
+/// were withheld (a quota was out: try again after [`TICKET_RETRY`], not at once, or a
+/// session whose pools keep asking would spin).
 fn issue_tickets(
     plane: &ControlPlane,
     session: SessionId,
     owned: &[Arc<Service>],
-) -> Vec<RelayMsg> {
+) -> (Vec<RelayMsg>, bool) {
     let mut frames = Vec::new();
+    let mut withheld = false;
     for svc in owned {
         if !svc.is_owned_by(session) {
             continue;
@@ -231,15 +248,24 @@ fn issue_tickets(
             }
             let now = Instant::now();
             let mut store = plane.tickets();
-            for _ in 0..n {
+            let owner = Owner {
+                session,
+                secret: svc.secret.clone(),
+            };
+            for i in 0..n {
                 let grant = Grant {
                     session,
                     service: svc.clone(),
                     worker,
                 };
-                match store.issue(now, grant) {
+                match store.issue(now, owner.clone(), grant) {
                     Ok(t) => tickets.push(t),
-                    Err(_) => pool.ticket_done(),
+                    Err(_) => {
+                        pool.tickets_withheld(n - i);
+                        plane.metrics.tickets_withheld.inc();
+                        withheld = true;
+                        break;
+                    }
                 }
             }
         }
@@ -250,5 +276,5 @@ fn issue_tickets(
             });
         }
     }
-    frames
+    (frames, withheld)
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::admin::Metrics;
 use crate::config::Limits;
+use crate::net::cap::AddrKey;
 use crate::protocol::proxy::ProxyVersion;
 
 /// Visitor IPs tracked for rate limiting before stale entries are swept; past twice this,
@@ -24,7 +25,7 @@ pub enum Refusal {
     /// The service already has its maximum of visitors connected.
     #[error("service has its maximum of {0} visitors connected")]
     Full(usize),
-    /// This IP opened too many connections in the current second.
+    /// This address (an IPv6 /64) opens connections faster than its rate.
     #[error("more than {0} new connections per second from this address")]
     RateLimited(u32),
 }
@@ -59,7 +60,8 @@ pub struct Gate {
     proxy: AtomicU8,
     forwarded: AtomicBool,
     active: Arc<AtomicUsize>,
-    rates: Mutex<HashMap<IpAddr, (u64, u32)>>,
+    /// Per address: a token bucket (tokens left, when it was last filled).
+    rates: Mutex<HashMap<AddrKey, (f64, Instant)>>,
     epoch: Instant,
     last_warned: AtomicU64,
     metrics: Arc<Metrics>,
@@ -70,8 +72,8 @@ impl Gate {
     pub fn new(service: &str, limits: &Limits, metrics: Arc<Metrics>) -> Arc<Gate> {
         Arc::new(Gate {
             service: service.to_string(),
-            max_visitors: limits.max_visitors,
-            rate_per_ip: limits.conn_rate_per_ip,
+            max_visitors: limits.visitor_cap(),
+            rate_per_ip: limits.rate_cap(),
             idle: limits.idle_timeout(),
             proxy: AtomicU8::new(ProxyVersion::Off.to_u8()),
             forwarded: AtomicBool::new(true),
@@ -156,20 +158,28 @@ impl Gate {
 
     fn check(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
         if let Some(rate) = self.rate_per_ip {
-            let second = now.saturating_duration_since(self.epoch).as_secs();
+            // A token bucket per address: a burst of up to `rate` connections, then `rate`
+            // per second. (Counting per calendar second let 2 × rate through across a
+            // second's edge.)
+            let rate_f = f64::from(rate);
+            let refill = |(tokens, at): (f64, Instant)| {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                (tokens + elapsed * rate_f).min(rate_f)
+            };
+            let key = AddrKey::of(ip);
             let mut rates = self.rates.lock().unwrap_or_else(|e| e.into_inner());
-            if rates.len() >= RATE_TABLE_SWEEP && !rates.contains_key(&ip) {
-                rates.retain(|_, (s, _)| *s == second);
+            if rates.len() >= RATE_TABLE_SWEEP && !rates.contains_key(&key) {
+                // A full bucket is the same as no entry.
+                rates.retain(|_, b| refill(*b) < rate_f);
             }
-            if rates.len() < 2 * RATE_TABLE_SWEEP || rates.contains_key(&ip) {
-                let entry = rates.entry(ip).or_insert((second, 0));
-                if entry.0 != second {
-                    *entry = (second, 0);
-                }
-                if entry.1 >= rate {
+            if rates.len() < 2 * RATE_TABLE_SWEEP || rates.contains_key(&key) {
+                let bucket = rates.entry(key).or_insert((rate_f, now));
+                let tokens = refill(*bucket);
+                if tokens < 1.0 {
+                    *bucket = (tokens, now);
                     return Err(Refusal::RateLimited(rate));
                 }
-                entry.1 += 1;
+                *bucket = (tokens - 1.0, now);
             }
         }
         let now_active = self.active.fetch_add(1, Ordering::AcqRel) + 1;
@@ -224,21 +234,37 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit_is_per_ip_and_per_second() {
+    fn rate_limit_is_per_address_and_holds_across_second_edges() {
         let g = gate(Limits {
-            conn_rate_per_ip: Some(3),
+            conn_rate_per_ip: Some(20),
             ..Default::default()
         });
-        let t0 = g.epoch + Duration::from_millis(10);
+        // Just before a second's edge: the burst...
+        let t0 = g.epoch + Duration::from_millis(990);
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
-        for _ in 0..3 {
-            g.admit_at(a, t0).unwrap();
+        let served = |from: Instant, ms: u64| {
+            (0..ms)
+                .flat_map(|m| [m; 4])
+                .filter(|m| g.admit_at(a, from + Duration::from_millis(*m)).is_ok())
+                .count()
+        };
+        // ...then 4 attempts a millisecond for 113 ms across the edge: 20 + 113 ms of refill.
+        assert_eq!(served(t0, 113), 22);
+        assert!(
+            g.admit_at(b, t0).is_ok(),
+            "another address has its own bucket"
+        );
+        // Refilled at the configured rate, not all at once.
+        let later = t0 + Duration::from_millis(113 + 500);
+        let burst = (0..15).filter(|_| g.admit_at(a, later).is_ok()).count();
+        assert_eq!(burst, 10);
+        // An IPv6 /64 is one address.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        for _ in 0..20 {
+            g.admit_at(v6("2001:db8::1"), t0).unwrap();
         }
-        assert_eq!(g.admit_at(a, t0).unwrap_err(), Refusal::RateLimited(3));
-        g.admit_at(b, t0).unwrap();
-        g.admit_at(a, t0 + Duration::from_secs(1)).unwrap();
-        assert_eq!(g.metrics().visitors_rate_limited.get(), 1);
+        assert!(g.admit_at(v6("2001:db8::2"), t0).is_err());
     }
 
     #[test]
@@ -253,7 +279,8 @@ mod tests {
             g.admit_at(ip, t0).unwrap();
         }
         assert!(g.rates.lock().unwrap().len() <= 2 * RATE_TABLE_SWEEP);
-        // A second later the stale entries are swept on the next new address.
+        // A second later (every bucket full again) the stale entries are swept on the next
+        // new address.
         g.admit_at([1, 1, 1, 1].into(), t0 + Duration::from_secs(1))
             .unwrap();
         assert!(g.rates.lock().unwrap().len() <= 2);

@@ -308,6 +308,13 @@ impl Pool {
         n
     }
 
+    /// `n` tickets claimed with [`Self::claim_tickets`] were not issued (a quota was out):
+    /// forget them without asking again at once; the session retries later.
+    pub fn tickets_withheld(&self, n: usize) {
+        let mut g = self.lock();
+        g.outstanding = g.outstanding.saturating_sub(n);
+    }
+
     /// An outstanding ticket was redeemed or expired.
     pub fn ticket_done(&self) {
         let mut g = self.lock();

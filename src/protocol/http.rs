@@ -1,5 +1,5 @@
 //! HTTP/1.x request heads, sans-IO: find where the first request head ends, read the host and
-//! path it is for, and add the visitor's address to it. The relay routes on this and passes
+//! path it is for, and write the visitor's address into it. The relay routes on this and passes
 //! everything after the head through untouched, so only the first request of a connection is
 //! ever parsed.
 //!
@@ -113,7 +113,7 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
     let mut lines = Lines(head);
     let request_line = lines.next().ok_or(HeadError::Malformed("empty head"))?;
     let (target, _version) = parse_request_line(request_line)?;
-    let (mut host, path) = split_target(target)?;
+    let (host, path) = split_target(target)?;
     let mut host_header = None;
     for line in lines {
         if line.is_empty() {
@@ -127,12 +127,19 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
             host_header = Some(value);
         }
     }
-    // An absolute-form target names the host itself and wins over the Host header (RFC 9112
-    // section 3.2.2); otherwise the Host header is required.
-    if host.is_none() {
-        host = host_header;
+    // An absolute-form target names the host itself (RFC 9112 section 3.2.2). The relay routes
+    // on it while the origin may read the Host header, so the two must name the same host:
+    // otherwise one request would be routed to one service and read as another's.
+    if let (Some(target), Some(header)) = (host, host_header) {
+        if normalize_host(target) != normalize_host(header) {
+            return Err(HeadError::Malformed(
+                "the Host header and the request target name different hosts",
+            ));
+        }
     }
-    let host = host.ok_or(HeadError::Malformed("no Host header"))?;
+    let host = host
+        .or(host_header)
+        .ok_or(HeadError::Malformed("no Host header"))?;
     let host = normalize_host(host).ok_or(HeadError::Malformed("invalid Host"))?;
     Ok(Some(Head {
         len,
@@ -304,19 +311,40 @@ fn valid_port(p: &[u8]) -> bool {
     (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit)
 }
 
-/// Headers that carry the visitor's address; incoming copies are merged or replaced so the
-/// origin sees one of each, with the relay's entry last.
+/// Headers that say who the visitor is and how it connected. The relay writes each of them
+/// itself; copies the visitor sent are dropped (or, from a trusted proxy, the address chains
+/// are extended), so the origin never mistakes a visitor's claim for the relay's word.
 const XFF: &[u8] = b"x-forwarded-for";
 const XFP: &[u8] = b"x-forwarded-proto";
+const XFH: &[u8] = b"x-forwarded-host";
+const X_REAL_IP: &[u8] = b"x-real-ip";
 const FORWARDED: &[u8] = b"forwarded";
 
+/// Whether the visitor's own forwarding headers are believed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// A visitor like any other: what it says about itself is dropped.
+    None,
+    /// A proxy the operator trusts (`trusted_proxies`): its `X-Forwarded-For` and
+    /// `Forwarded` chains are kept and the relay's entry appended.
+    Proxy,
+}
+
 /// Rewrites a complete request head (`head`, as measured by [`Head::len`]) so it names the
-/// visitor: `X-Forwarded-For` and `Forwarded` get the visitor appended to any values the
-/// request already had, and `X-Forwarded-Proto` is set to `proto` (a visitor-supplied one is
-/// dropped, since the relay knows how the visitor connected). Everything else is kept
-/// byte for byte.
-pub fn add_forwarded(head: &[u8], visitor: SocketAddr, proto: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.len() + 128);
+/// visitor: `X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto` (`proto`),
+/// `X-Forwarded-Host` (`host`, as the relay routed the request) and `Forwarded`, written by
+/// the relay. With [`Trust::None`] every copy the visitor sent is dropped; with
+/// [`Trust::Proxy`] the visitor's address chains are kept in front of the relay's entry
+/// (a `Forwarded` value with an unbalanced quote, which would swallow that entry, is
+/// dropped). Everything else is kept byte for byte.
+pub fn add_forwarded(
+    head: &[u8],
+    visitor: SocketAddr,
+    proto: &str,
+    host: &str,
+    trust: Trust,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.len() + 192);
     let mut xff: Vec<&[u8]> = Vec::new();
     let mut fwd: Vec<&[u8]> = Vec::new();
     // Empty lines before the request line are dropped: they carry nothing.
@@ -344,37 +372,46 @@ pub fn add_forwarded(head: &[u8], visitor: SocketAddr, proto: &str) -> Vec<u8> {
                 continue;
             }
             if name == FORWARDED {
-                fwd.push(value);
+                if value.iter().filter(|&&b| b == b'"').count() % 2 == 0 {
+                    fwd.push(value);
+                }
                 continue;
             }
-            if name == XFP {
+            if name == XFP || name == XFH || name == X_REAL_IP {
                 continue;
             }
         }
         out.extend_from_slice(raw);
+    }
+    if trust == Trust::None {
+        xff.clear();
+        fwd.clear();
     }
     let ip = visitor.ip();
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     };
-    let mut extra = String::with_capacity(128);
+    let mut extra = String::with_capacity(192);
     extra.push_str("X-Forwarded-For: ");
     for v in &xff {
         extra.push_str(&String::from_utf8_lossy(v));
         extra.push_str(", ");
     }
-    let _ = write!(extra, "{ip}\r\nX-Forwarded-Proto: {proto}\r\nForwarded: ");
+    let _ = write!(
+        extra,
+        "{ip}\r\nX-Real-IP: {ip}\r\nX-Forwarded-Proto: {proto}\r\nX-Forwarded-Host: {host}\r\nForwarded: "
+    );
     for v in &fwd {
         extra.push_str(&String::from_utf8_lossy(v));
         extra.push_str(", ");
     }
     match ip {
         IpAddr::V4(v4) => {
-            let _ = write!(extra, "for={v4};proto={proto}");
+            let _ = write!(extra, "for={v4};host={host};proto={proto}");
         }
         IpAddr::V6(v6) => {
-            let _ = write!(extra, "for=\"[{v6}]\";proto={proto}");
+            let _ = write!(extra, "for=\"[{v6}]\";host={host};proto={proto}");
         }
     }
     extra.push_str("\r\n\r\n");
@@ -442,10 +479,15 @@ mod tests {
 
     #[test]
     fn absolute_form_and_bare_lf_and_ipv6() {
-        let h = parse("GET http://a.example/x HTTP/1.1\nHost: b.example\n\n")
+        let h = parse("GET http://a.example/x HTTP/1.1\nHost: A.example:80\n\n")
             .unwrap()
             .unwrap();
         assert_eq!((h.host.as_str(), h.path.as_str()), ("a.example", "/x"));
+        // Routed to one host, read by the origin as another: refused.
+        assert!(matches!(
+            parse("GET http://blog.example/ HTTP/1.1\r\nHost: billing.example\r\n\r\n"),
+            Err(HeadError::Malformed(_))
+        ));
         let h = parse("GET / HTTP/1.0\r\nhost: [::1]:80\r\n\r\n")
             .unwrap()
             .unwrap();
@@ -508,28 +550,47 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_are_added_and_merged() {
-        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nForwarded: for=1.2.3.4\r\nAccept: */*\r\n\r\n";
-        let out = add_forwarded(head, "10.0.0.9:5555".parse().unwrap(), "http");
-        let out = String::from_utf8(out).unwrap();
+    fn forwarded_headers_replace_a_visitors_and_extend_a_trusted_proxys() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: https\r\nForwarded: for=1.2.3.4\r\nAccept: */*\r\n\r\n";
+        let v = "10.0.0.9:5555".parse().unwrap();
+        let ours = "X-Forwarded-For: 10.0.0.9\r\nX-Real-IP: 10.0.0.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\nForwarded: for=10.0.0.9;host=a;proto=http\r\n\r\n";
+        let out = String::from_utf8(add_forwarded(head, v, "http", "a", Trust::None)).unwrap();
         assert_eq!(
             out,
-            "GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Forwarded-Proto: http\r\nForwarded: for=1.2.3.4, for=10.0.0.9;proto=http\r\n\r\n"
+            format!("GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\n{ours}")
         );
+        let out = String::from_utf8(add_forwarded(head, v, "http", "a", Trust::Proxy)).unwrap();
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Real-IP: 10.0.0.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: a\r\nForwarded: for=1.2.3.4, for=10.0.0.9;host=a;proto=http\r\n\r\n"
+        );
+        // An unclosed quote would make the relay's element part of the visitor's string.
+        let sneaky = b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=\"6.6.6.6\r\n\r\n";
+        let out = String::from_utf8(add_forwarded(sneaky, v, "http", "a", Trust::Proxy)).unwrap();
+        assert!(
+            out.contains("\r\nForwarded: for=10.0.0.9;host=a;proto=http\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("6.6.6.6"), "{out}");
+
         let out = add_forwarded(
             b"GET / HTTP/1.1\nHost: a\n\n",
             "[2001:db8::1]:1".parse().unwrap(),
             "http",
+            "a",
+            Trust::None,
         );
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("X-Forwarded-For: 2001:db8::1\r\n"));
-        assert!(out.contains("Forwarded: for=\"[2001:db8::1]\";proto=http\r\n"));
+        assert!(out.contains("Forwarded: for=\"[2001:db8::1]\";host=a;proto=http\r\n"));
         let reparsed = parse(&out).unwrap().unwrap();
         assert_eq!(reparsed.len, out.len());
         let out = add_forwarded(
             b"\r\n\nGET /x HTTP/1.1\r\nHost: a\r\n\r\n",
             "10.0.0.9:1".parse().unwrap(),
             "http",
+            "a",
+            Trust::None,
         );
         let h = parse_head(&out, DEFAULT_MAX_HEAD).unwrap().unwrap();
         assert_eq!(
@@ -589,7 +650,7 @@ mod tests {
         fn forwarded_rewrite_reparses(host in host_strategy(), a in any::<[u8; 4]>(), port in 1u16..) {
             let head = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
             let v = SocketAddr::from((a, port));
-            let out = add_forwarded(head.as_bytes(), v, "http");
+            let out = add_forwarded(head.as_bytes(), v, "http", &host, Trust::None);
             let h = parse_head(&out, DEFAULT_MAX_HEAD).unwrap().unwrap();
             prop_assert_eq!(h.host, host);
             prop_assert_eq!(h.len, out.len());

@@ -105,6 +105,8 @@ fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), Relay
 /// serving. Must be called inside a tokio runtime.
 pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     cfg.validate()?;
+    let fds = crate::net::fds::raise_fd_limit();
+    tracing::debug!(fds, "file descriptor limit");
     let identity = match &cfg.cert {
         Some((cert, key)) => RelayIdentity::from_files(cert, key)?,
         None => RelayIdentity::load_or_create(&cfg.state_dir)?,
@@ -197,6 +199,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
             let now = Instant::now();
             sweeper.sweep_tickets(now);
             sweeper.registry.expire_lingering(now);
+            sweeper.refusals.flush(now);
         }
     });
     tasks.spawn(accept::accept_loop(plane.clone(), listener));

@@ -1,5 +1,5 @@
 //! The shared HTTP port: read the first request head (bounded in size and time), find the
-//! service by host and longest path prefix, add the visitor's address, and hand the
+//! service by host and longest path prefix, write the visitor's address into it, and hand the
 //! connection on. Everything after the head — bodies, later requests on a keep-alive
 //! connection, a WebSocket after its upgrade — passes through untouched.
 
@@ -9,7 +9,7 @@ use super::conn::Head;
 use super::reply::Page;
 use super::route::Router;
 use super::route::{Decision, Routed, Unserved};
-use crate::protocol::http::{self, add_forwarded, HeadError};
+use crate::protocol::http::{self, add_forwarded, HeadError, Trust};
 
 /// What the shared HTTP port does with a visitor, given how reading its head ended.
 pub fn decide(
@@ -52,7 +52,11 @@ pub fn decide(
         Err(refusal) => return Decision::Answer(Page::OverLimit.response(&refusal.to_string())),
     };
     let prefix = if svc.gate.forwarded_headers() {
-        let mut p = add_forwarded(&bytes[..head.len], addr, "http");
+        let trust = match front.trusts(addr.ip()) {
+            true => Trust::Proxy,
+            false => Trust::None,
+        };
+        let mut p = add_forwarded(&bytes[..head.len], addr, "http", &head.host, trust);
         p.extend_from_slice(&bytes[head.len..]);
         p
     } else {

@@ -1,66 +1,32 @@
 //! Which shared port a visitor came in on, how its first bytes are read and decided on, and
 //! how many visitors one address may have in that state at once.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::conn::{read_head, VisitorConn};
 use super::route::{Decision, Router};
 use super::{http, tls};
+use crate::net::cap::ConnCap;
 use crate::protocol::http::HeadScanner;
 use crate::protocol::sni::{HelloScanner, Sni};
 
-/// Most visitors from one address that may be between accept and hand-off (sending their
-/// head, or waiting for an offline agent) at once on one shared port. Each is bounded in time
-/// and size already; this keeps one address from holding thousands of them (slowloris).
-pub const MAX_PENDING_PER_IP: u32 = 64;
+/// Most visitors from one address (an IPv6 /64) that may be between accept and hand-off
+/// (sending their head, or waiting for an offline agent) at once on one shared port. Each is
+/// bounded in time and size already; this keeps one address from holding thousands of them
+/// (slowloris).
+pub const MAX_ROUTING_PER_ADDRESS: usize = 64;
 
-/// Visitors per address still being routed on one shared port.
-#[derive(Default)]
-pub struct Pending {
-    by_ip: Mutex<HashMap<IpAddr, u32>>,
-}
+/// Most visitors from all addresses being routed at once on one shared port, at most: a
+/// slowloris from many addresses stops here, with descriptors left for everyone else.
+pub const MAX_ROUTING: usize = 4096;
 
-/// One visitor's place in [`Pending`]; dropping it frees the place.
-pub struct PendingGuard {
-    pending: Arc<Pending>,
-    ip: IpAddr,
-}
-
-impl Pending {
-    /// Takes a place for a visitor from `ip`, or `None` if that address has
-    /// [`MAX_PENDING_PER_IP`] visitors being routed already.
-    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<PendingGuard> {
-        let mut m = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_PENDING_PER_IP {
-            return None;
-        }
-        *n += 1;
-        Some(PendingGuard {
-            pending: self.clone(),
-            ip,
-        })
-    }
-
-    /// Addresses with visitors being routed right now.
-    pub fn addresses(&self) -> usize {
-        self.by_ip.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        let mut m = self.pending.by_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
+/// The cap on visitors being routed on one shared port: [`MAX_ROUTING`], or a quarter of
+/// the file-descriptor limit if that is lower.
+pub fn routing_cap() -> Arc<ConnCap> {
+    let by_fds = usize::try_from(crate::net::fds::fd_limit() / 4).unwrap_or(usize::MAX);
+    ConnCap::new(MAX_ROUTING.min(by_fds).max(1), MAX_ROUTING_PER_ADDRESS)
 }
 
 /// Which shared port a visitor came in on.
@@ -108,25 +74,5 @@ impl Port {
                 tls::decide(router, read, addr, || conn.local_addr())
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pending_places_are_per_address_and_released() {
-        let p = Arc::new(Pending::default());
-        let a: IpAddr = [10, 0, 0, 1].into();
-        let held: Vec<_> = (0..MAX_PENDING_PER_IP)
-            .map(|_| p.enter(a).unwrap())
-            .collect();
-        assert!(p.enter(a).is_none());
-        let other = p.enter([10, 0, 0, 2].into()).unwrap();
-        drop(held);
-        drop(other);
-        assert_eq!(p.addresses(), 0, "no entry outlives its visitors");
-        assert!(p.enter(a).is_some());
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::port::{Pending, Port, MAX_PENDING_PER_IP};
+use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
 use crate::control::service::Service;
@@ -16,15 +16,18 @@ use crate::net::accept_failed;
 
 /// Tokio: accepts visitors on a shared port forever, one task each.
 pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port) {
-    let pending = Arc::new(Pending::default());
+    let pending = routing_cap();
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 router.metrics.visitors_accepted.inc();
-                let Some(place) = pending.enter(addr.ip()) else {
-                    router.metrics.visitors_shed.inc();
-                    tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
-                    continue; // dropping the stream closes it
+                let place = match pending.enter(addr.ip()) {
+                    Ok(place) => place,
+                    Err(full) => {
+                        router.metrics.visitors_shed.inc();
+                        tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {full}");
+                        continue; // dropping the stream closes it
+                    }
                 };
                 let router = router.clone();
                 tokio::spawn(async move {

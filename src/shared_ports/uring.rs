@@ -12,7 +12,7 @@ use monoio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::conn::VisitorConn;
-use super::port::{Pending, Port, MAX_PENDING_PER_IP};
+use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
 use crate::dataplane::gate::local_addr_of;
@@ -22,6 +22,7 @@ use crate::dataplane::uring::relay::accept_until;
 use crate::dataplane::uring::sockio::{self, fd};
 use crate::dataplane::uring::{Command, ListenerStop, Workers};
 use crate::dataplane::wait::ReadSome;
+use crate::net::cap::ConnCap;
 
 /// Starts `port`'s accept loop on every worker, listener `i` on worker `i`. The loops stop,
 /// and the port stops listening, when the returned handles are dropped.
@@ -31,7 +32,7 @@ pub fn start(
     port: Port,
     listeners: Vec<std::net::TcpListener>,
 ) -> io::Result<Vec<ListenerStop>> {
-    let pending = Arc::new(Pending::default());
+    let pending = routing_cap();
     let mut stops = Vec::with_capacity(listeners.len());
     for (i, listener) in listeners.into_iter().enumerate() {
         let (stop_tx, stop) = ListenerStop::new(&listener)?;
@@ -49,22 +50,31 @@ async fn accept_loop(
     router: Arc<Router>,
     listener: std::net::TcpListener,
     port: Port,
-    pending: Arc<Pending>,
+    pending: Arc<ConnCap>,
     worker: usize,
     stop: oneshot::Receiver<()>,
 ) {
-    accept_until(listener, &router.metrics, port.name(), stop, |stream, addr| {
-        let Some(place) = pending.enter(addr.ip()) else {
-            router.metrics.visitors_shed.inc();
-            tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {MAX_PENDING_PER_IP} from this address are already being routed");
-            return;
-        };
-        let router = router.clone();
-        monoio::spawn(async move {
-            serve(&router, port, stream, addr, worker).await;
-            drop(place);
-        });
-    })
+    accept_until(
+        listener,
+        &router.metrics,
+        port.name(),
+        stop,
+        |stream, addr| {
+            let place = match pending.enter(addr.ip()) {
+                Ok(place) => place,
+                Err(full) => {
+                    router.metrics.visitors_shed.inc();
+                    tracing::debug!(port = port.name(), visitor = %addr, "visitor closed: {full}");
+                    return;
+                }
+            };
+            let router = router.clone();
+            monoio::spawn(async move {
+                serve(&router, port, stream, addr, worker).await;
+                drop(place);
+            });
+        },
+    )
     .await;
 }
 

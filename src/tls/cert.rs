@@ -1,14 +1,13 @@
 //! The relay's TLS identity: from `--cert`/`--key` files, or a self-signed certificate made on
-//! first start and kept (key mode 0600) in the state directory so its fingerprint stays stable.
+//! first start and kept (key mode 0600) in the state directory so its fingerprint stays stable
+//! (see [`super::state`] for what the directory must look like).
 
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use super::state::{self, Secrecy};
 use super::{Fingerprint, TlsError};
 
 /// File name of the self-signed certificate inside the state directory.
@@ -54,54 +53,103 @@ impl RelayIdentity {
     }
 
     /// Loads the self-signed identity from `state_dir`, creating it (and the directory) if it
-    /// does not exist yet.
+    /// does not exist yet. Refuses a directory or file another user could have written (or
+    /// could read, for the key), a symbolic link, and half an identity: a certificate without
+    /// its key (or the reverse) is never silently replaced by a new identity, since agents
+    /// pinned to the old fingerprint would then refuse the relay.
     pub fn load_or_create(state_dir: &Path) -> Result<Self, TlsError> {
         let cert_path = state_dir.join(CERT_FILE);
         let key_path = state_dir.join(KEY_FILE);
-        if cert_path.exists() && key_path.exists() {
-            return Self::from_files(&cert_path, &key_path);
+        state::ensure_dir(state_dir)?;
+        match (state::exists(&cert_path)?, state::exists(&key_path)?) {
+            (true, true) => {
+                let cert = state::read(&cert_path, Secrecy::Public)?;
+                let key = state::read(&key_path, Secrecy::Secret)?;
+                return Self::from_pem(&cert, &cert_path, &key, &key_path);
+            }
+            (false, false) => {}
+            (has_cert, _) => {
+                let (present, missing) = match has_cert {
+                    true => (CERT_FILE, KEY_FILE),
+                    false => (KEY_FILE, CERT_FILE),
+                };
+                return Err(TlsError::UnsafeState {
+                    path: state_dir.to_path_buf(),
+                    problem: format!(
+                        "has {present} but not {missing}: restore {missing}, or remove {present} to make a new identity (agents pinned to the old fingerprint will then refuse the relay until given the new one)"
+                    ),
+                });
+            }
         }
-        let state_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TlsError::StateDir { path, source }
-        };
-        fs::create_dir_all(state_dir).map_err(state_err(state_dir))?;
-        let _ = fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700));
         let certified = rcgen::generate_simple_self_signed(vec![
             "ringtunnel-relay".to_string(),
             "localhost".to_string(),
         ])?;
-        write_new(
+        let key_pem = certified.key_pair.serialize_pem();
+        let cert_pem = certified.cert.pem();
+        state::write_new(&key_path, key_pem.as_bytes(), 0o600)?;
+        state::write_new(&cert_path, cert_pem.as_bytes(), 0o644)?;
+        let mut identity = Self::from_pem(
+            cert_pem.as_bytes(),
+            &cert_path,
+            key_pem.as_bytes(),
             &key_path,
-            certified.key_pair.serialize_pem().as_bytes(),
-            0o600,
-        )
-        .map_err(state_err(&key_path))?;
-        write_new(&cert_path, certified.cert.pem().as_bytes(), 0o644)
-            .map_err(state_err(&cert_path))?;
-        let mut identity = Self::from_files(&cert_path, &key_path)?;
+        )?;
         identity.generated = true;
         Ok(identity)
     }
-}
 
-/// Writes a file created with `mode` from the start, so a key is never briefly world-readable.
-fn write_new(path: &PathBuf, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
+    /// Parses a PEM chain and key already read (`cert_path` and `key_path` name them in
+    /// errors).
+    fn from_pem(
+        cert: &[u8],
+        cert_path: &Path,
+        key: &[u8],
+        key_path: &Path,
+    ) -> Result<Self, TlsError> {
+        let bad = |path: &Path, reason: String| TlsError::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(cert_path, e.to_string()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| bad(cert_path, "no certificate found".into()))?;
+        let fingerprint = Fingerprint::of(leaf);
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(key_path, e.to_string()))?;
+        Ok(Self {
+            chain,
+            key,
+            fingerprint,
+            generated: false,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn half_an_identity_is_never_replaced() {
+        let dir = std::env::temp_dir().join(format!("ringtunnel-half-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let first = RelayIdentity::load_or_create(&dir).unwrap();
+        fs::remove_file(dir.join(KEY_FILE)).unwrap();
+        let err = RelayIdentity::load_or_create(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("has relay-cert.pem but not relay-key.pem"),
+            "{err}"
+        );
+        assert!(!dir.join(KEY_FILE).exists(), "no new key made");
+        drop(first);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn self_signed_identity_is_created_once_and_kept() {

@@ -6,6 +6,7 @@
 
 pub mod cert;
 pub mod fingerprint;
+pub mod state;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,15 @@ pub enum TlsError {
         path: PathBuf,
         /// The I/O error.
         source: std::io::Error,
+    },
+    /// The state directory or a file in it is not safe to trust (owner, mode, a link), or
+    /// holds half an identity.
+    #[error("state directory: {path}: {problem}")]
+    UnsafeState {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        problem: String,
     },
     /// Generating the self-signed certificate failed.
     #[error("generating a self-signed certificate: {0}")]

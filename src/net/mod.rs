@@ -1,6 +1,12 @@
 //! Sockets every part of the relay binds the same way: listeners (`SO_REUSEADDR`, optional
 //! `SO_REUSEPORT`, `TCP_NODELAY` inherited by accepted sockets), and what an accept loop does
-//! when `accept` fails; how long dialing may take.
+//! when `accept` fails; how long dialing may take; caps on connections that have not
+//! earned their place yet; the file-descriptor limit; throttling and summarising refusals.
+
+pub mod cap;
+pub mod fds;
+pub mod refusals;
+pub mod throttle;
 
 use std::io;
 use std::net::SocketAddr;
