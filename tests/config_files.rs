@@ -62,8 +62,29 @@ fn example_configs_are_valid() {
     assert_eq!(agent.services[4].path.as_deref(), Some("/api"));
     assert_eq!(relay.front.domain.as_deref(), Some("example.com"));
     assert_eq!(relay.limits_for("billing").max_visitors, Some(200));
-    assert_eq!(relay.limits_for("billing").conn_rate_per_ip, Some(100));
+    assert_eq!(relay.limits_for("billing").conn_rate_per_ip, Some(200));
     assert_eq!(relay.limits_for("web").max_visitors, Some(10000));
+    // Names ignore case; reservations are qualified with the domain.
+    assert_eq!(
+        relay.secret_for("BILLING").unwrap().0.expose(),
+        b"billing-only-secret"
+    );
+    assert_eq!(
+        relay.reservations().unwrap(),
+        vec![("billing.example.com".to_string(), "billing".to_string())]
+    );
+}
+
+#[test]
+fn a_relay_without_limits_gets_the_public_defaults() {
+    let cfg = relay_with("secret = \"s\"\n").unwrap();
+    assert_eq!(cfg.limits, ringtunnel::config::Limits::public_defaults());
+    let cfg =
+        relay_with("secret = \"s\"\n[limits]\nmax_visitors = 0\nidle_timeout_secs = 0\n").unwrap();
+    let limits = cfg.limits_for("x");
+    assert_eq!(limits.visitor_cap(), None, "0 means no limit");
+    assert_eq!(limits.idle_timeout(), None);
+    assert_eq!(limits.rate_cap(), Some(200), "unset keeps the default");
 }
 
 #[test]

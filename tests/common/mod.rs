@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringtunnel::protocol::auth::{register_mac, Ticket};
-use ringtunnel::protocol::{AgentMsg, RelayMsg, ServiceOutcome, ServiceRequest, PROTOCOL_VERSION};
+use ringtunnel::protocol::{
+    AgentMsg, RelayMsg, ServiceOutcome, ServiceRequest, ServiceResult, PROTOCOL_VERSION,
+};
 use ringtunnel::tls::{client_config, Fingerprint, RelayTrust};
 use ringtunnel::transport::{BoxStream, Framed};
 use rustls_pki_types::ServerName;
@@ -536,9 +538,13 @@ pub async fn connect_data(relay: &Relay, tls: bool) -> BoxStream {
     }
 }
 
-/// Registers service `name` as a hand-rolled agent; returns the control connection, the
-/// public port and the first tickets.
-pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, Vec<Ticket>) {
+/// Opens a control session as a hand-rolled agent holding `secret` and registers `requests`
+/// (their MACs are computed here); returns the control connection and the relay's results.
+pub async fn fake_session(
+    relay: &Relay,
+    secret: &str,
+    mut requests: Vec<ServiceRequest>,
+) -> (Framed<BoxStream>, Vec<ServiceResult>) {
     let limit = Duration::from_secs(10);
     let mut ctl = Framed::new(tls_connect(relay).await);
     ctl.write_msg(
@@ -552,24 +558,29 @@ pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, V
     let RelayMsg::Challenge { nonce, .. } = ctl.read_msg_within(limit).await.unwrap() else {
         panic!("expected challenge")
     };
+    for r in &mut requests {
+        r.mac = register_mac(secret.as_bytes(), &nonce, &r.name);
+    }
+    ctl.write_msg(&AgentMsg::Register { services: requests }, limit)
+        .await
+        .unwrap();
+    match ctl.read_msg_within(limit).await.unwrap() {
+        RelayMsg::Registered { results } => (ctl, results),
+        other => panic!("expected Registered, got {other:?}"),
+    }
+}
+
+/// Registers service `name` as a hand-rolled agent; returns the control connection, the
+/// public port and the first tickets.
+pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, Vec<Ticket>) {
+    let limit = Duration::from_secs(10);
     let req = ServiceRequest {
         name: name.into(),
         remote_port: 0,
         pool: 2,
-        mac: register_mac(SECRET.as_bytes(), &nonce, name),
         ..Default::default()
     };
-    ctl.write_msg(
-        &AgentMsg::Register {
-            services: vec![req],
-        },
-        limit,
-    )
-    .await
-    .unwrap();
-    let RelayMsg::Registered { results } = ctl.read_msg_within(limit).await.unwrap() else {
-        panic!("expected registered")
-    };
+    let (mut ctl, results) = fake_session(relay, SECRET, vec![req]).await;
     let ServiceOutcome::Online { port, .. } = results[0].outcome else {
         panic!("{results:?}")
     };
