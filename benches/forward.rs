@@ -38,12 +38,12 @@ async fn path(via: Via) -> (TcpStream, TcpStream) {
     let (mut o_side, origin) = pair().await;
     match via {
         Via::Tokio => {
-            tokio::spawn(
-                async move { chunked::forward(&mut v_side, &mut t_relay, &[], &[]).await },
-            );
-            tokio::spawn(
-                async move { chunked::forward(&mut o_side, &mut t_agent, &[], &[]).await },
-            );
+            tokio::spawn(async move {
+                chunked::forward(&mut v_side, &mut t_relay, &[], &[], None).await
+            });
+            tokio::spawn(async move {
+                chunked::forward(&mut o_side, &mut t_agent, &[], &[], None).await
+            });
         }
         _ => {
             for (peer, tunnel) in [(v_side, t_relay), (o_side, t_agent)] {
@@ -68,7 +68,7 @@ fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream) {
         let peer = monoio::net::TcpStream::from_std(peer).unwrap();
         let tunnel = monoio::net::TcpStream::from_std(tunnel).unwrap();
         let pipes = PipePool::default();
-        let _ = chunked::forward(&peer, &tunnel, &pipes, &[], false).await;
+        let _ = chunked::forward(&peer, &tunnel, &pipes, &[], false, None).await;
     });
 }
 

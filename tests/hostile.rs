@@ -264,6 +264,111 @@ async fn forged_forwarding_headers_never_reach_the_origin(backend: Backend) {
     }
 }
 
+/// An HTTP/1.1 origin that keeps the connection and answers every request with the head it
+/// received (bodies, by Content-Length or chunked, are read and counted, not echoed).
+async fn keepalive_origin() -> SocketAddr {
+    origin(|mut s| async move {
+        let mut buf = Vec::new();
+        loop {
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            let lower = head.to_ascii_lowercase();
+            let mut body = 0usize;
+            if let Some(l) = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+            {
+                body = l.trim().parse().unwrap();
+            } else if lower.contains("transfer-encoding: chunked") {
+                // The test's chunked bodies end with "0\r\n\r\n".
+                loop {
+                    if let Some(i) = buf.windows(5).position(|w| w == b"0\r\n\r\n") {
+                        body = i + 5;
+                        break;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            }
+            while buf.len() < body {
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..body);
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}",
+                head.len()
+            );
+            if s.write_all(reply.as_bytes()).await.is_err() || lower.contains("connection: close") {
+                let _ = s.shutdown().await;
+                return;
+            }
+        }
+    })
+    .await
+}
+
+async fn every_request_of_a_kept_alive_connection_is_rewritten(backend: Backend) {
+    for data_tls in ["off", "on"] {
+        let (relay, _cfg) = http_relay(backend, "", &["--data-tls", data_tls]);
+        let origin = keepalive_origin().await;
+        let _a = Agent::spawn(agent_with(
+            relay.agent_args(origin, "app"),
+            SECRET,
+            &["--http-host", "app"],
+        ));
+        let forged = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n";
+        let body = format!("{forged}\r\n");
+        let stream = format!(
+            "GET /1 HTTP/1.1\r\nHost: app.example.test\r\n{forged}\r\n\
+             POST /2 HTTP/1.1\r\nHost: app.example.test\r\nContent-Length: {}\r\n{forged}\r\n{body}\
+             POST /3 HTTP/1.1\r\nHost: app.example.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+             GET /4 HTTP/1.1\r\nHost: app.example.test\r\n{forged}Connection: close\r\n\r\n",
+            body.len()
+        );
+        let resp = send_from([127, 0, 0, 1], relay.http.unwrap(), stream.as_bytes()).await;
+        assert_eq!(
+            resp.matches("HTTP/1.1 200 OK").count(),
+            4,
+            "{data_tls}: {resp}"
+        );
+        assert_eq!(
+            resp.matches("X-Forwarded-For: 127.0.0.1\r\n").count(),
+            4,
+            "{resp}"
+        );
+        assert_eq!(
+            resp.matches("X-Real-IP: 127.0.0.1\r\n").count(),
+            4,
+            "{resp}"
+        );
+        assert!(
+            !resp.contains("6.6.6.6"),
+            "a forged header reached the origin: {resp}"
+        );
+        // A request for another host cannot ride a connection routed to this one.
+        let other = "GET / HTTP/1.1\r\nHost: app.example.test\r\n\r\nGET / HTTP/1.1\r\nHost: billing.example.test\r\n\r\n";
+        let resp = send_from([127, 0, 0, 1], relay.http.unwrap(), other.as_bytes()).await;
+        // (Both requests may arrive in the first read, when the whole connection is refused.)
+        assert!(resp.matches("HTTP/1.1 200 OK").count() <= 1, "{resp}");
+        assert!(!resp.contains("Host: billing"), "{resp}");
+    }
+}
+
 async fn an_absolute_target_cannot_name_another_host_than_host(backend: Backend) {
     let (relay, _cfg) = http_relay(backend, "", &[]);
     let (blog, billing) = (named_origin("blog").await, named_origin("billing").await);
@@ -515,6 +620,7 @@ async fn slow_heads_from_one_address_are_shed_and_others_served(backend: Backend
 
 both_backends!(
     forged_forwarding_headers_never_reach_the_origin,
+    every_request_of_a_kept_alive_connection_is_rewritten,
     an_absolute_target_cannot_name_another_host_than_host,
     slow_heads_from_one_address_are_shed_and_others_served,
 );

@@ -88,7 +88,7 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
             }
         };
         let _ = origin.set_nodelay(true);
-        match chunked::forward(&mut origin, &mut tunnel, &[], &early).await {
+        match chunked::forward(&mut origin, &mut tunnel, &[], &early, None).await {
             Ok(o) => {
                 let (up, down) = (o.moved.b_to_a, o.moved.a_to_b);
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");

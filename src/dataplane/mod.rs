@@ -9,6 +9,7 @@
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
 //! - [`idle`]: the idle-timeout watcher beside each forwarded visitor.
 //! - [`wait`]: runtime-agnostic waits (a deadline race, the relay's wait for `READY`).
+//! - [`rewrite`]: HTTP visitors' bytes with every request head rewritten, as tunnel chunks.
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
@@ -16,6 +17,7 @@ pub mod gate;
 pub mod idle;
 pub mod pool;
 pub mod probe;
+pub mod rewrite;
 pub mod sock;
 pub mod tokio;
 pub mod uring;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use super::gate::{self, Admission, Gate};
+use crate::protocol::http::requests::Requests;
 
 /// Most visitors that may wait for a data connection per service; more are turned away
 /// at once rather than queued without bound.
@@ -40,6 +41,9 @@ pub struct Visitor {
     /// The visitor's counted place in its service (idle timeout, max visitors); `None` only
     /// for visitors made outside a listener (tests).
     pub admission: Option<Admission>,
+    /// For an HTTP visitor whose service wants forwarding headers: the reader that rewrites
+    /// every later request head on its way up the tunnel (the first is in `prefix`).
+    pub requests: Option<Box<Requests>>,
 }
 
 impl Visitor {
@@ -53,6 +57,7 @@ impl Visitor {
             Vec::new()
         };
         Some(Visitor {
+            requests: None,
             stream,
             addr,
             prefix,
@@ -334,6 +339,7 @@ mod tests {
         let (s, addr) = l.accept().unwrap();
         (
             Visitor {
+                requests: None,
                 stream: s,
                 addr,
                 prefix: Vec::new(),

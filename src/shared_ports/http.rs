@@ -1,7 +1,7 @@
 //! The shared HTTP port: read the first request head (bounded in size and time), find the
 //! service by host and longest path prefix, write the visitor's address into it, and hand the
-//! connection on. Everything after the head — bodies, later requests on a keep-alive
-//! connection, a WebSocket after its upgrade — passes through untouched.
+//! connection on with a [`Requests`] reader that does the same to every later request head on
+//! its way up the tunnel. Bodies, and a WebSocket after its upgrade, pass through untouched.
 
 use std::net::SocketAddr;
 
@@ -9,7 +9,8 @@ use super::conn::Head;
 use super::reply::Page;
 use super::route::Router;
 use super::route::{Decision, Routed, Unserved};
-use crate::protocol::http::{self, add_forwarded, HeadError, Trust};
+use crate::protocol::http::requests::Requests;
+use crate::protocol::http::{self, HeadError, Trust};
 
 /// What the shared HTTP port does with a visitor, given how reading its head ended.
 pub fn decide(
@@ -51,21 +52,29 @@ pub fn decide(
         Ok(a) => a,
         Err(refusal) => return Decision::Answer(Page::OverLimit.response(&refusal.to_string())),
     };
-    let prefix = if svc.gate.forwarded_headers() {
+    // Every request head on the connection is rewritten, this first one here; the reader
+    // goes with the visitor for the rest.
+    let (prefix, requests) = if svc.gate.forwarded_headers() {
         let trust = match front.trusts(addr.ip()) {
             true => Trust::Proxy,
             false => Trust::None,
         };
-        let mut p = add_forwarded(&bytes[..head.len], addr, "http", &head.host, trust);
-        p.extend_from_slice(&bytes[head.len..]);
-        p
+        let mut requests = Box::new(Requests::new(addr, trust, front.max_head));
+        let mut p = Vec::with_capacity(bytes.len() + 192);
+        if let Err(e) = requests.feed(&bytes, &mut p) {
+            metrics.http_bad_requests.inc();
+            tracing::info!(visitor = %addr, "HTTP visitor refused: {e}");
+            return Decision::Answer(Page::BadRequest.response(&e.to_string()));
+        }
+        (p, Some(requests))
     } else {
-        bytes
+        (bytes, None)
     };
     Decision::Dispatch(Routed {
         svc,
         prefix,
         admission,
+        requests,
         unserved: Unserved::HttpPage { host: head.host },
     })
 }

@@ -10,6 +10,7 @@ use crate::control::registry::Registry;
 use crate::control::service::Service;
 use crate::dataplane::gate::Admission;
 use crate::dataplane::pool::{TakeError, Visitor};
+use crate::protocol::http::requests::Requests;
 
 /// What a shared port reads to route a visitor: its settings, the routing table (in the
 /// registry) and the relay's counters. Nothing else of the relay is reachable from here.
@@ -41,6 +42,8 @@ pub struct Routed {
     pub prefix: Vec<u8>,
     /// The visitor's counted place in the service.
     pub admission: Admission,
+    /// HTTP with forwarding headers: rewrites the visitor's later request heads.
+    pub requests: Option<Box<Requests>>,
     /// What the visitor hears if no tunnel connection takes it.
     pub unserved: Unserved,
 }
@@ -68,6 +71,7 @@ impl Routed {
             addr,
             prefix: self.prefix,
             admission: Some(self.admission),
+            requests: self.requests,
         };
         (visitor, self.unserved, self.svc)
     }

@@ -62,6 +62,7 @@ pub fn decide(
         svc,
         prefix,
         admission,
+        requests: None,
         unserved: Unserved::Close,
     })
 }

@@ -18,7 +18,9 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::dataplane::rewrite;
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
+use crate::protocol::http::requests::Requests;
 
 /// Bytes one read may move, in bytes. 64 KiB keeps syscalls per GiB low on bulk transfers;
 /// it lives on the polling thread's stack, not per connection.
@@ -68,15 +70,17 @@ pub struct Outcome {
 
 /// Peer → tunnel: every read becomes one chunk; EOF becomes `END`.
 #[derive(Default)]
-struct Encode {
+struct Encode<'r> {
     pending: Vec<u8>,
     written: usize,
     ended: bool,
     done: bool,
     moved: u64,
+    /// An HTTP visitor's request heads are rewritten on the way.
+    requests: Option<&'r mut Requests>,
 }
 
-impl Encode {
+impl Encode<'_> {
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -116,6 +120,21 @@ impl Encode {
             if n == 0 {
                 self.pending = chunk::header(chunk::END).to_vec();
                 self.ended = true;
+                continue;
+            }
+            if let Some(requests) = self.requests.as_deref_mut() {
+                self.moved += n as u64;
+                let frames = rewrite::chunks(requests, buf.filled())?;
+                if !frames.is_empty() {
+                    match w.as_mut().poll_write(cx, &frames) {
+                        Poll::Ready(Ok(0)) => {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
+                        }
+                        Poll::Ready(Ok(m)) => self.pending.extend_from_slice(&frames[m..]),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => self.pending = frames,
+                    }
+                }
                 continue;
             }
             for (slot, b) in head.iter_mut().zip(chunk::header(n as u32)) {
@@ -238,11 +257,13 @@ impl Decode {
 /// Sends `prefix` (raw bytes already framed by the caller, e.g. `Start` plus a chunk), then
 /// forwards `peer` ↔ `tunnel` in chunks until both directions end or either fails. `early`
 /// are tunnel bytes already read past the last control frame; they are decoded first.
+/// `requests`: an HTTP visitor's reader, which rewrites every request head going up.
 pub async fn forward<P, T>(
     peer: &mut P,
     tunnel: &mut T,
     prefix: &[u8],
     early: &[u8],
+    requests: Option<&mut Requests>,
 ) -> io::Result<Outcome>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -251,7 +272,10 @@ where
     if !prefix.is_empty() {
         tunnel.write_all(prefix).await?;
     }
-    let mut up = Encode::default();
+    let mut up = Encode {
+        requests,
+        ..Encode::default()
+    };
     let mut down = Decode {
         carry: early.to_vec(),
         ..Decode::default()
@@ -299,8 +323,8 @@ mod tests {
             let (mut o_side, mut origin) = pair().await;
             let mut pre = Vec::new();
             chunk::push_chunks(&mut pre, b"hello ");
-            let relay = forward(&mut v_side, &mut t_relay, &pre, &[]);
-            let agent = forward(&mut o_side, &mut t_agent, &[], &[]);
+            let relay = forward(&mut v_side, &mut t_relay, &pre, &[], None);
+            let agent = forward(&mut o_side, &mut t_agent, &[], &[], None);
             let client = async {
                 visitor.write_all(&[b'a' + round; 100_000]).await.unwrap();
                 visitor.shutdown().await.unwrap();
@@ -327,7 +351,7 @@ mod tests {
         let (mut t_relay, mut t_agent) = pair().await;
         let (_visitor, mut v_side) = pair().await;
         t_agent.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
-        let err = forward(&mut v_side, &mut t_relay, &[], &[])
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("invalid chunk header"), "{err}");
@@ -341,8 +365,10 @@ mod tests {
         let (mut t_relay, mut t_agent) = pair().await;
         let (mut visitor, mut v_side) = pair().await;
         let (mut o_side, mut origin) = pair().await;
-        let relay = tokio::spawn(async move { forward(&mut v_side, &mut t_relay, &[], &[]).await });
-        let agent = tokio::spawn(async move { forward(&mut o_side, &mut t_agent, &[], &[]).await });
+        let relay =
+            tokio::spawn(async move { forward(&mut v_side, &mut t_relay, &[], &[], None).await });
+        let agent =
+            tokio::spawn(async move { forward(&mut o_side, &mut t_agent, &[], &[], None).await });
         let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {

@@ -87,6 +87,7 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
         let addr = visitor.addr;
         let idle = visitor.idle_timeout();
         let admission = visitor.admission;
+        let mut requests = visitor.requests;
         let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
             return;
         };
@@ -96,7 +97,7 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
         let fd = unsafe { BorrowedFd::borrow_raw(raw) };
         let start = conn.on_visitor(addr, &visitor.prefix, &[]);
         let outcome = tokio::select! {
-            o = chunked::forward(&mut stream, &mut tunnel, &start, &[]) => o,
+            o = chunked::forward(&mut stream, &mut tunnel, &start, &[], requests.as_deref_mut()) => o,
             _ = idle::tokio_idle(fd, idle) => {
                 idle_closed(service, addr, &admission);
                 return;

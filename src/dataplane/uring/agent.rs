@@ -135,7 +135,7 @@ async fn run(
                 return Ok(());
             }
         };
-        let outcome = tunnel.forward(&origin, pipes, &early, true).await?;
+        let outcome = tunnel.forward(&origin, pipes, &early, true, None).await?;
         // Forwarding ran origin → tunnel as "up" from the agent's side; the visitor's view is
         // the reverse.
         let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);

@@ -13,8 +13,10 @@ use monoio::net::TcpStream;
 
 use super::pipe::{self, PipePool};
 use super::sockio::{self, fd, with_scratch};
+use crate::dataplane::rewrite;
 use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
+use crate::protocol::http::requests::Requests;
 
 /// How one direction ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,11 @@ async fn encode(
     dst: &TcpStream,
     pipes: &PipePool,
     quiet: bool,
+    requests: Option<&mut Requests>,
 ) -> io::Result<(u64, Ended)> {
+    if let Some(requests) = requests {
+        return encode_requests(src, dst, quiet, requests).await;
+    }
     let (sfd, dfd) = (fd(src), fd(dst));
     let mut total = 0u64;
     if quiet {
@@ -155,6 +161,48 @@ async fn encode(
                 // A short read almost always drained the socket: wait on the ring rather than
                 // spend a recv on EAGAIN (the ring's poll is level-triggered).
                 src.readable(false).await?;
+            }
+        }
+    }
+}
+
+/// [`encode`] for an HTTP visitor whose request heads are rewritten: copied all the way
+/// (a body is followed byte by byte to find the next head, so it is never spliced).
+async fn encode_requests(
+    src: &TcpStream,
+    dst: &TcpStream,
+    quiet: bool,
+    requests: &mut Requests,
+) -> io::Result<(u64, Ended)> {
+    let sfd = fd(src);
+    let mut total = 0u64;
+    if quiet {
+        src.readable(false).await?;
+    }
+    loop {
+        let step = with_scratch(|buf| -> io::Result<Option<(usize, bool, Vec<u8>)>> {
+            let Some(n) = recv_now(sfd, buf)? else {
+                return Ok(None);
+            };
+            let frames = match n {
+                0 => chunk::header(chunk::END).to_vec(),
+                n => rewrite::chunks(requests, &buf[..n])?,
+            };
+            Ok(Some((n, n == buf.len(), frames)))
+        })?;
+        match step {
+            None => src.readable(false).await?,
+            Some((n, full, frames)) => {
+                if !frames.is_empty() {
+                    sockio::write_all(dst, &frames).await?;
+                }
+                if n == 0 {
+                    return Ok((total, Ended::Clean));
+                }
+                total += n as u64;
+                if !full {
+                    src.readable(false).await?;
+                }
             }
         }
     }
@@ -215,13 +263,15 @@ async fn decode(
 
 /// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then
 /// both sockets are shut down). `early`: tunnel bytes already read past `Start`; `peer_quiet`:
-/// the peer has nothing to read now (see `encode`).
+/// the peer has nothing to read now (see `encode`); `requests`: an HTTP visitor's reader,
+/// which rewrites every request head going up.
 pub async fn forward(
     peer: &TcpStream,
     tunnel: &TcpStream,
     pipes: &PipePool,
     early: &[u8],
     peer_quiet: bool,
+    requests: Option<&mut Requests>,
 ) -> io::Result<Outcome> {
     let shut = || {
         shutdown(fd(peer), Half::Both);
@@ -229,7 +279,7 @@ pub async fn forward(
     };
     let (up, down) = monoio::join!(
         async {
-            let r = encode(peer, tunnel, pipes, peer_quiet).await;
+            let r = encode(peer, tunnel, pipes, peer_quiet, requests).await;
             if r.is_err() {
                 shut();
             }
@@ -309,8 +359,8 @@ mod tests {
             let (t_relay, t_agent) = (on_ring(t_relay), on_ring(t_agent));
             let pipes = PipePool::default();
             let (r, a) = monoio::join!(
-                forward(&v_side, &t_relay, &pipes, &[], false),
-                forward(&o_side, &t_agent, &pipes, &[], true)
+                forward(&v_side, &t_relay, &pipes, &[], false, None),
+                forward(&o_side, &t_agent, &pipes, &[], true, None)
             );
             (r.unwrap(), a.unwrap())
         });

@@ -22,6 +22,7 @@ use crate::dataplane::sock::recv_now;
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::net::ACCEPT_BACKOFF;
 use crate::protocol::chunk;
+use crate::protocol::http::requests::Requests;
 use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 
 /// Accepts visitors until `stop` fires (or its sender is dropped). A visitor pairs with a
@@ -154,11 +155,18 @@ async fn park_and_forward(
         let addr = visitor.addr;
         let idle = visitor.idle_timeout();
         let admission = visitor.admission;
+        let mut requests = visitor.requests;
         let stream = TcpStream::from_std(visitor.stream)?;
-        let (start, sent_early, quiet) = start_frame(&mut conn, &stream, addr, &visitor.prefix)?;
+        let (start, sent_early, quiet) = start_frame(
+            &mut conn,
+            &stream,
+            addr,
+            &visitor.prefix,
+            requests.as_deref_mut(),
+        )?;
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
-            o = tunnel.forward(&stream, pipes, &[], quiet) => o?,
+            o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut()) => o?,
             _ = idle::monoio_idle(fd(&stream), idle) => {
                 idle_closed(service, addr, &admission);
                 return Ok(());
@@ -191,11 +199,13 @@ async fn park_and_forward(
 /// time the visitor reaches its data connection), so they travel in one send and reach the
 /// agent in one read. Also returns the visitor bytes taken and whether the visitor has nothing
 /// more to read now (its next read should wait on the ring).
+/// An HTTP visitor's `requests` reader rewrites those bytes first.
 fn start_frame(
     conn: &mut RelayDataConn,
     visitor: &TcpStream,
     addr: SocketAddr,
     held: &[u8],
+    requests: Option<&mut Requests>,
 ) -> std::io::Result<(Vec<u8>, u64, bool)> {
     with_scratch(|buf| {
         let (n, quiet) = match recv_now(fd(visitor), buf)? {
@@ -203,7 +213,17 @@ fn start_frame(
             Some(0) => (0, false), // EOF: the forwarder sees it at once and sends END
             Some(n) => (n, n < buf.len()),
         };
-        Ok((conn.on_visitor(addr, held, &buf[..n]), n as u64, quiet))
+        let start = match requests {
+            Some(requests) if n > 0 => {
+                let mut rewritten = Vec::with_capacity(n + 256);
+                requests
+                    .feed(&buf[..n], &mut rewritten)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                conn.on_visitor(addr, held, &rewritten)
+            }
+            _ => conn.on_visitor(addr, held, &buf[..n]),
+        };
+        Ok((start, n as u64, quiet))
     })
 }
 

@@ -13,8 +13,10 @@ use monoio::net::TcpStream;
 
 use super::chunked::{Blocked, Ended, Outcome, Unchunk};
 use super::sockio::{self, fd};
+use crate::dataplane::rewrite;
 use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, HEADER_LEN};
+use crate::protocol::http::requests::Requests;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
 
 /// Bytes of plaintext or ciphertext one step moves: four full TLS records, so one `recv` or one
@@ -337,13 +339,45 @@ async fn tls_to_plain(
     Ok((st.moved, Ended::Clean, st.chunks.take_leftover()))
 }
 
-/// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`.
-async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, quiet: bool) -> io::Result<u64> {
+/// Plain → TLS in chunks (one per read) until EOF, which is sent as `END`. `requests`: an
+/// HTTP visitor's reader, which rewrites every request head on the way.
+async fn plain_to_tls(
+    plain: &TcpStream,
+    tls: &TlsStream,
+    quiet: bool,
+    mut requests: Option<&mut Requests>,
+) -> io::Result<u64> {
     let pfd = fd(plain);
     let mut total = 0u64;
     if quiet {
         // Nothing to read yet (see `chunked::encode`).
         plain.readable(false).await?;
+    }
+    while let Some(requests) = requests.as_deref_mut() {
+        let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Vec<u8>)>> {
+            let n = match FdIo(pfd).read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let frames = match n {
+                0 => chunk::header(chunk::END).to_vec(),
+                n => rewrite::chunks(requests, &buf[..n])?,
+            };
+            Ok(Some((n, frames)))
+        })?;
+        match read {
+            None => plain.readable(false).await?,
+            Some((n, frames)) => {
+                if !frames.is_empty() {
+                    tls.write_all(&frames).await?;
+                }
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        }
     }
     loop {
         let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
@@ -381,16 +415,17 @@ async fn plain_to_tls(plain: &TcpStream, tls: &TlsStream, quiet: bool) -> io::Re
 /// Forwards a plain socket ↔ a TLS data connection in chunks until both directions end or
 /// either fails, in which case both sockets are shut down. `early`: plaintext already read
 /// past `Start`; `peer_quiet`: `plain` has nothing to read now (just connected, or its
-/// early bytes already taken).
+/// early bytes already taken); `requests`: an HTTP visitor's reader (see `plain_to_tls`).
 pub async fn forward(
     plain: &TcpStream,
     tls: &TlsStream,
     early: &[u8],
     peer_quiet: bool,
+    requests: Option<&mut Requests>,
 ) -> io::Result<Outcome> {
     let (up, down) = monoio::join!(
         async {
-            let r = plain_to_tls(plain, tls, peer_quiet).await;
+            let r = plain_to_tls(plain, tls, peer_quiet, requests).await;
             if r.is_err() {
                 shut_both(plain, tls);
             }

@@ -9,6 +9,7 @@ use super::chunked::{self, Outcome};
 use super::pipe::PipePool;
 use super::sockio;
 use super::tls::{self, TlsStream};
+use crate::protocol::http::requests::Requests;
 
 /// A data connection owned by one worker.
 pub enum Tunnel {
@@ -46,17 +47,20 @@ impl Tunnel {
     /// Forwards one visitor both ways between `peer` (visitor or local service) and the
     /// tunnel, in chunks, until both directions end or either fails. `early`: tunnel bytes
     /// already read past `Start`; `peer_quiet`: the peer has nothing to read now (just
-    /// connected, or its early bytes already sent with `Start`), so wait on the ring first. The outcome says whether the tunnel can carry another.
+    /// connected, or its early bytes already sent with `Start`), so wait on the ring first;
+    /// `requests`: an HTTP visitor's reader, which rewrites every request head going up. The
+    /// outcome says whether the tunnel can carry another.
     pub async fn forward(
         &self,
         peer: &TcpStream,
         pipes: &PipePool,
         early: &[u8],
         peer_quiet: bool,
+        requests: Option<&mut Requests>,
     ) -> io::Result<Outcome> {
         match self {
-            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, peer_quiet).await,
-            Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet).await,
+            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, peer_quiet, requests).await,
+            Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet, requests).await,
         }
     }
 

@@ -1,7 +1,7 @@
-//! HTTP/1.x request heads, sans-IO: find where the first request head ends, read the host and
-//! path it is for, and write the visitor's address into it. The relay routes on this and passes
-//! everything after the head through untouched, so only the first request of a connection is
-//! ever parsed.
+//! HTTP/1.x request heads, sans-IO: find where a request head ends, read the host and path it
+//! is for and how its body is framed, and write the visitor's address into it. The relay
+//! routes a connection on its first head; [`requests`] follows the rest of the requests on it
+//! to rewrite each head the same way.
 //!
 //! The parser is strict where leniency would let two parties read one head differently
 //! (obsolete line folding, whitespace before a colon, two `Host` headers, a control character
@@ -9,6 +9,8 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+
+pub mod requests;
 
 /// Default largest request head the relay reads before answering 431, in bytes.
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;
@@ -33,6 +35,22 @@ pub struct Head {
     pub host: String,
     /// The path of the request target (starts with `/`; `*` for `OPTIONS *`).
     pub path: String,
+    /// What follows the head on the connection.
+    pub body: Body,
+}
+
+/// What follows a request head (RFC 9112 section 6.3, as a server reads a request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    /// Nothing: the next request head, if any.
+    None,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// A chunked body, ended by a zero-size chunk and the trailer section.
+    Chunked,
+    /// The connection stops being HTTP/1.1 if the origin agrees (`Upgrade`, `CONNECT`): the
+    /// rest is not requests the relay can read.
+    Tunnel,
 }
 
 /// Parses the request head at the start of `buf`. `Ok(None)` means the head has not ended
@@ -112,9 +130,12 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
     let head = &buf[..len];
     let mut lines = Lines(head);
     let request_line = lines.next().ok_or(HeadError::Malformed("empty head"))?;
-    let (target, _version) = parse_request_line(request_line)?;
+    let RequestLine { method, target } = parse_request_line(request_line)?;
     let (host, path) = split_target(target)?;
     let mut host_header = None;
+    let mut length: Option<u64> = None;
+    let mut chunked: Option<bool> = None;
+    let mut upgrade = method == b"CONNECT";
     for line in lines {
         if line.is_empty() {
             break;
@@ -125,8 +146,41 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
                 return Err(HeadError::Malformed("more than one Host header"));
             }
             host_header = Some(value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            // Every value, on every line, must agree: two lengths are how requests get
+            // smuggled past a proxy that reads one and an origin that reads the other.
+            for v in value.split(|&b| b == b',').map(trim) {
+                let n = parse_length(v)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(HeadError::Malformed("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // The last coding decides; a later line extends the list.
+            if let Some(last) = value.rsplit(|&b| b == b',').map(trim).next() {
+                chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if name.eq_ignore_ascii_case(b"upgrade") && !value.is_empty() {
+            upgrade = true;
         }
     }
+    let body = match (chunked, length) {
+        (Some(_), Some(_)) => {
+            return Err(HeadError::Malformed(
+                "both Transfer-Encoding and Content-Length",
+            ))
+        }
+        (Some(false), None) => {
+            return Err(HeadError::Malformed(
+                "a Transfer-Encoding that does not end in chunked",
+            ))
+        }
+        _ if upgrade => Body::Tunnel,
+        (Some(true), None) => Body::Chunked,
+        (None, Some(0)) | (None, None) => Body::None,
+        (None, Some(n)) => Body::Length(n),
+    };
     // An absolute-form target names the host itself (RFC 9112 section 3.2.2). The relay routes
     // on it while the origin may read the Host header, so the two must name the same host:
     // otherwise one request would be routed to one service and read as another's.
@@ -145,6 +199,7 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
         len,
         host,
         path: String::from_utf8_lossy(path).into_owned(),
+        body,
     }))
 }
 
@@ -191,7 +246,23 @@ fn check_partial_request_line(buf: &[u8]) -> Result<(), HeadError> {
     Ok(())
 }
 
-fn parse_request_line(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
+/// `Content-Length` digits (no sign, no spaces, at most 18 digits so it fits a u64).
+fn parse_length(v: &[u8]) -> Result<u64, HeadError> {
+    let bad = HeadError::Malformed("invalid Content-Length");
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(bad);
+    }
+    Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// A request line's parts.
+struct RequestLine<'a> {
+    method: &'a [u8],
+    target: &'a [u8],
+}
+
+/// The method and target of a request line (the version checked).
+fn parse_request_line(line: &[u8]) -> Result<RequestLine<'_>, HeadError> {
     let mut parts = line.split(|&b| b == b' ');
     let method = parts.next().unwrap_or_default();
     let target = parts
@@ -212,7 +283,7 @@ fn parse_request_line(line: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
     if version != b"HTTP/1.1" && version != b"HTTP/1.0" {
         return Err(HeadError::Malformed("not HTTP/1.0 or HTTP/1.1"));
     }
-    Ok((target, version))
+    Ok(RequestLine { method, target })
 }
 
 /// Splits a request target into the host it names (absolute form only) and its path.
