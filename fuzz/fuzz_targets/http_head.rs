@@ -5,13 +5,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringtunnel::protocol::http::{add_forwarded, parse_head, HeadScanner};
+use ringtunnel::protocol::http::{add_forwarded, parse_head, HeadScanner, Trust};
 
 fuzz_target!(|data: &[u8]| {
     let max = 4096;
     if let Ok(Some(head)) = parse_head(data, max) {
         assert!(head.len <= data.len() && head.len <= max);
-        let rewritten = add_forwarded(&data[..head.len], "192.0.2.1:1234".parse().unwrap(), "http");
+        let visitor = "192.0.2.1:1234".parse().unwrap();
+        let rewritten = add_forwarded(&data[..head.len], visitor, "http", &head.host, Trust::Proxy);
         let again = parse_head(&rewritten, rewritten.len() + 1)
             .expect("rewritten head parses")
             .expect("rewritten head is complete");

@@ -113,7 +113,8 @@ async fn encode(
     requests: Option<&mut Requests>,
 ) -> io::Result<(u64, Ended)> {
     if let Some(requests) = requests {
-        return encode_requests(src, dst, quiet, requests).await;
+        // Boxed: inline, its state would grow every connection's task, rewriting or not.
+        return Box::pin(encode_requests(src, dst, quiet, requests)).await;
     }
     let (sfd, dfd) = (fd(src), fd(dst));
     let mut total = 0u64;

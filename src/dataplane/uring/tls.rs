@@ -345,7 +345,7 @@ async fn plain_to_tls(
     plain: &TcpStream,
     tls: &TlsStream,
     quiet: bool,
-    mut requests: Option<&mut Requests>,
+    requests: Option<&mut Requests>,
 ) -> io::Result<u64> {
     let pfd = fd(plain);
     let mut total = 0u64;
@@ -353,31 +353,9 @@ async fn plain_to_tls(
         // Nothing to read yet (see `chunked::encode`).
         plain.readable(false).await?;
     }
-    while let Some(requests) = requests.as_deref_mut() {
-        let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Vec<u8>)>> {
-            let n = match FdIo(pfd).read(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            let frames = match n {
-                0 => chunk::header(chunk::END).to_vec(),
-                n => rewrite::chunks(requests, &buf[..n])?,
-            };
-            Ok(Some((n, frames)))
-        })?;
-        match read {
-            None => plain.readable(false).await?,
-            Some((n, frames)) => {
-                if !frames.is_empty() {
-                    tls.write_all(&frames).await?;
-                }
-                if n == 0 {
-                    return Ok(total);
-                }
-                total += n as u64;
-            }
-        }
+    if let Some(requests) = requests {
+        // Boxed: inline, its state would grow every connection's task, rewriting or not.
+        return Box::pin(plain_to_tls_requests(plain, tls, requests)).await;
     }
     loop {
         let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
@@ -402,6 +380,42 @@ async fn plain_to_tls(
                 tls.flush().await?;
                 if let Some(rest) = rest {
                     tls.write_all(&rest).await?;
+                }
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        }
+    }
+}
+
+/// [`plain_to_tls`] for an HTTP visitor whose request heads are rewritten.
+async fn plain_to_tls_requests(
+    plain: &TcpStream,
+    tls: &TlsStream,
+    requests: &mut Requests,
+) -> io::Result<u64> {
+    let pfd = fd(plain);
+    let mut total = 0u64;
+    loop {
+        let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Vec<u8>)>> {
+            let n = match FdIo(pfd).read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let frames = match n {
+                0 => chunk::header(chunk::END).to_vec(),
+                n => rewrite::chunks(requests, &buf[..n])?,
+            };
+            Ok(Some((n, frames)))
+        })?;
+        match read {
+            None => plain.readable(false).await?,
+            Some((n, frames)) => {
+                if !frames.is_empty() {
+                    tls.write_all(&frames).await?;
                 }
                 if n == 0 {
                     return Ok(total);

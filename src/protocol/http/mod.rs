@@ -7,7 +7,6 @@
 //! (obsolete line folding, whitespace before a colon, two `Host` headers, a control character
 //! in a value): those are [`HeadError::Malformed`], answered with 400.
 
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 pub mod requests;
@@ -416,6 +415,21 @@ pub fn add_forwarded(
     trust: Trust,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(head.len() + 192);
+    add_forwarded_into(head, visitor, proto, host, trust, &mut out);
+    out
+}
+
+/// [`add_forwarded`], appending to `out` (the hot path: no buffer of its own).
+pub fn add_forwarded_into(
+    head: &[u8],
+    visitor: SocketAddr,
+    proto: &str,
+    host: &str,
+    trust: Trust,
+    out: &mut Vec<u8>,
+) {
+    use std::io::Write as _;
+    // Kept chains are rare (a trusted proxy's): no allocation unless there is one.
     let mut xff: Vec<&[u8]> = Vec::new();
     let mut fwd: Vec<&[u8]> = Vec::new();
     // Empty lines before the request line are dropped: they carry nothing.
@@ -437,57 +451,50 @@ pub fn add_forwarded(
             break;
         }
         if let Ok((name, value)) = parse_header(line) {
-            let name = name.to_ascii_lowercase();
-            if name == XFF {
-                xff.push(value);
+            if name.eq_ignore_ascii_case(XFF) {
+                if trust == Trust::Proxy {
+                    xff.push(value);
+                }
                 continue;
             }
-            if name == FORWARDED {
-                if value.iter().filter(|&&b| b == b'"').count() % 2 == 0 {
+            if name.eq_ignore_ascii_case(FORWARDED) {
+                if trust == Trust::Proxy && value.iter().filter(|&&b| b == b'"').count() % 2 == 0 {
                     fwd.push(value);
                 }
                 continue;
             }
-            if name == XFP || name == XFH || name == X_REAL_IP {
+            if name.eq_ignore_ascii_case(XFP)
+                || name.eq_ignore_ascii_case(XFH)
+                || name.eq_ignore_ascii_case(X_REAL_IP)
+            {
                 continue;
             }
         }
         out.extend_from_slice(raw);
-    }
-    if trust == Trust::None {
-        xff.clear();
-        fwd.clear();
     }
     let ip = visitor.ip();
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,
     };
-    let mut extra = String::with_capacity(192);
-    extra.push_str("X-Forwarded-For: ");
+    out.extend_from_slice(b"X-Forwarded-For: ");
     for v in &xff {
-        extra.push_str(&String::from_utf8_lossy(v));
-        extra.push_str(", ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
     }
+    // Writing to a Vec cannot fail.
     let _ = write!(
-        extra,
+        out,
         "{ip}\r\nX-Real-IP: {ip}\r\nX-Forwarded-Proto: {proto}\r\nX-Forwarded-Host: {host}\r\nForwarded: "
     );
     for v in &fwd {
-        extra.push_str(&String::from_utf8_lossy(v));
-        extra.push_str(", ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b", ");
     }
-    match ip {
-        IpAddr::V4(v4) => {
-            let _ = write!(extra, "for={v4};host={host};proto={proto}");
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(extra, "for=\"[{v6}]\";host={host};proto={proto}");
-        }
-    }
-    extra.push_str("\r\n\r\n");
-    out.extend_from_slice(extra.as_bytes());
-    out
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(out, "for={v4};host={host};proto={proto}\r\n\r\n"),
+        IpAddr::V6(v6) => write!(out, "for=\"[{v6}]\";host={host};proto={proto}\r\n\r\n"),
+    };
 }
 
 /// A claimed path prefix in canonical form: starts with `/`, no trailing `/` except the root.

@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 
-use super::{add_forwarded, Body, HeadError, HeadScanner, Trust};
+use super::{add_forwarded_into, Body, HeadError, HeadScanner, Trust};
 
 /// Longest chunk-size or trailer line accepted, in bytes.
 const MAX_LINE: usize = 4096;
@@ -199,13 +199,30 @@ impl Requests {
         let Some((head, held)) = parsed else {
             return Ok(&[]);
         };
-        let (bytes, rest): (Vec<u8>, &'a [u8]) = match held {
-            None => (input[..head.len].to_vec(), &input[head.len..]),
+        let rest = match held {
+            None => {
+                add_forwarded_into(
+                    &input[..head.len],
+                    self.visitor,
+                    self.proto,
+                    &head.host,
+                    self.trust,
+                    out,
+                );
+                &input[head.len..]
+            }
             Some(before) => {
                 let used = head.len - before;
-                let mut bytes = std::mem::take(&mut self.head);
-                bytes.truncate(head.len);
-                (bytes, &input[used..])
+                let bytes = std::mem::take(&mut self.head);
+                add_forwarded_into(
+                    &bytes[..head.len],
+                    self.visitor,
+                    self.proto,
+                    &head.host,
+                    self.trust,
+                    out,
+                );
+                &input[used..]
             }
         };
         self.head.clear();
@@ -217,13 +234,11 @@ impl Requests {
             }
             Some(_) => {}
         }
-        let mut rewritten = add_forwarded(&bytes, self.visitor, self.proto, &head.host, self.trust);
         if head.body == Body::Tunnel {
             // Before the blank line that ends the head.
-            rewritten.truncate(rewritten.len() - 2);
-            rewritten.extend_from_slice(b"Connection: close\r\n\r\n");
+            out.truncate(out.len() - 2);
+            out.extend_from_slice(b"Connection: close\r\n\r\n");
         }
-        out.extend_from_slice(&rewritten);
         self.state = match head.body {
             Body::None => State::Head,
             Body::Length(n) => State::Length(n),
