@@ -217,8 +217,7 @@ impl AgentArgs {
         let relay = self.relay.or(file.relay).ok_or_else(|| {
             ConfigError::Invalid("no relay given: pass --relay HOST[:PORT]".into())
         })?;
-        let (relay_host, relay_port) = config::parse_host_port(&relay, Some(DEFAULT_CONTROL_PORT))
-            .map_err(ConfigError::Invalid)?;
+        let (relay_host, relay_port) = config::parse_host_port(&relay, Some(DEFAULT_CONTROL_PORT))?;
         let relay_fingerprint = match (self.relay_fingerprint, file.relay_fingerprint) {
             (Some(fp), _) => Some(fp),
             (None, Some(s)) => Some(s.parse().map_err(

@@ -42,16 +42,28 @@ struct UringRoutes {
     locals: HashMap<String, Arc<[SocketAddr]>>,
 }
 
+/// A local service address that did not resolve.
+#[derive(Debug, thiserror::Error)]
+#[error("resolving {local}: {why}")]
+struct Unresolved {
+    local: String,
+    why: String,
+}
+
 impl UringRoutes {
-    async fn resolve(ctx: &Ctx, relay: SocketAddr) -> Result<UringRoutes, String> {
+    async fn resolve(ctx: &Ctx, relay: SocketAddr) -> Result<UringRoutes, Unresolved> {
         let mut locals = HashMap::new();
         for s in &ctx.cfg.services {
+            let unresolved = |why: String| Unresolved {
+                local: s.local.clone(),
+                why,
+            };
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&s.local)
                 .await
-                .map_err(|e| format!("resolving {}: {e}", s.local))?
+                .map_err(|e| unresolved(e.to_string()))?
                 .collect();
             if addrs.is_empty() {
-                return Err(format!("resolving {}: no address", s.local));
+                return Err(unresolved("no address".into()));
             }
             locals.insert(s.name.clone(), addrs.into());
         }

@@ -146,7 +146,7 @@ impl ServiceConfig {
                 ));
             }
             // The relay applies the same rule to what it receives.
-            normalize_prefix(p).map_err(ConfigError::Invalid)?;
+            normalize_prefix(p)?;
         }
         if self.proxy_protocol != ProxyVersion::Off && self.kind == ServiceKind::Http {
             return bad(

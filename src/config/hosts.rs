@@ -58,10 +58,26 @@ impl Cidr {
     }
 }
 
+/// An address block that is not `ADDR/BITS`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address block {0:?}: use ADDR/BITS, e.g. 10.0.0.0/8")]
+pub struct BadCidr(pub String);
+
+/// A host name that cannot be claimed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// Not a plain DNS name (or a wildcard one label up).
+    #[error("invalid host name {0:?}")]
+    Invalid(String),
+    /// A bare name, and no domain to put it under.
+    #[error("host {0:?} has no dot and the relay has no --domain to put it under")]
+    NoDomain(String),
+}
+
 impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid address block {s:?}: use ADDR/BITS, e.g. 10.0.0.0/8");
+    type Err = BadCidr;
+    fn from_str(s: &str) -> Result<Self, BadCidr> {
+        let bad = || BadCidr(s.to_string());
         let (addr, bits) = match s.split_once('/') {
             Some((a, b)) => (a, Some(b)),
             None => (s, None),
@@ -151,20 +167,18 @@ impl FrontConfig {
     /// A claim may also be a wildcard, `*.NAME`: it covers every host one label below `NAME`
     /// (`*.apps` → `*.apps.DOMAIN`, matching `x.apps.DOMAIN` but not `apps.DOMAIN` or
     /// `a.b.apps.DOMAIN`), like a wildcard certificate.
-    pub fn qualify(&self, host: &str) -> Result<String, String> {
+    pub fn qualify(&self, host: &str) -> Result<String, HostError> {
         let (wild, name) = match host.strip_prefix("*.") {
             Some(rest) => ("*.", rest),
             None => ("", host),
         };
-        let norm = claimable_host(name).ok_or_else(|| format!("invalid host name {host:?}"))?;
+        let norm = claimable_host(name).ok_or_else(|| HostError::Invalid(host.to_string()))?;
         if norm.contains('.') {
             return Ok(format!("{wild}{norm}"));
         }
         match &self.domain {
             Some(d) => Ok(format!("{wild}{norm}.{d}")),
-            None => Err(format!(
-                "host {host:?} has no dot and the relay has no --domain to put it under"
-            )),
+            None => Err(HostError::NoDomain(host.to_string())),
         }
     }
 }

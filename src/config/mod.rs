@@ -26,7 +26,7 @@ pub mod limits;
 pub mod relay;
 
 pub use agent::{AgentConfig, AgentFile, ServiceConfig};
-pub use hosts::{Cidr, FrontConfig};
+pub use hosts::{BadCidr, Cidr, FrontConfig, HostError};
 pub use limits::Limits;
 pub use relay::{RelayConfig, RelayFile, RelayServiceFile, SecretId};
 
@@ -89,6 +89,15 @@ pub enum ConfigError {
     /// A setting is missing or out of range.
     #[error("{0}")]
     Invalid(String),
+    /// An address is not `HOST:PORT`.
+    #[error(transparent)]
+    Address(#[from] BadAddress),
+    /// A host name cannot be claimed.
+    #[error(transparent)]
+    Host(#[from] HostError),
+    /// A path prefix is not one.
+    #[error(transparent)]
+    Prefix(#[from] crate::protocol::http::BadPrefix),
 }
 
 /// Inclusive range of public ports the relay may hand out.
@@ -232,14 +241,19 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// An address that is not `HOST:PORT` (or `[V6]:PORT`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address {0:?}: expected HOST:PORT")]
+pub struct BadAddress(pub String);
+
 /// Splits `HOST:PORT` (or `[V6]:PORT`); the port is required.
-pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+pub fn split_host_port(s: &str) -> Result<(String, u16), BadAddress> {
     parse_host_port(s, None)
 }
 
 /// Splits `HOST[:PORT]`, using `default_port` when the port is missing.
-pub fn parse_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
-    let bad = || format!("invalid address {s:?}: expected HOST:PORT");
+pub fn parse_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), BadAddress> {
+    let bad = || BadAddress(s.to_string());
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;
         match after.strip_prefix(':') {
@@ -270,15 +284,15 @@ pub fn load_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigE
         path: path.to_path_buf(),
         source,
     })?;
-    parse_toml(&text).map_err(|message| ConfigError::Parse {
+    parse_toml(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message,
+        message: e.to_string().trim().replace('\n', " "),
     })
 }
 
 /// Parses TOML text into a config file type; the error names the offending key.
-pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, String> {
-    toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))
+pub fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, toml::de::Error> {
+    toml::from_str(text)
 }
 
 /// Default state directory: `$XDG_STATE_HOME/ringtunnel`, else `~/.local/state/ringtunnel`,
@@ -336,10 +350,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let e = parse_toml::<RelayFile>("contorl = \"0.0.0.0:1\"").unwrap_err();
+        let e = parse_toml::<RelayFile>("contorl = \"0.0.0.0:1\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("contorl"), "{e}");
-        let e =
-            parse_toml::<AgentFile>("[[service]]\nname=\"a\"\nlocal=\"x:1\"\nport=3").unwrap_err();
+        let e = parse_toml::<AgentFile>("[[service]]\nname=\"a\"\nlocal=\"x:1\"\nport=3")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("port"), "{e}");
     }
 

@@ -313,13 +313,17 @@ impl Registry {
         }
         let mut hosts = Vec::with_capacity(req.hosts.len());
         for h in &req.hosts {
-            let q = self.cfg.front.qualify(h).map_err(reject)?;
+            let q = self
+                .cfg
+                .front
+                .qualify(h)
+                .map_err(|e| reject(e.to_string()))?;
             if !hosts.contains(&q) {
                 hosts.push(q);
             }
         }
         let path = match req.kind {
-            ServiceKind::Http => normalize_prefix(&req.path).map_err(reject)?,
+            ServiceKind::Http => normalize_prefix(&req.path).map_err(|e| reject(e.to_string()))?,
             _ if req.path.is_empty() => String::new(),
             _ => return bad("path prefixes are for http services".into()),
         };

@@ -52,6 +52,14 @@ impl std::fmt::Display for Backend {
     }
 }
 
+/// Why the requested backend cannot run here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// `--backend uring` on a machine without a working io_uring.
+    #[error("--backend uring: io_uring is unavailable: {0}")]
+    UringUnavailable(probe::Unavailable),
+}
+
 /// Resolves the requested backend to one that runs here, with the reason for the log.
 /// `data_tls`: whether data connections are TLS. Only plain (or kTLS) sockets can be spliced;
 /// without kTLS the uring workers copy TLS data connections through rustls, which with reused
@@ -59,7 +67,10 @@ impl std::fmt::Display for Backend {
 /// 1.12–1.13×, `Connection: close` 1.33–1.36×, 1 MiB files 1.24–1.32×), so `auto` still
 /// picks uring for them. An explicit `uring` that cannot run is an error; `auto` falls back
 /// to tokio.
-pub fn choose_backend(requested: BackendKind, data_tls: bool) -> Result<(Backend, String), String> {
+pub fn choose_backend(
+    requested: BackendKind,
+    data_tls: bool,
+) -> Result<(Backend, String), BackendError> {
     let uring = probe::io_uring();
     let tls_note = if data_tls {
         match probe::ktls() {
@@ -72,7 +83,7 @@ pub fn choose_backend(requested: BackendKind, data_tls: bool) -> Result<(Backend
     match requested {
         BackendKind::Tokio => Ok((Backend::Tokio, "requested with --backend tokio".into())),
         BackendKind::Uring => match uring {
-            Err(why) => Err(format!("--backend uring: io_uring is unavailable: {why}")),
+            Err(why) => Err(BackendError::UringUnavailable(why)),
             Ok(()) => Ok((
                 Backend::Uring,
                 format!("requested with --backend uring{tls_note}"),

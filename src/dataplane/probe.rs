@@ -3,17 +3,24 @@
 
 use std::sync::OnceLock;
 
+/// Why a kernel feature cannot be used here, in words for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
 /// Set to any value to make the io_uring probe fail, as if the kernel refused it (for tests
 /// and for forcing the fallback on a machine where io_uring misbehaves).
 pub const FORCE_NO_URING_ENV: &str = "RINGTUNNEL_FORCE_NO_URING";
 
 /// `Ok(())` if io_uring works here, else why not.
-pub fn io_uring() -> Result<(), String> {
+pub fn io_uring() -> Result<(), Unavailable> {
     if std::env::var_os(FORCE_NO_URING_ENV).is_some() {
-        return Err(format!("disabled by {FORCE_NO_URING_ENV}"));
+        return Err(Unavailable(format!("disabled by {FORCE_NO_URING_ENV}")));
     }
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(probe_io_uring).clone()
+    static PROBE: OnceLock<Result<(), Unavailable>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| probe_io_uring().map_err(Unavailable))
+        .clone()
 }
 
 fn probe_io_uring() -> Result<(), String> {
@@ -42,9 +49,11 @@ fn probe_io_uring() -> Result<(), String> {
 }
 
 /// `Ok(())` if the kernel offers the TLS upper-layer protocol (kTLS), else why not.
-pub fn ktls() -> Result<(), String> {
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(probe_ktls).clone()
+pub fn ktls() -> Result<(), Unavailable> {
+    static PROBE: OnceLock<Result<(), Unavailable>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| probe_ktls().map_err(Unavailable))
+        .clone()
 }
 
 /// Where the kernel lists the TCP upper-layer protocols it has loaded.

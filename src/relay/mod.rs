@@ -112,7 +112,8 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         None => RelayIdentity::load_or_create(&cfg.state_dir)?,
     };
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
-    let (backend, why) = choose_backend(cfg.backend, cfg.data_tls).map_err(RelayError::Backend)?;
+    let (backend, why) = choose_backend(cfg.backend, cfg.data_tls)
+        .map_err(|e| RelayError::Backend(e.to_string()))?;
     let (listener, control_addr) = bind(cfg.control)?;
     let dataplane = DataPlane::start(backend, cfg.workers)
         .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;

@@ -497,9 +497,14 @@ pub fn add_forwarded_into(
     };
 }
 
+/// A path prefix that cannot be claimed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("path prefix {0:?} must start with '/' and hold no spaces, '?' or '#'")]
+pub struct BadPrefix(pub String);
+
 /// A claimed path prefix in canonical form: starts with `/`, no trailing `/` except the root.
 /// An empty prefix means the root.
-pub fn normalize_prefix(p: &str) -> Result<String, String> {
+pub fn normalize_prefix(p: &str) -> Result<String, BadPrefix> {
     if p.is_empty() {
         return Ok("/".into());
     }
@@ -507,9 +512,7 @@ pub fn normalize_prefix(p: &str) -> Result<String, String> {
         || p.bytes()
             .any(|b| !b.is_ascii_graphic() || b == b'?' || b == b'#')
     {
-        return Err(format!(
-            "path prefix {p:?} must start with '/' and hold no spaces, '?' or '#'"
-        ));
+        return Err(BadPrefix(p.to_string()));
     }
     let trimmed = p.trim_end_matches('/');
     Ok(if trimmed.is_empty() {
