@@ -71,12 +71,12 @@ impl FromStr for Secret {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (part of the message, so it is printed once).
+        error: std::io::Error,
     },
     /// The config file is not valid TOML for this format.
     #[error("parsing {path}: {message}")]
@@ -280,9 +280,9 @@ pub fn parse_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u1
 
 /// Reads and parses a TOML config file.
 pub fn load_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     parse_toml(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),

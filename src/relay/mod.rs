@@ -37,13 +37,16 @@ pub enum RelayError {
     /// The requested data-plane backend cannot run here.
     #[error("{0}")]
     Backend(String),
-    /// The control port could not be bound.
-    #[error("cannot listen on control address {addr}: {source}")]
+    /// A listener could not be bound.
+    #[error("cannot listen on {flag} {addr}: {error}{}", bind_hint(*addr, error))]
     Bind {
+        /// The flag (or relay.toml key) that asked for it: `--control`, `--http`, `--tls`,
+        /// `--admin`.
+        flag: &'static str,
         /// The address.
         addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        /// Why (part of the message, so it is printed once).
+        error: std::io::Error,
     },
 }
 
@@ -92,10 +95,24 @@ impl RelayHandle {
     }
 }
 
-/// Binds one tokio listener (control port, admin endpoint); returns it with the address it
-/// got (port 0 resolved).
-fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
-    let bound = |source| RelayError::Bind { addr, source };
+/// What to do about a bind that failed: ports below 1024 need a privilege.
+fn bind_hint(addr: SocketAddr, error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::PermissionDenied if addr.port() < 1024 => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE, e.g. AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit)"
+        }
+        std::io::ErrorKind::AddrInUse => " (another process holds it: `ss -ltnp` shows which)",
+        _ => "",
+    }
+}
+
+/// Binds one tokio listener (control port, admin endpoint) asked for by `flag`; returns it
+/// with the address it got (port 0 resolved).
+fn bind(
+    flag: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
+    let bound = |error| RelayError::Bind { flag, addr, error };
     let l = crate::net::bind(addr, false).map_err(bound)?;
     let local = l.local_addr().map_err(bound)?;
     Ok((l, local))
@@ -114,25 +131,25 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
     let (backend, why) = choose_backend(cfg.backend, cfg.data_tls)
         .map_err(|e| RelayError::Backend(e.to_string()))?;
-    let (listener, control_addr) = bind(cfg.control)?;
+    let (listener, control_addr) = bind("--control", cfg.control)?;
     let dataplane = DataPlane::start(backend, cfg.workers)
         .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
     // The shared ports are the data plane's: on uring every worker accepts on its own.
-    let bind_shared = |addr: Option<SocketAddr>| -> Result<_, RelayError> {
+    let bind_shared = |flag: &'static str, addr: Option<SocketAddr>| -> Result<_, RelayError> {
         let Some(addr) = addr else {
             return Ok((None, None));
         };
         let (l, bound) = dataplane
             .bind_shared(addr)
-            .map_err(|source| RelayError::Bind { addr, source })?;
+            .map_err(|error| RelayError::Bind { flag, addr, error })?;
         Ok((Some(l), Some(bound)))
     };
-    let (http_listener, http_addr) = bind_shared(cfg.front.http)?;
-    let (tls_listener, tls_addr) = bind_shared(cfg.front.tls)?;
+    let (http_listener, http_addr) = bind_shared("--http", cfg.front.http)?;
+    let (tls_listener, tls_addr) = bind_shared("--tls", cfg.front.tls)?;
     let (admin_listener, admin_addr) = match cfg.admin {
         None => (None, None),
         Some(addr) => {
-            let (l, bound) = bind(addr)?;
+            let (l, bound) = bind("--admin", addr)?;
             (Some(l), Some(bound))
         }
     };

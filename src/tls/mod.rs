@@ -31,12 +31,12 @@ pub enum TlsError {
         reason: String,
     },
     /// The state directory could not be created or written.
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}: {error}")]
     StateDir {
         /// The directory or file inside it.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (part of the message, so it is printed once).
+        error: std::io::Error,
     },
     /// The state directory or a file in it is not safe to trust (owner, mode, a link), or
     /// holds half an identity.

@@ -29,9 +29,9 @@ fn unsafe_state(path: &Path, problem: String) -> TlsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
-    move |source| TlsError::StateDir {
+    move |error| TlsError::StateDir {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
