@@ -43,9 +43,13 @@ pub struct RelayArgs {
     /// Address agents connect to (control and data connections).
     #[arg(long)]
     pub control: Option<SocketAddr>,
-    /// Shared secret agents authenticate with (never sent over the wire).
+    /// Shared secret agents authenticate with (never sent over the wire). Visible in `ps`:
+    /// prefer RINGTUNNEL_SECRET or --secret-file.
     #[arg(long, env = "RINGTUNNEL_SECRET", hide_env_values = true)]
     pub secret: Option<Secret>,
+    /// Read the shared secret from this file's first line.
+    #[arg(long, conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
     /// Address public service ports bind to.
     #[arg(long)]
     pub bind_addr: Option<IpAddr>,
@@ -111,7 +115,11 @@ impl RelayArgs {
                 .control
                 .or(file.control)
                 .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT))),
-            secret: self.secret.or(file.secret),
+            secret: match (self.secret, &self.secret_file) {
+                (Some(s), _) => Some(s),
+                (None, Some(path)) => Some(Secret::from_file(path)?),
+                (None, None) => file.secret,
+            },
             service_secrets: file.services,
             bind_addr: self
                 .bind_addr
@@ -158,9 +166,13 @@ pub struct AgentArgs {
     /// Relay control address, HOST[:PORT] (default port 7843).
     #[arg(long)]
     pub relay: Option<String>,
-    /// Shared secret (never sent over the wire).
+    /// Shared secret (never sent over the wire). Visible in `ps`: prefer RINGTUNNEL_SECRET or
+    /// --secret-file.
     #[arg(long, env = "RINGTUNNEL_SECRET", hide_env_values = true)]
     pub secret: Option<Secret>,
+    /// Read the shared secret from this file's first line.
+    #[arg(long, conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
     /// SHA-256 fingerprint of the relay certificate, as the relay printed it.
     #[arg(long, env = "RINGTUNNEL_RELAY_FINGERPRINT")]
     pub relay_fingerprint: Option<Fingerprint>,
@@ -253,7 +265,11 @@ impl AgentArgs {
         let cfg = AgentConfig {
             relay_host,
             relay_port,
-            secret: self.secret.or(file.secret),
+            secret: match (self.secret, &self.secret_file) {
+                (Some(s), _) => Some(s),
+                (None, Some(path)) => Some(Secret::from_file(path)?),
+                (None, None) => file.secret,
+            },
             relay_fingerprint,
             ca: self.ca.or(file.ca),
             services,

@@ -56,7 +56,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     tracing::info!("generated a self-signed certificate");
                 }
                 tracing::info!(
-                    "agents connect with: ringtunnel agent --relay <this-host>:{} --relay-fingerprint {} --secret <secret> --local 127.0.0.1:8000",
+                    "agents connect with: ringtunnel agent --relay <this-host>:{} --relay-fingerprint {} --secret-file <file with the secret> --local 127.0.0.1:8000",
                     relay.control_addr.port(),
                     relay.fingerprint
                 );

@@ -55,3 +55,64 @@ fn a_missing_config_file_is_named_once() {
     assert!(err.contains("reading /nonexistent/relay.toml: "), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_come_from_files_and_weak_ones_are_called_out() {
+    let dir = TempDir::new("secret-file");
+    let file = dir.0.join("secret");
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let file = file.display().to_string();
+    let state = dir.0.join("state").display().to_string();
+    let mut relay = Proc::spawn(&[
+        "relay".into(),
+        "--control".into(),
+        "127.0.0.1:0".into(),
+        "--secret-file".into(),
+        file.clone(),
+        "--backend".into(),
+        "tokio".into(),
+        "--bind-addr".into(),
+        "127.0.0.1".into(),
+        "--state-dir".into(),
+        state,
+    ]);
+    let ready = relay.wait_line("ready ");
+    let origin = echo_origin().await;
+    let agent = Agent::spawn(vec![
+        "agent".into(),
+        "--relay".into(),
+        field(&ready, "control"),
+        "--relay-fingerprint".into(),
+        field(&ready, "fingerprint"),
+        "--secret-file".into(),
+        file,
+        "--local".into(),
+        origin.to_string(),
+        "--backend".into(),
+        "tokio".into(),
+    ]);
+    assert_echo(agent.public).await;
+    assert!(!relay.stderr().contains("weak"), "{}", relay.stderr());
+
+    // A short or placeholder secret still runs, with a warning that says why.
+    for (secret, why) in [("x", "it is 1 bytes"), ("change-me", "placeholder")] {
+        let (_state, mut args) = relay_args(&[]);
+        let i = args.iter().position(|a| a == SECRET).unwrap();
+        args[i] = secret.into();
+        let mut weak = Proc::spawn(&args);
+        weak.wait_line("ready ");
+        weak.wait_stderr("the relay's secret is weak: ");
+        assert!(weak.stderr().contains(why), "{}", weak.stderr());
+    }
+    // An empty secret file is refused.
+    let empty = dir.0.join("empty");
+    std::fs::write(&empty, "\n").unwrap();
+    let (_state, mut args) = relay_args(&[]);
+    let i = args.iter().position(|a| a == "--secret").unwrap();
+    args.splice(
+        i..i + 2,
+        ["--secret-file".into(), empty.display().to_string()],
+    );
+    let err = fails_with(&args);
+    assert!(err.contains("is empty"), "{err}");
+}

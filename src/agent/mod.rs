@@ -244,6 +244,14 @@ pub async fn run_with_events(
 ) -> Result<(), AgentError> {
     cfg.validate()
         .map_err(|e| AgentError::Settings(e.to_string()))?;
+    for svc in &cfg.services {
+        if let Some(why) = cfg
+            .secret_for(svc)
+            .and_then(crate::config::Secret::weakness)
+        {
+            tracing::warn!(service = %svc.name, "the secret is weak: {why}");
+        }
+    }
     let trust = match (&cfg.relay_fingerprint, &cfg.ca) {
         (Some(fp), _) => RelayTrust::Pinned(*fp),
         (None, Some(ca)) => RelayTrust::CaFile(ca.clone()),

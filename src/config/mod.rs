@@ -52,7 +52,56 @@ impl Secret {
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
     }
+
+    /// Why this secret is easy to guess, if it is: shorter than [`MIN_SECRET_LEN`] bytes, or
+    /// a placeholder from an example.
+    pub fn weakness(&self) -> Option<String> {
+        let lower = self.0.to_ascii_lowercase();
+        if PLACEHOLDER_SECRETS.contains(&lower.as_str()) {
+            return Some(format!("{:?} is a placeholder from an example", self.0));
+        }
+        (self.0.len() < MIN_SECRET_LEN).then(|| {
+            format!(
+                "it is {} bytes; use at least {MIN_SECRET_LEN} random ones (e.g. `openssl rand -hex 32`)",
+                self.0.len()
+            )
+        })
+    }
+
+    /// Reads a secret from `path`: its first line, without surrounding whitespace. Keeps the
+    /// secret out of `ps` and shell history (`--secret-file`).
+    pub fn from_file(path: &Path) -> Result<Secret, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let line = text.lines().next().unwrap_or("").trim();
+        if line.is_empty() {
+            return Err(ConfigError::Invalid(format!(
+                "secret file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Secret(line.to_string()))
+    }
 }
+
+/// Secrets shorter than this many bytes are reported as weak.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Secrets from examples and habits, reported as weak whatever their length.
+const PLACEHOLDER_SECRETS: &[&str] = &[
+    "change-me",
+    "changeme",
+    "change_me",
+    "secret",
+    "password",
+    "example",
+    "test",
+    "ringtunnel",
+    "your-secret",
+    "your-secret-here",
+];
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

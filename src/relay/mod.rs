@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::http::AdminView;
 use crate::admin::Metrics;
-use crate::config::{ConfigError, RelayConfig};
+use crate::config::{ConfigError, RelayConfig, Secret};
 use crate::control::accept;
 use crate::control::plane::ControlPlane;
 use crate::control::registry::{Registry, SharedPorts};
@@ -122,6 +122,14 @@ fn bind(
 /// serving. Must be called inside a tokio runtime.
 pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     cfg.validate()?;
+    if let Some(why) = cfg.secret.as_ref().and_then(Secret::weakness) {
+        tracing::warn!("the relay's secret is weak: {why}");
+    }
+    for s in &cfg.service_secrets {
+        if let Some(why) = s.secret.as_ref().and_then(Secret::weakness) {
+            tracing::warn!(service = %s.name, "the service's secret is weak: {why}");
+        }
+    }
     let fds = crate::net::fds::raise_fd_limit();
     tracing::debug!(fds, "file descriptor limit");
     let identity = match &cfg.cert {
