@@ -98,9 +98,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     crate::say(&format!(
         "demo: origin {origin_addr} is published at http://{public}/"
     ));
-    crate::say(&format!(
-        "demo: try   curl http://{public}/   (Ctrl-C to stop)"
-    ));
+    if !args.once {
+        crate::say(&format!(
+            "demo: try   curl http://{public}/   (Ctrl-C to stop)"
+        ));
+    }
 
     let result = if args.once {
         let answer = fetch(public).await?;

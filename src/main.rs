@@ -79,7 +79,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                     _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
                     _ = relay.wait() => {}
                 }
-                tracing::info!(counters = ?metrics.snapshot(), "relay stopped");
+                let counters: Vec<String> = metrics
+                    .snapshot()
+                    .iter()
+                    .filter(|(_, v)| *v > 0)
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                tracing::info!("relay stopped: {}", counters.join(" "));
                 Ok(())
             })
         }

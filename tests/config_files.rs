@@ -183,6 +183,10 @@ fn broken_configs_are_rejected_with_reasons() {
             "address block",
         ),
         (
+            "secret = \"s\"\nport_range = \"19000-19999\"\nhttp = \"0.0.0.0:19080\"",
+            "contains the --http port 19080",
+        ),
+        (
             "secret = \"s\"\n[limits]\nidle_timeout_secs = nan",
             "idle_timeout_secs",
         ),

@@ -134,10 +134,17 @@ async fn hosts_and_paths_route_to_the_right_agent(backend: Backend) {
     ));
     let shop_args = with(relay.agent_args(shop, "shop"), &["--http-host", "shop"]);
     let mut b = Agent::spawn(shop_args.clone());
-    let _c = Agent::spawn(with(
+    let c = Agent::spawn(with(
         relay.agent_args(api, "shop-api"),
-        &["--http-host", "shop", "--path", "/api"],
+        &["--http-host", "shop", "--path", "/api/"],
     ));
+    // The online line shows the prefix as the relay claims it.
+    let public = field(&c.online, "public");
+    assert!(
+        public.starts_with("http://shop.example.test:") && public.ends_with("/api"),
+        "{}",
+        c.online
+    );
 
     let (st, body) = get(http, "blog.example.test", "/post/1").await;
     assert_eq!(

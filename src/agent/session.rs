@@ -170,15 +170,21 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         match &r.outcome {
             ServiceOutcome::Online { port, hosts } => {
                 online += 1;
-                let kind = cfg
+                let svc = cfg
                     .services
                     .iter()
-                    .find(|s| s.name.eq_ignore_ascii_case(&r.name))
-                    .map_or(ServiceKind::Tcp, |s| s.kind);
+                    .find(|s| s.name.eq_ignore_ascii_case(&r.name));
+                let kind = svc.map_or(ServiceKind::Tcp, |s| s.kind);
                 if kind == ServiceKind::Tcp {
                     ctx.remember_port(&r.name, Some(*port));
                 }
-                let public = public_address(kind, &cfg.relay_host, *port, hosts);
+                // The prefix as the relay claims it (the root shows as nothing).
+                let path = svc
+                    .and_then(|s| s.path.as_deref())
+                    .and_then(|p| crate::protocol::http::normalize_prefix(p).ok())
+                    .filter(|p| p != "/")
+                    .unwrap_or_default();
+                let public = public_address(kind, &cfg.relay_host, *port, hosts, &path);
                 crate::say(&format!("online service={} public={public}", r.name));
                 ctx.announce(&r.name, *port);
             }
@@ -302,15 +308,21 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
 
 /// Where visitors reach a service, for the `online` line: `HOST:PORT` for `tcp`,
 /// `http://NAME[:PORT]/PATH` for `http`, `NAME:PORT` for `tls` (several joined by commas).
-fn public_address(kind: ServiceKind, relay_host: &str, port: u16, hosts: &[String]) -> String {
+fn public_address(
+    kind: ServiceKind,
+    relay_host: &str,
+    port: u16,
+    hosts: &[String],
+    path: &str,
+) -> String {
     match kind {
         ServiceKind::Tcp if relay_host.contains(':') => format!("[{relay_host}]:{port}"),
         ServiceKind::Tcp => format!("{relay_host}:{port}"),
         ServiceKind::Http => hosts
             .iter()
             .map(|h| match port {
-                80 => format!("http://{h}"),
-                _ => format!("http://{h}:{port}"),
+                80 => format!("http://{h}{path}"),
+                _ => format!("http://{h}:{port}{path}"),
             })
             .collect::<Vec<_>>()
             .join(","),

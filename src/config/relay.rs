@@ -218,6 +218,23 @@ impl RelayConfig {
         }
         self.limits.validate("[limits]")?;
         self.reservations()?;
+        // A service handed one of the relay's own ports would fail to bind, and the refusal
+        // would name the wrong culprit.
+        let own = [
+            ("--control", Some(self.control)),
+            ("--http", self.front.http),
+            ("--tls", self.front.tls),
+            ("--admin", self.admin),
+        ];
+        for (flag, addr) in own {
+            if let Some(a) = addr.filter(|a| a.port() != 0 && self.port_range.contains(a.port())) {
+                return Err(ConfigError::Invalid(format!(
+                    "port_range {} contains the {flag} port {}: move one of them",
+                    self.port_range,
+                    a.port()
+                )));
+            }
+        }
         if self.workers == Some(0) {
             return Err(ConfigError::Invalid("--workers must be at least 1".into()));
         }

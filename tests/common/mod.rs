@@ -379,6 +379,8 @@ impl Relay {
 pub struct Agent {
     pub proc: Proc,
     pub public: SocketAddr,
+    /// The `online ...` line it printed.
+    pub online: String,
 }
 
 impl Agent {
@@ -387,14 +389,22 @@ impl Agent {
         let line = proc.wait_line("online ");
         // The agent prints the relay host as it was given (maybe a name); tests reach the
         // relay on loopback.
+        // `HOST:PORT`, or `http://NAME:PORT/PREFIX` for an http service with a prefix.
         let port: u16 = field(&line, "public")
             .rsplit(':')
+            .next()
+            .unwrap()
+            .split('/')
             .next()
             .unwrap()
             .parse()
             .unwrap();
         let public = SocketAddr::from(([127, 0, 0, 1], port));
-        Agent { proc, public }
+        Agent {
+            proc,
+            public,
+            online: line,
+        }
     }
 }
 
