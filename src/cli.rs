@@ -14,9 +14,37 @@ use crate::protocol::proxy::ProxyVersion;
 use crate::protocol::ServiceKind;
 use crate::tls::Fingerprint;
 
+/// `--version`: the crate version, the commit it was built from, and the backends built in.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("RINGTUNNEL_COMMIT"),
+    "; backends: uring (io_uring, needs Linux 5.11+), tokio)"
+);
+
+const RELAY_EXAMPLES: &str = "Examples:
+  # A relay for tcp services (the secret from a file keeps it out of `ps`):
+  ringtunnel relay --secret-file /etc/ringtunnel/secret
+
+  # Also web apps on ports 80/443, routed by host name under example.com:
+  ringtunnel relay --secret-file /etc/ringtunnel/secret --http 0.0.0.0:80 --tls 0.0.0.0:443 --domain example.com
+
+  # Everything from a file (see examples/relay.toml), metrics on loopback:
+  ringtunnel relay --config /etc/ringtunnel/relay.toml --admin 127.0.0.1:7844";
+
+const AGENT_EXAMPLES: &str = "Examples:
+  # Publish a local port; the relay picks the public one:
+  ringtunnel agent --relay 203.0.113.7 --relay-fingerprint 6f0c... --secret-file ~/.ringtunnel-secret --local 127.0.0.1:8000
+
+  # A web app as blog.example.com on the relay's shared HTTP port:
+  ringtunnel agent --relay 203.0.113.7 --relay-fingerprint 6f0c... --secret-file ~/.ringtunnel-secret --local 127.0.0.1:3000 --name blog --http-host blog
+
+  # Several services from a file (see examples/agent.toml):
+  ringtunnel agent --config agent.toml";
+
 /// ringtunnel: expose services behind NAT through a public relay.
 #[derive(Debug, Parser)]
-#[command(name = "ringtunnel", version, about)]
+#[command(name = "ringtunnel", version = VERSION, about)]
 pub struct Cli {
     /// Log filter, e.g. `info` or `ringtunnel=debug,warn`.
     #[arg(long, global = true, env = "RINGTUNNEL_LOG", default_value = "info")]
@@ -30,8 +58,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the public relay (on the VPS).
+    #[command(after_help = RELAY_EXAMPLES)]
     Relay(RelayArgs),
     /// Run an agent next to a service (behind NAT).
+    #[command(after_help = AGENT_EXAMPLES)]
     Agent(AgentArgs),
     /// Run relay, agent and a small origin on loopback, and print the public address.
     Demo(DemoArgs),
@@ -40,7 +70,7 @@ pub enum Command {
 /// `ringtunnel relay`.
 #[derive(Debug, Args)]
 pub struct RelayArgs {
-    /// Address agents connect to (control and data connections).
+    /// Address agents connect to (control and data connections) [default: 0.0.0.0:7843].
     #[arg(long)]
     pub control: Option<SocketAddr>,
     /// Shared secret agents authenticate with (never sent over the wire). Visible in `ps`:
@@ -50,16 +80,18 @@ pub struct RelayArgs {
     /// Read the shared secret from this file's first line.
     #[arg(long, conflicts_with = "secret")]
     pub secret_file: Option<PathBuf>,
-    /// Address public service ports bind to.
+    /// Address public service ports bind to [default: 0.0.0.0].
     #[arg(long)]
     pub bind_addr: Option<IpAddr>,
-    /// Public ports the relay may hand out, START-END.
+    /// Public ports the relay may hand out, START-END [default: 20000-29999].
     #[arg(long)]
     pub port_range: Option<PortRange>,
-    /// TLS on data connections; `off` only on a private network or for end-to-end TLS traffic.
+    /// TLS on data connections; `off` only on a private network or for end-to-end TLS traffic
+    /// [default: on].
     #[arg(long, value_enum)]
     pub data_tls: Option<Toggle>,
-    /// Where the self-signed certificate is kept.
+    /// Where the self-signed certificate is kept [default: $XDG_STATE_HOME/ringtunnel or
+    /// ~/.local/state/ringtunnel].
     #[arg(long, env = "RINGTUNNEL_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// PEM certificate chain to use instead of a self-signed one (needs --key).
@@ -68,10 +100,10 @@ pub struct RelayArgs {
     /// PEM private key for --cert.
     #[arg(long, requires = "cert")]
     pub key: Option<PathBuf>,
-    /// Data-plane backend.
+    /// Data-plane backend [default: auto: uring where io_uring works, else tokio].
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
-    /// Data-plane worker threads (default: one per core).
+    /// Data-plane worker threads [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
     /// Shared HTTP port: `http` services are routed here by Host header.
@@ -163,8 +195,9 @@ impl RelayArgs {
 /// `ringtunnel agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Relay control address, HOST[:PORT] (default port 7843).
-    #[arg(long)]
+    /// Relay control address, HOST[:PORT] (default port 7843). Required unless --config
+    /// names it.
+    #[arg(long, required_unless_present = "config")]
     pub relay: Option<String>,
     /// Shared secret (never sent over the wire). Visible in `ps`: prefer RINGTUNNEL_SECRET or
     /// --secret-file.
@@ -179,8 +212,8 @@ pub struct AgentArgs {
     /// Extra CA certificates (PEM) to trust for a CA-signed relay certificate.
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// Local service to publish, HOST:PORT.
-    #[arg(long)]
+    /// Local service to publish, HOST:PORT. Required unless --config lists services.
+    #[arg(long, required_unless_present = "config")]
     pub local: Option<String>,
     /// Public port to ask for (default: the relay picks one from its range).
     #[arg(long, requires = "local", conflicts_with_all = ["http_host", "tls_host"])]
@@ -205,10 +238,10 @@ pub struct AgentArgs {
     /// Service name (default: HOSTNAME-LOCALPORT).
     #[arg(long, requires = "local")]
     pub name: Option<String>,
-    /// Idle data connections to keep open for the service.
+    /// Idle data connections to keep open for the service [default: 4].
     #[arg(long, requires = "local")]
     pub pool: Option<u8>,
-    /// Data-plane backend.
+    /// Data-plane backend [default: auto].
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
     /// io_uring worker threads carrying data connections (default: one per core).

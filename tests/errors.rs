@@ -116,3 +116,23 @@ async fn secrets_come_from_files_and_weak_ones_are_called_out() {
     let err = fails_with(&args);
     assert!(err.contains("is empty"), "{err}");
 }
+
+#[test]
+fn help_and_version_teach() {
+    let mut v = Proc::spawn(&["--version".into()]);
+    let line = v.wait_line("ringtunnel ");
+    assert!(
+        line.contains("commit ") && line.contains("backends: uring"),
+        "{line}"
+    );
+    // Without a config file, --relay and --local are required, and clap says so.
+    let err = fails_with(&["agent".into()]);
+    assert!(err.contains("--relay") && err.contains("--local"), "{err}");
+    let mut help = Proc::spawn(&["relay".into(), "--help".into()]);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.starts_with("Examples:")) {
+        seen.push(help.wait_line(""));
+    }
+    let text = seen.join("\n");
+    assert!(text.contains("[default: 0.0.0.0:7843]"), "{text}");
+}

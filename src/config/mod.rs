@@ -218,7 +218,7 @@ pub enum BackendKind {
     Auto,
     /// Multi-threaded tokio with buffered copies: portable, the baseline.
     Tokio,
-    /// Pinned io_uring workers that splice (needs io_uring, and plain or kTLS data connections).
+    /// Pinned io_uring workers that splice plain data connections and copy TLS ones through rustls (needs io_uring).
     Uring,
 }
 
