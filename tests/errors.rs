@@ -136,3 +136,16 @@ fn help_and_version_teach() {
     let text = seen.join("\n");
     assert!(text.contains("[default: 0.0.0.0:7843]"), "{text}");
 }
+
+#[test]
+fn an_agent_says_at_once_when_its_local_service_does_not_answer() {
+    let relay = Relay::spawn(Backend::Tokio, &[]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    // It still comes online (the service may start after it), and says what is wrong.
+    let agent = Agent::spawn(relay.agent_args(addr, "late"));
+    agent
+        .proc
+        .wait_stderr(&format!("local service {addr} is not reachable now"));
+}

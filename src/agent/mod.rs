@@ -237,6 +237,26 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     run_with_events(cfg, None).await
 }
 
+/// Tries the local service once at start and warns if it does not answer: the agent still
+/// starts (the service may come up after it), but a typo in `--local` shows at once instead
+/// of as visitors that are cut off.
+async fn check_local(svc: &crate::config::ServiceConfig) {
+    let dial = tokio::time::timeout(LOCAL_CHECK, tokio::net::TcpStream::connect(&svc.local));
+    let why = match dial.await {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {LOCAL_CHECK:?}"),
+    };
+    tracing::warn!(
+        service = %svc.name,
+        "local service {} is not reachable now ({why}); its visitors are cut off until it is",
+        svc.local
+    );
+}
+
+/// How long the start-up check of a local service waits for it.
+const LOCAL_CHECK: Duration = Duration::from_secs(2);
+
 /// [`run`], also reporting each service that comes online on `events`.
 pub async fn run_with_events(
     cfg: AgentConfig,
@@ -251,6 +271,7 @@ pub async fn run_with_events(
         {
             tracing::warn!(service = %svc.name, "the secret is weak: {why}");
         }
+        check_local(svc).await;
     }
     let trust = match (&cfg.relay_fingerprint, &cfg.ca) {
         (Some(fp), _) => RelayTrust::Pinned(*fp),
