@@ -346,14 +346,27 @@ async fn chunked_origin() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut buf = Vec::new();
+        // The agent's start-up check connects and closes without a byte: skip such
+        // connections, serve the first real one.
+        let (mut s, buf) = loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut probe = false;
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                if n == 0 && buf.is_empty() {
+                    probe = true;
+                    break;
+                }
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            if !probe {
+                break (s, buf);
+            }
+        };
         let mut chunk = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            buf.extend_from_slice(&chunk[..n]);
-        }
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
         assert!(head.contains("transfer-encoding: chunked"), "{head}");
@@ -436,15 +449,20 @@ async fn websocket_origin() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut s, _) = l.accept().await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            if s.read(&mut b).await.unwrap_or(0) == 0 {
-                return;
+        // The agent's start-up check connects and closes without a byte: skip such
+        // connections, serve the first real one.
+        let (mut s, head) = 'accept: loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                if s.read(&mut b).await.unwrap_or(0) == 0 {
+                    continue 'accept;
+                }
+                head.push(b[0]);
             }
-            head.push(b[0]);
-        }
+            break (s, head);
+        };
         let head = String::from_utf8_lossy(&head).into_owned();
         let key = head
             .lines()
