@@ -31,25 +31,13 @@ pub struct RelayIdentity {
 impl RelayIdentity {
     /// Loads a PEM chain and key from explicit files.
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let bad = |path: &Path, reason: String| TlsError::BadFile {
-            path: path.to_path_buf(),
-            reason,
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| TlsError::BadFile {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
         };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| bad(cert, e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(cert, e.to_string()))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| bad(cert, "no certificate found".into()))?;
-        let fingerprint = Fingerprint::of(leaf);
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-        Ok(Self {
-            chain,
-            key,
-            fingerprint,
-            generated: false,
-        })
+        Self::from_pem(&read(cert)?, cert, &read(key)?, key)
     }
 
     /// Loads the self-signed identity from `state_dir`, creating it (and the directory) if it
@@ -100,7 +88,7 @@ impl RelayIdentity {
     }
 
     /// Parses a PEM chain and key already read (`cert_path` and `key_path` name them in
-    /// errors).
+    /// errors): the one parser for `--cert`/`--key` files and the state directory's.
     fn from_pem(
         cert: &[u8],
         cert_path: &Path,
