@@ -309,23 +309,11 @@ mod tests {
     //! agent-side forward ⇄ origin, with the visitor and origin played by plain threads.
 
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpListener};
+    use std::net::Shutdown;
 
     use super::*;
 
-    /// A connected loopback pair of std sockets.
-    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
-
-    /// A std socket adopted by the ring (call inside the runtime), non-blocking.
-    fn on_ring(s: std::net::TcpStream) -> TcpStream {
-        s.set_nonblocking(true).unwrap();
-        TcpStream::from_std(s).unwrap()
-    }
+    use crate::dataplane::uring::{on_ring, socket_pair as pair};
 
     /// Sends `up` from the visitor (then FIN) and `down` from the origin (after reading all
     /// of `up`, then FIN); returns both forwarders' outcomes and what each end received.

@@ -339,6 +339,22 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
     tracing::debug!(worker = id, "worker stopping: command channel closed");
 }
 
+/// Test support: a connected loopback pair of std sockets.
+#[cfg(test)]
+pub(crate) fn socket_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (b, _) = l.accept().unwrap();
+    (a, b)
+}
+
+/// Test support: a std socket adopted by the ring (call inside the runtime), non-blocking.
+#[cfg(test)]
+pub(crate) fn on_ring(s: std::net::TcpStream) -> monoio::net::TcpStream {
+    s.set_nonblocking(true).unwrap();
+    monoio::net::TcpStream::from_std(s).unwrap()
+}
+
 /// Test support: a worker task future's footprint. One such task lives per data connection
 /// (so per idle visitor); a timer or rustls state held inline once made them 128-byte aligned
 /// and padded.

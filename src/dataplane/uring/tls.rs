@@ -474,24 +474,14 @@ mod tests {
     //! what rustls refused into the next step without losing or reordering a byte.
 
     use std::io::Read;
-    use std::net::{Shutdown, TcpListener};
+    use std::net::Shutdown;
 
     use rustls_pki_types::ServerName;
 
     use super::*;
     use crate::tls::{client_config, server_config, RelayIdentity, RelayTrust};
 
-    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
-
-    fn on_ring(s: std::net::TcpStream) -> TcpStream {
-        s.set_nonblocking(true).unwrap();
-        TcpStream::from_std(s).unwrap()
-    }
+    use crate::dataplane::uring::{on_ring, socket_pair as pair};
 
     #[test]
     fn a_burst_of_records_is_carried_over_intact() {
