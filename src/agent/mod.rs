@@ -240,17 +240,16 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 /// Tries the local service once at start and warns if it does not answer: the agent still
 /// starts (the service may come up after it), but a typo in `--local` shows at once instead
 /// of as visitors that are cut off.
-async fn check_local(svc: &crate::config::ServiceConfig) {
-    let dial = tokio::time::timeout(LOCAL_CHECK, tokio::net::TcpStream::connect(&svc.local));
+async fn check_local(service: String, local: String) {
+    let dial = tokio::time::timeout(LOCAL_CHECK, tokio::net::TcpStream::connect(&local));
     let why = match dial.await {
         Ok(Ok(_)) => return,
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no answer within {LOCAL_CHECK:?}"),
     };
     tracing::warn!(
-        service = %svc.name,
-        "local service {} is not reachable now ({why}); its visitors are cut off until it is",
-        svc.local
+        service,
+        "local service {local} is not reachable now ({why}); its visitors are cut off until it is"
     );
 }
 
@@ -271,7 +270,9 @@ pub async fn run_with_events(
         {
             tracing::warn!(service = %svc.name, "the secret is weak: {why}");
         }
-        check_local(svc).await;
+        // In the background: a local service that drops packets would otherwise hold up
+        // the start by the check's timeout, once per service.
+        tokio::spawn(check_local(svc.name.clone(), svc.local.clone()));
     }
     let trust = match (&cfg.relay_fingerprint, &cfg.ca) {
         (Some(fp), _) => RelayTrust::Pinned(*fp),

@@ -71,10 +71,7 @@ impl Secret {
     /// Reads a secret from `path`: its first line, without surrounding whitespace. Keeps the
     /// secret out of `ps` and shell history (`--secret-file`).
     pub fn from_file(path: &Path) -> Result<Secret, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
+        let text = read_text(path)?;
         let line = text.lines().next().unwrap_or("").trim();
         if line.is_empty() {
             return Err(ConfigError::Invalid(format!(
@@ -327,12 +324,17 @@ pub fn parse_host_port(s: &str, default_port: Option<u16>) -> Result<(String, u1
     Ok((host.to_string(), port))
 }
 
-/// Reads and parses a TOML config file.
-pub fn load_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+/// Reads a text file the settings name (config, secret), the error naming the file.
+fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
         error,
-    })?;
+    })
+}
+
+/// Reads and parses a TOML config file.
+pub fn load_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    let text = read_text(path)?;
     parse_toml(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().trim().replace('\n', " "),
