@@ -102,19 +102,13 @@ impl Requests {
                     return Ok(());
                 }
                 State::Length(n) => {
-                    let take = n.min(input.len() as u64) as usize;
-                    out.extend_from_slice(&input[..take]);
-                    input = &input[take..];
-                    self.state = match n - take as u64 {
+                    self.state = match pass(n, &mut input, out) {
                         0 => State::Head,
                         left => State::Length(left),
                     };
                 }
                 State::ChunkData(n) => {
-                    let take = n.min(input.len() as u64) as usize;
-                    out.extend_from_slice(&input[..take]);
-                    input = &input[take..];
-                    self.state = match n - take as u64 {
+                    self.state = match pass(n, &mut input, out) {
                         0 => State::ChunkEnd,
                         left => State::ChunkData(left),
                     };
@@ -247,6 +241,14 @@ impl Requests {
         };
         Ok(rest)
     }
+}
+
+/// Passes up to `n` body bytes from `input` to `out`; returns how many are still to come.
+fn pass(n: u64, input: &mut &[u8], out: &mut Vec<u8>) -> u64 {
+    let take = n.min(input.len() as u64) as usize;
+    out.extend_from_slice(&input[..take]);
+    *input = &input[take..];
+    n - take as u64
 }
 
 /// The size on a chunk-size line (hex, optional `;extensions`).
