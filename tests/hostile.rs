@@ -53,15 +53,10 @@ fn agent_with(mut args: Vec<String>, secret: &str, extra: &[&str]) -> Vec<String
 /// then closes.
 async fn named_origin(name: &'static str) -> SocketAddr {
     origin(move |mut s| async move {
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-        let body = format!("{name}\n{}", String::from_utf8_lossy(&head));
+        let Some(head) = next_head(&mut s, &mut Vec::new()).await else {
+            return;
+        };
+        let body = format!("{name}\n{head}");
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
@@ -269,17 +264,7 @@ async fn forged_forwarding_headers_never_reach_the_origin(backend: Backend) {
 async fn keepalive_origin() -> SocketAddr {
     origin(|mut s| async move {
         let mut buf = Vec::new();
-        loop {
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                let mut chunk = [0u8; 4096];
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                continue;
-            };
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            buf.drain(..end + 4);
+        while let Some(head) = next_head(&mut s, &mut buf).await {
             let lower = head.to_ascii_lowercase();
             let mut body = 0usize;
             if let Some(l) = lower
@@ -294,18 +279,14 @@ async fn keepalive_origin() -> SocketAddr {
                         body = i + 5;
                         break;
                     }
-                    let mut chunk = [0u8; 4096];
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    if !read_more(&mut s, &mut buf).await {
+                        return;
                     }
                 }
             }
             while buf.len() < body {
-                let mut chunk = [0u8; 4096];
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                if !read_more(&mut s, &mut buf).await {
+                    return;
                 }
             }
             buf.drain(..body);

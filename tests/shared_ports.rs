@@ -49,17 +49,7 @@ fn with(mut args: Vec<String>, extra: &[&str]) -> Vec<String> {
 async fn http_origin(name: &'static str) -> SocketAddr {
     origin(move |mut s| async move {
         let mut buf = Vec::new();
-        loop {
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                let mut chunk = [0u8; 4096];
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-                continue;
-            };
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            buf.drain(..end + 4);
+        while let Some(head) = next_head(&mut s, &mut buf).await {
             let path = head.split(' ').nth(1).unwrap_or("?").to_string();
             let header = |n: &str| {
                 head.lines()

@@ -429,6 +429,33 @@ pub fn config_file(toml: &str) -> (TempDir, String) {
     (dir, path)
 }
 
+/// One read from `s` appended to `buf`; `false` at EOF or on an error.
+pub async fn read_more(s: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    match s.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// The next HTTP head on `s` (through its blank line), taken off the front of `buf` (bytes
+/// read but not used yet); `None` if the stream ends first.
+pub async fn next_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        if !read_more(s, buf).await {
+            return None;
+        }
+    }
+}
+
 /// An origin that echoes every byte and half-closes when the visitor does.
 pub async fn echo_origin() -> SocketAddr {
     origin(serve_echo).await
