@@ -192,7 +192,7 @@ async fn data_connection(
     let redeemed = plane.tickets().redeem(Instant::now(), &ticket);
     let (service, worker) = match redeemed {
         Redeemed::Valid(grant) if grant.settle() => (grant.service, grant.worker),
-        Redeemed::Valid(_) => {
+        Redeemed::Valid(_) | Redeemed::Retired => {
             // An agent that ends its session cannot recall the data connections it is dialling
             // at that moment; they arrive after the end and are refused quietly.
             let m = "ticket belongs to an agent session that has ended";

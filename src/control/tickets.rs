@@ -54,6 +54,9 @@ pub enum Redeemed<T> {
     Valid(T),
     /// Known but too old; the grant is returned so its bookkeeping can be undone.
     Expired(T),
+    /// Issued to a session that has since ended: the agent was still dialling when it went.
+    /// Routine, not a sign of guessing.
+    Retired,
     /// Never issued, or already used.
     Unknown,
 }
@@ -62,6 +65,8 @@ pub enum Redeemed<T> {
 #[derive(Debug)]
 pub struct TicketStore<T> {
     live: HashMap<Ticket, (Instant, Owner, T)>,
+    /// Tickets of ended sessions, until they would have expired (at most [`MAX_TICKETS`]).
+    retired: HashMap<Ticket, Instant>,
     per_session: HashMap<u64, usize>,
     per_secret: HashMap<SecretId, usize>,
     ttl: Duration,
@@ -78,6 +83,7 @@ impl<T> TicketStore<T> {
     pub fn new(ttl: Duration) -> Self {
         Self {
             live: HashMap::new(),
+            retired: HashMap::new(),
             per_session: HashMap::new(),
             per_secret: HashMap::new(),
             ttl,
@@ -116,12 +122,16 @@ impl<T> TicketStore<T> {
         match self.remove(ticket) {
             Some((expiry, grant)) if now < expiry => Redeemed::Valid(grant),
             Some((_, grant)) => Redeemed::Expired(grant),
-            None => Redeemed::Unknown,
+            None => match self.retired.remove(ticket) {
+                Some(expiry) if now < expiry => Redeemed::Retired,
+                _ => Redeemed::Unknown,
+            },
         }
     }
 
     /// Removes and returns the grants of every ticket expired at `now`.
     pub fn purge(&mut self, now: Instant) -> Vec<T> {
+        self.retired.retain(|_, expiry| now < *expiry);
         let expired: Vec<Ticket> = self
             .live
             .iter()
@@ -134,7 +144,9 @@ impl<T> TicketStore<T> {
             .collect()
     }
 
-    /// Drops every ticket of `session` (it ended: they can only be refused now).
+    /// Drops every ticket of `session` (it ended: they can only be refused now). They are
+    /// remembered as retired until they would have expired, so that a data connection still
+    /// on its way is told apart from a guess; when that memory is full they are forgotten.
     pub fn drop_session(&mut self, session: u64) {
         let theirs: Vec<Ticket> = self
             .live
@@ -143,7 +155,11 @@ impl<T> TicketStore<T> {
             .map(|(t, _)| *t)
             .collect();
         for t in &theirs {
-            self.remove(t);
+            if let Some((expiry, _)) = self.remove(t) {
+                if self.retired.len() < MAX_TICKETS {
+                    self.retired.insert(*t, expiry);
+                }
+            }
         }
     }
 
@@ -230,5 +246,26 @@ mod tests {
         assert!(store.issue(t0, owner(99), ()).is_ok());
         store.drop_session(100);
         assert!(!store.per_secret.contains_key(&other.secret));
+    }
+
+    #[test]
+    fn tickets_of_an_ended_session_are_retired_until_they_would_expire() {
+        let t0 = Instant::now();
+        let mut store = TicketStore::new(Duration::from_secs(30));
+        let a = store.issue(t0, owner(1), "a").unwrap();
+        let b = store.issue(t0, owner(1), "b").unwrap();
+        let c = store.issue(t0, owner(1), "c").unwrap();
+        store.drop_session(1);
+        assert!(store.is_empty(), "retired tickets are not outstanding");
+        assert_eq!(store.redeem(t0, &a), Redeemed::Retired);
+        assert_eq!(store.redeem(t0, &a), Redeemed::Unknown, "once only");
+        assert_eq!(
+            store.redeem(t0 + Duration::from_secs(30), &b),
+            Redeemed::Unknown,
+            "past its expiry a retired ticket is unknown"
+        );
+        assert!(store.purge(t0 + Duration::from_secs(30)).is_empty());
+        assert_eq!(store.redeem(t0, &c), Redeemed::Unknown, "purged");
+        assert!(store.retired.is_empty());
     }
 }
