@@ -90,7 +90,7 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
         let _ = origin.set_nodelay(true);
         match chunked::forward(&mut origin, &mut tunnel, &[], &early, None).await {
             Ok(o) => {
-                let (up, down) = (o.moved.b_to_a, o.moved.a_to_b);
+                let (up, down) = (o.down, o.up); // as the visitor sees them
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");
                 drop(origin);
                 let Some(ready) = conn.on_visitor_done(o.reusable, o.leftover) else {

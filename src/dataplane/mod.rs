@@ -6,6 +6,7 @@
 //! - [`uring`]: the io_uring backend — pinned thread-per-core workers that splice.
 //! - [`sock`]: non-blocking socket calls on borrowed descriptors, for both backends.
 //! - [`probe`]: whether io_uring and kTLS work here.
+//! - [`forwarded`]: what forwarding one visitor ends with (bytes moved, or which end failed).
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
 //! - [`idle`]: the idle-timeout watcher beside each forwarded visitor.
 //! - [`wait`]: runtime-agnostic waits (a deadline race, the relay's wait for `READY`).
@@ -13,6 +14,7 @@
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
 
+pub mod forwarded;
 pub mod gate;
 pub mod idle;
 pub mod pool;

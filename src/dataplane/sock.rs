@@ -1,5 +1,5 @@
 //! Non-blocking socket calls on borrowed descriptors, for both backends: one `recv` or `send`
-//! that never waits, `FIONBIO`, `shutdown`. Safe wrappers over rustix; the caller keeps the
+//! that never waits, `FIONBIO`, `shutdown`, reset on close. Safe wrappers over rustix; the caller keeps the
 //! socket open for the call by lending it (`BorrowedFd`).
 
 use std::io;
@@ -30,6 +30,13 @@ pub fn shutdown(fd: BorrowedFd<'_>, half: Half) {
         Half::Both => Shutdown::Both,
     };
     let _ = rustix::net::shutdown(fd, how);
+}
+
+/// Makes closing the socket send an RST instead of a FIN (`SO_LINGER` 0), so its peer sees an
+/// error rather than a clean end of stream. Closing never waits with a zero linger. Errors
+/// are ignored, as with [`shutdown`].
+pub fn reset_on_close(fd: BorrowedFd<'_>) {
+    let _ = rustix::net::sockopt::set_socket_linger(fd, Some(std::time::Duration::ZERO));
 }
 
 /// One `recv` on a non-blocking socket: `None` if it has nothing now, `Some(0)` at EOF.

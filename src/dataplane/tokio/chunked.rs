@@ -18,6 +18,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 use crate::protocol::http::requests::Requests;
@@ -26,171 +27,126 @@ use crate::protocol::http::requests::Requests;
 /// it lives on the polling thread's stack, not per connection.
 pub const COPY_BUF_LEN: usize = 64 * 1024;
 
-/// Bytes moved in each direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Moved {
-    /// From the first stream to the second.
-    pub a_to_b: u64,
-    /// From the second stream to the first.
-    pub b_to_a: u64,
+/// Which way a [`HalfDuplex`] moves bytes, and so what it does to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Peer → tunnel: every read becomes one chunk; EOF becomes `END`.
+    Up,
+    /// Tunnel → peer: chunks are unwrapped until `END` (or raw until EOF), then the peer's
+    /// write side is shut.
+    Down,
 }
 
-/// Writes `pending[*written..]` to `w`, adding each write to `counted`; once all of it is
-/// written, frees it (an idle direction keeps no buffer).
-fn poll_drain<W: AsyncWrite + ?Sized>(
-    cx: &mut Context<'_>,
-    mut w: Pin<&mut W>,
-    pending: &mut Vec<u8>,
-    written: &mut usize,
-    counted: &mut u64,
-) -> Poll<io::Result<()>> {
-    while *written < pending.len() {
-        let n = ready!(w.as_mut().poll_write(cx, &pending[*written..]))?;
-        if n == 0 {
-            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+impl Direction {
+    /// The end this direction reads from (it writes to the other).
+    fn reads(self) -> Side {
+        match self {
+            Direction::Up => Side::Peer,
+            Direction::Down => Side::Tunnel,
         }
-        *written += n;
-        *counted += n as u64;
     }
-    *pending = Vec::new();
-    *written = 0;
-    Poll::Ready(Ok(()))
 }
 
-/// How a forwarded visitor left the data connection.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    /// Bytes moved each way (peer → tunnel, tunnel → peer).
-    pub moved: Moved,
-    /// Both directions ended with `END`: the tunnel may carry another visitor.
-    pub reusable: bool,
-    /// Bytes read from the tunnel after the `END` (the start of whatever follows).
-    pub leftover: Vec<u8>,
-}
-
-/// Peer → tunnel: every read becomes one chunk; EOF becomes `END`.
-#[derive(Default)]
-struct Encode<'r> {
+/// One direction of a forwarded visitor: reads its source, frames (up) or unframes (down),
+/// writes its destination. Bytes the destination cannot take yet wait in `pending`, the only
+/// heap buffer, freed once drained.
+struct HalfDuplex<'r> {
+    direction: Direction,
+    /// Bytes for the destination not written yet.
     pending: Vec<u8>,
     written: usize,
+    /// Down: the chunk decoder.
+    chunks: Unchunker,
+    /// Down: tunnel bytes read but not decoded yet (kept while `pending` drains).
+    carry: Vec<u8>,
+    /// Up: an HTTP visitor's request heads are rewritten on the way.
+    requests: Option<&'r mut Requests>,
+    /// The source ended: flush (and, down, shut the peer's write side), then done.
     ended: bool,
     done: bool,
+    /// Payload bytes moved (counted when read, so a drain does not count them again).
     moved: u64,
-    /// An HTTP visitor's request heads are rewritten on the way.
-    requests: Option<&'r mut Requests>,
 }
 
-impl Encode<'_> {
-    fn poll<R, W>(
+impl<'r> HalfDuplex<'r> {
+    fn new(direction: Direction) -> Self {
+        Self {
+            direction,
+            pending: Vec::new(),
+            written: 0,
+            chunks: Unchunker::default(),
+            carry: Vec::new(),
+            requests: None,
+            ended: false,
+            done: false,
+            moved: 0,
+        }
+    }
+
+    fn read_err(&self, e: io::Error) -> ForwardError {
+        ForwardError::new(self.direction.reads(), e)
+    }
+
+    fn write_err(&self, e: io::Error) -> ForwardError {
+        ForwardError::new(self.direction.reads().other(), e)
+    }
+
+    /// Writes `bytes` to `w` now as far as it takes them; the rest waits in `pending`.
+    fn write_or_keep<W: AsyncWrite + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
-        mut r: Pin<&mut R>,
-        mut w: Pin<&mut W>,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-    {
-        loop {
-            if self.done {
-                return Poll::Ready(Ok(()));
+        w: Pin<&mut W>,
+        bytes: &[u8],
+    ) -> Forwarded<()> {
+        match w.poll_write(cx, bytes) {
+            Poll::Ready(Ok(0)) => Err(self.write_err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(m)) => {
+                self.pending.extend_from_slice(&bytes[m..]);
+                Ok(())
             }
-            // Payload bytes were counted when read; the drain does not count them again.
-            let (pending, written) = (&mut self.pending, &mut self.written);
-            ready!(poll_drain(cx, w.as_mut(), pending, written, &mut 0))?;
-            if self.ended {
-                ready!(w.as_mut().poll_flush(cx))?;
-                self.done = true;
-                continue;
-            }
-            // Uninitialised on purpose, as in `forward`: zeroing it per poll costs more than
-            // the copy. The header goes in front of the data, so one write sends both.
-            let mut stack = [MaybeUninit::<u8>::uninit(); HEADER_LEN + COPY_BUF_LEN];
-            let (head, body) = stack.split_at_mut(HEADER_LEN);
-            let mut buf = ReadBuf::uninit(body);
-            match r.as_mut().poll_read(cx, &mut buf) {
-                Poll::Pending => {
-                    ready!(w.as_mut().poll_flush(cx))?;
-                    return Poll::Pending;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            let n = buf.filled().len();
-            if n == 0 {
-                self.pending = chunk::header(chunk::END).to_vec();
-                self.ended = true;
-                continue;
-            }
-            if let Some(requests) = self.requests.as_deref_mut() {
-                self.moved += n as u64;
-                let frames = rewrite::chunks(requests, buf.filled())?;
-                if !frames.is_empty() {
-                    match w.as_mut().poll_write(cx, &frames) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
-                        }
-                        Poll::Ready(Ok(m)) => self.pending.extend_from_slice(&frames[m..]),
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => self.pending = frames,
-                    }
-                }
-                continue;
-            }
-            for (slot, b) in head.iter_mut().zip(chunk::header(n as u32)) {
-                slot.write(b);
-            }
-            // SAFETY: the header was just written and the read initialised `n` bytes after it.
-            let frame =
-                unsafe { std::slice::from_raw_parts(stack.as_ptr().cast::<u8>(), HEADER_LEN + n) };
-            self.moved += n as u64;
-            match w.as_mut().poll_write(cx, frame) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(m)) => self.pending.extend_from_slice(&frame[m..]),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => self.pending.extend_from_slice(frame),
+            Poll::Ready(Err(e)) => Err(self.write_err(e)),
+            Poll::Pending => {
+                self.pending.extend_from_slice(bytes);
+                Ok(())
             }
         }
     }
-}
 
-/// Tunnel → peer: chunks are unwrapped until `END` (or raw until EOF).
-#[derive(Default)]
-struct Decode {
-    chunks: Unchunker,
-    /// Visitor bytes the peer has not taken yet.
-    pending: Vec<u8>,
-    written: usize,
-    /// Tunnel bytes read but not decoded yet (kept while `pending` drains).
-    carry: Vec<u8>,
-    /// Saw `END` (or EOF in raw mode): shut the peer's write side, then done.
-    ended: bool,
-    done: bool,
-    moved: u64,
-}
+    /// Writes `pending[written..]` to `w`; once all of it is written, frees it.
+    fn poll_drain<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Forwarded<()>> {
+        while self.written < self.pending.len() {
+            let n = match ready!(w.as_mut().poll_write(cx, &self.pending[self.written..])) {
+                Ok(0) => return Poll::Ready(Err(self.write_err(io::ErrorKind::WriteZero.into()))),
+                Ok(n) => n,
+                Err(e) => return Poll::Ready(Err(self.write_err(e))),
+            };
+            self.written += n;
+        }
+        self.pending = Vec::new();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
 
-impl Decode {
-    /// Decodes `input`; visitor bytes go to `w` or, once it is full, to `pending` (with the
-    /// undecoded rest in `carry`).
+    /// Down: decodes `input`; visitor bytes go to `w` or, once it is full, to `pending` (with
+    /// the undecoded rest in `carry`).
     fn feed<W: AsyncWrite + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         mut w: Pin<&mut W>,
         mut input: &[u8],
-    ) -> io::Result<()> {
-        while let Some(data) = self
-            .chunks
-            .next_data(&mut input)
-            .map_err(io::Error::other)?
-        {
+    ) -> Forwarded<()> {
+        loop {
+            let data = match self.chunks.next_data(&mut input) {
+                Ok(Some(data)) => data,
+                Ok(None) => break,
+                Err(e) => return Err(ForwardError::tunnel(io::Error::other(e))),
+            };
             self.moved += data.len() as u64;
-            match w.as_mut().poll_write(cx, data) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(m)) if m == data.len() => {}
-                Poll::Ready(Ok(m)) => self.pending.extend_from_slice(&data[m..]),
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => self.pending.extend_from_slice(data),
-            }
+            self.write_or_keep(cx, w.as_mut(), data)?;
             if !self.pending.is_empty() {
                 // The peer is full: keep the undecoded rest for when it drains.
                 self.carry.extend_from_slice(input);
@@ -201,12 +157,41 @@ impl Decode {
         Ok(())
     }
 
+    /// Up: sends the `n` bytes read into `stack[HEADER_LEN..]` as a chunk (the header goes in
+    /// front, so one write sends both), or as rewritten request frames.
+    fn encode<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        w: Pin<&mut W>,
+        stack: &mut [MaybeUninit<u8>],
+        n: usize,
+    ) -> Forwarded<()> {
+        self.moved += n as u64;
+        // SAFETY: the read initialised `n` bytes after the header slot.
+        let read =
+            unsafe { std::slice::from_raw_parts(stack.as_ptr().add(HEADER_LEN).cast::<u8>(), n) };
+        if let Some(requests) = self.requests.as_deref_mut() {
+            let frames = rewrite::chunks(requests, read).map_err(ForwardError::peer)?;
+            if frames.is_empty() {
+                return Ok(());
+            }
+            return self.write_or_keep(cx, w, &frames);
+        }
+        for (slot, b) in stack.iter_mut().zip(chunk::header(n as u32)) {
+            slot.write(b);
+        }
+        // SAFETY: the header was just written and the read initialised `n` bytes after it.
+        let frame =
+            unsafe { std::slice::from_raw_parts(stack.as_ptr().cast::<u8>(), HEADER_LEN + n) };
+        self.write_or_keep(cx, w, frame)
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
-    ) -> Poll<io::Result<()>>
+    ) -> Poll<Forwarded<()>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -215,86 +200,98 @@ impl Decode {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            // Payload bytes were counted when read; the drain does not count them again.
-            let (pending, written) = (&mut self.pending, &mut self.written);
-            ready!(poll_drain(cx, w.as_mut(), pending, written, &mut 0))?;
+            ready!(self.poll_drain(cx, w.as_mut()))?;
             if !self.carry.is_empty() {
                 let carry = std::mem::take(&mut self.carry);
                 self.feed(cx, w.as_mut(), &carry)?;
                 continue;
             }
             if self.ended {
-                ready!(w.as_mut().poll_flush(cx))?;
-                ready!(w.as_mut().poll_shutdown(cx))?;
+                ready!(w.as_mut().poll_flush(cx)).map_err(|e| self.write_err(e))?;
+                if self.direction == Direction::Down {
+                    ready!(w.as_mut().poll_shutdown(cx)).map_err(|e| self.write_err(e))?;
+                }
                 self.done = true;
                 continue;
             }
-            let mut stack = [MaybeUninit::<u8>::uninit(); COPY_BUF_LEN];
-            let mut buf = ReadBuf::uninit(&mut stack);
+            // Uninitialised on purpose: zeroing it per poll costs more than the copy. Up
+            // leaves room for a chunk header in front of the data.
+            let mut stack = [MaybeUninit::<u8>::uninit(); HEADER_LEN + COPY_BUF_LEN];
+            let mut buf = ReadBuf::uninit(&mut stack[HEADER_LEN..]);
             match r.as_mut().poll_read(cx, &mut buf) {
                 Poll::Pending => {
-                    ready!(w.as_mut().poll_flush(cx))?;
+                    ready!(w.as_mut().poll_flush(cx)).map_err(|e| self.write_err(e))?;
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.read_err(e))),
                 Poll::Ready(Ok(())) => {}
             }
-            if buf.filled().is_empty() {
-                if self.chunks.is_raw() {
+            let n = buf.filled().len();
+            match (self.direction, n) {
+                (Direction::Up, 0) => {
+                    self.pending = chunk::header(chunk::END).to_vec();
                     self.ended = true;
-                    continue;
                 }
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "data connection closed in the middle of a visitor",
-                )));
+                (Direction::Up, n) => self.encode(cx, w.as_mut(), &mut stack, n)?,
+                (Direction::Down, 0) if self.chunks.is_raw() => self.ended = true,
+                (Direction::Down, 0) => {
+                    return Poll::Ready(Err(ForwardError::tunnel(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "data connection closed in the middle of a visitor",
+                    ))))
+                }
+                (Direction::Down, _) => {
+                    // SAFETY: the read initialised `n` bytes after the header slot.
+                    let read = unsafe {
+                        std::slice::from_raw_parts(stack.as_ptr().add(HEADER_LEN).cast::<u8>(), n)
+                    };
+                    self.feed(cx, w.as_mut(), read)?;
+                }
             }
-            self.feed(cx, w.as_mut(), buf.filled())?;
         }
     }
 }
 
 /// Sends `prefix` (raw bytes already framed by the caller, e.g. `Start` plus a chunk), then
-/// forwards `peer` ↔ `tunnel` in chunks until both directions end or either fails. `early`
-/// are tunnel bytes already read past the last control frame; they are decoded first.
-/// `requests`: an HTTP visitor's reader, which rewrites every request head going up.
+/// forwards `peer` ↔ `tunnel` in chunks until both directions end or either fails; the error
+/// names the end that failed first. `early` are tunnel bytes already read past the last
+/// control frame; they are decoded first. `requests`: an HTTP visitor's reader, which
+/// rewrites every request head going up.
 pub async fn forward<P, T>(
     peer: &mut P,
     tunnel: &mut T,
     prefix: &[u8],
     early: &[u8],
     requests: Option<&mut Requests>,
-) -> io::Result<Outcome>
+) -> Forwarded<Outcome>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
     T: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     if !prefix.is_empty() {
-        tunnel.write_all(prefix).await?;
+        tunnel
+            .write_all(prefix)
+            .await
+            .map_err(|e| ForwardError::tunnel(e).with_progress(0, 0))?;
     }
-    let mut up = Encode {
-        requests,
-        ..Encode::default()
-    };
-    let mut down = Decode {
-        carry: early.to_vec(),
-        ..Decode::default()
-    };
+    let mut up = HalfDuplex::new(Direction::Up);
+    up.requests = requests;
+    let mut down = HalfDuplex::new(Direction::Down);
+    down.carry = early.to_vec();
     poll_fn(|cx| {
-        let a = up.poll(cx, Pin::new(&mut *peer), Pin::new(&mut *tunnel))?;
-        let b = down.poll(cx, Pin::new(&mut *tunnel), Pin::new(&mut *peer))?;
-        if a.is_ready() && b.is_ready() {
-            Poll::Ready(Ok::<(), io::Error>(()))
-        } else {
-            Poll::Pending
+        let a = up.poll(cx, Pin::new(&mut *peer), Pin::new(&mut *tunnel));
+        let b = down.poll(cx, Pin::new(&mut *tunnel), Pin::new(&mut *peer));
+        match (a, b) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Err(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
         }
     })
-    .await?;
+    .await
+    .map_err(|e| e.with_progress(up.moved, down.moved))?;
     Ok(Outcome {
-        moved: Moved {
-            a_to_b: up.moved,
-            b_to_a: down.moved,
-        },
+        up: up.moved,
+        down: down.moved,
         reusable: !down.chunks.is_raw(),
         leftover: down.chunks.take_leftover(),
     })
@@ -342,7 +339,7 @@ mod tests {
             let (relay, agent) = (relay.unwrap(), agent.unwrap());
             assert!(relay.reusable && agent.reusable, "round {round}");
             assert!(relay.leftover.is_empty() && agent.leftover.is_empty());
-            assert_eq!((agent.moved.a_to_b, agent.moved.b_to_a), (3, 100_006));
+            assert_eq!((agent.up, agent.down), (3, 100_006));
         }
     }
 
@@ -355,6 +352,48 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("invalid chunk header"), "{err}");
+        assert_eq!(
+            err.side,
+            Side::Tunnel,
+            "a broken frame is the tunnel's fault"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_tunnel_and_a_lost_peer_are_told_apart() {
+        // The agent's end of the tunnel vanishes after part of a reply: the tunnel failed,
+        // and since bytes moved the visitor cannot be retried elsewhere.
+        let (mut t_relay, mut t_agent) = pair().await;
+        let (_visitor, mut v_side) = pair().await;
+        let mut half = Vec::new();
+        chunk::push_chunks(&mut half, b"part of a reply");
+        t_agent.write_all(&half).await.unwrap();
+        drop(t_agent);
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.side, Side::Tunnel, "{err}");
+        assert!(err.tunnel_lost() && !err.retry, "{err:?}");
+
+        // Before anything moved, a lost tunnel leaves the visitor free to go elsewhere.
+        let (mut t_relay, t_agent) = pair().await;
+        let (_visitor, mut v_side) = pair().await;
+        drop(t_agent);
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+            .await
+            .unwrap_err();
+        assert!(err.tunnel_lost() && err.retry, "{err:?}");
+
+        // The visitor resets its connection: the peer failed, the tunnel did not.
+        let (mut t_relay, _t_agent) = pair().await;
+        let (visitor, mut v_side) = pair().await;
+        crate::dataplane::sock::reset_on_close(std::os::fd::AsFd::as_fd(&visitor));
+        drop(visitor);
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.side, Side::Peer, "{err}");
+        assert!(!err.retry);
     }
 
     #[tokio::test]
@@ -383,8 +422,8 @@ mod tests {
         origin.shutdown().await.unwrap();
         drop(writer.await.unwrap());
         let (relay, agent) = (relay.await.unwrap().unwrap(), agent.await.unwrap().unwrap());
-        assert_eq!(relay.moved.a_to_b, 16 << 20);
-        assert_eq!(agent.moved.b_to_a, 16 << 20);
+        assert_eq!(relay.up, 16 << 20);
+        assert_eq!(agent.down, 16 << 20);
         assert!(relay.reusable && agent.reusable);
     }
 }

@@ -105,7 +105,7 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
         };
         match outcome {
             Ok(o) => {
-                let (up, down) = (o.moved.a_to_b, o.moved.b_to_a);
+                let (up, down) = (o.up, o.down);
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
                 drop((stream, admission));
                 let next = conn.on_visitor_done(o.reusable, o.leftover, Instant::now());

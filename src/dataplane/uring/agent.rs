@@ -135,7 +135,13 @@ async fn run(
                 return Ok(());
             }
         };
-        let outcome = tunnel.forward(&origin, pipes, &early, true, None).await?;
+        let outcome = match tunnel.forward(&origin, pipes, &early, true, None).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(service, %visitor, "visitor ended: {e}");
+                return Ok(());
+            }
+        };
         // Forwarding ran origin → tunnel as "up" from the agent's side; the visitor's view is
         // the reverse.
         let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);

@@ -6,13 +6,16 @@
 //! transfer: it sends `RAW` and splices the rest, and the connection ends with this visitor —
 //! splice cannot frame, and a bulk transfer amortises a new connection anyway.
 
+use std::future::Future;
 use std::io;
 use std::os::fd::BorrowedFd;
+use std::pin::{pin, Pin};
 
 use monoio::net::TcpStream;
 
 use super::pipe::{self, PipePool};
 use super::sockio::{self, fd, with_scratch};
+use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
 use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
@@ -25,19 +28,6 @@ pub enum Ended {
     Clean,
     /// Raw to the transport's end: the connection cannot carry another visitor.
     Raw,
-}
-
-/// One forwarded visitor on a data connection.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Bytes from the peer (visitor or local service) into the tunnel.
-    pub up: u64,
-    /// Bytes from the tunnel to the peer.
-    pub down: u64,
-    /// Both directions ended with `END`: the connection may carry another visitor.
-    pub reusable: bool,
-    /// Tunnel bytes read after the `END` (on the agent: the start of the next `Start`).
-    pub leftover: Vec<u8>,
 }
 
 /// Decoding state of the tunnel → peer direction, independent of where its bytes come from
@@ -61,14 +51,15 @@ pub struct Blocked {
 impl Unchunk {
     /// Decodes `input`, sending visitor bytes to `dfd` without waiting. Stops at `END` (the
     /// rest goes to `leftover`); returns what is left when `dfd` is full.
-    pub fn feed(&mut self, dfd: BorrowedFd<'_>, mut input: &[u8]) -> io::Result<Option<Blocked>> {
+    /// A bad chunk is the tunnel's fault; a failed send, the peer's.
+    pub fn feed(&mut self, dfd: BorrowedFd<'_>, mut input: &[u8]) -> Forwarded<Option<Blocked>> {
         while let Some(data) = self
             .chunks
             .next_data(&mut input)
-            .map_err(io::Error::other)?
+            .map_err(|e| ForwardError::tunnel(io::Error::other(e)))?
         {
             self.moved += data.len() as u64;
-            let sent = send_now(dfd, data)?;
+            let sent = send_now(dfd, data).map_err(ForwardError::peer)?;
             if sent < data.len() {
                 return Ok(Some(Blocked {
                     pending: data[sent..].to_vec(),
@@ -80,10 +71,12 @@ impl Unchunk {
     }
 
     /// [`Self::feed`], waiting on `dst` whenever it is full, until `input` is all decoded.
-    pub async fn feed_all(&mut self, dst: &TcpStream, input: &[u8]) -> io::Result<()> {
+    pub async fn feed_all(&mut self, dst: &TcpStream, input: &[u8]) -> Forwarded<()> {
         let mut blocked = self.feed(fd(dst), input)?;
         while let Some(b) = blocked {
-            sockio::write_all(dst, &b.pending).await?;
+            sockio::write_all(dst, &b.pending)
+                .await
+                .map_err(ForwardError::peer)?;
             blocked = self.feed(fd(dst), &b.rest)?;
         }
         Ok(())
@@ -111,7 +104,8 @@ async fn encode(
     pipes: &PipePool,
     quiet: bool,
     requests: Option<&mut Requests>,
-) -> io::Result<(u64, Ended)> {
+) -> Forwarded<(u64, Ended)> {
+    let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     if let Some(requests) = requests {
         // Boxed: inline, its state would grow every connection's task, rewriting or not.
         return Box::pin(encode_requests(src, dst, quiet, requests)).await;
@@ -119,12 +113,12 @@ async fn encode(
     let (sfd, dfd) = (fd(src), fd(dst));
     let mut total = 0u64;
     if quiet {
-        src.readable(false).await?;
+        src.readable(false).await.map_err(peer)?;
     }
     loop {
-        let step = with_scratch(|buf| -> io::Result<Option<Sent>> {
+        let step = with_scratch(|buf| -> Forwarded<Option<Sent>> {
             let room = buf.len() - HEADER_LEN;
-            let Some(n) = recv_now(sfd, &mut buf[HEADER_LEN..])? else {
+            let Some(n) = recv_now(sfd, &mut buf[HEADER_LEN..]).map_err(peer)? else {
                 return Ok(None);
             };
             let frame_len = if n == 0 {
@@ -134,7 +128,7 @@ async fn encode(
                 buf[..HEADER_LEN].copy_from_slice(&chunk::header(n as u32));
                 HEADER_LEN + n
             };
-            let sent = send_now(dfd, &buf[..frame_len])?;
+            let sent = send_now(dfd, &buf[..frame_len]).map_err(tunnel)?;
             let rest = (sent < frame_len).then(|| buf[sent..frame_len].to_vec());
             Ok(Some(Sent {
                 n,
@@ -143,10 +137,10 @@ async fn encode(
             }))
         })?;
         match step {
-            None => src.readable(false).await?,
+            None => src.readable(false).await.map_err(peer)?,
             Some(Sent { n, full, rest }) => {
                 if let Some(rest) = rest {
-                    sockio::write_all(dst, &rest).await?;
+                    sockio::write_all(dst, &rest).await.map_err(tunnel)?;
                 }
                 if n == 0 {
                     return Ok((total, Ended::Clean));
@@ -154,14 +148,15 @@ async fn encode(
                 total += n as u64;
                 if full {
                     // Bulk: the rest of this direction is raw, spliced.
-                    sockio::write_all(dst, &chunk::header(chunk::RAW)).await?;
-                    total += pipe::splice_to_eof(src, dst, pipes).await?;
+                    let raw = chunk::header(chunk::RAW);
+                    sockio::write_all(dst, &raw).await.map_err(tunnel)?;
+                    total += pipe::splice_to_eof(src, dst, pipes, Side::Peer).await?;
                     shutdown(dfd, Half::Write);
                     return Ok((total, Ended::Raw));
                 }
                 // A short read almost always drained the socket: wait on the ring rather than
                 // spend a recv on EAGAIN (the ring's poll is level-triggered).
-                src.readable(false).await?;
+                src.readable(false).await.map_err(peer)?;
             }
         }
     }
@@ -174,11 +169,12 @@ async fn encode_requests(
     dst: &TcpStream,
     quiet: bool,
     requests: &mut Requests,
-) -> io::Result<(u64, Ended)> {
+) -> Forwarded<(u64, Ended)> {
+    let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let sfd = fd(src);
     let mut total = 0u64;
     if quiet {
-        src.readable(false).await?;
+        src.readable(false).await.map_err(peer)?;
     }
     loop {
         let step = with_scratch(|buf| -> io::Result<Option<(usize, bool, Vec<u8>)>> {
@@ -190,19 +186,20 @@ async fn encode_requests(
                 n => rewrite::chunks(requests, &buf[..n])?,
             };
             Ok(Some((n, n == buf.len(), frames)))
-        })?;
+        })
+        .map_err(peer)?;
         match step {
-            None => src.readable(false).await?,
+            None => src.readable(false).await.map_err(peer)?,
             Some((n, full, frames)) => {
                 if !frames.is_empty() {
-                    sockio::write_all(dst, &frames).await?;
+                    sockio::write_all(dst, &frames).await.map_err(tunnel)?;
                 }
                 if n == 0 {
                     return Ok((total, Ended::Clean));
                 }
                 total += n as u64;
                 if !full {
-                    src.readable(false).await?;
+                    src.readable(false).await.map_err(peer)?;
                 }
             }
         }
@@ -216,7 +213,8 @@ async fn decode(
     dst: &TcpStream,
     pipes: &PipePool,
     early: &[u8],
-) -> io::Result<(u64, Ended, Vec<u8>)> {
+) -> Forwarded<(u64, Ended, Vec<u8>)> {
+    let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let (sfd, dfd) = (fd(src), fd(dst));
     let mut st = Unchunk::default();
     st.feed_all(dst, early).await?;
@@ -226,17 +224,14 @@ async fn decode(
     let mut wait_first = true;
     while !st.chunks.is_ended() && !st.chunks.is_raw() {
         if wait_first {
-            src.readable(false).await?;
+            src.readable(false).await.map_err(tunnel)?;
         }
-        let step = with_scratch(|buf| -> io::Result<Option<(bool, Option<Blocked>)>> {
-            let Some(n) = recv_now(sfd, buf)? else {
+        let step = with_scratch(|buf| -> Forwarded<Option<(bool, Option<Blocked>)>> {
+            let Some(n) = recv_now(sfd, buf).map_err(tunnel)? else {
                 return Ok(None);
             };
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "data connection closed in the middle of a visitor",
-                ));
+                return Err(tunnel(cut_short()));
             }
             let short = n < buf.len();
             st.feed(dfd, &buf[..n]).map(|b| Some((short, b)))
@@ -247,14 +242,14 @@ async fn decode(
                 // A short read almost always drained the socket (as in `encode`).
                 wait_first = short;
                 if let Some(b) = blocked {
-                    sockio::write_all(dst, &b.pending).await?;
+                    sockio::write_all(dst, &b.pending).await.map_err(peer)?;
                     st.feed_all(dst, &b.rest).await?;
                 }
             }
         }
     }
     if st.chunks.is_raw() {
-        let n = pipe::splice_to_eof(src, dst, pipes).await?;
+        let n = pipe::splice_to_eof(src, dst, pipes, Side::Tunnel).await?;
         shutdown(dfd, Half::Write);
         return Ok((st.moved + n, Ended::Raw, Vec::new()));
     }
@@ -262,10 +257,59 @@ async fn decode(
     Ok((st.moved, Ended::Clean, st.chunks.take_leftover()))
 }
 
+/// The error of a data connection that ended before the visitor's `END`.
+pub(super) fn cut_short() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "data connection closed in the middle of a visitor",
+    )
+}
+
+/// Runs a forwarder's two directions side by side. The first to fail calls `shut` (which
+/// wakes the other) and its error is the one returned: what the other direction saw after
+/// the shutdown is a consequence, not the cause.
+/// The directions come pinned by the caller: moved in by value, each would take room twice in
+/// this future (once as an argument, once in the join), and it lives as long as a visitor.
+pub(super) async fn both<U, D>(
+    up: Pin<&mut impl Future<Output = Forwarded<U>>>,
+    down: Pin<&mut impl Future<Output = Forwarded<D>>>,
+    shut: impl Fn(Side),
+) -> Result<(U, D), ForwardError> {
+    // Which direction failed first: up (true) or down (false).
+    let first = std::cell::Cell::new(None::<bool>);
+    let fail = |e: &ForwardError, is_up: bool| {
+        if first.get().is_none() {
+            first.set(Some(is_up));
+            shut(e.side);
+        }
+    };
+    let (up, down) = monoio::join!(
+        async {
+            let r = up.await;
+            if let Err(e) = &r {
+                fail(e, true);
+            }
+            r
+        },
+        async {
+            let r = down.await;
+            if let Err(e) = &r {
+                fail(e, false);
+            }
+            r
+        }
+    );
+    match (up, down) {
+        (Ok(u), Ok(d)) => Ok((u, d)),
+        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
+        (Err(up), Err(down)) => Err(if first.get() == Some(true) { up } else { down }),
+    }
+}
+
 /// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then
-/// both sockets are shut down). `early`: tunnel bytes already read past `Start`; `peer_quiet`:
-/// the peer has nothing to read now (see `encode`); `requests`: an HTTP visitor's reader,
-/// which rewrites every request head going up.
+/// both sockets are shut down); the error names the end that failed first. `early`: tunnel
+/// bytes already read past `Start`; `peer_quiet`: the peer has nothing to read now (see
+/// `encode`); `requests`: an HTTP visitor's reader, which rewrites every request head going up.
 pub async fn forward(
     peer: &TcpStream,
     tunnel: &TcpStream,
@@ -273,28 +317,14 @@ pub async fn forward(
     early: &[u8],
     peer_quiet: bool,
     requests: Option<&mut Requests>,
-) -> io::Result<Outcome> {
-    let shut = || {
+) -> Forwarded<Outcome> {
+    let shut = |_: Side| {
         shutdown(fd(peer), Half::Both);
         shutdown(fd(tunnel), Half::Both);
     };
-    let (up, down) = monoio::join!(
-        async {
-            let r = encode(peer, tunnel, pipes, peer_quiet, requests).await;
-            if r.is_err() {
-                shut();
-            }
-            r
-        },
-        async {
-            let r = decode(tunnel, peer, pipes, early).await;
-            if r.is_err() {
-                shut();
-            }
-            r
-        }
-    );
-    let ((up, up_end), (down, down_end, leftover)) = (up?, down?);
+    let up = pin!(encode(peer, tunnel, pipes, peer_quiet, requests));
+    let down = pin!(decode(tunnel, peer, pipes, early));
+    let ((up, up_end), (down, down_end, leftover)) = both(up, down, shut).await?;
     Ok(Outcome {
         up,
         down,
@@ -390,5 +420,32 @@ mod tests {
         );
         assert_eq!(relay.up, up.len() as u64);
         assert_eq!(agent.up, down.len() as u64);
+    }
+
+    #[test]
+    fn a_lost_tunnel_is_the_tunnel_side_and_cuts_the_visitor() {
+        if !crate::dataplane::probe::uring_for_tests() {
+            return;
+        }
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .build()
+            .unwrap();
+        let (_visitor, v_side) = pair();
+        let (t_relay, mut t_agent) = pair();
+        // Half a reply, then the agent's end vanishes without `END`.
+        let mut half = Vec::new();
+        chunk::push_chunks(&mut half, b"part of a reply");
+        t_agent.write_all(&half).unwrap();
+        drop(t_agent);
+        let err = rt.block_on(async move {
+            let (v_side, t_relay) = (on_ring(v_side), on_ring(t_relay));
+            let pipes = PipePool::default();
+            forward(&v_side, &t_relay, &pipes, &[], true, None)
+                .await
+                .unwrap_err()
+        });
+        assert_eq!(err.side, Side::Tunnel, "{err}");
+        assert!(!err.retry, "bytes reached the visitor");
+        assert!(err.to_string().contains("middle of a visitor"), "{err}");
     }
 }

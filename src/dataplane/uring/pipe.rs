@@ -14,6 +14,7 @@ use monoio::net::TcpStream;
 use rustix::pipe::{self, PipeFlags, SpliceFlags};
 
 use super::sockio::fd;
+use crate::dataplane::forwarded::{ForwardError, Forwarded, Side};
 
 /// Pipe size asked for with `F_SETPIPE_SZ`, in bytes. Measured on 2 cores, one iperf3 stream
 /// relay → agent → origin: 1 MiB pipes gave 14.2–15.2 Gbit/s against 11.1 with 256 KiB
@@ -74,12 +75,20 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 
 /// Splices `src → dst` through a pooled pipe until `src`'s EOF; returns the bytes moved. The
 /// caller decides what EOF means for `dst` (FIN, or nothing). On error the pipe may still
-/// hold bytes and is dropped, not pooled.
-pub async fn splice_to_eof(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -> io::Result<u64> {
+/// hold bytes and is dropped, not pooled. `from` is the end `src` is: errors reading it (or
+/// getting a pipe) are charged to it, errors writing `dst` to the other end.
+pub async fn splice_to_eof(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipes: &PipePool,
+    from: Side,
+) -> Forwarded<u64> {
+    let to = from.other();
+    let at = |side: Side| move |e| ForwardError::new(side, e);
     let (sfd, dfd) = (fd(src), fd(dst));
     let mut total = 0u64;
     loop {
-        let pipe = pipes.get()?;
+        let pipe = pipes.get().map_err(at(from))?;
         let n = match splice(sfd, pipe.w.as_fd(), pipe.cap) {
             Ok(0) => {
                 pipes.put(pipe);
@@ -89,17 +98,19 @@ pub async fn splice_to_eof(src: &TcpStream, dst: &TcpStream, pipes: &PipePool) -
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // EAGAIN here means the socket is empty: the pipe was empty when taken.
                 pipes.put(pipe);
-                src.readable(false).await?;
+                src.readable(false).await.map_err(at(from))?;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(at(from)(e)),
         };
         let mut left = n;
         while left > 0 {
             match splice(pipe.r.as_fd(), dfd, left) {
                 Ok(m) => left -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable(false).await?,
-                Err(e) => return Err(e), // the pipe still holds bytes: it is dropped
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable(false).await.map_err(at(to))?
+                }
+                Err(e) => return Err(at(to)(e)), // the pipe still holds bytes: it is dropped
             }
         }
         pipes.put(pipe);

@@ -166,9 +166,16 @@ async fn park_and_forward(
         )?;
         tunnel.write_all(&start).await?;
         let outcome = monoio::select! {
-            o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut()) => o?,
+            o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut()) => o,
             _ = idle::monoio_idle(fd(&stream), idle) => {
                 idle_closed(service, addr, &admission);
+                return Ok(());
+            }
+        };
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
                 return Ok(());
             }
         };

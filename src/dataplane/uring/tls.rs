@@ -11,8 +11,9 @@ use std::os::fd::BorrowedFd;
 
 use monoio::net::TcpStream;
 
-use super::chunked::{Blocked, Ended, Outcome, Unchunk};
+use super::chunked::{both, cut_short, Blocked, Ended, Unchunk};
 use super::sockio::{self, fd};
+use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
 use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, HEADER_LEN};
@@ -225,7 +226,8 @@ fn decrypt_step(
     pfd: BorrowedFd<'_>,
     st: &mut Unchunk,
     carry: &mut Vec<u8>,
-) -> io::Result<Step> {
+) -> Forwarded<Step> {
+    let tunnel = ForwardError::tunnel;
     let tfd = fd(&tls.sock);
     with_buffers(|plain, cipher| {
         let mut moved = false;
@@ -256,7 +258,7 @@ fn decrypt_step(
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(tunnel(e)),
             }
             // rustls wants records: from the carry first, then from the socket.
             let src: &[u8] = if !carry.is_empty() {
@@ -272,7 +274,7 @@ fn decrypt_step(
                 match FdIo(tfd).read(cipher) {
                     Ok(0) => {
                         // EOF: let rustls see it; the next read reports it, clean or not.
-                        conn.read_tls(&mut io::empty())?;
+                        conn.read_tls(&mut io::empty()).map_err(tunnel)?;
                         continue;
                     }
                     Ok(n) => {
@@ -286,15 +288,15 @@ fn decrypt_step(
                             Step::NeedRecords
                         });
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(tunnel(e)),
                 }
             };
             let mut rd = src;
-            fed += conn.read_tls(&mut rd)?;
+            fed += conn.read_tls(&mut rd).map_err(tunnel)?;
             if let Err(e) = conn.process_new_packets() {
                 drop(conn);
                 let _ = tls.try_flush();
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                return Err(tunnel(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
         }
     })
@@ -306,7 +308,8 @@ async fn tls_to_plain(
     tls: &TlsStream,
     plain: &TcpStream,
     early: &[u8],
-) -> io::Result<(u64, Ended, Vec<u8>)> {
+) -> Forwarded<(u64, Ended, Vec<u8>)> {
+    let tunnel = ForwardError::tunnel;
     let pfd = fd(plain);
     let mut st = Unchunk::default();
     st.feed_all(plain, early).await?;
@@ -315,24 +318,20 @@ async fn tls_to_plain(
         match decrypt_step(tls, pfd, &mut st, &mut carry)? {
             Step::NeedRecords => {
                 // Anything processing queued for the peer goes out if it can (see `fill`).
-                tls.try_flush()?;
-                tls.sock.readable(false).await?;
+                tls.try_flush().map_err(tunnel)?;
+                tls.sock.readable(false).await.map_err(tunnel)?;
             }
             Step::Progress | Step::Ended => {}
             Step::Blocked(b) => {
-                sockio::write_all(plain, &b.pending).await?;
+                let pending = sockio::write_all(plain, &b.pending).await;
+                pending.map_err(ForwardError::peer)?;
                 st.feed_all(plain, &b.rest).await?;
             }
             Step::CloseNotify if st.chunks.is_raw() => {
                 shutdown(pfd, Half::Write);
                 return Ok((st.moved, Ended::Raw, Vec::new()));
             }
-            Step::CloseNotify => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "data connection closed in the middle of a visitor",
-                ))
-            }
+            Step::CloseNotify => return Err(tunnel(cut_short())),
         }
     }
     shutdown(pfd, Half::Write);
@@ -346,40 +345,46 @@ async fn plain_to_tls(
     tls: &TlsStream,
     quiet: bool,
     requests: Option<&mut Requests>,
-) -> io::Result<u64> {
+) -> Forwarded<u64> {
+    let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let pfd = fd(plain);
     let mut total = 0u64;
     if quiet {
         // Nothing to read yet (see `chunked::encode`).
-        plain.readable(false).await?;
+        plain.readable(false).await.map_err(peer)?;
     }
     if let Some(requests) = requests {
         // Boxed: inline, its state would grow every connection's task, rewriting or not.
         return Box::pin(plain_to_tls_requests(plain, tls, requests)).await;
     }
     loop {
-        let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Option<Vec<u8>>)>> {
+        let read = with_buffers(|buf, _| -> Forwarded<Option<(usize, Option<Vec<u8>>)>> {
             let n = match FdIo(pfd).read(&mut buf[HEADER_LEN..]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
+                Err(e) => return Err(peer(e)),
             };
             let len = if n == 0 { chunk::END } else { n as u32 };
             buf[..HEADER_LEN].copy_from_slice(&chunk::header(len));
             let frame = &buf[..HEADER_LEN + n];
             // rustls takes up to its buffer limit now; the rest waits on the heap.
-            let taken = tls.conn.borrow_mut().writer().write(frame)?;
+            let taken = tls
+                .conn
+                .borrow_mut()
+                .writer()
+                .write(frame)
+                .map_err(tunnel)?;
             Ok(Some((
                 n,
                 (taken < frame.len()).then(|| frame[taken..].to_vec()),
             )))
         })?;
         match read {
-            None => plain.readable(false).await?,
+            None => plain.readable(false).await.map_err(peer)?,
             Some((n, rest)) => {
-                tls.flush().await?;
+                tls.flush().await.map_err(tunnel)?;
                 if let Some(rest) = rest {
-                    tls.write_all(&rest).await?;
+                    tls.write_all(&rest).await.map_err(tunnel)?;
                 }
                 if n == 0 {
                     return Ok(total);
@@ -395,7 +400,8 @@ async fn plain_to_tls_requests(
     plain: &TcpStream,
     tls: &TlsStream,
     requests: &mut Requests,
-) -> io::Result<u64> {
+) -> Forwarded<u64> {
+    let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let pfd = fd(plain);
     let mut total = 0u64;
     loop {
@@ -410,12 +416,13 @@ async fn plain_to_tls_requests(
                 n => rewrite::chunks(requests, &buf[..n])?,
             };
             Ok(Some((n, frames)))
-        })?;
+        })
+        .map_err(peer)?;
         match read {
-            None => plain.readable(false).await?,
+            None => plain.readable(false).await.map_err(peer)?,
             Some((n, frames)) => {
                 if !frames.is_empty() {
-                    tls.write_all(&frames).await?;
+                    tls.write_all(&frames).await.map_err(tunnel)?;
                 }
                 if n == 0 {
                     return Ok(total);
@@ -427,33 +434,20 @@ async fn plain_to_tls_requests(
 }
 
 /// Forwards a plain socket ↔ a TLS data connection in chunks until both directions end or
-/// either fails, in which case both sockets are shut down. `early`: plaintext already read
-/// past `Start`; `peer_quiet`: `plain` has nothing to read now (just connected, or its
-/// early bytes already taken); `requests`: an HTTP visitor's reader (see `plain_to_tls`).
+/// either fails, in which case both sockets are shut down; the error names the end that
+/// failed first. `early`: plaintext already read past `Start`; `peer_quiet`: `plain` has
+/// nothing to read now (just connected, or its early bytes already taken); `requests`: an
+/// HTTP visitor's reader (see `plain_to_tls`).
 pub async fn forward(
     plain: &TcpStream,
     tls: &TlsStream,
     early: &[u8],
     peer_quiet: bool,
     requests: Option<&mut Requests>,
-) -> io::Result<Outcome> {
-    let (up, down) = monoio::join!(
-        async {
-            let r = plain_to_tls(plain, tls, peer_quiet, requests).await;
-            if r.is_err() {
-                shut_both(plain, tls);
-            }
-            r
-        },
-        async {
-            let r = tls_to_plain(tls, plain, early).await;
-            if r.is_err() {
-                shut_both(plain, tls);
-            }
-            r
-        }
-    );
-    let (up, (down, ended, leftover)) = (up?, down?);
+) -> Forwarded<Outcome> {
+    let up = std::pin::pin!(plain_to_tls(plain, tls, peer_quiet, requests));
+    let down = std::pin::pin!(tls_to_plain(tls, plain, early));
+    let (up, (down, ended, leftover)) = both(up, down, |_: Side| shut_both(plain, tls)).await?;
     Ok(Outcome {
         up,
         down,

@@ -5,10 +5,11 @@ use std::io;
 
 use monoio::net::TcpStream;
 
-use super::chunked::{self, Outcome};
+use super::chunked;
 use super::pipe::PipePool;
 use super::sockio;
 use super::tls::{self, TlsStream};
+use crate::dataplane::forwarded::{Forwarded, Outcome};
 use crate::protocol::http::requests::Requests;
 
 /// A data connection owned by one worker.
@@ -57,7 +58,7 @@ impl Tunnel {
         early: &[u8],
         peer_quiet: bool,
         requests: Option<&mut Requests>,
-    ) -> io::Result<Outcome> {
+    ) -> Forwarded<Outcome> {
         match self {
             Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, peer_quiet, requests).await,
             Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet, requests).await,
