@@ -51,6 +51,9 @@ pub struct Metrics {
     pub visitors_rate_limited: Counter,
     /// Visitors closed by their service's idle timeout.
     pub visitors_idle_closed: Counter,
+    /// Visitors reset because their data connection failed mid-stream (agent gone, link cut,
+    /// broken framing): an RST, so no client takes the truncated stream for a whole one.
+    pub visitors_cut: Counter,
     /// Shared HTTP port: requests answered 400, 408 or 431 (malformed, too slow, too large).
     pub http_bad_requests: Counter,
     /// Shared HTTP port: requests for a host (and path) no service claims (404).
@@ -88,6 +91,7 @@ impl Metrics {
             ("visitors_over_limit", self.visitors_over_limit.get()),
             ("visitors_rate_limited", self.visitors_rate_limited.get()),
             ("visitors_idle_closed", self.visitors_idle_closed.get()),
+            ("visitors_cut", self.visitors_cut.get()),
             ("http_bad_requests", self.http_bad_requests.get()),
             ("http_unknown_host", self.http_unknown_host.get()),
             ("http_agent_offline", self.http_agent_offline.get()),

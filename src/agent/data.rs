@@ -108,6 +108,11 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
                 }
             }
             Err(e) => {
+                if e.tunnel_lost() {
+                    // The relay (or the link) went mid-stream: the local service must see an
+                    // error, not a clean end of what it was sent.
+                    crate::dataplane::sock::cut(std::os::fd::AsFd::as_fd(&origin));
+                }
                 tracing::debug!(service, %visitor, "visitor ended: {e}");
                 return;
             }

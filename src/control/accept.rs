@@ -190,22 +190,26 @@ async fn data_connection(
         return reject(&plane, framed, peer, ErrorCode::BadRequest, m).await;
     }
     let redeemed = plane.tickets().redeem(Instant::now(), &ticket);
-    let (service, worker) = match redeemed {
-        Redeemed::Valid(grant) if grant.settle() => (grant.service, grant.worker),
-        Redeemed::Valid(_) | Redeemed::Retired => {
-            // An agent that ends its session cannot recall the data connections it is dialling
-            // at that moment; they arrive after the end and are refused quietly.
-            let m = "ticket belongs to an agent session that has ended";
-            tracing::debug!(%peer, "data connection refused: {m}");
-            return refuse(&plane, framed, ErrorCode::BadTicket, m).await;
-        }
+    let settled = match redeemed {
+        Redeemed::Valid(grant) => grant.settle().map(|generation| (grant, generation)),
+        Redeemed::Retired => None,
         Redeemed::Expired(grant) => {
-            grant.settle();
+            let _ = grant.settle();
             return reject(&plane, framed, peer, ErrorCode::BadTicket, "expired ticket").await;
         }
         Redeemed::Unknown => {
             let m = "unknown or already used ticket";
             return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;
+        }
+    };
+    let (service, worker, generation) = match settled {
+        Some((grant, generation)) => (grant.service, grant.worker, generation),
+        None => {
+            // An agent that ends its session cannot recall the data connections it is dialling
+            // at that moment; they arrive after the end and are refused quietly.
+            let m = "ticket belongs to an agent session that has ended";
+            tracing::debug!(%peer, "data connection refused: {m}");
+            return refuse(&plane, framed, ErrorCode::BadTicket, m).await;
         }
     };
     drop(place); // authenticated by its ticket
@@ -220,7 +224,8 @@ async fn data_connection(
     let pool = service.pools[worker].clone();
     match &plane.dataplane {
         DataPlane::Tokio => {
-            tokio_backend::park_and_forward(tunnel, &service.name, &pool, &plane.metrics).await
+            let metrics = &plane.metrics;
+            tokio_backend::park_and_forward(tunnel, &service.name, &pool, generation, metrics).await
         }
         DataPlane::Uring(workers) => {
             // A plain socket is spliced by the worker; a TLS one moves there with its rustls
@@ -241,6 +246,7 @@ async fn data_connection(
                 metrics: plane.metrics.clone(),
                 service: service.name.clone(),
                 pool,
+                generation,
             };
             if let Err(e) = workers.send(worker, cmd) {
                 tracing::warn!(%peer, "data connection dropped: {e}");

@@ -35,14 +35,19 @@ pub struct Grant {
 
 impl Grant {
     /// The ticket is spent (redeemed or expired): gives its place back to the pool, so the
-    /// pool may ask for another, if the session still owns the service. Returns whether it
-    /// does (a redeemed ticket of an ended session is refused).
-    pub fn settle(&self) -> bool {
-        let owned = self.service.is_owned_by(self.session);
-        if owned {
-            self.service.pools[self.worker].ticket_done();
+    /// pool may ask for another, if the session still owns the service. Returns the pool's
+    /// generation if it does, for [`crate::dataplane::pool::Pool::offer`]; `None` refuses a
+    /// redeemed ticket of an ended session.
+    pub fn settle(&self) -> Option<u64> {
+        let pool = &self.service.pools[self.worker];
+        // Generation first: if the session ends right after the check below, the generation
+        // has moved on by the time the connection is offered, and the offer is refused.
+        let generation = pool.generation();
+        if !self.service.is_owned_by(self.session) {
+            return None;
         }
-        owned
+        pool.ticket_done();
+        Some(generation)
     }
 }
 
@@ -104,7 +109,7 @@ impl ControlPlane {
     pub fn sweep_tickets(&self, now: Instant) {
         let expired = self.tickets().purge(now);
         for g in expired {
-            g.settle();
+            let _ = g.settle();
         }
     }
 }

@@ -203,16 +203,20 @@ impl Pool {
         self.lock().idle.len()
     }
 
-    /// The current owner's generation; pass it to [`Self::reoffer`].
+    /// The current owner's generation; pass it to [`Self::offer`]. Read it before checking
+    /// that a connection's owner still owns the service: if the owner leaves after the check,
+    /// the generation has moved on and the offer is refused.
     pub fn generation(&self) -> u64 {
         self.lock().generation
     }
 
-    /// A connection that served a visitor and is still usable is ready again. Refused (the
-    /// caller closes it) if the owner changed since `generation`, or if the pool already holds
-    /// twice its target idle: the relay keeps what its load needs, not every connection
-    /// a burst made.
-    pub fn reoffer(&self, slot: Slot, generation: u64) -> bool {
+    /// A data connection of the owner of `generation` is ready (fresh, or done with a visitor
+    /// and still usable): it goes to the oldest waiting visitor, or parks. Refused (the caller
+    /// closes it) if the owner changed since `generation` — a visitor must never be handed a
+    /// connection of an agent that is gone — or if no one waits and the pool already holds
+    /// twice its target idle: the relay keeps what its load needs, not every connection a
+    /// burst made.
+    pub fn offer(&self, slot: Slot, generation: u64) -> bool {
         let mut g = self.lock();
         if g.generation != generation || g.wake.is_none() {
             return false;
@@ -222,11 +226,6 @@ impl Pool {
         }
         g.offer(slot);
         true
-    }
-
-    /// A data connection is ready: give it to the oldest waiting visitor, or park it.
-    pub fn offer(&self, slot: Slot) {
-        self.lock().offer(slot);
     }
 
     /// Pairs `visitor` with an idle data connection if there is one, without waiting;
@@ -368,7 +367,7 @@ mod tests {
         for _ in 0..4 {
             pool.ticket_done();
             let (slot, rx) = oneshot::channel();
-            pool.offer(slot);
+            assert!(pool.offer(slot, pool.generation()));
             assigned.push(rx);
         }
         let mut clients = Vec::new();
@@ -394,7 +393,7 @@ mod tests {
         });
         wake.notified().await;
         let (slot, rx) = oneshot::channel();
-        pool.offer(slot);
+        assert!(pool.offer(slot, pool.generation()));
         waiting.await.unwrap().unwrap();
         assert!(rx.await.is_ok());
     }
@@ -425,5 +424,55 @@ mod tests {
         let (sleep, d) = wait(Duration::from_millis(10));
         let (err, _back) = pool.take(v, sleep, d).await.unwrap_err();
         assert!(matches!(err, TakeError::Timeout(_)));
+    }
+
+    #[tokio::test]
+    async fn a_connection_of_a_departed_owner_is_never_handed_out() {
+        let pool = Arc::new(Pool::new());
+        pool.attach(2, Arc::new(Notify::new()));
+        // Read before the owner's check, as the relay does; then the owner leaves and a new
+        // one attaches while a visitor waits.
+        let stale = pool.generation();
+        pool.detach();
+        pool.attach(2, Arc::new(Notify::new()));
+        let p2 = pool.clone();
+        let (v, _c) = visitor().await;
+        let waiting = tokio::spawn(async move {
+            let (sleep, d) = wait(Duration::from_secs(30));
+            p2.take(v, sleep, d).await
+        });
+        while pool.lock().waiters.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let (slot, mut rx) = oneshot::channel();
+        assert!(!pool.offer(slot, stale), "a stale generation is refused");
+        assert!(rx.try_recv().is_err(), "and no visitor was sent to it");
+        // The current owner's connection serves the waiting visitor.
+        let (slot, rx) = oneshot::channel();
+        assert!(pool.offer(slot, pool.generation()));
+        waiting.await.unwrap().unwrap();
+        assert!(rx.await.is_ok());
+        // A detached pool takes nothing.
+        pool.detach();
+        let (slot, _rx) = oneshot::channel();
+        assert!(!pool.offer(slot, pool.generation()));
+    }
+
+    #[test]
+    fn idle_connections_are_capped_at_twice_the_target() {
+        let pool = Pool::new();
+        pool.attach(2, Arc::new(Notify::new()));
+        let mut parked = Vec::new();
+        for _ in 0..4 {
+            let (slot, rx) = oneshot::channel();
+            assert!(pool.offer(slot, pool.generation()));
+            parked.push(rx);
+        }
+        let (slot, _rx) = oneshot::channel();
+        assert!(
+            !pool.offer(slot, pool.generation()),
+            "a fifth is one too many"
+        );
+        assert_eq!(pool.idle_count(), 4);
     }
 }

@@ -32,6 +32,14 @@ pub fn shutdown(fd: BorrowedFd<'_>, half: Half) {
     let _ = rustix::net::shutdown(fd, how);
 }
 
+/// Ends the forwarding of a peer whose tunnel failed: a reader waiting on it wakes (to an end
+/// of stream, `SHUT_RD` sends nothing) and closing it sends an RST, so the peer sees an error
+/// and never takes a truncated stream for a whole one.
+pub fn cut(fd: BorrowedFd<'_>) {
+    reset_on_close(fd);
+    let _ = rustix::net::shutdown(fd, Shutdown::Read);
+}
+
 /// Makes closing the socket send an RST instead of a FIN (`SO_LINGER` 0), so its peer sees an
 /// error rather than a clean end of stream. Closing never waits with a zero linger. Errors
 /// are ignored, as with [`shutdown`].

@@ -15,6 +15,7 @@ use crate::admin::Metrics;
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::sock;
 use crate::dataplane::wait::agent_ready;
 use crate::net::accept_failed;
 use crate::protocol::chunk;
@@ -63,13 +64,21 @@ pub fn spawn(
 }
 
 /// Idles in the pool until a visitor is assigned, then forwards; parks again for the next
-/// visitor while both directions keep ending cleanly. The tokio driver of
+/// visitor while both directions keep ending cleanly. `generation`: the pool's when the
+/// connection's ticket was settled (see [`Pool::offer`]). The tokio driver of
 /// [`RelayDataConn`].
-pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metrics: &Metrics) {
+pub async fn park_and_forward(
+    mut tunnel: Conn,
+    service: &str,
+    pool: &Pool,
+    generation: u64,
+    metrics: &Metrics,
+) {
     let mut conn = RelayDataConn::new();
-    let generation = pool.generation();
     let (slot, mut assigned) = oneshot::channel::<Visitor>();
-    pool.offer(slot);
+    if !pool.offer(slot, generation) {
+        return; // its agent left (or the pool is full) since the ticket was checked
+    }
     loop {
         let mut probe = [0u8; 1];
         // Any byte or EOF from the agent while idle means the connection is gone or
@@ -119,12 +128,16 @@ pub async fn park_and_forward(mut tunnel: Conn, service: &str, pool: &Pool, metr
                 }
             }
             Err(e) => {
+                if e.tunnel_lost() {
+                    sock::cut(std::os::fd::AsFd::as_fd(&stream));
+                    metrics.visitors_cut.inc();
+                }
                 tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
                 return;
             }
         }
         let (slot, next) = oneshot::channel::<Visitor>();
-        if !pool.reoffer(slot, generation) {
+        if !pool.offer(slot, generation) {
             return;
         }
         metrics.data_reused.inc();

@@ -17,7 +17,7 @@ use super::pipe::{self, PipePool};
 use super::sockio::{self, fd, with_scratch};
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
-use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
+use crate::dataplane::sock::{cut, recv_now, send_now, shutdown, Half};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 use crate::protocol::http::requests::Requests;
 
@@ -265,6 +265,15 @@ pub(super) fn cut_short() -> io::Error {
     )
 }
 
+/// Ends the peer's side of a failed forward: reset (see [`cut`]) when the tunnel failed, so
+/// the truncation shows; shut down (a FIN) when the peer failed itself.
+pub(super) fn end_peer(peer: BorrowedFd<'_>, failed: Side) {
+    match failed {
+        Side::Tunnel => cut(peer),
+        Side::Peer => shutdown(peer, Half::Both),
+    }
+}
+
 /// Runs a forwarder's two directions side by side. The first to fail calls `shut` (which
 /// wakes the other) and its error is the one returned: what the other direction saw after
 /// the shutdown is a consequence, not the cause.
@@ -307,7 +316,8 @@ pub(super) async fn both<U, D>(
 }
 
 /// Forwards `peer` ↔ plain `tunnel` in chunks until both directions end or either fails (then
-/// both sockets are shut down); the error names the end that failed first. `early`: tunnel
+/// both sockets are shut down, the peer's to be reset on close if the tunnel failed); the
+/// error names the end that failed first. `early`: tunnel
 /// bytes already read past `Start`; `peer_quiet`: the peer has nothing to read now (see
 /// `encode`); `requests`: an HTTP visitor's reader, which rewrites every request head going up.
 pub async fn forward(
@@ -318,8 +328,8 @@ pub async fn forward(
     peer_quiet: bool,
     requests: Option<&mut Requests>,
 ) -> Forwarded<Outcome> {
-    let shut = |_: Side| {
-        shutdown(fd(peer), Half::Both);
+    let shut = |failed: Side| {
+        end_peer(fd(peer), failed);
         shutdown(fd(tunnel), Half::Both);
     };
     let up = pin!(encode(peer, tunnel, pipes, peer_quiet, requests));

@@ -111,6 +111,8 @@ pub enum Command {
         service: String,
         /// This worker's pool for the service.
         pool: Arc<Pool>,
+        /// The pool's generation when the ticket was settled (see [`Pool::offer`]).
+        generation: u64,
         /// The relay's counters (reuse is counted).
         metrics: Arc<crate::admin::Metrics>,
     },
@@ -307,6 +309,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                 tls,
                 service,
                 pool,
+                generation,
                 metrics,
             } => {
                 monoio::spawn(relay::serve_data(
@@ -314,6 +317,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                     tls,
                     service,
                     pool,
+                    generation,
                     metrics,
                     pipes.clone(),
                 ));

@@ -105,10 +105,12 @@ pub async fn serve_data(
     tls: Option<Box<rustls::ServerConnection>>,
     service: String,
     pool: Arc<Pool>,
+    generation: u64,
     metrics: Arc<Metrics>,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = park_and_forward(stream, tls, &service, &pool, &metrics, &pipes).await {
+    let parked = park_and_forward(stream, tls, &service, &pool, generation, &metrics, &pipes);
+    if let Err(e) = parked.await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
@@ -118,6 +120,7 @@ async fn park_and_forward(
     tls: Option<Box<rustls::ServerConnection>>,
     service: &str,
     pool: &Pool,
+    generation: u64,
     metrics: &Metrics,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
@@ -135,9 +138,10 @@ async fn park_and_forward(
         }
     };
     let mut conn = RelayDataConn::new();
-    let generation = pool.generation();
     let (slot, mut assigned) = oneshot::channel::<Visitor>();
-    pool.offer(slot);
+    if !pool.offer(slot, generation) {
+        return Ok(()); // its agent left (or the pool is full) since the ticket was checked
+    }
     loop {
         // Idle until a visitor is assigned; the agent sends nothing meanwhile, so readability
         // means EOF or misbehaviour, and the connection leaves the pool.
@@ -175,6 +179,10 @@ async fn park_and_forward(
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                // The forwarder already set the visitor to be reset if the tunnel failed.
+                if e.tunnel_lost() {
+                    metrics.visitors_cut.inc();
+                }
                 tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
                 return Ok(());
             }
@@ -193,7 +201,7 @@ async fn park_and_forward(
             return Ok(());
         }
         let (slot, next) = oneshot::channel::<Visitor>();
-        if !pool.reoffer(slot, generation) {
+        if !pool.offer(slot, generation) {
             return Ok(());
         }
         metrics.data_reused.inc();
@@ -257,6 +265,7 @@ mod tests {
                 None,
                 "x".into(),
                 std::sync::Arc::new(crate::dataplane::pool::Pool::new()),
+                0,
                 std::sync::Arc::new(crate::admin::Metrics::default()),
                 std::rc::Rc::new(super::PipePool::default()),
             )

@@ -11,7 +11,7 @@ use std::os::fd::BorrowedFd;
 
 use monoio::net::TcpStream;
 
-use super::chunked::{both, cut_short, Blocked, Ended, Unchunk};
+use super::chunked::{both, cut_short, end_peer, Blocked, Ended, Unchunk};
 use super::sockio::{self, fd};
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
@@ -434,8 +434,8 @@ async fn plain_to_tls_requests(
 }
 
 /// Forwards a plain socket ↔ a TLS data connection in chunks until both directions end or
-/// either fails, in which case both sockets are shut down; the error names the end that
-/// failed first. `early`: plaintext already read past `Start`; `peer_quiet`: `plain` has
+/// either fails, in which case both sockets are shut down (the plain one to be reset on close
+/// if the tunnel failed); the error names the end that failed first. `early`: plaintext already read past `Start`; `peer_quiet`: `plain` has
 /// nothing to read now (just connected, or its early bytes already taken); `requests`: an
 /// HTTP visitor's reader (see `plain_to_tls`).
 pub async fn forward(
@@ -447,7 +447,8 @@ pub async fn forward(
 ) -> Forwarded<Outcome> {
     let up = std::pin::pin!(plain_to_tls(plain, tls, peer_quiet, requests));
     let down = std::pin::pin!(tls_to_plain(tls, plain, early));
-    let (up, (down, ended, leftover)) = both(up, down, |_: Side| shut_both(plain, tls)).await?;
+    let (up, (down, ended, leftover)) =
+        both(up, down, |failed| shut_both(plain, tls, failed)).await?;
     Ok(Outcome {
         up,
         down,
@@ -456,8 +457,8 @@ pub async fn forward(
     })
 }
 
-fn shut_both(plain: &TcpStream, tls: &TlsStream) {
-    shutdown(fd(plain), Half::Both);
+fn shut_both(plain: &TcpStream, tls: &TlsStream, failed: Side) {
+    end_peer(fd(plain), failed);
     shutdown(fd(&tls.sock), Half::Both);
 }
 
