@@ -54,6 +54,20 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Heartbeat flags, the same for relay and agent: how fast a silent peer (a cut link, a
+/// frozen process) is noticed.
+#[derive(Debug, Args)]
+pub struct HeartbeatArgs {
+    /// Seconds of quiet after which a heartbeat is sent on the control connection
+    /// (heartbeat_interval_secs) [default: 10].
+    #[arg(long = "heartbeat", value_name = "SECS")]
+    pub interval: Option<u64>,
+    /// Seconds of silence from the peer after which the control connection is dropped
+    /// (heartbeat_timeout_secs); more than --heartbeat [default: 30].
+    #[arg(long = "heartbeat-timeout", value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -106,6 +120,9 @@ pub struct RelayArgs {
     /// Data-plane worker threads [default: one per core].
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Control-connection liveness.
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
     /// Shared HTTP port: `http` services are routed here by Host header.
     #[arg(long)]
     pub http: Option<SocketAddr>,
@@ -171,8 +188,8 @@ impl RelayArgs {
             backend: self.backend.or(file.backend).unwrap_or_default(),
             workers: self.workers.or(file.workers),
             heartbeat: Heartbeat::from_secs(
-                file.heartbeat_interval_secs,
-                file.heartbeat_timeout_secs,
+                self.heartbeat.interval.or(file.heartbeat_interval_secs),
+                self.heartbeat.timeout.or(file.heartbeat_timeout_secs),
             )?,
             front: FrontConfig::from_parts(
                 self.http.or(file.http),
@@ -247,6 +264,9 @@ pub struct AgentArgs {
     /// io_uring worker threads carrying data connections (default: one per core).
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Control-connection liveness.
+    #[command(flatten)]
+    pub heartbeat: HeartbeatArgs,
     /// TOML config file with `[[service]]` tables; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -309,8 +329,8 @@ impl AgentArgs {
             backend: self.backend.or(file.backend).unwrap_or_default(),
             workers: self.workers.or(file.workers),
             heartbeat: Heartbeat::from_secs(
-                file.heartbeat_interval_secs,
-                file.heartbeat_timeout_secs,
+                self.heartbeat.interval.or(file.heartbeat_interval_secs),
+                self.heartbeat.timeout.or(file.heartbeat_timeout_secs),
             )?,
         };
         cfg.validate()?;

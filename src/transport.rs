@@ -32,6 +32,17 @@ pub enum Conn {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+impl Conn {
+    /// The TCP socket under the connection (under TLS, when it is TLS).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Conn::Plain(s) => s.as_fd(),
+            Conn::Tls(s) => s.get_ref().0.as_fd(),
+        }
+    }
+}
+
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {

@@ -15,13 +15,7 @@ fn write(dir: &TempDir, name: &str, text: &str) -> String {
 }
 
 async fn relay_drops_a_silent_agent(backend: Backend) {
-    let dir = TempDir::new("hb");
-    let cfg = write(
-        &dir,
-        "relay.toml",
-        "heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 2\n",
-    );
-    let relay = Relay::spawn(backend, &["--config", &cfg]);
+    let relay = Relay::spawn(backend, &["--heartbeat", "1", "--heartbeat-timeout", "2"]);
     let (ctl, _port, _tickets) = fake_agent(&relay, "mute").await;
     // Never answer: the relay must give up on us and close the connection.
     let (mut s, _) = ctl.into_parts();
@@ -35,13 +29,11 @@ async fn agent_notices_a_frozen_relay_and_comes_back(backend: Backend) {
     let origin = echo_origin().await;
     let dir = TempDir::new("freeze");
     let relay = Relay::spawn(backend, &[]);
-    let cfg = write(
-        &dir,
-        "agent.toml",
-        "heartbeat_interval_secs = 1\nheartbeat_timeout_secs = 3\n",
-    );
+    // Interval from the file, timeout from the flag: the two merge.
+    let cfg = write(&dir, "agent.toml", "heartbeat_interval_secs = 1\n");
     let mut args = relay.agent_args(origin, "frozen");
     args.extend(["--config".to_string(), cfg]);
+    args.extend(["--heartbeat-timeout".to_string(), "3".to_string()]);
     let mut agent = Agent::spawn(args);
     let pid = relay.proc.child.id().to_string();
     let signal = |sig: &str| {

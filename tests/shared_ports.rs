@@ -837,16 +837,22 @@ async fn limits_hold_and_are_released(backend: Backend) {
         "released after a second"
     );
 
-    // A visitor silent past the idle timeout is closed.
+    // A visitor silent past the idle timeout is cut: a reset, not a clean end.
     let sleepy = Agent::spawn(relay.agent_args(origin, "sleepy"));
     let mut s = TcpStream::connect(sleepy.public).await.unwrap();
     s.write_all(b"ping").await.unwrap();
     let mut b = [0u8; 4];
     s.read_exact(&mut b).await.unwrap();
     let mut rest = Vec::new();
-    let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "idle visitor closed by the relay");
-    relay.proc.wait_stderr("idle timeout");
+    let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("idle visitor closed by the relay");
+    assert_eq!(
+        closed.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    relay.proc.wait_stderr("visitor closed: idle timeout");
+    relay.proc.wait_stderr("timeout_secs=");
 
     // One agent per secret for "solo": a second waits (retrying) until the first leaves.
     let solo_args = |name: &str| {

@@ -18,7 +18,7 @@ use crate::protocol::lifecycle::{AgentDataConn, AgentEvent};
 pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, ticket: Ticket) {
     // Dialing holds timers (cache-line aligned) and a TLS handshake: boxed, so none of it
     // pads the task that lives as long as the connection.
-    let mut tunnel = match Box::pin(ctx.connect(tls)).await {
+    let mut tunnel = match Box::pin(ctx.connect_data(tls)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(service, "data connection failed: {e}");

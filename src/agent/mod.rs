@@ -123,15 +123,19 @@ pub struct Online {
 }
 
 impl Ctx {
-    /// Connects to the relay's control port, with TLS when `tls` is set.
-    pub async fn connect(&self, tls: bool) -> Result<BoxStream, AgentError> {
-        Ok(self.connect_with_peer(tls).await?.0)
+    /// Opens a data connection to the relay's control port, with TLS when `tls` is set, and
+    /// with TCP liveness ([`crate::dataplane::sock::keep_alive`]): it may idle in the
+    /// relay's pool for hours.
+    pub async fn connect_data(&self, tls: bool) -> Result<BoxStream, AgentError> {
+        Ok(self.connect_with_peer(tls, true).await?.0)
     }
 
-    /// [`Self::connect`], also returning the address the relay answered on.
+    /// Connects to the relay's control port, with TLS when `tls` is set; `data`: a data
+    /// connection (see [`Self::connect_data`]). Also returns the address the relay answered on.
     pub async fn connect_with_peer(
         &self,
         tls: bool,
+        data: bool,
     ) -> Result<(BoxStream, std::net::SocketAddr), AgentError> {
         let addr = self.cfg.relay_addr();
         let connect = async {
@@ -139,6 +143,9 @@ impl Ctx {
                 .await
                 .map_err(|e| AgentError::Network(format!("relay {addr} unreachable: {e}")))?;
             let _ = tcp.set_nodelay(true);
+            if data {
+                let _ = crate::dataplane::sock::keep_alive(std::os::fd::AsFd::as_fd(&tcp));
+            }
             let peer = tcp
                 .peer_addr()
                 .map_err(|e| AgentError::Network(format!("relay {addr}: {e}")))?;
@@ -292,14 +299,13 @@ pub async fn run_with_events(
         workers,
     });
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
-    let mut first = true;
+    let mut progress = session::Progress::default();
     loop {
-        let started = Instant::now();
-        let err = session::run(&ctx, &mut first).await;
+        let err = session::run(&ctx, &mut progress).await;
         if !err.retryable() {
             return Err(err);
         }
-        if started.elapsed() >= STABLE_SESSION {
+        if was_stable(progress.online_at, Instant::now()) {
             backoff.reset();
         }
         let delay = backoff.next_delay();
@@ -308,9 +314,25 @@ pub async fn run_with_events(
     }
 }
 
+/// Whether a session that came online at `online_at` (if it did) lasted long enough, by
+/// `now`, to start the backoff over.
+fn was_stable(online_at: Option<Instant>, now: Instant) -> bool {
+    online_at.is_some_and(|t| now.saturating_duration_since(t) >= STABLE_SESSION)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_session_that_was_online_for_a_while_resets_the_backoff() {
+        let t0 = Instant::now();
+        let later = t0 + STABLE_SESSION;
+        // A relay that swallows the dial until its timeout never brought the agent online.
+        assert!(!was_stable(None, later));
+        assert!(!was_stable(Some(t0), t0 + Duration::from_secs(1)));
+        assert!(was_stable(Some(t0), later));
+    }
 
     #[test]
     fn errors_say_whose_fault_and_whether_to_retry() {

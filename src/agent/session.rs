@@ -71,18 +71,33 @@ impl UringRoutes {
     }
 }
 
-/// Runs one session; returns why it ended (it never ends without an error). `first` is true
-/// until a session has published something, and makes registration refusals fatal.
-pub async fn run(ctx: &Arc<Ctx>, first: &mut bool) -> AgentError {
-    match session(ctx, first).await {
+/// What the agent's sessions achieved, for the reconnect loop.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// A session has published something: from then on a registration refusal (an old port
+    /// briefly still held) is retried; before, the settings are wrong and it is fatal.
+    pub published: bool,
+    /// When the latest session came online, if it did. Only a session that was online for a
+    /// while resets the backoff: a dial that hangs until its timeout is no session at all.
+    pub online_at: Option<Instant>,
+}
+
+/// Runs one session; returns why it ended (it never ends without an error), noting in
+/// `progress` whether and when it came online.
+pub async fn run(ctx: &Arc<Ctx>, progress: &mut Progress) -> AgentError {
+    progress.online_at = None;
+    match session(ctx, progress).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infallible, AgentError> {
+async fn session(
+    ctx: &Arc<Ctx>,
+    progress: &mut Progress,
+) -> Result<std::convert::Infallible, AgentError> {
     let cfg = &ctx.cfg;
-    let (stream, relay_peer) = ctx.connect_with_peer(true).await?;
+    let (stream, relay_peer) = ctx.connect_with_peer(true, false).await?;
     let mut framed = Framed::new(stream);
     framed
         .write_msg(
@@ -211,10 +226,11 @@ async fn session(ctx: &Arc<Ctx>, first: &mut bool) -> Result<std::convert::Infal
         return Err(AgentError::Refused {
             code,
             message: msg,
-            retry: !*first,
+            retry: progress.published,
         });
     }
-    *first = false;
+    progress.published = true;
+    progress.online_at = Some(Instant::now());
     let uring = match &ctx.workers {
         Some(w) => match UringRoutes::resolve(ctx, relay_peer).await {
             Ok(routes) => {

@@ -264,7 +264,7 @@ impl Heartbeat {
         };
         if hb.interval.is_zero() || hb.timeout <= hb.interval {
             return Err(ConfigError::Invalid(
-                "heartbeat_timeout_secs must be greater than heartbeat_interval_secs (> 0)".into(),
+                "--heartbeat-timeout (heartbeat_timeout_secs) must be greater than --heartbeat (heartbeat_interval_secs), which must be > 0".into(),
             ));
         }
         Ok(hb)

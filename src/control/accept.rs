@@ -214,6 +214,8 @@ async fn data_connection(
     };
     drop(place); // authenticated by its ticket
     let (tunnel, leftover) = framed.into_parts();
+    // It may idle in a pool for hours: let the kernel notice a cut link (see `keep_alive`).
+    let _ = crate::dataplane::sock::keep_alive(tunnel.socket());
     if !leftover.is_empty() {
         plane.metrics.data_rejected.inc();
         let m = "bytes sent before a visitor arrived";

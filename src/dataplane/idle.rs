@@ -113,12 +113,15 @@ async fn watch<S: Future<Output = ()>>(
     }
 }
 
-/// Counts and logs a visitor closed by its idle timeout.
+/// Cuts a visitor closed by its idle timeout (a reset: its stream was cut by the relay, not
+/// ended by the service), counts it and logs it.
 pub fn idle_closed(
     service: &str,
     visitor: std::net::SocketAddr,
+    socket: BorrowedFd<'_>,
     admission: &Option<crate::dataplane::gate::Admission>,
 ) {
+    crate::dataplane::sock::cut(socket);
     if let Some(a) = admission {
         a.gate.metrics().visitors_idle_closed.inc();
         if !a.gate.may_log(Instant::now()) {
@@ -127,7 +130,7 @@ pub fn idle_closed(
         tracing::info!(
             service,
             %visitor,
-            timeout = ?a.gate.idle_timeout(),
+            timeout_secs = a.gate.idle_timeout().map_or(0, |t| t.as_secs()),
             "visitor closed: idle timeout"
         );
     }

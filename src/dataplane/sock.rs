@@ -1,5 +1,5 @@
 //! Non-blocking socket calls on borrowed descriptors, for both backends: one `recv` or `send`
-//! that never waits, `FIONBIO`, `shutdown`, reset on close. Safe wrappers over rustix; the caller keeps the
+//! that never waits, `FIONBIO`, `shutdown`, reset on close, liveness. Safe wrappers over rustix; the caller keeps the
 //! socket open for the call by lending it (`BorrowedFd`).
 
 use std::io;
@@ -30,6 +30,25 @@ pub fn shutdown(fd: BorrowedFd<'_>, half: Half) {
         Half::Both => Shutdown::Both,
     };
     let _ = rustix::net::shutdown(fd, how);
+}
+
+/// How long a data connection may stay silent, or leave data unacknowledged, before the
+/// kernel declares it dead: the control connection's default heartbeat timeout, so both
+/// connections to one agent die together on a cut link.
+pub const DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Liveness for a data connection, which may idle in a pool for hours: TCP keepalive probes
+/// after 10 s of quiet, every 5 s, and `TCP_USER_TIMEOUT` at [`DEAD_AFTER`], so a connection
+/// across a cut link (no RST ever arrives) fails — and leaves its pool, or fails its visitor —
+/// within [`DEAD_AFTER`] instead of after minutes of retransmission backoff.
+pub fn keep_alive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use rustix::net::sockopt;
+    sockopt::set_socket_keepalive(fd, true)?;
+    sockopt::set_tcp_keepidle(fd, std::time::Duration::from_secs(10))?;
+    sockopt::set_tcp_keepintvl(fd, std::time::Duration::from_secs(5))?;
+    sockopt::set_tcp_keepcnt(fd, 4)?;
+    sockopt::set_tcp_user_timeout(fd, DEAD_AFTER.as_millis() as u32)?;
+    Ok(())
 }
 
 /// Ends the forwarding of a peer whose tunnel failed: a reader waiting on it wakes (to an end
@@ -109,5 +128,21 @@ mod tests {
             }
         }
         assert_eq!(eof, Some(0), "a FIN reads as EOF");
+    }
+
+    #[test]
+    fn data_connections_get_liveness() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        keep_alive(a.as_fd()).unwrap();
+        use rustix::net::sockopt;
+        assert!(sockopt::socket_keepalive(a.as_fd()).unwrap());
+        assert_eq!(
+            sockopt::tcp_user_timeout(a.as_fd()).unwrap(),
+            DEAD_AFTER.as_millis() as u32
+        );
+        let probes = sockopt::tcp_keepidle(a.as_fd()).unwrap()
+            + sockopt::tcp_keepintvl(a.as_fd()).unwrap() * sockopt::tcp_keepcnt(a.as_fd()).unwrap();
+        assert!(probes <= DEAD_AFTER, "keepalive gives up by {probes:?}");
     }
 }

@@ -108,7 +108,7 @@ pub async fn park_and_forward(
         let outcome = tokio::select! {
             o = chunked::forward(&mut stream, &mut tunnel, &start, &[], requests.as_deref_mut()) => o,
             _ = idle::tokio_idle(fd, idle) => {
-                idle_closed(service, addr, &admission);
+                idle_closed(service, addr, fd, &admission);
                 return;
             }
         };

@@ -74,6 +74,8 @@ async fn connect_any(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
 /// Dials the relay and, when asked, completes the TLS handshake, within [`CONNECT_TIMEOUT`].
 async fn open_tunnel(tls: Option<AgentTls>, relay: SocketAddr) -> io::Result<Tunnel> {
     let socket = connect(relay).await?;
+    // It may idle in the relay's pool for hours: let the kernel notice a cut link.
+    let _ = crate::dataplane::sock::keep_alive(fd(&socket));
     let Some(tls) = tls else {
         return Ok(Tunnel::Plain(socket));
     };

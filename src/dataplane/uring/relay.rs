@@ -172,7 +172,7 @@ async fn park_and_forward(
         let outcome = monoio::select! {
             o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut()) => o,
             _ = idle::monoio_idle(fd(&stream), idle) => {
-                idle_closed(service, addr, &admission);
+                idle_closed(service, addr, fd(&stream), &admission);
                 return Ok(());
             }
         };
