@@ -100,6 +100,34 @@ async fn taken_port_is_a_clear_error(backend: Backend) {
     assert_echo(first.public).await;
 }
 
+async fn one_refused_service_leaves_the_others_online(backend: Backend) {
+    let origin = echo_origin().await;
+    let dir = TempDir::new("partial");
+    let relay = Relay::spawn(backend, &["--port-range", "20000-29999"]);
+    let cfg = write(
+        &dir,
+        "agent.toml",
+        &format!(
+            "relay = \"{}\"\nrelay_fingerprint = \"{}\"\nsecret = \"{SECRET}\"\n\
+             [[service]]\nname = \"fine\"\nlocal = \"{origin}\"\n\
+             [[service]]\nname = \"outside\"\nlocal = \"{origin}\"\nremote_port = 19999\n",
+            relay.control, relay.fingerprint
+        ),
+    );
+    let mut agent = Agent::spawn(vec!["agent".into(), "--config".into(), cfg]);
+    agent.proc.wait_stderr("relay refused service");
+    assert!(
+        agent.proc.stderr().contains("outside"),
+        "{}",
+        agent.proc.stderr()
+    );
+    assert!(
+        agent.proc.is_running(),
+        "the other service keeps the agent up"
+    );
+    assert_echo(agent.public).await;
+}
+
 async fn many_services_on_one_agent(backend: Backend) {
     let a = echo_origin().await;
     let b = answer_after_eof_origin(1000).await;
@@ -149,6 +177,7 @@ async fn second_agent_takes_over_and_first_is_told(backend: Backend) {
 }
 
 both_backends!(
+    one_refused_service_leaves_the_others_online,
     relay_drops_a_silent_agent,
     agent_notices_a_frozen_relay_and_comes_back,
     per_service_secret_is_required_for_that_service,

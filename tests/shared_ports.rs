@@ -108,6 +108,40 @@ fn parse_response(resp: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+// ------------------------------------------------------------------------- dead origins
+
+/// An agent whose local service is down: an HTTP visitor gets a 502 that says so (not an
+/// empty reply), a tcp visitor a reset, and the relay counts both.
+async fn a_dead_origin_is_a_502_for_http_and_a_reset_for_tcp(backend: Backend) {
+    let (relay, _cfg) = shared_relay(backend, "");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let _web = Agent::spawn(with(
+        relay.agent_args(dead, "deadweb"),
+        &["--http-host", "deadweb"],
+    ));
+    let (status, body) = get(relay.http.unwrap(), &format!("deadweb.{DOMAIN}"), "/").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("unreachable"), "{body}");
+
+    let tcp = Agent::spawn(relay.agent_args(dead, "deadtcp"));
+    let mut s = TcpStream::connect(tcp.public).await.unwrap();
+    s.write_all(b"hello").await.unwrap();
+    let mut sink = Vec::new();
+    let end = tokio::time::timeout(WAIT, s.read_to_end(&mut sink))
+        .await
+        .expect("the tcp visitor's connection ended");
+    assert_eq!(end.unwrap_err().kind(), std::io::ErrorKind::ConnectionReset);
+    wait_metric(
+        relay.admin.unwrap(),
+        "ringtunnel_origin_unreachable_total",
+        2,
+    )
+    .await;
+}
+
 // ------------------------------------------------------------------------- HTTP routing
 
 async fn hosts_and_paths_route_to_the_right_agent(backend: Backend) {
@@ -870,6 +904,7 @@ async fn limits_hold_and_are_released(backend: Backend) {
 }
 
 both_backends!(
+    a_dead_origin_is_a_502_for_http_and_a_reset_for_tcp,
     hosts_and_paths_route_to_the_right_agent,
     bad_heads_get_clear_errors_and_others_are_not_disturbed,
     agent_blip_is_invisible_to_visitors,

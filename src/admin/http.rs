@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use super::{Metrics, ServiceSnapshot};
 use crate::config::Secret;
-use crate::net::accept_failed;
+use crate::net::AcceptErrors;
 use crate::protocol::http::parse_head;
 
 /// Largest request head the admin endpoint reads.
@@ -35,13 +35,16 @@ pub struct AdminView {
 /// task, which ends with the loop.
 pub async fn serve(view: Arc<AdminView>, listener: TcpListener) {
     let mut conns = JoinSet::new();
+    let mut errors = AcceptErrors::new("admin");
     loop {
         tokio::select! {
             got = listener.accept() => match got {
                 Ok((stream, _)) => {
-                    conns.spawn(answer(view.clone(), stream));
+                    if let Some(stream) = errors.admit(stream, std::time::Instant::now()) {
+                        conns.spawn(answer(view.clone(), stream));
+                    }
                 }
-                Err(e) => accept_failed("admin", &e).await,
+                Err(e) => errors.back_off(&e).await,
             },
             Some(_) = conns.join_next() => {}
         }

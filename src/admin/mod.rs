@@ -54,6 +54,9 @@ pub struct Metrics {
     /// Visitors reset because their data connection failed mid-stream (agent gone, link cut,
     /// broken framing): an RST, so no client takes the truncated stream for a whole one.
     pub visitors_cut: Counter,
+    /// Visitors turned away because their agent could not reach its local service (HTTP
+    /// visitors get a 502, others a reset).
+    pub origin_unreachable: Counter,
     /// Shared HTTP port: requests answered 400, 408 or 431 (malformed, too slow, too large).
     pub http_bad_requests: Counter,
     /// Shared HTTP port: requests for a host (and path) no service claims (404).
@@ -92,6 +95,7 @@ impl Metrics {
             ("visitors_rate_limited", self.visitors_rate_limited.get()),
             ("visitors_idle_closed", self.visitors_idle_closed.get()),
             ("visitors_cut", self.visitors_cut.get()),
+            ("origin_unreachable", self.origin_unreachable.get()),
             ("http_bad_requests", self.http_bad_requests.get()),
             ("http_unknown_host", self.http_unknown_host.get()),
             ("http_agent_offline", self.http_agent_offline.get()),

@@ -76,14 +76,22 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
             CONNECT_TIMEOUT,
             TcpStream::connect(&local),
         ));
-        let mut origin = match connect.await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(service, %visitor, "cannot reach local service {local}: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(service, %visitor, "cannot reach local service {local}: timed out");
+        let why = match connect.await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        };
+        let mut origin = match why {
+            Ok(s) => s,
+            Err(why) => {
+                tracing::warn!(service, %visitor, "cannot reach local service {local}: {why}");
+                // Tell the relay, so the visitor hears why (a 502 for HTTP), then close.
+                let unreachable = conn.on_dial_failed();
+                let told = async {
+                    tunnel.write_all(&unreachable).await?;
+                    tunnel.shutdown().await
+                };
+                let _ = tokio::time::timeout(CONNECT_TIMEOUT, told).await;
                 return;
             }
         };

@@ -15,9 +15,9 @@ use super::tickets::Redeemed;
 
 use crate::dataplane::tokio::relay as tokio_backend;
 use crate::dataplane::{uring, DataPlane};
-use crate::net::accept_failed;
 use crate::net::cap::{CapPlace, ConnCap};
 use crate::net::throttle::THROTTLED_PER_ADDRESS;
+use crate::net::AcceptErrors;
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::{Conn, FrameIoError, Framed};
 
@@ -54,10 +54,14 @@ const FIRST_FRAME_MAX: usize = 64;
 pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
     let mut conns = JoinSet::new();
     let unauthenticated = unauthenticated_cap();
+    let mut errors = AcceptErrors::new("agent connection");
     loop {
         tokio::select! {
             got = listener.accept() => match got {
                 Ok((tcp, peer)) => {
+                    let Some(tcp) = errors.admit(tcp, Instant::now()) else {
+                        continue;
+                    };
                     let allowance = match plane.throttle.is_throttled(peer.ip(), Instant::now()) {
                         true => THROTTLED_PER_ADDRESS,
                         false => MAX_UNAUTHENTICATED_PER_ADDRESS,
@@ -73,7 +77,7 @@ pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
                         }
                     }
                 }
-                Err(e) => accept_failed("agent connection", &e).await,
+                Err(e) => errors.back_off(&e).await,
             },
             Some(_) = conns.join_next() => {}
         }

@@ -28,14 +28,17 @@ pub enum Side {
     Peer,
     /// The data connection between relay and agent.
     Tunnel,
+    /// The agent's local service, which the agent said it could not reach
+    /// ([`crate::protocol::chunk::UNREACHABLE`]): the tunnel itself is fine.
+    Origin,
 }
 
 impl Side {
-    /// The end across the forwarder from this one.
+    /// The end across the forwarder from this one (the origin lies behind the tunnel).
     pub fn other(self) -> Side {
         match self {
             Side::Peer => Side::Tunnel,
-            Side::Tunnel => Side::Peer,
+            Side::Tunnel | Side::Origin => Side::Peer,
         }
     }
 }
@@ -45,6 +48,7 @@ impl fmt::Display for Side {
         f.write_str(match self {
             Side::Peer => "peer",
             Side::Tunnel => "data connection",
+            Side::Origin => "local service",
         })
     }
 }
@@ -84,6 +88,22 @@ impl ForwardError {
         Self::new(Side::Tunnel, source)
     }
 
+    /// What the tunnel's chunks said was wrong: the agent's word that its local service is
+    /// unreachable (the origin's fault), or a broken frame (the tunnel's).
+    pub fn from_chunk(e: crate::protocol::chunk::BadChunk) -> Self {
+        let side = match e.origin_unreachable() {
+            true => Side::Origin,
+            false => Side::Tunnel,
+        };
+        Self::new(side, io::Error::other(e))
+    }
+
+    /// The agent could not reach its local service: nothing of the visitor's was answered,
+    /// so an HTTP visitor can be told so (502).
+    pub fn origin_unreachable(&self) -> bool {
+        self.side == Side::Origin
+    }
+
     /// The tunnel failed mid-visitor: the peer must see an error (a reset), not a clean end.
     pub fn tunnel_lost(&self) -> bool {
         self.side == Side::Tunnel
@@ -95,6 +115,30 @@ impl ForwardError {
         self.retry = self.side == Side::Tunnel && up == 0 && down == 0;
         self
     }
+}
+
+/// Longest time spent writing a visitor its 502 page.
+pub const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What a visitor whose agent could not reach its local service hears: a 502 page if it is
+/// an HTTP visitor (`http`), else nothing (the caller resets it). Counted, and logged at most
+/// once a second per service.
+pub fn origin_unreachable(
+    service: &str,
+    visitor: std::net::SocketAddr,
+    http: bool,
+    admission: &Option<crate::dataplane::gate::Admission>,
+) -> Option<Vec<u8>> {
+    if let Some(a) = admission {
+        a.gate.metrics().origin_unreachable.inc();
+        if a.gate.may_log(std::time::Instant::now()) {
+            tracing::warn!(service, %visitor, "visitor turned away: the agent could not reach its local service");
+        }
+    }
+    use crate::protocol::http::page::Page;
+    http.then(|| {
+        Page::OriginUnreachable.response(&format!("the local service of {service} is unreachable"))
+    })
 }
 
 /// [`Result`] of forwarding.
@@ -115,5 +159,13 @@ mod tests {
         assert!(lost.tunnel_lost());
         assert_eq!(lost.to_string(), "data connection: connection reset");
         assert!(!ForwardError::peer(e()).tunnel_lost());
+        use crate::protocol::chunk::{BadChunk, UNREACHABLE};
+        let down = ForwardError::from_chunk(BadChunk(UNREACHABLE));
+        assert!(down.origin_unreachable() && !down.tunnel_lost());
+        assert_eq!(
+            down.to_string(),
+            "local service: the agent could not reach its local service"
+        );
+        assert!(ForwardError::from_chunk(BadChunk(0x7f00_0000)).tunnel_lost());
     }
 }

@@ -44,6 +44,9 @@ pub struct Visitor {
     /// For an HTTP visitor whose service wants forwarding headers: the reader that rewrites
     /// every later request head on its way up the tunnel (the first is in `prefix`).
     pub requests: Option<Box<Requests>>,
+    /// An HTTP visitor (shared HTTP port): told with a 502 page, not a reset, when the agent
+    /// cannot reach its local service.
+    pub http: bool,
 }
 
 impl Visitor {
@@ -58,6 +61,7 @@ impl Visitor {
         };
         Some(Visitor {
             requests: None,
+            http: false,
             stream,
             addr,
             prefix,
@@ -339,6 +343,7 @@ mod tests {
         (
             Visitor {
                 requests: None,
+                http: false,
                 stream: s,
                 addr,
                 prefix: Vec::new(),

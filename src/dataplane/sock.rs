@@ -18,6 +18,8 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 pub enum Half {
     /// Our writing side: the peer reads EOF (a FIN).
     Write,
+    /// Our reading side: a reader waiting on it wakes to an end of stream; nothing is sent.
+    Read,
     /// Both sides.
     Both,
 }
@@ -27,6 +29,7 @@ pub enum Half {
 pub fn shutdown(fd: BorrowedFd<'_>, half: Half) {
     let how = match half {
         Half::Write => Shutdown::Write,
+        Half::Read => Shutdown::Read,
         Half::Both => Shutdown::Both,
     };
     let _ = rustix::net::shutdown(fd, how);
@@ -56,7 +59,7 @@ pub fn keep_alive(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// and never takes a truncated stream for a whole one.
 pub fn cut(fd: BorrowedFd<'_>) {
     reset_on_close(fd);
-    let _ = rustix::net::shutdown(fd, Shutdown::Read);
+    shutdown(fd, Half::Read);
 }
 
 /// Makes closing the socket send an RST instead of a FIN (`SO_LINGER` 0), so its peer sees an

@@ -3,6 +3,7 @@
 //! when `accept` fails; how long dialing may take; caps on connections that have not
 //! earned their place yet; the file-descriptor limit; throttling and summarising refusals.
 
+pub mod accept;
 pub mod cap;
 pub mod fds;
 pub mod refusals;
@@ -18,16 +19,7 @@ use tokio::net::{TcpListener, TcpSocket};
 /// relay, on control and data connections), or a TCP connect to the local service.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Pause after a failed accept (EMFILE and friends), so an accept loop backs off instead of
-/// spinning on an error that persists for a while.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// What every tokio accept loop does when `accept` fails: log it, naming the listener
-/// (`what`), and back off for [`ACCEPT_BACKOFF`].
-pub async fn accept_failed(what: &str, e: &io::Error) {
-    tracing::warn!(listener = what, error = %e, "accept failed");
-    tokio::time::sleep(ACCEPT_BACKOFF).await;
-}
+pub use accept::{AcceptErrors, ACCEPT_BACKOFF};
 
 /// Listen backlog for public ports.
 const BACKLOG: u32 = 1024;

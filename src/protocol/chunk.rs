@@ -25,6 +25,12 @@ pub const RAW: u32 = u32::MAX;
 /// Sent by the agent, alone, after a visitor ended cleanly both ways: ready for the next one.
 /// Not a chunk header (a deframer refuses it).
 pub const READY: u32 = u32::MAX - 1;
+/// Sent by the agent, alone, instead of the first chunk from its side when it could not
+/// reach its local service; the connection then ends. The relay answers an HTTP visitor
+/// 502 and resets any other. Not a chunk header: to a decoder it is a [`BadChunk`] that
+/// says so ([`BadChunk::origin_unreachable`]).
+pub const UNREACHABLE: u32 = u32::MAX - 2;
+
 /// How long the relay waits for [`READY`] after a visitor's `END`s before closing the
 /// connection instead of reusing it.
 pub const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -60,10 +66,32 @@ pub fn check_ready(buf: &[u8]) -> Result<bool, BadChunk> {
     Ok(buf.len() == HEADER_LEN)
 }
 
-/// A chunk header that is neither a valid length nor [`END`] nor [`RAW`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("invalid chunk header 0x{0:08x} on a data connection")]
+/// A chunk header that is neither a valid length nor [`END`] nor [`RAW`] (or the agent's
+/// [`UNREACHABLE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BadChunk(pub u32);
+
+impl BadChunk {
+    /// It is the agent's [`UNREACHABLE`]: not a broken connection, a dead local service.
+    pub fn origin_unreachable(&self) -> bool {
+        self.0 == UNREACHABLE
+    }
+}
+
+impl std::fmt::Display for BadChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.origin_unreachable() {
+            return f.write_str("the agent could not reach its local service");
+        }
+        write!(
+            f,
+            "invalid chunk header 0x{:08x} on a data connection",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadChunk {}
 
 /// What the next bytes of the input are.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -272,6 +272,14 @@ impl AgentDataConn {
         Some(chunk::header(chunk::READY))
     }
 
+    /// The local service could not be reached for the visitor just started: the returned
+    /// bytes ([`chunk::UNREACHABLE`]) tell the relay (which answers an HTTP visitor 502), and
+    /// the connection then closes.
+    pub fn on_dial_failed(&mut self) -> [u8; 4] {
+        self.state = AgentState::Closed;
+        chunk::header(chunk::UNREACHABLE)
+    }
+
     /// Decodes relay bytes already held (after [`Self::on_visitor_done`]) before reading more.
     pub fn pending(&mut self) -> AgentEvent {
         if self.buf.is_empty() {
@@ -378,6 +386,23 @@ mod tests {
             "agent spoke while parked"
         );
         assert_eq!(c.state(), RelayState::Closed);
+    }
+
+    #[test]
+    fn an_unreachable_local_service_is_said_and_ends_the_connection() {
+        let mut relay = RelayDataConn::new();
+        let (mut agent, _) = AgentDataConn::open(Ticket([3; 16]));
+        let start = relay.on_visitor(addr(), b"", b"hi");
+        assert!(matches!(
+            agent.on_pooled_input(&start),
+            AgentEvent::Start { .. }
+        ));
+        let said = agent.on_dial_failed();
+        assert_eq!(agent.state(), AgentState::Closed);
+        // What the relay's decoder makes of it: the origin's fault, not a broken frame.
+        let mut down = chunk::Unchunker::default();
+        let err = down.next_data(&mut &said[..]).unwrap_err();
+        assert!(err.origin_unreachable(), "{err}");
     }
 
     #[test]

@@ -67,6 +67,7 @@ impl Routed {
         addr: SocketAddr,
     ) -> (Visitor, Unserved, Arc<Service>) {
         let visitor = Visitor {
+            http: matches!(self.unserved, Unserved::HttpPage { .. }),
             stream,
             addr,
             prefix: self.prefix,

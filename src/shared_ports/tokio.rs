@@ -12,15 +12,19 @@ use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
 use crate::control::service::Service;
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
-use crate::net::accept_failed;
+use crate::net::AcceptErrors;
 
 /// Tokio: accepts visitors on a shared port forever, one task each.
 pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port) {
     let pending = routing_cap();
+    let mut errors = AcceptErrors::new(port.name());
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 router.metrics.visitors_accepted.inc();
+                let Some(stream) = errors.admit(stream, std::time::Instant::now()) else {
+                    continue;
+                };
                 let place = match pending.enter(addr.ip()) {
                     Ok(place) => place,
                     Err(full) => {
@@ -35,7 +39,7 @@ pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port)
                     drop(place);
                 });
             }
-            Err(e) => accept_failed(port.name(), &e).await,
+            Err(e) => errors.back_off(&e).await,
         }
     }
 }

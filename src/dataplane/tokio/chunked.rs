@@ -143,7 +143,7 @@ impl<'r> HalfDuplex<'r> {
             let data = match self.chunks.next_data(&mut input) {
                 Ok(Some(data)) => data,
                 Ok(None) => break,
-                Err(e) => return Err(ForwardError::tunnel(io::Error::other(e))),
+                Err(e) => return Err(ForwardError::from_chunk(e)),
             };
             self.moved += data.len() as u64;
             self.write_or_keep(cx, w.as_mut(), data)?;

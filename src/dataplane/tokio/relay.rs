@@ -5,19 +5,20 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::chunked;
 use crate::admin::Metrics;
+use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock;
 use crate::dataplane::wait::agent_ready;
-use crate::net::accept_failed;
+use crate::net::AcceptErrors;
 use crate::protocol::chunk;
 use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 use crate::transport::Conn;
@@ -34,15 +35,19 @@ pub fn spawn(
     let metrics = gate.metrics().clone();
     let service = gate.service().to_string();
     tokio::spawn(async move {
+        let mut errors = AcceptErrors::new(&service);
         loop {
             let (stream, addr) = match listener.accept().await {
                 Ok(v) => v,
                 Err(e) => {
-                    accept_failed(&service, &e).await;
+                    errors.back_off(&e).await;
                     continue;
                 }
             };
             metrics.visitors_accepted.inc();
+            let Some(stream) = errors.admit(stream, Instant::now()) else {
+                continue;
+            };
             let Ok(stream) = stream.into_std() else {
                 continue;
             };
@@ -93,7 +98,7 @@ pub async fn park_and_forward(
                 return;
             }
         };
-        let addr = visitor.addr;
+        let (addr, http) = (visitor.addr, visitor.http);
         let idle = visitor.idle_timeout();
         let admission = visitor.admission;
         let mut requests = visitor.requests;
@@ -128,11 +133,21 @@ pub async fn park_and_forward(
                 }
             }
             Err(e) => {
-                if e.tunnel_lost() {
-                    sock::cut(std::os::fd::AsFd::as_fd(&stream));
+                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
+                let socket = std::os::fd::AsFd::as_fd(&stream);
+                if e.origin_unreachable() {
+                    match origin_unreachable(service, addr, http, &admission) {
+                        Some(page) => {
+                            let wrote = tokio::time::timeout(ANSWER_WAIT, stream.write_all(&page));
+                            let _ = wrote.await;
+                            sock::shutdown(std::os::fd::AsFd::as_fd(&stream), sock::Half::Write);
+                        }
+                        None => sock::cut(socket),
+                    }
+                } else if e.tunnel_lost() {
+                    sock::cut(socket);
                     metrics.visitors_cut.inc();
                 }
-                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
                 return;
             }
         }

@@ -134,6 +134,11 @@ async fn run(
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(service, %visitor, "cannot reach local service {local:?}: {e}");
+                // Tell the relay, so the visitor hears why (a 502 for HTTP), then close.
+                let unreachable = conn.on_dial_failed();
+                let told = tunnel.write_all(&unreachable);
+                // Boxed: a timer inline would over-align every connection's task.
+                let _ = Box::pin(monoio::time::timeout(CONNECT_TIMEOUT, told)).await;
                 return Ok(());
             }
         };

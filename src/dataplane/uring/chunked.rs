@@ -56,7 +56,7 @@ impl Unchunk {
         while let Some(data) = self
             .chunks
             .next_data(&mut input)
-            .map_err(|e| ForwardError::tunnel(io::Error::other(e)))?
+            .map_err(ForwardError::from_chunk)?
         {
             self.moved += data.len() as u64;
             let sent = send_now(dfd, data).map_err(ForwardError::peer)?;
@@ -266,11 +266,13 @@ pub(super) fn cut_short() -> io::Error {
 }
 
 /// Ends the peer's side of a failed forward: reset (see [`cut`]) when the tunnel failed, so
-/// the truncation shows; shut down (a FIN) when the peer failed itself.
+/// the truncation shows; shut down (a FIN) when the peer failed itself; only stop reading it
+/// when the origin was unreachable, so the caller can still answer it (502).
 pub(super) fn end_peer(peer: BorrowedFd<'_>, failed: Side) {
     match failed {
         Side::Tunnel => cut(peer),
         Side::Peer => shutdown(peer, Half::Both),
+        Side::Origin => shutdown(peer, Half::Read),
     }
 }
 

@@ -11,16 +11,17 @@ use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot::{self, error::TryRecvError};
 
 use super::pipe::PipePool;
-use super::sockio::{fd, with_scratch};
+use super::sockio::{self, fd, with_scratch};
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
+use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
 use crate::dataplane::gate::Gate;
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
-use crate::dataplane::sock::recv_now;
+use crate::dataplane::sock::{cut, recv_now, shutdown, Half};
 use crate::dataplane::wait::{agent_ready, ReadSome};
-use crate::net::ACCEPT_BACKOFF;
+use crate::net::AcceptErrors;
 use crate::protocol::chunk;
 use crate::protocol::http::requests::Requests;
 use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
@@ -78,20 +79,25 @@ pub async fn accept_until(
             return;
         }
     };
+    let mut errors = AcceptErrors::new(what);
     loop {
         monoio::select! {
             _ = &mut stop => break,
             got = listener.accept() => match got {
                 Ok((stream, addr)) => {
                     metrics.visitors_accepted.inc();
-                    accepted(stream, addr);
+                    if let Some(stream) = errors.admit(stream, Instant::now()) {
+                        accepted(stream, addr);
+                    }
                 }
                 // A stopped listener is shut down as its stop fires (see `ListenerStop`), which
                 // fails the accept in flight: that is the stop, not an error.
                 Err(_) if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) => break,
                 Err(e) => {
-                    tracing::warn!(listener = what, error = %e, "accept failed");
-                    monoio::time::sleep(ACCEPT_BACKOFF).await;
+                    let pause = errors.failed(&e, Instant::now());
+                    if !pause.is_zero() {
+                        monoio::time::sleep(pause).await;
+                    }
                 }
             },
         }
@@ -156,7 +162,7 @@ async fn park_and_forward(
             }
         };
         visitor.stream.set_nonblocking(true)?;
-        let addr = visitor.addr;
+        let (addr, http) = (visitor.addr, visitor.http);
         let idle = visitor.idle_timeout();
         let admission = visitor.admission;
         let mut requests = visitor.requests;
@@ -179,11 +185,22 @@ async fn park_and_forward(
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
+                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
                 // The forwarder already set the visitor to be reset if the tunnel failed.
                 if e.tunnel_lost() {
                     metrics.visitors_cut.inc();
                 }
-                tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
+                if e.origin_unreachable() {
+                    match origin_unreachable(service, addr, http, &admission) {
+                        Some(page) => {
+                            let wrote = sockio::write_all(&stream, &page);
+                            // Boxed: a timer inline would over-align every connection's task.
+                            let _ = Box::pin(monoio::time::timeout(ANSWER_WAIT, wrote)).await;
+                            shutdown(fd(&stream), Half::Write);
+                        }
+                        None => cut(fd(&stream)),
+                    }
+                }
                 return Ok(());
             }
         };
@@ -253,6 +270,56 @@ impl ReadSome for ReadLater<'_> {
 
 #[cfg(test)]
 mod tests {
+    /// Whether this process still holds a descriptor for the socket with `inode`.
+    fn holds_socket(inode: u64) -> bool {
+        let want = format!("socket:[{inode}]");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .any(|target| target.to_string_lossy() == want)
+    }
+
+    /// A stopped accept loop must close its listener even though an accept was in flight
+    /// on the ring when the stop came (the ring holds the descriptor until the cancelled
+    /// accept completes).
+    #[test]
+    fn a_stopped_accept_loop_closes_its_listener() {
+        if !crate::dataplane::probe::uring_for_tests() {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proc_fd = format!("/proc/self/fd/{}", listener.as_raw_fd());
+        let inode = std::fs::metadata(proc_fd).unwrap().ino();
+        let (stop, rx) = super::super::ListenerStop::new(&listener).unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let closed = rt.block_on(async move {
+            let metrics = crate::admin::Metrics::default();
+            let accepting = super::accept_until(listener, &metrics, "test", rx, |_, _| {});
+            let stopper = async move {
+                // Let the accept reach the ring, then stop.
+                monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+                drop(stop);
+            };
+            monoio::join!(accepting, stopper);
+            for _ in 0..200 {
+                if !holds_socket(inode) {
+                    return true;
+                }
+                monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            false
+        });
+        assert!(
+            closed,
+            "the listener's descriptor is still open after its loop ended"
+        );
+    }
+
     /// A parked or forwarding data connection is one task per idle visitor, so its size is
     /// per-visitor memory. A timer or rustls state held inline once made it 128-byte aligned
     /// and padded (1.8 KiB more relay RSS per idle visitor); they are boxed now.

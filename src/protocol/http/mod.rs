@@ -9,6 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+pub mod page;
 pub mod requests;
 
 /// Default largest request head the relay reads before answering 431, in bytes.
