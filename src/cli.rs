@@ -138,6 +138,10 @@ pub struct RelayArgs {
     /// Bearer token the admin endpoint requires (required beyond loopback).
     #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+    /// Seconds a stopping relay (SIGTERM, SIGINT) lets visitors in flight finish before it
+    /// cuts them; a second signal cuts them at once (drain_timeout_secs) [default: 30].
+    #[arg(long = "drain-timeout", value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
     /// TOML config file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -203,6 +207,10 @@ impl RelayArgs {
             limits: file.limits.over(&config::Limits::public_defaults()),
             admin: self.admin.or(file.admin),
             admin_token: self.admin_token.or(file.admin_token),
+            drain_timeout: self.drain_timeout.or(file.drain_timeout_secs).map_or(
+                config::DEFAULT_DRAIN_TIMEOUT,
+                std::time::Duration::from_secs,
+            ),
         };
         cfg.validate()?;
         Ok(cfg)

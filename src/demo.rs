@@ -69,6 +69,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         limits: Default::default(),
         admin: None,
         admin_token: None,
+        drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
     })
     .await
     .context("starting the demo relay")?;

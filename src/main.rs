@@ -51,7 +51,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             let rt = runtime(cfg.workers)?;
             rt.block_on(async {
                 let data_tls = if cfg.data_tls { "on" } else { "off" };
-                let relay = relay::start(cfg).await?;
+                let drain_timeout = cfg.drain_timeout;
+                let mut signals = Signals::new()?;
+                let mut relay = relay::start(cfg).await?;
                 if relay.generated_cert {
                     tracing::info!("generated a self-signed certificate");
                 }
@@ -75,16 +77,34 @@ fn run(command: Command) -> anyhow::Result<()> {
                     relay.control_addr, relay.fingerprint, relay.backend
                 ));
                 let metrics = relay.metrics.clone();
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
-                    _ = relay.wait() => {}
-                }
-                let counters: Vec<String> = metrics
+                let signal = tokio::select! {
+                    signal = signals.next() => signal,
+                    _ = relay.wait() => "none",
+                };
+                let in_flight = relay.visitors_active();
+                tracing::info!(
+                    signal,
+                    visitors = in_flight,
+                    timeout_secs = drain_timeout.as_secs(),
+                    "draining: no new visitors or agents, those in flight may finish (a second signal stops at once)"
+                );
+                let drained = tokio::select! {
+                    d = relay.drain(drain_timeout) => d,
+                    _ = signals.next() => {
+                        let cut = relay.visitors_active();
+                        relay::Drained { finished: in_flight.saturating_sub(cut), cut }
+                    }
+                };
+                relay.stop();
+                let mut counters: Vec<String> = vec![
+                    format!("drained={}", drained.finished),
+                    format!("cut={}", drained.cut),
+                ];
+                counters.extend(metrics
                     .snapshot()
                     .iter()
                     .filter(|(_, v)| *v > 0)
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
+                    .map(|(k, v)| format!("{k}={v}")));
                 tracing::info!("relay stopped: {}", counters.join(" "));
                 Ok(())
             })
@@ -100,5 +120,30 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Demo(args) => runtime(None)?.block_on(demo::run(args)),
+    }
+}
+
+/// The signals that stop the relay: SIGTERM (systemd, docker, kill) and SIGINT (Ctrl-C). The
+/// first starts a drain, the second ends it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("handling SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+        })
+    }
+
+    /// The next of them to arrive, by name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }

@@ -28,7 +28,7 @@ pub mod relay;
 pub use agent::{AgentConfig, AgentFile, ServiceConfig};
 pub use hosts::{BadCidr, Cidr, FrontConfig, HostError};
 pub use limits::Limits;
-pub use relay::{RelayConfig, RelayFile, RelayServiceFile, SecretId};
+pub use relay::{RelayConfig, RelayFile, RelayServiceFile, SecretId, DEFAULT_DRAIN_TIMEOUT};
 
 /// Default control port of the relay.
 pub const DEFAULT_CONTROL_PORT: u16 = 7843;

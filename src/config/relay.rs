@@ -41,6 +41,8 @@ pub struct RelayFile {
     pub admin: Option<SocketAddr>,
     /// Bearer token the admin endpoint requires.
     pub admin_token: Option<Secret>,
+    /// Seconds a stopping relay waits for visitors in flight.
+    pub drain_timeout_secs: Option<u64>,
     /// Shared HTTP port for `http` services.
     pub http: Option<SocketAddr>,
     /// Shared TLS (SNI passthrough) port for `tls` services.
@@ -115,7 +117,13 @@ pub struct RelayConfig {
     pub admin: Option<SocketAddr>,
     /// Bearer token the admin endpoint requires (`None`: none).
     pub admin_token: Option<Secret>,
+    /// How long a stopping relay (SIGTERM, SIGINT) waits for visitors in flight before it
+    /// cuts them.
+    pub drain_timeout: std::time::Duration,
 }
+
+/// Default for [`RelayConfig::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Which secret authenticated a service: the relay's default one, or a service's own.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

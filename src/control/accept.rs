@@ -45,6 +45,16 @@ pub fn unauthenticated_cap() -> Arc<ConnCap> {
     )
 }
 
+/// The next connection on `listener`; never, once it is gone.
+async fn accept(
+    listener: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The first frame of any connection (`ControlHello` or `DataHello`) is a few bytes; a frame
 /// declaring more is refused before its body is read.
 const FIRST_FRAME_MAX: usize = 64;
@@ -55,9 +65,13 @@ pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
     let mut conns = JoinSet::new();
     let unauthenticated = unauthenticated_cap();
     let mut errors = AcceptErrors::new("agent connection");
+    let mut drain = plane.drain_signal();
+    // `None` once draining: the port is closed, the connections it gave keep their tasks.
+    let mut listener = Some(listener);
     loop {
         tokio::select! {
-            got = listener.accept() => match got {
+            _ = drain.changed(), if listener.is_some() => listener = None,
+            got = accept(&listener) => match got {
                 Ok((tcp, peer)) => {
                     let Some(tcp) = errors.admit(tcp, Instant::now()) else {
                         continue;

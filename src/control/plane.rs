@@ -68,6 +68,8 @@ pub struct ControlPlane {
     /// Failed attempts per address.
     pub throttle: FailureThrottle,
     tickets: Mutex<TicketStore<Grant>>,
+    /// Set once when the relay starts draining: the control port stops accepting.
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl ControlPlane {
@@ -88,7 +90,19 @@ impl ControlPlane {
             refusals: RefusalLog::new("control port"),
             throttle: FailureThrottle::default(),
             tickets: Mutex::new(TicketStore::default()),
+            drain: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// The relay is draining: new agent connections are no longer accepted (sessions and
+    /// data connections already open carry on).
+    pub fn start_drain(&self) {
+        self.drain.send_replace(true);
+    }
+
+    /// Changes when [`Self::start_drain`] is called.
+    pub fn drain_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drain.subscribe()
     }
 
     /// Counts a failed attempt (malformed handshake, wrong secret, bad ticket) from `peer`;

@@ -515,6 +515,19 @@ impl Registry {
         }
     }
 
+    /// Closes every service's public port (the relay is draining): no new visitors, while
+    /// the ones in flight and those already waiting for a data connection are served.
+    pub fn stop_listening(&self) {
+        for svc in self.lock().services.values() {
+            drop(svc.state().listener.take());
+        }
+    }
+
+    /// Visitors admitted and not finished yet, across every service.
+    pub fn visitors_active(&self) -> usize {
+        self.lock().services.values().map(|s| s.gate.active()).sum()
+    }
+
     /// Closes every service (listeners, pools, routes) and forgets it: the relay is stopping.
     pub fn close_all(&self) {
         let mut g = self.lock();
@@ -557,6 +570,7 @@ mod tests {
             limits,
             admin: None,
             admin_token: None,
+            drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
         };
         let ports = SharedPorts {
             http: Some(8080),

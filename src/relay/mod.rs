@@ -72,6 +72,9 @@ pub struct RelayHandle {
     pub metrics: Arc<Metrics>,
     /// Every tokio task of the relay; dropping the set aborts them.
     tasks: JoinSet<()>,
+    /// The tokio accept loops of the shared ports (the visitors they routed run on their
+    /// own): ended first when draining.
+    shared_accepts: JoinSet<()>,
     /// Stop handles of the shared ports' accept loops on the uring workers; dropping them
     /// stops those loops and closes the ports.
     worker_ports: Vec<crate::dataplane::uring::ListenerStop>,
@@ -80,15 +83,53 @@ pub struct RelayHandle {
     plane: Arc<ControlPlane>,
 }
 
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Visitors in flight when the drain began that finished on their own.
+    pub finished: usize,
+    /// Visitors still in flight when it ended (cut by the stop that follows).
+    pub cut: usize,
+}
+
 impl RelayHandle {
     /// Runs until the relay's tasks end (they do not, short of a panic).
-    pub async fn wait(mut self) {
+    pub async fn wait(&mut self) {
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Visitors admitted and not finished yet.
+    pub fn visitors_active(&self) -> usize {
+        self.plane.registry.visitors_active()
+    }
+
+    /// Stops taking anything new — visitors on every public port, agent connections on the
+    /// control port — and waits up to `timeout` for the visitors in flight (and those already
+    /// waiting for a data connection) to finish. Agent sessions and data connections stay up
+    /// meanwhile. Call [`Self::stop`] after it to end the rest.
+    pub async fn drain(&mut self, timeout: Duration) -> Drained {
+        let at_start = self.visitors_active();
+        self.shared_accepts.abort_all();
+        self.worker_ports.clear();
+        self.plane.registry.stop_listening();
+        self.plane.start_drain();
+        let deadline = Instant::now() + timeout;
+        // Polled: a visitor's end is not an event anything here can wait on, and a tenth of
+        // a second is nothing next to a drain.
+        while self.visitors_active() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let cut = self.visitors_active();
+        Drained {
+            finished: at_start.saturating_sub(cut),
+            cut,
+        }
     }
 
     /// Stops the relay: every task it started ends, its ports close, and its services'
     /// listeners with them. Visitors in flight are cut.
     pub fn stop(mut self) {
+        self.shared_accepts.abort_all();
         self.tasks.abort_all();
         self.worker_ports.clear();
         self.plane.registry.close_all();
@@ -189,12 +230,13 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         dataplane,
     ));
     let mut tasks = JoinSet::new();
+    let mut shared_accepts = JoinSet::new();
     let mut worker_ports = Vec::new();
     for (l, port) in [(http_listener, Port::Http), (tls_listener, Port::Tls)] {
         match l {
             None => {}
             Some(SharedListener::Tokio(l)) => {
-                tasks.spawn(crate::shared_ports::tokio::accept_loop(
+                shared_accepts.spawn(crate::shared_ports::tokio::accept_loop(
                     router.clone(),
                     l,
                     port,
@@ -239,6 +281,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         admin_addr,
         metrics,
         tasks,
+        shared_accepts,
         worker_ports,
         plane,
     })

@@ -1,0 +1,136 @@
+//! Stopping a relay without dropping anyone: SIGTERM (or SIGINT) closes the doors and lets
+//! the visitors in flight finish, up to `--drain-timeout`; a second signal, or the timeout,
+//! ends it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bytes the slow origin sends: `PIECES` pieces of 512 bytes.
+const PIECES: usize = 100;
+
+/// An origin that answers each connection carrying data with `PIECES` pieces of 512 bytes,
+/// one every `gap`, then closes. (The agent's start-up check carries none and is skipped.)
+async fn slow_origin(gap: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                if !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    return;
+                }
+                for _ in 0..PIECES {
+                    if s.write_all(&[b'd'; 512]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(gap).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn signal(relay: &Relay, sig: &str) {
+    let pid = relay.proc.child.id().to_string();
+    let ok = Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// A visitor that asked for the download and has its first bytes.
+async fn downloading(public: SocketAddr) -> (TcpStream, usize) {
+    let mut v = TcpStream::connect(public).await.unwrap();
+    v.write_all(b"go").await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(WAIT, v.read(&mut buf))
+        .await
+        .expect("the download starts")
+        .unwrap();
+    assert!(n > 0);
+    (v, n)
+}
+
+async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
+    let origin = slow_origin(Duration::from_millis(20)).await;
+    let mut relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(relay.agent_args(origin, "slow"));
+    let (mut v, first) = downloading(agent.public).await;
+    signal(&relay, "-TERM");
+    relay.proc.wait_stderr("draining");
+    // The doors are closed...
+    let refused = TcpStream::connect(agent.public).await;
+    assert!(refused.is_err(), "a new visitor is refused while draining");
+    // ...and the visitor in flight gets all of it, with a clean end.
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
+        .await
+        .expect("the download finished")
+        .expect("a clean end, not a reset");
+    assert_eq!(first + rest.len(), PIECES * 512);
+    drop(v); // the visitor's half ends too: its visit is over
+    assert!(relay.proc.wait_exit().success(), "a drained relay exits 0");
+    assert!(
+        relay
+            .proc
+            .stderr()
+            .contains("relay stopped: drained=1 cut=0"),
+        "{}",
+        relay.proc.stderr()
+    );
+}
+
+async fn the_drain_timeout_ends_a_drain(backend: Backend) {
+    // 100 pieces 200 ms apart: 20 s, far past a 1 s drain.
+    let origin = slow_origin(Duration::from_millis(200)).await;
+    let mut relay = Relay::spawn(backend, &["--drain-timeout", "1"]);
+    let agent = Agent::spawn(relay.agent_args(origin, "slower"));
+    let (_v, _) = downloading(agent.public).await;
+    signal(&relay, "-INT");
+    assert!(relay.proc.wait_exit().success());
+    assert!(
+        relay
+            .proc
+            .stderr()
+            .contains("relay stopped: drained=0 cut=1"),
+        "{}",
+        relay.proc.stderr()
+    );
+}
+
+async fn a_second_signal_ends_a_drain(backend: Backend) {
+    let origin = slow_origin(Duration::from_millis(200)).await;
+    let mut relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(relay.agent_args(origin, "slowest"));
+    let (_v, _) = downloading(agent.public).await;
+    signal(&relay, "-TERM");
+    relay.proc.wait_stderr("draining");
+    signal(&relay, "-TERM");
+    assert!(relay.proc.wait_exit().success());
+    assert!(
+        relay.proc.stderr().contains("cut=1"),
+        "{}",
+        relay.proc.stderr()
+    );
+}
+
+both_backends!(
+    sigterm_lets_visitors_in_flight_finish,
+    the_drain_timeout_ends_a_drain,
+    a_second_signal_ends_a_drain,
+);
