@@ -275,6 +275,11 @@ pub struct AgentArgs {
     /// Control-connection liveness.
     #[command(flatten)]
     pub heartbeat: HeartbeatArgs,
+    /// Seconds a stopping agent (SIGTERM, SIGINT) lets the visitors it serves finish, after
+    /// telling the relay to route it no new ones; a second signal stops it at once
+    /// (drain_timeout_secs) [default: 30].
+    #[arg(long = "drain-timeout", value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
     /// TOML config file with `[[service]]` tables; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -340,6 +345,10 @@ impl AgentArgs {
                 self.heartbeat.interval.or(file.heartbeat_interval_secs),
                 self.heartbeat.timeout.or(file.heartbeat_timeout_secs),
             )?,
+            drain_timeout: self.drain_timeout.or(file.drain_timeout_secs).map_or(
+                config::DEFAULT_DRAIN_TIMEOUT,
+                std::time::Duration::from_secs,
+            ),
         };
         cfg.validate()?;
         Ok(cfg)

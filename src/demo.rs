@@ -88,9 +88,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         backend: Default::default(),
         workers: None,
         heartbeat: Heartbeat::default(),
+        drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut agent_task = tokio::spawn(agent::run_with_events(agent_cfg, Some(tx)));
+    let mut agent_task = tokio::spawn(agent::run_with_events(
+        agent_cfg,
+        Some(tx),
+        tokio::sync::watch::channel(0).1,
+    ));
     let online = tokio::time::timeout(Duration::from_secs(20), rx.recv())
         .await
         .context("agent did not come online within 20 s")?

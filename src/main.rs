@@ -113,10 +113,25 @@ fn run(command: Command) -> anyhow::Result<()> {
             let cfg = args.into_config()?;
             let rt = runtime(None)?;
             rt.block_on(async {
-                tokio::select! {
-                    r = agent::run(cfg) => r.map_err(anyhow::Error::from),
-                    _ = tokio::signal::ctrl_c() => Ok(()),
-                }
+                let mut signals = Signals::new()?;
+                let (stop, stopping) = tokio::sync::watch::channel(0u32);
+                let run = agent::run_with_events(cfg, None, stopping);
+                tokio::pin!(run);
+                let drained = loop {
+                    tokio::select! {
+                        r = &mut run => break r?,
+                        signal = signals.next() => {
+                            tracing::debug!(signal, "stop signal");
+                            stop.send_modify(|n| *n += 1);
+                        }
+                    }
+                };
+                tracing::info!(
+                    "agent stopped: drained={} cut={}",
+                    drained.finished,
+                    drained.cut
+                );
+                Ok(())
             })
         }
         Command::Demo(args) => runtime(None)?.block_on(demo::run(args)),

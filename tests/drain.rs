@@ -1,6 +1,6 @@
-//! Stopping a relay without dropping anyone: SIGTERM (or SIGINT) closes the doors and lets
-//! the visitors in flight finish, up to `--drain-timeout`; a second signal, or the timeout,
-//! ends it.
+//! Stopping a relay or an agent without dropping anyone: SIGTERM (or SIGINT) closes the
+//! doors (an agent says goodbye to its relay) and lets the visitors in flight finish, up to
+//! `--drain-timeout`; a second signal, or the timeout, ends it.
 
 mod common;
 
@@ -129,7 +129,44 @@ async fn a_second_signal_ends_a_drain(backend: Backend) {
     );
 }
 
+fn signal_agent(agent: &Agent, sig: &str) {
+    let pid = agent.proc.child.id().to_string();
+    let ok = Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backend) {
+    let origin = slow_origin(Duration::from_millis(20)).await;
+    let relay = Relay::spawn(backend, &[]);
+    let mut agent = Agent::spawn(relay.agent_args(origin, "leaving"));
+    let (mut v, first) = downloading(agent.public).await;
+    signal_agent(&agent, "-TERM");
+    agent.proc.wait_stderr("stopping");
+    relay.proc.wait_stderr("said goodbye");
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
+        .await
+        .expect("the download finished")
+        .expect("a clean end, not a reset");
+    assert_eq!(first + rest.len(), PIECES * 512);
+    drop(v);
+    assert!(agent.proc.wait_exit().success(), "a drained agent exits 0");
+    assert!(
+        agent
+            .proc
+            .stderr()
+            .contains("agent stopped: drained=1 cut=0"),
+        "{}",
+        agent.proc.stderr()
+    );
+}
+
 both_backends!(
+    a_stopping_agent_says_goodbye_and_finishes_its_visitors,
     sigterm_lets_visitors_in_flight_finish,
     the_drain_timeout_ends_a_drain,
     a_second_signal_ends_a_drain,

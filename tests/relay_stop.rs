@@ -75,9 +75,14 @@ async fn stop_closes_every_port(backend: Backend) {
         backend: BackendKind::Tokio,
         workers: None,
         heartbeat: Heartbeat::default(),
+        drain_timeout: ringtunnel::config::DEFAULT_DRAIN_TIMEOUT,
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let agent = tokio::spawn(ringtunnel::agent::run_with_events(agent_cfg, Some(tx)));
+    let agent = tokio::spawn(ringtunnel::agent::run_with_events(
+        agent_cfg,
+        Some(tx),
+        tokio::sync::watch::channel(0).1,
+    ));
     let online = tokio::time::timeout(WAIT, rx.recv())
         .await
         .unwrap()

@@ -72,6 +72,7 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
                 }
             }
         };
+        let _visiting = ctx.in_flight.enter();
         let connect = Box::pin(tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect(&local),

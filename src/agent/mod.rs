@@ -34,6 +34,9 @@ use backoff::Backoff;
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// Longest reconnect delay.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// How long a stopping agent lets its session say goodbye to the relay.
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
@@ -76,13 +79,16 @@ pub enum AgentError {
     /// The relay sent something out of order: retry (a relay mid-upgrade, say).
     #[error("{0}")]
     Protocol(String),
+    /// The agent was told to stop (a signal): it said goodbye and drains.
+    #[error("stopping")]
+    Stopping,
 }
 
 impl AgentError {
     /// Whether reconnecting after a delay can help.
     pub fn retryable(&self) -> bool {
         match self {
-            AgentError::Settings(_) | AgentError::Certificate(_) => false,
+            AgentError::Settings(_) | AgentError::Certificate(_) | AgentError::Stopping => false,
             AgentError::Network(_) | AgentError::Protocol(_) => true,
             AgentError::Refused { retry, .. } => *retry,
         }
@@ -91,7 +97,7 @@ impl AgentError {
     /// Whose side the failure is on.
     pub fn side(&self) -> Side {
         match self {
-            AgentError::Settings(_) => Side::Agent,
+            AgentError::Settings(_) | AgentError::Stopping => Side::Agent,
             AgentError::Certificate(_) | AgentError::Refused { .. } | AgentError::Protocol(_) => {
                 Side::Relay
             }
@@ -111,6 +117,10 @@ pub struct Ctx {
     events: Option<mpsc::UnboundedSender<Online>>,
     /// io_uring workers, when the backend allows them; they carry every data connection.
     workers: Option<Arc<Workers>>,
+    /// Visitors being served now, on either backend.
+    pub in_flight: crate::dataplane::InFlight,
+    /// How many stop signals arrived: the first says goodbye and drains, the second ends it.
+    stop: tokio::sync::watch::Receiver<u32>,
 }
 
 /// A service became reachable (sent on every (re)registration).
@@ -240,8 +250,18 @@ fn classify_tls_error(e: io::Error) -> AgentError {
 
 /// Runs the agent until a fatal error: connects, publishes, and reconnects with backoff
 /// whenever the relay connection is lost.
-pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    run_with_events(cfg, None).await
+pub async fn run(cfg: AgentConfig) -> Result<Drained, AgentError> {
+    // No stop signal: the sender goes at once, which turns the stop branches off.
+    run_with_events(cfg, None, tokio::sync::watch::channel(0).1).await
+}
+
+/// What a stopping agent's drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Visitors being served when the agent said goodbye that finished on their own.
+    pub finished: usize,
+    /// Visitors still being served when it ended (cut as the agent exits).
+    pub cut: usize,
 }
 
 /// Tries the local service once at start and warns if it does not answer: the agent still
@@ -264,10 +284,14 @@ async fn check_local(service: String, local: String) {
 const LOCAL_CHECK: Duration = Duration::from_secs(2);
 
 /// [`run`], also reporting each service that comes online on `events`.
+/// `stop` counts stop signals (a dropped sender means none will come): at the first the agent says goodbye to the relay (which
+/// routes it no new visitors) and waits up to `cfg.drain_timeout` for the visitors it is
+/// serving; at the second it ends at once. Returns how the drain went.
 pub async fn run_with_events(
     cfg: AgentConfig,
     events: Option<mpsc::UnboundedSender<Online>>,
-) -> Result<(), AgentError> {
+    stop: tokio::sync::watch::Receiver<u32>,
+) -> Result<Drained, AgentError> {
     cfg.validate()
         .map_err(|e| AgentError::Settings(e.to_string()))?;
     for svc in &cfg.services {
@@ -297,11 +321,30 @@ pub async fn run_with_events(
         assigned: Mutex::new(HashMap::new()),
         events,
         workers,
+        in_flight: crate::dataplane::InFlight::default(),
+        stop: stop.clone(),
     });
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut progress = session::Progress::default();
+    let mut stop = stop;
     loop {
-        let err = session::run(&ctx, &mut progress).await;
+        let err = {
+            let session = session::run(&ctx, &mut progress);
+            tokio::pin!(session);
+            tokio::select! {
+                err = &mut session => err,
+                true = stopped(&mut stop, 1) => {
+                    // An online session says goodbye itself and ends; one still connecting
+                    // is given up after a moment.
+                    tokio::time::timeout(GOODBYE_WAIT, &mut session)
+                        .await
+                        .unwrap_or(AgentError::Stopping)
+                }
+            }
+        };
+        if matches!(err, AgentError::Stopping) {
+            return Ok(drain(&ctx, stop).await);
+        }
         if !err.retryable() {
             return Err(err);
         }
@@ -310,7 +353,43 @@ pub async fn run_with_events(
         }
         let delay = backoff.next_delay();
         tracing::warn!("{err}; reconnecting in {:.1}s", delay.as_secs_f64());
-        tokio::time::sleep(delay).await;
+        let stopped = tokio::select! {
+            _ = tokio::time::sleep(delay) => false,
+            true = stopped(&mut stop, 1) => true,
+        };
+        if stopped {
+            return Ok(drain(&ctx, stop).await);
+        }
+    }
+}
+
+/// Whether `n` stop signals have come, once they have; `false` at once if none ever will
+/// (the sender is gone), which a `true = ...` select branch reads as "never".
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<u32>, n: u32) -> bool {
+    stop.wait_for(|v| *v >= n).await.is_ok()
+}
+
+/// Waits for the visitors being served to finish: until none is left, `drain_timeout`
+/// passes, or a second stop signal comes.
+async fn drain(ctx: &Ctx, mut stop: tokio::sync::watch::Receiver<u32>) -> Drained {
+    let at_start = ctx.in_flight.count();
+    let deadline = Instant::now() + ctx.cfg.drain_timeout;
+    tracing::info!(
+        visitors = at_start,
+        timeout_secs = ctx.cfg.drain_timeout.as_secs(),
+        "stopping: the relay routes no new visitors here, those being served may finish (a second signal stops at once)"
+    );
+    while ctx.in_flight.count() > 0 && Instant::now() < deadline {
+        // Polled: a visitor's end is not an event to wait on here.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            true = stopped(&mut stop, 2) => break,
+        }
+    }
+    let cut = ctx.in_flight.count();
+    Drained {
+        finished: at_start.saturating_sub(cut),
+        cut,
     }
 }
 

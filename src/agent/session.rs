@@ -265,6 +265,7 @@ async fn session(
 
     let hb = cfg.heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
+    let mut stop = ctx.stop.clone();
     loop {
         let wait_until = match live.poll(Instant::now()) {
             Action::PeerDead => {
@@ -284,6 +285,11 @@ async fn session(
             Action::WaitUntil(t) => t,
         };
         tokio::select! {
+            true = super::stopped(&mut stop, 1) => {
+                // Said once, bounded: the relay then routes this agent no new visitors.
+                let _ = framed.write_msg(&AgentMsg::Goodbye, CONNECT_TIMEOUT).await;
+                return Err(AgentError::Stopping);
+            }
             msg = framed.read_msg::<RelayMsg>() => {
                 live.heard(Instant::now());
                 match msg.map_err(lost)? {
@@ -302,6 +308,7 @@ async fn session(
                                         ticket,
                                         service: svc.name.clone(),
                                         local: routes.locals[&svc.name].clone(),
+                                        in_flight: ctx.in_flight.clone(),
                                     };
                                     if let Err(e) = w.send(w.next_worker(), cmd) {
                                         tracing::warn!(service, "data connection not opened: {e}");

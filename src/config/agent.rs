@@ -37,6 +37,8 @@ pub struct AgentFile {
     pub workers: Option<usize>,
     /// Seconds between heartbeats.
     pub heartbeat_interval_secs: Option<u64>,
+    /// Seconds a stopping agent lets the visitors it serves finish.
+    pub drain_timeout_secs: Option<u64>,
     /// Seconds of silence before the relay is considered gone.
     pub heartbeat_timeout_secs: Option<u64>,
     /// Services to publish.
@@ -189,6 +191,8 @@ pub struct AgentConfig {
     pub workers: Option<usize>,
     /// Heartbeat timing.
     pub heartbeat: Heartbeat,
+    /// How long a stopping agent (SIGTERM, SIGINT) lets the visitors it serves finish.
+    pub drain_timeout: std::time::Duration,
 }
 
 impl AgentConfig {

@@ -44,6 +44,9 @@ pub enum SessionEnd {
     /// No requested service could be published.
     #[error("no service could be published")]
     NothingPublished,
+    /// The agent is stopping on purpose ([`AgentMsg::Goodbye`]).
+    #[error("agent stopping: it said goodbye; its visitors in flight finish")]
+    Goodbye,
     /// The registry refused the agent (agents per secret).
     #[error("{0}")]
     Refused(#[from] Refusal),
@@ -214,6 +217,7 @@ async fn serve(
                 live.heard(Instant::now());
                 match msg? {
                     AgentMsg::Heartbeat => {}
+                    AgentMsg::Goodbye => return Err(SessionEnd::Goodbye),
                     other => return Err(SessionEnd::Violation(format!("unexpected {other:?}"))),
                 }
             }

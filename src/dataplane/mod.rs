@@ -36,6 +36,34 @@ use crate::config::BackendKind;
 use gate::Gate;
 use pool::Pool;
 
+/// Visitors an agent is serving right now, across its data connections on either backend:
+/// a stopping agent waits for them. Cheap to clone (one shared counter).
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One visitor counted in [`InFlight`] until dropped.
+#[derive(Debug)]
+pub struct Visiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    /// Counts a visitor from now until the returned guard is dropped.
+    pub fn enter(&self) -> Visiting {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Visiting(self.0.clone())
+    }
+
+    /// Visitors being served now.
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Visiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// The backend actually running, after `auto` is resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

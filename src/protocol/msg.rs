@@ -174,6 +174,9 @@ pub enum AgentMsg {
         /// Single-use ticket from a [`RelayMsg::Tickets`] frame.
         ticket: Ticket,
     },
+    /// The agent is stopping on purpose: route it no new visitors; the ones it is serving
+    /// finish on their data connections. The last frame of a control connection.
+    Goodbye,
 }
 
 /// Frames the relay sends to the agent.
@@ -222,6 +225,7 @@ mod kind {
     pub const REGISTER: u8 = 0x02;
     pub const AGENT_HEARTBEAT: u8 = 0x03;
     pub const DATA_HELLO: u8 = 0x04;
+    pub const GOODBYE: u8 = 0x05;
     pub const CHALLENGE: u8 = 0x81;
     pub const REGISTERED: u8 = 0x82;
     pub const TICKETS: u8 = 0x83;
@@ -282,6 +286,7 @@ impl Message for AgentMsg {
                 kind::REGISTER
             }
             AgentMsg::Heartbeat => kind::AGENT_HEARTBEAT,
+            AgentMsg::Goodbye => kind::GOODBYE,
             AgentMsg::DataHello { version, ticket } => {
                 p.extend_from_slice(&version.to_be_bytes());
                 p.extend_from_slice(&ticket.0);
@@ -342,6 +347,10 @@ impl Message for AgentMsg {
             kind::AGENT_HEARTBEAT => {
                 Reader::new(payload, "Heartbeat").finish()?;
                 AgentMsg::Heartbeat
+            }
+            kind::GOODBYE => {
+                Reader::new(payload, "Goodbye").finish()?;
+                AgentMsg::Goodbye
             }
             kind::DATA_HELLO => {
                 let mut r = Reader::new(payload, "DataHello");
@@ -582,6 +591,7 @@ mod tests {
                 ],
             },
             AgentMsg::Heartbeat,
+            AgentMsg::Goodbye,
             AgentMsg::DataHello {
                 version: 1,
                 ticket: Ticket([3; TICKET_LEN]),

@@ -16,6 +16,7 @@ use super::sockio::fd;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::dataplane::sock::set_nonblocking;
+use crate::dataplane::InFlight;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::lifecycle::{AgentDataConn, AgentEvent};
@@ -37,9 +38,10 @@ pub async fn serve_data(
     ticket: Ticket,
     service: String,
     local: Arc<[SocketAddr]>,
+    in_flight: InFlight,
     pipes: Rc<PipePool>,
 ) {
-    if let Err(e) = run(tls, relay, ticket, &service, &local, &pipes).await {
+    if let Err(e) = run(tls, relay, ticket, &service, &local, &in_flight, &pipes).await {
         tracing::debug!(service, "data connection ended: {e}");
     }
 }
@@ -94,6 +96,7 @@ async fn run(
     ticket: Ticket,
     service: &str,
     local: &[SocketAddr],
+    in_flight: &InFlight,
     pipes: &PipePool,
 ) -> io::Result<()> {
     // Dialing holds timers (cache-line aligned) and, with TLS, a handshaking rustls state:
@@ -130,6 +133,7 @@ async fn run(
                 AgentEvent::Invalid(why) => return Err(io::Error::other(why)),
             }
         };
+        let _visiting = in_flight.enter();
         let origin = match Box::pin(connect_any(local)).await {
             Ok(s) => s,
             Err(e) => {
@@ -172,6 +176,9 @@ mod tests {
         let local: Vec<std::net::SocketAddr> = vec!["127.0.0.1:1".parse().unwrap()];
         let relay = "127.0.0.1:1".parse().unwrap();
         let ticket = crate::protocol::auth::Ticket([0; 16]);
-        super::super::assert_task_small(|| super::run(None, relay, ticket, "x", &local, &pipes));
+        let in_flight = crate::dataplane::InFlight::default();
+        super::super::assert_task_small(|| {
+            super::run(None, relay, ticket, "x", &local, &in_flight, &pipes)
+        });
     }
 }

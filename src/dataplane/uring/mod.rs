@@ -128,6 +128,8 @@ pub enum Command {
         service: String,
         /// Local service addresses, resolved; tried in order.
         local: Arc<[std::net::SocketAddr]>,
+        /// The agent's count of visitors being served.
+        in_flight: super::InFlight,
     },
 }
 
@@ -328,6 +330,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                 ticket,
                 service,
                 local,
+                in_flight,
             } => {
                 monoio::spawn(agent::serve_data(
                     tls,
@@ -335,6 +338,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                     ticket,
                     service,
                     local,
+                    in_flight,
                     pipes.clone(),
                 ));
             }
