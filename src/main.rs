@@ -138,11 +138,13 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// The signals that stop the relay: SIGTERM (systemd, docker, kill) and SIGINT (Ctrl-C). The
-/// first starts a drain, the second ends it.
+/// The signals that stop a relay or an agent: SIGTERM (systemd, docker, kill) and SIGINT
+/// (Ctrl-C). The first starts a drain, the second ends it. SIGHUP, which would otherwise
+/// kill the process, is logged and ignored: settings are not reloaded live yet.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -151,14 +153,20 @@ impl Signals {
         Ok(Self {
             term: signal(SignalKind::terminate()).context("handling SIGTERM")?,
             int: signal(SignalKind::interrupt()).context("handling SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
         })
     }
 
-    /// The next of them to arrive, by name.
+    /// The next stop signal to arrive, by name.
     async fn next(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return "SIGTERM",
+                _ = self.int.recv() => return "SIGINT",
+                _ = self.hup.recv() => tracing::warn!(
+                    "SIGHUP ignored: settings are not reloaded live; restart to apply changes (SIGTERM drains first)"
+                ),
+            }
         }
     }
 }

@@ -71,6 +71,10 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
     let mut relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "slow"));
     let (mut v, first) = downloading(agent.public).await;
+    // A SIGHUP neither stops nor drains it.
+    signal(&relay, "-HUP");
+    relay.proc.wait_stderr("SIGHUP ignored");
+    assert!(relay.proc.is_running());
     signal(&relay, "-TERM");
     relay.proc.wait_stderr("draining");
     // The doors are closed...

@@ -62,12 +62,7 @@ pub fn cut(fd: BorrowedFd<'_>) {
     shutdown(fd, Half::Read);
 }
 
-/// Makes closing the socket send an RST instead of a FIN (`SO_LINGER` 0), so its peer sees an
-/// error rather than a clean end of stream. Closing never waits with a zero linger. Errors
-/// are ignored, as with [`shutdown`].
-pub fn reset_on_close(fd: BorrowedFd<'_>) {
-    let _ = rustix::net::sockopt::set_socket_linger(fd, Some(std::time::Duration::ZERO));
-}
+pub use crate::net::reset_on_close;
 
 /// One `recv` on a non-blocking socket: `None` if it has nothing now, `Some(0)` at EOF.
 pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {

@@ -81,7 +81,7 @@ impl AcceptErrors {
         }
         // SAFETY: `conn` is owned here and outlives the borrow (one setsockopt).
         let fd = unsafe { BorrowedFd::borrow_raw(conn.as_raw_fd()) };
-        crate::dataplane::sock::reset_on_close(fd);
+        super::reset_on_close(fd);
         drop(conn);
         self.shedding = false;
         self.unlogged_shed += 1;

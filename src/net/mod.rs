@@ -11,6 +11,7 @@ pub mod throttle;
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
@@ -20,6 +21,13 @@ use tokio::net::{TcpListener, TcpSocket};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub use accept::{AcceptErrors, ACCEPT_BACKOFF};
+
+/// Makes closing the socket send an RST instead of a FIN (`SO_LINGER` 0), so its peer sees an
+/// error rather than a clean end of stream. Closing never waits with a zero linger. Errors
+/// are ignored, as with `shutdown`.
+pub fn reset_on_close(fd: BorrowedFd<'_>) {
+    let _ = rustix::net::sockopt::set_socket_linger(fd, Some(std::time::Duration::ZERO));
+}
 
 /// Listen backlog for public ports.
 const BACKLOG: u32 = 1024;
