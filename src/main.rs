@@ -81,6 +81,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     signal = signals.next() => signal,
                     _ = relay.wait() => "none",
                 };
+                relay.close_doors();
                 let in_flight = relay.visitors_active();
                 tracing::info!(
                     signal,

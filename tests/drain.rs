@@ -77,7 +77,7 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
     assert!(relay.proc.is_running());
     signal(&relay, "-TERM");
     relay.proc.wait_stderr("draining");
-    // The doors are closed...
+    // The doors are closed (before the line is logged)...
     let refused = TcpStream::connect(agent.public).await;
     assert!(refused.is_err(), "a new visitor is refused while draining");
     // ...and the visitor in flight gets all of it, with a clean end.

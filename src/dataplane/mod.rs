@@ -143,15 +143,16 @@ pub enum DataPlane {
 
 /// Keeps a service's public listeners open; dropping it closes them.
 pub enum ListenerGuard {
-    /// The tokio accept task.
-    Tokio(JoinHandle<()>),
+    /// The tokio accept task, and a stop that ends the listening at once (the aborted task
+    /// drops its listener only when the runtime next gets to it).
+    Tokio(JoinHandle<()>, crate::net::StopListening),
     /// One stop handle per worker listener.
     Uring(Vec<uring::ListenerStop>),
 }
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        if let ListenerGuard::Tokio(h) = self {
+        if let ListenerGuard::Tokio(h, _) = self {
             h.abort();
         }
         // Uring: dropping the stop handles stops each worker's accept loop and shuts its
@@ -188,12 +189,9 @@ impl DataPlane {
         match self {
             DataPlane::Tokio => {
                 let l = crate::net::bind(addr, false)?;
-                Ok(ListenerGuard::Tokio(tokio::relay::spawn(
-                    l,
-                    gate.clone(),
-                    pools[0].clone(),
-                    wait,
-                )))
+                let stop = crate::net::StopListening::new(std::os::fd::AsFd::as_fd(&l))?;
+                let accepting = tokio::relay::spawn(l, gate.clone(), pools[0].clone(), wait);
+                Ok(ListenerGuard::Tokio(accepting, stop))
             }
             DataPlane::Uring(w) => {
                 let listeners = bind_group(addr, w.len())?;

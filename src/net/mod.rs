@@ -29,6 +29,27 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) {
     let _ = rustix::net::sockopt::set_socket_linger(fd, Some(std::time::Duration::ZERO));
 }
 
+/// A duplicate of a listening socket's descriptor that ends the listening when dropped,
+/// whoever holds the original: from then on new connections are refused and those queued but
+/// not accepted are reset, even while the accept loop that owns the listener has not ended
+/// yet (an aborted tokio task, a worker's accept still in flight on its ring).
+#[derive(Debug)]
+pub struct StopListening(std::os::fd::OwnedFd);
+
+impl StopListening {
+    /// A stop for `listener`.
+    pub fn new(listener: BorrowedFd<'_>) -> io::Result<Self> {
+        Ok(Self(listener.try_clone_to_owned()?))
+    }
+}
+
+impl Drop for StopListening {
+    fn drop(&mut self) {
+        // On a listening socket SHUT_RDWR stops listening; errors (already shut) are moot.
+        let _ = rustix::net::shutdown(&self.0, rustix::net::Shutdown::Both);
+    }
+}
+
 /// Listen backlog for public ports.
 const BACKLOG: u32 = 1024;
 

@@ -73,8 +73,9 @@ pub struct RelayHandle {
     /// Every tokio task of the relay; dropping the set aborts them.
     tasks: JoinSet<()>,
     /// The tokio accept loops of the shared ports (the visitors they routed run on their
-    /// own): ended first when draining.
+    /// own), and stops that close their ports at once: ended first when draining.
     shared_accepts: JoinSet<()>,
+    shared_stops: Vec<crate::net::StopListening>,
     /// Stop handles of the shared ports' accept loops on the uring workers; dropping them
     /// stops those loops and closes the ports.
     worker_ports: Vec<crate::dataplane::uring::ListenerStop>,
@@ -103,16 +104,23 @@ impl RelayHandle {
         self.plane.registry.visitors_active()
     }
 
-    /// Stops taking anything new — visitors on every public port, agent connections on the
-    /// control port — and waits up to `timeout` for the visitors in flight (and those already
-    /// waiting for a data connection) to finish. Agent sessions and data connections stay up
-    /// meanwhile. Call [`Self::stop`] after it to end the rest.
-    pub async fn drain(&mut self, timeout: Duration) -> Drained {
-        let at_start = self.visitors_active();
+    /// Stops taking anything new, at once: visitors on every public port are refused, and
+    /// agent connections on the control port (as soon as its loop sees the signal). Visitors
+    /// in flight and agent sessions carry on. [`Self::drain`] starts with it.
+    pub fn close_doors(&mut self) {
+        self.shared_stops.clear();
         self.shared_accepts.abort_all();
         self.worker_ports.clear();
         self.plane.registry.stop_listening();
         self.plane.start_drain();
+    }
+
+    /// [`Self::close_doors`], then waits up to `timeout` for the visitors in flight (and those already
+    /// waiting for a data connection) to finish. Agent sessions and data connections stay up
+    /// meanwhile. Call [`Self::stop`] after it to end the rest.
+    pub async fn drain(&mut self, timeout: Duration) -> Drained {
+        self.close_doors();
+        let at_start = self.visitors_active();
         let deadline = Instant::now() + timeout;
         // Polled: a visitor's end is not an event anything here can wait on, and a tenth of
         // a second is nothing next to a drain.
@@ -129,6 +137,7 @@ impl RelayHandle {
     /// Stops the relay: every task it started ends, its ports close, and its services'
     /// listeners with them. Visitors in flight are cut.
     pub fn stop(mut self) {
+        self.shared_stops.clear();
         self.shared_accepts.abort_all();
         self.tasks.abort_all();
         self.worker_ports.clear();
@@ -231,11 +240,15 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
     ));
     let mut tasks = JoinSet::new();
     let mut shared_accepts = JoinSet::new();
+    let mut shared_stops = Vec::new();
     let mut worker_ports = Vec::new();
     for (l, port) in [(http_listener, Port::Http), (tls_listener, Port::Tls)] {
         match l {
             None => {}
             Some(SharedListener::Tokio(l)) => {
+                let stop = crate::net::StopListening::new(std::os::fd::AsFd::as_fd(&l))
+                    .map_err(|e| RelayError::Backend(format!("the {} port: {e}", port.name())))?;
+                shared_stops.push(stop);
                 shared_accepts.spawn(crate::shared_ports::tokio::accept_loop(
                     router.clone(),
                     l,
@@ -282,6 +295,7 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         metrics,
         tasks,
         shared_accepts,
+        shared_stops,
         worker_ports,
         plane,
     })

@@ -43,8 +43,10 @@ use pipe::PipePool;
 /// descriptor until the ring completes the op, so without the shutdown the kernel could go on
 /// queueing connections on a port nobody accepts on any more.
 pub struct ListenerStop {
-    stop: Option<oneshot::Sender<()>>,
-    socket: std::os::fd::OwnedFd,
+    /// Dropping it signals the accept loop.
+    _stop: oneshot::Sender<()>,
+    /// Dropped after `_stop` (fields drop in order): the listening ends at once.
+    _socket: crate::net::StopListening,
 }
 
 impl ListenerStop {
@@ -52,26 +54,14 @@ impl ListenerStop {
     /// accept loop waits on.
     pub fn new(listener: &std::net::TcpListener) -> io::Result<(Self, oneshot::Receiver<()>)> {
         let (tx, rx) = oneshot::channel();
-        let socket = std::os::fd::OwnedFd::from(listener.try_clone()?);
+        let socket = crate::net::StopListening::new(std::os::fd::AsFd::as_fd(listener))?;
         Ok((
             ListenerStop {
-                stop: Some(tx),
-                socket,
+                _stop: tx,
+                _socket: socket,
             },
             rx,
         ))
-    }
-}
-
-impl Drop for ListenerStop {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        // On a listening socket SHUT_RD stops listening: new connections are refused and the
-        // ones queued but not accepted are reset.
-        crate::dataplane::sock::shutdown(
-            std::os::fd::AsFd::as_fd(&self.socket),
-            crate::dataplane::sock::Half::Both,
-        );
     }
 }
 
