@@ -5,7 +5,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -43,14 +42,10 @@ async fn slow_origin(gap: Duration) -> SocketAddr {
     addr
 }
 
-fn signal(relay: &Relay, sig: &str) {
-    let pid = relay.proc.child.id().to_string();
-    let ok = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
+/// Waits for `proc` to exit, which must be with 0 and after logging `line`.
+fn exits_0_saying(proc: &mut Proc, line: &str) {
+    assert!(proc.wait_exit().success(), "a drained process exits 0");
+    assert!(proc.stderr().contains(line), "{}", proc.stderr());
 }
 
 /// A visitor that asked for the download and has its first bytes.
@@ -72,10 +67,10 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
     let agent = Agent::spawn(relay.agent_args(origin, "slow"));
     let (mut v, first) = downloading(agent.public).await;
     // A SIGHUP neither stops nor drains it.
-    signal(&relay, "-HUP");
+    relay.proc.signal("-HUP");
     relay.proc.wait_stderr("SIGHUP ignored");
     assert!(relay.proc.is_running());
-    signal(&relay, "-TERM");
+    relay.proc.signal("-TERM");
     relay.proc.wait_stderr("draining");
     // The doors are closed (before the line is logged)...
     let refused = TcpStream::connect(agent.public).await;
@@ -88,15 +83,7 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
         .expect("a clean end, not a reset");
     assert_eq!(first + rest.len(), PIECES * 512);
     drop(v); // the visitor's half ends too: its visit is over
-    assert!(relay.proc.wait_exit().success(), "a drained relay exits 0");
-    assert!(
-        relay
-            .proc
-            .stderr()
-            .contains("relay stopped: drained=1 cut=0"),
-        "{}",
-        relay.proc.stderr()
-    );
+    exits_0_saying(&mut relay.proc, "relay stopped: drained=1 cut=0");
 }
 
 async fn the_drain_timeout_ends_a_drain(backend: Backend) {
@@ -105,16 +92,8 @@ async fn the_drain_timeout_ends_a_drain(backend: Backend) {
     let mut relay = Relay::spawn(backend, &["--drain-timeout", "1"]);
     let agent = Agent::spawn(relay.agent_args(origin, "slower"));
     let (_v, _) = downloading(agent.public).await;
-    signal(&relay, "-INT");
-    assert!(relay.proc.wait_exit().success());
-    assert!(
-        relay
-            .proc
-            .stderr()
-            .contains("relay stopped: drained=0 cut=1"),
-        "{}",
-        relay.proc.stderr()
-    );
+    relay.proc.signal("-INT");
+    exits_0_saying(&mut relay.proc, "relay stopped: drained=0 cut=1");
 }
 
 async fn a_second_signal_ends_a_drain(backend: Backend) {
@@ -122,25 +101,10 @@ async fn a_second_signal_ends_a_drain(backend: Backend) {
     let mut relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "slowest"));
     let (_v, _) = downloading(agent.public).await;
-    signal(&relay, "-TERM");
+    relay.proc.signal("-TERM");
     relay.proc.wait_stderr("draining");
-    signal(&relay, "-TERM");
-    assert!(relay.proc.wait_exit().success());
-    assert!(
-        relay.proc.stderr().contains("cut=1"),
-        "{}",
-        relay.proc.stderr()
-    );
-}
-
-fn signal_agent(agent: &Agent, sig: &str) {
-    let pid = agent.proc.child.id().to_string();
-    let ok = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
+    relay.proc.signal("-TERM");
+    exits_0_saying(&mut relay.proc, "cut=1");
 }
 
 async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backend) {
@@ -148,7 +112,7 @@ async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backen
     let relay = Relay::spawn(backend, &[]);
     let mut agent = Agent::spawn(relay.agent_args(origin, "leaving"));
     let (mut v, first) = downloading(agent.public).await;
-    signal_agent(&agent, "-TERM");
+    agent.proc.signal("-TERM");
     agent.proc.wait_stderr("stopping");
     relay.proc.wait_stderr("said goodbye");
     let mut rest = Vec::new();
@@ -158,15 +122,7 @@ async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backen
         .expect("a clean end, not a reset");
     assert_eq!(first + rest.len(), PIECES * 512);
     drop(v);
-    assert!(agent.proc.wait_exit().success(), "a drained agent exits 0");
-    assert!(
-        agent
-            .proc
-            .stderr()
-            .contains("agent stopped: drained=1 cut=0"),
-        "{}",
-        agent.proc.stderr()
-    );
+    exits_0_saying(&mut agent.proc, "agent stopped: drained=1 cut=0");
 }
 
 both_backends!(

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use tokio::io::AsyncReadExt;
 
@@ -35,18 +33,9 @@ async fn agent_notices_a_frozen_relay_and_comes_back(backend: Backend) {
     args.extend(["--config".to_string(), cfg]);
     args.extend(["--heartbeat-timeout".to_string(), "3".to_string()]);
     let mut agent = Agent::spawn(args);
-    let pid = relay.proc.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
-    signal("-STOP");
+    relay.proc.signal("-STOP");
     agent.proc.wait_stderr("relay silent");
-    signal("-CONT");
+    relay.proc.signal("-CONT");
     let line = agent.proc.wait_line("online ");
     assert_eq!(field(&line, "public"), agent.public.to_string());
     assert_echo(agent.public).await;

@@ -204,6 +204,16 @@ impl Proc {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Sends `sig` (as `kill` takes it: `-TERM`, `-STOP`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
