@@ -125,7 +125,39 @@ async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backen
     exits_0_saying(&mut agent.proc, "agent stopped: drained=1 cut=0");
 }
 
+async fn a_draining_relay_sends_its_agents_to_a_successor(backend: Backend) {
+    let origin = slow_origin(Duration::from_millis(20)).await;
+    let mut old = Relay::spawn(backend, &[]);
+    let mut agent = Agent::spawn(old.agent_args(origin, "moving"));
+    let (mut v, first) = downloading(agent.public).await;
+    old.proc.signal("-TERM");
+    agent.proc.wait_stderr("the relay is going away");
+    old.proc.wait_stderr("relay draining");
+    // A new relay takes the control port and the state (its fingerprint) while the old one
+    // still serves its visitor; the agent comes online there with the same public port.
+    let new = old.successor();
+    let online = agent.proc.wait_line("online ");
+    assert_eq!(online, agent.online, "same service, same public address");
+    let (v2, _) = downloading(agent.public).await;
+    drop(v2);
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
+        .await
+        .expect("the old relay's download finished")
+        .expect("a clean end, not a reset");
+    assert_eq!(first + rest.len(), PIECES * 512);
+    drop(v);
+    exits_0_saying(&mut old.proc, "relay stopped: drained=1 cut=0");
+    assert!(
+        !agent.proc.stderr().contains("WARN"),
+        "{}",
+        agent.proc.stderr()
+    );
+    drop(new);
+}
+
 both_backends!(
+    a_draining_relay_sends_its_agents_to_a_successor,
     a_stopping_agent_says_goodbye_and_finishes_its_visitors,
     sigterm_lets_visitors_in_flight_finish,
     the_drain_timeout_ends_a_drain,

@@ -37,6 +37,12 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// How long a stopping agent lets its session say goodbye to the relay.
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
+/// After the relay said it is going away: how long the agent keeps retrying often, for a
+/// successor (an upgraded process takes over at once; a restart takes the old process's
+/// drain plus its start), and how often.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(120);
+const SUCCESSOR_RETRY: Duration = Duration::from_secs(1);
+
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
@@ -79,6 +85,10 @@ pub enum AgentError {
     /// The relay sent something out of order: retry (a relay mid-upgrade, say).
     #[error("{0}")]
     Protocol(String),
+    /// The relay said it is going away (draining before a stop, a restart or an upgrade):
+    /// reconnect at once and often, to whatever takes its control port next.
+    #[error("the relay is going away (stopping, restarting or upgrading)")]
+    RelayLeaving,
     /// The agent was told to stop (a signal): it said goodbye and drains.
     #[error("stopping")]
     Stopping,
@@ -89,7 +99,7 @@ impl AgentError {
     pub fn retryable(&self) -> bool {
         match self {
             AgentError::Settings(_) | AgentError::Certificate(_) | AgentError::Stopping => false,
-            AgentError::Network(_) | AgentError::Protocol(_) => true,
+            AgentError::Network(_) | AgentError::Protocol(_) | AgentError::RelayLeaving => true,
             AgentError::Refused { retry, .. } => *retry,
         }
     }
@@ -98,9 +108,10 @@ impl AgentError {
     pub fn side(&self) -> Side {
         match self {
             AgentError::Settings(_) | AgentError::Stopping => Side::Agent,
-            AgentError::Certificate(_) | AgentError::Refused { .. } | AgentError::Protocol(_) => {
-                Side::Relay
-            }
+            AgentError::Certificate(_)
+            | AgentError::Refused { .. }
+            | AgentError::Protocol(_)
+            | AgentError::RelayLeaving => Side::Relay,
             AgentError::Network(_) => Side::Network,
         }
     }
@@ -327,6 +338,8 @@ pub async fn run_with_events(
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);
     let mut progress = session::Progress::default();
     let mut stop = stop;
+    // Until when a successor relay is expected (the last one said it is going away).
+    let mut successor_until: Option<Instant> = None;
     loop {
         let err = {
             let session = session::run(&ctx, &mut progress);
@@ -348,11 +361,27 @@ pub async fn run_with_events(
         if !err.retryable() {
             return Err(err);
         }
-        if was_stable(progress.online_at, Instant::now()) {
+        let now = Instant::now();
+        if progress.online_at.is_some() {
+            successor_until = None;
+        }
+        if was_stable(progress.online_at, now) {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
-        tracing::warn!("{err}; reconnecting in {:.1}s", delay.as_secs_f64());
+        let mut delay = backoff.next_delay();
+        if matches!(err, AgentError::RelayLeaving) {
+            backoff.reset();
+            successor_until = Some(now + SUCCESSOR_WAIT);
+            delay = Duration::ZERO;
+            tracing::info!("{err}: reconnecting to its successor");
+        } else if successor_until.is_some_and(|t| now < t) {
+            // Expected while the old relay drains: one line a second would drown the log.
+            delay = delay.min(SUCCESSOR_RETRY);
+            tracing::debug!("{err}; waiting for the relay's successor");
+        } else {
+            successor_until = None;
+            tracing::warn!("{err}; reconnecting in {:.1}s", delay.as_secs_f64());
+        }
         let stopped = tokio::select! {
             _ = tokio::time::sleep(delay) => false,
             true = stopped(&mut stop, 1) => true,

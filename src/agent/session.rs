@@ -320,6 +320,7 @@ async fn session(
                             }
                         }
                     }
+                    RelayMsg::GoingAway => return Err(AgentError::RelayLeaving),
                     RelayMsg::Error { code, message } => return Err(relay_error(code, message)),
                     other => return Err(AgentError::Protocol(format!("unexpected {other:?} from relay"))),
                 }

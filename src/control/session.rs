@@ -23,6 +23,12 @@ use crate::transport::{Conn, FrameIoError, Framed};
 /// the store again.
 pub const TICKET_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a draining relay keeps a session for visitors already waiting for one of its
+/// data connections, before telling the agent to go.
+const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a leaving session looks whether those visitors are served.
+const HANDOFF_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Why a control session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionEnd {
@@ -47,6 +53,10 @@ pub enum SessionEnd {
     /// The agent is stopping on purpose ([`AgentMsg::Goodbye`]).
     #[error("agent stopping: it said goodbye; its visitors in flight finish")]
     Goodbye,
+    /// The relay is draining: it told the agent ([`RelayMsg::GoingAway`]) and closed the
+    /// session; the agent's visitors in flight finish over their data connections.
+    #[error("relay draining: the agent was told to reconnect to a successor")]
+    Draining,
     /// The registry refused the agent (agents per secret).
     #[error("{0}")]
     Refused(#[from] Refusal),
@@ -194,7 +204,21 @@ async fn serve(
 
     let hb = plane.cfg.heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
+    let mut drain = plane.drain_signal();
+    // Set when the relay starts draining: the session is told to go away by then, once no
+    // visitor of its services waits for a data connection any more.
+    let mut leave_by: Option<Instant> = None;
     loop {
+        let now = Instant::now();
+        if leave_by.is_none() && *drain.borrow_and_update() {
+            leave_by = Some(now + HANDOFF_WAIT);
+        }
+        if leave_by.is_some_and(|t| now >= t || !visitors_waiting(session, &owned)) {
+            framed
+                .write_msg(&RelayMsg::GoingAway, WRITE_TIMEOUT)
+                .await?;
+            return Err(SessionEnd::Draining);
+        }
         let (frames, withheld) = issue_tickets(plane, session, &owned);
         for msg in frames {
             framed.write_msg(&msg, WRITE_TIMEOUT).await?;
@@ -212,6 +236,11 @@ async fn serve(
             }
             Action::WaitUntil(t) => retry.map_or(t, |r| r.min(t)),
         };
+        // While leaving, look again soon: the waiting visitors are being served.
+        let wait_until = match leave_by {
+            Some(_) => wait_until.min(Instant::now() + HANDOFF_POLL),
+            None => wait_until,
+        };
         tokio::select! {
             msg = framed.read_msg::<AgentMsg>() => {
                 live.heard(Instant::now());
@@ -222,12 +251,21 @@ async fn serve(
                 }
             }
             _ = wake.notified() => {}
+            _ = drain.changed() => {}
             reason = kick.recv() => {
                 return Err(SessionEnd::Replaced(reason.unwrap_or_default()));
             }
             _ = tokio::time::sleep_until(wait_until.into()) => {}
         }
     }
+}
+
+/// Whether a visitor of one of the services `session` still owns waits for a data connection.
+fn visitors_waiting(session: SessionId, owned: &[Arc<Service>]) -> bool {
+    owned
+        .iter()
+        .filter(|s| s.is_owned_by(session))
+        .any(|s| s.pools.iter().any(|p| p.waiting_count() > 0))
 }
 
 /// Tickets every owned service's pool asks for, as frames ready to send, and whether some

@@ -201,6 +201,11 @@ impl Pool {
         g.waiters.clear();
     }
 
+    /// Visitors waiting here for a data connection (some may have given up since).
+    pub fn waiting_count(&self) -> usize {
+        self.lock().waiters.len()
+    }
+
     /// Data connections parked here waiting for a visitor (some may have died since; they
     /// are skipped when tried).
     pub fn idle_count(&self) -> usize {

@@ -205,6 +205,11 @@ pub enum RelayMsg {
     },
     /// Liveness signal on the control connection.
     Heartbeat,
+    /// The relay is going away (draining before it stops or hands over to a new process):
+    /// it routes no new visitors through this session and closes it after this frame. The
+    /// agent reconnects at once to whoever takes the control port next; its visitors in
+    /// flight carry on over their data connections.
+    GoingAway,
     /// Fatal for the connection it is sent on; the relay closes it after this frame.
     Error {
         /// Machine-readable reason.
@@ -232,6 +237,7 @@ mod kind {
     pub const RELAY_HEARTBEAT: u8 = 0x84;
     pub const ERROR: u8 = 0x85;
     pub const START: u8 = 0x86;
+    pub const GOING_AWAY: u8 = 0x87;
 }
 
 /// A message that travels in one frame.
@@ -444,6 +450,7 @@ impl Message for RelayMsg {
                 kind::TICKETS
             }
             RelayMsg::Heartbeat => kind::RELAY_HEARTBEAT,
+            RelayMsg::GoingAway => kind::GOING_AWAY,
             RelayMsg::Error { code, message } => {
                 p.push(*code as u8);
                 put_string(&mut p, truncate(message, MAX_MESSAGE_LEN));
@@ -524,6 +531,10 @@ impl Message for RelayMsg {
             kind::RELAY_HEARTBEAT => {
                 Reader::new(payload, "Heartbeat").finish()?;
                 RelayMsg::Heartbeat
+            }
+            kind::GOING_AWAY => {
+                Reader::new(payload, "GoingAway").finish()?;
+                RelayMsg::GoingAway
             }
             kind::ERROR => {
                 let mut r = Reader::new(payload, "Error");
@@ -626,6 +637,7 @@ mod tests {
                 tickets: vec![Ticket([1; TICKET_LEN]), Ticket([2; TICKET_LEN])],
             },
             RelayMsg::Heartbeat,
+            RelayMsg::GoingAway,
             RelayMsg::Error {
                 code: ErrorCode::AuthFailed,
                 message: "wrong secret".into(),

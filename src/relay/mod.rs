@@ -106,7 +106,8 @@ impl RelayHandle {
 
     /// Stops taking anything new, at once: visitors on every public port are refused, and
     /// agent connections on the control port (as soon as its loop sees the signal). Visitors
-    /// in flight and agent sessions carry on. [`Self::drain`] starts with it.
+    /// in flight carry on; agent sessions are told to go away once no visitor of theirs waits
+    /// for a data connection. [`Self::drain`] starts with it.
     pub fn close_doors(&mut self) {
         self.shared_stops.clear();
         self.shared_accepts.abort_all();
@@ -116,8 +117,10 @@ impl RelayHandle {
     }
 
     /// [`Self::close_doors`], then waits up to `timeout` for the visitors in flight (and those already
-    /// waiting for a data connection) to finish. Agent sessions and data connections stay up
-    /// meanwhile. Call [`Self::stop`] after it to end the rest.
+    /// waiting for a data connection) to finish. Every agent session is told the relay is
+    /// going away ([`crate::protocol::RelayMsg::GoingAway`]) and closed, so agents reconnect
+    /// to a successor at once; data connections carrying visitors stay up. Call
+    /// [`Self::stop`] after it to end the rest.
     pub async fn drain(&mut self, timeout: Duration) -> Drained {
         self.close_doors();
         let at_start = self.visitors_active();

@@ -365,6 +365,22 @@ impl Relay {
         Self::spawn_at(control, state, extra, backend)
     }
 
+    /// Starts a second relay on this one's control port and state directory (same
+    /// fingerprint), once this one has closed its doors (it is draining): its successor.
+    pub fn successor(&self) -> Relay {
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(self.control).is_ok() {
+            assert!(Instant::now() < deadline, "the control port never closed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self::spawn_at(
+            self.control,
+            self.state.clone(),
+            self.extra.clone(),
+            self.backend,
+        )
+    }
+
     /// Agent flags that reach this relay with the right secret and fingerprint.
     pub fn agent_args(&self, local: SocketAddr, name: &str) -> Vec<String> {
         vec![
