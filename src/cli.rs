@@ -1,4 +1,4 @@
-//! The command line: `relay`, `agent` and `demo` subcommands, and how their flags merge with
+//! The command line: `relay`, `agent`, `demo` and `status` subcommands, and how their flags merge with
 //! a TOML `--config` file (flags win) into [`RelayConfig`] / [`AgentConfig`].
 
 use std::net::{IpAddr, SocketAddr};
@@ -79,6 +79,27 @@ pub enum Command {
     Agent(AgentArgs),
     /// Run relay, agent and a small origin on loopback, and print the public address.
     Demo(DemoArgs),
+    /// Print a running relay's services and agents (from its admin endpoint).
+    #[command(after_help = STATUS_EXAMPLES)]
+    Status(StatusArgs),
+}
+
+const STATUS_EXAMPLES: &str = "Examples:
+  # On the VPS, with the relay started with --admin 127.0.0.1:7844:
+  ringtunnel status
+
+  # An admin endpoint behind a token:
+  RINGTUNNEL_ADMIN_TOKEN=... ringtunnel status --admin 127.0.0.1:9000";
+
+/// `ringtunnel status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The relay's admin endpoint (its --admin).
+    #[arg(long, default_value = "127.0.0.1:7844")]
+    pub admin: SocketAddr,
+    /// The admin endpoint's bearer token (its --admin-token).
+    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
 }
 
 /// `ringtunnel relay`.

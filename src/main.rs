@@ -104,8 +104,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 counters.extend(metrics
                     .snapshot()
                     .iter()
-                    .filter(|(_, v)| *v > 0)
-                    .map(|(k, v)| format!("{k}={v}")));
+                    .filter(|(_, _, v)| *v > 0)
+                    .map(|(k, _, v)| format!("{k}={v}")));
                 tracing::info!("relay stopped: {}", counters.join(" "));
                 Ok(())
             })
@@ -136,6 +136,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Demo(args) => runtime(None)?.block_on(demo::run(args)),
+        Command::Status(args) => {
+            let out = runtime(Some(1))?.block_on(ringtunnel::admin::status::render(
+                args.admin,
+                args.admin_token.as_ref(),
+            ))?;
+            print!("{out}");
+            Ok(())
+        }
     }
 }
 

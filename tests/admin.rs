@@ -1,11 +1,13 @@
-//! End-to-end: the relay's admin endpoint serves health and Prometheus metrics behind its
-//! bearer token, and refuses everything else clearly.
+//! End-to-end: the relay's admin endpoint serves health, Prometheus metrics and the JSON
+//! API behind its bearer token, `ringtunnel status` prints it, and everything else is
+//! refused clearly.
 
 mod common;
 
 use std::net::SocketAddr;
 
 use common::*;
+use ringtunnel::admin::{AgentSnapshot, ServiceSnapshot};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -98,6 +100,122 @@ async fn health_and_metrics_behind_a_token(backend: Backend) {
     );
 }
 
+/// `/api/services` once `ready` holds for it (the counts of a visitor land as it ends).
+async fn services_once(
+    admin: SocketAddr,
+    token: &str,
+    ready: impl Fn(&[ServiceSnapshot]) -> bool,
+) -> Vec<ServiceSnapshot> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = request(admin, &get("/api/services", Some(token))).await;
+        assert_eq!(status, 200, "{body}");
+        let services: Vec<ServiceSnapshot> = serde_json::from_str(&body).expect(&body);
+        if ready(&services) {
+            return services;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn the_api_and_status_show_services_agents_and_their_bytes(backend: Backend) {
+    let relay = Relay::spawn(backend, &["--admin", "127.0.0.1:0", "--admin-token", "tok"]);
+    let admin = relay.admin.unwrap();
+    let origin = echo_origin().await;
+    let agent = Agent::spawn(relay.agent_args(origin, "web"));
+    let payload = pseudo_random(7, 100_000);
+    assert_eq!(roundtrip(agent.public, &payload).await.unwrap(), payload);
+
+    let services = services_once(admin, "tok", |s| {
+        s.first().and_then(|s| s.counts.get("bytes_out")) == Some(&100_000)
+    })
+    .await;
+    let web = &services[0];
+    assert_eq!((web.name.as_str(), web.kind.as_str()), ("web", "tcp"));
+    assert_eq!(web.port, agent.public.port());
+    assert!(web.online);
+    assert!(
+        web.agent.as_deref().unwrap().starts_with("127.0.0.1:"),
+        "{web:?}"
+    );
+    assert!(web.connected_since.is_some());
+    assert_eq!(web.counts["visitors"], 1);
+    assert_eq!(web.counts["bytes_in"], 100_000);
+    assert_eq!(web.counts["cut"], 0);
+
+    let (status, body) = request(admin, &get("/api/agents", Some("tok"))).await;
+    assert_eq!(status, 200);
+    let agents: Vec<AgentSnapshot> = serde_json::from_str(&body).expect(&body);
+    assert_eq!(agents.len(), 1, "{body}");
+    assert_eq!(agents[0].services, ["web"]);
+    assert_eq!(Some(&agents[0].address), web.agent.as_ref());
+
+    let (_, metrics) = request(admin, &get("/metrics", Some("tok"))).await;
+    assert!(
+        metrics.contains(
+            "# HELP ringtunnel_visitors_accepted_total Visitors accepted on public ports."
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringtunnel_service_bytes_out_total{service=\"web\",kind=\"tcp\"} 100000"),
+        "{metrics}"
+    );
+    // Every series has its HELP and TYPE.
+    let helps = metrics.lines().filter(|l| l.starts_with("# HELP ")).count();
+    let types = metrics.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    assert_eq!(helps, types, "{metrics}");
+
+    let status = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"));
+        cmd.args(["status", "--admin", &admin.to_string()]);
+        cmd.env_remove("RINGTUNNEL_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("RINGTUNNEL_ADMIN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = status(Some("tok"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains(&format!(":{}", agent.public.port())),
+        "{table}"
+    );
+    assert!(row.contains("97.7 KiB"), "bytes each way: {table}");
+    assert!(table.contains("SERVICES"), "the agents table: {table}");
+    let refused = status(None);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("answered 401") && err.contains("--admin-token"),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_names_an_admin_endpoint_that_is_not_there() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
+        .args(["status", "--admin", &addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("admin endpoint {addr}")), "{err}");
+}
+
 #[test]
 fn admin_beyond_loopback_needs_a_token() {
     let mut relay = Proc::spawn(&[
@@ -113,4 +231,7 @@ fn admin_beyond_loopback_needs_a_token() {
     assert!(relay.stderr().contains("admin token"), "{}", relay.stderr());
 }
 
-both_backends!(health_and_metrics_behind_a_token);
+both_backends!(
+    health_and_metrics_behind_a_token,
+    the_api_and_status_show_services_agents_and_their_bytes,
+);

@@ -1,6 +1,8 @@
-//! The admin endpoint: `GET /health` and `GET /metrics` (Prometheus text format) on a
-//! loopback address by default, optionally behind a bearer token. One request per
-//! connection, heads bounded in size and time like the shared HTTP port's.
+//! The admin endpoint, on a loopback address by default, optionally behind a bearer token:
+//! `GET /health`, `GET /metrics` (Prometheus text format, with `# HELP` lines and
+//! per-service counts), `GET /api/services` and `GET /api/agents` (JSON, what
+//! `ringtunnel status` prints). One request per connection, heads bounded in size and time
+//! like the shared HTTP port's.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::{Metrics, ServiceSnapshot};
+use super::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::Secret;
 use crate::net::AcceptErrors;
 use crate::protocol::http::parse_head;
@@ -27,6 +29,8 @@ pub struct AdminView {
     pub metrics: Arc<Metrics>,
     /// Every service as it is at the moment of the call.
     pub services: Box<dyn Fn() -> Vec<ServiceSnapshot> + Send + Sync>,
+    /// Every connected agent as it is at the moment of the call.
+    pub agents: Box<dyn Fn() -> Vec<AgentSnapshot> + Send + Sync>,
     /// When set, every request needs `Authorization: Bearer <token>`.
     pub token: Option<Secret>,
 }
@@ -51,14 +55,43 @@ pub async fn serve(view: Arc<AdminView>, listener: TcpListener) {
     }
 }
 
+/// What the endpoint answers to one request.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+    /// A `HEAD` request: the headers of the `GET` answer (its length included), no body.
+    head_only: bool,
+}
+
+impl Reply {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Reply {
+            status,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            body: body.into(),
+            head_only: false,
+        }
+    }
+
+    fn json(body: String) -> Self {
+        Reply {
+            status: 200,
+            content_type: "application/json",
+            body,
+            head_only: false,
+        }
+    }
+}
+
 async fn answer(view: Arc<AdminView>, mut stream: TcpStream) {
     let head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await;
-    let (status, body, is_head) = match head {
+    let reply = match head {
         Ok(Some(raw)) => respond(&view, &raw),
-        Ok(None) => (400, "bad request\n".to_string(), false),
-        Err(_) => (408, "request timeout\n".to_string(), false),
+        Ok(None) => Reply::text(400, "bad request\n"),
+        Err(_) => Reply::text(408, "request timeout\n"),
     };
-    let reason = match status {
+    let reason = match reply.status {
         200 => "OK",
         401 => "Unauthorized",
         404 => "Not Found",
@@ -67,16 +100,17 @@ async fn answer(view: Arc<AdminView>, mut stream: TcpStream) {
         _ => "Bad Request",
     };
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
-        body.len()
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\n",
+        reply.status,
+        reply.content_type,
+        reply.body.len()
     );
-    if status == 401 {
+    if reply.status == 401 {
         out.push_str("WWW-Authenticate: Bearer\r\n");
     }
     out.push_str("\r\n");
-    // A HEAD response carries the GET response's headers (Content-Length included), no body.
-    if !is_head {
-        out.push_str(&body);
+    if !reply.head_only {
+        out.push_str(&reply.body);
     }
     let _ = stream.write_all(out.as_bytes()).await;
     let _ = stream.shutdown().await;
@@ -103,14 +137,14 @@ async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     }
 }
 
-/// Status and body for one complete request head, and whether it was a `HEAD` request.
-fn respond(view: &AdminView, raw: &[u8]) -> (u16, String, bool) {
+/// The answer to one complete request head.
+fn respond(view: &AdminView, raw: &[u8]) -> Reply {
     let text = String::from_utf8_lossy(raw);
     let mut lines = text.split("\r\n").flat_map(|l| l.split('\n'));
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let is_head = method == "HEAD";
+    let head_only = method == "HEAD";
     if let Some(token) = &view.token {
         let presented = lines
             .filter_map(|l| l.split_once(':'))
@@ -118,18 +152,31 @@ fn respond(view: &AdminView, raw: &[u8]) -> (u16, String, bool) {
             .and_then(|(_, v)| v.trim().strip_prefix("Bearer "))
             .unwrap_or("");
         if !token_matches(token.expose(), presented.trim().as_bytes()) {
-            return (401, "a bearer token is required\n".into(), is_head);
+            return Reply {
+                head_only,
+                ..Reply::text(401, "a bearer token is required\n")
+            };
         }
     }
     if method != "GET" && method != "HEAD" {
-        return (405, "only GET\n".into(), false);
+        return Reply::text(405, "only GET\n");
     }
-    let (status, body) = match target.split('?').next().unwrap_or("") {
-        "/health" => (200, "ok\n".into()),
-        "/metrics" => (200, metrics_text(view)),
-        _ => (404, "try /health or /metrics\n".into()),
+    let reply = match target.split('?').next().unwrap_or("") {
+        "/health" => Reply::text(200, "ok\n"),
+        "/metrics" => Reply::text(200, metrics_text(view)),
+        "/api/services" => Reply::json(to_json(&(view.services)())),
+        "/api/agents" => Reply::json(to_json(&(view.agents)())),
+        _ => Reply::text(404, "try /health, /metrics, /api/services or /api/agents\n"),
     };
-    (status, body, is_head)
+    Reply { head_only, ..reply }
+}
+
+/// `value` as pretty JSON with a final newline.
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serializing plain structs of strings and numbers cannot fail.
+    let mut out = serde_json::to_string_pretty(value).unwrap_or_default();
+    out.push('\n');
+    out
 }
 
 /// Compares in time independent of where the first difference is.
@@ -144,28 +191,57 @@ fn token_matches(want: &[u8], got: &[u8]) -> bool {
 /// Reads one per-service gauge off a service's snapshot.
 type Gauge = fn(&ServiceSnapshot) -> usize;
 
-/// Every counter as `ringtunnel_<name>_total`, and per-service gauges.
+/// Every counter as `ringtunnel_<name>_total` with its help, then per-service gauges and
+/// per-service counts (`ringtunnel_service_<count>_total{service=...}`).
 fn metrics_text(view: &AdminView) -> String {
-    let mut out = String::with_capacity(4096);
-    for (name, value) in view.metrics.snapshot() {
+    let mut out = String::with_capacity(8192);
+    for (name, help, value) in view.metrics.snapshot() {
+        let _ = writeln!(out, "# HELP ringtunnel_{name}_total {}", help.trim());
         let _ = writeln!(out, "# TYPE ringtunnel_{name}_total counter");
         let _ = writeln!(out, "ringtunnel_{name}_total {value}");
     }
     let services = (view.services)();
-    let gauges: [(&str, Gauge); 3] = [
-        ("online", |s| usize::from(s.online)),
-        ("visitors", |s| s.visitors),
-        ("idle_connections", |s| s.idle_connections),
+    let gauges: [(&str, &str, Gauge); 3] = [
+        (
+            "online",
+            "Whether an agent owns the service now (1) or it lingers (0).",
+            |s| usize::from(s.online),
+        ),
+        ("visitors", "Visitors connected to the service now.", |s| {
+            s.visitors_now
+        }),
+        (
+            "idle_connections",
+            "Data connections parked for the service, waiting for a visitor.",
+            |s| s.idle_connections,
+        ),
     ];
-    for (name, value) in gauges {
+    let label = |s: &ServiceSnapshot| format!("service=\"{}\",kind=\"{}\"", s.name, s.kind);
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP ringtunnel_service_{name} {help}");
         let _ = writeln!(out, "# TYPE ringtunnel_service_{name} gauge");
         for s in &services {
             let _ = writeln!(
                 out,
-                "ringtunnel_service_{name}{{service=\"{}\",kind=\"{}\"}} {}",
-                s.name,
-                s.kind,
+                "ringtunnel_service_{name}{{{}}} {}",
+                label(s),
                 value(s)
+            );
+        }
+    }
+    for (name, help, _) in super::ServiceStats::default().snapshot() {
+        let _ = writeln!(
+            out,
+            "# HELP ringtunnel_service_{name}_total {}",
+            help.trim()
+        );
+        let _ = writeln!(out, "# TYPE ringtunnel_service_{name}_total counter");
+        for s in &services {
+            let value = s.counts.get(name).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "ringtunnel_service_{name}_total{{{}}} {value}",
+                label(s)
             );
         }
     }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, Notify};
 
@@ -16,7 +16,7 @@ use super::refusal::Refusal;
 use super::routes::Routes;
 pub use super::service::SessionId;
 use super::service::{Service, ServiceState};
-use crate::admin::{Metrics, ServiceSnapshot};
+use crate::admin::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::{validate_name, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
@@ -39,15 +39,32 @@ fn key(name: &str) -> String {
     name.to_ascii_lowercase()
 }
 
+/// One authenticated agent session.
+struct SessionEntry {
+    /// Receives a reason if another session takes one of its services.
+    kick: mpsc::Sender<String>,
+    /// The secrets it authenticated with (each counts one agent).
+    secrets: Vec<SecretId>,
+    /// The agent's address as the relay saw it.
+    peer: SocketAddr,
+    /// When it authenticated.
+    since: SystemTime,
+}
+
 #[derive(Default)]
 struct Inner {
     /// By [`key`] of the name.
     services: HashMap<String, Arc<Service>>,
-    sessions: HashMap<SessionId, (mpsc::Sender<String>, Vec<SecretId>)>,
+    sessions: HashMap<SessionId, SessionEntry>,
     agents_per_secret: HashMap<SecretId, usize>,
     /// By [`key`] of the name.
     last_port: HashMap<String, u16>,
     next_session: SessionId,
+}
+
+/// Seconds since the Unix epoch (0 for a clock set before it).
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The actual ports of the relay's shared listeners (after binding, so port 0 is resolved).
@@ -112,15 +129,57 @@ impl Registry {
         let mut out: Vec<ServiceSnapshot> = g
             .services
             .values()
-            .map(|s| ServiceSnapshot {
-                name: s.name.clone(),
-                kind: s.kind,
-                online: s.state().owner.is_some(),
-                visitors: s.gate.active(),
-                idle_connections: s.pools.iter().map(|p| p.idle_count()).sum(),
+            .map(|s| {
+                let owner = s.state().owner;
+                let session = owner.and_then(|id| g.sessions.get(&id));
+                ServiceSnapshot {
+                    name: s.name.clone(),
+                    kind: s.kind.to_string(),
+                    port: s.port,
+                    hosts: s.hosts.clone(),
+                    path: s.path.clone(),
+                    online: owner.is_some(),
+                    agent: session.map(|e| e.peer.to_string()),
+                    connected_since: session.map(|e| unix_secs(e.since)),
+                    visitors_now: s.gate.active(),
+                    idle_connections: s.pools.iter().map(|p| p.idle_count()).sum(),
+                    counts: s
+                        .gate
+                        .stats()
+                        .snapshot()
+                        .into_iter()
+                        .map(|(name, _, v)| (name.to_string(), v))
+                        .collect(),
+                }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Every agent session, oldest first, with the services it owns.
+    pub fn agents(&self) -> Vec<AgentSnapshot> {
+        let g = self.lock();
+        let mut out: Vec<AgentSnapshot> = g
+            .sessions
+            .iter()
+            .map(|(&id, e)| {
+                let mut services: Vec<String> = g
+                    .services
+                    .values()
+                    .filter(|s| s.is_owned_by(id))
+                    .map(|s| s.name.clone())
+                    .collect();
+                services.sort();
+                AgentSnapshot {
+                    session: id,
+                    address: e.peer.to_string(),
+                    connected_since: unix_secs(e.since),
+                    services,
+                }
+            })
+            .collect();
+        out.sort_by_key(|a| a.session);
         out
     }
 
@@ -129,13 +188,14 @@ impl Registry {
         self.routes().tls(host)
     }
 
-    /// Starts a session for an agent that authenticated with `secrets`; `kick` receives a
-    /// reason if another session takes one of its services. Fails if a secret already has
-    /// its maximum of agents connected.
+    /// Starts a session for an agent at `peer` that authenticated with `secrets`; `kick`
+    /// receives a reason if another session takes one of its services. Fails if a secret
+    /// already has its maximum of agents connected.
     pub fn new_session(
         &self,
         kick: mpsc::Sender<String>,
         mut secrets: Vec<SecretId>,
+        peer: SocketAddr,
     ) -> Result<SessionId, Refusal> {
         secrets.sort();
         secrets.dedup();
@@ -158,7 +218,13 @@ impl Registry {
         }
         g.next_session += 1;
         let id = g.next_session;
-        g.sessions.insert(id, (kick, secrets));
+        let entry = SessionEntry {
+            kick,
+            secrets,
+            peer,
+            since: SystemTime::now(),
+        };
+        g.sessions.insert(id, entry);
         Ok(id)
     }
 
@@ -391,7 +457,7 @@ impl Registry {
     fn take_over(&self, g: &Inner, svc: &Service, session: SessionId) {
         let mut st = svc.state();
         if let Some(prev) = st.owner.filter(|p| *p != session) {
-            if let Some((kick, _)) = g.sessions.get(&prev) {
+            if let Some(SessionEntry { kick, .. }) = g.sessions.get(&prev) {
                 tracing::warn!(service = %svc.name, "service taken over by a newer agent session");
                 let _ = kick.try_send(format!(
                     "service {} was taken over by another agent with the same secret",
@@ -473,8 +539,8 @@ impl Registry {
     /// agent claims them first.
     pub fn end_session(&self, session: SessionId, linger: Duration, now: Instant) {
         let mut g = self.lock();
-        if let Some((_, secrets)) = g.sessions.remove(&session) {
-            for id in secrets {
+        if let Some(entry) = g.sessions.remove(&session) {
+            for id in entry.secrets {
                 if let Some(n) = g.agents_per_secret.get_mut(&id) {
                     *n = n.saturating_sub(1);
                 }
@@ -549,6 +615,8 @@ mod tests {
     use crate::protocol::ErrorCode;
 
     const SECRET: &str = "registry-test-secret";
+    const PEER: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
 
     fn registry(limits: Limits) -> Arc<Registry> {
         let cfg = RelayConfig {
@@ -607,7 +675,10 @@ mod tests {
     /// A session with the relay's secret; its kick receiver says whether it was replaced.
     fn session(reg: &Registry) -> (SessionId, mpsc::Receiver<String>) {
         let (tx, rx) = mpsc::channel(1);
-        (reg.new_session(tx, vec![SecretId::Default]).unwrap(), rx)
+        (
+            reg.new_session(tx, vec![SecretId::Default], PEER).unwrap(),
+            rx,
+        )
     }
 
     fn publish(reg: &Arc<Registry>, s: SessionId, req: ServiceRequest) -> ServiceOutcome {
@@ -755,13 +826,15 @@ mod tests {
         let (a, _ka) = session(&reg);
         let (_b, _kb) = session(&reg);
         let (tx, _rx) = mpsc::channel(1);
-        let refused = reg.new_session(tx, vec![SecretId::Default]).unwrap_err();
+        let refused = reg
+            .new_session(tx, vec![SecretId::Default], PEER)
+            .unwrap_err();
         assert!(
             refused.to_string().contains("maximum of 2 agents"),
             "{refused}"
         );
         reg.end_session(a, LINGER, Instant::now());
         let (tx, _rx) = mpsc::channel(1);
-        assert!(reg.new_session(tx, vec![SecretId::Default]).is_ok());
+        assert!(reg.new_session(tx, vec![SecretId::Default], PEER).is_ok());
     }
 }

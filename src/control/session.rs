@@ -132,7 +132,7 @@ pub async fn run(
         .iter()
         .filter_map(|s| plane.cfg.secret_for(&s.name).map(|(_, id)| id))
         .collect();
-    let session = match plane.registry.new_session(kick_tx, secrets) {
+    let session = match plane.registry.new_session(kick_tx, secrets, peer) {
         Ok(id) => id,
         Err(refusal) => {
             tracing::warn!(%peer, "agent refused: {refusal}");

@@ -131,6 +131,7 @@ pub fn origin_unreachable(
 ) -> Option<Vec<u8>> {
     if let Some(a) = admission {
         a.gate.metrics().origin_unreachable.inc();
+        a.gate.stats().origin_unreachable.inc();
         if a.gate.may_log(std::time::Instant::now()) {
             tracing::warn!(service, %visitor, "visitor turned away: the agent could not reach its local service");
         }

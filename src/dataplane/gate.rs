@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::admin::Metrics;
+use crate::admin::{Metrics, ServiceStats};
 use crate::config::Limits;
 use crate::net::cap::AddrKey;
 use crate::protocol::proxy::ProxyVersion;
@@ -50,6 +50,23 @@ pub struct Admission {
     _permit: Permit,
 }
 
+/// A visitor ended cleanly after `up` bytes to the service and `down` back: counted for its
+/// service (when it was admitted through one).
+pub fn count_done(admission: &Option<Admission>, up: u64, down: u64) {
+    if let Some(a) = admission {
+        a.gate.stats.record(up, down);
+    }
+}
+
+/// A visitor was reset because its tunnel failed mid-stream: counted relay-wide and for its
+/// service.
+pub fn count_cut(metrics: &Metrics, admission: &Option<Admission>) {
+    metrics.visitors_cut.inc();
+    if let Some(a) = admission {
+        a.gate.stats.cut.inc();
+    }
+}
+
 /// One service's admission rules and counters.
 #[derive(Debug)]
 pub struct Gate {
@@ -65,6 +82,7 @@ pub struct Gate {
     epoch: Instant,
     last_warned: AtomicU64,
     metrics: Arc<Metrics>,
+    stats: ServiceStats,
 }
 
 impl Gate {
@@ -82,6 +100,7 @@ impl Gate {
             epoch: Instant::now(),
             last_warned: AtomicU64::new(u64::MAX),
             metrics,
+            stats: ServiceStats::default(),
         })
     }
 
@@ -93,6 +112,17 @@ impl Gate {
     /// Relay counters.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// This service's own counts (the relay-wide ones are in [`Self::metrics`]).
+    pub fn stats(&self) -> &ServiceStats {
+        &self.stats
+    }
+
+    /// A visitor of this service got no data connection: counted relay-wide and here.
+    pub fn count_unserved(&self) {
+        self.metrics.visitors_unserved.inc();
+        self.stats.unserved.inc();
     }
 
     /// Sets what the owning agent asked for: PROXY header, forwarded headers.
@@ -138,8 +168,14 @@ impl Gate {
         let result = self.check(ip, now);
         if let Err(refusal) = &result {
             match refusal {
-                Refusal::Full(_) => self.metrics.visitors_over_limit.inc(),
-                Refusal::RateLimited(_) => self.metrics.visitors_rate_limited.inc(),
+                Refusal::Full(_) => {
+                    self.metrics.visitors_over_limit.inc();
+                    self.stats.refused_full.inc();
+                }
+                Refusal::RateLimited(_) => {
+                    self.metrics.visitors_rate_limited.inc();
+                    self.stats.refused_rate.inc();
+                }
             }
             if self.may_log(now) {
                 tracing::warn!(service = %self.service, visitor = %ip, "visitor refused: {refusal}");
@@ -191,6 +227,7 @@ impl Gate {
                 return Err(Refusal::Full(max)); // the permit drops and gives the place back
             }
         }
+        self.stats.visitors.inc();
         Ok(Admission {
             gate: self.clone(),
             _permit: permit,

@@ -124,6 +124,7 @@ pub fn idle_closed(
     crate::dataplane::sock::cut(socket);
     if let Some(a) = admission {
         a.gate.metrics().visitors_idle_closed.inc();
+        a.gate.stats().idle_closed.inc();
         if !a.gate.may_log(Instant::now()) {
             return;
         }

@@ -269,9 +269,11 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         }
     }
     if let Some(l) = admin_listener {
+        let agents = registry.clone();
         let view = Arc::new(AdminView {
             metrics: metrics.clone(),
             services: Box::new(move || registry.snapshot()),
+            agents: Box::new(move || agents.agents()),
             token: admin_token,
         });
         tasks.spawn(crate::admin::http::serve(view, l));

@@ -88,7 +88,7 @@ impl Unserved {
         e: &TakeError,
     ) -> Option<Vec<u8>> {
         let metrics = &router.metrics;
-        metrics.visitors_unserved.inc();
+        svc.gate.count_unserved();
         match self {
             Unserved::Close => {
                 tracing::warn!(service = %svc.name, visitor = %addr, "TLS visitor closed: {e}");

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::chunked;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::Gate;
+use crate::dataplane::gate::{count_cut, count_done, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock;
@@ -55,12 +55,12 @@ pub fn spawn(
                 continue;
             };
             let pool = pool.clone();
-            let metrics = metrics.clone();
             let service = service.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
                 let deadline = tokio::time::sleep(wait);
                 if let Err((e, _)) = pool.take(visitor, deadline, wait).await {
-                    metrics.visitors_unserved.inc();
+                    gate.count_unserved();
                     tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
                 }
             });
@@ -121,6 +121,7 @@ pub async fn park_and_forward(
             Ok(o) => {
                 let (up, down) = (o.up, o.down);
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
+                count_done(&admission, up, down);
                 drop((stream, admission));
                 let next = conn.on_visitor_done(o.reusable, o.leftover, Instant::now());
                 if next == RelayNext::Close {
@@ -146,7 +147,7 @@ pub async fn park_and_forward(
                     }
                 } else if e.tunnel_lost() {
                     sock::cut(socket);
-                    metrics.visitors_cut.inc();
+                    count_cut(metrics, &admission);
                 }
                 return;
             }

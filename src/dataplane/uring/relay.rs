@@ -16,7 +16,7 @@ use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::Gate;
+use crate::dataplane::gate::{count_cut, count_done, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock::{cut, recv_now, shutdown, Half};
@@ -49,11 +49,11 @@ pub async fn serve_listener(
         let Err(visitor) = Pool::try_take_any(&pools, worker, visitor) else {
             return;
         };
-        let (pool, metrics, service) = (pools[worker].clone(), metrics.clone(), service.clone());
+        let (pool, gate, service) = (pools[worker].clone(), gate.clone(), service.clone());
         monoio::spawn(async move {
             let deadline = monoio::time::sleep(wait);
             if let Err((e, _)) = pool.take(visitor, deadline, wait).await {
-                metrics.visitors_unserved.inc();
+                gate.count_unserved();
                 tracing::warn!(service, visitor = %addr, "visitor closed: {e}");
             }
         });
@@ -188,7 +188,7 @@ async fn park_and_forward(
                 tracing::debug!(service, visitor = %addr, "visitor ended: {e}");
                 // The forwarder already set the visitor to be reset if the tunnel failed.
                 if e.tunnel_lost() {
-                    metrics.visitors_cut.inc();
+                    count_cut(metrics, &admission);
                 }
                 if e.origin_unreachable() {
                     match origin_unreachable(service, addr, http, &admission) {
@@ -206,6 +206,7 @@ async fn park_and_forward(
         };
         let (up, down, reusable) = (outcome.up + sent_early, outcome.down, outcome.reusable);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
+        count_done(&admission, up, down);
         drop((stream, admission));
         let next = conn.on_visitor_done(reusable, outcome.leftover, Instant::now());
         if next == RelayNext::Close {
