@@ -140,7 +140,140 @@ async fn killed_relay_resets_the_local_service_plain(backend: Backend) {
     killed_relay_resets_the_local_service(backend, "off").await
 }
 
+/// Size of the transfer that must survive its control connection.
+const BULK: usize = 256 << 20;
+
+/// An origin that sends `data` to every connection that first sends a byte.
+async fn bulk_origin(data: std::sync::Arc<Vec<u8>>) -> SocketAddr {
+    origin(move |mut s: TcpStream| {
+        let data = data.clone();
+        async move {
+            let mut b = [0u8; 16];
+            if matches!(s.read(&mut b).await, Ok(n) if n > 0) {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            }
+        }
+    })
+    .await
+}
+
+/// A forwarder in front of the relay's control port that can reset the first connection
+/// through it (the agent's control connection: it dials that before any data connection),
+/// as `ss -K` or a NAT dropping its state would, while every other connection flows on.
+struct ControlCut {
+    addr: SocketAddr,
+    first: oneshot::Receiver<tokio::task::JoinHandle<()>>,
+}
+
+impl ControlCut {
+    async fn start(relay: SocketAddr) -> ControlCut {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, first) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            while let Ok((mut a, _)) = l.accept().await {
+                let Ok(mut b) = TcpStream::connect(relay).await else {
+                    continue;
+                };
+                if tx.is_some() {
+                    // Dropped with linger 0: both ends see a reset, not a goodbye.
+                    #[allow(deprecated)]
+                    {
+                        a.set_linger(Some(Duration::ZERO)).unwrap();
+                        b.set_linger(Some(Duration::ZERO)).unwrap();
+                    }
+                }
+                let pump = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                });
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(pump);
+                }
+            }
+        });
+        ControlCut { addr, first }
+    }
+
+    /// Resets the first connection (both of its halves).
+    async fn cut_first(self) {
+        let pump = tokio::time::timeout(WAIT, self.first)
+            .await
+            .expect("the agent connected")
+            .unwrap();
+        pump.abort();
+        let _ = pump.await;
+    }
+}
+
+/// Reads from `v` into `hash` until `total` reaches `until` or the stream ends; each read
+/// bounded by [`WAIT`].
+async fn read_hashing(
+    v: &mut TcpStream,
+    hash: &mut ring::digest::Context,
+    total: &mut usize,
+    until: usize,
+) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while *total < until {
+        let n = tokio::time::timeout(WAIT, v.read(&mut buf))
+            .await
+            .expect("the transfer moves")
+            .expect("no reset");
+        if n == 0 {
+            return;
+        }
+        hash.update(&buf[..n]);
+        *total += n;
+    }
+}
+
+async fn streams_outlive_their_control_connection(backend: Backend) {
+    let data = std::sync::Arc::new(pseudo_random(11, BULK));
+    let want = sha256(&data);
+    let origin = bulk_origin(data).await;
+    let relay = Relay::spawn(backend, &[]);
+    let cut = ControlCut::start(relay.control).await;
+    let mut args = relay.agent_args(origin, "bulk");
+    let at = args.iter().position(|a| a == "--relay").unwrap() + 1;
+    args[at] = cut.addr.to_string();
+    let mut agent = Agent::spawn(args);
+
+    let mut v = TcpStream::connect(agent.public).await.unwrap();
+    v.write_all(b"go").await.unwrap();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0;
+    // The first MiB, then the visitor pauses: the rest is held up inside the tunnel.
+    read_hashing(&mut v, &mut hash, &mut got, 1 << 20).await;
+    cut.cut_first().await;
+    relay.proc.wait_stderr("agent session ended");
+    let online = agent.proc.wait_line("online ");
+    assert_eq!(
+        online, agent.online,
+        "the same public address after the new session"
+    );
+
+    // A new visitor is served (by the new session's connections: the old session's parked
+    // ones left the pool with it).
+    let mut v2 = TcpStream::connect(agent.public).await.unwrap();
+    v2.write_all(b"go").await.unwrap();
+    let (mut h2, mut got2) = (ring::digest::Context::new(&ring::digest::SHA256), 0);
+    read_hashing(&mut v2, &mut h2, &mut got2, 1).await;
+    assert!(got2 > 0, "the new visitor got its first bytes");
+    drop(v2);
+
+    read_hashing(&mut v, &mut hash, &mut got, usize::MAX).await;
+    assert_eq!(got, BULK, "every byte of the transfer in flight arrived");
+    assert_eq!(
+        hash.finish().as_ref(),
+        want.as_slice(),
+        "and every one is right"
+    );
+}
+
 both_backends!(
+    streams_outlive_their_control_connection,
     killed_agent_resets_the_visitor_tls,
     killed_agent_resets_the_visitor_plain,
     killed_relay_resets_the_local_service_tls,
