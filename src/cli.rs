@@ -56,7 +56,7 @@ pub struct Cli {
 
 /// Heartbeat flags, the same for relay and agent: how fast a silent peer (a cut link, a
 /// frozen process) is noticed.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HeartbeatArgs {
     /// Seconds of quiet after which a heartbeat is sent on the control connection
     /// (heartbeat_interval_secs) [default: 10].
@@ -103,7 +103,7 @@ pub struct StatusArgs {
 }
 
 /// `ringtunnel relay`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
     /// Address agents connect to (control and data connections) [default: 0.0.0.0:7843].
     #[arg(long)]

@@ -47,13 +47,13 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Relay(args) => {
-            let cfg = args.into_config()?;
+            let cfg = args.clone().into_config()?;
             let rt = runtime(cfg.workers)?;
             rt.block_on(async {
                 let data_tls = if cfg.data_tls { "on" } else { "off" };
-                let drain_timeout = cfg.drain_timeout;
                 let mut signals = Signals::new()?;
-                let mut relay = relay::start(cfg).await?;
+                let load: relay::Loader = Box::new(move || args.clone().into_config());
+                let mut relay = relay::start_reloadable(cfg, load).await?;
                 if relay.generated_cert {
                     tracing::info!("generated a self-signed certificate");
                 }
@@ -77,10 +77,17 @@ fn run(command: Command) -> anyhow::Result<()> {
                     relay.control_addr, relay.fingerprint, relay.backend
                 ));
                 let metrics = relay.metrics.clone();
-                let signal = tokio::select! {
-                    signal = signals.next() => signal,
-                    _ = relay.wait() => "none",
+                let signal = loop {
+                    tokio::select! {
+                        got = signals.next() => match got {
+                            Signal::Stop(name) => break name,
+                            // Logged by the reload itself, done or refused.
+                            Signal::Reload => { let _ = relay.reload(); }
+                        },
+                        _ = relay.wait() => break "none",
+                    }
                 };
+                let drain_timeout = relay.settings().drain_timeout;
                 relay.close_doors();
                 let in_flight = relay.visitors_active();
                 tracing::info!(
@@ -91,7 +98,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
                 let drained = tokio::select! {
                     d = relay.drain(drain_timeout) => d,
-                    _ = signals.next() => {
+                    _ = signals.next_stop() => {
                         let cut = relay.visitors_active();
                         relay::Drained { finished: in_flight.saturating_sub(cut), cut }
                     }
@@ -121,7 +128,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 let drained = loop {
                     tokio::select! {
                         r = &mut run => break r?,
-                        signal = signals.next() => {
+                        signal = signals.next_stop() => {
                             tracing::debug!(signal, "stop signal");
                             stop.send_modify(|n| *n += 1);
                         }
@@ -147,9 +154,17 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// The signals that stop a relay or an agent: SIGTERM (systemd, docker, kill) and SIGINT
-/// (Ctrl-C). The first starts a drain, the second ends it. SIGHUP, which would otherwise
-/// kill the process, is logged and ignored: settings are not reloaded live yet.
+/// A signal the process acts on.
+enum Signal {
+    /// SIGTERM or SIGINT (named): drain, or end a drain.
+    Stop(&'static str),
+    /// SIGHUP: re-read the settings.
+    Reload,
+}
+
+/// The signals a relay or an agent acts on: SIGTERM (systemd, docker, kill) and SIGINT
+/// (Ctrl-C) stop it (the first starts a drain, the second ends it); SIGHUP, which would
+/// otherwise kill the process, reloads the relay's settings (the agent logs and ignores it).
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
@@ -166,14 +181,22 @@ impl Signals {
         })
     }
 
-    /// The next stop signal to arrive, by name.
-    async fn next(&mut self) -> &'static str {
+    /// The next signal to arrive.
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+
+    /// The next stop signal to arrive, by name; SIGHUP meanwhile is logged and ignored.
+    async fn next_stop(&mut self) -> &'static str {
         loop {
-            tokio::select! {
-                _ = self.term.recv() => return "SIGTERM",
-                _ = self.int.recv() => return "SIGINT",
-                _ = self.hup.recv() => tracing::warn!(
-                    "SIGHUP ignored: settings are not reloaded live; restart to apply changes (SIGTERM drains first)"
+            match self.next().await {
+                Signal::Stop(name) => return name,
+                Signal::Reload => tracing::warn!(
+                    "SIGHUP ignored: settings are not reloaded now; restart to apply changes (SIGTERM drains first)"
                 ),
             }
         }

@@ -66,9 +66,11 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
     let mut relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "slow"));
     let (mut v, first) = downloading(agent.public).await;
-    // A SIGHUP neither stops nor drains it.
+    // A SIGHUP neither stops nor drains it: it reloads the settings (none changed).
     relay.proc.signal("-HUP");
-    relay.proc.wait_stderr("SIGHUP ignored");
+    relay
+        .proc
+        .wait_stderr("settings reloaded: changed=none needs_restart=none");
     assert!(relay.proc.is_running());
     relay.proc.signal("-TERM");
     relay.proc.wait_stderr("draining");

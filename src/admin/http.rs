@@ -1,7 +1,8 @@
 //! The admin endpoint, on a loopback address by default, optionally behind a bearer token:
 //! `GET /health`, `GET /metrics` (Prometheus text format, with `# HELP` lines and
 //! per-service counts), `GET /api/services` and `GET /api/agents` (JSON, what
-//! `ringtunnel status` prints). One request per connection, heads bounded in size and time
+//! `ringtunnel status` prints), and `POST /api/reload` (re-read the settings, as SIGHUP
+//! does). One request per connection, heads bounded in size and time
 //! like the shared HTTP port's.
 
 use std::fmt::Write as _;
@@ -31,6 +32,8 @@ pub struct AdminView {
     pub services: Box<dyn Fn() -> Vec<ServiceSnapshot> + Send + Sync>,
     /// Every connected agent as it is at the moment of the call.
     pub agents: Box<dyn Fn() -> Vec<AgentSnapshot> + Send + Sync>,
+    /// Reloads the relay's settings: what it did, as JSON, or why nothing changed.
+    pub reload: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
     /// When set, every request needs `Authorization: Bearer <token>`.
     pub token: Option<Secret>,
 }
@@ -158,10 +161,17 @@ fn respond(view: &AdminView, raw: &[u8]) -> Reply {
             };
         }
     }
-    if method != "GET" && method != "HEAD" {
-        return Reply::text(405, "only GET\n");
+    let path = target.split('?').next().unwrap_or("");
+    if method == "POST" && path == "/api/reload" {
+        return match (view.reload)() {
+            Ok(done) => Reply::json(done + "\n"),
+            Err(why) => Reply::text(400, format!("reload refused, nothing changed: {why}\n")),
+        };
     }
-    let reply = match target.split('?').next().unwrap_or("") {
+    if method != "GET" && method != "HEAD" {
+        return Reply::text(405, "only GET (and POST /api/reload)\n");
+    }
+    let reply = match path {
         "/health" => Reply::text(200, "ok\n"),
         "/metrics" => Reply::text(200, metrics_text(view)),
         "/api/services" => Reply::json(to_json(&(view.services)())),

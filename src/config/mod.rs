@@ -23,11 +23,13 @@ use crate::protocol::msg::MAX_NAME_LEN;
 pub mod agent;
 pub mod hosts;
 pub mod limits;
+pub mod live;
 pub mod relay;
 
 pub use agent::{AgentConfig, AgentFile, ServiceConfig};
 pub use hosts::{BadCidr, Cidr, FrontConfig, HostError};
 pub use limits::Limits;
+pub use live::{plan_reload, LiveConfig, ReloadPlan};
 pub use relay::{RelayConfig, RelayFile, RelayServiceFile, SecretId, DEFAULT_DRAIN_TIMEOUT};
 
 /// Default control port of the relay.
@@ -359,8 +361,34 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Settings for a relay on loopback in unit tests: tokio backend, plain data
+    /// connections, shared ports under `example.test`.
+    pub(crate) fn relay_config() -> RelayConfig {
+        RelayConfig {
+            control: "127.0.0.1:0".parse().unwrap(),
+            secret: Some(Secret::new("unit-test-secret-long-enough")),
+            service_secrets: Vec::new(),
+            bind_addr: "127.0.0.1".parse().unwrap(),
+            port_range: PortRange::default(),
+            data_tls: false,
+            state_dir: std::env::temp_dir(),
+            cert: None,
+            backend: BackendKind::Tokio,
+            workers: None,
+            heartbeat: Heartbeat::default(),
+            front: FrontConfig {
+                domain: Some("example.test".into()),
+                ..Default::default()
+            },
+            limits: Limits::default(),
+            admin: None,
+            admin_token: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
 
     #[test]
     fn host_port_forms() {

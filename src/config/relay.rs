@@ -68,7 +68,7 @@ pub struct RelayFile {
 }
 
 /// A `[[service]]` table in `relay.toml`: a service name with its own secret and/or limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayServiceFile {
     /// Service name.

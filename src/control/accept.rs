@@ -203,7 +203,7 @@ async fn data_connection(
     }
     // The transport is checked before the ticket is touched: a plain connection to a relay
     // that requires TLS must not spend a ticket it cannot use.
-    if plane.cfg.data_tls && !tls {
+    if plane.cfg().data_tls && !tls {
         let m = "this relay requires TLS on data connections";
         return reject(&plane, framed, peer, ErrorCode::BadRequest, m).await;
     }

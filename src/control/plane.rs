@@ -11,7 +11,7 @@ use super::registry::{Registry, SessionId};
 use super::service::Service;
 use super::tickets::TicketStore;
 use crate::admin::Metrics;
-use crate::config::RelayConfig;
+use crate::config::{LiveConfig, RelayConfig};
 use crate::dataplane::DataPlane;
 use crate::net::refusals::RefusalLog;
 use crate::net::throttle::{FailureThrottle, PENALTY};
@@ -54,7 +54,7 @@ impl Grant {
 /// State shared by every control-plane task of one relay.
 pub struct ControlPlane {
     /// Settings.
-    pub cfg: RelayConfig,
+    live: Arc<LiveConfig>,
     /// Services and sessions.
     pub registry: Arc<Registry>,
     /// Counters.
@@ -75,14 +75,14 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// A control plane with no ticket outstanding.
     pub fn new(
-        cfg: RelayConfig,
+        live: Arc<LiveConfig>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         acceptor: TlsAcceptor,
         dataplane: DataPlane,
     ) -> Self {
         Self {
-            cfg,
+            live,
             registry,
             metrics,
             acceptor,
@@ -92,6 +92,11 @@ impl ControlPlane {
             tickets: Mutex::new(TicketStore::default()),
             drain: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// The settings in force now (a reload replaces them).
+    pub fn cfg(&self) -> Arc<RelayConfig> {
+        self.live.get()
     }
 
     /// The relay is draining: new agent connections are no longer accepted (sessions and

@@ -17,7 +17,7 @@ use super::routes::Routes;
 pub use super::service::SessionId;
 use super::service::{Service, ServiceState};
 use crate::admin::{AgentSnapshot, Metrics, ServiceSnapshot};
-use crate::config::{validate_name, RelayConfig, SecretId, MAX_POOL};
+use crate::config::{validate_name, LiveConfig, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
@@ -39,10 +39,20 @@ fn key(name: &str) -> String {
     name.to_ascii_lowercase()
 }
 
+/// Why the registry ends a session from outside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kick {
+    /// Another session took one of its services over (the agent should not come back).
+    Replaced(String),
+    /// A reload changed a secret or a reservation it relies on (the agent should
+    /// authenticate again).
+    SettingsChanged(String),
+}
+
 /// One authenticated agent session.
 struct SessionEntry {
     /// Receives a reason if another session takes one of its services.
-    kick: mpsc::Sender<String>,
+    kick: mpsc::Sender<Kick>,
     /// The secrets it authenticated with (each counts one agent).
     secrets: Vec<SecretId>,
     /// The agent's address as the relay saw it.
@@ -67,6 +77,32 @@ fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Why `svc`'s owner may not keep it under the `new` settings (reserved hosts `reserved`),
+/// if it may not: its secret changed or went, or a host it claims is reserved for another
+/// service.
+fn unwelcome(
+    svc: &Service,
+    old: &RelayConfig,
+    new: &RelayConfig,
+    reserved: &[(String, String)],
+) -> Option<String> {
+    let value = |cfg: &RelayConfig| cfg.secret_for(&svc.name).map(|(s, id)| (s.clone(), id));
+    match (value(old), value(new)) {
+        (_, None) => return Some(format!("service {} has no secret any more", svc.name)),
+        (_, Some((_, id))) if id != svc.secret => {
+            return Some(format!("service {} has a secret of its own now", svc.name))
+        }
+        (Some((was, _)), Some((now, _))) if was != now => {
+            return Some(format!("the secret of service {} changed", svc.name))
+        }
+        _ => {}
+    }
+    reserved
+        .iter()
+        .find(|(host, owner)| svc.hosts.contains(host) && !owner.eq_ignore_ascii_case(&svc.name))
+        .map(|(host, owner)| format!("host {host} is reserved for service {owner} now"))
+}
+
 /// The actual ports of the relay's shared listeners (after binding, so port 0 is resolved).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SharedPorts {
@@ -80,16 +116,16 @@ pub struct SharedPorts {
 pub struct Registry {
     inner: Mutex<Inner>,
     routes: RwLock<Routes>,
-    cfg: RelayConfig,
+    live: Arc<LiveConfig>,
     shared_ports: SharedPorts,
     metrics: Arc<Metrics>,
     dataplane: DataPlane,
 }
 
 impl Registry {
-    /// An empty registry for a relay configured by `cfg`, served by `dataplane`.
+    /// An empty registry for a relay configured by `live`, served by `dataplane`.
     pub fn new(
-        cfg: RelayConfig,
+        live: Arc<LiveConfig>,
         shared_ports: SharedPorts,
         metrics: Arc<Metrics>,
         dataplane: DataPlane,
@@ -97,12 +133,17 @@ impl Registry {
         Self {
             inner: Mutex::new(Inner::default()),
             // Validated with the config: a bad reservation never gets this far.
-            routes: RwLock::new(Routes::new(cfg.reservations().unwrap_or_default())),
-            cfg,
+            routes: RwLock::new(Routes::new(live.get().reservations().unwrap_or_default())),
+            live,
             shared_ports,
             metrics,
             dataplane,
         }
+    }
+
+    /// The settings in force now.
+    fn cfg(&self) -> Arc<RelayConfig> {
+        self.live.get()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -193,7 +234,7 @@ impl Registry {
     /// already has its maximum of agents connected.
     pub fn new_session(
         &self,
-        kick: mpsc::Sender<String>,
+        kick: mpsc::Sender<Kick>,
         mut secrets: Vec<SecretId>,
         peer: SocketAddr,
     ) -> Result<SessionId, Refusal> {
@@ -202,7 +243,7 @@ impl Registry {
         let mut g = self.lock();
         for id in &secrets {
             let have = g.agents_per_secret.get(id).copied().unwrap_or(0);
-            if let Some(max) = self.cfg.max_agents(id) {
+            if let Some(max) = self.cfg().max_agents(id) {
                 if have >= max {
                     self.metrics.agents_over_limit.inc();
                     let whose = match id {
@@ -279,7 +320,7 @@ impl Registry {
         let target = usize::from(req.pool.clamp(1, MAX_POOL));
         let (hosts, path) = self.claims(req)?;
         let secret = self
-            .cfg
+            .cfg()
             .secret_for(&req.name)
             .map(|(_, id)| id)
             .ok_or_else(|| Refusal::BadRequest(format!("no secret for service {}", req.name)))?;
@@ -308,7 +349,7 @@ impl Registry {
             .collect();
         let gate = Gate::new(
             &req.name,
-            &self.cfg.limits_for(&req.name),
+            &self.cfg().limits_for(&req.name),
             self.metrics.clone(),
         );
         gate.configure(req.proxy, req.forwarded_headers);
@@ -380,7 +421,7 @@ impl Registry {
         let mut hosts = Vec::with_capacity(req.hosts.len());
         for h in &req.hosts {
             let q = self
-                .cfg
+                .cfg()
                 .front
                 .qualify(h)
                 .map_err(|e| reject(e.to_string()))?;
@@ -459,10 +500,10 @@ impl Registry {
         if let Some(prev) = st.owner.filter(|p| *p != session) {
             if let Some(SessionEntry { kick, .. }) = g.sessions.get(&prev) {
                 tracing::warn!(service = %svc.name, "service taken over by a newer agent session");
-                let _ = kick.try_send(format!(
+                let _ = kick.try_send(Kick::Replaced(format!(
                     "service {} was taken over by another agent with the same secret",
                     svc.name
-                ));
+                )));
             }
         }
         st.owner = Some(session);
@@ -483,11 +524,11 @@ impl Registry {
         gate: &Arc<Gate>,
         pools: &[Arc<Pool>],
     ) -> Result<(u16, ListenerGuard), Refusal> {
-        let range = self.cfg.port_range;
+        let range = self.cfg().port_range;
         let try_bind = |port: u16| {
-            let addr = SocketAddr::new(self.cfg.bind_addr, port);
+            let addr = SocketAddr::new(self.cfg().bind_addr, port);
             self.dataplane
-                .listen(addr, gate, pools, self.cfg.front.agent_wait)
+                .listen(addr, gate, pools, self.cfg().front.agent_wait)
         };
         if req.remote_port != 0 {
             let port = req.remote_port;
@@ -558,6 +599,33 @@ impl Registry {
         }
     }
 
+    /// Puts reloaded settings in force for what is already published: `old` were the
+    /// settings before, `new` (already in force for new sessions) after. Reserved hosts and
+    /// every service's limits are replaced; a session whose secret changed or went, or whose
+    /// service claims a host now reserved for another service, is ended (its agent
+    /// reconnects and authenticates again, or is refused). Returns how many sessions ended.
+    pub fn apply_settings(&self, old: &RelayConfig, new: &RelayConfig) -> usize {
+        let reserved = new.reservations().unwrap_or_default();
+        self.routes_mut().set_reserved(reserved.clone());
+        let g = self.lock();
+        let mut ended = std::collections::HashSet::new();
+        for svc in g.services.values() {
+            svc.gate.set_limits(&new.limits_for(&svc.name));
+            let Some(owner) = svc.state().owner else {
+                continue;
+            };
+            let Some(why) = unwelcome(svc, old, new, &reserved) else {
+                continue;
+            };
+            if let Some(entry) = g.sessions.get(&owner) {
+                tracing::warn!(service = %svc.name, session = owner, "agent session ended by the reload: {why}");
+                let _ = entry.kick.try_send(Kick::SettingsChanged(why));
+                ended.insert(owner);
+            }
+        }
+        ended.len()
+    }
+
     /// Closes every service whose linger ended by `now` (its agent did not return). Driven by
     /// the relay's sweeper; time is a parameter so tests can move it.
     pub fn expire_lingering(&self, now: Instant) {
@@ -611,7 +679,7 @@ mod tests {
     //! with `now` passed in and the tokio data plane's real listeners on loopback.
 
     use super::*;
-    use crate::config::{BackendKind, FrontConfig, Heartbeat, Limits, PortRange, Secret};
+    use crate::config::{Limits, Secret};
     use crate::protocol::ErrorCode;
 
     const SECRET: &str = "registry-test-secret";
@@ -620,32 +688,16 @@ mod tests {
 
     fn registry(limits: Limits) -> Arc<Registry> {
         let cfg = RelayConfig {
-            control: "127.0.0.1:0".parse().unwrap(),
             secret: Some(Secret::new(SECRET)),
-            service_secrets: Vec::new(),
-            bind_addr: "127.0.0.1".parse().unwrap(),
-            port_range: PortRange::default(),
-            data_tls: false,
-            state_dir: std::env::temp_dir(),
-            cert: None,
-            backend: BackendKind::Tokio,
-            workers: None,
-            heartbeat: Heartbeat::default(),
-            front: FrontConfig {
-                domain: Some("example.test".into()),
-                ..Default::default()
-            },
             limits,
-            admin: None,
-            admin_token: None,
-            drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
+            ..crate::config::tests::relay_config()
         };
         let ports = SharedPorts {
             http: Some(8080),
             tls: Some(8443),
         };
         Arc::new(Registry::new(
-            cfg,
+            LiveConfig::new(cfg),
             ports,
             Arc::new(Metrics::default()),
             DataPlane::Tokio,
@@ -673,7 +725,7 @@ mod tests {
     }
 
     /// A session with the relay's secret; its kick receiver says whether it was replaced.
-    fn session(reg: &Registry) -> (SessionId, mpsc::Receiver<String>) {
+    fn session(reg: &Registry) -> (SessionId, mpsc::Receiver<Kick>) {
         let (tx, rx) = mpsc::channel(1);
         (
             reg.new_session(tx, vec![SecretId::Default], PEER).unwrap(),
@@ -775,6 +827,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reload_ends_the_sessions_it_no_longer_allows_and_only_those() {
+        let reg = registry(Limits::default());
+        let old = reg.cfg();
+        let (a, mut kick_a) = session(&reg);
+        let (b, mut kick_b) = session(&reg);
+        publish(&reg, a, http("shop", "shop", "/"));
+        publish(&reg, b, http("blog", "blog", "/"));
+        // The blog's host is now reserved for another service; the shop is untouched.
+        let mut new = (*old).clone();
+        new.service_secrets.push(crate::config::RelayServiceFile {
+            name: "journal".into(),
+            secret: None,
+            hosts: vec!["blog".into()],
+            limits: Limits::default(),
+        });
+        reg.live.set(new.clone());
+        assert_eq!(reg.apply_settings(&old, &new), 1);
+        let told = kick_b.try_recv().expect("the blog's session is told");
+        assert!(
+            matches!(&told, Kick::SettingsChanged(why) if why.contains("reserved for service journal")),
+            "{told:?}"
+        );
+        assert!(kick_a.try_recv().is_err(), "the shop's session carries on");
+        // The relay's secret changes: every session on it ends.
+        let mut rotated = new.clone();
+        rotated.secret = Some(Secret::new("another-secret-entirely-xyz"));
+        assert_eq!(reg.apply_settings(&new, &rotated), 2);
+        assert!(matches!(kick_a.try_recv(), Ok(Kick::SettingsChanged(_))));
+    }
+
+    #[tokio::test]
     async fn the_same_name_takes_over_and_the_old_session_is_told() {
         let reg = registry(Limits::default());
         let (a, mut kick_a) = session(&reg);
@@ -785,7 +868,10 @@ mod tests {
             ServiceOutcome::Online { .. }
         ));
         let told = kick_a.try_recv().expect("the old session is told");
-        assert!(told.contains("taken over"), "{told}");
+        assert!(
+            matches!(&told, Kick::Replaced(why) if why.contains("taken over")),
+            "{told:?}"
+        );
         // The old session ending now must not unpublish the new owner's service.
         reg.end_session(a, LINGER, Instant::now());
         assert_eq!(online(&reg, "shop"), Some(true));

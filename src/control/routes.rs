@@ -39,6 +39,12 @@ impl Routes {
         }
     }
 
+    /// Replaces the reserved hosts (a reload). Claims already made stay; the caller ends the
+    /// sessions of services that claim a host now reserved for another.
+    pub fn set_reserved(&mut self, reserved: Vec<(String, String)>) {
+        self.reserved = reserved.into_iter().collect();
+    }
+
     /// The claims that serve visitors of `host` now: the host's own, or if it has none and
     /// is not reserved, those of the wildcard one label up.
     fn http_claims(&self, host: &str) -> &[(String, Arc<Service>)] {

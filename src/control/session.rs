@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::plane::{ControlPlane, Grant, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use super::refusal::Refusal;
-use super::registry::LINGER;
+use super::registry::{Kick, LINGER};
 use super::service::{Service, SessionId};
 use super::tickets::Owner;
 use crate::net::cap::CapPlace;
@@ -47,6 +47,9 @@ pub enum SessionEnd {
     /// Another session took over a service.
     #[error("replaced: {0}")]
     Replaced(String),
+    /// A reload changed a secret or reservation the session relies on.
+    #[error("ended by a reload: {0}")]
+    SettingsChanged(String),
     /// No requested service could be published.
     #[error("no service could be published")]
     NothingPublished,
@@ -89,7 +92,7 @@ pub async fn run(
     let challenge = RelayMsg::Challenge {
         version: PROTOCOL_VERSION,
         nonce,
-        data_tls: plane.cfg.data_tls,
+        data_tls: plane.cfg().data_tls,
     };
     framed.write_msg(&challenge, WRITE_TIMEOUT).await?;
     let services = match framed
@@ -105,7 +108,7 @@ pub async fn run(
         }
     };
     for s in &services {
-        let ok = plane.cfg.secret_for(&s.name).is_some_and(|(secret, _)| {
+        let ok = plane.cfg().secret_for(&s.name).is_some_and(|(secret, _)| {
             verify_register_mac(secret.expose(), &nonce, &s.name, &s.mac)
         });
         if !ok {
@@ -130,7 +133,7 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     let secrets = services
         .iter()
-        .filter_map(|s| plane.cfg.secret_for(&s.name).map(|(_, id)| id))
+        .filter_map(|s| plane.cfg().secret_for(&s.name).map(|(_, id)| id))
         .collect();
     let session = match plane.registry.new_session(kick_tx, secrets, peer) {
         Ok(id) => id,
@@ -160,15 +163,15 @@ pub async fn run(
     .await;
     plane.registry.end_session(session, LINGER, Instant::now());
     plane.tickets().drop_session(session);
-    if let Err(SessionEnd::Replaced(reason)) = &result {
+    let told = match &result {
+        Err(SessionEnd::Replaced(why)) => Some((ErrorCode::Replaced, why)),
+        Err(SessionEnd::SettingsChanged(why)) => Some((ErrorCode::SettingsChanged, why)),
+        _ => None,
+    };
+    if let Some((code, why)) = told {
+        let message = why.clone();
         let _ = framed
-            .write_msg(
-                &RelayMsg::Error {
-                    code: ErrorCode::Replaced,
-                    message: reason.clone(),
-                },
-                WRITE_TIMEOUT,
-            )
+            .write_msg(&RelayMsg::Error { code, message }, WRITE_TIMEOUT)
             .await;
     }
     result
@@ -181,7 +184,7 @@ async fn serve(
     session: SessionId,
     services: &[crate::protocol::ServiceRequest],
     wake: &Arc<Notify>,
-    mut kick: mpsc::Receiver<String>,
+    mut kick: mpsc::Receiver<Kick>,
 ) -> Result<(), SessionEnd> {
     let (results, owned) = plane.registry.register(session, services, wake);
     for r in &results {
@@ -202,7 +205,7 @@ async fn serve(
     }
     plane.metrics.sessions_accepted.inc();
 
-    let hb = plane.cfg.heartbeat;
+    let hb = plane.cfg().heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
     let mut drain = plane.drain_signal();
     // Set when the relay starts draining: the session is told to go away by then, once no
@@ -252,8 +255,12 @@ async fn serve(
             }
             _ = wake.notified() => {}
             _ = drain.changed() => {}
-            reason = kick.recv() => {
-                return Err(SessionEnd::Replaced(reason.unwrap_or_default()));
+            kicked = kick.recv() => {
+                return Err(match kicked {
+                    Some(Kick::SettingsChanged(why)) => SessionEnd::SettingsChanged(why),
+                    Some(Kick::Replaced(why)) => SessionEnd::Replaced(why),
+                    None => SessionEnd::Replaced(String::new()),
+                });
             }
             _ = tokio::time::sleep_until(wait_until.into()) => {}
         }

@@ -67,13 +67,30 @@ pub fn count_cut(metrics: &Metrics, admission: &Option<Admission>) {
     }
 }
 
+/// The limits a gate enforces, as [`Limits`] resolves them.
+#[derive(Debug, Clone, Copy)]
+struct GateLimits {
+    max_visitors: Option<usize>,
+    rate_per_ip: Option<u32>,
+    idle: Option<Duration>,
+}
+
+impl GateLimits {
+    fn of(limits: &Limits) -> Self {
+        Self {
+            max_visitors: limits.visitor_cap(),
+            rate_per_ip: limits.rate_cap(),
+            idle: limits.idle_timeout(),
+        }
+    }
+}
+
 /// One service's admission rules and counters.
 #[derive(Debug)]
 pub struct Gate {
     service: String,
-    max_visitors: Option<usize>,
-    rate_per_ip: Option<u32>,
-    idle: Option<Duration>,
+    /// The limits in force; a reload replaces them (visitors already in keep their place).
+    limits: Mutex<GateLimits>,
     proxy: AtomicU8,
     forwarded: AtomicBool,
     active: Arc<AtomicUsize>,
@@ -90,9 +107,7 @@ impl Gate {
     pub fn new(service: &str, limits: &Limits, metrics: Arc<Metrics>) -> Arc<Gate> {
         Arc::new(Gate {
             service: service.to_string(),
-            max_visitors: limits.visitor_cap(),
-            rate_per_ip: limits.rate_cap(),
-            idle: limits.idle_timeout(),
+            limits: Mutex::new(GateLimits::of(limits)),
             proxy: AtomicU8::new(ProxyVersion::Off.to_u8()),
             forwarded: AtomicBool::new(true),
             active: Arc::new(AtomicUsize::new(0)),
@@ -138,7 +153,17 @@ impl Gate {
 
     /// Close a visitor after this long without a byte either way.
     pub fn idle_timeout(&self) -> Option<Duration> {
-        self.idle
+        self.limits().idle
+    }
+
+    /// Puts new limits in force (a reload): for visitors admitted from now on, and the idle
+    /// timeout for those whose forwarding starts from now on.
+    pub fn set_limits(&self, limits: &Limits) {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = GateLimits::of(limits);
+    }
+
+    fn limits(&self) -> GateLimits {
+        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Visitors connected right now.
@@ -193,7 +218,8 @@ impl Gate {
     }
 
     fn check(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
-        if let Some(rate) = self.rate_per_ip {
+        let limits = self.limits();
+        if let Some(rate) = limits.rate_per_ip {
             // A token bucket per address: a burst of up to `rate` connections, then `rate`
             // per second. (Counting per calendar second let 2 × rate through across a
             // second's edge.)
@@ -222,7 +248,7 @@ impl Gate {
         let permit = Permit {
             active: self.active.clone(),
         };
-        if let Some(max) = self.max_visitors {
+        if let Some(max) = limits.max_visitors {
             if now_active > max {
                 return Err(Refusal::Full(max)); // the permit drops and gives the place back
             }

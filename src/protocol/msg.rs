@@ -103,6 +103,9 @@ pub enum ErrorCode {
     Internal = 9,
     /// A host name (and path) is already claimed by another service.
     HostTaken = 10,
+    /// The relay's settings changed (a reload: a secret, a reservation) in a way that
+    /// concerns this session: reconnect and authenticate again.
+    SettingsChanged = 11,
 }
 
 impl ErrorCode {
@@ -119,6 +122,7 @@ impl ErrorCode {
             8 => LimitReached,
             9 => Internal,
             10 => HostTaken,
+            11 => SettingsChanged,
             _ => return None,
         })
     }

@@ -11,15 +11,18 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+pub mod reload;
+
 use crate::admin::http::AdminView;
 use crate::admin::Metrics;
-use crate::config::{ConfigError, RelayConfig, Secret};
+use crate::config::{ConfigError, LiveConfig, RelayConfig, Secret};
 use crate::control::accept;
 use crate::control::plane::ControlPlane;
 use crate::control::registry::{Registry, SharedPorts};
 use crate::dataplane::{choose_backend, Backend, DataPlane, SharedListener};
 use crate::shared_ports::{Port, Router};
 use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
+pub use reload::{Loader, Reloaded, Reloader};
 
 /// How often expired tickets and services whose linger ended are swept: a lingering service
 /// closes at most this long after its linger.
@@ -82,6 +85,7 @@ pub struct RelayHandle {
     /// The control plane, whose registry holds the services' public listeners: closed on stop
     /// even while a session task still unwinds.
     plane: Arc<ControlPlane>,
+    reloader: Arc<Reloader>,
 }
 
 /// What a drain achieved.
@@ -94,6 +98,16 @@ pub struct Drained {
 }
 
 impl RelayHandle {
+    /// Reads the settings again and puts in force what can change live (see [`Reloader`]).
+    pub fn reload(&self) -> Result<Reloaded, ConfigError> {
+        self.reloader.reload()
+    }
+
+    /// The settings in force now.
+    pub fn settings(&self) -> Arc<RelayConfig> {
+        self.plane.cfg()
+    }
+
     /// Runs until the relay's tasks end (they do not, short of a panic).
     pub async fn wait(&mut self) {
         while self.tasks.join_next().await.is_some() {}
@@ -174,6 +188,16 @@ fn bind(
 /// Validates `cfg`, loads or creates the certificate, binds the control port and starts
 /// serving. Must be called inside a tokio runtime.
 pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
+    start_with(cfg, None).await
+}
+
+/// [`start`], with a way to read the settings again for a reload ([`RelayHandle::reload`],
+/// SIGHUP, `POST /api/reload` on the admin endpoint).
+pub async fn start_reloadable(cfg: RelayConfig, load: Loader) -> Result<RelayHandle, RelayError> {
+    start_with(cfg, Some(load)).await
+}
+
+async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandle, RelayError> {
     cfg.validate()?;
     if let Some(why) = cfg.secret.as_ref().and_then(Secret::weakness) {
         tracing::warn!("the relay's secret is weak: {why}");
@@ -219,8 +243,9 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         tracing::warn!("data connections are plain TCP (--data-tls off): visitor bytes cross the network unencrypted between relay and agent");
     }
     let metrics = Arc::new(Metrics::default());
+    let live = LiveConfig::new(cfg.clone());
     let registry = Arc::new(Registry::new(
-        cfg.clone(),
+        live.clone(),
         SharedPorts {
             http: http_addr.map(|a| a.port()),
             tls: tls_addr.map(|a| a.port()),
@@ -234,8 +259,9 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         metrics: metrics.clone(),
     });
     let admin_token = cfg.admin_token.clone();
+    let reloader = Arc::new(Reloader::new(load, live.clone(), registry.clone()));
     let plane = Arc::new(ControlPlane::new(
-        cfg,
+        live,
         registry.clone(),
         metrics.clone(),
         acceptor,
@@ -274,6 +300,15 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
             metrics: metrics.clone(),
             services: Box::new(move || registry.snapshot()),
             agents: Box::new(move || agents.agents()),
+            reload: {
+                let reloader = reloader.clone();
+                Box::new(move || {
+                    reloader
+                        .reload()
+                        .map(|done| serde_json::to_string_pretty(&done).unwrap_or_default())
+                        .map_err(|e| e.to_string())
+                })
+            },
             token: admin_token,
         });
         tasks.spawn(crate::admin::http::serve(view, l));
@@ -303,5 +338,6 @@ pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
         shared_stops,
         worker_ports,
         plane,
+        reloader,
     })
 }
