@@ -239,7 +239,7 @@ impl RelayArgs {
 }
 
 /// `ringtunnel agent`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// Relay control address, HOST[:PORT] (default port 7843). Required unless --config
     /// names it.

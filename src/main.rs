@@ -118,20 +118,29 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Agent(args) => {
-            let cfg = args.into_config()?;
+            let cfg = args.clone().into_config()?;
             let rt = runtime(None)?;
             rt.block_on(async {
                 let mut signals = Signals::new()?;
                 let (stop, stopping) = tokio::sync::watch::channel(0u32);
-                let run = agent::run_with_events(cfg, None, stopping);
+                let (reload, reloads) = tokio::sync::watch::channel(0u32);
+                let load: agent::reload::AgentLoader = Box::new(move || args.clone().into_config());
+                let reload_with = agent::reload::Reload {
+                    signal: reloads,
+                    load,
+                };
+                let run = agent::run_reloadable(cfg, stopping, reload_with);
                 tokio::pin!(run);
                 let drained = loop {
                     tokio::select! {
                         r = &mut run => break r?,
-                        signal = signals.next_stop() => {
-                            tracing::debug!(signal, "stop signal");
-                            stop.send_modify(|n| *n += 1);
-                        }
+                        signal = signals.next() => match signal {
+                            Signal::Stop(name) => {
+                                tracing::debug!(signal = name, "stop signal");
+                                stop.send_modify(|n| *n += 1);
+                            }
+                            Signal::Reload => reload.send_modify(|n| *n += 1),
+                        },
                     }
                 };
                 tracing::info!(
@@ -164,7 +173,7 @@ enum Signal {
 
 /// The signals a relay or an agent acts on: SIGTERM (systemd, docker, kill) and SIGINT
 /// (Ctrl-C) stop it (the first starts a drain, the second ends it); SIGHUP, which would
-/// otherwise kill the process, reloads the relay's settings (the agent logs and ignores it).
+/// otherwise kill the process, reloads the settings.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,

@@ -1,6 +1,8 @@
-//! Reloading a running relay's settings (SIGHUP, `POST /api/reload`): limits change for the
-//! next visitor, a rotated secret ends the sessions that used the old one, what needs a
-//! restart is said so and left alone, and a broken file changes nothing.
+//! Reloading settings while running. The relay (SIGHUP, `POST /api/reload`): limits change
+//! for the next visitor, a rotated secret ends the sessions that used the old one, what needs
+//! a restart is said so and left alone, and a broken file changes nothing. The agent
+//! (SIGHUP): services added register, removed ones close at once, the rest and the visitors
+//! in flight are untouched.
 
 mod common;
 
@@ -134,7 +136,89 @@ async fn a_rotated_secret_ends_the_sessions_of_the_old_one(backend: Backend) {
     assert!(served(new.public).await);
 }
 
+/// `agent.toml` for the relay `relay`, publishing `services` (name, local address) as tcp.
+fn agent_toml(relay: &Relay, services: &[(&str, SocketAddr)]) -> String {
+    let mut toml = format!(
+        "relay = \"{}\"\nrelay_fingerprint = \"{}\"\nsecret = \"{SECRET}\"\nbackend = \"{}\"\n",
+        relay.control,
+        relay.fingerprint,
+        relay.backend.flag()
+    );
+    for (name, local) in services {
+        toml.push_str(&format!(
+            "[[service]]\nname = \"{name}\"\nlocal = \"{local}\"\n"
+        ));
+    }
+    toml
+}
+
+/// Waits for `n` `online` lines; the public address of each service by name.
+fn online_lines(agent: &mut Proc, n: usize) -> std::collections::HashMap<String, SocketAddr> {
+    (0..n)
+        .map(|_| {
+            let line = agent.wait_line("online ");
+            let port: u16 = field(&line, "public")
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (
+                field(&line, "service"),
+                SocketAddr::from(([127, 0, 0, 1], port)),
+            )
+        })
+        .collect()
+}
+
+async fn an_agent_reload_adds_withdraws_and_leaves_the_rest_alone(backend: Backend) {
+    let relay = Relay::spawn(backend, &[]);
+    let origin = echo_origin().await;
+    let (_dir, path) = config_file(&agent_toml(&relay, &[("keep", origin), ("drop", origin)]));
+    let mut agent = Proc::spawn(&["agent".into(), "--config".into(), path.clone()]);
+    let before = online_lines(&mut agent, 2);
+    // A visitor of the service that stays is in flight across the reload.
+    let mut v = holding(before["keep"]).await;
+
+    std::fs::write(
+        &path,
+        agent_toml(&relay, &[("keep", origin), ("new", origin)]),
+    )
+    .unwrap();
+    agent.signal("-HUP");
+    agent.wait_stderr("settings reloaded: added=new removed=drop changed=none needs_restart=none");
+    let after = online_lines(&mut agent, 2);
+    relay
+        .proc
+        .wait_stderr("service closed: withdrawn by its agent");
+    assert_eq!(
+        after["keep"], before["keep"],
+        "the unchanged service keeps its port"
+    );
+    assert!(served(after["new"]).await, "the added service is online");
+    assert!(
+        !served(before["drop"]).await,
+        "the removed one is gone at once"
+    );
+    // The visitor in flight never noticed.
+    v.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(WAIT, v.read_exact(&mut back))
+        .await
+        .expect("the visitor in flight is still served")
+        .unwrap();
+    assert_eq!(&back, b"still here");
+
+    // A broken file changes nothing.
+    std::fs::write(&path, "[[service]]\nname = 7\n").unwrap();
+    agent.signal("-HUP");
+    agent.wait_stderr("reload refused, nothing changed");
+    assert!(agent.is_running());
+    assert!(served(after["keep"]).await);
+}
+
 both_backends!(
     limits_change_live_and_a_broken_file_changes_nothing,
     a_rotated_secret_ends_the_sessions_of_the_old_one,
+    an_agent_reload_adds_withdraws_and_leaves_the_rest_alone,
 );

@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod data;
+pub mod reload;
 pub mod session;
 
 use std::collections::HashMap;
@@ -89,6 +90,10 @@ pub enum AgentError {
     /// reconnect at once and often, to whatever takes its control port next.
     #[error("the relay is going away (stopping, restarting or upgrading)")]
     RelayLeaving,
+    /// The settings were reloaded (SIGHUP) and the services changed: the session withdrew
+    /// the removed ones and said goodbye; the next one registers with these settings.
+    #[error("settings reloaded")]
+    Reload(Box<AgentConfig>),
     /// The agent was told to stop (a signal): it said goodbye and drains.
     #[error("stopping")]
     Stopping,
@@ -99,7 +104,10 @@ impl AgentError {
     pub fn retryable(&self) -> bool {
         match self {
             AgentError::Settings(_) | AgentError::Certificate(_) | AgentError::Stopping => false,
-            AgentError::Network(_) | AgentError::Protocol(_) | AgentError::RelayLeaving => true,
+            AgentError::Network(_)
+            | AgentError::Protocol(_)
+            | AgentError::RelayLeaving
+            | AgentError::Reload(_) => true,
             AgentError::Refused { retry, .. } => *retry,
         }
     }
@@ -107,7 +115,7 @@ impl AgentError {
     /// Whose side the failure is on.
     pub fn side(&self) -> Side {
         match self {
-            AgentError::Settings(_) | AgentError::Stopping => Side::Agent,
+            AgentError::Settings(_) | AgentError::Stopping | AgentError::Reload(_) => Side::Agent,
             AgentError::Certificate(_)
             | AgentError::Refused { .. }
             | AgentError::Protocol(_)
@@ -184,6 +192,28 @@ impl Ctx {
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| AgentError::Network(format!("relay {addr}: connect timed out")))?
+    }
+
+    /// The same agent with reloaded settings `cfg`: the same connections to the relay's
+    /// trust, workers, visitor count, stop signal and remembered ports (of the services it
+    /// still has).
+    fn reconfigured(&self, cfg: AgentConfig) -> Ctx {
+        let mut assigned = self
+            .assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        assigned.retain(|name, _| cfg.services.iter().any(|s| s.name == *name));
+        Ctx {
+            cfg,
+            connector: self.connector.clone(),
+            server_name: self.server_name.clone(),
+            assigned: Mutex::new(assigned),
+            events: self.events.clone(),
+            workers: self.workers.clone(),
+            in_flight: self.in_flight.clone(),
+            stop: self.stop.clone(),
+        }
     }
 
     fn assigned_port(&self, name: &str) -> Option<u16> {
@@ -303,6 +333,26 @@ pub async fn run_with_events(
     events: Option<mpsc::UnboundedSender<Online>>,
     stop: tokio::sync::watch::Receiver<u32>,
 ) -> Result<Drained, AgentError> {
+    run_inner(cfg, events, stop, None).await
+}
+
+/// [`run_with_events`] without events, and reloading its settings whenever `reload`
+/// signals: services added register, removed ones are withdrawn from the relay at once,
+/// changed ones register again; visitors in flight are untouched.
+pub async fn run_reloadable(
+    cfg: AgentConfig,
+    stop: tokio::sync::watch::Receiver<u32>,
+    reload: reload::Reload,
+) -> Result<Drained, AgentError> {
+    run_inner(cfg, None, stop, Some(reload)).await
+}
+
+async fn run_inner(
+    cfg: AgentConfig,
+    events: Option<mpsc::UnboundedSender<Online>>,
+    stop: tokio::sync::watch::Receiver<u32>,
+    mut reload: Option<reload::Reload>,
+) -> Result<Drained, AgentError> {
     cfg.validate()
         .map_err(|e| AgentError::Settings(e.to_string()))?;
     for svc in &cfg.services {
@@ -325,7 +375,7 @@ pub async fn run_with_events(
     let server_name = ServerName::try_from(cfg.relay_host.clone())
         .map_err(|_| AgentError::Settings(format!("invalid relay host {:?}", cfg.relay_host)))?;
     let workers = start_workers(cfg.backend, cfg.workers)?;
-    let ctx = Arc::new(Ctx {
+    let mut ctx = Arc::new(Ctx {
         cfg,
         connector: TlsConnector::from(client),
         server_name,
@@ -342,7 +392,7 @@ pub async fn run_with_events(
     let mut successor_until: Option<Instant> = None;
     loop {
         let err = {
-            let session = session::run(&ctx, &mut progress);
+            let session = session::run(&ctx, &mut progress, &mut reload);
             tokio::pin!(session);
             tokio::select! {
                 err = &mut session => err,
@@ -357,6 +407,10 @@ pub async fn run_with_events(
         };
         if matches!(err, AgentError::Stopping) {
             return Ok(drain(&ctx, stop).await);
+        }
+        if let AgentError::Reload(cfg) = err {
+            ctx = Arc::new(ctx.reconfigured(*cfg));
+            continue;
         }
         if !err.retryable() {
             return Err(err);

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::reload::Reload;
 use super::{data, AgentError, Ctx};
 use crate::dataplane::uring::agent::AgentTls;
 use crate::dataplane::uring::Command;
@@ -84,9 +85,13 @@ pub struct Progress {
 
 /// Runs one session; returns why it ended (it never ends without an error), noting in
 /// `progress` whether and when it came online.
-pub async fn run(ctx: &Arc<Ctx>, progress: &mut Progress) -> AgentError {
+pub async fn run(
+    ctx: &Arc<Ctx>,
+    progress: &mut Progress,
+    reload: &mut Option<Reload>,
+) -> AgentError {
     progress.online_at = None;
-    match session(ctx, progress).await {
+    match session(ctx, progress, reload).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -95,6 +100,7 @@ pub async fn run(ctx: &Arc<Ctx>, progress: &mut Progress) -> AgentError {
 async fn session(
     ctx: &Arc<Ctx>,
     progress: &mut Progress,
+    reload: &mut Option<Reload>,
 ) -> Result<std::convert::Infallible, AgentError> {
     let cfg = &ctx.cfg;
     let (stream, relay_peer) = ctx.connect_with_peer(true, false).await?;
@@ -285,6 +291,24 @@ async fn session(
             Action::WaitUntil(t) => t,
         };
         tokio::select! {
+            true = Reload::requested(reload) => {
+                let Some(plan) = reload.as_ref().and_then(|r| r.plan(cfg)) else {
+                    continue;
+                };
+                if !plan.new_session {
+                    tracing::info!("settings reloaded: {plan}");
+                    continue;
+                }
+                if !plan.removed.is_empty() {
+                    let withdraw = AgentMsg::Withdraw { names: plan.removed.clone() };
+                    framed.write_msg(&withdraw, CONNECT_TIMEOUT).await.map_err(lost)?;
+                }
+                // The relay keeps the other services for the next session, which follows at
+                // once; visitors in flight carry on over their data connections.
+                framed.write_msg(&AgentMsg::Goodbye, CONNECT_TIMEOUT).await.map_err(lost)?;
+                tracing::info!("settings reloaded: {plan}; registering again");
+                return Err(AgentError::Reload(Box::new(plan.cfg)));
+            }
             true = super::stopped(&mut stop, 1) => {
                 // Said once, bounded: the relay then routes this agent no new visitors.
                 let _ = framed.write_msg(&AgentMsg::Goodbye, CONNECT_TIMEOUT).await;

@@ -494,6 +494,25 @@ impl Registry {
         g.services.remove(&key(&svc.name));
     }
 
+    /// Closes the services among `names` that `session` owns, for good (their agent no longer
+    /// publishes them): visitors waiting for them are told at once. Returns the names closed.
+    pub fn withdraw(&self, session: SessionId, names: &[String]) -> Vec<String> {
+        let mut g = self.lock();
+        let mut closed = Vec::new();
+        for name in names {
+            let Some(svc) = g.services.get(&key(name)).cloned() else {
+                continue;
+            };
+            if !svc.is_owned_by(session) {
+                continue;
+            }
+            svc.state().owner = None;
+            self.retire(&mut g, &svc);
+            closed.push(svc.name.clone());
+        }
+        closed
+    }
+
     /// Makes `session` the owner of `svc`, kicking a different live owner.
     fn take_over(&self, g: &Inner, svc: &Service, session: SessionId) {
         let mut st = svc.state();

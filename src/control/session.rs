@@ -250,6 +250,11 @@ async fn serve(
                 match msg? {
                     AgentMsg::Heartbeat => {}
                     AgentMsg::Goodbye => return Err(SessionEnd::Goodbye),
+                    AgentMsg::Withdraw { names } => {
+                        for name in plane.registry.withdraw(session, &names) {
+                            tracing::info!(%peer, session, service = %name, "service closed: withdrawn by its agent");
+                        }
+                    }
                     other => return Err(SessionEnd::Violation(format!("unexpected {other:?}"))),
                 }
             }

@@ -181,6 +181,13 @@ pub enum AgentMsg {
     /// The agent is stopping on purpose: route it no new visitors; the ones it is serving
     /// finish on their data connections. The last frame of a control connection.
     Goodbye,
+    /// The agent no longer publishes these services (its settings were reloaded): close
+    /// them now, rather than let them linger for a successor. Names it does not own are
+    /// ignored.
+    Withdraw {
+        /// At most [`MAX_SERVICES_PER_AGENT`] service names.
+        names: Vec<String>,
+    },
 }
 
 /// Frames the relay sends to the agent.
@@ -235,6 +242,7 @@ mod kind {
     pub const AGENT_HEARTBEAT: u8 = 0x03;
     pub const DATA_HELLO: u8 = 0x04;
     pub const GOODBYE: u8 = 0x05;
+    pub const WITHDRAW: u8 = 0x06;
     pub const CHALLENGE: u8 = 0x81;
     pub const REGISTERED: u8 = 0x82;
     pub const TICKETS: u8 = 0x83;
@@ -297,6 +305,13 @@ impl Message for AgentMsg {
             }
             AgentMsg::Heartbeat => kind::AGENT_HEARTBEAT,
             AgentMsg::Goodbye => kind::GOODBYE,
+            AgentMsg::Withdraw { names } => {
+                p.push(names.len().min(MAX_SERVICES_PER_AGENT) as u8);
+                for n in names.iter().take(MAX_SERVICES_PER_AGENT) {
+                    put_string(&mut p, truncate(n, MAX_NAME_LEN));
+                }
+                kind::WITHDRAW
+            }
             AgentMsg::DataHello { version, ticket } => {
                 p.extend_from_slice(&version.to_be_bytes());
                 p.extend_from_slice(&ticket.0);
@@ -361,6 +376,23 @@ impl Message for AgentMsg {
             kind::GOODBYE => {
                 Reader::new(payload, "Goodbye").finish()?;
                 AgentMsg::Goodbye
+            }
+            kind::WITHDRAW => {
+                let mut r = Reader::new(payload, "Withdraw");
+                let count = r.u8()? as usize;
+                if count > MAX_SERVICES_PER_AGENT {
+                    return Err(r.invalid("service count"));
+                }
+                let mut names = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = r.string("name")?;
+                    if name.len() > MAX_NAME_LEN {
+                        return Err(r.invalid("name"));
+                    }
+                    names.push(name);
+                }
+                r.finish()?;
+                AgentMsg::Withdraw { names }
             }
             kind::DATA_HELLO => {
                 let mut r = Reader::new(payload, "DataHello");
@@ -607,6 +639,10 @@ mod tests {
             },
             AgentMsg::Heartbeat,
             AgentMsg::Goodbye,
+            AgentMsg::Withdraw {
+                names: vec!["old-api".into(), "blog".into()],
+            },
+            AgentMsg::Withdraw { names: vec![] },
             AgentMsg::DataHello {
                 version: 1,
                 ticket: Ticket([3; TICKET_LEN]),
