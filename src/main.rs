@@ -9,6 +9,7 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 use ringtunnel::cli::{Cli, Command};
+use ringtunnel::net::handover::Channel;
 use ringtunnel::{agent, demo, relay, say};
 
 fn main() -> ExitCode {
@@ -47,13 +48,46 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Relay(args) => {
-            let cfg = args.clone().into_config()?;
+            // Where this program is now, for an upgrade (the file may be replaced later).
+            let exe = std::env::current_exe().context("finding this program's path")?;
+            let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            // Started by a relay handing its sockets over (an upgrade)?
+            let handed = Channel::from_env()
+                .transpose()
+                .context("the handover socket from the relay being upgraded")?;
+            let cfg = match args.clone().into_config() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    // Read what was sent first: closing a unix socket with unread data
+                    // resets it, and the answer would be lost with it.
+                    if let Some(ch) = &handed {
+                        let _ = ch.receive();
+                    }
+                    tell(&handed, Err(e.to_string()));
+                    return Err(e.into());
+                }
+            };
             let rt = runtime(cfg.workers)?;
             rt.block_on(async {
                 let data_tls = if cfg.data_tls { "on" } else { "off" };
                 let mut signals = Signals::new()?;
                 let load: relay::Loader = Box::new(move || args.clone().into_config());
-                let mut relay = relay::start_reloadable(cfg, load).await?;
+                let started = match &handed {
+                    None => relay::start_reloadable(cfg, load, relay::Inherited::default())
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Some(ch) => match relay::Inherited::receive(ch) {
+                        Ok(inherited) => relay::start_reloadable(cfg, load, inherited)
+                            .await
+                            .map_err(anyhow::Error::from),
+                        Err(e) => Err(e.into()),
+                    },
+                };
+                tell(&handed, started.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+                let mut relay = started?;
+                if handed.is_some() {
+                    tracing::info!("took over every port from the relay being upgraded");
+                }
                 if relay.generated_cert {
                     tracing::info!("generated a self-signed certificate");
                 }
@@ -83,6 +117,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                             Signal::Stop(name) => break name,
                             // Logged by the reload itself, done or refused.
                             Signal::Reload => { let _ = relay.reload(); }
+                            Signal::Upgrade => match relay.upgrade(exe.clone(), argv.clone()).await {
+                                Ok(pid) => {
+                                    relay.let_go();
+                                    tracing::info!(pid, "upgrade: the new process took over every port");
+                                    break "SIGUSR2";
+                                }
+                                Err(e) => tracing::error!("upgrade failed, this relay carries on: {e}"),
+                            },
                         },
                         _ = relay.wait() => break "none",
                     }
@@ -140,6 +182,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                                 stop.send_modify(|n| *n += 1);
                             }
                             Signal::Reload => reload.send_modify(|n| *n += 1),
+                            Signal::Upgrade => tracing::warn!("SIGUSR2 ignored: upgrading is for the relay"),
                         },
                     }
                 };
@@ -169,15 +212,27 @@ enum Signal {
     Stop(&'static str),
     /// SIGHUP: re-read the settings.
     Reload,
+    /// SIGUSR2: hand every port to a new process started from the binary on disk.
+    Upgrade,
+}
+
+/// Tells the relay being upgraded (if this process is its successor) whether it took over.
+fn tell(handed: &Option<Channel>, status: Result<(), String>) {
+    if let Some(ch) = handed {
+        if let Err(e) = ch.send_status(status) {
+            tracing::warn!("could not answer the relay being upgraded: {e}");
+        }
+    }
 }
 
 /// The signals a relay or an agent acts on: SIGTERM (systemd, docker, kill) and SIGINT
 /// (Ctrl-C) stop it (the first starts a drain, the second ends it); SIGHUP, which would
-/// otherwise kill the process, reloads the settings.
+/// otherwise kill the process, reloads the settings; SIGUSR2 upgrades a relay.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -187,6 +242,7 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("handling SIGTERM")?,
             int: signal(SignalKind::interrupt()).context("handling SIGINT")?,
             hup: signal(SignalKind::hangup()).context("handling SIGHUP")?,
+            usr2: signal(SignalKind::user_defined2()).context("handling SIGUSR2")?,
         })
     }
 
@@ -196,6 +252,7 @@ impl Signals {
             _ = self.term.recv() => Signal::Stop("SIGTERM"),
             _ = self.int.recv() => Signal::Stop("SIGINT"),
             _ = self.hup.recv() => Signal::Reload,
+            _ = self.usr2.recv() => Signal::Upgrade,
         }
     }
 
@@ -207,6 +264,7 @@ impl Signals {
                 Signal::Reload => tracing::warn!(
                     "SIGHUP ignored: settings are not reloaded now; restart to apply changes (SIGTERM drains first)"
                 ),
+                Signal::Upgrade => tracing::warn!("SIGUSR2 ignored: already stopping"),
             }
         }
     }

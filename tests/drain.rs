@@ -77,6 +77,16 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
     // The doors are closed (before the line is logged)...
     let refused = TcpStream::connect(agent.public).await;
     assert!(refused.is_err(), "a new visitor is refused while draining");
+    // The control port closes too (as soon as its loop sees the drain): nothing of it
+    // stays listening with connections queueing unanswered.
+    let deadline = std::time::Instant::now() + WAIT;
+    while TcpStream::connect(relay.control).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the control port still accepts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // ...and the visitor in flight gets all of it, with a clean end.
     let mut rest = Vec::new();
     tokio::time::timeout(WAIT, v.read_to_end(&mut rest))

@@ -143,21 +143,6 @@ async fn killed_relay_resets_the_local_service_plain(backend: Backend) {
 /// Size of the transfer that must survive its control connection.
 const BULK: usize = 256 << 20;
 
-/// An origin that sends `data` to every connection that first sends a byte.
-async fn bulk_origin(data: std::sync::Arc<Vec<u8>>) -> SocketAddr {
-    origin(move |mut s: TcpStream| {
-        let data = data.clone();
-        async move {
-            let mut b = [0u8; 16];
-            if matches!(s.read(&mut b).await, Ok(n) if n > 0) {
-                let _ = s.write_all(&data).await;
-                let _ = s.shutdown().await;
-            }
-        }
-    })
-    .await
-}
-
 /// A forwarder in front of the relay's control port that can reset the first connection
 /// through it (the agent's control connection: it dials that before any data connection),
 /// as `ss -K` or a NAT dropping its state would, while every other connection flows on.
@@ -204,28 +189,6 @@ impl ControlCut {
             .unwrap();
         pump.abort();
         let _ = pump.await;
-    }
-}
-
-/// Reads from `v` into `hash` until `total` reaches `until` or the stream ends; each read
-/// bounded by [`WAIT`].
-async fn read_hashing(
-    v: &mut TcpStream,
-    hash: &mut ring::digest::Context,
-    total: &mut usize,
-    until: usize,
-) {
-    let mut buf = vec![0u8; 256 * 1024];
-    while *total < until {
-        let n = tokio::time::timeout(WAIT, v.read(&mut buf))
-            .await
-            .expect("the transfer moves")
-            .expect("no reset");
-        if n == 0 {
-            return;
-        }
-        hash.update(&buf[..n]);
-        *total += n;
     }
 }
 

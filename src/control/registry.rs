@@ -6,7 +6,9 @@
 //! service over; the previous owner is told and disconnected.
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use super::refusal::Refusal;
 use super::routes::Routes;
 pub use super::service::SessionId;
-use super::service::{Service, ServiceState};
+use super::service::{Service, ServiceRecord, ServiceState};
 use crate::admin::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::{validate_name, LiveConfig, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
@@ -492,6 +494,109 @@ impl Registry {
             self.routes_mut().remove(svc);
         }
         g.services.remove(&key(&svc.name));
+    }
+
+    /// Every published service as a record for a process taking over from this one, with
+    /// duplicates of its listening sockets (in the record's order).
+    pub fn records(&self) -> io::Result<Vec<(ServiceRecord, Vec<OwnedFd>)>> {
+        let g = self.lock();
+        let mut out = Vec::with_capacity(g.services.len());
+        for svc in g.services.values() {
+            let st = svc.state();
+            let fds = match &st.listener {
+                Some(guard) => guard
+                    .fds()
+                    .into_iter()
+                    .map(|fd| fd.try_clone_to_owned())
+                    .collect::<io::Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
+            let record = ServiceRecord {
+                name: svc.name.clone(),
+                kind: svc.kind,
+                port: svc.port,
+                hosts: svc.hosts.clone(),
+                path: svc.path.clone(),
+                listeners: fds.len(),
+            };
+            out.push((record, fds));
+        }
+        Ok(out)
+    }
+
+    /// Publishes a service the process this one took over from had, on its handed-over
+    /// `listeners`: unowned, lingering as after its agent's session ended, so its visitors
+    /// (accepted at once) wait for the agent, which reconnects and takes it back.
+    pub fn restore(
+        &self,
+        record: ServiceRecord,
+        listeners: Vec<std::net::TcpListener>,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let cfg = self.cfg();
+        let secret = cfg
+            .secret_for(&record.name)
+            .map(|(_, id)| id)
+            .ok_or_else(|| Refusal::BadRequest(format!("no secret for service {}", record.name)))?;
+        let mut g = self.lock();
+        if g.services.contains_key(&key(&record.name)) {
+            return Err(Refusal::BadRequest(format!(
+                "service {} twice",
+                record.name
+            )));
+        }
+        let pools: Vec<Arc<Pool>> = (0..self.dataplane.pools_per_service())
+            .map(|_| Arc::new(Pool::new()))
+            .collect();
+        let gate = Gate::new(
+            &record.name,
+            &cfg.limits_for(&record.name),
+            self.metrics.clone(),
+        );
+        let guard = match record.kind {
+            ServiceKind::Tcp => Some(
+                self.dataplane
+                    .adopt(listeners, &gate, &pools, cfg.front.agent_wait)
+                    .map_err(|e| Refusal::PortUnbindable {
+                        port: record.port,
+                        reason: e.to_string(),
+                    })?,
+            ),
+            _ => None,
+        };
+        let svc = Arc::new(Service {
+            name: record.name.clone(),
+            kind: record.kind,
+            port: record.port,
+            hosts: record.hosts,
+            path: record.path,
+            secret,
+            gate,
+            pools,
+            state: Mutex::new(ServiceState {
+                owner: None,
+                listener: guard,
+                linger_until: Some(now + LINGER),
+            }),
+        });
+        match svc.kind {
+            ServiceKind::Tcp => {
+                g.last_port.insert(key(&svc.name), svc.port);
+            }
+            _ => self.routes_mut().insert(&svc),
+        }
+        g.services.insert(key(&svc.name), svc);
+        Ok(())
+    }
+
+    /// Stops accepting on every service's own port without ending the listening: the
+    /// sockets live on in the process they were handed to.
+    pub fn release_listeners(&self) {
+        for svc in self.lock().services.values() {
+            if let Some(mut guard) = svc.state().listener.take() {
+                guard.release();
+            }
+        }
     }
 
     /// Closes the services among `names` that `session` owns, for good (their agent no longer

@@ -11,6 +11,24 @@ use crate::dataplane::gate::Gate;
 use crate::dataplane::{pool::Pool, ListenerGuard};
 use crate::protocol::ServiceKind;
 
+/// A published service as a relay hands it to the process taking over from it: enough to
+/// publish it again, unowned, until its agent returns (its listeners travel beside it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceRecord {
+    /// Name.
+    pub name: String,
+    /// `tcp`, `http` or `tls`.
+    pub kind: ServiceKind,
+    /// `tcp`: its public port.
+    pub port: u16,
+    /// `http`/`tls`: the full host names it claims.
+    pub hosts: Vec<String>,
+    /// `http`: the path prefix.
+    pub path: String,
+    /// How many listening sockets travel with it (`tcp`: one per worker of the old process).
+    pub listeners: usize,
+}
+
 /// Identifies one authenticated control connection (the owner of services).
 pub type SessionId = u64;
 

@@ -26,6 +26,8 @@ pub const TICKET_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a draining relay keeps a session for visitors already waiting for one of its
 /// data connections, before telling the agent to go.
 const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a draining relay keeps a session at least (see [`HANDOFF_WAIT`]).
+const HANDOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often a leaving session looks whether those visitors are served.
 const HANDOFF_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -216,7 +218,11 @@ async fn serve(
         if leave_by.is_none() && *drain.borrow_and_update() {
             leave_by = Some(now + HANDOFF_WAIT);
         }
-        if leave_by.is_some_and(|t| now >= t || !visitors_waiting(session, &owned)) {
+        // Not at once even with no one waiting: a visitor accepted just before the doors
+        // closed may not have reached its pool yet.
+        let settled = |t: Instant| now + HANDOFF_WAIT >= t + HANDOFF_MIN;
+        if leave_by.is_some_and(|t| now >= t || (settled(t) && !visitors_waiting(session, &owned)))
+        {
             framed
                 .write_msg(&RelayMsg::GoingAway, WRITE_TIMEOUT)
                 .await?;

@@ -150,6 +150,25 @@ pub enum ListenerGuard {
     Uring(Vec<uring::ListenerStop>),
 }
 
+impl ListenerGuard {
+    /// The listening sockets it keeps open (one per worker on uring).
+    pub fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            ListenerGuard::Tokio(_, stop) => stop.fd().into_iter().collect(),
+            ListenerGuard::Uring(stops) => stops.iter().filter_map(|s| s.fd()).collect(),
+        }
+    }
+
+    /// Dropping it will stop accepting here without ending the listening: the sockets stay
+    /// open in the process they were handed to.
+    pub fn release(&mut self) {
+        match self {
+            ListenerGuard::Tokio(_, stop) => stop.release(),
+            ListenerGuard::Uring(stops) => stops.iter_mut().for_each(|s| s.release()),
+        }
+    }
+}
+
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
         if let ListenerGuard::Tokio(h, _) = self {
@@ -186,15 +205,36 @@ impl DataPlane {
         pools: &[Arc<Pool>],
         wait: Duration,
     ) -> io::Result<ListenerGuard> {
+        let listeners = match self {
+            DataPlane::Tokio => vec![crate::net::bind(addr, false)?.into_std()?],
+            DataPlane::Uring(w) => bind_group(addr, w.len())?,
+        };
+        self.adopt(listeners, gate, pools, wait)
+    }
+
+    /// [`Self::listen`] on listeners already bound (handed over by the process this one took
+    /// over from): as many as this data plane wants (see [`Self::fit`]).
+    pub fn adopt(
+        &self,
+        listeners: Vec<std::net::TcpListener>,
+        gate: &Arc<Gate>,
+        pools: &[Arc<Pool>],
+        wait: Duration,
+    ) -> io::Result<ListenerGuard> {
+        let listeners = self.fit(listeners)?;
         match self {
             DataPlane::Tokio => {
-                let l = crate::net::bind(addr, false)?;
+                let l = listeners
+                    .into_iter()
+                    .next()
+                    .ok_or(io::ErrorKind::NotFound)?;
+                l.set_nonblocking(true)?;
+                let l = ::tokio::net::TcpListener::from_std(l)?;
                 let stop = crate::net::StopListening::new(std::os::fd::AsFd::as_fd(&l))?;
                 let accepting = tokio::relay::spawn(l, gate.clone(), pools[0].clone(), wait);
                 Ok(ListenerGuard::Tokio(accepting, stop))
             }
             DataPlane::Uring(w) => {
-                let listeners = bind_group(addr, w.len())?;
                 let mut stops = Vec::with_capacity(w.len());
                 for (i, l) in listeners.into_iter().enumerate() {
                     let (stop_tx, stop) = uring::ListenerStop::new(&l)?;
@@ -215,6 +255,27 @@ impl DataPlane {
             }
         }
     }
+
+    /// Handed-over listeners of one port, as many as this data plane accepts on: one for
+    /// tokio, one per worker for uring (more join the `SO_REUSEPORT` group they are in; extra
+    /// ones are closed, and connections queued on them are lost, so a takeover keeps the
+    /// worker count).
+    fn fit(
+        &self,
+        mut listeners: Vec<std::net::TcpListener>,
+    ) -> io::Result<Vec<std::net::TcpListener>> {
+        let want = self.pools_per_service();
+        let first = listeners.first().ok_or(io::ErrorKind::NotFound)?;
+        let addr = first.local_addr()?;
+        if listeners.len() > want {
+            tracing::warn!(%addr, had = listeners.len(), want, "more listeners handed over than workers here: the extra ones close");
+            listeners.truncate(want);
+        }
+        while listeners.len() < want {
+            listeners.push(crate::net::bind(addr, true)?.into_std()?);
+        }
+        Ok(listeners)
+    }
 }
 
 /// A shared public port (HTTP or TLS), bound for the running backend.
@@ -229,17 +290,30 @@ impl DataPlane {
     /// Binds a shared public port: one listener on tokio, one per worker on uring (as
     /// [`Self::listen`] does for a service's own port). Returns the address bound.
     pub fn bind_shared(&self, addr: SocketAddr) -> io::Result<(SharedListener, SocketAddr)> {
+        let listeners = match self {
+            DataPlane::Tokio => vec![crate::net::bind(addr, false)?.into_std()?],
+            DataPlane::Uring(w) => bind_group(addr, w.len())?,
+        };
+        self.adopt_shared(listeners)
+    }
+
+    /// [`Self::bind_shared`] on listeners already bound (handed over).
+    pub fn adopt_shared(
+        &self,
+        listeners: Vec<std::net::TcpListener>,
+    ) -> io::Result<(SharedListener, SocketAddr)> {
+        let mut listeners = self.fit(listeners)?;
+        let bound = listeners[0].local_addr()?;
         match self {
             DataPlane::Tokio => {
-                let l = crate::net::bind(addr, false)?;
-                let bound = l.local_addr()?;
-                Ok((SharedListener::Tokio(l), bound))
+                let l = listeners.remove(0);
+                l.set_nonblocking(true)?;
+                Ok((
+                    SharedListener::Tokio(::tokio::net::TcpListener::from_std(l)?),
+                    bound,
+                ))
             }
-            DataPlane::Uring(w) => {
-                let group = bind_group(addr, w.len())?;
-                let bound = group[0].local_addr()?;
-                Ok((SharedListener::Uring(w.clone(), group), bound))
-            }
+            DataPlane::Uring(w) => Ok((SharedListener::Uring(w.clone(), listeners), bound)),
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod accept;
 pub mod cap;
 pub mod fds;
+pub mod handover;
 pub mod refusals;
 pub mod throttle;
 
@@ -32,21 +33,35 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) {
 /// A duplicate of a listening socket's descriptor that ends the listening when dropped,
 /// whoever holds the original: from then on new connections are refused and those queued but
 /// not accepted are reset, even while the accept loop that owns the listener has not ended
-/// yet (an aborted tokio task, a worker's accept still in flight on its ring).
+/// yet (an aborted tokio task, a worker's accept still in flight on its ring). Released (for
+/// a handover, where another process keeps listening on the same socket), it ends nothing.
 #[derive(Debug)]
-pub struct StopListening(std::os::fd::OwnedFd);
+pub struct StopListening(Option<std::os::fd::OwnedFd>);
 
 impl StopListening {
     /// A stop for `listener`.
     pub fn new(listener: BorrowedFd<'_>) -> io::Result<Self> {
-        Ok(Self(listener.try_clone_to_owned()?))
+        Ok(Self(Some(listener.try_clone_to_owned()?)))
+    }
+
+    /// The listening socket, unless released.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.0.as_ref().map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// Closes this duplicate without ending the listening: the socket lives on in whoever
+    /// else holds it (a process it was handed to).
+    pub fn release(&mut self) {
+        self.0 = None;
     }
 }
 
 impl Drop for StopListening {
     fn drop(&mut self) {
         // On a listening socket SHUT_RDWR stops listening; errors (already shut) are moot.
-        let _ = rustix::net::shutdown(&self.0, rustix::net::Shutdown::Both);
+        if let Some(fd) = &self.0 {
+            let _ = rustix::net::shutdown(fd, rustix::net::Shutdown::Both);
+        }
     }
 }
 

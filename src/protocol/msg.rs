@@ -23,7 +23,7 @@ pub const MAX_HOSTS_PER_SERVICE: usize = 8;
 pub const MAX_HOST_LEN: usize = 253;
 
 /// How visitors reach a service on the relay.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceKind {
     /// A public TCP port of its own.

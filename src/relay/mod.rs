@@ -4,7 +4,10 @@
 //! The parts never import this module: each is handed what it reads
 //! ([`ControlPlane`], [`Router`], [`AdminView`]).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +15,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 pub mod reload;
+pub mod upgrade;
 
 use crate::admin::http::AdminView;
 use crate::admin::Metrics;
@@ -23,6 +27,7 @@ use crate::dataplane::{choose_backend, Backend, DataPlane, SharedListener};
 use crate::shared_ports::{Port, Router};
 use crate::tls::{self, Fingerprint, RelayIdentity, TlsError};
 pub use reload::{Loader, Reloaded, Reloader};
+pub use upgrade::{Inherited, UpgradeError};
 
 /// How often expired tickets and services whose linger ended are swept: a lingering service
 /// closes at most this long after its linger.
@@ -86,6 +91,12 @@ pub struct RelayHandle {
     /// even while a session task still unwinds.
     plane: Arc<ControlPlane>,
     reloader: Arc<Reloader>,
+    /// Duplicates of the control, admin and shared ports' listeners, for a handover.
+    own_ports: upgrade::Outgoing,
+    /// The admin endpoint's task, ended on its own when handing over.
+    admin_task: Option<tokio::task::AbortHandle>,
+    /// Whether the doors are closed (or handed over) already.
+    doors_closed: bool,
 }
 
 /// What a drain achieved.
@@ -123,11 +134,59 @@ impl RelayHandle {
     /// in flight carry on; agent sessions are told to go away once no visitor of theirs waits
     /// for a data connection. [`Self::drain`] starts with it.
     pub fn close_doors(&mut self) {
+        if self.doors_closed {
+            return;
+        }
+        self.doors_closed = true;
+        // The duplicates kept for a handover would keep the ports listening (and
+        // connections queueing on them) after their accept loops end.
+        self.own_ports = upgrade::Outgoing::default();
         self.shared_stops.clear();
         self.shared_accepts.abort_all();
         self.worker_ports.clear();
         self.plane.registry.stop_listening();
         self.plane.start_drain();
+    }
+
+    /// Starts `exe` with `args` as this relay's successor and hands it every listening socket
+    /// and a record of every published service (see [`upgrade`]); returns its process id
+    /// once it is ready. Then call [`Self::let_go`] and [`Self::drain`]. On failure nothing
+    /// has changed here.
+    pub async fn upgrade(&self, exe: PathBuf, args: Vec<OsString>) -> Result<u32, UpgradeError> {
+        let dup = |fds: &[OwnedFd]| -> std::io::Result<Vec<OwnedFd>> {
+            fds.iter().map(|f| f.try_clone()).collect()
+        };
+        let outgoing = upgrade::Outgoing {
+            control: dup(&self.own_ports.control)?,
+            admin: dup(&self.own_ports.admin)?,
+            http: dup(&self.own_ports.http)?,
+            tls: dup(&self.own_ports.tls)?,
+            services: self.plane.registry.records()?,
+        };
+        tokio::task::spawn_blocking(move || upgrade::hand_over(&exe, &args, outgoing))
+            .await
+            .map_err(|e| UpgradeError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Stops accepting anything, like [`Self::close_doors`], but without ending the
+    /// listening: the sockets were handed to a successor, which accepts on them now.
+    pub fn let_go(&mut self) {
+        self.doors_closed = true;
+        for stop in &mut self.shared_stops {
+            stop.release();
+        }
+        self.shared_stops.clear();
+        self.shared_accepts.abort_all();
+        for stop in &mut self.worker_ports {
+            stop.release();
+        }
+        self.worker_ports.clear();
+        if let Some(admin) = self.admin_task.take() {
+            admin.abort();
+        }
+        self.plane.registry.release_listeners();
+        self.plane.start_drain();
+        self.own_ports = upgrade::Outgoing::default();
     }
 
     /// [`Self::close_doors`], then waits up to `timeout` for the visitors in flight (and those already
@@ -136,7 +195,7 @@ impl RelayHandle {
     /// to a successor at once; data connections carrying visitors stay up. Call
     /// [`Self::stop`] after it to end the rest.
     pub async fn drain(&mut self, timeout: Duration) -> Drained {
-        self.close_doors();
+        self.close_doors(); // nothing if already closed or handed over
         let at_start = self.visitors_active();
         let deadline = Instant::now() + timeout;
         // Polled: a visitor's end is not an event anything here can wait on, and a tenth of
@@ -173,6 +232,22 @@ fn bind_hint(addr: SocketAddr, error: &std::io::Error) -> &'static str {
     }
 }
 
+/// A tokio listener for `flag`: the one handed over, or [`bind`] a new one.
+fn bind_or_adopt(
+    flag: &'static str,
+    addr: SocketAddr,
+    handed: Option<std::net::TcpListener>,
+) -> Result<(tokio::net::TcpListener, SocketAddr), RelayError> {
+    let Some(l) = handed else {
+        return bind(flag, addr);
+    };
+    let adopted = |error| RelayError::Bind { flag, addr, error };
+    l.set_nonblocking(true).map_err(adopted)?;
+    let l = tokio::net::TcpListener::from_std(l).map_err(adopted)?;
+    let local = l.local_addr().map_err(adopted)?;
+    Ok((l, local))
+}
+
 /// Binds one tokio listener (control port, admin endpoint) asked for by `flag`; returns it
 /// with the address it got (port 0 resolved).
 fn bind(
@@ -188,16 +263,25 @@ fn bind(
 /// Validates `cfg`, loads or creates the certificate, binds the control port and starts
 /// serving. Must be called inside a tokio runtime.
 pub async fn start(cfg: RelayConfig) -> Result<RelayHandle, RelayError> {
-    start_with(cfg, None).await
+    start_with(cfg, None, Inherited::default()).await
 }
 
 /// [`start`], with a way to read the settings again for a reload ([`RelayHandle::reload`],
-/// SIGHUP, `POST /api/reload` on the admin endpoint).
-pub async fn start_reloadable(cfg: RelayConfig, load: Loader) -> Result<RelayHandle, RelayError> {
-    start_with(cfg, Some(load)).await
+/// SIGHUP, `POST /api/reload` on the admin endpoint), and the listening sockets (and
+/// services) of the process this one takes over from, if any ([`RelayHandle::upgrade`]).
+pub async fn start_reloadable(
+    cfg: RelayConfig,
+    load: Loader,
+    inherited: Inherited,
+) -> Result<RelayHandle, RelayError> {
+    start_with(cfg, Some(load), inherited).await
 }
 
-async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandle, RelayError> {
+async fn start_with(
+    cfg: RelayConfig,
+    load: Option<Loader>,
+    mut inherited: Inherited,
+) -> Result<RelayHandle, RelayError> {
     cfg.validate()?;
     if let Some(why) = cfg.secret.as_ref().and_then(Secret::weakness) {
         tracing::warn!("the relay's secret is weak: {why}");
@@ -216,27 +300,59 @@ async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandl
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
     let (backend, why) = choose_backend(cfg.backend, cfg.data_tls)
         .map_err(|e| RelayError::Backend(e.to_string()))?;
-    let (listener, control_addr) = bind("--control", cfg.control)?;
+    let (listener, control_addr) =
+        bind_or_adopt("--control", cfg.control, inherited.control.take())?;
     let dataplane = DataPlane::start(backend, cfg.workers)
         .map_err(|e| RelayError::Backend(format!("starting the {backend} data plane: {e}")))?;
     // The shared ports are the data plane's: on uring every worker accepts on its own.
-    let bind_shared = |flag: &'static str, addr: Option<SocketAddr>| -> Result<_, RelayError> {
+    let bind_shared = |flag: &'static str,
+                       addr: Option<SocketAddr>,
+                       handed: Vec<std::net::TcpListener>|
+     -> Result<_, RelayError> {
         let Some(addr) = addr else {
             return Ok((None, None));
         };
-        let (l, bound) = dataplane
-            .bind_shared(addr)
-            .map_err(|error| RelayError::Bind { flag, addr, error })?;
+        let shared = match handed.is_empty() {
+            true => dataplane.bind_shared(addr),
+            false => dataplane.adopt_shared(handed),
+        };
+        let (l, bound) = shared.map_err(|error| RelayError::Bind { flag, addr, error })?;
         Ok((Some(l), Some(bound)))
     };
-    let (http_listener, http_addr) = bind_shared("--http", cfg.front.http)?;
-    let (tls_listener, tls_addr) = bind_shared("--tls", cfg.front.tls)?;
+    let (http_listener, http_addr) = bind_shared(
+        "--http",
+        cfg.front.http,
+        std::mem::take(&mut inherited.http),
+    )?;
+    let (tls_listener, tls_addr) =
+        bind_shared("--tls", cfg.front.tls, std::mem::take(&mut inherited.tls))?;
     let (admin_listener, admin_addr) = match cfg.admin {
         None => (None, None),
         Some(addr) => {
-            let (l, bound) = bind("--admin", addr)?;
+            let (l, bound) = bind_or_adopt("--admin", addr, inherited.admin.take())?;
             (Some(l), Some(bound))
         }
+    };
+    let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned();
+    let shared_dups = |l: &Option<SharedListener>| -> std::io::Result<Vec<OwnedFd>> {
+        match l {
+            None => Ok(Vec::new()),
+            Some(SharedListener::Tokio(l)) => Ok(vec![dup(l.as_fd())?]),
+            Some(SharedListener::Uring(_, group)) => group.iter().map(|l| dup(l.as_fd())).collect(),
+        }
+    };
+    let dups_failed =
+        |e: std::io::Error| RelayError::Backend(format!("duplicating listeners: {e}"));
+    let own_ports = upgrade::Outgoing {
+        control: vec![dup(listener.as_fd()).map_err(dups_failed)?],
+        admin: admin_listener
+            .iter()
+            .map(|l| dup(l.as_fd()))
+            .collect::<Result<_, _>>()
+            .map_err(dups_failed)?,
+        http: shared_dups(&http_listener).map_err(dups_failed)?,
+        tls: shared_dups(&tls_listener).map_err(dups_failed)?,
+        services: Vec::new(),
     };
     tracing::info!(%backend, "data plane backend: {why}");
     if !cfg.data_tls {
@@ -253,6 +369,17 @@ async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandl
         metrics.clone(),
         dataplane.clone(),
     ));
+    // Before any port accepts: a visitor of a carried-over service must find it.
+    let now = Instant::now();
+    for (record, listeners) in inherited.services {
+        let name = record.name.clone();
+        match registry.restore(record, listeners, now) {
+            Ok(()) => {
+                tracing::debug!(service = %name, "service carried over, waiting for its agent")
+            }
+            Err(e) => tracing::warn!(service = %name, "service not carried over: {e}"),
+        }
+    }
     let router = Arc::new(Router {
         cfg: cfg.front.clone(),
         registry: registry.clone(),
@@ -294,11 +421,12 @@ async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandl
             ),
         }
     }
+    let mut admin_task = None;
     if let Some(l) = admin_listener {
-        let agents = registry.clone();
+        let (services, agents) = (registry.clone(), registry.clone());
         let view = Arc::new(AdminView {
             metrics: metrics.clone(),
-            services: Box::new(move || registry.snapshot()),
+            services: Box::new(move || services.snapshot()),
             agents: Box::new(move || agents.agents()),
             reload: {
                 let reloader = reloader.clone();
@@ -311,7 +439,7 @@ async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandl
             },
             token: admin_token,
         });
-        tasks.spawn(crate::admin::http::serve(view, l));
+        admin_task = Some(tasks.spawn(crate::admin::http::serve(view, l)));
     }
     let sweeper = plane.clone();
     tasks.spawn(async move {
@@ -339,5 +467,8 @@ async fn start_with(cfg: RelayConfig, load: Option<Loader>) -> Result<RelayHandl
         worker_ports,
         plane,
         reloader,
+        own_ports,
+        admin_task,
+        doors_closed: false,
     })
 }

@@ -104,7 +104,10 @@ impl Proc {
             .args(args)
             .envs(env.iter().copied())
             .env_remove("RINGTUNNEL_SECRET")
-            .env("RINGTUNNEL_LOG", "info")
+            .env(
+                "RINGTUNNEL_LOG",
+                std::env::var("RT_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -505,6 +508,43 @@ where
         }
     });
     addr
+}
+
+/// An origin that sends `data` to every connection that first sends a byte, then closes.
+pub async fn bulk_origin(data: Arc<Vec<u8>>) -> SocketAddr {
+    origin(move |mut s: TcpStream| {
+        let data = data.clone();
+        async move {
+            let mut b = [0u8; 16];
+            if matches!(s.read(&mut b).await, Ok(n) if n > 0) {
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            }
+        }
+    })
+    .await
+}
+
+/// Reads from `v` into `hash` until `total` reaches `until` or the stream ends; each read
+/// bounded by [`WAIT`]; panics on a reset.
+pub async fn read_hashing(
+    v: &mut TcpStream,
+    hash: &mut ring::digest::Context,
+    total: &mut usize,
+    until: usize,
+) {
+    let mut buf = vec![0u8; 256 * 1024];
+    while *total < until {
+        let n = tokio::time::timeout(WAIT, v.read(&mut buf))
+            .await
+            .expect("the transfer moves")
+            .expect("no reset");
+        if n == 0 {
+            return;
+        }
+        hash.update(&buf[..n]);
+        *total += n;
+    }
 }
 
 /// Echoes one connection until the peer half-closes, then half-closes too.

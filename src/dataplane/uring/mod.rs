@@ -46,7 +46,7 @@ pub struct ListenerStop {
     /// Dropping it signals the accept loop.
     _stop: oneshot::Sender<()>,
     /// Dropped after `_stop` (fields drop in order): the listening ends at once.
-    _socket: crate::net::StopListening,
+    socket: crate::net::StopListening,
 }
 
 impl ListenerStop {
@@ -55,13 +55,18 @@ impl ListenerStop {
     pub fn new(listener: &std::net::TcpListener) -> io::Result<(Self, oneshot::Receiver<()>)> {
         let (tx, rx) = oneshot::channel();
         let socket = crate::net::StopListening::new(std::os::fd::AsFd::as_fd(listener))?;
-        Ok((
-            ListenerStop {
-                _stop: tx,
-                _socket: socket,
-            },
-            rx,
-        ))
+        Ok((ListenerStop { _stop: tx, socket }, rx))
+    }
+
+    /// The listening socket (see [`crate::net::StopListening::fd`]).
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.socket.fd()
+    }
+
+    /// Dropping this stop will end the worker's accept loop but not the listening: the
+    /// socket stays open for another process it was handed to.
+    pub fn release(&mut self) {
+        self.socket.release();
     }
 }
 

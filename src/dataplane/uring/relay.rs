@@ -80,26 +80,39 @@ pub async fn accept_until(
         }
     };
     let mut errors = AcceptErrors::new(what);
+    // One for the loop: a handle per accept is a reference count, not an allocation.
+    let mut canceller = monoio::io::Canceller::new();
     loop {
-        monoio::select! {
-            _ = &mut stop => break,
-            got = listener.accept() => match got {
-                Ok((stream, addr)) => {
-                    metrics.visitors_accepted.inc();
-                    if let Some(stream) = errors.admit(stream, Instant::now()) {
-                        accepted(stream, addr);
-                    }
+        let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
+        let (got, stopping) = monoio::select! {
+            _ = &mut stop => {
+                // The accept in flight on the ring is cancelled, and its result awaited: the
+                // kernel may have completed it with a connection first (the listener handed
+                // to another process stays open), and that visitor is served, not dropped.
+                let _ = std::mem::take(&mut canceller).cancel();
+                (accept.await, true)
+            }
+            got = &mut accept => (got, false),
+        };
+        match got {
+            Ok((stream, addr)) => {
+                metrics.visitors_accepted.inc();
+                if let Some(stream) = errors.admit(stream, Instant::now()) {
+                    accepted(stream, addr);
                 }
-                // A stopped listener is shut down as its stop fires (see `ListenerStop`), which
-                // fails the accept in flight: that is the stop, not an error.
-                Err(_) if !matches!(stop.try_recv(), Err(TryRecvError::Empty)) => break,
-                Err(e) => {
-                    let pause = errors.failed(&e, Instant::now());
-                    if !pause.is_zero() {
-                        monoio::time::sleep(pause).await;
-                    }
+            }
+            // A stopped listener is shut down as its stop fires (see `ListenerStop`), which
+            // fails the accept in flight: that is the stop, not an error.
+            Err(_) if stopping || !matches!(stop.try_recv(), Err(TryRecvError::Empty)) => break,
+            Err(e) => {
+                let pause = errors.failed(&e, Instant::now());
+                if !pause.is_zero() {
+                    monoio::time::sleep(pause).await;
                 }
-            },
+            }
+        }
+        if stopping {
+            break;
         }
     }
 }
