@@ -104,9 +104,10 @@ impl Proc {
             .args(args)
             .envs(env.iter().copied())
             .env_remove("RINGTUNNEL_SECRET")
+            // `RINGTUNNEL_TEST_LOG=debug cargo test ...` puts debug lines in failure output.
             .env(
                 "RINGTUNNEL_LOG",
-                std::env::var("RT_TEST_LOG").unwrap_or("info".into()),
+                std::env::var("RINGTUNNEL_TEST_LOG").unwrap_or("info".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
