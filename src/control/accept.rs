@@ -215,6 +215,14 @@ async fn data_connection(
             let _ = grant.settle();
             return reject(&plane, framed, peer, ErrorCode::BadTicket, "expired ticket").await;
         }
+        // Just after a takeover (an upgrade), agents still dial with the old process's
+        // tickets, which reach this one through the shared port: an expected race, not a
+        // guess, so refused quietly and not counted against the address.
+        Redeemed::Unknown if plane.predecessor_tickets_possible(Instant::now()) => {
+            let m = "ticket of the relay process this one took over from";
+            tracing::debug!(%peer, "data connection refused: {m}");
+            return refuse(&plane, framed, ErrorCode::BadTicket, m).await;
+        }
         Redeemed::Unknown => {
             let m = "unknown or already used ticket";
             return reject(&plane, framed, peer, ErrorCode::BadTicket, m).await;

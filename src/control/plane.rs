@@ -70,6 +70,8 @@ pub struct ControlPlane {
     tickets: Mutex<TicketStore<Grant>>,
     /// Set once when the relay starts draining: the control port stops accepting.
     drain: tokio::sync::watch::Sender<bool>,
+    /// When this process took over from another (an upgrade), if it did.
+    took_over_at: Mutex<Option<Instant>>,
 }
 
 impl ControlPlane {
@@ -91,12 +93,27 @@ impl ControlPlane {
             throttle: FailureThrottle::default(),
             tickets: Mutex::new(TicketStore::default()),
             drain: tokio::sync::watch::Sender::new(false),
+            took_over_at: Mutex::new(None),
         }
     }
 
     /// The settings in force now (a reload replaces them).
     pub fn cfg(&self) -> Arc<RelayConfig> {
         self.live.get()
+    }
+
+    /// This process took over the ports of another at `now` (an upgrade).
+    pub fn took_over(&self, now: Instant) {
+        *self.took_over_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    }
+
+    /// Whether an unknown ticket may be one the process this one took over from issued
+    /// (until its tickets would have expired).
+    pub fn predecessor_tickets_possible(&self, now: Instant) -> bool {
+        self.took_over_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| now.saturating_duration_since(t) < super::tickets::TICKET_TTL)
     }
 
     /// The relay is draining: new agent connections are no longer accepted (sessions and

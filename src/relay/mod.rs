@@ -300,6 +300,7 @@ async fn start_with(
     let acceptor = TlsAcceptor::from(tls::server_config(&identity)?);
     let (backend, why) = choose_backend(cfg.backend, cfg.data_tls)
         .map_err(|e| RelayError::Backend(e.to_string()))?;
+    let took_over = inherited.control.is_some();
     let (listener, control_addr) =
         bind_or_adopt("--control", cfg.control, inherited.control.take())?;
     let dataplane = DataPlane::start(backend, cfg.workers)
@@ -394,6 +395,9 @@ async fn start_with(
         acceptor,
         dataplane,
     ));
+    if took_over {
+        plane.took_over(Instant::now());
+    }
     let mut tasks = JoinSet::new();
     let mut shared_accepts = JoinSet::new();
     let mut shared_stops = Vec::new();
