@@ -127,6 +127,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         Self { io, buf }
     }
 
+    /// A read that failed with `e`: an end of stream — a clean one, or a TLS peer that
+    /// went away without `close_notify` (a process that exited; frames delimit themselves,
+    /// so nothing is lost that a frame would not show) — is [`FrameIoError::Closed`]
+    /// between frames and [`FrameIoError::Truncated`] inside one.
+    fn ended(&self, e: io::Error) -> FrameIoError {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof if self.buf.is_empty() => FrameIoError::Closed,
+            io::ErrorKind::UnexpectedEof => FrameIoError::Truncated,
+            _ => FrameIoError::Io(e),
+        }
+    }
+
     /// Reads the next message. Cancel-safe: bytes read before a cancellation stay buffered
     /// for the next call. Never buffers more than one maximum-size frame plus one read.
     pub async fn read_msg<M: Message>(&mut self) -> Result<M, FrameIoError> {
@@ -138,12 +150,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(4096.min(MAX_FRAME_LEN));
             }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
-                return Err(if self.buf.is_empty() {
-                    FrameIoError::Closed
-                } else {
-                    FrameIoError::Truncated
-                });
+            let read = self.io.read_buf(&mut self.buf).await;
+            if read.map_err(|e| self.ended(e))? == 0 {
+                return Err(self.ended(io::ErrorKind::UnexpectedEof.into()));
             }
         }
     }
@@ -173,13 +182,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
             };
             let mut chunk = [0u8; 512];
             let want = want.min(chunk.len());
-            let n = self.io.read(&mut chunk[..want]).await?;
+            let read = self.io.read(&mut chunk[..want]).await;
+            let n = read.map_err(|e| self.ended(e))?;
             if n == 0 {
-                return Err(if self.buf.is_empty() {
-                    FrameIoError::Closed
-                } else {
-                    FrameIoError::Truncated
-                });
+                return Err(self.ended(io::ErrorKind::UnexpectedEof.into()));
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
@@ -222,5 +228,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     /// The underlying stream.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.io
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::AgentMsg;
+
+    /// A stream that yields `data`, then fails as rustls does when the TCP connection ends
+    /// without `close_notify`.
+    struct CutShort(std::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for CutShort {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let before = buf.filled().len();
+            let _ =
+                std::io::Read::read(&mut self.0, buf.initialize_unfilled()).map(|n| buf.advance(n));
+            if buf.filled().len() == before {
+                let e = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed connection without sending TLS close_notify",
+                );
+                return Poll::Ready(Err(e));
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for CutShort {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls_peer_gone_without_close_notify_is_a_close_or_a_truncation() {
+        let mut frame = Vec::new();
+        AgentMsg::Heartbeat.encode(&mut frame);
+        // Between frames: the peer closed.
+        let mut f = Framed::new(CutShort(std::io::Cursor::new(frame.clone())));
+        assert!(matches!(
+            f.read_msg::<AgentMsg>().await,
+            Ok(AgentMsg::Heartbeat)
+        ));
+        assert!(matches!(
+            f.read_msg::<AgentMsg>().await,
+            Err(FrameIoError::Closed)
+        ));
+        // Inside one: truncated, whichever read is used.
+        let half = frame[..frame.len() - 1].to_vec();
+        let mut f = Framed::new(CutShort(std::io::Cursor::new(half.clone())));
+        assert!(matches!(
+            f.read_msg::<AgentMsg>().await,
+            Err(FrameIoError::Truncated)
+        ));
+        let mut f = Framed::new(CutShort(std::io::Cursor::new(half)));
+        assert!(matches!(
+            f.read_msg_capped::<AgentMsg>(64).await,
+            Err(FrameIoError::Truncated)
+        ));
     }
 }
