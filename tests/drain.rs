@@ -61,11 +61,23 @@ async fn downloading(public: SocketAddr) -> (TcpStream, usize) {
     (v, n)
 }
 
+/// Reads the rest of a download begun with [`downloading`] (which gave `first` bytes): it
+/// must end cleanly (a FIN, not a reset) with every byte; then the visitor leaves (its half
+/// ends too: its visit is over).
+async fn finishes_cleanly(mut v: TcpStream, first: usize) {
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
+        .await
+        .expect("the download finished")
+        .expect("a clean end, not a reset");
+    assert_eq!(first + rest.len(), PIECES * 512);
+}
+
 async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
     let origin = slow_origin(Duration::from_millis(20)).await;
     let mut relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "slow"));
-    let (mut v, first) = downloading(agent.public).await;
+    let (v, first) = downloading(agent.public).await;
     // A SIGHUP neither stops nor drains it: it reloads the settings (none changed).
     relay.proc.signal("-HUP");
     relay
@@ -87,14 +99,8 @@ async fn sigterm_lets_visitors_in_flight_finish(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // ...and the visitor in flight gets all of it, with a clean end.
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
-        .await
-        .expect("the download finished")
-        .expect("a clean end, not a reset");
-    assert_eq!(first + rest.len(), PIECES * 512);
-    drop(v); // the visitor's half ends too: its visit is over
+    // ...and the visitor in flight gets all of it, with a clean end, then leaves.
+    finishes_cleanly(v, first).await;
     exits_0_saying(&mut relay.proc, "relay stopped: drained=1 cut=0");
 }
 
@@ -123,17 +129,11 @@ async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backen
     let origin = slow_origin(Duration::from_millis(20)).await;
     let relay = Relay::spawn(backend, &[]);
     let mut agent = Agent::spawn(relay.agent_args(origin, "leaving"));
-    let (mut v, first) = downloading(agent.public).await;
+    let (v, first) = downloading(agent.public).await;
     agent.proc.signal("-TERM");
     agent.proc.wait_stderr("stopping");
     relay.proc.wait_stderr("said goodbye");
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
-        .await
-        .expect("the download finished")
-        .expect("a clean end, not a reset");
-    assert_eq!(first + rest.len(), PIECES * 512);
-    drop(v);
+    finishes_cleanly(v, first).await;
     exits_0_saying(&mut agent.proc, "agent stopped: drained=1 cut=0");
 }
 
@@ -141,7 +141,7 @@ async fn a_draining_relay_sends_its_agents_to_a_successor(backend: Backend) {
     let origin = slow_origin(Duration::from_millis(20)).await;
     let mut old = Relay::spawn(backend, &[]);
     let mut agent = Agent::spawn(old.agent_args(origin, "moving"));
-    let (mut v, first) = downloading(agent.public).await;
+    let (v, first) = downloading(agent.public).await;
     old.proc.signal("-TERM");
     agent.proc.wait_stderr("the relay is going away");
     old.proc.wait_stderr("relay draining");
@@ -152,13 +152,7 @@ async fn a_draining_relay_sends_its_agents_to_a_successor(backend: Backend) {
     assert_eq!(online, agent.online, "same service, same public address");
     let (v2, _) = downloading(agent.public).await;
     drop(v2);
-    let mut rest = Vec::new();
-    tokio::time::timeout(WAIT, v.read_to_end(&mut rest))
-        .await
-        .expect("the old relay's download finished")
-        .expect("a clean end, not a reset");
-    assert_eq!(first + rest.len(), PIECES * 512);
-    drop(v);
+    finishes_cleanly(v, first).await;
     exits_0_saying(&mut old.proc, "relay stopped: drained=1 cut=0");
     assert!(
         !agent.proc.stderr().contains("WARN"),

@@ -31,25 +31,11 @@ async fn holding(public: SocketAddr) -> TcpStream {
 
 /// Sends `POST /api/reload` to the admin endpoint; its status and body.
 async fn post_reload(admin: SocketAddr) -> (u16, String) {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"POST /api/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_request(
+        admin,
+        "POST /api/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await
 }
 
 async fn limits_change_live_and_a_broken_file_changes_nothing(backend: Backend) {

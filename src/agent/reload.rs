@@ -2,7 +2,8 @@
 //! changes. Services, secrets, heartbeat and drain timeout change live; the relay address, its
 //! trust (fingerprint, CA), the backend and the workers need a restart and keep their values.
 
-use crate::config::{AgentConfig, ConfigError};
+use crate::config::live::{changed_fields, list_or_none};
+use crate::config::{AgentConfig, ConfigError, ServiceConfig};
 
 /// Reads the agent's settings again, as at start: the command line over its config file.
 pub type AgentLoader = Box<dyn Fn() -> Result<AgentConfig, ConfigError> + Send + Sync>;
@@ -68,16 +69,15 @@ pub struct AgentReload {
 
 /// Compares the settings in force (`old`) with freshly loaded ones (`new`, validated).
 pub fn plan(old: &AgentConfig, new: AgentConfig) -> AgentReload {
-    let same_name = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
-    let find = |list: &[crate::config::ServiceConfig], name: &str| {
-        list.iter().find(|s| same_name(&s.name, name)).cloned()
-    };
+    fn find<'a>(list: &'a [ServiceConfig], name: &str) -> Option<&'a ServiceConfig> {
+        list.iter().find(|s| s.name.eq_ignore_ascii_case(name))
+    }
     let mut removed = Vec::new();
     let mut changed = Vec::new();
     for s in &old.services {
         match find(&new.services, &s.name) {
             None => removed.push(s.name.clone()),
-            Some(n) if n != *s => changed.push(s.name.clone()),
+            Some(n) if n != s => changed.push(s.name.clone()),
             Some(_) => {}
         }
     }
@@ -87,15 +87,7 @@ pub fn plan(old: &AgentConfig, new: AgentConfig) -> AgentReload {
         .filter(|s| find(&old.services, &s.name).is_none())
         .map(|s| s.name.clone())
         .collect();
-    let mut needs_restart = Vec::new();
-    macro_rules! restart {
-        ($($field:ident => $name:literal),* $(,)?) => {$(
-            if old.$field != new.$field {
-                needs_restart.push($name);
-            }
-        )*};
-    }
-    restart!(
+    let needs_restart = changed_fields!(old, new,
         relay_host => "relay",
         relay_port => "relay",
         relay_fingerprint => "relay_fingerprint",
@@ -103,7 +95,6 @@ pub fn plan(old: &AgentConfig, new: AgentConfig) -> AgentReload {
         backend => "backend",
         workers => "workers",
     );
-    needs_restart.dedup();
     let new_session = !removed.is_empty()
         || !added.is_empty()
         || !changed.is_empty()
@@ -129,20 +120,13 @@ pub fn plan(old: &AgentConfig, new: AgentConfig) -> AgentReload {
 
 impl std::fmt::Display for AgentReload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |v: &[String]| match v {
-            [] => "none".to_string(),
-            _ => v.join(","),
-        };
-        let restart = match self.needs_restart.as_slice() {
-            [] => "none".to_string(),
-            v => v.join(","),
-        };
         write!(
             f,
-            "added={} removed={} changed={} needs_restart={restart}",
-            list(&self.added),
-            list(&self.removed),
-            list(&self.changed)
+            "added={} removed={} changed={} needs_restart={}",
+            list_or_none(&self.added),
+            list_or_none(&self.removed),
+            list_or_none(&self.changed),
+            list_or_none(&self.needs_restart)
         )
     }
 }
@@ -150,7 +134,7 @@ impl std::fmt::Display for AgentReload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendKind, Heartbeat, Secret, ServiceConfig};
+    use crate::config::{BackendKind, Heartbeat, Secret};
 
     fn cfg(services: Vec<ServiceConfig>) -> AgentConfig {
         AgentConfig {

@@ -7,6 +7,33 @@ use std::sync::{Arc, RwLock};
 
 use super::RelayConfig;
 
+/// The names of the fields that differ between `old` and `new`, in the order given (each
+/// name once): what a reload reports as changed.
+macro_rules! changed_fields {
+    ($old:expr, $new:expr, $($field:ident => $name:literal),* $(,)?) => {{
+        let mut names: Vec<&'static str> = Vec::new();
+        $(
+            if $old.$field != $new.$field && !names.contains(&$name) {
+                names.push($name);
+            }
+        )*
+        names
+    }};
+}
+pub(crate) use changed_fields;
+
+/// `items` joined by commas, or `none`: how reload log lines list what changed.
+pub fn list_or_none<S: AsRef<str>>(items: &[S]) -> String {
+    match items {
+        [] => "none".to_string(),
+        _ => items
+            .iter()
+            .map(AsRef::as_ref)
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}
+
 /// The settings in force. Cheap to read: a clone of an `Arc` under a read lock.
 #[derive(Debug)]
 pub struct LiveConfig(RwLock<Arc<RelayConfig>>);
@@ -61,15 +88,7 @@ pub fn plan_reload(old: &RelayConfig, new: RelayConfig) -> ReloadPlan {
         heartbeat => "heartbeat",
         drain_timeout => "drain_timeout_secs",
     );
-    let mut needs_restart = Vec::new();
-    macro_rules! restart {
-        ($($field:ident => $name:literal),* $(,)?) => {$(
-            if old.$field != new.$field {
-                needs_restart.push($name);
-            }
-        )*};
-    }
-    restart!(
+    let needs_restart = changed_fields!(old, new,
         control => "control",
         bind_addr => "bind_addr",
         port_range => "port_range",

@@ -143,6 +143,13 @@ impl Registry {
         }
     }
 
+    /// Empty pools for a new service: one per data-plane worker.
+    fn new_pools(&self) -> Vec<Arc<Pool>> {
+        (0..self.dataplane.pools_per_service())
+            .map(|_| Arc::new(Pool::new()))
+            .collect()
+    }
+
     /// The settings in force now.
     fn cfg(&self) -> Arc<RelayConfig> {
         self.live.get()
@@ -346,9 +353,7 @@ impl Registry {
         } else {
             self.check_claims(req, &secret, &hosts, &path)?;
         }
-        let pools: Vec<Arc<Pool>> = (0..self.dataplane.pools_per_service())
-            .map(|_| Arc::new(Pool::new()))
-            .collect();
+        let pools = self.new_pools();
         let gate = Gate::new(
             &req.name,
             &self.cfg().limits_for(&req.name),
@@ -545,9 +550,7 @@ impl Registry {
                 record.name
             )));
         }
-        let pools: Vec<Arc<Pool>> = (0..self.dataplane.pools_per_service())
-            .map(|_| Arc::new(Pool::new()))
-            .collect();
+        let pools = self.new_pools();
         let gate = Gate::new(
             &record.name,
             &cfg.limits_for(&record.name),

@@ -210,19 +210,22 @@ async fn serve(
     let hb = plane.cfg().heartbeat;
     let mut live = Liveness::new(Instant::now(), hb.interval, hb.timeout);
     let mut drain = plane.drain_signal();
-    // Set when the relay starts draining: the session is told to go away by then, once no
-    // visitor of its services waits for a data connection any more.
-    let mut leave_by: Option<Instant> = None;
+    // When the relay started draining, if it has: the session is told to go away once no
+    // visitor of its services waits for a data connection, and within HANDOFF_WAIT.
+    let mut draining_since: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        if leave_by.is_none() && *drain.borrow_and_update() {
-            leave_by = Some(now + HANDOFF_WAIT);
+        if draining_since.is_none() && *drain.borrow_and_update() {
+            draining_since = Some(now);
         }
         // Not at once even with no one waiting: a visitor accepted just before the doors
         // closed may not have reached its pool yet.
-        let settled = |t: Instant| now + HANDOFF_WAIT >= t + HANDOFF_MIN;
-        if leave_by.is_some_and(|t| now >= t || (settled(t) && !visitors_waiting(session, &owned)))
-        {
+        let leave = draining_since
+            .map(|t| now.saturating_duration_since(t))
+            .is_some_and(|d| {
+                d >= HANDOFF_WAIT || (d >= HANDOFF_MIN && !visitors_waiting(session, &owned))
+            });
+        if leave {
             framed
                 .write_msg(&RelayMsg::GoingAway, WRITE_TIMEOUT)
                 .await?;
@@ -246,7 +249,7 @@ async fn serve(
             Action::WaitUntil(t) => retry.map_or(t, |r| r.min(t)),
         };
         // While leaving, look again soon: the waiting visitors are being served.
-        let wait_until = match leave_by {
+        let wait_until = match draining_since {
             Some(_) => wait_until.min(Instant::now() + HANDOFF_POLL),
             None => wait_until,
         };

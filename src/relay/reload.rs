@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::config::live::list_or_none;
 use crate::config::{plan_reload, ConfigError, LiveConfig, RelayConfig};
 use crate::control::registry::Registry;
 
@@ -23,15 +24,11 @@ pub struct Reloaded {
 
 impl std::fmt::Display for Reloaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |v: &[&str]| match v {
-            [] => "none".to_string(),
-            _ => v.join(","),
-        };
         write!(
             f,
             "changed={} needs_restart={} sessions_ended={}",
-            list(&self.changed),
-            list(&self.needs_restart),
+            list_or_none(&self.changed),
+            list_or_none(&self.needs_restart),
             self.sessions_ended
         )
     }

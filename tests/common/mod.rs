@@ -694,6 +694,28 @@ pub async fn fake_agent(relay: &Relay, name: &str) -> (Framed<BoxStream>, u16, V
     (ctl, port, tickets)
 }
 
+/// Sends `raw` (a whole HTTP request) to `addr` and reads until the server closes: the
+/// status and the body.
+pub async fn http_request(addr: SocketAddr, raw: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A counter from the relay's admin endpoint (`--admin` on loopback, no token), by its name
 /// without the `ringtunnel_` prefix and `_total` suffix.
 pub async fn admin_counter(admin: SocketAddr, name: &str) -> u64 {
