@@ -89,7 +89,11 @@ const STATUS_EXAMPLES: &str = "Examples:
   ringtunnel status
 
   # An admin endpoint behind a token:
-  RINGTUNNEL_ADMIN_TOKEN=... ringtunnel status --admin 127.0.0.1:9000";
+  RINGTUNNEL_ADMIN_TOKEN=... ringtunnel status --admin 127.0.0.1:9000
+
+  # Take service web out of rotation (visitors in flight finish), then put it back:
+  ringtunnel status --drain web
+  ringtunnel status --resume web";
 
 /// `ringtunnel status`.
 #[derive(Debug, Args)]
@@ -100,6 +104,12 @@ pub struct StatusArgs {
     /// The admin endpoint's bearer token (its --admin-token).
     #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+    /// First drain this service: new visitors are refused, those in flight finish.
+    #[arg(long, value_name = "SERVICE", conflicts_with = "resume")]
+    pub drain: Option<String>,
+    /// First end the drain of this service.
+    #[arg(long, value_name = "SERVICE")]
+    pub resume: Option<String>,
 }
 
 /// `ringtunnel relay`.

@@ -196,10 +196,19 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo(args) => runtime(None)?.block_on(demo::run(args)),
         Command::Status(args) => {
-            let out = runtime(Some(1))?.block_on(ringtunnel::admin::status::render(
-                args.admin,
-                args.admin_token.as_ref(),
-            ))?;
+            use ringtunnel::admin::status;
+            let token = args.admin_token.as_ref();
+            let out = runtime(Some(1))?.block_on(async {
+                let mut out = String::new();
+                if let Some(name) = &args.drain {
+                    out += &status::drain(args.admin, token, name, true).await?;
+                }
+                if let Some(name) = &args.resume {
+                    out += &status::drain(args.admin, token, name, false).await?;
+                }
+                out += &status::render(args.admin, token).await?;
+                Ok::<_, status::StatusError>(out)
+            })?;
             print!("{out}");
             Ok(())
         }

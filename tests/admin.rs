@@ -182,6 +182,66 @@ async fn the_api_and_status_show_services_agents_and_their_bytes(backend: Backen
     );
 }
 
+/// `ringtunnel status` against `admin` with `args`: (success, stdout, stderr).
+fn status_cmd(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
+        .args(["status", "--admin", &admin.to_string()])
+        .args(args)
+        .env_remove("RINGTUNNEL_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+async fn a_drained_service_finishes_its_visitors_and_refuses_new_ones(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = Relay::spawn(backend, &["--admin", "127.0.0.1:0"]);
+    let admin = relay.admin.unwrap();
+    let origin = echo_origin().await;
+    let agent = Agent::spawn(relay.agent_args(origin, "web"));
+    let mut inside = tokio::net::TcpStream::connect(agent.public).await.unwrap();
+    let mut echoed = [0u8; 5];
+    inside.write_all(b"first").await.unwrap();
+    inside.read_exact(&mut echoed).await.unwrap();
+
+    let (ok, out, err) = status_cmd(admin, &["--drain", "web"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("service web is draining: new visitors are refused, 1 in flight"),
+        "{out}"
+    );
+    assert!(out.contains("(draining)"), "the table says so: {out}");
+
+    // A new visitor is closed without reaching the service...
+    let refused = roundtrip(agent.public, b"hello").await;
+    assert!(
+        refused.as_ref().map_or(true, |got| got.is_empty()),
+        "{refused:?}"
+    );
+    // ...while the one inside carries on.
+    inside.write_all(b"second").await.unwrap();
+    let mut more = [0u8; 6];
+    inside.read_exact(&mut more).await.unwrap();
+    assert_eq!(&more, b"second");
+    drop(inside);
+    let services = services_once(admin, "", |s| s[0].visitors_now == 0).await;
+    assert!(services[0].draining);
+    assert!(services[0].counts["refused_draining"] >= 1, "{services:?}");
+    assert_eq!(services[0].counts["bytes_out"], 11);
+
+    let (ok, _, err) = status_cmd(admin, &["--drain", "nope"]);
+    assert!(!ok);
+    assert!(
+        err.contains("answered 404") && err.contains("no service by that name"),
+        "{err}"
+    );
+    let (ok, out, err) = status_cmd(admin, &["--resume", "web"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("service web takes new visitors"), "{out}");
+    assert_echo(agent.public).await;
+}
+
 #[test]
 fn status_names_an_admin_endpoint_that_is_not_there() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -214,4 +274,5 @@ fn admin_beyond_loopback_needs_a_token() {
 both_backends!(
     health_and_metrics_behind_a_token,
     the_api_and_status_show_services_agents_and_their_bytes,
+    a_drained_service_finishes_its_visitors_and_refuses_new_ones,
 );

@@ -18,6 +18,8 @@ use crate::config::Secret;
 use crate::net::AcceptErrors;
 use crate::protocol::http::parse_head;
 
+/// What a `GET` reaches (a `POST` to one of them is 405, not 404).
+const GET_PATHS: [&str; 5] = ["/", "/health", "/metrics", "/api/services", "/api/agents"];
 /// Largest request head the admin endpoint reads.
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request.
@@ -32,6 +34,9 @@ pub struct AdminView {
     pub services: Box<dyn Fn() -> Vec<ServiceSnapshot> + Send + Sync>,
     /// Every connected agent as it is at the moment of the call.
     pub agents: Box<dyn Fn() -> Vec<AgentSnapshot> + Send + Sync>,
+    /// Starts (`true`) or ends (`false`) the drain of the named service: the service as it is
+    /// then, or `None` if there is none by that name.
+    pub drain: Box<dyn Fn(&str, bool) -> Option<ServiceSnapshot> + Send + Sync>,
     /// Reloads the relay's settings: what it did, as JSON, or why nothing changed.
     pub reload: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
     /// When set, every request needs `Authorization: Bearer <token>`.
@@ -162,14 +167,11 @@ fn respond(view: &AdminView, raw: &[u8]) -> Reply {
         }
     }
     let path = target.split('?').next().unwrap_or("");
-    if method == "POST" && path == "/api/reload" {
-        return match (view.reload)() {
-            Ok(done) => Reply::json(done + "\n"),
-            Err(why) => Reply::text(400, format!("reload refused, nothing changed: {why}\n")),
-        };
+    if method == "POST" {
+        return post(view, path);
     }
     if method != "GET" && method != "HEAD" {
-        return Reply::text(405, "only GET (and POST /api/reload)\n");
+        return Reply::text(405, "only GET, HEAD and POST\n");
     }
     let reply = match path {
         "/health" => Reply::text(200, "ok\n"),
@@ -179,6 +181,36 @@ fn respond(view: &AdminView, raw: &[u8]) -> Reply {
         _ => Reply::text(404, "try /health, /metrics, /api/services or /api/agents\n"),
     };
     Reply { head_only, ..reply }
+}
+
+/// The answer to a `POST`: `/api/reload`, `/api/services/NAME/drain` or
+/// `/api/services/NAME/resume`.
+fn post(view: &AdminView, path: &str) -> Reply {
+    if path == "/api/reload" {
+        return match (view.reload)() {
+            Ok(done) => Reply::json(done + "\n"),
+            Err(why) => Reply::text(400, format!("reload refused, nothing changed: {why}\n")),
+        };
+    }
+    let action = path
+        .strip_prefix("/api/services/")
+        .and_then(|rest| rest.split_once('/'));
+    let on = match action {
+        Some((_, "drain")) => true,
+        Some((_, "resume")) => false,
+        _ if GET_PATHS.contains(&path) => return Reply::text(405, "GET only\n"),
+        _ => {
+            return Reply::text(
+                404,
+                "POST /api/reload, /api/services/NAME/drain or /api/services/NAME/resume\n",
+            )
+        }
+    };
+    let name = action.map(|(name, _)| name).unwrap_or_default();
+    match (view.drain)(name, on) {
+        Some(service) => Reply::json(to_json(&service)),
+        None => Reply::text(404, format!("no service named {name:?}\n")),
+    }
 }
 
 /// `value` as pretty JSON with a final newline.

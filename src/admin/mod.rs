@@ -78,6 +78,8 @@ counters! {
         pub visitors_over_limit,
         /// Visitors refused for opening connections too fast from one address.
         pub visitors_rate_limited,
+        /// Visitors refused because the operator is draining their service.
+        pub visitors_draining,
         /// Visitors closed by their service's idle timeout.
         pub visitors_idle_closed,
         /// Visitors reset because their data connection failed mid-stream (agent gone, link cut,
@@ -125,6 +127,8 @@ counters! {
         pub refused_full,
         /// Visitors refused: their address opened connections too fast.
         pub refused_rate,
+        /// Visitors refused: the operator is draining the service.
+        pub refused_draining,
         /// Visitors closed without a tunnel (agent offline past the wait, queue full).
         pub unserved,
         /// Visitors reset because their tunnel failed mid-stream.
@@ -159,6 +163,9 @@ pub struct ServiceSnapshot {
     pub path: String,
     /// Whether an agent session owns it now (false while it lingers).
     pub online: bool,
+    /// Whether the operator is draining it (new visitors refused).
+    #[serde(default)]
+    pub draining: bool,
     /// The owning agent's address as the relay saw it, while online.
     pub agent: Option<String>,
     /// Since when (Unix seconds) the owning agent has held it, while online.

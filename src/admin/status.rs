@@ -1,5 +1,6 @@
 //! `ringtunnel status`: asks a relay's admin endpoint for its services and agents
-//! (`/api/services`, `/api/agents`) and prints them as tables.
+//! (`/api/services`, `/api/agents`) and prints them as tables; with `--drain NAME` or
+//! `--resume NAME` it first starts or ends the drain of one service.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -47,10 +48,11 @@ pub enum StatusError {
     },
 }
 
-/// Fetches `path` from the admin endpoint at `addr` and parses its JSON body.
+/// Sends `method path` to the admin endpoint at `addr` and parses the JSON body of its answer.
 async fn fetch<T: serde::de::DeserializeOwned>(
     addr: SocketAddr,
     token: Option<&Secret>,
+    method: &str,
     path: &str,
 ) -> Result<T, StatusError> {
     let unreachable = |why: String| StatusError::Unreachable { addr, why };
@@ -66,7 +68,9 @@ async fn fetch<T: serde::de::DeserializeOwned>(
                 )
             })
             .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         s.write_all(req.as_bytes())
             .await
             .map_err(|e| unreachable(e.to_string()))?;
@@ -93,6 +97,7 @@ async fn fetch<T: serde::de::DeserializeOwned>(
     if status != 200 {
         let hint = match status {
             401 => " (pass the admin token: --admin-token or RINGTUNNEL_ADMIN_TOKEN)",
+            404 if method == "POST" => " (no service by that name)",
             404 => " (a relay older than `ringtunnel status`?)",
             _ => "",
         };
@@ -103,8 +108,8 @@ async fn fetch<T: serde::de::DeserializeOwned>(
 
 /// The relay's services and agents, as `ringtunnel status` prints them.
 pub async fn render(addr: SocketAddr, token: Option<&Secret>) -> Result<String, StatusError> {
-    let services: Vec<ServiceSnapshot> = fetch(addr, token, "/api/services").await?;
-    let agents: Vec<AgentSnapshot> = fetch(addr, token, "/api/agents").await?;
+    let services: Vec<ServiceSnapshot> = fetch(addr, token, "GET", "/api/services").await?;
+    let agents: Vec<AgentSnapshot> = fetch(addr, token, "GET", "/api/agents").await?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -129,14 +134,19 @@ pub async fn render(addr: SocketAddr, token: Option<&Secret>) -> Result<String, 
             s.name.clone(),
             s.kind.clone(),
             public,
-            s.agent.clone().unwrap_or_else(|| "(lingering)".into()),
+            match (&s.agent, s.draining) {
+                (Some(a), false) => a.clone(),
+                (Some(a), true) => format!("{a} (draining)"),
+                (None, false) => "(lingering)".into(),
+                (None, true) => "(lingering, draining)".into(),
+            },
             s.connected_since
                 .map_or("-".into(), |t| duration(now.saturating_sub(t))),
             s.visitors_now.to_string(),
             count("visitors").to_string(),
             bytes(count("bytes_in")),
             bytes(count("bytes_out")),
-            (count("refused_full") + count("refused_rate")).to_string(),
+            (count("refused_full") + count("refused_rate") + count("refused_draining")).to_string(),
             count("cut").to_string(),
         ]);
     }
@@ -155,6 +165,26 @@ pub async fn render(addr: SocketAddr, token: Option<&Secret>) -> Result<String, 
     }
     out.push_str(&table(&rows));
     Ok(out)
+}
+
+/// Starts (`on`) or ends the drain of service `name` on the relay whose admin endpoint is
+/// `addr`; one line saying what it is doing now.
+pub async fn drain(
+    addr: SocketAddr,
+    token: Option<&Secret>,
+    name: &str,
+    on: bool,
+) -> Result<String, StatusError> {
+    let action = if on { "drain" } else { "resume" };
+    let path = format!("/api/services/{name}/{action}");
+    let s: ServiceSnapshot = fetch(addr, token, "POST", &path).await?;
+    Ok(match s.draining {
+        true => format!(
+            "service {} is draining: new visitors are refused, {} in flight\n",
+            s.name, s.visitors_now
+        ),
+        false => format!("service {} takes new visitors\n", s.name),
+    })
 }
 
 /// Rows as left-aligned columns two spaces apart.

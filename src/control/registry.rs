@@ -176,35 +176,57 @@ impl Registry {
     /// Every service, for the admin endpoint.
     pub fn snapshot(&self) -> Vec<ServiceSnapshot> {
         let g = self.lock();
-        let mut out: Vec<ServiceSnapshot> = g
-            .services
-            .values()
-            .map(|s| {
-                let owner = s.state().owner;
-                let session = owner.and_then(|id| g.sessions.get(&id));
-                ServiceSnapshot {
-                    name: s.name.clone(),
-                    kind: s.kind.to_string(),
-                    port: s.port,
-                    hosts: s.hosts.clone(),
-                    path: s.path.clone(),
-                    online: owner.is_some(),
-                    agent: session.map(|e| e.peer.to_string()),
-                    connected_since: session.map(|e| unix_secs(e.since)),
-                    visitors_now: s.gate.active(),
-                    idle_connections: s.pools.iter().map(|p| p.idle_count()).sum(),
-                    counts: s
-                        .gate
-                        .stats()
-                        .snapshot()
-                        .into_iter()
-                        .map(|(name, _, v)| (name.to_string(), v))
-                        .collect(),
-                }
-            })
-            .collect();
+        let mut out: Vec<ServiceSnapshot> =
+            g.services.values().map(|s| Self::report(&g, s)).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// Starts (`on`) or ends the operator's drain of service `name` (see
+    /// [`Gate::set_draining`]); the service as it is then, or `None` if there is no such
+    /// service.
+    pub fn set_draining(&self, name: &str, on: bool) -> Option<ServiceSnapshot> {
+        let g = self.lock();
+        let svc = g.services.get(&key(name))?;
+        if svc.gate.is_draining() != on {
+            svc.gate.set_draining(on);
+            let visitors = svc.gate.active();
+            match on {
+                true => {
+                    tracing::info!(service = %svc.name, visitors, "service draining: new visitors are refused, those in flight carry on")
+                }
+                false => {
+                    tracing::info!(service = %svc.name, "service resumed: taking new visitors again")
+                }
+            }
+        }
+        Some(Self::report(&g, svc))
+    }
+
+    /// One service as the admin endpoint reports it.
+    fn report(g: &Inner, s: &Service) -> ServiceSnapshot {
+        let owner = s.state().owner;
+        let session = owner.and_then(|id| g.sessions.get(&id));
+        ServiceSnapshot {
+            name: s.name.clone(),
+            kind: s.kind.to_string(),
+            port: s.port,
+            hosts: s.hosts.clone(),
+            path: s.path.clone(),
+            online: owner.is_some(),
+            draining: s.gate.is_draining(),
+            agent: session.map(|e| e.peer.to_string()),
+            connected_since: session.map(|e| unix_secs(e.since)),
+            visitors_now: s.gate.active(),
+            idle_connections: s.pools.iter().map(|p| p.idle_count()).sum(),
+            counts: s
+                .gate
+                .stats()
+                .snapshot()
+                .into_iter()
+                .map(|(name, _, v)| (name.to_string(), v))
+                .collect(),
+        }
     }
 
     /// Every agent session, oldest first, with the services it owns.
@@ -523,6 +545,7 @@ impl Registry {
                 hosts: svc.hosts.clone(),
                 path: svc.path.clone(),
                 listeners: fds.len(),
+                draining: svc.gate.is_draining(),
             };
             out.push((record, fds));
         }
@@ -556,6 +579,7 @@ impl Registry {
             &cfg.limits_for(&record.name),
             self.metrics.clone(),
         );
+        gate.set_draining(record.draining);
         let guard = match record.kind {
             ServiceKind::Tcp => Some(
                 self.dataplane

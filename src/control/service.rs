@@ -27,6 +27,9 @@ pub struct ServiceRecord {
     pub path: String,
     /// How many listening sockets travel with it (`tcp`: one per worker of the old process).
     pub listeners: usize,
+    /// Whether the operator was draining it (the drain carries over).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Identifies one authenticated control connection (the owner of services).

@@ -28,6 +28,9 @@ pub enum Refusal {
     /// This address (an IPv6 /64) opens connections faster than its rate.
     #[error("more than {0} new connections per second from this address")]
     RateLimited(u32),
+    /// The operator is draining the service: visitors in flight finish, no new ones come in.
+    #[error("service is draining: no new visitors")]
+    Draining,
 }
 
 /// Holds one of the service's visitor places; dropping it gives the place back.
@@ -93,6 +96,8 @@ pub struct Gate {
     limits: Mutex<GateLimits>,
     proxy: AtomicU8,
     forwarded: AtomicBool,
+    /// Set by the operator (`POST /api/services/NAME/drain`): every new visitor is refused.
+    draining: AtomicBool,
     active: Arc<AtomicUsize>,
     /// Per address: a token bucket (tokens left, when it was last filled).
     rates: Mutex<HashMap<AddrKey, (f64, Instant)>>,
@@ -110,6 +115,7 @@ impl Gate {
             limits: Mutex::new(GateLimits::of(limits)),
             proxy: AtomicU8::new(ProxyVersion::Off.to_u8()),
             forwarded: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
             active: Arc::new(AtomicUsize::new(0)),
             rates: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
@@ -166,6 +172,18 @@ impl Gate {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Starts (`true`) or ends a drain: while draining, every new visitor is refused with
+    /// [`Refusal::Draining`] and those already in carry on. Survives the owning agent
+    /// reconnecting; ends when the operator resumes the service or it closes.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the service is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// Visitors connected right now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
@@ -201,6 +219,10 @@ impl Gate {
                     self.metrics.visitors_rate_limited.inc();
                     self.stats.refused_rate.inc();
                 }
+                Refusal::Draining => {
+                    self.metrics.visitors_draining.inc();
+                    self.stats.refused_draining.inc();
+                }
             }
             if self.may_log(now) {
                 tracing::warn!(service = %self.service, visitor = %ip, "visitor refused: {refusal}");
@@ -218,6 +240,9 @@ impl Gate {
     }
 
     fn check(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
+        if self.is_draining() {
+            return Err(Refusal::Draining);
+        }
         let limits = self.limits();
         if let Some(rate) = limits.rate_per_ip {
             // A token bucket per address: a burst of up to `rate` connections, then `rate`
@@ -294,6 +319,21 @@ mod tests {
         drop((b, c));
         assert_eq!(g.active(), 0);
         assert_eq!(g.metrics().visitors_over_limit.get(), 1);
+    }
+
+    #[test]
+    fn a_draining_gate_refuses_new_visitors_and_keeps_those_in() {
+        let g = gate(Limits::default());
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let inside = g.admit(ip).unwrap();
+        g.set_draining(true);
+        assert_eq!(g.admit(ip).unwrap_err(), Refusal::Draining);
+        assert_eq!(g.active(), 1, "the visitor already in keeps its place");
+        assert_eq!(g.stats().refused_draining.get(), 1);
+        assert_eq!(g.metrics().visitors_draining.get(), 1);
+        drop(inside);
+        g.set_draining(false);
+        assert!(g.admit(ip).is_ok(), "resumed");
     }
 
     #[test]

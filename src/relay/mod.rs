@@ -427,11 +427,12 @@ async fn start_with(
     }
     let mut admin_task = None;
     if let Some(l) = admin_listener {
-        let (services, agents) = (registry.clone(), registry.clone());
+        let (services, agents, drain) = (registry.clone(), registry.clone(), registry.clone());
         let view = Arc::new(AdminView {
             metrics: metrics.clone(),
             services: Box::new(move || services.snapshot()),
             agents: Box::new(move || agents.agents()),
+            drain: Box::new(move |name, on| drain.set_draining(name, on)),
             reload: {
                 let reloader = reloader.clone();
                 Box::new(move || {

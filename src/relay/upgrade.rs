@@ -207,6 +207,7 @@ mod tests {
             hosts: vec![],
             path: String::new(),
             listeners: 2,
+            draining: true,
         };
         let outgoing = Outgoing {
             control: vec![dup(&control)],
