@@ -25,6 +25,9 @@ const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Starts or ends one service's drain (see [`AdminView::drain`]).
+pub type DrainFn = dyn Fn(&str, bool) -> Option<ServiceSnapshot> + Send + Sync;
+
 /// What the admin endpoint reads: the counters, the services as they are now, and the token
 /// requests must present. It sees nothing else of the relay.
 pub struct AdminView {
@@ -36,7 +39,7 @@ pub struct AdminView {
     pub agents: Box<dyn Fn() -> Vec<AgentSnapshot> + Send + Sync>,
     /// Starts (`true`) or ends (`false`) the drain of the named service: the service as it is
     /// then, or `None` if there is none by that name.
-    pub drain: Box<dyn Fn(&str, bool) -> Option<ServiceSnapshot> + Send + Sync>,
+    pub drain: Box<DrainFn>,
     /// Reloads the relay's settings: what it did, as JSON, or why nothing changed.
     pub reload: Box<dyn Fn() -> Result<String, String> + Send + Sync>,
     /// When set, every request needs `Authorization: Bearer <token>`.
