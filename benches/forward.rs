@@ -4,9 +4,12 @@
 //! (`dataplane::uring::chunked::forward`, each side on its own monoio thread, as relay and
 //! agent workers are), against the same transfer on a direct socket pair in the same run.
 //! Read the ratio, not the absolute numbers: loopback on a shared machine is noisy, and
-//! loopback understates what zero-copy would save.
+//! loopback understates what zero-copy would save. The relay side counts its bytes as the
+//! relay does (into per-thread sharded counters).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ringtunnel::admin::Sharded;
+use ringtunnel::dataplane::tally::Tally;
 use ringtunnel::dataplane::tokio::chunked;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -39,24 +42,26 @@ async fn path(via: Via) -> (TcpStream, TcpStream) {
     match via {
         Via::Tokio => {
             tokio::spawn(async move {
-                chunked::forward(&mut v_side, &mut t_relay, &[], &[], None).await
+                let (up, down) = (Sharded::default(), Sharded::default());
+                let tally = Tally::into(&up, &down);
+                chunked::forward(&mut v_side, &mut t_relay, &[], &[], None, tally).await
             });
             tokio::spawn(async move {
-                chunked::forward(&mut o_side, &mut t_agent, &[], &[], None).await
+                chunked::forward(&mut o_side, &mut t_agent, &[], &[], None, Tally::none()).await
             });
         }
         _ => {
-            for (peer, tunnel) in [(v_side, t_relay), (o_side, t_agent)] {
+            for (peer, tunnel, relay) in [(v_side, t_relay, true), (o_side, t_agent, false)] {
                 let (peer, tunnel) = (peer.into_std().unwrap(), tunnel.into_std().unwrap());
-                std::thread::spawn(move || uring_side(peer, tunnel));
+                std::thread::spawn(move || uring_side(peer, tunnel, relay));
             }
         }
     }
     (visitor, origin)
 }
 
-/// One side of the tunnel on its own ring, as a relay or agent worker runs it.
-fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream) {
+/// One side of the tunnel on its own ring, as a relay (counting bytes) or agent worker runs it.
+fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream, relay: bool) {
     use ringtunnel::dataplane::uring::{chunked, pipe::PipePool};
     let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
         .enable_timer()
@@ -68,7 +73,12 @@ fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream) {
         let peer = monoio::net::TcpStream::from_std(peer).unwrap();
         let tunnel = monoio::net::TcpStream::from_std(tunnel).unwrap();
         let pipes = PipePool::default();
-        let _ = chunked::forward(&peer, &tunnel, &pipes, &[], false, None).await;
+        let (up, down) = (Sharded::default(), Sharded::default());
+        let tally = match relay {
+            true => Tally::into(&up, &down),
+            false => Tally::none(),
+        };
+        let _ = chunked::forward(&peer, &tunnel, &pipes, &[], false, None, tally).await;
     });
 }
 

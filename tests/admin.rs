@@ -182,6 +182,31 @@ async fn the_api_and_status_show_services_agents_and_their_bytes(backend: Backen
     );
 }
 
+async fn bytes_show_while_a_visitor_is_still_downloading(backend: Backend) {
+    // Plain data connections: the download is spliced, and each splice counts.
+    for data_tls in ["on", "off"] {
+        bytes_show_during_a_download(backend, data_tls).await;
+    }
+}
+
+async fn bytes_show_during_a_download(backend: Backend, data_tls: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let relay = Relay::spawn(backend, &["--admin", "127.0.0.1:0", "--data-tls", data_tls]);
+    let admin = relay.admin.unwrap();
+    let origin = bulk_origin(std::sync::Arc::new(pseudo_random(3, 32 << 20))).await;
+    let agent = Agent::spawn(relay.agent_args(origin, "files"));
+    let mut v = tokio::net::TcpStream::connect(agent.public).await.unwrap();
+    v.write_all(b"go").await.unwrap();
+    let mut got = vec![0u8; 4 << 20];
+    v.read_exact(&mut got).await.unwrap();
+    // The visitor stops reading with most of the download still to come: what it has read
+    // already shows, long before it ends.
+    let services = services_once(admin, "", |s| s[0].counts["bytes_out"] >= 4 << 20).await;
+    assert_eq!(services[0].visitors_now, 1);
+    assert_eq!(services[0].counts["bytes_in"], 2);
+    assert!(services[0].counts["bytes_out"] < 32 << 20, "{services:?}");
+}
+
 /// `ringtunnel status` against `admin` with `args`: (success, stdout, stderr).
 fn status_cmd(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
@@ -275,4 +300,5 @@ both_backends!(
     health_and_metrics_behind_a_token,
     the_api_and_status_show_services_agents_and_their_bytes,
     a_drained_service_finishes_its_visitors_and_refuses_new_ones,
+    bytes_show_while_a_visitor_is_still_downloading,
 );

@@ -1,5 +1,6 @@
 //! The admin endpoint, on a loopback address by default, optionally behind a bearer token:
-//! `GET /health`, `GET /metrics` (Prometheus text format, with `# HELP` lines and
+//! `GET /` (a self-contained live page of the services and agents: no CDN, no data in it,
+//! so it is served without the token and asks for it), `GET /health`, `GET /metrics` (Prometheus text format, with `# HELP` lines and
 //! per-service counts), `GET /api/services` and `GET /api/agents` (JSON, what
 //! `ringtunnel status` prints), and `POST /api/reload` (re-read the settings, as SIGHUP
 //! does). One request per connection, heads bounded in size and time
@@ -17,6 +18,11 @@ use super::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::Secret;
 use crate::net::AcceptErrors;
 use crate::protocol::http::parse_head;
+
+/// The live page served at `/`: polls `/api/services` and `/api/agents` once a second.
+const PAGE: &str = include_str!("page.html");
+/// The page may run its own inline script and style and talk to this endpoint, nothing else.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// What a `GET` reaches (a `POST` to one of them is 405, not 404).
 const GET_PATHS: [&str; 5] = ["/", "/health", "/metrics", "/api/services", "/api/agents"];
@@ -119,6 +125,11 @@ async fn answer(view: Arc<AdminView>, mut stream: TcpStream) {
     if reply.status == 401 {
         out.push_str("WWW-Authenticate: Bearer\r\n");
     }
+    if reply.content_type.starts_with("text/html") {
+        out.push_str(&format!(
+            "Content-Security-Policy: {PAGE_POLICY}\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
+        ));
+    }
     out.push_str("\r\n");
     if !reply.head_only {
         out.push_str(&reply.body);
@@ -156,6 +167,15 @@ fn respond(view: &AdminView, raw: &[u8]) -> Reply {
     let mut parts = request_line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let head_only = method == "HEAD";
+    let path = target.split('?').next().unwrap_or("");
+    if path == "/" && (method == "GET" || head_only) {
+        return Reply {
+            status: 200,
+            content_type: "text/html; charset=utf-8",
+            body: PAGE.to_string(),
+            head_only,
+        };
+    }
     if let Some(token) = &view.token {
         let presented = lines
             .filter_map(|l| l.split_once(':'))
@@ -169,7 +189,6 @@ fn respond(view: &AdminView, raw: &[u8]) -> Reply {
             };
         }
     }
-    let path = target.split('?').next().unwrap_or("");
     if method == "POST" {
         return post(view, path);
     }
@@ -181,7 +200,10 @@ fn respond(view: &AdminView, raw: &[u8]) -> Reply {
         "/metrics" => Reply::text(200, metrics_text(view)),
         "/api/services" => Reply::json(to_json(&(view.services)())),
         "/api/agents" => Reply::json(to_json(&(view.agents)())),
-        _ => Reply::text(404, "try /health, /metrics, /api/services or /api/agents\n"),
+        _ => Reply::text(
+            404,
+            "try /, /health, /metrics, /api/services or /api/agents\n",
+        ),
     };
     Reply { head_only, ..reply }
 }

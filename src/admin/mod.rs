@@ -3,7 +3,10 @@
 //! client that prints them ([`status`]: `ringtunnel status`).
 
 pub mod http;
+mod sharded;
 pub mod status;
+
+pub use sharded::Sharded;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,19 +29,19 @@ impl Counter {
     }
 }
 
-/// Declares a struct of [`Counter`]s and its `snapshot()`: every counter as `(name, help,
-/// value)` in declaration order, the help being the field's documentation (served as the
+/// Declares a struct of counters (each a [`Counter`] unless another type with `get()` is
+/// named) and its `snapshot()`: every counter as `(name, help, value)` in declaration order, the help being the field's documentation (served as the
 /// Prometheus `# HELP` line), so names, docs and the exported list cannot drift apart.
 macro_rules! counters {
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
-            $( $(#[doc = $doc:literal])* pub $field:ident, )*
+            $( $(#[doc = $doc:literal])* pub $field:ident $(: $ty:ty)?, )*
         }
     ) => {
         $(#[$meta])*
         pub struct $name {
-            $( $(#[doc = $doc])* pub $field: Counter, )*
+            $( $(#[doc = $doc])* pub $field: counters!(@type $($ty)?), )*
         }
 
         impl $name {
@@ -48,6 +51,8 @@ macro_rules! counters {
             }
         }
     };
+    (@type) => { Counter };
+    (@type $ty:ty) => { $ty };
 }
 
 counters! {
@@ -112,17 +117,18 @@ counters! {
 
 counters! {
     /// What happened to one service's visitors since the relay published it (the counts survive
-    /// its agent reconnecting). Written once per visitor event (admitted, refused, ended), never
-    /// per chunk, so no cache line is written by every worker on the hot path; a visitor's bytes
-    /// are added when it ends.
+    /// its agent reconnecting). Counts are written once per visitor event (admitted, refused,
+    /// ended); bytes as they move, each thread into its own shard ([`Sharded`]), so no cache
+    /// line is written by every worker on the hot path.
     #[derive(Debug, Default)]
     pub struct ServiceStats {
         /// Visitors let in.
         pub visitors,
-        /// Bytes from visitors to the service, counted when each visitor ends.
-        pub bytes_in,
-        /// Bytes from the service to visitors, counted when each visitor ends.
-        pub bytes_out,
+        /// Bytes from visitors to the service, counted as they move (a rewritten HTTP request
+        /// head counts as the visitor sent it; a PROXY header does not count).
+        pub bytes_in: Sharded,
+        /// Bytes from the service to visitors, counted as they move.
+        pub bytes_out: Sharded,
         /// Visitors refused: the service had its maximum connected.
         pub refused_full,
         /// Visitors refused: their address opened connections too fast.
@@ -137,14 +143,6 @@ counters! {
         pub idle_closed,
         /// Visitors turned away because the agent could not reach its local service.
         pub origin_unreachable,
-    }
-}
-
-impl ServiceStats {
-    /// A visitor ended after moving `bytes_in` to the service and `bytes_out` back.
-    pub fn record(&self, bytes_in: u64, bytes_out: u64) {
-        self.bytes_in.add(bytes_in);
-        self.bytes_out.add(bytes_out);
     }
 }
 

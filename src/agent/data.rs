@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Ctx;
+use crate::dataplane::tally::Tally;
 use crate::dataplane::tokio::chunked;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
@@ -97,7 +98,7 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
             }
         };
         let _ = origin.set_nodelay(true);
-        match chunked::forward(&mut origin, &mut tunnel, &[], &early, None).await {
+        match chunked::forward(&mut origin, &mut tunnel, &[], &early, None, Tally::none()).await {
             Ok(o) => {
                 let (up, down) = (o.down, o.up); // as the visitor sees them
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");

@@ -53,14 +53,6 @@ pub struct Admission {
     _permit: Permit,
 }
 
-/// A visitor ended cleanly after `up` bytes to the service and `down` back: counted for its
-/// service (when it was admitted through one).
-pub fn count_done(admission: &Option<Admission>, up: u64, down: u64) {
-    if let Some(a) = admission {
-        a.gate.stats.record(up, down);
-    }
-}
-
 /// A visitor was reset because its tunnel failed mid-stream: counted relay-wide and for its
 /// service.
 pub fn count_cut(metrics: &Metrics, admission: &Option<Admission>) {

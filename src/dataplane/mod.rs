@@ -21,6 +21,7 @@ pub mod pool;
 pub mod probe;
 pub mod rewrite;
 pub mod sock;
+pub mod tally;
 pub mod tokio;
 pub mod uring;
 pub mod wait;

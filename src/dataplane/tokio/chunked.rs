@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
+use crate::dataplane::tally::{Count, Tally};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 use crate::protocol::http::requests::Requests;
 
@@ -66,6 +67,8 @@ struct HalfDuplex<'r> {
     done: bool,
     /// Payload bytes moved (counted when read, so a drain does not count them again).
     moved: u64,
+    /// Where they are counted as well.
+    count: Count<'r>,
 }
 
 impl<'r> HalfDuplex<'r> {
@@ -80,6 +83,7 @@ impl<'r> HalfDuplex<'r> {
             ended: false,
             done: false,
             moved: 0,
+            count: Count::default(),
         }
     }
 
@@ -146,6 +150,7 @@ impl<'r> HalfDuplex<'r> {
                 Err(e) => return Err(ForwardError::from_chunk(e)),
             };
             self.moved += data.len() as u64;
+            self.count.add(data.len());
             self.write_or_keep(cx, w.as_mut(), data)?;
             if !self.pending.is_empty() {
                 // The peer is full: keep the undecoded rest for when it drains.
@@ -167,6 +172,7 @@ impl<'r> HalfDuplex<'r> {
         n: usize,
     ) -> Forwarded<()> {
         self.moved += n as u64;
+        self.count.add(n);
         // SAFETY: the read initialised `n` bytes after the header slot.
         let read =
             unsafe { std::slice::from_raw_parts(stack.as_ptr().add(HEADER_LEN).cast::<u8>(), n) };
@@ -256,13 +262,15 @@ impl<'r> HalfDuplex<'r> {
 /// forwards `peer` ↔ `tunnel` in chunks until both directions end or either fails; the error
 /// names the end that failed first. `early` are tunnel bytes already read past the last
 /// control frame; they are decoded first. `requests`: an HTTP visitor's reader, which
-/// rewrites every request head going up.
+/// rewrites every request head going up; `tally`: where the visitor's bytes are counted as
+/// they move.
 pub async fn forward<P, T>(
     peer: &mut P,
     tunnel: &mut T,
     prefix: &[u8],
     early: &[u8],
     requests: Option<&mut Requests>,
+    tally: Tally<'_>,
 ) -> Forwarded<Outcome>
 where
     P: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -276,8 +284,10 @@ where
     }
     let mut up = HalfDuplex::new(Direction::Up);
     up.requests = requests;
+    up.count = tally.up;
     let mut down = HalfDuplex::new(Direction::Down);
     down.carry = early.to_vec();
+    down.count = tally.down;
     poll_fn(|cx| {
         let a = up.poll(cx, Pin::new(&mut *peer), Pin::new(&mut *tunnel));
         let b = down.poll(cx, Pin::new(&mut *tunnel), Pin::new(&mut *peer));
@@ -320,8 +330,8 @@ mod tests {
             let (mut o_side, mut origin) = pair().await;
             let mut pre = Vec::new();
             chunk::push_chunks(&mut pre, b"hello ");
-            let relay = forward(&mut v_side, &mut t_relay, &pre, &[], None);
-            let agent = forward(&mut o_side, &mut t_agent, &[], &[], None);
+            let relay = forward(&mut v_side, &mut t_relay, &pre, &[], None, Tally::none());
+            let agent = forward(&mut o_side, &mut t_agent, &[], &[], None, Tally::none());
             let client = async {
                 visitor.write_all(&[b'a' + round; 100_000]).await.unwrap();
                 visitor.shutdown().await.unwrap();
@@ -348,7 +358,7 @@ mod tests {
         let (mut t_relay, mut t_agent) = pair().await;
         let (_visitor, mut v_side) = pair().await;
         t_agent.write_all(&[0x7f, 0, 0, 0]).await.unwrap();
-        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None, Tally::none())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("invalid chunk header"), "{err}");
@@ -369,7 +379,7 @@ mod tests {
         chunk::push_chunks(&mut half, b"part of a reply");
         t_agent.write_all(&half).await.unwrap();
         drop(t_agent);
-        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None, Tally::none())
             .await
             .unwrap_err();
         assert_eq!(err.side, Side::Tunnel, "{err}");
@@ -379,7 +389,7 @@ mod tests {
         let (mut t_relay, t_agent) = pair().await;
         let (_visitor, mut v_side) = pair().await;
         drop(t_agent);
-        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None, Tally::none())
             .await
             .unwrap_err();
         assert!(err.tunnel_lost() && err.retry, "{err:?}");
@@ -389,7 +399,7 @@ mod tests {
         let (visitor, mut v_side) = pair().await;
         crate::dataplane::sock::reset_on_close(std::os::fd::AsFd::as_fd(&visitor));
         drop(visitor);
-        let err = forward(&mut v_side, &mut t_relay, &[], &[], None)
+        let err = forward(&mut v_side, &mut t_relay, &[], &[], None, Tally::none())
             .await
             .unwrap_err();
         assert_eq!(err.side, Side::Peer, "{err}");
@@ -404,10 +414,12 @@ mod tests {
         let (mut t_relay, mut t_agent) = pair().await;
         let (mut visitor, mut v_side) = pair().await;
         let (mut o_side, mut origin) = pair().await;
-        let relay =
-            tokio::spawn(async move { forward(&mut v_side, &mut t_relay, &[], &[], None).await });
-        let agent =
-            tokio::spawn(async move { forward(&mut o_side, &mut t_agent, &[], &[], None).await });
+        let relay = tokio::spawn(async move {
+            forward(&mut v_side, &mut t_relay, &[], &[], None, Tally::none()).await
+        });
+        let agent = tokio::spawn(async move {
+            forward(&mut o_side, &mut t_agent, &[], &[], None, Tally::none()).await
+        });
         let data: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
         let expected = data.clone();
         let writer = tokio::spawn(async move {

@@ -13,10 +13,11 @@ use tokio::task::JoinHandle;
 use super::chunked;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::{count_cut, count_done, Gate};
+use crate::dataplane::gate::{count_cut, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock;
+use crate::dataplane::tally::Tally;
 use crate::dataplane::wait::agent_ready;
 use crate::net::AcceptErrors;
 use crate::protocol::chunk;
@@ -110,8 +111,13 @@ pub async fn park_and_forward(
         // select below lives, and the watcher borrowing the fd lives no longer than that.
         let fd = unsafe { BorrowedFd::borrow_raw(raw) };
         let start = conn.on_visitor(addr, &visitor.prefix, &[]);
+        let tally = Tally::of(&admission);
+        if http {
+            // The first request head, as rewritten, travels in `start`.
+            tally.up.add(visitor.prefix.len());
+        }
         let outcome = tokio::select! {
-            o = chunked::forward(&mut stream, &mut tunnel, &start, &[], requests.as_deref_mut()) => o,
+            o = chunked::forward(&mut stream, &mut tunnel, &start, &[], requests.as_deref_mut(), tally) => o,
             _ = idle::tokio_idle(fd, idle) => {
                 idle_closed(service, addr, fd, &admission);
                 return;
@@ -121,7 +127,6 @@ pub async fn park_and_forward(
             Ok(o) => {
                 let (up, down) = (o.up, o.down);
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
-                count_done(&admission, up, down);
                 drop((stream, admission));
                 let next = conn.on_visitor_done(o.reusable, o.leftover, Instant::now());
                 if next == RelayNext::Close {

@@ -16,6 +16,7 @@ use super::sockio::fd;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::dataplane::sock::set_nonblocking;
+use crate::dataplane::tally::Tally;
 use crate::dataplane::InFlight;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
@@ -146,7 +147,9 @@ async fn run(
                 return Ok(());
             }
         };
-        let outcome = match tunnel.forward(&origin, pipes, &early, true, None).await {
+        // Boxed, as on the relay: only a connection carrying a visitor needs the room.
+        let forward = Box::pin(tunnel.forward(&origin, pipes, &early, true, None, Tally::none()));
+        let outcome = match forward.await {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!(service, %visitor, "visitor ended: {e}");

@@ -18,6 +18,7 @@ use super::sockio::{self, fd, with_scratch};
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
 use crate::dataplane::sock::{cut, recv_now, send_now, shutdown, Half};
+use crate::dataplane::tally::{Count, Tally};
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 use crate::protocol::http::requests::Requests;
 
@@ -33,11 +34,13 @@ pub enum Ended {
 /// Decoding state of the tunnel → peer direction, independent of where its bytes come from
 /// (a socket, or plaintext out of rustls).
 #[derive(Default)]
-pub struct Unchunk {
+pub struct Unchunk<'a> {
     /// The chunk decoder.
     pub chunks: Unchunker,
     /// Visitor bytes delivered or queued.
     pub moved: u64,
+    /// Where those bytes are counted as well.
+    pub count: Count<'a>,
 }
 
 /// What [`Unchunk::feed`] could not finish because the peer was full.
@@ -48,7 +51,7 @@ pub struct Blocked {
     pub rest: Vec<u8>,
 }
 
-impl Unchunk {
+impl Unchunk<'_> {
     /// Decodes `input`, sending visitor bytes to `dfd` without waiting. Stops at `END` (the
     /// rest goes to `leftover`); returns what is left when `dfd` is full.
     /// A bad chunk is the tunnel's fault; a failed send, the peer's.
@@ -59,6 +62,7 @@ impl Unchunk {
             .map_err(ForwardError::from_chunk)?
         {
             self.moved += data.len() as u64;
+            self.count.add(data.len());
             let sent = send_now(dfd, data).map_err(ForwardError::peer)?;
             if sent < data.len() {
                 return Ok(Some(Blocked {
@@ -104,11 +108,12 @@ async fn encode(
     pipes: &PipePool,
     quiet: bool,
     requests: Option<&mut Requests>,
+    count: Count<'_>,
 ) -> Forwarded<(u64, Ended)> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     if let Some(requests) = requests {
         // Boxed: inline, its state would grow every connection's task, rewriting or not.
-        return Box::pin(encode_requests(src, dst, quiet, requests)).await;
+        return Box::pin(encode_requests(src, dst, quiet, requests, count)).await;
     }
     let (sfd, dfd) = (fd(src), fd(dst));
     let mut total = 0u64;
@@ -145,12 +150,13 @@ async fn encode(
                 if n == 0 {
                     return Ok((total, Ended::Clean));
                 }
+                count.add(n);
                 total += n as u64;
                 if full {
                     // Bulk: the rest of this direction is raw, spliced.
                     let raw = chunk::header(chunk::RAW);
                     sockio::write_all(dst, &raw).await.map_err(tunnel)?;
-                    total += pipe::splice_to_eof(src, dst, pipes, Side::Peer).await?;
+                    total += pipe::splice_to_eof(src, dst, pipes, Side::Peer, count).await?;
                     shutdown(dfd, Half::Write);
                     return Ok((total, Ended::Raw));
                 }
@@ -169,6 +175,7 @@ async fn encode_requests(
     dst: &TcpStream,
     quiet: bool,
     requests: &mut Requests,
+    count: Count<'_>,
 ) -> Forwarded<(u64, Ended)> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let sfd = fd(src);
@@ -197,6 +204,7 @@ async fn encode_requests(
                 if n == 0 {
                     return Ok((total, Ended::Clean));
                 }
+                count.add(n);
                 total += n as u64;
                 if !full {
                     src.readable(false).await.map_err(peer)?;
@@ -213,10 +221,14 @@ async fn decode(
     dst: &TcpStream,
     pipes: &PipePool,
     early: &[u8],
+    count: Count<'_>,
 ) -> Forwarded<(u64, Ended, Vec<u8>)> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let (sfd, dfd) = (fd(src), fd(dst));
-    let mut st = Unchunk::default();
+    let mut st = Unchunk {
+        count,
+        ..Unchunk::default()
+    };
     st.feed_all(dst, early).await?;
     // The tunnel's next bytes come after a round trip, and `early` (the visitor's first bytes,
     // sent with `Start`) was a read that drained the socket: the first recv would almost always
@@ -249,7 +261,7 @@ async fn decode(
         }
     }
     if st.chunks.is_raw() {
-        let n = pipe::splice_to_eof(src, dst, pipes, Side::Tunnel).await?;
+        let n = pipe::splice_to_eof(src, dst, pipes, Side::Tunnel, count).await?;
         shutdown(dfd, Half::Write);
         return Ok((st.moved + n, Ended::Raw, Vec::new()));
     }
@@ -321,7 +333,8 @@ pub(super) async fn both<U, D>(
 /// both sockets are shut down, the peer's to be reset on close if the tunnel failed); the
 /// error names the end that failed first. `early`: tunnel
 /// bytes already read past `Start`; `peer_quiet`: the peer has nothing to read now (see
-/// `encode`); `requests`: an HTTP visitor's reader, which rewrites every request head going up.
+/// `encode`); `requests`: an HTTP visitor's reader, which rewrites every request head going up;
+/// `tally`: where the visitor's bytes are counted as they move.
 pub async fn forward(
     peer: &TcpStream,
     tunnel: &TcpStream,
@@ -329,13 +342,14 @@ pub async fn forward(
     early: &[u8],
     peer_quiet: bool,
     requests: Option<&mut Requests>,
+    tally: Tally<'_>,
 ) -> Forwarded<Outcome> {
     let shut = |failed: Side| {
         end_peer(fd(peer), failed);
         shutdown(fd(tunnel), Half::Both);
     };
-    let up = pin!(encode(peer, tunnel, pipes, peer_quiet, requests));
-    let down = pin!(decode(tunnel, peer, pipes, early));
+    let up = pin!(encode(peer, tunnel, pipes, peer_quiet, requests, tally.up));
+    let down = pin!(decode(tunnel, peer, pipes, early, tally.down));
     let ((up, up_end), (down, down_end, leftover)) = both(up, down, shut).await?;
     Ok(Outcome {
         up,
@@ -390,8 +404,8 @@ mod tests {
             let (t_relay, t_agent) = (on_ring(t_relay), on_ring(t_agent));
             let pipes = PipePool::default();
             let (r, a) = monoio::join!(
-                forward(&v_side, &t_relay, &pipes, &[], false, None),
-                forward(&o_side, &t_agent, &pipes, &[], true, None)
+                forward(&v_side, &t_relay, &pipes, &[], false, None, Tally::none()),
+                forward(&o_side, &t_agent, &pipes, &[], true, None, Tally::none())
             );
             (r.unwrap(), a.unwrap())
         });
@@ -452,7 +466,7 @@ mod tests {
         let err = rt.block_on(async move {
             let (v_side, t_relay) = (on_ring(v_side), on_ring(t_relay));
             let pipes = PipePool::default();
-            forward(&v_side, &t_relay, &pipes, &[], true, None)
+            forward(&v_side, &t_relay, &pipes, &[], true, None, Tally::none())
                 .await
                 .unwrap_err()
         });

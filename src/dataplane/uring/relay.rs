@@ -16,10 +16,11 @@ use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::{count_cut, count_done, Gate};
+use crate::dataplane::gate::{count_cut, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock::{cut, recv_now, shutdown, Half};
+use crate::dataplane::tally::Tally;
 use crate::dataplane::wait::{agent_ready, ReadSome};
 use crate::net::AcceptErrors;
 use crate::protocol::chunk;
@@ -188,8 +189,17 @@ async fn park_and_forward(
             requests.as_deref_mut(),
         )?;
         tunnel.write_all(&start).await?;
+        let tally = Tally::of(&admission);
+        // What the visitor sent early travels in `start`; for HTTP, the first request head too.
+        tally
+            .up
+            .add(sent_early as usize + if http { visitor.prefix.len() } else { 0 });
+        // Boxed: the forwarding state is large and lives only while a visitor is carried;
+        // inline, every parked connection's task would hold room for it.
+        let forward =
+            Box::pin(tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut(), tally));
         let outcome = monoio::select! {
-            o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut()) => o,
+            o = forward => o,
             _ = idle::monoio_idle(fd(&stream), idle) => {
                 idle_closed(service, addr, fd(&stream), &admission);
                 return Ok(());
@@ -219,7 +229,6 @@ async fn park_and_forward(
         };
         let (up, down, reusable) = (outcome.up + sent_early, outcome.down, outcome.reusable);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
-        count_done(&admission, up, down);
         drop((stream, admission));
         let next = conn.on_visitor_done(reusable, outcome.leftover, Instant::now());
         if next == RelayNext::Close {

@@ -16,6 +16,7 @@ use super::sockio::{self, fd};
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
 use crate::dataplane::rewrite;
 use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
+use crate::dataplane::tally::{Count, Tally};
 use crate::protocol::chunk::{self, HEADER_LEN};
 use crate::protocol::http::requests::Requests;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
@@ -224,7 +225,7 @@ enum Step {
 fn decrypt_step(
     tls: &TlsStream,
     pfd: BorrowedFd<'_>,
-    st: &mut Unchunk,
+    st: &mut Unchunk<'_>,
     carry: &mut Vec<u8>,
 ) -> Forwarded<Step> {
     let tunnel = ForwardError::tunnel;
@@ -308,10 +309,14 @@ async fn tls_to_plain(
     tls: &TlsStream,
     plain: &TcpStream,
     early: &[u8],
+    count: Count<'_>,
 ) -> Forwarded<(u64, Ended, Vec<u8>)> {
     let tunnel = ForwardError::tunnel;
     let pfd = fd(plain);
-    let mut st = Unchunk::default();
+    let mut st = Unchunk {
+        count,
+        ..Unchunk::default()
+    };
     st.feed_all(plain, early).await?;
     let mut carry = Vec::new();
     while !st.chunks.is_ended() {
@@ -345,6 +350,7 @@ async fn plain_to_tls(
     tls: &TlsStream,
     quiet: bool,
     requests: Option<&mut Requests>,
+    count: Count<'_>,
 ) -> Forwarded<u64> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let pfd = fd(plain);
@@ -355,7 +361,7 @@ async fn plain_to_tls(
     }
     if let Some(requests) = requests {
         // Boxed: inline, its state would grow every connection's task, rewriting or not.
-        return Box::pin(plain_to_tls_requests(plain, tls, requests)).await;
+        return Box::pin(plain_to_tls_requests(plain, tls, requests, count)).await;
     }
     loop {
         let read = with_buffers(|buf, _| -> Forwarded<Option<(usize, Option<Vec<u8>>)>> {
@@ -389,6 +395,7 @@ async fn plain_to_tls(
                 if n == 0 {
                     return Ok(total);
                 }
+                count.add(n);
                 total += n as u64;
             }
         }
@@ -400,6 +407,7 @@ async fn plain_to_tls_requests(
     plain: &TcpStream,
     tls: &TlsStream,
     requests: &mut Requests,
+    count: Count<'_>,
 ) -> Forwarded<u64> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let pfd = fd(plain);
@@ -427,6 +435,7 @@ async fn plain_to_tls_requests(
                 if n == 0 {
                     return Ok(total);
                 }
+                count.add(n);
                 total += n as u64;
             }
         }
@@ -437,16 +446,18 @@ async fn plain_to_tls_requests(
 /// either fails, in which case both sockets are shut down (the plain one to be reset on close
 /// if the tunnel failed); the error names the end that failed first. `early`: plaintext already read past `Start`; `peer_quiet`: `plain` has
 /// nothing to read now (just connected, or its early bytes already taken); `requests`: an
-/// HTTP visitor's reader (see `plain_to_tls`).
+/// HTTP visitor's reader (see `plain_to_tls`); `tally`: where the visitor's bytes are counted
+/// as they move.
 pub async fn forward(
     plain: &TcpStream,
     tls: &TlsStream,
     early: &[u8],
     peer_quiet: bool,
     requests: Option<&mut Requests>,
+    tally: Tally<'_>,
 ) -> Forwarded<Outcome> {
-    let up = std::pin::pin!(plain_to_tls(plain, tls, peer_quiet, requests));
-    let down = std::pin::pin!(tls_to_plain(tls, plain, early));
+    let up = std::pin::pin!(plain_to_tls(plain, tls, peer_quiet, requests, tally.up));
+    let down = std::pin::pin!(tls_to_plain(tls, plain, early, tally.down));
     let (up, (down, ended, leftover)) =
         both(up, down, |failed| shut_both(plain, tls, failed)).await?;
     Ok(Outcome {
@@ -523,8 +534,9 @@ mod tests {
             r.unwrap();
             a.unwrap();
             let v_side = on_ring(v_side);
-            let (outcome, sent) =
-                monoio::join!(forward(&v_side, &relay, &[], false, None), async {
+            let (outcome, sent) = monoio::join!(
+                forward(&v_side, &relay, &[], false, None, Tally::none()),
+                async {
                     agent.write_all(&wire).await.unwrap();
                     // The relay's END for the visitor's (empty) direction.
                     let mut end = [0u8; HEADER_LEN];
@@ -533,7 +545,8 @@ mod tests {
                         got += agent.read(&mut end[got..]).await.unwrap();
                     }
                     end
-                });
+                }
+            );
             assert_eq!(sent, chunk::header(chunk::END));
             outcome.unwrap()
         });

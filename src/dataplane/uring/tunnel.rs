@@ -10,6 +10,7 @@ use super::pipe::PipePool;
 use super::sockio;
 use super::tls::{self, TlsStream};
 use crate::dataplane::forwarded::{Forwarded, Outcome};
+use crate::dataplane::tally::Tally;
 use crate::protocol::http::requests::Requests;
 
 /// A data connection owned by one worker.
@@ -49,8 +50,9 @@ impl Tunnel {
     /// tunnel, in chunks, until both directions end or either fails. `early`: tunnel bytes
     /// already read past `Start`; `peer_quiet`: the peer has nothing to read now (just
     /// connected, or its early bytes already sent with `Start`), so wait on the ring first;
-    /// `requests`: an HTTP visitor's reader, which rewrites every request head going up. The
-    /// outcome says whether the tunnel can carry another.
+    /// `requests`: an HTTP visitor's reader, which rewrites every request head going up;
+    /// `tally`: where the visitor's bytes are counted as they move. The outcome says whether
+    /// the tunnel can carry another.
     pub async fn forward(
         &self,
         peer: &TcpStream,
@@ -58,10 +60,13 @@ impl Tunnel {
         early: &[u8],
         peer_quiet: bool,
         requests: Option<&mut Requests>,
+        tally: Tally<'_>,
     ) -> Forwarded<Outcome> {
         match self {
-            Tunnel::Plain(s) => chunked::forward(peer, s, pipes, early, peer_quiet, requests).await,
-            Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet, requests).await,
+            Tunnel::Plain(s) => {
+                chunked::forward(peer, s, pipes, early, peer_quiet, requests, tally).await
+            }
+            Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet, requests, tally).await,
         }
     }
 
