@@ -29,6 +29,15 @@ async fn health_and_metrics_behind_a_token(backend: Backend) {
     assert_echo(agent.public).await;
 
     assert_eq!(request(admin, &get("/metrics", None)).await.0, 401);
+    // The live page holds no data (its script asks the API, with the token), so it is served
+    // without one.
+    let (status, page) = request(admin, &get("/", None)).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>ringtunnel relay</title>"), "{page}");
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "self-contained"
+    );
     assert_eq!(request(admin, &get("/metrics", Some("wrong"))).await.0, 401);
     assert_eq!(
         request(admin, &get("/health", Some("let-me-in"))).await,
