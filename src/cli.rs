@@ -46,9 +46,19 @@ const AGENT_EXAMPLES: &str = "Examples:
 #[derive(Debug, Parser)]
 #[command(name = "ringtunnel", version = VERSION, about)]
 pub struct Cli {
-    /// Log filter, e.g. `info` or `ringtunnel=debug,warn`.
-    #[arg(long, global = true, env = "RINGTUNNEL_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info` or `ringtunnel=debug,warn`; over the relay config's `log`
+    /// [default: info].
+    #[arg(long, global = true, env = "RINGTUNNEL_LOG")]
+    pub log: Option<String>,
+    /// Log lines as human-readable text or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGTUNNEL_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    pub log_format: crate::logging::LogFormat,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -173,6 +183,10 @@ pub struct RelayArgs {
     /// cuts them; a second signal cuts them at once (drain_timeout_secs) [default: 30].
     #[arg(long = "drain-timeout", value_name = "SECS")]
     pub drain_timeout: Option<u64>,
+    /// Log one line per visitor: service, address, bytes each way, duration, how it ended
+    /// (access_log; or name the target in the filter: --log info,access=info).
+    #[arg(long)]
+    pub access_log: bool,
     /// TOML config file; flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -242,6 +256,8 @@ impl RelayArgs {
                 config::DEFAULT_DRAIN_TIMEOUT,
                 std::time::Duration::from_secs,
             ),
+            log: file.log,
+            access_log: self.access_log || file.access_log.unwrap_or(false),
         };
         cfg.validate()?;
         Ok(cfg)

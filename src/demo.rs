@@ -70,6 +70,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         admin: None,
         admin_token: None,
         drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
+        log: None,
+        access_log: false,
     })
     .await
     .context("starting the demo relay")?;

@@ -19,7 +19,9 @@
 //! - [`config`] — TOML files, merged settings, validation, the masked [`config::Secret`].
 //! - [`cli`] — the command line (clap), merged into configs.
 //! - [`demo`] — relay + agent + origin on loopback in one process.
-//! - [`admin`] — counters and the admin endpoint (`/health`, `/metrics`).
+//! - [`admin`] — counters, the admin endpoint (`/`, `/health`, `/metrics`, `/api/...`) and
+//!   `ringtunnel status`.
+//! - [`logging`] — the log's format and filter (reloadable), and access lines.
 
 pub mod admin;
 pub mod agent;
@@ -28,6 +30,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod logging;
 pub mod net;
 pub mod protocol;
 pub mod relay;

@@ -5,28 +5,18 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::filter::Targets;
-use tracing_subscriber::prelude::*;
 
 use ringtunnel::cli::{Cli, Command};
 use ringtunnel::net::handover::Channel;
-use ringtunnel::{agent, demo, relay, say};
+use ringtunnel::{agent, demo, logging, relay, say};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter: Targets = cli.log.parse().unwrap_or_else(|_| {
-        eprintln!("warning: invalid --log filter {:?}, using info", cli.log);
-        Targets::new().with_default(tracing::Level::INFO)
-    });
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
-        .with(filter)
-        .init();
+    logging::init(
+        cli.log.as_deref().filter(|f| !f.is_empty()),
+        cli.log_format,
+        std::io::stderr().is_terminal(),
+    );
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -67,6 +57,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
+            logging::configure(cfg.log.as_deref(), cfg.access_log)
+                .context("the log filter in the config file")?;
             let rt = runtime(cfg.workers)?;
             rt.block_on(async {
                 let data_tls = if cfg.data_tls { "on" } else { "off" };

@@ -39,6 +39,8 @@ fn relay_config(backend: Backend, state: &TempDir) -> RelayConfig {
         admin: Some("127.0.0.1:0".parse().unwrap()),
         admin_token: None,
         drain_timeout: ringtunnel::config::DEFAULT_DRAIN_TIMEOUT,
+        log: None,
+        access_log: false,
     }
 }
 

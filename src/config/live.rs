@@ -87,6 +87,8 @@ pub fn plan_reload(old: &RelayConfig, new: RelayConfig) -> ReloadPlan {
         limits => "limits",
         heartbeat => "heartbeat",
         drain_timeout => "drain_timeout_secs",
+        log => "log",
+        access_log => "access_log",
     );
     let needs_restart = changed_fields!(old, new,
         control => "control",

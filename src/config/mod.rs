@@ -387,6 +387,8 @@ pub(crate) mod tests {
             admin: None,
             admin_token: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            log: None,
+            access_log: false,
         }
     }
 

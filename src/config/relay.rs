@@ -43,6 +43,10 @@ pub struct RelayFile {
     pub admin_token: Option<Secret>,
     /// Seconds a stopping relay waits for visitors in flight.
     pub drain_timeout_secs: Option<u64>,
+    /// Log filter (`--log` and `RINGTUNNEL_LOG` win over it); a reload changes it.
+    pub log: Option<String>,
+    /// One log line per visitor (target `access`); a reload changes it.
+    pub access_log: Option<bool>,
     /// Shared HTTP port for `http` services.
     pub http: Option<SocketAddr>,
     /// Shared TLS (SNI passthrough) port for `tls` services.
@@ -120,6 +124,10 @@ pub struct RelayConfig {
     /// How long a stopping relay (SIGTERM, SIGINT) waits for visitors in flight before it
     /// cuts them.
     pub drain_timeout: std::time::Duration,
+    /// Log filter from the config file (the command line's wins over it).
+    pub log: Option<String>,
+    /// Whether one access line per visitor is logged (target `access`).
+    pub access_log: bool,
 }
 
 /// Default for [`RelayConfig::drain_timeout`].
@@ -199,6 +207,10 @@ impl RelayConfig {
 
     /// Checks the settings make sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(filter) = &self.log {
+            crate::logging::filter_for(filter, false)
+                .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
+        }
         if self.secret.is_none() && self.service_secrets.iter().all(|s| s.secret.is_none()) {
             return Err(ConfigError::Invalid(
                 "no secret configured: pass --secret (or RINGTUNNEL_SECRET), or give services their own secret in the config file".into(),

@@ -130,6 +130,7 @@ pub fn origin_unreachable(
     admission: &Option<crate::dataplane::gate::Admission>,
 ) -> Option<Vec<u8>> {
     if let Some(a) = admission {
+        a.end_as(crate::dataplane::gate::End::OriginUnreachable);
         a.gate.metrics().origin_unreachable.inc();
         a.gate.stats().origin_unreachable.inc();
         if a.gate.may_log(std::time::Instant::now()) {

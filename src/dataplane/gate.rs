@@ -4,7 +4,7 @@
 //! tunnel connection, whichever backend and whichever port (own, shared HTTP, shared TLS).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,12 +45,102 @@ impl Drop for Permit {
     }
 }
 
-/// A visitor let in: keeps its place counted and knows the service's idle timeout.
+/// How a visitor's visit ended, as its access line says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum End {
+    /// Both directions ended (or the visitor was closed by its own side).
+    Done = 0,
+    /// Reset: its tunnel failed mid-stream.
+    Cut = 1,
+    /// Reset by the service's idle timeout.
+    IdleTimeout = 2,
+    /// The agent could not reach its local service.
+    OriginUnreachable = 3,
+    /// No data connection took it (agent offline past the wait, queue full).
+    Unserved = 4,
+    /// The visitor's own connection failed (reset, broken pipe).
+    VisitorError = 5,
+}
+
+impl End {
+    const ALL: [End; 6] = [
+        End::Done,
+        End::Cut,
+        End::IdleTimeout,
+        End::OriginUnreachable,
+        End::Unserved,
+        End::VisitorError,
+    ];
+
+    /// The name in access lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            End::Done => "done",
+            End::Cut => "cut",
+            End::IdleTimeout => "idle_timeout",
+            End::OriginUnreachable => "origin_unreachable",
+            End::Unserved => "unserved",
+            End::VisitorError => "visitor_error",
+        }
+    }
+}
+
+/// What a visitor's access line reports, kept while access lines are on.
+#[derive(Debug)]
+struct Visit {
+    visitor: SocketAddr,
+    since: Instant,
+    end: AtomicU8,
+    /// Bytes toward the service and back.
+    bytes: [AtomicU64; 2],
+}
+
+/// A visitor let in: keeps its place counted, knows the service's idle timeout, and, while
+/// access lines are on, writes the visitor's access line when it is dropped (the visit is
+/// over).
 #[derive(Debug)]
 pub struct Admission {
     /// The gate that let the visitor in.
     pub gate: Arc<Gate>,
     _permit: Permit,
+    /// Boxed, and only while access lines are on: nothing is kept or counted per visitor
+    /// otherwise.
+    visit: Option<Box<Visit>>,
+}
+
+impl Admission {
+    /// Says how the visit ended (the access line's `end`; `done` unless said otherwise).
+    pub fn end_as(&self, end: End) {
+        if let Some(v) = &self.visit {
+            v.end.store(end as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// Where the visitor's own bytes are counted for its access line (toward the service,
+    /// back), or `None` when access lines are off.
+    pub fn bytes(&self) -> Option<&[AtomicU64; 2]> {
+        self.visit.as_ref().map(|v| &v.bytes)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let Some(v) = self.visit.take() else {
+            return;
+        };
+        let end = End::ALL[usize::from(v.end.load(Ordering::Relaxed)).min(End::ALL.len() - 1)];
+        tracing::info!(
+            target: crate::logging::ACCESS,
+            service = %self.gate.service,
+            visitor = %v.visitor,
+            up = v.bytes[0].load(Ordering::Relaxed),
+            down = v.bytes[1].load(Ordering::Relaxed),
+            ms = v.since.elapsed().as_millis() as u64,
+            end = end.name(),
+            "visitor"
+        );
+    }
 }
 
 /// A visitor was reset because its tunnel failed mid-stream: counted relay-wide and for its
@@ -59,6 +149,7 @@ pub fn count_cut(metrics: &Metrics, admission: &Option<Admission>) {
     metrics.visitors_cut.inc();
     if let Some(a) = admission {
         a.gate.stats.cut.inc();
+        a.end_as(End::Cut);
     }
 }
 
@@ -193,14 +284,20 @@ impl Gate {
         self.proxy.load(Ordering::Relaxed) != ProxyVersion::Off.to_u8()
     }
 
-    /// Lets a visitor from `ip` in, or says why not. A refusal is counted and logged (at most
-    /// one log line per second per service, so a flood cannot flood the log too).
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
-        self.admit_at(ip, Instant::now())
+    /// Lets `visitor` in, or says why not. A refusal is counted and logged (at most one log
+    /// line per second per service, so a flood cannot flood the log too).
+    pub fn admit(self: &Arc<Self>, visitor: SocketAddr) -> Result<Admission, Refusal> {
+        self.admit_at(visitor, Instant::now())
     }
 
-    fn admit_at(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
-        let result = self.check(ip, now);
+    fn admit_at(
+        self: &Arc<Self>,
+        visitor: impl Into<SocketAddr>,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        let visitor = visitor.into();
+        let ip = visitor.ip();
+        let result = self.check(visitor, now);
         if let Err(refusal) = &result {
             match refusal {
                 Refusal::Full(_) => {
@@ -231,7 +328,8 @@ impl Gate {
         self.last_warned.swap(second, Ordering::Relaxed) != second
     }
 
-    fn check(self: &Arc<Self>, ip: IpAddr, now: Instant) -> Result<Admission, Refusal> {
+    fn check(self: &Arc<Self>, visitor: SocketAddr, now: Instant) -> Result<Admission, Refusal> {
+        let ip = visitor.ip();
         if self.is_draining() {
             return Err(Refusal::Draining);
         }
@@ -274,6 +372,16 @@ impl Gate {
         Ok(Admission {
             gate: self.clone(),
             _permit: permit,
+            visit: tracing::enabled!(target: crate::logging::ACCESS, tracing::Level::INFO).then(
+                || {
+                    Box::new(Visit {
+                        visitor,
+                        since: now,
+                        end: AtomicU8::new(End::Done as u8),
+                        bytes: Default::default(),
+                    })
+                },
+            ),
         })
     }
 }
@@ -290,6 +398,7 @@ pub fn local_addr_of(socket: BorrowedFd<'_>) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     fn gate(limits: Limits) -> Arc<Gate> {
         Gate::new("t", &limits, Arc::new(Metrics::default()))
@@ -302,12 +411,12 @@ mod tests {
             ..Default::default()
         });
         let ip: IpAddr = [127, 0, 0, 1].into();
-        let a = g.admit(ip).unwrap();
-        let b = g.admit(ip).unwrap();
-        assert_eq!(g.admit(ip).unwrap_err(), Refusal::Full(2));
+        let a = g.admit((ip, 0).into()).unwrap();
+        let b = g.admit((ip, 0).into()).unwrap();
+        assert_eq!(g.admit((ip, 0).into()).unwrap_err(), Refusal::Full(2));
         assert_eq!(g.active(), 2);
         drop(a);
-        let c = g.admit(ip).unwrap();
+        let c = g.admit((ip, 0).into()).unwrap();
         drop((b, c));
         assert_eq!(g.active(), 0);
         assert_eq!(g.metrics().visitors_over_limit.get(), 1);
@@ -317,15 +426,15 @@ mod tests {
     fn a_draining_gate_refuses_new_visitors_and_keeps_those_in() {
         let g = gate(Limits::default());
         let ip: IpAddr = [127, 0, 0, 1].into();
-        let inside = g.admit(ip).unwrap();
+        let inside = g.admit((ip, 0).into()).unwrap();
         g.set_draining(true);
-        assert_eq!(g.admit(ip).unwrap_err(), Refusal::Draining);
+        assert_eq!(g.admit((ip, 0).into()).unwrap_err(), Refusal::Draining);
         assert_eq!(g.active(), 1, "the visitor already in keeps its place");
         assert_eq!(g.stats().refused_draining.get(), 1);
         assert_eq!(g.metrics().visitors_draining.get(), 1);
         drop(inside);
         g.set_draining(false);
-        assert!(g.admit(ip).is_ok(), "resumed");
+        assert!(g.admit((ip, 0).into()).is_ok(), "resumed");
     }
 
     #[test]
@@ -341,25 +450,27 @@ mod tests {
         let served = |from: Instant, ms: u64| {
             (0..ms)
                 .flat_map(|m| [m; 4])
-                .filter(|m| g.admit_at(a, from + Duration::from_millis(*m)).is_ok())
+                .filter(|m| g.admit_at((a, 0), from + Duration::from_millis(*m)).is_ok())
                 .count()
         };
         // ...then 4 attempts a millisecond for 113 ms across the edge: 20 + 113 ms of refill.
         assert_eq!(served(t0, 113), 22);
         assert!(
-            g.admit_at(b, t0).is_ok(),
+            g.admit_at((b, 0), t0).is_ok(),
             "another address has its own bucket"
         );
         // Refilled at the configured rate, not all at once.
         let later = t0 + Duration::from_millis(113 + 500);
-        let burst = (0..15).filter(|_| g.admit_at(a, later).is_ok()).count();
+        let burst = (0..15)
+            .filter(|_| g.admit_at((a, 0), later).is_ok())
+            .count();
         assert_eq!(burst, 10);
         // An IPv6 /64 is one address.
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
         for _ in 0..20 {
-            g.admit_at(v6("2001:db8::1"), t0).unwrap();
+            g.admit_at((v6("2001:db8::1"), 0), t0).unwrap();
         }
-        assert!(g.admit_at(v6("2001:db8::2"), t0).is_err());
+        assert!(g.admit_at((v6("2001:db8::2"), 0), t0).is_err());
     }
 
     #[test]
@@ -371,13 +482,16 @@ mod tests {
         let t0 = g.epoch;
         for i in 0..(3 * RATE_TABLE_SWEEP as u32) {
             let ip: IpAddr = std::net::Ipv4Addr::from(i).into();
-            g.admit_at(ip, t0).unwrap();
+            g.admit_at((ip, 0), t0).unwrap();
         }
         assert!(g.rates.lock().unwrap().len() <= 2 * RATE_TABLE_SWEEP);
         // A second later (every bucket full again) the stale entries are swept on the next
         // new address.
-        g.admit_at([1, 1, 1, 1].into(), t0 + Duration::from_secs(1))
-            .unwrap();
+        g.admit_at(
+            (std::net::Ipv4Addr::new(1, 1, 1, 1), 0),
+            t0 + Duration::from_secs(1),
+        )
+        .unwrap();
         assert!(g.rates.lock().unwrap().len() <= 2);
     }
 }

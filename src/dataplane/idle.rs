@@ -123,6 +123,7 @@ pub fn idle_closed(
 ) {
     crate::dataplane::sock::cut(socket);
     if let Some(a) = admission {
+        a.end_as(crate::dataplane::gate::End::IdleTimeout);
         a.gate.metrics().visitors_idle_closed.inc();
         a.gate.stats().idle_closed.inc();
         if !a.gate.may_log(Instant::now()) {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
-use super::gate::{self, Admission, Gate};
+use super::gate::{self, Admission, End, Gate};
 use crate::protocol::http::requests::Requests;
 
 /// Most visitors that may wait for a data connection per service; more are turned away
@@ -53,7 +53,7 @@ impl Visitor {
     /// Admits a visitor accepted on a service's own port: limits first, then the PROXY header
     /// the service wants. `None`: refused (and counted by the gate); dropping the stream closes it.
     pub fn admit(gate: &Arc<Gate>, stream: TcpStream, addr: SocketAddr) -> Option<Visitor> {
-        let admission = gate.admit(addr.ip()).ok()?;
+        let admission = gate.admit(addr).ok()?;
         let prefix = if gate.wants_proxy_header() {
             gate.proxy_header(addr, gate::local_addr_of(stream.as_fd()))
         } else {
@@ -67,6 +67,13 @@ impl Visitor {
             prefix,
             admission: Some(admission),
         })
+    }
+
+    /// Says how the visit ended, for its access line.
+    pub fn end_as(&self, end: End) {
+        if let Some(a) = &self.admission {
+            a.end_as(end);
+        }
     }
 
     /// Idle timeout that applies to this visitor.
@@ -261,6 +268,7 @@ impl Pool {
                     Err(back) => back,
                 };
                 if g.waiters.len() >= MAX_WAITING_VISITORS {
+                    visitor.end_as(End::Unserved);
                     return Err((TakeError::Full, visitor));
                 }
                 let (tx, rx) = oneshot::channel();
@@ -284,7 +292,10 @@ impl Pool {
                     Ok(()) => return Ok(()),
                     Err(back) => visitor = back,
                 },
-                Err(e) => return Err((e, visitor)),
+                Err(e) => {
+                    visitor.end_as(End::Unserved);
+                    return Err((e, visitor));
+                }
             }
         }
     }

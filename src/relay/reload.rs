@@ -73,6 +73,8 @@ impl Reloader {
         let old = self.live.get();
         let plan = plan_reload(&old, load()?);
         plan.cfg.validate()?;
+        crate::logging::configure(plan.cfg.log.as_deref(), plan.cfg.access_log)
+            .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;
         for name in &plan.needs_restart {
             tracing::warn!(
                 "{name} changed: needs a restart to take effect; the running value stays"

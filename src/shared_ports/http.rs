@@ -48,7 +48,7 @@ pub fn decide(
             Page::UnknownHost.response(&format!("no service is published for {}", head.host)),
         );
     };
-    let admission = match svc.gate.admit(addr.ip()) {
+    let admission = match svc.gate.admit(addr) {
         Ok(a) => a,
         Err(refusal) => return Decision::Answer(Page::OverLimit.response(&refusal.to_string())),
     };

@@ -49,7 +49,7 @@ pub fn decide(
         tracing::debug!(visitor = %addr, sni = %name, "TLS visitor for an unknown name");
         return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());
     };
-    let Ok(admission) = svc.gate.admit(addr.ip()) else {
+    let Ok(admission) = svc.gate.admit(addr) else {
         return Decision::Close; // counted and logged by the gate
     };
     let mut prefix = if svc.gate.wants_proxy_header() {

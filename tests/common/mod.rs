@@ -102,13 +102,14 @@ impl Proc {
     pub fn spawn_env(args: &[String], env: &[(&str, &str)]) -> Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
             .args(args)
-            .envs(env.iter().copied())
             .env_remove("RINGTUNNEL_SECRET")
             // `RINGTUNNEL_TEST_LOG=debug cargo test ...` puts debug lines in failure output.
+            // Before `env`, so a test can set its own.
             .env(
                 "RINGTUNNEL_LOG",
                 std::env::var("RINGTUNNEL_TEST_LOG").unwrap_or("info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::chunked;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::{count_cut, Gate};
+use crate::dataplane::gate::{count_cut, End, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock;
@@ -153,6 +153,8 @@ pub async fn park_and_forward(
                 } else if e.tunnel_lost() {
                     sock::cut(socket);
                     count_cut(metrics, &admission);
+                } else if let Some(a) = &admission {
+                    a.end_as(End::VisitorError);
                 }
                 return;
             }

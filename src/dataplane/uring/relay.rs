@@ -16,7 +16,7 @@ use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::{count_cut, Gate};
+use crate::dataplane::gate::{count_cut, End, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock::{cut, recv_now, shutdown, Half};
@@ -212,6 +212,8 @@ async fn park_and_forward(
                 // The forwarder already set the visitor to be reset if the tunnel failed.
                 if e.tunnel_lost() {
                     count_cut(metrics, &admission);
+                } else if let (false, Some(a)) = (e.origin_unreachable(), &admission) {
+                    a.end_as(End::VisitorError);
                 }
                 if e.origin_unreachable() {
                     match origin_unreachable(service, addr, http, &admission) {
