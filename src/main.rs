@@ -8,6 +8,7 @@ use clap::Parser;
 
 use ringtunnel::cli::{Cli, Command};
 use ringtunnel::net::handover::Channel;
+use ringtunnel::net::sdnotify;
 use ringtunnel::{agent, demo, logging, relay, say};
 
 fn main() -> ExitCode {
@@ -102,6 +103,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "ready control={} fingerprint={} backend={} data_tls={data_tls}{shared_ports}",
                     relay.control_addr, relay.fingerprint, relay.backend
                 ));
+                // systemd (Type=notify): serving now; after an upgrade, this is the main process.
+                let ready = match handed {
+                    Some(_) => format!("MAINPID={}\nREADY=1", std::process::id()),
+                    None => "READY=1".to_string(),
+                };
+                if let Err(e) = sdnotify::notify(&ready) {
+                    tracing::warn!("could not tell systemd the relay is ready: {e}");
+                }
                 let metrics = relay.metrics.clone();
                 let signal = loop {
                     tokio::select! {
@@ -122,6 +131,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                     }
                 };
                 let drain_timeout = relay.settings().drain_timeout;
+                if signal != "SIGUSR2" {
+                    // Not after an upgrade: the new process is the service now.
+                    let _ = sdnotify::notify("STOPPING=1");
+                }
                 relay.close_doors();
                 let in_flight = relay.visitors_active();
                 tracing::info!(

@@ -246,7 +246,48 @@ async fn a_failed_upgrade_changes_nothing(backend: Backend) {
     assert_eq!(tcp_visit(echo.public).await, Ok(()));
 }
 
+/// Under systemd (`Type=notify`, `NotifyAccess=all`): the relay says it is ready, and after
+/// an upgrade the new process names itself the main process, so systemd follows it rather
+/// than stopping the service when the old one exits. A unix datagram socket stands in for
+/// systemd's: the protocol is the datagrams.
+async fn systemd_hears_ready_and_follows_the_new_process(backend: Backend) {
+    let dir = TempDir::new("notify");
+    let path = dir.0.join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(WAIT)).unwrap();
+    let hear = || {
+        let mut buf = [0u8; 512];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let socket = path.display().to_string();
+    let mut relay = Relay::spawn_env(backend, &[], &[("NOTIFY_SOCKET", &socket)]);
+    assert_eq!(hear(), "READY=1");
+
+    relay.proc.signal("-USR2");
+    let said = hear();
+    let pid: u32 = said
+        .strip_prefix("MAINPID=")
+        .and_then(|rest| rest.strip_suffix("\nREADY=1"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{said:?}"));
+    let _successor = Successor(pid);
+    assert_ne!(pid, relay.proc.child.id());
+    assert!(relay.proc.wait_exit().success());
+    // The old process said nothing more: a STOPPING=1 from it would stop the service.
+    systemd.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(systemd.recv(&mut buf).is_err(), "{:?}", &buf);
+    let echo = Agent::spawn(relay.agent_args(echo_origin().await, "echo"));
+    assert_eq!(
+        tcp_visit(echo.public).await,
+        Ok(()),
+        "the new process serves"
+    );
+}
+
 both_backends!(
     an_upgrade_refuses_no_one_and_finishes_what_was_in_flight,
     a_failed_upgrade_changes_nothing,
+    systemd_hears_ready_and_follows_the_new_process,
 );

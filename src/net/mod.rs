@@ -1,13 +1,15 @@
 //! Sockets every part of the relay binds the same way: listeners (`SO_REUSEADDR`, optional
 //! `SO_REUSEPORT`, `TCP_NODELAY` inherited by accepted sockets), and what an accept loop does
 //! when `accept` fails; how long dialing may take; caps on connections that have not
-//! earned their place yet; the file-descriptor limit; throttling and summarising refusals.
+//! earned their place yet; the file-descriptor limit; throttling and summarising refusals;
+//! handing listeners over in an upgrade, and telling systemd how the relay is doing.
 
 pub mod accept;
 pub mod cap;
 pub mod fds;
 pub mod handover;
 pub mod refusals;
+pub mod sdnotify;
 pub mod throttle;
 
 use std::io;

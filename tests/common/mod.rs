@@ -300,6 +300,11 @@ impl Relay {
     /// `--data-tls off`, so its data connections take the splice path; with `--data-tls on`
     /// its workers copy them through rustls.
     pub fn spawn(backend: Backend, extra: &[&str]) -> Relay {
+        Self::spawn_env(backend, extra, &[])
+    }
+
+    /// [`Self::spawn`] with `env` set for the relay process (not for its restarts).
+    pub fn spawn_env(backend: Backend, extra: &[&str], env: &[(&str, &str)]) -> Relay {
         let state = Arc::new(TempDir::new("relay"));
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let tls_flag = args
@@ -316,7 +321,7 @@ impl Relay {
                 "off".into(),
             ]),
         }
-        Self::spawn_at("127.0.0.1:0".parse().unwrap(), state, args, backend)
+        Self::spawn_at("127.0.0.1:0".parse().unwrap(), state, args, backend, env)
     }
 
     fn spawn_at(
@@ -324,6 +329,7 @@ impl Relay {
         state: Arc<TempDir>,
         extra: Vec<String>,
         backend: Backend,
+        env: &[(&str, &str)],
     ) -> Relay {
         let mut args: Vec<String> = vec![
             "relay".into(),
@@ -337,7 +343,7 @@ impl Relay {
             state.0.display().to_string(),
         ];
         args.extend(extra.iter().cloned());
-        let mut proc = Proc::spawn(&args);
+        let mut proc = Proc::spawn_env(&args, env);
         let line = proc.wait_line("ready ");
         let control = field(&line, "control").parse().unwrap();
         let fingerprint = field(&line, "fingerprint");
@@ -367,7 +373,7 @@ impl Relay {
             self.backend,
         );
         drop(self);
-        Self::spawn_at(control, state, extra, backend)
+        Self::spawn_at(control, state, extra, backend, &[])
     }
 
     /// Starts a second relay on this one's control port and state directory (same
@@ -383,6 +389,7 @@ impl Relay {
             self.state.clone(),
             self.extra.clone(),
             self.backend,
+            &[],
         )
     }
 
