@@ -8,7 +8,9 @@
 //! relay does (into per-thread sharded counters).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringtunnel::admin::Sharded;
+use ringtunnel::admin::Metrics;
+use ringtunnel::config::Limits;
+use ringtunnel::dataplane::gate::{Admission, Gate};
 use ringtunnel::dataplane::tally::Tally;
 use ringtunnel::dataplane::tokio::chunked;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,8 +44,8 @@ async fn path(via: Via) -> (TcpStream, TcpStream) {
     match via {
         Via::Tokio => {
             tokio::spawn(async move {
-                let (up, down) = (Sharded::default(), Sharded::default());
-                let tally = Tally::into(&up, &down);
+                let admission = admitted();
+                let tally = Tally::admitted(Some(&admission));
                 chunked::forward(&mut v_side, &mut t_relay, &[], &[], None, tally).await
             });
             tokio::spawn(async move {
@@ -60,6 +62,17 @@ async fn path(via: Via) -> (TcpStream, TcpStream) {
     (visitor, origin)
 }
 
+/// A visitor let in by a service's gate, as the relay counts its bytes.
+fn admitted() -> Admission {
+    let gate = Gate::new(
+        "bench",
+        &Limits::default(),
+        std::sync::Arc::new(Metrics::default()),
+    );
+    gate.admit("127.0.0.1:1".parse().unwrap())
+        .expect("no limits")
+}
+
 /// One side of the tunnel on its own ring, as a relay (counting bytes) or agent worker runs it.
 fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream, relay: bool) {
     use ringtunnel::dataplane::uring::{chunked, pipe::PipePool};
@@ -73,9 +86,9 @@ fn uring_side(peer: std::net::TcpStream, tunnel: std::net::TcpStream, relay: boo
         let peer = monoio::net::TcpStream::from_std(peer).unwrap();
         let tunnel = monoio::net::TcpStream::from_std(tunnel).unwrap();
         let pipes = PipePool::default();
-        let (up, down) = (Sharded::default(), Sharded::default());
+        let admission = admitted();
         let tally = match relay {
-            true => Tally::into(&up, &down),
+            true => Tally::admitted(Some(&admission)),
             false => Tally::none(),
         };
         let _ = chunked::forward(&peer, &tunnel, &pipes, &[], false, None, tally).await;

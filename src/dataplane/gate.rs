@@ -117,10 +117,18 @@ impl Admission {
         }
     }
 
-    /// Where the visitor's own bytes are counted for its access line (toward the service,
-    /// back), or `None` when access lines are off.
-    pub fn bytes(&self) -> Option<&[AtomicU64; 2]> {
-        self.visit.as_ref().map(|v| &v.bytes)
+    /// Counts `n` bytes moved toward the service (`up`) or back: into the service's counters
+    /// and, while access lines are on, the visitor's own.
+    #[inline]
+    pub fn count_bytes(&self, up: bool, n: u64) {
+        let stats = self.gate.stats();
+        match up {
+            true => stats.bytes_in.add(n),
+            false => stats.bytes_out.add(n),
+        }
+        if let Some(v) = &self.visit {
+            v.bytes[usize::from(!up)].fetch_add(n, Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,28 +1,21 @@
-//! Where a forwarder counts a visitor's bytes as they move: on the relay, its service's byte
-//! counters (and the visitor's own, for its access line, while access lines are on);
-//! nowhere on the agent.
+//! Where a forwarder counts a visitor's bytes as they move: on the relay, into the visitor's
+//! admission (its service's byte counters, and its own for its access line while access lines
+//! are on); nowhere on the agent.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use crate::admin::Sharded;
 use crate::dataplane::gate::Admission;
 
-/// One direction's counters, or none. Copied into each direction of a forwarder.
+/// One direction's counting (`UP`: toward the service), or none. One pointer, copied into
+/// each part of a forwarder that moves bytes: it sits in every connection task, whose size
+/// is watched.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Count<'a> {
-    service: Option<&'a Sharded>,
-    visitor: Option<&'a AtomicU64>,
-}
+pub struct Count<'a, const UP: bool>(Option<&'a Admission>);
 
-impl Count<'_> {
+impl<const UP: bool> Count<'_, UP> {
     /// `n` more bytes moved this way.
     #[inline]
     pub fn add(self, n: usize) {
-        if let Some(c) = self.service {
-            c.add(n as u64);
-        }
-        if let Some(c) = self.visitor {
-            c.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(a) = self.0 {
+            a.count_bytes(UP, n as u64);
         }
     }
 }
@@ -31,40 +24,29 @@ impl Count<'_> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tally<'a> {
     /// Visitor → service.
-    pub up: Count<'a>,
+    pub up: Count<'a, true>,
     /// Service → visitor.
-    pub down: Count<'a>,
+    pub down: Count<'a, false>,
 }
 
 impl<'a> Tally<'a> {
-    /// Counts into the service of the visitor `admission` let in (nothing without one).
+    /// Counts into the visitor `admission` let in (nothing without one).
     pub fn of(admission: &'a Option<Admission>) -> Self {
-        let Some(a) = admission else {
-            return Tally::default();
-        };
-        let own = a.bytes();
+        Self::admitted(admission.as_ref())
+    }
+
+    /// Counts into `admission`, if any.
+    pub fn admitted(admission: Option<&'a Admission>) -> Self {
         Tally {
-            up: Count {
-                service: Some(&a.gate.stats().bytes_in),
-                visitor: own.map(|b| &b[0]),
-            },
-            down: Count {
-                service: Some(&a.gate.stats().bytes_out),
-                visitor: own.map(|b| &b[1]),
-            },
+            up: Count(admission),
+            down: Count(admission),
         }
     }
 
-    /// Counts into `up` and `down` (benchmarks: the relay side's cost, without a gate).
-    pub fn into(up: &'a Sharded, down: &'a Sharded) -> Self {
-        let count = |c| Count {
-            service: Some(c),
-            visitor: None,
-        };
-        Tally {
-            up: count(up),
-            down: count(down),
-        }
+    /// The admission counted into, if any (a forwarder that tells the directions apart at
+    /// run time).
+    pub fn admission(self) -> Option<&'a Admission> {
+        self.up.0
     }
 
     /// Counts nothing (the agent's side of a tunnel).

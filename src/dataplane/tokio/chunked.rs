@@ -19,8 +19,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
+use crate::dataplane::gate::Admission;
 use crate::dataplane::rewrite;
-use crate::dataplane::tally::{Count, Tally};
+use crate::dataplane::tally::Tally;
 use crate::protocol::chunk::{self, Unchunker, HEADER_LEN};
 use crate::protocol::http::requests::Requests;
 
@@ -67,8 +68,8 @@ struct HalfDuplex<'r> {
     done: bool,
     /// Payload bytes moved (counted when read, so a drain does not count them again).
     moved: u64,
-    /// Where they are counted as well.
-    count: Count<'r>,
+    /// The visitor's admission, which counts them as well (on the relay).
+    count: Option<&'r Admission>,
 }
 
 impl<'r> HalfDuplex<'r> {
@@ -83,7 +84,14 @@ impl<'r> HalfDuplex<'r> {
             ended: false,
             done: false,
             moved: 0,
-            count: Count::default(),
+            count: None,
+        }
+    }
+
+    /// `n` more bytes moved this way: counted into the visitor's admission, if any.
+    fn counted(&self, n: usize) {
+        if let Some(a) = self.count {
+            a.count_bytes(matches!(self.direction, Direction::Up), n as u64);
         }
     }
 
@@ -150,7 +158,7 @@ impl<'r> HalfDuplex<'r> {
                 Err(e) => return Err(ForwardError::from_chunk(e)),
             };
             self.moved += data.len() as u64;
-            self.count.add(data.len());
+            self.counted(data.len());
             self.write_or_keep(cx, w.as_mut(), data)?;
             if !self.pending.is_empty() {
                 // The peer is full: keep the undecoded rest for when it drains.
@@ -172,7 +180,7 @@ impl<'r> HalfDuplex<'r> {
         n: usize,
     ) -> Forwarded<()> {
         self.moved += n as u64;
-        self.count.add(n);
+        self.counted(n);
         // SAFETY: the read initialised `n` bytes after the header slot.
         let read =
             unsafe { std::slice::from_raw_parts(stack.as_ptr().add(HEADER_LEN).cast::<u8>(), n) };
@@ -284,10 +292,10 @@ where
     }
     let mut up = HalfDuplex::new(Direction::Up);
     up.requests = requests;
-    up.count = tally.up;
+    up.count = tally.admission();
     let mut down = HalfDuplex::new(Direction::Down);
     down.carry = early.to_vec();
-    down.count = tally.down;
+    down.count = tally.admission();
     poll_fn(|cx| {
         let a = up.poll(cx, Pin::new(&mut *peer), Pin::new(&mut *tunnel));
         let b = down.poll(cx, Pin::new(&mut *tunnel), Pin::new(&mut *peer));

@@ -147,9 +147,10 @@ async fn run(
                 return Ok(());
             }
         };
-        // Boxed, as on the relay: only a connection carrying a visitor needs the room.
-        let forward = Box::pin(tunnel.forward(&origin, pipes, &early, true, None, Tally::none()));
-        let outcome = match forward.await {
+        let outcome = match tunnel
+            .forward(&origin, pipes, &early, true, None, Tally::none())
+            .await
+        {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!(service, %visitor, "visitor ended: {e}");

@@ -40,7 +40,7 @@ pub struct Unchunk<'a> {
     /// Visitor bytes delivered or queued.
     pub moved: u64,
     /// Where those bytes are counted as well.
-    pub count: Count<'a>,
+    pub count: Count<'a, false>,
 }
 
 /// What [`Unchunk::feed`] could not finish because the peer was full.
@@ -108,7 +108,7 @@ async fn encode(
     pipes: &PipePool,
     quiet: bool,
     requests: Option<&mut Requests>,
-    count: Count<'_>,
+    count: Count<'_, true>,
 ) -> Forwarded<(u64, Ended)> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     if let Some(requests) = requests {
@@ -175,7 +175,7 @@ async fn encode_requests(
     dst: &TcpStream,
     quiet: bool,
     requests: &mut Requests,
-    count: Count<'_>,
+    count: Count<'_, true>,
 ) -> Forwarded<(u64, Ended)> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let sfd = fd(src);
@@ -221,7 +221,7 @@ async fn decode(
     dst: &TcpStream,
     pipes: &PipePool,
     early: &[u8],
-    count: Count<'_>,
+    count: Count<'_, false>,
 ) -> Forwarded<(u64, Ended, Vec<u8>)> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let (sfd, dfd) = (fd(src), fd(dst));

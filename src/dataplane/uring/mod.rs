@@ -360,7 +360,7 @@ pub(crate) fn on_ring(s: std::net::TcpStream) -> monoio::net::TcpStream {
 
 /// Test support: a worker task future's footprint. One such task lives per data connection
 /// (so per idle visitor); a timer or rustls state held inline once made them 128-byte aligned
-/// and padded, and the forwarding state (boxed, only while a visitor is carried) doubled them.
+/// and padded.
 #[cfg(test)]
 pub(crate) fn assert_task_small<F: std::future::Future>(build: impl FnOnce() -> F) {
     let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
@@ -371,7 +371,10 @@ pub(crate) fn assert_task_small<F: std::future::Future>(build: impl FnOnce() -> 
         let task = build();
         let (size, align) = (std::mem::size_of_val(&task), std::mem::align_of_val(&task));
         assert!(align <= 16, "task future aligned to {align}");
-        assert!(size <= 1280, "task future is {size} bytes");
+        // Measured: relay 2152, agent 2008 (the byte counting added about 100 to each).
+        // Boxing the forwarding state instead shrank the parked task to 936 but grew the
+        // memory per idle visitor by ~1.3 KiB in the load test, so it stays inline.
+        assert!(size <= 2176, "task future is {size} bytes");
     });
 }
 

@@ -79,12 +79,12 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<us
 /// hold bytes and is dropped, not pooled. `from` is the end `src` is: errors reading it (or
 /// getting a pipe) are charged to it, errors writing `dst` to the other end. Each splice's
 /// bytes are counted in `count` once they are written.
-pub async fn splice_to_eof(
+pub async fn splice_to_eof<const UP: bool>(
     src: &TcpStream,
     dst: &TcpStream,
     pipes: &PipePool,
     from: Side,
-    count: Count<'_>,
+    count: Count<'_, UP>,
 ) -> Forwarded<u64> {
     let to = from.other();
     let at = |side: Side| move |e| ForwardError::new(side, e);

@@ -189,17 +189,12 @@ async fn park_and_forward(
             requests.as_deref_mut(),
         )?;
         tunnel.write_all(&start).await?;
-        let tally = Tally::of(&admission);
         // What the visitor sent early travels in `start`; for HTTP, the first request head too.
-        tally
+        Tally::of(&admission)
             .up
             .add(sent_early as usize + if http { visitor.prefix.len() } else { 0 });
-        // Boxed: the forwarding state is large and lives only while a visitor is carried;
-        // inline, every parked connection's task would hold room for it.
-        let forward =
-            Box::pin(tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut(), tally));
         let outcome = monoio::select! {
-            o = forward => o,
+            o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut(), Tally::of(&admission)) => o,
             _ = idle::monoio_idle(fd(&stream), idle) => {
                 idle_closed(service, addr, fd(&stream), &admission);
                 return Ok(());

@@ -309,7 +309,7 @@ async fn tls_to_plain(
     tls: &TlsStream,
     plain: &TcpStream,
     early: &[u8],
-    count: Count<'_>,
+    count: Count<'_, false>,
 ) -> Forwarded<(u64, Ended, Vec<u8>)> {
     let tunnel = ForwardError::tunnel;
     let pfd = fd(plain);
@@ -350,7 +350,7 @@ async fn plain_to_tls(
     tls: &TlsStream,
     quiet: bool,
     requests: Option<&mut Requests>,
-    count: Count<'_>,
+    count: Count<'_, true>,
 ) -> Forwarded<u64> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let pfd = fd(plain);
@@ -407,7 +407,7 @@ async fn plain_to_tls_requests(
     plain: &TcpStream,
     tls: &TlsStream,
     requests: &mut Requests,
-    count: Count<'_>,
+    count: Count<'_, true>,
 ) -> Forwarded<u64> {
     let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
     let pfd = fd(plain);
