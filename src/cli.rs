@@ -1,5 +1,6 @@
 //! The command line: `relay`, `agent`, `demo` and `status` subcommands, and how their flags merge with
-//! a TOML `--config` file (flags win) into [`RelayConfig`] / [`AgentConfig`].
+//! a TOML `--config` file (flags win) into [`RelayConfig`] / [`AgentConfig`]; and the shell
+//! completions and man pages generated from the same definitions (`completions`, `man`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -92,6 +93,57 @@ pub enum Command {
     /// Print a running relay's services and agents (from its admin endpoint).
     #[command(after_help = STATUS_EXAMPLES)]
     Status(StatusArgs),
+    /// Print a shell completion script.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+    /// Print the man page, or write one per command into a directory.
+    #[command(after_help = MAN_EXAMPLES)]
+    Man(ManArgs),
+}
+
+const COMPLETIONS_EXAMPLES: &str = "Examples:
+  ringtunnel completions bash > /etc/bash_completion.d/ringtunnel
+  ringtunnel completions zsh > \"${fpath[1]}/_ringtunnel\"
+  ringtunnel completions fish > ~/.config/fish/completions/ringtunnel.fish";
+
+const MAN_EXAMPLES: &str = "Examples:
+  ringtunnel man | man -l -
+  ringtunnel man --dir /usr/local/share/man/man1   # ringtunnel.1, ringtunnel-relay.1, ...";
+
+/// `ringtunnel completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `ringtunnel man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write `ringtunnel.1` and one page per subcommand (`ringtunnel-relay.1`, ...) here
+    /// instead of printing `ringtunnel.1`.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Writes the completion script for `shell` to `out`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "ringtunnel", out);
+}
+
+/// Writes the man pages: `ringtunnel.1` to `out`, or, with `dir`, every page into `dir`.
+pub fn man_pages(
+    dir: Option<&std::path::Path>,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match dir {
+        Some(dir) => clap_mangen::generate_to(cmd, dir),
+        None => clap_mangen::Man::new(cmd).render(out),
+    }
 }
 
 const STATUS_EXAMPLES: &str = "Examples:

@@ -200,6 +200,21 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Demo(args) => runtime(None)?.block_on(demo::run(args)),
+        Command::Completions(args) => {
+            let mut text = Vec::new();
+            ringtunnel::cli::completions(args.shell, &mut text);
+            print_all(&text)
+        }
+        Command::Man(args) => {
+            let mut text = Vec::new();
+            ringtunnel::cli::man_pages(args.dir.as_deref(), &mut text).with_context(
+                || match &args.dir {
+                    Some(d) => format!("writing the man pages into {}", d.display()),
+                    None => "writing the man page".to_string(),
+                },
+            )?;
+            print_all(&text)
+        }
         Command::Status(args) => {
             use ringtunnel::admin::status;
             let token = args.admin_token.as_ref();
@@ -217,6 +232,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             print!("{out}");
             Ok(())
         }
+    }
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print_all(text: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(text) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
     }
 }
 
