@@ -56,6 +56,23 @@ fn a_missing_config_file_is_named_once() {
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
 
+#[test]
+fn a_config_file_error_shows_the_line_it_is_on() {
+    let (_dir, path) =
+        config_file("secret = \"long enough to pass muster\"\n[limits]\nmax_visitors = \"many\"\n");
+    let (_state, args) = relay_args(&["--config", &path]);
+    let err = fails_with(&args);
+    assert!(
+        err.contains(&format!(
+            "parsing {path}: TOML parse error at line 3, column 16\n"
+        )),
+        "{err}"
+    );
+    // The parser's picture of the line stays a picture: the line, then the mark under it.
+    assert!(err.contains("\n3 | max_visitors = \"many\"\n"), "{err}");
+    assert!(err.contains("^^^^^^"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_come_from_files_and_weak_ones_are_called_out() {
     let dir = TempDir::new("secret-file");

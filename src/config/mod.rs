@@ -131,7 +131,8 @@ pub enum ConfigError {
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's message (names the bad key or value).
+        /// The parser's message: its first line names the line and column, the next ones
+        /// show the line with the bad key or value marked (kept as the parser wrote them).
         message: String,
     },
     /// A setting is missing or out of range.
@@ -339,7 +340,7 @@ pub fn load_file<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigE
     let text = read_text(path)?;
     parse_toml(&text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim().replace('\n', " "),
+        message: e.to_string().trim_end().to_string(),
     })
 }
 
