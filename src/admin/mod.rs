@@ -75,6 +75,9 @@ counters! {
         pub data_reused,
         /// Data connections refused: unknown, expired or replayed ticket, or plain when TLS is required.
         pub data_rejected,
+        /// Idle data connections closed because their pool held more than it needs for 30 s
+        /// (what a burst left behind).
+        pub data_trimmed,
         /// Visitors accepted on public ports.
         pub visitors_accepted,
         /// Visitors closed without a tunnel (agent offline, queue full).

@@ -21,7 +21,8 @@ use super::service::{Service, ServiceRecord, ServiceState};
 use crate::admin::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::{validate_name, LiveConfig, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
-use crate::dataplane::{pool::Pool, DataPlane, ListenerGuard};
+use crate::dataplane::pool::{Pool, TRIM_AFTER};
+use crate::dataplane::{DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
 use crate::protocol::http::normalize_prefix;
 use crate::protocol::{ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult};
@@ -797,6 +798,25 @@ impl Registry {
                 "service closed: its agent did not return"
             );
             self.retire(&mut g, &svc);
+        }
+    }
+
+    /// Closes the idle data connections beyond each pool's target that have stayed beyond it
+    /// for [`TRIM_AFTER`] (see [`Pool::trim`]); counted. Driven by the relay's sweeper.
+    pub fn trim_idle(&self, now: Instant) {
+        let pools: Vec<Arc<Pool>> = self
+            .lock()
+            .services
+            .values()
+            .flat_map(|s| s.pools.iter().cloned())
+            .collect();
+        let closed: usize = pools.iter().map(|p| p.trim(now, TRIM_AFTER)).sum();
+        if closed > 0 {
+            self.metrics.data_trimmed.add(closed as u64);
+            tracing::debug!(
+                closed,
+                "idle data connections beyond the pools' targets closed"
+            );
         }
     }
 

@@ -14,7 +14,7 @@ use std::os::fd::AsFd;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
 
@@ -99,6 +99,10 @@ pub enum TakeError {
     Closed,
 }
 
+/// How long a pool may hold more idle connections than its target before the extra ones are
+/// closed ([`Pool::trim`]): long enough that a steady load which uses them keeps them.
+pub const TRIM_AFTER: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 struct Inner {
     idle: VecDeque<Slot>,
@@ -109,6 +113,8 @@ struct Inner {
     /// Bumped whenever the owner changes, so a connection of a previous owner that finishes
     /// a visitor is not parked again for the new one.
     generation: u64,
+    /// Since when more than `target` connections have been idle (see [`Pool::trim`]).
+    over_since: Option<Instant>,
 }
 
 impl Inner {
@@ -242,6 +248,26 @@ impl Pool {
         }
         g.offer(slot);
         true
+    }
+
+    /// Closes the idle connections beyond the target once the pool has held more than its
+    /// target idle for `after` (a burst's connections, parked when it ended, are not kept
+    /// for ever): the longest parked go first. Called periodically with the time; returns
+    /// how many it closed.
+    pub fn trim(&self, now: Instant, after: Duration) -> usize {
+        let mut g = self.lock();
+        let extra = g.idle.len().saturating_sub(g.target);
+        if extra == 0 || g.wake.is_none() {
+            g.over_since = None;
+            return 0;
+        }
+        let since = *g.over_since.get_or_insert(now);
+        if now.saturating_duration_since(since) < after {
+            return 0;
+        }
+        g.idle.drain(..extra);
+        g.over_since = None;
+        extra
     }
 
     /// Pairs `visitor` with an idle data connection if there is one, without waiting;
@@ -495,5 +521,45 @@ mod tests {
             "a fifth is one too many"
         );
         assert_eq!(pool.idle_count(), 4);
+    }
+
+    #[test]
+    fn idle_connections_beyond_the_target_are_closed_after_a_while() {
+        let pool = Pool::new();
+        pool.attach(2, Arc::new(Notify::new()));
+        let mut parked = Vec::new();
+        for _ in 0..4 {
+            let (slot, rx) = oneshot::channel();
+            assert!(pool.offer(slot, pool.generation()));
+            parked.push(rx);
+        }
+        let after = Duration::from_secs(30);
+        let t0 = Instant::now();
+        assert_eq!(pool.trim(t0, after), 0, "the clock starts");
+        assert_eq!(pool.trim(t0 + Duration::from_secs(29), after), 0);
+        assert_eq!(pool.trim(t0 + Duration::from_secs(30), after), 2);
+        assert_eq!(pool.idle_count(), 2, "the target stays");
+        // The two parked longest were closed (their tasks see the sender dropped).
+        assert!(parked[0].try_recv().is_err() && parked[1].try_recv().is_err());
+        for still in &mut parked[2..] {
+            assert!(matches!(
+                still.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ));
+        }
+
+        // Back over the target only briefly: the clock starts again, nothing closes.
+        let (slot, _rx) = oneshot::channel();
+        assert!(pool.offer(slot, pool.generation()));
+        let t1 = t0 + Duration::from_secs(40);
+        assert_eq!(pool.trim(t1, after), 0);
+        let visitor_took_one = pool.lock().idle.pop_front();
+        drop(visitor_took_one);
+        assert_eq!(
+            pool.trim(t1 + Duration::from_secs(31), after),
+            0,
+            "at the target again"
+        );
+        assert_eq!(pool.idle_count(), 2);
     }
 }

@@ -453,6 +453,7 @@ async fn start_with(
             let now = Instant::now();
             sweeper.sweep_tickets(now);
             sweeper.registry.expire_lingering(now);
+            sweeper.registry.trim_idle(now);
             sweeper.refusals.flush(now);
         }
     });
