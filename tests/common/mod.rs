@@ -100,7 +100,28 @@ impl Proc {
     }
 
     pub fn spawn_env(args: &[String], env: &[(&str, &str)]) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
+        Self::spawn_limited(args, env, None)
+    }
+
+    /// [`Self::spawn_env`], with the process's descriptor limit (soft and hard) set to
+    /// `nofile` when given.
+    pub fn spawn_limited(args: &[String], env: &[(&str, &str)], nofile: Option<u64>) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringtunnel"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = rustix::process::Rlimit {
+                current: Some(n),
+                maximum: Some(n),
+            };
+            // SAFETY: only setrlimit runs between fork and exec (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit.clone())
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = cmd
             .args(args)
             .env_remove("RINGTUNNEL_SECRET")
             // `RINGTUNNEL_TEST_LOG=debug cargo test ...` puts debug lines in failure output.
@@ -305,6 +326,17 @@ impl Relay {
 
     /// [`Self::spawn`] with `env` set for the relay process (not for its restarts).
     pub fn spawn_env(backend: Backend, extra: &[&str], env: &[(&str, &str)]) -> Relay {
+        Self::spawn_limited(backend, extra, env, None)
+    }
+
+    /// [`Self::spawn_env`] with the relay's descriptor limit set to `nofile` (see
+    /// [`Proc::spawn_limited`]).
+    pub fn spawn_limited(
+        backend: Backend,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Relay {
         let state = Arc::new(TempDir::new("relay"));
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let tls_flag = args
@@ -321,7 +353,14 @@ impl Relay {
                 "off".into(),
             ]),
         }
-        Self::spawn_at("127.0.0.1:0".parse().unwrap(), state, args, backend, env)
+        Self::spawn_at(
+            "127.0.0.1:0".parse().unwrap(),
+            state,
+            args,
+            backend,
+            env,
+            nofile,
+        )
     }
 
     fn spawn_at(
@@ -330,6 +369,7 @@ impl Relay {
         extra: Vec<String>,
         backend: Backend,
         env: &[(&str, &str)],
+        nofile: Option<u64>,
     ) -> Relay {
         let mut args: Vec<String> = vec![
             "relay".into(),
@@ -343,7 +383,7 @@ impl Relay {
             state.0.display().to_string(),
         ];
         args.extend(extra.iter().cloned());
-        let mut proc = Proc::spawn_env(&args, env);
+        let mut proc = Proc::spawn_limited(&args, env, nofile);
         let line = proc.wait_line("ready ");
         let control = field(&line, "control").parse().unwrap();
         let fingerprint = field(&line, "fingerprint");
@@ -373,7 +413,7 @@ impl Relay {
             self.backend,
         );
         drop(self);
-        Self::spawn_at(control, state, extra, backend, &[])
+        Self::spawn_at(control, state, extra, backend, &[], None)
     }
 
     /// Starts a second relay on this one's control port and state directory (same
@@ -390,6 +430,7 @@ impl Relay {
             self.extra.clone(),
             self.backend,
             &[],
+            None,
         )
     }
 
