@@ -116,7 +116,7 @@ impl Proc {
             // SAFETY: only setrlimit runs between fork and exec (async-signal-safe).
             unsafe {
                 cmd.pre_exec(move || {
-                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit.clone())
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
                         .map_err(std::io::Error::from)
                 });
             }
