@@ -156,22 +156,8 @@ async fn the_api_and_status_show_services_agents_and_their_bytes(backend: Backen
     let types = metrics.lines().filter(|l| l.starts_with("# TYPE ")).count();
     assert_eq!(helps, types, "{metrics}");
 
-    let status = |token: Option<&str>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"));
-        cmd.args(["status", "--admin", &admin.to_string()]);
-        cmd.env_remove("RINGTUNNEL_ADMIN_TOKEN");
-        if let Some(t) = token {
-            cmd.env("RINGTUNNEL_ADMIN_TOKEN", t);
-        }
-        cmd.output().unwrap()
-    };
-    let out = status(Some("tok"));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, table, err) = status_cmd(admin, Some("tok"), &[]);
+    assert!(ok, "{err}");
     let row = table
         .lines()
         .find(|l| l.starts_with("web "))
@@ -182,9 +168,8 @@ async fn the_api_and_status_show_services_agents_and_their_bytes(backend: Backen
     );
     assert!(row.contains("97.7 KiB"), "bytes each way: {table}");
     assert!(table.contains("SERVICES"), "the agents table: {table}");
-    let refused = status(None);
-    assert!(!refused.status.success());
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let (ok, _, err) = status_cmd(admin, None, &[]);
+    assert!(!ok);
     assert!(
         err.contains("answered 401") && err.contains("--admin-token"),
         "{err}"
@@ -216,14 +201,17 @@ async fn bytes_show_during_a_download(backend: Backend, data_tls: &str) {
     assert!(services[0].counts["bytes_out"] < 32 << 20, "{services:?}");
 }
 
-/// `ringtunnel status` against `admin` with `args`: (success, stdout, stderr).
-fn status_cmd(admin: SocketAddr, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
-        .args(["status", "--admin", &admin.to_string()])
+/// `ringtunnel status` against `admin` with `args`, and `token` as RINGTUNNEL_ADMIN_TOKEN:
+/// (success, stdout, stderr).
+fn status_cmd(admin: SocketAddr, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"));
+    cmd.args(["status", "--admin", &admin.to_string()])
         .args(args)
-        .env_remove("RINGTUNNEL_ADMIN_TOKEN")
-        .output()
-        .unwrap();
+        .env_remove("RINGTUNNEL_ADMIN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("RINGTUNNEL_ADMIN_TOKEN", t);
+    }
+    let out = cmd.output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
@@ -239,7 +227,7 @@ async fn a_drained_service_finishes_its_visitors_and_refuses_new_ones(backend: B
     inside.write_all(b"first").await.unwrap();
     inside.read_exact(&mut echoed).await.unwrap();
 
-    let (ok, out, err) = status_cmd(admin, &["--drain", "web"]);
+    let (ok, out, err) = status_cmd(admin, None, &["--drain", "web"]);
     assert!(ok, "{err}");
     assert!(
         out.starts_with("service web is draining: new visitors are refused, 1 in flight"),
@@ -264,13 +252,13 @@ async fn a_drained_service_finishes_its_visitors_and_refuses_new_ones(backend: B
     assert!(services[0].counts["refused_draining"] >= 1, "{services:?}");
     assert_eq!(services[0].counts["bytes_out"], 11);
 
-    let (ok, _, err) = status_cmd(admin, &["--drain", "nope"]);
+    let (ok, _, err) = status_cmd(admin, None, &["--drain", "nope"]);
     assert!(!ok);
     assert!(
         err.contains("answered 404") && err.contains("no service by that name"),
         "{err}"
     );
-    let (ok, out, err) = status_cmd(admin, &["--resume", "web"]);
+    let (ok, out, err) = status_cmd(admin, None, &["--resume", "web"]);
     assert!(ok, "{err}");
     assert!(out.starts_with("service web takes new visitors"), "{out}");
     assert_echo(agent.public).await;

@@ -8,20 +8,7 @@ use common::*;
 /// Relay arguments with a fresh state directory (kept alive by the returned guard).
 fn relay_args(extra: &[&str]) -> (TempDir, Vec<String>) {
     let state = TempDir::new("errors");
-    let mut args: Vec<String> = [
-        "relay",
-        "--control",
-        "127.0.0.1:0",
-        "--secret",
-        SECRET,
-        "--backend",
-        "tokio",
-        "--state-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(state.0.join("state").display().to_string());
+    let mut args = relay_command(&state.0.join("state"), &["--backend", "tokio"]);
     args.extend(extra.iter().map(|s| s.to_string()));
     (state, args)
 }

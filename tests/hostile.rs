@@ -379,20 +379,7 @@ async fn an_absolute_target_cannot_name_another_host_than_host(backend: Backend)
 // --------------------------------------------------------------------- 5: state directory
 
 fn relay_args(state: &std::path::Path) -> Vec<String> {
-    [
-        "relay",
-        "--control",
-        "127.0.0.1:0",
-        "--secret",
-        SECRET,
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--backend",
-        "tokio",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    relay_command(state, &["--backend", "tokio"])
 }
 
 #[test]

@@ -64,21 +64,7 @@ async fn json_lines_and_one_access_line_per_visitor(backend: Backend) {
 async fn the_config_files_log_filter_reloads(backend: Backend) {
     let (_dir, path) = config_file("log = \"warn\"\n");
     let state = TempDir::new("relay");
-    let args: Vec<String> = [
-        "relay",
-        "--control",
-        "127.0.0.1:0",
-        "--secret",
-        SECRET,
-        "--state-dir",
-        &state.0.display().to_string(),
-        "--backend",
-        backend.flag(),
-        "--config",
-        &path,
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = relay_command(&state.0, &["--backend", backend.flag(), "--config", &path]);
     // No RINGTUNNEL_LOG: the file's filter is the one in force.
     let mut relay = Proc::spawn_env(&args, &[("RINGTUNNEL_LOG", "")]);
     relay.wait_line("ready ");

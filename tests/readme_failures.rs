@@ -35,20 +35,7 @@ fn a_port_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let state = TempDir::new("readme");
-    let mut relay = Proc::spawn(
-        &[
-            "relay",
-            "--control",
-            "127.0.0.1:0",
-            "--secret",
-            SECRET,
-            "--state-dir",
-            &state.0.display().to_string(),
-            "--http",
-            &addr,
-        ]
-        .map(String::from),
-    );
+    let mut relay = Proc::spawn(&relay_command(&state.0, &["--http", &addr]));
     assert!(!relay.wait_exit().success());
     let row = readme_row("a port the relay needs is taken");
     let err = relay.stderr();

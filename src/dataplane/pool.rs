@@ -505,8 +505,8 @@ mod tests {
         assert!(!pool.offer(slot, pool.generation()));
     }
 
-    #[test]
-    fn idle_connections_are_capped_at_twice_the_target() {
+    /// A pool with a target of 2 and four connections parked (their receiving ends).
+    fn pool_with_four_parked() -> (Pool, Vec<oneshot::Receiver<Visitor>>) {
         let pool = Pool::new();
         pool.attach(2, Arc::new(Notify::new()));
         let mut parked = Vec::new();
@@ -515,6 +515,12 @@ mod tests {
             assert!(pool.offer(slot, pool.generation()));
             parked.push(rx);
         }
+        (pool, parked)
+    }
+
+    #[test]
+    fn idle_connections_are_capped_at_twice_the_target() {
+        let (pool, _parked) = pool_with_four_parked();
         let (slot, _rx) = oneshot::channel();
         assert!(
             !pool.offer(slot, pool.generation()),
@@ -525,14 +531,7 @@ mod tests {
 
     #[test]
     fn idle_connections_beyond_the_target_are_closed_after_a_while() {
-        let pool = Pool::new();
-        pool.attach(2, Arc::new(Notify::new()));
-        let mut parked = Vec::new();
-        for _ in 0..4 {
-            let (slot, rx) = oneshot::channel();
-            assert!(pool.offer(slot, pool.generation()));
-            parked.push(rx);
-        }
+        let (pool, mut parked) = pool_with_four_parked();
         let after = Duration::from_secs(30);
         let t0 = Instant::now();
         assert_eq!(pool.trim(t0, after), 0, "the clock starts");

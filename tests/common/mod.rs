@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -497,6 +497,25 @@ pub fn field_opt(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .map(str::to_string)
+}
+
+/// `ringtunnel relay` arguments: a free loopback control port, the test secret, `state` as
+/// the state directory, then `extra` (for tests that run the relay as a plain [`Proc`]).
+pub fn relay_command(state: &Path, extra: &[&str]) -> Vec<String> {
+    let state = state.display().to_string();
+    [
+        "relay",
+        "--control",
+        "127.0.0.1:0",
+        "--secret",
+        SECRET,
+        "--state-dir",
+        &state,
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Writes `toml` to a fresh file and returns its directory (keep it alive) and path.
