@@ -1,6 +1,16 @@
 //! Embeds the commit the binary is built from, for `--version`.
 
 fn main() {
+    // A build without the repository (a container build's context leaves `.git` out) passes
+    // the commit in RINGTUNNEL_COMMIT instead.
+    println!("cargo:rerun-if-env-changed=RINGTUNNEL_COMMIT");
+    if let Some(commit) = std::env::var("RINGTUNNEL_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+    {
+        println!("cargo:rustc-env=RINGTUNNEL_COMMIT={}", commit.trim());
+        return;
+    }
     let commit = std::process::Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
         .output()

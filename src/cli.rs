@@ -155,7 +155,10 @@ const STATUS_EXAMPLES: &str = "Examples:
 
   # Take service web out of rotation (visitors in flight finish), then put it back:
   ringtunnel status --drain web
-  ringtunnel status --resume web";
+  ringtunnel status --resume web
+
+  # A health check (exit status 0 when the relay serves):
+  ringtunnel status --health";
 
 /// `ringtunnel status`.
 #[derive(Debug, Args)]
@@ -172,6 +175,10 @@ pub struct StatusArgs {
     /// First end the drain of this service.
     #[arg(long, value_name = "SERVICE")]
     pub resume: Option<String>,
+    /// Only ask `/health`: print `ok` and exit 0 if the relay serves, else say why and exit 1
+    /// (a container's or a supervisor's health check).
+    #[arg(long, conflicts_with_all = ["drain", "resume"])]
+    pub health: bool,
 }
 
 /// `ringtunnel relay`.

@@ -219,6 +219,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             use ringtunnel::admin::status;
             let token = args.admin_token.as_ref();
             let out = runtime(Some(1))?.block_on(async {
+                if args.health {
+                    return status::health(args.admin, token).await;
+                }
                 let mut out = String::new();
                 if let Some(name) = &args.drain {
                     out += &status::drain(args.admin, token, name, true).await?;

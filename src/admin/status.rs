@@ -1,6 +1,7 @@
 //! `ringtunnel status`: asks a relay's admin endpoint for its services and agents
 //! (`/api/services`, `/api/agents`) and prints them as tables; with `--drain NAME` or
-//! `--resume NAME` it first starts or ends the drain of one service.
+//! `--resume NAME` it first starts or ends the drain of one service; with `--health` it only
+//! asks `/health`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -48,13 +49,14 @@ pub enum StatusError {
     },
 }
 
-/// Sends `method path` to the admin endpoint at `addr` and parses the JSON body of its answer.
-async fn fetch<T: serde::de::DeserializeOwned>(
+/// Sends `method path` to the admin endpoint at `addr` and returns the body of its `200`
+/// answer.
+async fn exchange(
     addr: SocketAddr,
     token: Option<&Secret>,
     method: &str,
     path: &str,
-) -> Result<T, StatusError> {
+) -> Result<String, StatusError> {
     let unreachable = |why: String| StatusError::Unreachable { addr, why };
     let exchange = async {
         let mut s = TcpStream::connect(addr)
@@ -103,7 +105,27 @@ async fn fetch<T: serde::de::DeserializeOwned>(
         };
         return Err(StatusError::Status { addr, status, hint });
     }
-    serde_json::from_str(body).map_err(|e| garbled(e.to_string()))
+    Ok(body.to_string())
+}
+
+/// Sends `method path` to the admin endpoint at `addr` and parses the JSON body of its answer.
+async fn fetch<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    token: Option<&Secret>,
+    method: &str,
+    path: &str,
+) -> Result<T, StatusError> {
+    let body = exchange(addr, token, method, path).await?;
+    serde_json::from_str(&body).map_err(|e| StatusError::Garbled {
+        addr,
+        why: e.to_string(),
+    })
+}
+
+/// Asks the relay's `/health`: `Ok` with its answer (`ok`) when it serves, for a container's
+/// or a supervisor's health check.
+pub async fn health(addr: SocketAddr, token: Option<&Secret>) -> Result<String, StatusError> {
+    exchange(addr, token, "GET", "/health").await
 }
 
 /// The relay's services and agents, as `ringtunnel status` prints them.

@@ -106,7 +106,22 @@ impl Proc {
     /// [`Self::spawn_env`], with the process's descriptor limit (soft and hard) set to
     /// `nofile` when given.
     pub fn spawn_limited(args: &[String], env: &[(&str, &str)], nofile: Option<u64>) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringtunnel"));
+        Self::spawn_program(
+            Path::new(env!("CARGO_BIN_EXE_ringtunnel")),
+            args,
+            env,
+            nofile,
+        )
+    }
+
+    /// [`Self::spawn_limited`] of another `ringtunnel` binary (an installed one).
+    pub fn spawn_program(
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        nofile: Option<u64>,
+    ) -> Proc {
+        let mut cmd = Command::new(program);
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
             let limit = rustix::process::Rlimit {
@@ -464,7 +479,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(args: Vec<String>) -> Agent {
-        let mut proc = Proc::spawn(&args);
+        Self::from_proc(Proc::spawn(&args))
+    }
+
+    /// Waits for the `online` line of an agent already started as `proc`.
+    pub fn from_proc(mut proc: Proc) -> Agent {
         let line = proc.wait_line("online ");
         // The agent prints the relay host as it was given (maybe a name); tests reach the
         // relay on loopback.
