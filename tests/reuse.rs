@@ -30,11 +30,19 @@ const RELAY_ARGS: [&str; 6] = [
 /// Opens a plain data connection with `ticket` for `service` and waits until the relay has
 /// parked it (its idle gauge reaches `parked`).
 async fn open(relay: &Relay, service: &str, parked: u64, ticket: Ticket) -> Framed<BoxStream> {
+    open_as(relay, service, parked, ticket, PROTOCOL_VERSION).await
+}
+
+/// [`open`], saying the agent speaks protocol `version`.
+async fn open_as(
+    relay: &Relay,
+    service: &str,
+    parked: u64,
+    ticket: Ticket,
+    version: u16,
+) -> Framed<BoxStream> {
     let mut conn = Framed::new(connect_data(relay, false).await);
-    let hello = AgentMsg::DataHello {
-        version: PROTOCOL_VERSION,
-        ticket,
-    };
+    let hello = AgentMsg::DataHello { version, ticket };
     conn.write_msg(&hello, LIMIT).await.unwrap();
     // Redeeming and parking happen on the relay's side (on uring, on a worker): the visitor
     // that follows must find the connection in the pool.
@@ -43,8 +51,14 @@ async fn open(relay: &Relay, service: &str, parked: u64, ticket: Ticket) -> Fram
     conn
 }
 
-/// Waits for `Start`, then reads the visitor's chunks up to `END`.
+/// Waits for `Start`, answers it as an agent of this protocol does, then reads the visitor's
+/// chunks up to `END`.
 async fn take_visitor(conn: Framed<BoxStream>) -> (BoxStream, Vec<u8>) {
+    take_visitor_as(conn, true).await
+}
+
+/// [`take_visitor`]; `answer`: send `STARTED` (an agent of protocol 3 does not).
+async fn take_visitor_as(conn: Framed<BoxStream>, answer: bool) -> (BoxStream, Vec<u8>) {
     let mut conn = conn;
     let start = tokio::time::timeout(WAIT, conn.read_msg::<RelayMsg>())
         .await
@@ -52,6 +66,10 @@ async fn take_visitor(conn: Framed<BoxStream>) -> (BoxStream, Vec<u8>) {
         .unwrap();
     assert!(matches!(start, RelayMsg::Start { .. }), "{start:?}");
     let (mut s, mut wire) = conn.into_parts();
+    if answer {
+        s.write_all(&chunk::header(chunk::STARTED)).await.unwrap();
+        s.flush().await.unwrap();
+    }
     let mut deframer = Deframer::new();
     let mut got = Vec::new();
     loop {
@@ -142,7 +160,58 @@ async fn a_bad_chunk_costs_only_its_visitor(backend: Backend) {
     assert_eq!(second.await.unwrap(), b"fine");
 }
 
+/// A data connection that takes `Start` and stays silent (a link cut without a reset: the
+/// relay's writes still succeed) costs its visitor the wait for `STARTED`, not the visit:
+/// the relay closes it and hands the visitor, with the bytes it sent, to another connection.
+async fn a_silent_data_connection_hands_its_visitor_to_another(backend: Backend) {
+    let relay = Relay::spawn(backend, &RELAY_ARGS);
+    let admin = relay.admin.unwrap();
+    let (_ctl, port, tickets) = fake_agent(&relay, "silent").await;
+    let a = open(&relay, "silent", 1, tickets[0]).await;
+    let b = open(&relay, "silent", 2, tickets[1]).await;
+
+    let visit = visitor(port, b"hello").await;
+    // Whichever connection gets `Start` first stays silent.
+    let (mut a, mut b) = (a, b);
+    let a_first = tokio::select! {
+        m = a.read_msg::<RelayMsg>() => { assert!(matches!(m, Ok(RelayMsg::Start { .. })), "{m:?}"); true }
+        m = b.read_msg::<RelayMsg>() => { assert!(matches!(m, Ok(RelayMsg::Start { .. })), "{m:?}"); false }
+    };
+    let (silent, other) = if a_first { (a, b) } else { (b, a) };
+    let (mut s, got) = take_visitor(other).await;
+    assert_eq!(
+        got, b"hello",
+        "the visitor's bytes reached the second connection"
+    );
+    reply(&mut s, b"served").await;
+    assert_eq!(visit.await.unwrap(), b"served");
+    // The silent one was closed, not parked again.
+    let (mut silent, _) = silent.into_parts();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, silent.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the relay closes the silent connection");
+    assert_eq!(admin_counter(admin, "data_unanswered").await, 1);
+    assert_eq!(admin_counter(admin, "visitors_retried").await, 1);
+    assert_eq!(admin_counter(admin, "visitors_cut").await, 0);
+}
+
+/// An agent of protocol 3 does not answer `Start`; the relay serves it without waiting.
+async fn an_agent_of_protocol_3_is_still_served(backend: Backend) {
+    let relay = Relay::spawn(backend, &RELAY_ARGS);
+    let admin = relay.admin.unwrap();
+    let (_ctl, port, tickets) = fake_agent(&relay, "old").await;
+    let conn = open_as(&relay, "old", 1, tickets[0], 3).await;
+    let visit = visitor(port, b"old agent").await;
+    let (mut s, got) = take_visitor_as(conn, false).await;
+    assert_eq!(got, b"old agent");
+    reply(&mut s, b"still served").await;
+    assert_eq!(visit.await.unwrap(), b"still served");
+    assert_eq!(admin_counter(admin, "data_unanswered").await, 0);
+}
+
 both_backends!(
     second_visitor_waits_for_ready,
-    a_bad_chunk_costs_only_its_visitor
+    a_bad_chunk_costs_only_its_visitor,
+    a_silent_data_connection_hands_its_visitor_to_another,
+    an_agent_of_protocol_3_is_still_served
 );

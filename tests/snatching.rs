@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use ringtunnel::protocol::auth::Ticket;
-use ringtunnel::protocol::chunk::Deframer;
+use ringtunnel::protocol::chunk::{self, Deframer};
 use ringtunnel::protocol::msg::Message;
 use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
 use ringtunnel::transport::{BoxStream, Framed};
@@ -85,8 +85,10 @@ async fn forged_and_replayed_tickets_see_no_visitor_bytes(backend: Backend) {
             .unwrap()
             .unwrap();
         assert!(matches!(start, RelayMsg::Start { .. }));
-        // The visitor's bytes follow in chunks.
+        // Answered as an agent does; the visitor's bytes follow in chunks.
         let (mut s, mut wire) = legit.into_parts();
+        s.write_all(&chunk::header(chunk::STARTED)).await.unwrap();
+        s.flush().await.unwrap();
         let mut deframer = Deframer::new();
         let mut got = Vec::new();
         while got.len() < secret.len() {

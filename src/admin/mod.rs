@@ -78,6 +78,9 @@ counters! {
         /// Idle data connections closed because their pool held more than it needs for 30 s
         /// (what a burst left behind).
         pub data_trimmed,
+        /// Data connections that gave no answer to `Start` within 5 s, or ended first (a link
+        /// cut without a reset): closed, and their visitor handed to another connection.
+        pub data_unanswered,
         /// Visitors accepted on public ports.
         pub visitors_accepted,
         /// Visitors closed without a tunnel (agent offline, queue full).
@@ -93,6 +96,9 @@ counters! {
         /// Visitors reset because their data connection failed mid-stream (agent gone, link cut,
         /// broken framing): an RST, so no client takes the truncated stream for a whole one.
         pub visitors_cut,
+        /// Visitors moved to another data connection because theirs did not answer `Start`
+        /// (nothing had been answered to them yet, so they never notice but for the wait).
+        pub visitors_retried,
         /// Visitors turned away because their agent could not reach its local service (HTTP
         /// visitors get a 502, others a reset).
         pub origin_unreachable,

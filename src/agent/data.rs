@@ -73,6 +73,17 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
                 }
             }
         };
+        let answered = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, async {
+            tunnel.write_all(&conn.started()).await?;
+            tunnel.flush().await
+        }));
+        match answered.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return tracing::debug!(service, %visitor, "data connection failed: {e}"),
+            Err(_) => {
+                return tracing::debug!(service, %visitor, "data connection failed: answer to Start timed out")
+            }
+        }
         let _visiting = ctx.in_flight.enter();
         let connect = Box::pin(tokio::time::timeout(
             CONNECT_TIMEOUT,

@@ -18,7 +18,9 @@ use crate::dataplane::{uring, DataPlane};
 use crate::net::cap::{CapPlace, ConnCap};
 use crate::net::throttle::THROTTLED_PER_ADDRESS;
 use crate::net::AcceptErrors;
-use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
+use crate::protocol::{
+    answers_start, relay_serves, AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION,
+};
 use crate::transport::{Conn, FrameIoError, Framed};
 
 /// First byte of a TLS handshake record.
@@ -197,10 +199,11 @@ async fn data_connection(
     tls: bool,
     place: CapPlace,
 ) {
-    if version != PROTOCOL_VERSION {
+    if !relay_serves(version) {
         let m = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
         return reject(&plane, framed, peer, ErrorCode::UnsupportedVersion, &m).await;
     }
+    let answers = answers_start(version);
     // The transport is checked before the ticket is touched: a plain connection to a relay
     // that requires TLS must not spend a ticket it cannot use.
     if plane.cfg().data_tls && !tls {
@@ -253,7 +256,8 @@ async fn data_connection(
     match &plane.dataplane {
         DataPlane::Tokio => {
             let metrics = &plane.metrics;
-            tokio_backend::park_and_forward(tunnel, &service.name, &pool, generation, metrics).await
+            let name = &service.name;
+            tokio_backend::park_and_forward(tunnel, name, &pool, generation, answers, metrics).await
         }
         DataPlane::Uring(workers) => {
             // A plain socket is spliced by the worker; a TLS one moves there with its rustls
@@ -275,6 +279,7 @@ async fn data_connection(
                 service: service.name.clone(),
                 pool,
                 generation,
+                answers,
             };
             if let Err(e) = workers.send(worker, cmd) {
                 tracing::warn!(%peer, "data connection dropped: {e}");

@@ -16,7 +16,9 @@ use crate::net::cap::CapPlace;
 use crate::protocol::auth::{new_nonce, verify_register_mac};
 use crate::protocol::liveness::{Action, Liveness};
 use crate::protocol::msg::MAX_TICKETS_PER_FRAME;
-use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, PROTOCOL_VERSION};
+use crate::protocol::{
+    relay_serves, AgentMsg, ErrorCode, RelayMsg, ServiceOutcome, PROTOCOL_VERSION,
+};
 use crate::transport::{Conn, FrameIoError, Framed};
 
 /// How long a session whose tickets were withheld (a quota was out) waits before asking
@@ -77,7 +79,7 @@ pub async fn run(
     version: u16,
     place: CapPlace,
 ) -> Result<(), SessionEnd> {
-    if version != PROTOCOL_VERSION {
+    if !relay_serves(version) {
         let message = format!("relay speaks protocol {PROTOCOL_VERSION}, agent sent {version}");
         let _ = framed
             .write_msg(
@@ -91,8 +93,10 @@ pub async fn run(
         return Err(SessionEnd::Violation(message));
     }
     let nonce = new_nonce();
+    // The agent's own version: an older agent checks that the relay speaks its version, and
+    // the relay serves it as such.
     let challenge = RelayMsg::Challenge {
-        version: PROTOCOL_VERSION,
+        version,
         nonce,
         data_tls: plane.cfg().data_tls,
     };

@@ -9,7 +9,9 @@
 //! - [`forwarded`]: what forwarding one visitor ends with (bytes moved, or which end failed).
 //! - [`gate`]: per-service admission (limits) and PROXY headers.
 //! - [`idle`]: the idle-timeout watcher beside each forwarded visitor.
-//! - [`wait`]: runtime-agnostic waits (a deadline race, the relay's wait for `READY`).
+//! - [`wait`]: runtime-agnostic waits (a deadline race, the relay's waits for `STARTED` and
+//!   `READY`).
+//! - [`retry`]: a visitor whose data connection never answered moves to another one.
 //! - [`rewrite`]: HTTP visitors' bytes with every request head rewritten, as tunnel chunks.
 //!
 //! [`DataPlane`] is the one interface the control plane uses, whichever backend runs.
@@ -19,6 +21,7 @@ pub mod gate;
 pub mod idle;
 pub mod pool;
 pub mod probe;
+pub mod retry;
 pub mod rewrite;
 pub mod sock;
 pub mod tally;

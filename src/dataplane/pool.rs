@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::pin::pin;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify};
 
 use super::gate::{self, Admission, End, Gate};
+use super::sock;
 use crate::protocol::http::requests::Requests;
 
 /// Most visitors that may wait for a data connection per service; more are turned away
@@ -47,7 +49,16 @@ pub struct Visitor {
     /// An HTTP visitor (shared HTTP port): told with a 502 page, not a reset, when the agent
     /// cannot reach its local service.
     pub http: bool,
+    /// Visitor bytes already read (rewritten, for HTTP) that reached no agent: a data
+    /// connection that never answered `Start` took them. Sent after `prefix`.
+    pub early: Vec<u8>,
+    /// Data connections this visitor was handed that never answered `Start`.
+    pub unanswered: u8,
 }
+
+/// Most data connections a visitor is handed that do not answer `Start` before it is
+/// closed: each costs it up to [`crate::protocol::chunk::START_WAIT`].
+pub const MAX_UNANSWERED: u8 = 2;
 
 impl Visitor {
     /// Admits a visitor accepted on a service's own port: limits first, then the PROXY header
@@ -66,6 +77,8 @@ impl Visitor {
             addr,
             prefix,
             admission: Some(admission),
+            early: Vec::new(),
+            unanswered: 0,
         })
     }
 
@@ -74,6 +87,26 @@ impl Visitor {
         if let Some(a) = &self.admission {
             a.end_as(end);
         }
+    }
+
+    /// Reads what the visitor has sent by now, without waiting, into [`Self::early`] (through
+    /// an HTTP visitor's `requests` reader), using `buf` to read into: a client-first
+    /// protocol's request is usually here by the time the visitor reaches a data connection,
+    /// and then travels with `Start`. `Ok(true)`: the visitor has nothing more to read now (its
+    /// next read should wait); `false` after EOF or a full `buf`.
+    pub fn read_early(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let (n, quiet) = match sock::recv_now(self.stream.as_fd(), buf)? {
+            None => (0, true),
+            Some(0) => (0, false), // EOF: the forwarder sees it at once and sends END
+            Some(n) => (n, n < buf.len()),
+        };
+        match self.requests.as_deref_mut() {
+            Some(requests) if n > 0 => requests
+                .feed(&buf[..n], &mut self.early)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            _ => self.early.extend_from_slice(&buf[..n]),
+        }
+        Ok(quiet)
     }
 
     /// Idle timeout that applies to this visitor.
@@ -390,6 +423,8 @@ mod tests {
                 addr,
                 prefix: Vec::new(),
                 admission: None,
+                early: Vec::new(),
+                unanswered: 0,
             },
             c,
         )

@@ -64,9 +64,10 @@ pub fn cut(fd: BorrowedFd<'_>) {
 
 pub use crate::net::reset_on_close;
 
-/// One `recv` on a non-blocking socket: `None` if it has nothing now, `Some(0)` at EOF.
+/// One `recv` that does not wait (`MSG_DONTWAIT`, whatever the socket's mode): `None` if it
+/// has nothing now, `Some(0)` at EOF.
 pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    match rustix::net::recv(fd, buf, RecvFlags::empty()) {
+    match rustix::net::recv(fd, buf, RecvFlags::DONTWAIT) {
         Ok((n, _)) => Ok(Some(n)),
         Err(rustix::io::Errno::AGAIN) => Ok(None),
         Err(e) => Err(e.into()),

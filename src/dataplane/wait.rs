@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::protocol::chunk;
+use crate::protocol::chunk::{self, StartAnswer};
 use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 
 /// A socket (or stream over one) read on whichever runtime owns it.
@@ -69,4 +69,43 @@ pub async fn agent_ready(
         // The driver's timer fired: the machine decides (past its deadline, it closes).
         None => conn.on_timeout(Instant::now()) == RelayNext::Park,
     }
+}
+
+/// Why a data connection gave no answer to `Start`: the visitor, of whom nothing was
+/// answered, may move to another connection.
+#[derive(Debug, thiserror::Error)]
+pub enum NoAnswer {
+    /// Nothing within [`chunk::START_WAIT`]: a link cut without a reset looks like this.
+    #[error("no answer to Start within {:?}", chunk::START_WAIT)]
+    Silent,
+    /// The connection ended or failed first.
+    #[error("the data connection ended before answering Start: {0}")]
+    Lost(io::Error),
+}
+
+/// The relay's wait, after sending `Start`, for the agent's [`chunk::STARTED`], or for
+/// `deadline` (which should fire after [`chunk::START_WAIT`]). Reads only the four bytes of
+/// the answer. `Ok`: the header the chunk decoder must see first (`None` after `STARTED`;
+/// the header itself when it was something else, such as `UNREACHABLE`).
+pub async fn agent_started(
+    tunnel: &mut impl ReadSome,
+    deadline: impl Future<Output = ()>,
+) -> Result<Option<[u8; chunk::HEADER_LEN]>, NoAnswer> {
+    let wait = async {
+        let mut buf = [0u8; chunk::HEADER_LEN];
+        let mut have = 0;
+        loop {
+            match chunk::start_answer(&buf[..have]) {
+                StartAnswer::NeedMore => {}
+                StartAnswer::Started(_) => return Ok(None),
+                StartAnswer::Other(_) => return Ok(Some(buf)),
+            }
+            match tunnel.read_some(&mut buf[have..]).await {
+                Ok(0) => return Err(NoAnswer::Lost(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => have += n,
+                Err(e) => return Err(NoAnswer::Lost(e)),
+            }
+        }
+    };
+    race(wait, deadline).await.unwrap_or(Err(NoAnswer::Silent))
 }

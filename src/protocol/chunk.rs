@@ -31,6 +31,15 @@ pub const READY: u32 = u32::MAX - 1;
 /// says so ([`BadChunk::origin_unreachable`]).
 pub const UNREACHABLE: u32 = u32::MAX - 2;
 
+/// Sent by the agent (protocol 4 on), alone, as the first thing after it decoded `Start`,
+/// before it dials its local service: the data connection is alive. Not a chunk header.
+pub const STARTED: u32 = u32::MAX - 3;
+
+/// How long the relay waits for [`STARTED`] after sending `Start`. A connection that stays
+/// silent that long (a link cut without a reset: the kernel still takes the writes) is taken
+/// for dead, and the visitor, of whom nothing has been answered yet, moves to another one.
+pub const START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long the relay waits for [`READY`] after a visitor's `END`s before closing the
 /// connection instead of reusing it.
 pub const READY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -64,6 +73,29 @@ pub fn check_ready(buf: &[u8]) -> Result<bool, BadChunk> {
         return Err(BadChunk(u32::from_be_bytes(h)));
     }
     Ok(buf.len() == HEADER_LEN)
+}
+
+/// What the agent's first bytes after `Start` say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAnswer {
+    /// Not four bytes yet: read more.
+    NeedMore,
+    /// [`STARTED`]; the bytes after it are the agent's first chunks.
+    Started(Vec<u8>),
+    /// Something else first (an agent that does not send [`STARTED`] is not asked to): all
+    /// of it goes to the chunk decoder, which knows [`UNREACHABLE`] and refuses the rest.
+    Other(Vec<u8>),
+}
+
+/// Reads the agent's answer to `Start` from `buf` (everything read so far).
+pub fn start_answer(buf: &[u8]) -> StartAnswer {
+    if buf.len() < HEADER_LEN {
+        return StartAnswer::NeedMore;
+    }
+    match buf[..HEADER_LEN] == header(STARTED) {
+        true => StartAnswer::Started(buf[HEADER_LEN..].to_vec()),
+        false => StartAnswer::Other(buf.to_vec()),
+    }
 }
 
 /// A chunk header that is neither a valid length nor [`END`] nor [`RAW`] (or the agent's
@@ -257,6 +289,32 @@ impl Unchunker {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_answer_to_start_is_read_whole_and_the_rest_kept() {
+        let started = header(STARTED);
+        assert_eq!(start_answer(&[]), StartAnswer::NeedMore);
+        assert_eq!(start_answer(&started[..3]), StartAnswer::NeedMore);
+        assert_eq!(start_answer(&started), StartAnswer::Started(vec![]));
+        let mut more = started.to_vec();
+        push_chunks(&mut more, b"hi");
+        assert_eq!(
+            start_answer(&more),
+            StartAnswer::Started(more[HEADER_LEN..].to_vec())
+        );
+        // An agent that could not reach its service, or one that does not answer `Start`:
+        // everything goes to the chunk decoder as it came.
+        let unreachable = header(UNREACHABLE);
+        assert_eq!(
+            start_answer(&unreachable),
+            StartAnswer::Other(unreachable.to_vec())
+        );
+        let mut chunks = Vec::new();
+        push_chunks(&mut chunks, b"hello");
+        assert_eq!(start_answer(&chunks), StartAnswer::Other(chunks.clone()));
+        // Not a chunk header: a decoder refuses it.
+        assert_eq!(Deframer::new().next(&started), Err(BadChunk(STARTED)));
+    }
 
     /// Decodes `wire` fed in pieces cut at `cuts`; returns the data, how it ended, and the
     /// bytes after the end.

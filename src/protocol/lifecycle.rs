@@ -8,7 +8,7 @@
 //!  relay:  Parked ──visitor──▶ Forwarding ──both END──▶ AwaitingReady ──READY──▶ Parked
 //!            │                     │ (not reusable)          │ (other bytes, EOF, deadline)
 //!            └─agent sent/closed──▶ Closed ◀─────────────────┘
-//!  agent:  Pooled ──Start──▶ Forwarding ──both END (sends READY)──▶ Pooled
+//!  agent:  Pooled ──Start (sends STARTED)──▶ Forwarding ──both END (sends READY)──▶ Pooled
 //!            │ (Error, bad frame, EOF)      │ (not reusable)
 //!            └────────────▶ Closed ◀────────┘
 //! ```
@@ -270,6 +270,14 @@ impl AgentDataConn {
         self.state = AgentState::Pooled;
         self.buf = leftover;
         Some(chunk::header(chunk::READY))
+    }
+
+    /// The answer to the `Start` just decoded ([`chunk::STARTED`]), to send at once, before
+    /// dialing the local service: the relay hands the visitor to another connection if this
+    /// one stays silent.
+    pub fn started(&self) -> [u8; 4] {
+        debug_assert_eq!(self.state, AgentState::Forwarding);
+        chunk::header(chunk::STARTED)
     }
 
     /// The local service could not be reached for the visitor just started: the returned

@@ -31,7 +31,22 @@ pub use msg::{
 
 /// The protocol version this build speaks. Carried in the first frame of every connection, so
 /// a peer from another version gets a clear error instead of misparsed bytes.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+
+/// The oldest agent version a relay still serves: version 3 differs only in that its agents
+/// do not answer `Start` with [`chunk::STARTED`], so the relay does not wait for it on their
+/// data connections.
+pub const OLDEST_AGENT_VERSION: u16 = 3;
+
+/// Whether a relay serves an agent that speaks `version`.
+pub fn relay_serves(version: u16) -> bool {
+    (OLDEST_AGENT_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
+
+/// Whether an agent of `version` answers each `Start` with [`chunk::STARTED`].
+pub fn answers_start(version: u16) -> bool {
+    version >= 4
+}
 
 /// Everything that can be wrong with bytes received from a peer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -73,6 +73,8 @@ impl Routed {
             prefix: self.prefix,
             admission: Some(self.admission),
             requests: self.requests,
+            early: Vec::new(),
+            unanswered: 0,
         };
         (visitor, self.unserved, self.svc)
     }

@@ -13,14 +13,16 @@ use tokio::task::JoinHandle;
 use super::chunked;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::{count_cut, End, Gate};
+use crate::dataplane::gate::{count_cut, Admission, End, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::retry::hand_on;
 use crate::dataplane::sock;
 use crate::dataplane::tally::Tally;
-use crate::dataplane::wait::agent_ready;
+use crate::dataplane::wait::{agent_ready, agent_started, race, NoAnswer};
 use crate::net::AcceptErrors;
 use crate::protocol::chunk;
+use crate::protocol::http::requests::Requests;
 use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 use crate::transport::Conn;
 
@@ -71,13 +73,15 @@ pub fn spawn(
 
 /// Idles in the pool until a visitor is assigned, then forwards; parks again for the next
 /// visitor while both directions keep ending cleanly. `generation`: the pool's when the
-/// connection's ticket was settled (see [`Pool::offer`]). The tokio driver of
-/// [`RelayDataConn`].
+/// connection's ticket was settled (see [`Pool::offer`]); `answers`: its agent answers
+/// `Start` with `STARTED` (protocol 4), so a silent connection hands its visitor on. The
+/// tokio driver of [`RelayDataConn`].
 pub async fn park_and_forward(
     mut tunnel: Conn,
     service: &str,
     pool: &Pool,
     generation: u64,
+    answers: bool,
     metrics: &Metrics,
 ) {
     let mut conn = RelayDataConn::new();
@@ -101,23 +105,38 @@ pub async fn park_and_forward(
         };
         let (addr, http) = (visitor.addr, visitor.http);
         let idle = visitor.idle_timeout();
-        let admission = visitor.admission;
-        let mut requests = visitor.requests;
-        let Ok(mut stream) = TcpStream::from_std(visitor.stream) else {
+        // Boxed, with the visitor moved in: what only starting needs is not kept in the task
+        // (every parked connection is one) for as long as the visitor is forwarded.
+        let begun = begin(
+            &mut conn,
+            &mut tunnel,
+            visitor,
+            answers,
+            (pool, service, metrics),
+        );
+        let Some(Begun {
+            stream,
+            admission,
+            mut requests,
+            answer,
+            start,
+            sent,
+        }) = Box::pin(begun).await
+        else {
+            return; // handed on to another connection, or the visitor failed: closed
+        };
+        let Ok(mut stream) = TcpStream::from_std(stream) else {
             return;
         };
         let raw = stream.as_raw_fd();
         // SAFETY: `stream` stays open (it is only lent to the forwarder) for as long as the
         // select below lives, and the watcher borrowing the fd lives no longer than that.
         let fd = unsafe { BorrowedFd::borrow_raw(raw) };
-        let start = conn.on_visitor(addr, &visitor.prefix, &[]);
         let tally = Tally::of(&admission);
-        if http {
-            // The first request head, as rewritten, travels in `start`.
-            tally.up.add(visitor.prefix.len());
-        }
+        tally.up.add(sent);
+        let answer = answer.as_ref().map_or(&[][..], |h| &h[..]);
         let outcome = tokio::select! {
-            o = chunked::forward(&mut stream, &mut tunnel, &start, &[], requests.as_deref_mut(), tally) => o,
+            o = chunked::forward(&mut stream, &mut tunnel, &start, answer, requests.as_deref_mut(), tally) => o,
             _ = idle::tokio_idle(fd, idle) => {
                 idle_closed(service, addr, fd, &admission);
                 return;
@@ -166,4 +185,83 @@ pub async fn park_and_forward(
         metrics.data_reused.inc();
         assigned = next;
     }
+}
+
+/// A visitor whose data connection answered `Start` (or whose agent does not answer it),
+/// ready to forward.
+struct Begun {
+    stream: std::net::TcpStream,
+    admission: Option<Admission>,
+    requests: Option<Box<Requests>>,
+    /// A header the forwarder decodes first (not `STARTED`).
+    answer: Option<[u8; chunk::HEADER_LEN]>,
+    /// What the forwarder still has to send first (`Start`, for an agent that does not
+    /// answer it).
+    start: Vec<u8>,
+    /// Visitor bytes that went with `Start` (for HTTP, the first request head too).
+    sent: usize,
+}
+
+/// Sends `Start` for `visitor` and, when the agent `answers`, waits for `STARTED`. `None`:
+/// the visitor failed, or the connection gave no answer and the visitor was handed to
+/// another (`pool`, with `service` and `metrics` for its counts); this one is closed.
+async fn begin(
+    conn: &mut RelayDataConn,
+    tunnel: &mut Conn,
+    mut visitor: Visitor,
+    answers: bool,
+    (pool, service, metrics): (&Pool, &str, &Metrics),
+) -> Option<Begun> {
+    // What the visitor sent already travels with `Start` (and a visitor handed on sends it
+    // again); the buffer is on the stack of this call only.
+    if visitor.read_early(&mut [0u8; EARLY_READ]).is_err() {
+        return None; // the visitor reset its connection or sent a request head too large
+    }
+    let start = conn.on_visitor(visitor.addr, &visitor.prefix, &visitor.early);
+    let (answer, start) = match answers {
+        true => match send_start(tunnel, &start).await {
+            Ok(answer) => (answer, Vec::new()),
+            Err(why) => {
+                let deadline = tokio::time::sleep(chunk::START_WAIT);
+                hand_on(pool, visitor, &why, service, metrics, deadline).await;
+                return None;
+            }
+        },
+        false => (None, start),
+    };
+    let sent = visitor.early.len()
+        + if visitor.http {
+            visitor.prefix.len()
+        } else {
+            0
+        };
+    Some(Begun {
+        stream: visitor.stream,
+        admission: visitor.admission,
+        requests: visitor.requests,
+        answer,
+        start,
+        sent,
+    })
+}
+
+/// Most visitor bytes read before `Start` is sent.
+const EARLY_READ: usize = 16 * 1024;
+
+/// Sends `start` and waits for the agent's `STARTED` (see [`agent_started`]).
+async fn send_start(tunnel: &mut Conn, start: &[u8]) -> Result<Option<[u8; 4]>, NoAnswer> {
+    let deadline = tokio::time::sleep(chunk::START_WAIT);
+    let sent = async {
+        tunnel.write_all(start).await?;
+        tunnel.flush().await
+    };
+    // A write waits only when the socket's buffer is full, which a parked connection's is
+    // not; the deadline covers it anyway.
+    let mut deadline = std::pin::pin!(deadline);
+    match race(sent, deadline.as_mut()).await {
+        None => return Err(NoAnswer::Silent),
+        Some(Err(e)) => return Err(NoAnswer::Lost(e)),
+        Some(Ok(())) => {}
+    }
+    agent_started(tunnel, deadline).await
 }

@@ -134,6 +134,8 @@ async fn run(
                 AgentEvent::Invalid(why) => return Err(io::Error::other(why)),
             }
         };
+        // At once, before dialing: the relay hands the visitor on if this stays silent.
+        tunnel.write_all(&conn.started()).await?;
         let _visiting = in_flight.enter();
         let origin = match Box::pin(connect_any(local)).await {
             Ok(s) => s,

@@ -108,6 +108,8 @@ pub enum Command {
         pool: Arc<Pool>,
         /// The pool's generation when the ticket was settled (see [`Pool::offer`]).
         generation: u64,
+        /// The agent answers `Start` with `STARTED` (protocol 4).
+        answers: bool,
         /// The relay's counters (reuse is counted).
         metrics: Arc<crate::admin::Metrics>,
     },
@@ -307,6 +309,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                 service,
                 pool,
                 generation,
+                answers,
                 metrics,
             } => {
                 monoio::spawn(relay::serve_data(
@@ -314,7 +317,7 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                     tls,
                     service,
                     pool,
-                    generation,
+                    (generation, answers),
                     metrics,
                     pipes.clone(),
                 ));

@@ -16,12 +16,13 @@ use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::admin::Metrics;
 use crate::dataplane::forwarded::{origin_unreachable, ANSWER_WAIT};
-use crate::dataplane::gate::{count_cut, End, Gate};
+use crate::dataplane::gate::{count_cut, Admission, End, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
-use crate::dataplane::sock::{cut, recv_now, shutdown, Half};
+use crate::dataplane::retry::hand_on;
+use crate::dataplane::sock::{cut, shutdown, Half};
 use crate::dataplane::tally::Tally;
-use crate::dataplane::wait::{agent_ready, ReadSome};
+use crate::dataplane::wait::{agent_ready, agent_started, race, NoAnswer, ReadSome};
 use crate::net::AcceptErrors;
 use crate::protocol::chunk;
 use crate::protocol::http::requests::Requests;
@@ -119,17 +120,20 @@ pub async fn accept_until(
 }
 
 /// Parks a data connection in `pool`; when a visitor is assigned, announces it and forwards
-/// (splicing a plain connection, copying through rustls a TLS one).
+/// (splicing a plain connection, copying through rustls a TLS one). `ticket`: the pool's
+/// generation when the connection's ticket was settled (see [`Pool::offer`]), and whether
+/// its agent answers `Start` with `STARTED` (protocol 4; then a silent connection hands its
+/// visitor on).
 pub async fn serve_data(
     stream: std::net::TcpStream,
     tls: Option<Box<rustls::ServerConnection>>,
     service: String,
     pool: Arc<Pool>,
-    generation: u64,
+    ticket: (u64, bool),
     metrics: Arc<Metrics>,
     pipes: Rc<PipePool>,
 ) {
-    let parked = park_and_forward(stream, tls, &service, &pool, generation, &metrics, &pipes);
+    let parked = park_and_forward(stream, tls, &service, &pool, ticket, &metrics, &pipes);
     if let Err(e) = parked.await {
         tracing::debug!(service, "data connection ended: {e}");
     }
@@ -140,7 +144,7 @@ async fn park_and_forward(
     tls: Option<Box<rustls::ServerConnection>>,
     service: &str,
     pool: &Pool,
-    generation: u64,
+    (generation, answers): (u64, bool),
     metrics: &Metrics,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
@@ -175,26 +179,33 @@ async fn park_and_forward(
                 return Ok(());
             }
         };
-        visitor.stream.set_nonblocking(true)?;
         let (addr, http) = (visitor.addr, visitor.http);
         let idle = visitor.idle_timeout();
-        let admission = visitor.admission;
-        let mut requests = visitor.requests;
-        let stream = TcpStream::from_std(visitor.stream)?;
-        let (start, sent_early, quiet) = start_frame(
+        // Boxed, with the visitor moved in: what only starting needs is not kept in the task
+        // (every parked connection is one) for as long as the visitor is forwarded.
+        let begun = begin(
             &mut conn,
-            &stream,
-            addr,
-            &visitor.prefix,
-            requests.as_deref_mut(),
-        )?;
-        tunnel.write_all(&start).await?;
-        // What the visitor sent early travels in `start`; for HTTP, the first request head too.
-        Tally::of(&admission)
-            .up
-            .add(sent_early as usize + if http { visitor.prefix.len() } else { 0 });
+            &tunnel,
+            visitor,
+            answers,
+            (pool, service, metrics),
+        );
+        let Some(Begun {
+            stream,
+            admission,
+            mut requests,
+            answer,
+            quiet,
+            sent: sent_early,
+        }) = Box::pin(begun).await?
+        else {
+            return Ok(()); // handed on to another connection: this one is closed
+        };
+        let stream = TcpStream::from_std(stream)?;
+        let answer = answer.as_ref().map_or(&[][..], |h| &h[..]);
+        Tally::of(&admission).up.add(sent_early as usize);
         let outcome = monoio::select! {
-            o = tunnel.forward(&stream, pipes, &[], quiet, requests.as_deref_mut(), Tally::of(&admission)) => o,
+            o = tunnel.forward(&stream, pipes, answer, quiet, requests.as_deref_mut(), Tally::of(&admission)) => o,
             _ = idle::monoio_idle(fd(&stream), idle) => {
                 idle_closed(service, addr, fd(&stream), &admission);
                 return Ok(());
@@ -246,37 +257,89 @@ async fn park_and_forward(
     }
 }
 
-/// The bytes that start a visitor on the tunnel: `Start`, the bytes held for it (`held`), and
-/// what the visitor has sent already (a client-first protocol's request, usually here by the
-/// time the visitor reaches its data connection), so they travel in one send and reach the
-/// agent in one read. Also returns the visitor bytes taken and whether the visitor has nothing
-/// more to read now (its next read should wait on the ring).
-/// An HTTP visitor's `requests` reader rewrites those bytes first.
+/// A visitor whose data connection answered `Start`, ready to forward.
+struct Begun {
+    stream: std::net::TcpStream,
+    admission: Option<Admission>,
+    requests: Option<Box<Requests>>,
+    /// A header the forwarder decodes first (not `STARTED`).
+    answer: Option<[u8; chunk::HEADER_LEN]>,
+    /// The visitor had nothing more to read when `Start` went out.
+    quiet: bool,
+    /// Visitor bytes that went with `Start` (for HTTP, the first request head too).
+    sent: u64,
+}
+
+/// Sends `Start` for `visitor` and, when the agent `answers`, waits for `STARTED`. `None`:
+/// the connection gave no answer and the visitor was handed to another (`pool`, with
+/// `service` and `metrics` for its counts), so this one is closed.
+async fn begin(
+    conn: &mut RelayDataConn,
+    tunnel: &Tunnel,
+    mut visitor: Visitor,
+    answers: bool,
+    (pool, service, metrics): (&Pool, &str, &Metrics),
+) -> std::io::Result<Option<Begun>> {
+    visitor.stream.set_nonblocking(true)?;
+    let (start, quiet) = start_frame(conn, &mut visitor)?;
+    let answer = match answers {
+        true => match send_start(tunnel, &start).await {
+            Ok(answer) => answer,
+            Err(why) => {
+                let deadline = monoio::time::sleep(chunk::START_WAIT);
+                hand_on(pool, visitor, &why, service, metrics, deadline).await;
+                return Ok(None);
+            }
+        },
+        false => {
+            tunnel.write_all(&start).await?;
+            None
+        }
+    };
+    let sent = visitor.early.len()
+        + if visitor.http {
+            visitor.prefix.len()
+        } else {
+            0
+        };
+    Ok(Some(Begun {
+        stream: visitor.stream,
+        admission: visitor.admission,
+        requests: visitor.requests,
+        answer,
+        quiet,
+        sent: sent as u64,
+    }))
+}
+
+/// The bytes that start a visitor on the tunnel: `Start`, the bytes held for it (its
+/// `prefix`), and what the visitor has sent already (a client-first protocol's request,
+/// usually here by the time the visitor reaches its data connection), so they travel in one
+/// send and reach the agent in one read. What is read now joins [`Visitor::early`] (rewritten
+/// by an HTTP visitor's `requests` reader first), so a visitor handed on sends it again.
+/// Also returns whether the visitor has nothing more to read now (its next read should wait
+/// on the ring).
 fn start_frame(
     conn: &mut RelayDataConn,
-    visitor: &TcpStream,
-    addr: SocketAddr,
-    held: &[u8],
-    requests: Option<&mut Requests>,
-) -> std::io::Result<(Vec<u8>, u64, bool)> {
-    with_scratch(|buf| {
-        let (n, quiet) = match recv_now(fd(visitor), buf)? {
-            None => (0, true),
-            Some(0) => (0, false), // EOF: the forwarder sees it at once and sends END
-            Some(n) => (n, n < buf.len()),
-        };
-        let start = match requests {
-            Some(requests) if n > 0 => {
-                let mut rewritten = Vec::with_capacity(n + 256);
-                requests
-                    .feed(&buf[..n], &mut rewritten)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                conn.on_visitor(addr, held, &rewritten)
-            }
-            _ => conn.on_visitor(addr, held, &buf[..n]),
-        };
-        Ok((start, n as u64, quiet))
-    })
+    visitor: &mut Visitor,
+) -> std::io::Result<(Vec<u8>, bool)> {
+    let quiet = with_scratch(|buf| visitor.read_early(buf))?;
+    let start = conn.on_visitor(visitor.addr, &visitor.prefix, &visitor.early);
+    Ok((start, quiet))
+}
+
+/// Sends `start` and waits for the agent's `STARTED` (see [`agent_started`]).
+async fn send_start(tunnel: &Tunnel, start: &[u8]) -> Result<Option<[u8; 4]>, NoAnswer> {
+    let deadline = monoio::time::sleep(chunk::START_WAIT);
+    let mut deadline = std::pin::pin!(deadline);
+    // A write waits only when the socket's buffer is full, which a parked connection's is
+    // not; the deadline covers it anyway.
+    match race(tunnel.write_all(start), deadline.as_mut()).await {
+        None => return Err(NoAnswer::Silent),
+        Some(Err(e)) => return Err(NoAnswer::Lost(e)),
+        Some(Ok(())) => {}
+    }
+    agent_started(&mut ReadLater(tunnel), deadline).await
 }
 
 /// A data connection read when the agent is expected to send only later (`READY`).
@@ -352,7 +415,7 @@ mod tests {
                 None,
                 "x".into(),
                 std::sync::Arc::new(crate::dataplane::pool::Pool::new()),
-                0,
+                (0, true),
                 std::sync::Arc::new(crate::admin::Metrics::default()),
                 std::rc::Rc::new(super::PipePool::default()),
             )
