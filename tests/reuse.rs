@@ -169,6 +169,9 @@ async fn a_silent_data_connection_hands_its_visitor_to_another(backend: Backend)
     let (_ctl, port, tickets) = fake_agent(&relay, "silent").await;
     let a = open(&relay, "silent", 1, tickets[0]).await;
     let b = open(&relay, "silent", 2, tickets[1]).await;
+    // The relay waits for `STARTED` only on connections parked a while: one that carried a
+    // visitor moments ago is taken as alive.
+    tokio::time::sleep(chunk::ANSWER_IF_PARKED + Duration::from_millis(300)).await;
 
     let visit = visitor(port, b"hello").await;
     // Whichever connection gets `Start` first stays silent.

@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::gate::{self, Admission, End, Gate};
 use super::sock;
+use crate::protocol::chunk::ANSWER_IF_PARKED;
 use crate::protocol::http::requests::Requests;
 
 /// Most visitors that may wait for a data connection per service; more are turned away
@@ -54,6 +55,11 @@ pub struct Visitor {
     pub early: Vec<u8>,
     /// Data connections this visitor was handed that never answered `Start`.
     pub unanswered: u8,
+    /// Set by the pool when it hands the visitor a connection that had been parked for at
+    /// least [`ANSWER_IF_PARKED`]: the relay waits for that connection's `STARTED` before
+    /// forwarding (an agent that sends it). One parked more recently carried a visitor or was
+    /// opened moments ago and is taken as alive.
+    pub ask_first: bool,
 }
 
 /// Most data connections a visitor is handed that do not answer `Start` before it is
@@ -79,6 +85,7 @@ impl Visitor {
             admission: Some(admission),
             early: Vec::new(),
             unanswered: 0,
+            ask_first: false,
         })
     }
 
@@ -138,7 +145,8 @@ pub const TRIM_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Default)]
 struct Inner {
-    idle: VecDeque<Slot>,
+    /// Parked connections, with when each was parked.
+    idle: VecDeque<(Slot, Instant)>,
     waiters: VecDeque<oneshot::Sender<Slot>>,
     outstanding: usize,
     target: usize,
@@ -161,7 +169,9 @@ impl Inner {
 
     /// Sends `visitor` to the first idle connection still alive, or gives it back.
     fn hand_to_idle(&mut self, mut visitor: Visitor) -> Result<(), Visitor> {
-        while let Some(slot) = self.idle.pop_front() {
+        while let Some((slot, parked)) = self.idle.pop_front() {
+            // A connection parked a while may have died quietly since: ask it first.
+            visitor.ask_first = parked.elapsed() >= ANSWER_IF_PARKED;
             match slot.send(visitor) {
                 Ok(()) => {
                     self.nudge();
@@ -183,7 +193,7 @@ impl Inner {
                 Err(back) => slot = back, // that visitor gave up; try the next
             }
         }
-        self.idle.push_back(slot);
+        self.idle.push_back((slot, Instant::now()));
     }
 
     fn detach(&mut self) {
@@ -425,6 +435,7 @@ mod tests {
                 admission: None,
                 early: Vec::new(),
                 unanswered: 0,
+                ask_first: false,
             },
             c,
         )
@@ -509,6 +520,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_a_connection_parked_a_while_is_asked_first() {
+        let pool = Pool::new();
+        pool.attach(2, Arc::new(Notify::new()));
+        let (fresh, mut fresh_rx) = oneshot::channel();
+        let (old, mut old_rx) = oneshot::channel();
+        assert!(pool.offer(old, pool.generation()));
+        assert!(pool.offer(fresh, pool.generation()));
+        // The first one has been parked longer than ANSWER_IF_PARKED.
+        pool.lock().idle[0].1 -= ANSWER_IF_PARKED;
+        for (rx, ask) in [(&mut old_rx, true), (&mut fresh_rx, false)] {
+            let (v, _c) = visitor().await;
+            assert!(pool.try_take(v).is_ok());
+            assert_eq!(rx.try_recv().unwrap().ask_first, ask);
+        }
+    }
+
+    #[tokio::test]
     async fn a_connection_of_a_departed_owner_is_never_handed_out() {
         let pool = Arc::new(Pool::new());
         pool.attach(2, Arc::new(Notify::new()));
@@ -587,7 +615,7 @@ mod tests {
         assert!(pool.offer(slot, pool.generation()));
         let t1 = t0 + Duration::from_secs(40);
         assert_eq!(pool.trim(t1, after), 0);
-        let visitor_took_one = pool.lock().idle.pop_front();
+        let visitor_took_one = pool.lock().idle.pop_front().map(|(slot, _)| slot);
         drop(visitor_took_one);
         assert_eq!(
             pool.trim(t1 + Duration::from_secs(31), after),

@@ -39,6 +39,7 @@ pub async fn hand_on(
     }
     tracing::info!(service, visitor = %addr, "data connection closed ({why}): visitor moved to another");
     metrics.visitors_retried.inc();
+    visitor.ask_first = false; // the pool says again for the connection it hands over
     if let Err((e, v)) = pool.take(visitor, deadline, START_WAIT).await {
         if let Some(a) = &v.admission {
             a.gate.count_unserved();

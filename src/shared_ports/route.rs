@@ -75,6 +75,7 @@ impl Routed {
             requests: self.requests,
             early: Vec::new(),
             unanswered: 0,
+            ask_first: false,
         };
         (visitor, self.unserved, self.svc)
     }

@@ -585,7 +585,16 @@ where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    origin_at([127, 0, 0, 1].into(), serve).await
+}
+
+/// [`origin`], listening on `ip` (an address of a link the test made).
+pub async fn origin_at<F, Fut>(ip: std::net::IpAddr, serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -600,7 +609,12 @@ where
 
 /// An origin that sends `data` to every connection that first sends a byte, then closes.
 pub async fn bulk_origin(data: Arc<Vec<u8>>) -> SocketAddr {
-    origin(move |mut s: TcpStream| {
+    bulk_origin_at([127, 0, 0, 1].into(), data).await
+}
+
+/// [`bulk_origin`], listening on `ip`.
+pub async fn bulk_origin_at(ip: std::net::IpAddr, data: Arc<Vec<u8>>) -> SocketAddr {
+    origin_at(ip, move |mut s: TcpStream| {
         let data = data.clone();
         async move {
             let mut b = [0u8; 16];

@@ -107,11 +107,13 @@ pub async fn park_and_forward(
         let idle = visitor.idle_timeout();
         // Boxed, with the visitor moved in: what only starting needs is not kept in the task
         // (every parked connection is one) for as long as the visitor is forwarded.
+        // Only a connection parked a while may have died quietly meanwhile.
+        let wait = answers && visitor.ask_first;
         let begun = begin(
             &mut conn,
             &mut tunnel,
             visitor,
-            answers,
+            wait,
             (pool, service, metrics),
         );
         let Some(Begun {
@@ -202,14 +204,15 @@ struct Begun {
     sent: usize,
 }
 
-/// Sends `Start` for `visitor` and, when the agent `answers`, waits for `STARTED`. `None`:
+/// Sends `Start` for `visitor` and, when told to `wait`, waits for the agent's `STARTED`
+/// (otherwise the forwarder's decoder skips it). `None`:
 /// the visitor failed, or the connection gave no answer and the visitor was handed to
 /// another (`pool`, with `service` and `metrics` for its counts); this one is closed.
 async fn begin(
     conn: &mut RelayDataConn,
     tunnel: &mut Conn,
     mut visitor: Visitor,
-    answers: bool,
+    wait: bool,
     (pool, service, metrics): (&Pool, &str, &Metrics),
 ) -> Option<Begun> {
     // What the visitor sent already travels with `Start` (and a visitor handed on sends it
@@ -218,7 +221,7 @@ async fn begin(
         return None; // the visitor reset its connection or sent a request head too large
     }
     let start = conn.on_visitor(visitor.addr, &visitor.prefix, &visitor.early);
-    let (answer, start) = match answers {
+    let (answer, start) = match wait {
         true => match send_start(tunnel, &start).await {
             Ok(answer) => (answer, Vec::new()),
             Err(why) => {

@@ -183,13 +183,9 @@ async fn park_and_forward(
         let idle = visitor.idle_timeout();
         // Boxed, with the visitor moved in: what only starting needs is not kept in the task
         // (every parked connection is one) for as long as the visitor is forwarded.
-        let begun = begin(
-            &mut conn,
-            &tunnel,
-            visitor,
-            answers,
-            (pool, service, metrics),
-        );
+        // Only a connection parked a while may have died quietly meanwhile.
+        let wait = answers && visitor.ask_first;
+        let begun = begin(&mut conn, &tunnel, visitor, wait, (pool, service, metrics));
         let Some(Begun {
             stream,
             admission,
@@ -270,19 +266,20 @@ struct Begun {
     sent: u64,
 }
 
-/// Sends `Start` for `visitor` and, when the agent `answers`, waits for `STARTED`. `None`:
+/// Sends `Start` for `visitor` and, when told to `wait`, waits for the agent's `STARTED`
+/// (otherwise the forwarder's decoder skips it). `None`:
 /// the connection gave no answer and the visitor was handed to another (`pool`, with
 /// `service` and `metrics` for its counts), so this one is closed.
 async fn begin(
     conn: &mut RelayDataConn,
     tunnel: &Tunnel,
     mut visitor: Visitor,
-    answers: bool,
+    wait: bool,
     (pool, service, metrics): (&Pool, &str, &Metrics),
 ) -> std::io::Result<Option<Begun>> {
     visitor.stream.set_nonblocking(true)?;
     let (start, quiet) = start_frame(conn, &mut visitor)?;
-    let answer = match answers {
+    let answer = match wait {
         true => match send_start(tunnel, &start).await {
             Ok(answer) => answer,
             Err(why) => {
