@@ -105,10 +105,10 @@ pub async fn park_and_forward(
         };
         let (addr, http) = (visitor.addr, visitor.http);
         let idle = visitor.idle_timeout();
-        // Boxed, with the visitor moved in: what only starting needs is not kept in the task
-        // (every parked connection is one) for as long as the visitor is forwarded.
         // Only a connection parked a while may have died quietly meanwhile.
         let wait = answers && visitor.ask_first;
+        // Boxed, with the visitor moved in: what only starting needs is not kept in the task
+        // (every parked connection is one) for as long as the visitor is forwarded.
         let begun = begin(
             &mut conn,
             &mut tunnel,
@@ -205,9 +205,9 @@ struct Begun {
 }
 
 /// Sends `Start` for `visitor` and, when told to `wait`, waits for the agent's `STARTED`
-/// (otherwise the forwarder's decoder skips it). `None`:
-/// the visitor failed, or the connection gave no answer and the visitor was handed to
-/// another (`pool`, with `service` and `metrics` for its counts); this one is closed.
+/// (otherwise the forwarder's decoder skips it). `None`: the visitor failed, or the
+/// connection gave no answer and the visitor was handed to another (`pool`, with `service`
+/// and `metrics` for its counts); this one is closed.
 async fn begin(
     conn: &mut RelayDataConn,
     tunnel: &mut Conn,
