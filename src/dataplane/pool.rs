@@ -116,6 +116,13 @@ impl Visitor {
         Ok(quiet)
     }
 
+    /// The visitor's own bytes that travel with `Start`: what it sent early and, for an
+    /// HTTP visitor, the first request head (rewritten) held in `prefix` (a PROXY header is
+    /// not the visitor's).
+    pub fn sent_with_start(&self) -> usize {
+        self.early.len() + if self.http { self.prefix.len() } else { 0 }
+    }
+
     /// Idle timeout that applies to this visitor.
     pub fn idle_timeout(&self) -> Option<Duration> {
         self.admission.as_ref().and_then(|a| a.gate.idle_timeout())

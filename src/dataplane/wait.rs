@@ -97,8 +97,8 @@ pub async fn agent_started(
         loop {
             match chunk::start_answer(&buf[..have]) {
                 StartAnswer::NeedMore => {}
-                StartAnswer::Started(_) => return Ok(None),
-                StartAnswer::Other(_) => return Ok(Some(buf)),
+                StartAnswer::Started => return Ok(None),
+                StartAnswer::Other => return Ok(Some(buf)),
             }
             match tunnel.read_some(&mut buf[have..]).await {
                 Ok(0) => return Err(NoAnswer::Lost(io::ErrorKind::UnexpectedEof.into())),

@@ -86,25 +86,23 @@ pub fn check_ready(buf: &[u8]) -> Result<bool, BadChunk> {
 }
 
 /// What the agent's first bytes after `Start` say.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartAnswer {
     /// Not four bytes yet: read more.
     NeedMore,
-    /// [`STARTED`]; the bytes after it are the agent's first chunks.
-    Started(Vec<u8>),
-    /// Something else first (an agent that does not send [`STARTED`] is not asked to): all
-    /// of it goes to the chunk decoder, which knows [`UNREACHABLE`] and refuses the rest.
-    Other(Vec<u8>),
+    /// [`STARTED`].
+    Started,
+    /// Another header first (an agent that does not send [`STARTED`] is not asked to): it
+    /// goes to the chunk decoder, which knows [`UNREACHABLE`] and refuses the rest.
+    Other,
 }
 
-/// Reads the agent's answer to `Start` from `buf` (everything read so far).
+/// Reads the agent's answer to `Start` from its first bytes `buf` (what was read so far).
 pub fn start_answer(buf: &[u8]) -> StartAnswer {
-    if buf.len() < HEADER_LEN {
-        return StartAnswer::NeedMore;
-    }
-    match buf[..HEADER_LEN] == header(STARTED) {
-        true => StartAnswer::Started(buf[HEADER_LEN..].to_vec()),
-        false => StartAnswer::Other(buf.to_vec()),
+    match buf.get(..HEADER_LEN) {
+        None => StartAnswer::NeedMore,
+        Some(h) if h == header(STARTED) => StartAnswer::Started,
+        Some(_) => StartAnswer::Other,
     }
 }
 
@@ -321,27 +319,20 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn the_answer_to_start_is_read_whole_and_the_rest_kept() {
+    fn the_answer_to_start_is_read_whole() {
         let started = header(STARTED);
         assert_eq!(start_answer(&[]), StartAnswer::NeedMore);
         assert_eq!(start_answer(&started[..3]), StartAnswer::NeedMore);
-        assert_eq!(start_answer(&started), StartAnswer::Started(vec![]));
+        assert_eq!(start_answer(&started), StartAnswer::Started);
         let mut more = started.to_vec();
         push_chunks(&mut more, b"hi");
-        assert_eq!(
-            start_answer(&more),
-            StartAnswer::Started(more[HEADER_LEN..].to_vec())
-        );
+        assert_eq!(start_answer(&more), StartAnswer::Started);
         // An agent that could not reach its service, or one that does not answer `Start`:
-        // everything goes to the chunk decoder as it came.
-        let unreachable = header(UNREACHABLE);
-        assert_eq!(
-            start_answer(&unreachable),
-            StartAnswer::Other(unreachable.to_vec())
-        );
+        // the header goes to the chunk decoder as it came.
+        assert_eq!(start_answer(&header(UNREACHABLE)), StartAnswer::Other);
         let mut chunks = Vec::new();
         push_chunks(&mut chunks, b"hello");
-        assert_eq!(start_answer(&chunks), StartAnswer::Other(chunks.clone()));
+        assert_eq!(start_answer(&chunks), StartAnswer::Other);
         // First on a direction, a decoder skips it (the relay forwarded without waiting for
         // it); anywhere else it is not a chunk header.
         let mut wire = started.to_vec();

@@ -232,12 +232,7 @@ async fn begin(
         },
         false => (None, start),
     };
-    let sent = visitor.early.len()
-        + if visitor.http {
-            visitor.prefix.len()
-        } else {
-            0
-        };
+    let sent = visitor.sent_with_start();
     Some(Begun {
         stream: visitor.stream,
         admission: visitor.admission,

@@ -293,12 +293,7 @@ async fn begin(
             None
         }
     };
-    let sent = visitor.early.len()
-        + if visitor.http {
-            visitor.prefix.len()
-        } else {
-            0
-        };
+    let sent = visitor.sent_with_start();
     Ok(Some(Begun {
         stream: visitor.stream,
         admission: visitor.admission,
