@@ -1,18 +1,17 @@
-//! A real link between relay and agent, cut and mended. The agent runs in a network namespace
-//! this test creates, joined to the test's own namespace by a veth pair; the relay's control
-//! port and the agent's local service listen on the test's end of it. A cut takes that end
-//! down (`ip link set ... down`): both sides' packets are dropped without a reset, as across
-//! a pulled cable or a firewall that drops, and nothing tells either program.
+//! A real link between relay and agent: cut and mended, lossy, and an agent killed across it.
+//! The agent runs in a network namespace this test creates, behind a link emulator
+//! (`tests/netbed`, `tools/rtwire`); the relay's control port and the agent's local service
+//! listen on the test's end of it. A cut drops every frame both ways without a reset, as
+//! across a pulled cable or a firewall that drops, and nothing tells either program.
 //!
 //! Needs root and `ip` (iproute2); skipped without them unless RINGTUNNEL_REQUIRE_NETNS is set
 //! (`.ci/run` sets it). Every namespace and link is removed when its test ends.
 
 mod common;
+mod netbed;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,159 +19,62 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A namespace and the veth pair that joins it to the test's namespace.
-struct Link {
-    ns: String,
-    host_if: String,
-    /// The test's end (relay control port, local services).
-    host: Ipv4Addr,
-    /// The namespace's end (the agent).
-    inner: Ipv4Addr,
-}
-
-/// Runs `ip args`; panics with its stderr if it fails.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Link {
-    /// A fresh namespace and link, or `None` (skip) where this process cannot make them.
-    fn new() -> Option<Link> {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let can =
-            rustix::process::geteuid().is_root() && Command::new("ip").arg("-V").output().is_ok();
-        if !can {
-            assert!(
-                std::env::var_os("RINGTUNNEL_REQUIRE_NETNS").is_none(),
-                "RINGTUNNEL_REQUIRE_NETNS is set, but this needs root and ip (iproute2)"
-            );
-            eprintln!("SKIP: network namespaces need root and ip (iproute2)");
-            return None;
-        }
-        // Interface names have at most 15 bytes; the pid keeps parallel runs apart.
-        let id = format!("{}x{n}", std::process::id() % 100_000);
-        let (a, b) = ((std::process::id() % 200) as u8, (n * 4) as u8);
-        let link = Link {
-            ns: format!("rtpart{id}"),
-            host_if: format!("rth{id}"),
-            host: Ipv4Addr::new(10, 213 + a % 40, b, 1),
-            inner: Ipv4Addr::new(10, 213 + a % 40, b, 2),
-        };
-        let inner_if = format!("rtn{id}");
-        ip(&["netns", "add", &link.ns]);
-        ip(&[
-            "link",
-            "add",
-            &link.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &inner_if,
-            "netns",
-            &link.ns,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/30", link.host),
-            "dev",
-            &link.host_if,
-        ]);
-        ip(&["link", "set", &link.host_if, "up"]);
-        let inner = format!("{}/30", link.inner);
-        ip(&["-n", &link.ns, "addr", "add", &inner, "dev", &inner_if]);
-        ip(&["-n", &link.ns, "link", "set", &inner_if, "up"]);
-        ip(&["-n", &link.ns, "link", "set", "lo", "up"]);
-        Some(link)
-    }
-
-    /// Drops every packet between the two ends, in both directions, without a reset.
-    fn cut(&self) {
-        ip(&["link", "set", &self.host_if, "down"]);
-    }
-
-    /// Carries packets again (addresses and routes come back with the link).
-    fn mend(&self) {
-        ip(&["link", "set", &self.host_if, "up"]);
-    }
-
-    /// `ringtunnel args` run inside the namespace.
-    fn spawn(&self, args: &[String]) -> Proc {
-        let mut all: Vec<String> = ["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_ringtunnel")]
-            .map(String::from)
-            .to_vec();
-        all.extend_from_slice(args);
-        Proc::spawn_program(Path::new("ip"), &all, &[], None)
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        // Deleting the namespace deletes its end of the pair, and with it the pair.
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-    }
-}
+use netbed::{Link, Shape};
 
 /// A relay whose control port is on the link, its public ports on loopback, and an agent in
 /// the namespace publishing `local` (on the link too), with a pool of 2.
-/// The relay's state directory is returned to live as long as the relay.
-fn tunnel(link: &Link, backend: Backend, local: SocketAddr) -> (Proc, TempDir, SocketAddr, Agent) {
+/// `extra` goes to both. The relay's state directory is returned to live as long as the relay.
+fn tunnel(
+    link: &Link,
+    backend: Backend,
+    local: SocketAddr,
+    extra: &[&str],
+) -> (Proc, TempDir, SocketAddr, Agent) {
     let state = TempDir::new("partition");
     let state_dir = state.0.display().to_string();
     let control = format!("{}:0", link.host);
-    let mut relay = Proc::spawn(
-        &[
-            "relay",
-            "--control",
-            &control,
-            "--bind-addr",
-            "127.0.0.1",
-            "--secret",
-            SECRET,
-            "--state-dir",
-            &state_dir,
-            "--backend",
-            backend.flag(),
-            "--admin",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-    );
+    let mut relay_args: Vec<String> = [
+        "relay",
+        "--control",
+        &control,
+        "--bind-addr",
+        "127.0.0.1",
+        "--secret",
+        SECRET,
+        "--state-dir",
+        &state_dir,
+        "--backend",
+        backend.flag(),
+        "--admin",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    relay_args.extend(extra.iter().map(|a| a.to_string()));
+    let mut relay = Proc::spawn(&relay_args);
     let ready = relay.wait_line("ready ");
     let admin: SocketAddr = field(&ready, "admin").parse().unwrap();
-    let agent = Agent::from_proc(
-        link.spawn(
-            &[
-                "agent",
-                "--relay",
-                &field(&ready, "control"),
-                "--relay-fingerprint",
-                &field(&ready, "fingerprint"),
-                "--secret",
-                SECRET,
-                "--local",
-                &local.to_string(),
-                "--name",
-                "far",
-                "--pool",
-                "2",
-                "--backend",
-                backend.flag(),
-            ]
-            .map(String::from),
-        ),
-    );
+    let mut agent_args: Vec<String> = [
+        "agent",
+        "--relay",
+        &field(&ready, "control"),
+        "--relay-fingerprint",
+        &field(&ready, "fingerprint"),
+        "--secret",
+        SECRET,
+        "--local",
+        &local.to_string(),
+        "--name",
+        "far",
+        "--pool",
+        "2",
+        "--backend",
+        backend.flag(),
+    ]
+    .map(String::from)
+    .to_vec();
+    agent_args.extend(extra.iter().map(|a| a.to_string()));
+    let agent = Agent::from_proc(link.spawn(&agent_args));
     (relay, state, admin, agent)
 }
 
@@ -187,7 +89,7 @@ const UNANSWERED_AT_MOST: Duration = Duration::from_secs(20);
 async fn a_visitor_during_a_cut_is_told_and_served_after_it(backend: Backend) {
     let Some(link) = Link::new() else { return };
     let local = origin_at(IpAddr::V4(link.host), serve_echo).await;
-    let (_relay, _state, admin, agent) = tunnel(&link, backend, local);
+    let (_relay, _state, admin, agent) = tunnel(&link, backend, local, &[]);
     assert_echo(agent.public).await;
     wait_metric(admin, &idle_series("far"), 1).await;
     // Parked long enough that the relay asks before it forwards (`ANSWER_IF_PARKED`).
@@ -207,11 +109,16 @@ async fn a_visitor_during_a_cut_is_told_and_served_after_it(backend: Backend) {
 
     link.mend();
     // The control session outlived the short cut; new data connections come as visitors
-    // need them. Bounded: each try waits at most a few seconds.
+    // need them.
+    served_again(agent.public).await;
+}
+
+/// Waits (at most [`WAIT`], each try bounded too) until an echo through `public` comes back.
+async fn served_again(public: SocketAddr) {
     let deadline = Instant::now() + WAIT;
     loop {
-        if roundtrip(agent.public, b"back").await.ok().as_deref() == Some(&b"back"[..]) {
-            break;
+        if roundtrip(public, b"back").await.ok().as_deref() == Some(&b"back"[..]) {
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -228,7 +135,7 @@ async fn a_download_in_flight_survives_a_short_cut(backend: Backend) {
     let data = Arc::new(pseudo_random(7, 24 << 20));
     let want = sha256(&data);
     let local = bulk_origin_at(IpAddr::V4(link.host), data.clone()).await;
-    let (_relay, _state, _admin, agent) = tunnel(&link, backend, local);
+    let (_relay, _state, _admin, agent) = tunnel(&link, backend, local, &[]);
 
     let mut v = TcpStream::connect(agent.public).await.unwrap();
     v.write_all(b"go").await.unwrap();
@@ -247,7 +154,136 @@ async fn a_download_in_flight_survives_a_short_cut(backend: Backend) {
     );
 }
 
+/// A cut longer than the heartbeat timeout ends the session on both sides, each saying why;
+/// once the link is back the agent reconnects by itself and has its public port again.
+async fn a_long_cut_ends_the_session_and_the_agent_comes_back(backend: Backend) {
+    let Some(link) = Link::new() else { return };
+    let local = origin_at(IpAddr::V4(link.host), serve_echo).await;
+    // Short heartbeats keep the test short; the defaults (10 s, 30 s) behave the same, slower.
+    let beat = ["--heartbeat", "1", "--heartbeat-timeout", "3"];
+    let (relay, _state, _admin, mut agent) = tunnel(&link, backend, local, &beat);
+    assert_echo(agent.public).await;
+
+    link.cut();
+    agent.proc.wait_stderr("relay silent for 3s");
+    relay.wait_stderr("agent silent for 3s");
+    link.mend();
+    let line = agent.proc.wait_line("online ");
+    assert_eq!(field(&line, "public"), field(&agent.online, "public"));
+    served_again(agent.public).await;
+}
+
+/// Bulk both ways across a wire that drops 1 % of frames (and adds 2 ms each way) arrives
+/// intact: the data connections' TCP recovers every loss, and nothing in the tunnel mistakes a
+/// stall for an end.
+async fn transfers_across_a_lossy_link_arrive_intact(backend: Backend) {
+    let shape = Shape {
+        delay: Duration::from_millis(2),
+        loss: 0.01,
+        ..Shape::default()
+    };
+    let Some(link) = Link::shaped(shape) else {
+        return;
+    };
+    let data = Arc::new(pseudo_random(11, 6 << 20));
+    let want = sha256(&data);
+    let bulk = bulk_origin_at(IpAddr::V4(link.host), data.clone()).await;
+    let (_relay, _state, _admin, agent) = tunnel(&link, backend, bulk, &[]);
+    let mut v = TcpStream::connect(agent.public).await.unwrap();
+    v.write_all(b"go").await.unwrap();
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut total = 0;
+    read_hashing(&mut v, &mut hash, &mut total, data.len()).await;
+    assert_eq!(total, data.len(), "the download was cut short");
+    assert_eq!(
+        hash.finish().as_ref(),
+        &want[..],
+        "download changed on the way"
+    );
+    assert!(
+        link.lost() > 0,
+        "the wire dropped nothing: the test tested nothing"
+    );
+
+    // Upload and echo back at once: both directions in flight on one lossy connection.
+    let echo = origin_at(IpAddr::V4(link.host), serve_echo).await;
+    let (_relay2, _state2, _admin2, agent2) = tunnel(&link, backend, echo, &[]);
+    let up = pseudo_random(12, 2 << 20);
+    let v = TcpStream::connect(agent2.public).await.unwrap();
+    let (mut r, mut w) = v.into_split();
+    let sent = up.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(up.len());
+    tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+        .await
+        .expect("the echo moves")
+        .expect("no reset");
+    writer.await.unwrap();
+    assert_eq!(back.len(), up.len(), "the echo was cut short");
+    assert!(back == up, "bytes changed on the way");
+}
+
+/// An agent killed (SIGKILL) in the middle of a download across a delayed link: the visitor
+/// gets a reset, never a clean end, and every byte it got before it was the right one.
+async fn an_agent_killed_across_the_link_is_an_error_not_an_end(backend: Backend) {
+    let shape = Shape {
+        delay: Duration::from_millis(5),
+        ..Shape::default()
+    };
+    let Some(link) = Link::shaped(shape) else {
+        return;
+    };
+    // Large enough to be in flight when the agent dies.
+    let data = Arc::new(pseudo_random(13, 256 << 20));
+    let bulk = bulk_origin_at(IpAddr::V4(link.host), data.clone()).await;
+    let (_relay, _state, admin, mut agent) = tunnel(&link, backend, bulk, &[]);
+    let mut v = TcpStream::connect(agent.public).await.unwrap();
+    v.write_all(b"go").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    while got.len() < 1 << 20 {
+        let n = tokio::time::timeout(WAIT, v.read(&mut buf))
+            .await
+            .expect("the download moves")
+            .expect("no reset before the kill");
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    agent.proc.kill();
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match v.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the visitor is told within the wait");
+    match ended {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(()) => panic!(
+            "a clean end after {} of {} bytes: the truncation is invisible",
+            got.len(),
+            data.len()
+        ),
+    }
+    assert!(got.len() < data.len());
+    assert!(
+        got[..] == data[..got.len()],
+        "bytes before the reset changed on the way"
+    );
+    wait_metric(admin, "ringtunnel_visitors_cut_total", 1).await;
+}
+
 both_backends!(
     a_visitor_during_a_cut_is_told_and_served_after_it,
-    a_download_in_flight_survives_a_short_cut
+    a_download_in_flight_survives_a_short_cut,
+    a_long_cut_ends_the_session_and_the_agent_comes_back,
+    transfers_across_a_lossy_link_arrive_intact,
+    an_agent_killed_across_the_link_is_an_error_not_an_end
 );
