@@ -109,20 +109,43 @@ async fn the_drain_timeout_ends_a_drain(backend: Backend) {
     let origin = slow_origin(Duration::from_millis(200)).await;
     let mut relay = Relay::spawn(backend, &["--drain-timeout", "1"]);
     let agent = Agent::spawn(relay.agent_args(origin, "slower"));
-    let (_v, _) = downloading(agent.public).await;
+    let (mut v, _) = downloading(agent.public).await;
     relay.proc.signal("-INT");
     exits_0_saying(&mut relay.proc, "relay stopped: drained=0 cut=1");
+    is_reset(&mut v).await;
+}
+
+/// A visitor the relay gave up on (the drain ran out, a second signal) reads what it was sent,
+/// then a reset: never a clean end of a stream cut short.
+async fn is_reset(v: &mut TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match v.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the visitor's stream ended");
+    match end {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(()) => panic!("a clean end of a stream the relay cut short"),
+    }
 }
 
 async fn a_second_signal_ends_a_drain(backend: Backend) {
     let origin = slow_origin(Duration::from_millis(200)).await;
     let mut relay = Relay::spawn(backend, &[]);
     let agent = Agent::spawn(relay.agent_args(origin, "slowest"));
-    let (_v, _) = downloading(agent.public).await;
+    let (mut v, _) = downloading(agent.public).await;
     relay.proc.signal("-TERM");
     relay.proc.wait_stderr("draining");
     relay.proc.signal("-TERM");
     exits_0_saying(&mut relay.proc, "cut=1");
+    is_reset(&mut v).await;
 }
 
 async fn a_stopping_agent_says_goodbye_and_finishes_its_visitors(backend: Backend) {

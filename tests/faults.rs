@@ -140,6 +140,41 @@ async fn killed_relay_resets_the_local_service_plain(backend: Backend) {
     killed_relay_resets_the_local_service(backend, "off").await
 }
 
+/// The relay killed mid-stream: the visitor's connection is reset by the relay's kernel (the
+/// relay armed it for that while forwarding), not closed as if the stream had ended.
+async fn killed_relay_resets_the_visitor(backend: Backend) {
+    let (origin, _) = trickle_origin().await;
+    let mut relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(relay.agent_args(origin, "trickle"));
+    let mut v = visitor_in_the_middle(agent.public, 8 * 1024).await;
+    relay.proc.kill();
+    match read_to_end_or_error(&mut v).await {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("a clean end after {n} more bytes: the truncation is invisible"),
+    }
+}
+
+/// The agent killed mid-stream: its connection to the local service is reset by the agent's
+/// kernel, so the local service does not take what it was sent for a whole request.
+async fn killed_agent_resets_the_local_service(backend: Backend) {
+    let (origin, ending) = trickle_origin().await;
+    let relay = Relay::spawn(backend, &[]);
+    let mut agent = Agent::spawn(relay.agent_args(origin, "trickle"));
+    let _v = visitor_in_the_middle(agent.public, 8 * 1024).await;
+    agent.proc.kill();
+    let end = tokio::time::timeout(WAIT, ending)
+        .await
+        .expect("the origin's connection ended")
+        .unwrap();
+    match end {
+        Err(e) => assert!(
+            matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+            "{e}"
+        ),
+        Ok(_) => panic!("the local service saw a clean end of a cut stream"),
+    }
+}
+
 /// Size of the transfer that must survive its control connection.
 const BULK: usize = 256 << 20;
 
@@ -241,4 +276,6 @@ both_backends!(
     killed_agent_resets_the_visitor_plain,
     killed_relay_resets_the_local_service_tls,
     killed_relay_resets_the_local_service_plain,
+    killed_relay_resets_the_visitor,
+    killed_agent_resets_the_local_service,
 );

@@ -109,10 +109,13 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
             }
         };
         let _ = origin.set_nodelay(true);
+        // Until its stream ends whole: an agent that dies meanwhile resets the local service.
+        crate::dataplane::sock::arm_reset(std::os::fd::AsFd::as_fd(&origin));
         match chunked::forward(&mut origin, &mut tunnel, &[], &early, None, Tally::none()).await {
             Ok(o) => {
                 let (up, down) = (o.down, o.up); // as the visitor sees them
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");
+                crate::dataplane::sock::disarm_reset(std::os::fd::AsFd::as_fd(&origin));
                 drop(origin);
                 let Some(ready) = conn.on_visitor_done(o.reusable, o.leftover) else {
                     return;

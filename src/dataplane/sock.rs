@@ -64,6 +64,21 @@ pub fn cut(fd: BorrowedFd<'_>) {
 
 pub use crate::net::reset_on_close;
 
+/// Arms a peer (a visitor, or the agent's connection to its local service) for the time its
+/// stream is forwarded: should this process end first — killed, crashed, or its drain timed
+/// out — the kernel closes the socket with an RST instead of a FIN, so the peer sees an error
+/// and never takes the cut stream for a whole one. [`disarm_reset`] it once the stream ended
+/// whole, before closing it, or the close would reset it too.
+pub fn arm_reset(fd: BorrowedFd<'_>) {
+    reset_on_close(fd);
+}
+
+/// Undoes [`arm_reset`]: closing the socket sends a FIN again. Errors are ignored, as with
+/// `shutdown`.
+pub fn disarm_reset(fd: BorrowedFd<'_>) {
+    let _ = rustix::net::sockopt::set_socket_linger(fd, None);
+}
+
 /// One `recv` that does not wait (`MSG_DONTWAIT`, whatever the socket's mode): `None` if it
 /// has nothing now, `Some(0)` at EOF.
 pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
@@ -127,6 +142,28 @@ mod tests {
             }
         }
         assert_eq!(eof, Some(0), "a FIN reads as EOF");
+    }
+
+    #[test]
+    fn an_armed_socket_resets_when_dropped_and_a_disarmed_one_ends_cleanly() {
+        use std::io::{ErrorKind, Read};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        for armed_at_close in [true, false] {
+            let mut a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (b, _) = l.accept().unwrap();
+            arm_reset(b.as_fd());
+            if !armed_at_close {
+                disarm_reset(b.as_fd());
+            }
+            drop(b);
+            let mut buf = [0u8; 8];
+            let end = a.read(&mut buf);
+            match (armed_at_close, end) {
+                (true, Err(e)) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+                (false, Ok(0)) => {}
+                (armed, other) => panic!("armed={armed}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub async fn park_and_forward(
         // SAFETY: `stream` stays open (it is only lent to the forwarder) for as long as the
         // select below lives, and the watcher borrowing the fd lives no longer than that.
         let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+        // Until its stream ends whole: a relay that dies meanwhile resets the visitor.
+        sock::arm_reset(fd);
         let tally = Tally::of(&admission);
         tally.up.add(sent);
         let answer = answer.as_ref().map_or(&[][..], |h| &h[..]);
@@ -148,6 +150,7 @@ pub async fn park_and_forward(
             Ok(o) => {
                 let (up, down) = (o.up, o.down);
                 tracing::debug!(service, visitor = %addr, up, down, reusable = o.reusable, "visitor done");
+                sock::disarm_reset(fd);
                 drop((stream, admission));
                 let next = conn.on_visitor_done(o.reusable, o.leftover, Instant::now());
                 if next == RelayNext::Close {
@@ -165,6 +168,7 @@ pub async fn park_and_forward(
                 if e.origin_unreachable() {
                     match origin_unreachable(service, addr, http, &admission) {
                         Some(page) => {
+                            sock::disarm_reset(socket);
                             let wrote = tokio::time::timeout(ANSWER_WAIT, stream.write_all(&page));
                             let _ = wrote.await;
                             sock::shutdown(std::os::fd::AsFd::as_fd(&stream), sock::Half::Write);

@@ -15,7 +15,7 @@ use super::pipe::PipePool;
 use super::sockio::fd;
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
-use crate::dataplane::sock::set_nonblocking;
+use crate::dataplane::sock::{self, set_nonblocking};
 use crate::dataplane::tally::Tally;
 use crate::dataplane::InFlight;
 use crate::net::CONNECT_TIMEOUT;
@@ -149,6 +149,8 @@ async fn run(
                 return Ok(());
             }
         };
+        // Until its stream ends whole: an agent that dies meanwhile resets the local service.
+        sock::arm_reset(fd(&origin));
         let outcome = match tunnel
             .forward(&origin, pipes, &early, true, None, Tally::none())
             .await
@@ -163,6 +165,7 @@ async fn run(
         // the reverse.
         let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);
         tracing::debug!(service, %visitor, up, down, reusable, "visitor done");
+        sock::disarm_reset(fd(&origin));
         drop(origin);
         let Some(ready) = conn.on_visitor_done(reusable, outcome.leftover) else {
             return Ok(());

@@ -20,7 +20,7 @@ use crate::dataplane::gate::{count_cut, Admission, End, Gate};
 use crate::dataplane::idle::{self, idle_closed};
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::retry::hand_on;
-use crate::dataplane::sock::{cut, shutdown, Half};
+use crate::dataplane::sock::{arm_reset, cut, disarm_reset, shutdown, Half};
 use crate::dataplane::tally::Tally;
 use crate::dataplane::wait::{agent_ready, agent_started, race, NoAnswer, ReadSome};
 use crate::net::AcceptErrors;
@@ -198,6 +198,8 @@ async fn park_and_forward(
             return Ok(()); // handed on to another connection: this one is closed
         };
         let stream = TcpStream::from_std(stream)?;
+        // Until its stream ends whole: a relay that dies meanwhile resets the visitor.
+        arm_reset(fd(&stream));
         let answer = answer.as_ref().map_or(&[][..], |h| &h[..]);
         Tally::of(&admission).up.add(sent_early as usize);
         let outcome = monoio::select! {
@@ -220,6 +222,7 @@ async fn park_and_forward(
                 if e.origin_unreachable() {
                     match origin_unreachable(service, addr, http, &admission) {
                         Some(page) => {
+                            disarm_reset(fd(&stream));
                             let wrote = sockio::write_all(&stream, &page);
                             // Boxed: a timer inline would over-align every connection's task.
                             let _ = Box::pin(monoio::time::timeout(ANSWER_WAIT, wrote)).await;
@@ -233,6 +236,7 @@ async fn park_and_forward(
         };
         let (up, down, reusable) = (outcome.up + sent_early, outcome.down, outcome.reusable);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
+        disarm_reset(fd(&stream));
         drop((stream, admission));
         let next = conn.on_visitor_done(reusable, outcome.leftover, Instant::now());
         if next == RelayNext::Close {
