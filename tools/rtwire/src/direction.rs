@@ -155,13 +155,14 @@ impl Direction {
 
     /// Puts a received frame on the wire, or drops it.
     fn admit(&mut self, frame: &[u8]) {
-        let c = self.control.clone();
+        let draw = self.next_random() as u32;
+        let c = &*self.control;
         if c.cut.load(Ordering::Relaxed) {
             Counts::add(&self.counts.cut, 1);
             return;
         }
         let loss = c.loss.load(Ordering::Relaxed);
-        if loss > 0 && (self.next_random() as u32) < loss {
+        if loss > 0 && draw < loss {
             Counts::add(&self.counts.lost, 1);
             return;
         }
