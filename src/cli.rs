@@ -70,11 +70,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct HeartbeatArgs {
     /// Seconds of quiet after which a heartbeat is sent on the control connection
-    /// (heartbeat_interval_secs) [default: 10].
+    /// (heartbeat_interval_secs) [default: 5].
     #[arg(long = "heartbeat", value_name = "SECS")]
     pub interval: Option<u64>,
     /// Seconds of silence from the peer after which the control connection is dropped
-    /// (heartbeat_timeout_secs); more than --heartbeat [default: 30].
+    /// (heartbeat_timeout_secs); more than --heartbeat; raise it on links that lose more than
+    /// a tenth of their packets [default: 15].
     #[arg(long = "heartbeat-timeout", value_name = "SECS")]
     pub timeout: Option<u64>,
 }

@@ -36,8 +36,9 @@ pub fn shutdown(fd: BorrowedFd<'_>, half: Half) {
 }
 
 /// How long a data connection may stay silent, or leave data unacknowledged, before the
-/// kernel declares it dead: the control connection's default heartbeat timeout, so both
-/// connections to one agent die together on a cut link.
+/// kernel declares it dead. Twice the control connection's default heartbeat timeout: a
+/// stream in flight across a lossy link is given longer than the session, which costs only a
+/// reconnect when it drops (streams outlive their control connection).
 pub const DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Liveness for a data connection, which may idle in a pool for hours: TCP keepalive probes
