@@ -226,9 +226,10 @@ async fn transfers_across_a_lossy_link_arrive_intact(backend: Backend) {
     assert!(back == up, "bytes changed on the way");
 }
 
-/// An agent killed (SIGKILL) in the middle of a download across a delayed link: the visitor
-/// gets a reset, never a clean end, and every byte it got before it was the right one.
-async fn an_agent_killed_across_the_link_is_an_error_not_an_end(backend: Backend) {
+/// The agent or the relay killed (SIGKILL) in the middle of a download across a delayed
+/// link: the visitor gets a reset, never a clean end, and every byte it got before it was the
+/// right one.
+async fn killed_mid_download(backend: Backend, kill_relay: bool) {
     let shape = Shape {
         delay: Duration::from_millis(5),
         ..Shape::default()
@@ -236,10 +237,10 @@ async fn an_agent_killed_across_the_link_is_an_error_not_an_end(backend: Backend
     let Some(link) = Link::shaped(shape) else {
         return;
     };
-    // Large enough to be in flight when the agent dies.
+    // Large enough to be in flight when the process dies.
     let data = Arc::new(pseudo_random(13, 256 << 20));
     let bulk = bulk_origin_at(IpAddr::V4(link.host), data.clone()).await;
-    let (_relay, _state, admin, mut agent) = tunnel(&link, backend, bulk, &[]);
+    let (mut relay, _state, admin, mut agent) = tunnel(&link, backend, bulk, &[]);
     let mut v = TcpStream::connect(agent.public).await.unwrap();
     v.write_all(b"go").await.unwrap();
     let mut got = Vec::new();
@@ -252,7 +253,11 @@ async fn an_agent_killed_across_the_link_is_an_error_not_an_end(backend: Backend
         assert!(n > 0, "closed after {} bytes", got.len());
         got.extend_from_slice(&buf[..n]);
     }
-    agent.proc.kill();
+    if kill_relay {
+        relay.kill();
+    } else {
+        agent.proc.kill();
+    }
     let ended = tokio::time::timeout(WAIT, async {
         loop {
             match v.read(&mut buf).await {
@@ -277,7 +282,17 @@ async fn an_agent_killed_across_the_link_is_an_error_not_an_end(backend: Backend
         got[..] == data[..got.len()],
         "bytes before the reset changed on the way"
     );
-    wait_metric(admin, "ringtunnel_visitors_cut_total", 1).await;
+    if !kill_relay {
+        wait_metric(admin, "ringtunnel_visitors_cut_total", 1).await;
+    }
+}
+
+async fn an_agent_killed_across_the_link_is_an_error_not_an_end(backend: Backend) {
+    killed_mid_download(backend, false).await
+}
+
+async fn a_relay_killed_mid_download_is_an_error_not_an_end(backend: Backend) {
+    killed_mid_download(backend, true).await
 }
 
 both_backends!(
@@ -285,5 +300,6 @@ both_backends!(
     a_download_in_flight_survives_a_short_cut,
     a_long_cut_ends_the_session_and_the_agent_comes_back,
     transfers_across_a_lossy_link_arrive_intact,
-    an_agent_killed_across_the_link_is_an_error_not_an_end
+    an_agent_killed_across_the_link_is_an_error_not_an_end,
+    a_relay_killed_mid_download_is_an_error_not_an_end
 );
