@@ -22,6 +22,29 @@ RELAY_AGENT_IP, AGENT_IP = "10.90.2.1", "10.90.2.2"
 CLONE_NEWNET = 0x40000000
 
 
+def parse_link(text):
+    """`delay=25ms,rate=200mbit,loss=0.1%` as rtwire flags {delay: 25ms, ...}."""
+    shape = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        k, sep, v = part.partition("=")
+        if not sep or k not in ("delay", "rate", "loss", "limit"):
+            raise ValueError("link setting %r: use delay=, rate=, loss=, limit=" % part)
+        shape[k] = v
+    return shape
+
+
+def delay_ms(shape):
+    """A link's one-way delay in ms, from its rtwire flags (`25ms`, `0.1s`, or bare ms)."""
+    d = shape.get("delay", "0")
+    if d.endswith("ms"):
+        return float(d[:-2])
+    if d.endswith("us"):
+        return float(d[:-2]) / 1000
+    if d.endswith("s"):
+        return float(d[:-1]) * 1000
+    return float(d)
+
+
 def ip(*args, ns=None):
     cmd = ["ip"] + (["-n", ns] if ns else []) + list(args)
     r = subprocess.run(cmd, capture_output=True, text=True)
