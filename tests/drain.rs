@@ -118,21 +118,9 @@ async fn the_drain_timeout_ends_a_drain(backend: Backend) {
 /// A visitor the relay gave up on (the drain ran out, a second signal) reads what it was sent,
 /// then a reset: never a clean end of a stream cut short.
 async fn is_reset(v: &mut TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let end = tokio::time::timeout(WAIT, async {
-        loop {
-            match v.read(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(_) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    })
-    .await
-    .expect("the visitor's stream ended");
-    match end {
+    match read_to_end_or_error(v).await {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-        Ok(()) => panic!("a clean end of a stream the relay cut short"),
+        Ok(_) => panic!("a clean end of a stream the relay cut short"),
     }
 }
 

@@ -128,6 +128,37 @@ async fn served_again(public: SocketAddr) {
     }
 }
 
+/// A visitor downloading from a bulk origin, hashing what it reads.
+struct Download {
+    v: TcpStream,
+    hash: ring::digest::Context,
+    total: usize,
+}
+
+impl Download {
+    async fn start(public: SocketAddr) -> Download {
+        let mut v = TcpStream::connect(public).await.unwrap();
+        v.write_all(b"go").await.unwrap();
+        let hash = ring::digest::Context::new(&ring::digest::SHA256);
+        Download { v, hash, total: 0 }
+    }
+
+    /// Reads until `until` bytes in all, or the end (each read bounded; a reset panics).
+    async fn read_to(&mut self, until: usize) {
+        read_hashing(&mut self.v, &mut self.hash, &mut self.total, until).await;
+    }
+
+    /// Asserts that exactly `len` bytes hashing to `want` arrived.
+    fn assert_whole(self, len: usize, want: &[u8]) {
+        assert_eq!(self.total, len, "the download was cut short");
+        assert_eq!(
+            self.hash.finish().as_ref(),
+            want,
+            "bytes changed on the way"
+        );
+    }
+}
+
 /// A download in flight across a 3 s cut finishes intact: neither end gives up on a link
 /// that only went quiet.
 async fn a_download_in_flight_survives_a_short_cut(backend: Backend) {
@@ -137,21 +168,13 @@ async fn a_download_in_flight_survives_a_short_cut(backend: Backend) {
     let local = bulk_origin_at(IpAddr::V4(link.host), data.clone()).await;
     let (_relay, _state, _admin, agent) = tunnel(&link, backend, local, &[]);
 
-    let mut v = TcpStream::connect(agent.public).await.unwrap();
-    v.write_all(b"go").await.unwrap();
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut total = 0;
-    read_hashing(&mut v, &mut hash, &mut total, 1 << 20).await;
+    let mut d = Download::start(agent.public).await;
+    d.read_to(1 << 20).await;
     link.cut();
     tokio::time::sleep(Duration::from_secs(3)).await;
     link.mend();
-    read_hashing(&mut v, &mut hash, &mut total, data.len()).await;
-    assert_eq!(total, data.len(), "the download was cut short");
-    assert_eq!(
-        hash.finish().as_ref(),
-        &want[..],
-        "bytes changed on the way"
-    );
+    d.read_to(data.len()).await;
+    d.assert_whole(data.len(), &want);
 }
 
 /// A cut longer than the heartbeat timeout ends the session on both sides, each saying why;
@@ -189,17 +212,9 @@ async fn transfers_across_a_lossy_link_arrive_intact(backend: Backend) {
     let want = sha256(&data);
     let bulk = bulk_origin_at(IpAddr::V4(link.host), data.clone()).await;
     let (_relay, _state, _admin, agent) = tunnel(&link, backend, bulk, &[]);
-    let mut v = TcpStream::connect(agent.public).await.unwrap();
-    v.write_all(b"go").await.unwrap();
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut total = 0;
-    read_hashing(&mut v, &mut hash, &mut total, data.len()).await;
-    assert_eq!(total, data.len(), "the download was cut short");
-    assert_eq!(
-        hash.finish().as_ref(),
-        &want[..],
-        "download changed on the way"
-    );
+    let mut d = Download::start(agent.public).await;
+    d.read_to(data.len()).await;
+    d.assert_whole(data.len(), &want);
     assert!(
         link.lost() > 0,
         "the wire dropped nothing: the test tested nothing"

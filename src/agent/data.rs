@@ -2,12 +2,14 @@
 //! relay to assign a visitor, then dial the local service and forward both ways. The
 //! protocol decisions are [`AgentDataConn`]'s; this is its tokio driver.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Ctx;
+use crate::dataplane::sock;
 use crate::dataplane::tally::Tally;
 use crate::dataplane::tokio::chunked;
 use crate::net::CONNECT_TIMEOUT;
@@ -110,12 +112,12 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
         };
         let _ = origin.set_nodelay(true);
         // Until its stream ends whole: an agent that dies meanwhile resets the local service.
-        crate::dataplane::sock::arm_reset(std::os::fd::AsFd::as_fd(&origin));
+        sock::arm_reset(origin.as_fd());
         match chunked::forward(&mut origin, &mut tunnel, &[], &early, None, Tally::none()).await {
             Ok(o) => {
                 let (up, down) = (o.down, o.up); // as the visitor sees them
                 tracing::debug!(service, %visitor, up, down, reusable = o.reusable, "visitor done");
-                crate::dataplane::sock::disarm_reset(std::os::fd::AsFd::as_fd(&origin));
+                sock::disarm_reset(origin.as_fd());
                 drop(origin);
                 let Some(ready) = conn.on_visitor_done(o.reusable, o.leftover) else {
                     return;
@@ -135,7 +137,7 @@ pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, tic
                 if e.tunnel_lost() {
                     // The relay (or the link) went mid-stream: the local service must see an
                     // error, not a clean end of what it was sent.
-                    crate::dataplane::sock::cut(std::os::fd::AsFd::as_fd(&origin));
+                    sock::cut(origin.as_fd());
                 }
                 tracing::debug!(service, %visitor, "visitor ended: {e}");
                 return;

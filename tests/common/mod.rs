@@ -649,6 +649,23 @@ pub async fn read_hashing(
     }
 }
 
+/// Reads `s` to its end (bounded by [`WAIT`]): `Ok(bytes)` at a clean FIN, or the error.
+pub async fn read_to_end_or_error(s: &mut TcpStream) -> std::io::Result<usize> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the visitor's connection ended")
+}
+
 /// Echoes one connection until the peer half-closes, then half-closes too.
 pub async fn serve_echo(s: TcpStream) {
     let (mut r, mut w) = s.into_split();
