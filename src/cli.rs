@@ -100,7 +100,19 @@ pub enum Command {
     /// Print the man page, or write one per command into a directory.
     #[command(after_help = MAN_EXAMPLES)]
     Man(ManArgs),
+    /// Hash a password for basic auth in relay.toml (reads it from the first line of stdin).
+    #[command(after_help = HASH_PASSWORD_EXAMPLES)]
+    HashPassword,
 }
+
+const HASH_PASSWORD_EXAMPLES: &str = "Examples:
+  ringtunnel hash-password            # type the password, then Enter
+  printf '%s\\n' \"$PASSWORD\" | ringtunnel hash-password
+Put the printed hash in relay.toml:
+  [[service]]
+  name = \"web\"
+  [service.access.basic_auth]
+  users = { alice = \"$argon2id$v=19$m=19456,t=2,p=1$...\" }";
 
 const COMPLETIONS_EXAMPLES: &str = "Examples:
   ringtunnel completions bash > /etc/bash_completion.d/ringtunnel
@@ -310,6 +322,7 @@ impl RelayArgs {
                 file.trusted_proxies,
             )?,
             limits: file.limits.over(&config::Limits::public_defaults()),
+            access: file.access,
             admin: self.admin.or(file.admin),
             admin_token: self.admin_token.or(file.admin_token),
             drain_timeout: self.drain_timeout.or(file.drain_timeout_secs).map_or(

@@ -67,6 +67,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         heartbeat: Heartbeat::default(),
         front: Default::default(),
         limits: Default::default(),
+        access: Default::default(),
         admin: None,
         admin_token: None,
         drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,

@@ -10,6 +10,7 @@
 //! - [`control`] — the relay's agent-facing control plane: control port, agent sessions,
 //!   service registry, routes, tickets.
 //! - [`shared_ports`] — the shared HTTP and TLS ports: routing visitors by Host and SNI.
+//! - [`access`] — who may visit a service: address lists, HTTP basic auth.
 //! - [`agent`] — the agent: control session, data connections, reconnect backoff.
 //! - [`dataplane`] — visitor listeners, admission limits, the per-service connection pool,
 //!   forwarding.
@@ -23,6 +24,7 @@
 //!   `ringtunnel status`.
 //! - [`logging`] — the log's format and filter (reloadable), and access lines.
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod cli;

@@ -215,6 +215,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             )?;
             print_all(&text)
         }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                anyhow::bail!("no password on stdin: type it and press Enter, or pipe it in");
+            }
+            let hash = ringtunnel::access::login::hash_password(password.as_bytes())?;
+            println!("{hash}");
+            Ok(())
+        }
         Command::Status(args) => {
             use ringtunnel::admin::status;
             let token = args.admin_token.as_ref();

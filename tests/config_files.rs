@@ -71,8 +71,16 @@ fn example_configs_are_valid() {
     );
     assert_eq!(
         relay.reservations().unwrap(),
-        vec![("billing.example.com".to_string(), "billing".to_string())]
+        vec![
+            ("billing.example.com".to_string(), "billing".to_string()),
+            ("staff.example.com".to_string(), "staff".to_string())
+        ]
     );
+    // The relay-wide deny list holds for every service; staff adds its allow list and users.
+    let staff = relay.access_for("staff");
+    assert_eq!((staff.allow.len(), staff.deny.len()), (2, 2));
+    assert!(staff.basic_auth.unwrap().users.contains_key("alice"));
+    assert_eq!(relay.access_for("web").deny.len(), 2);
 }
 
 #[test]

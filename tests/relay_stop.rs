@@ -36,6 +36,7 @@ fn relay_config(backend: Backend, state: &TempDir) -> RelayConfig {
         heartbeat: Heartbeat::default(),
         front,
         limits: Default::default(),
+        access: Default::default(),
         admin: Some("127.0.0.1:0".parse().unwrap()),
         admin_token: None,
         drain_timeout: ringtunnel::config::DEFAULT_DRAIN_TIMEOUT,

@@ -91,6 +91,11 @@ counters! {
         pub visitors_rate_limited,
         /// Visitors refused because the operator is draining their service.
         pub visitors_draining,
+        /// Visitors refused by their service's address lists (`[access]` allow/deny).
+        pub visitors_denied,
+        /// Shared HTTP port: requests answered 401 (no or wrong password), 429 (an address
+        /// that failed too often) or 503 (too many password checks waiting) by basic auth.
+        pub http_unauthorized,
         /// Visitors closed by their service's idle timeout.
         pub visitors_idle_closed,
         /// Visitors reset because their data connection failed mid-stream (agent gone, link cut,
@@ -144,6 +149,10 @@ counters! {
         pub refused_rate,
         /// Visitors refused: the operator is draining the service.
         pub refused_draining,
+        /// Visitors refused by the service's address lists.
+        pub refused_denied,
+        /// HTTP requests refused by basic auth (401, 429, or 503 with checks queued).
+        pub refused_login,
         /// Visitors closed without a tunnel (agent offline past the wait, queue full).
         pub unserved,
         /// Visitors reset because their tunnel failed mid-stream.

@@ -168,7 +168,12 @@ pub async fn render(addr: SocketAddr, token: Option<&Secret>) -> Result<String, 
             count("visitors").to_string(),
             bytes(count("bytes_in")),
             bytes(count("bytes_out")),
-            (count("refused_full") + count("refused_rate") + count("refused_draining")).to_string(),
+            (count("refused_full")
+                + count("refused_rate")
+                + count("refused_draining")
+                + count("refused_denied")
+                + count("refused_login"))
+            .to_string(),
             count("cut").to_string(),
         ]);
     }

@@ -1,6 +1,6 @@
 //! The relay's settings while it runs: read by whoever needs them at the moment they need
 //! them, replaced whole by a reload. [`plan_reload`] decides what a reload may change: what
-//! the running relay can apply (secrets, reservations, limits, heartbeat, drain timeout), and
+//! the running relay can apply (secrets, reservations, limits, access rules, heartbeat, drain timeout), and
 //! what needs a restart (addresses, ports, backend, workers, TLS), which keeps its old value.
 
 use std::sync::{Arc, RwLock};
@@ -85,6 +85,7 @@ pub fn plan_reload(old: &RelayConfig, new: RelayConfig) -> ReloadPlan {
         secret => "secret",
         service_secrets => "service",
         limits => "limits",
+        access => "access",
         heartbeat => "heartbeat",
         drain_timeout => "drain_timeout_secs",
         log => "log",

@@ -7,6 +7,7 @@
 //! - [`agent`]: `agent.toml`, one published service ([`ServiceConfig`]) and the agent's
 //!   merged settings ([`AgentConfig`]).
 //! - [`limits`]: per-service admission limits.
+//! - [`access`]: who may visit a service (address lists, basic auth).
 //! - [`hosts`]: the shared ports' settings and how claimed host names are qualified.
 //! - this file: what both sides share — [`Secret`], [`ConfigError`], ports, backends,
 //!   heartbeats, names, `HOST:PORT` parsing, loading a file.
@@ -20,12 +21,14 @@ use serde::Deserialize;
 
 use crate::protocol::msg::MAX_NAME_LEN;
 
+pub mod access;
 pub mod agent;
 pub mod hosts;
 pub mod limits;
 pub mod live;
 pub mod relay;
 
+pub use access::{AccessFile, BasicAuthFile};
 pub use agent::{AgentConfig, AgentFile, ServiceConfig};
 pub use hosts::{BadCidr, Cidr, FrontConfig, HostError};
 pub use limits::Limits;
@@ -390,6 +393,7 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             limits: Limits::default(),
+            access: AccessFile::default(),
             admin: None,
             admin_token: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,

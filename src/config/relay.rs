@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::validate_name;
-use super::{BackendKind, ConfigError, FrontConfig, Heartbeat, Limits, PortRange, Secret, Toggle};
+use super::{
+    AccessFile, BackendKind, ConfigError, FrontConfig, Heartbeat, Limits, PortRange, Secret, Toggle,
+};
 
 /// `relay.toml`. Every key is optional; unknown keys are an error.
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +68,10 @@ pub struct RelayFile {
     /// Limits for every service (each `[[service]]` may override them).
     #[serde(default)]
     pub limits: Limits,
+    /// Address allow and deny lists for every service (`[access]`; each `[[service]]` may
+    /// add its own in `[service.access]`, with basic auth for `http` services).
+    #[serde(default)]
+    pub access: AccessFile,
     /// Per-service secrets and limits.
     #[serde(default, rename = "service")]
     pub services: Vec<RelayServiceFile>,
@@ -86,6 +92,9 @@ pub struct RelayServiceFile {
     /// Limits for this service, over the relay-wide `[limits]`.
     #[serde(default)]
     pub limits: Limits,
+    /// Who may visit this service, over the relay-wide `[access]`.
+    #[serde(default)]
+    pub access: AccessFile,
 }
 
 /// Everything the relay runs on, after merging flags, file and defaults.
@@ -117,6 +126,8 @@ pub struct RelayConfig {
     pub front: FrontConfig,
     /// Relay-wide limits.
     pub limits: Limits,
+    /// Relay-wide address lists (`[access]`; no basic auth at this level).
+    pub access: AccessFile,
     /// Admin endpoint address (`None`: off).
     pub admin: Option<SocketAddr>,
     /// Bearer token the admin endpoint requires (`None`: none).
@@ -197,6 +208,14 @@ impl RelayConfig {
         }
     }
 
+    /// Who may visit service `name`: its own `[service.access]` over the relay-wide one.
+    pub fn access_for(&self, name: &str) -> AccessFile {
+        match self.service_file(name) {
+            Some(s) => s.access.over(&self.access),
+            None => self.access.clone(),
+        }
+    }
+
     /// Most agents that may hold sessions with secret `id` at once.
     pub fn max_agents(&self, id: &SecretId) -> Option<usize> {
         match id {
@@ -235,8 +254,15 @@ impl RelayConfig {
                 )));
             }
             s.limits.validate(&format!("service {:?}", s.name))?;
+            s.access
+                .validate(&format!("service {:?}: access", s.name))?;
         }
         self.limits.validate("[limits]")?;
+        if self.access.basic_auth.is_some() {
+            return Err(ConfigError::Invalid(
+                "[access] takes address lists only: put basic_auth under the service it protects ([service.access.basic_auth])".into(),
+            ));
+        }
         self.reservations()?;
         // A service handed one of the relay's own ports would fail to bind, and the refusal
         // would name the wrong culprit.

@@ -18,6 +18,7 @@ use super::refusal::Refusal;
 use super::routes::Routes;
 pub use super::service::SessionId;
 use super::service::{Service, ServiceRecord, ServiceState};
+use crate::access::Access;
 use crate::admin::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::{validate_name, LiveConfig, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
@@ -356,6 +357,13 @@ impl Registry {
             .secret_for(&req.name)
             .map(|(_, id)| id)
             .ok_or_else(|| Refusal::BadRequest(format!("no secret for service {}", req.name)))?;
+        let access = self.cfg().access_for(&req.name);
+        if access.basic_auth.is_some() && req.kind != ServiceKind::Http {
+            return Err(Refusal::BadRequest(format!(
+                "service {} has basic auth in the relay's config, which only http services can ask for",
+                req.name
+            )));
+        }
         if let Some(existing) = g.services.get(&key(&req.name)).cloned() {
             let same = existing.kind == req.kind
                 && match req.kind {
@@ -365,6 +373,11 @@ impl Registry {
             if same {
                 self.take_over(g, &existing, session);
                 existing.gate.configure(req.proxy, req.forwarded_headers);
+                existing.gate.set_access(Access::for_service(
+                    &req.name,
+                    req.kind == ServiceKind::Http,
+                    &access,
+                ));
                 existing.attach_pools(target, wake);
                 return Ok(existing);
             }
@@ -383,6 +396,11 @@ impl Registry {
             self.metrics.clone(),
         );
         gate.configure(req.proxy, req.forwarded_headers);
+        gate.set_access(Access::for_service(
+            &req.name,
+            req.kind == ServiceKind::Http,
+            &access,
+        ));
         let (port, guard) = match req.kind {
             ServiceKind::Tcp => {
                 let (port, guard) = self.bind_port(g, req, &gate, &pools)?;
@@ -581,6 +599,11 @@ impl Registry {
             self.metrics.clone(),
         );
         gate.set_draining(record.draining);
+        gate.set_access(Access::for_service(
+            &record.name,
+            record.kind == ServiceKind::Http,
+            &cfg.access_for(&record.name),
+        ));
         let guard = match record.kind {
             ServiceKind::Tcp => Some(
                 self.dataplane
@@ -763,6 +786,13 @@ impl Registry {
         let mut ended = std::collections::HashSet::new();
         for svc in g.services.values() {
             svc.gate.set_limits(&new.limits_for(&svc.name));
+            let access = new.access_for(&svc.name);
+            // Unchanged rules keep what they remember (passwords that passed).
+            if access != old.access_for(&svc.name) {
+                let http = svc.kind == ServiceKind::Http;
+                svc.gate
+                    .set_access(Access::for_service(&svc.name, http, &access));
+            }
             let Some(owner) = svc.state().owner else {
                 continue;
             };
@@ -1012,6 +1042,7 @@ mod tests {
             secret: None,
             hosts: vec!["blog".into()],
             limits: Limits::default(),
+            access: Default::default(),
         });
         reg.live.set(new.clone());
         assert_eq!(reg.apply_settings(&old, &new), 1);

@@ -1,6 +1,6 @@
-//! Admission for one service's visitors: the per-service limits (visitors at once, new
-//! connections per second per visitor IP, idle timeout) and the PROXY header the service
-//! wants. Every listener asks its service's [`Gate`] before a visitor goes anywhere near a
+//! Admission for one service's visitors: who may visit ([`Access`]: address lists, basic
+//! auth), the per-service limits (visitors at once, new connections per second per visitor
+//! IP, idle timeout) and the PROXY header the service wants. Every listener asks its service's [`Gate`] before a visitor goes anywhere near a
 //! tunnel connection, whichever backend and whichever port (own, shared HTTP, shared TLS).
 
 use std::collections::HashMap;
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::access::Access;
 use crate::admin::{Metrics, ServiceStats};
 use crate::config::Limits;
 use crate::net::cap::AddrKey;
@@ -31,6 +32,9 @@ pub enum Refusal {
     /// The operator is draining the service: visitors in flight finish, no new ones come in.
     #[error("service is draining: no new visitors")]
     Draining,
+    /// The service's address lists (`[access]`) do not let this address in.
+    #[error("this address may not visit the service")]
+    Denied,
 }
 
 /// Holds one of the service's visitor places; dropping it gives the place back.
@@ -185,6 +189,10 @@ pub struct Gate {
     service: String,
     /// The limits in force; a reload replaces them (visitors already in keep their place).
     limits: Mutex<GateLimits>,
+    /// Who may visit; a reload replaces it.
+    access: Mutex<Arc<Access>>,
+    /// No address lists: the common case skips the lock above for every visitor.
+    no_lists: AtomicBool,
     proxy: AtomicU8,
     forwarded: AtomicBool,
     /// Set by the operator (`POST /api/services/NAME/drain`): every new visitor is refused.
@@ -204,6 +212,8 @@ impl Gate {
         Arc::new(Gate {
             service: service.to_string(),
             limits: Mutex::new(GateLimits::of(limits)),
+            access: Mutex::new(Arc::new(Access::default())),
+            no_lists: AtomicBool::new(true),
             proxy: AtomicU8::new(ProxyVersion::Off.to_u8()),
             forwarded: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -259,6 +269,38 @@ impl Gate {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = GateLimits::of(limits);
     }
 
+    /// Puts new access rules in force, for visitors (and HTTP requests) from now on.
+    pub fn set_access(&self, access: Access) {
+        let no_lists = !access.has_lists();
+        *self.access.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(access);
+        self.no_lists.store(no_lists, Ordering::Release);
+    }
+
+    /// Whether the address lists let `ip` in.
+    fn permits(&self, ip: std::net::IpAddr) -> bool {
+        self.no_lists.load(Ordering::Acquire) || self.access().permits(ip)
+    }
+
+    /// The access rules in force.
+    pub fn access(&self) -> Arc<Access> {
+        self.access
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether `visitor` may come in by its address, as [`Self::admit`] asks first: a
+    /// refusal is counted and logged as `admit` does. For the shared HTTP port to turn a
+    /// denied address away before it asks for a password.
+    pub fn screen(&self, visitor: SocketAddr) -> Result<(), Refusal> {
+        let now = Instant::now();
+        if self.permits(visitor.ip()) {
+            return Ok(());
+        }
+        self.refused(&Refusal::Denied, visitor.ip(), now);
+        Err(Refusal::Denied)
+    }
+
     fn limits(&self) -> GateLimits {
         *self.limits.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -307,25 +349,30 @@ impl Gate {
         let ip = visitor.ip();
         let result = self.check(visitor, now);
         if let Err(refusal) = &result {
-            match refusal {
-                Refusal::Full(_) => {
-                    self.metrics.visitors_over_limit.inc();
-                    self.stats.refused_full.inc();
-                }
-                Refusal::RateLimited(_) => {
-                    self.metrics.visitors_rate_limited.inc();
-                    self.stats.refused_rate.inc();
-                }
-                Refusal::Draining => {
-                    self.metrics.visitors_draining.inc();
-                    self.stats.refused_draining.inc();
-                }
-            }
-            if self.may_log(now) {
-                tracing::warn!(service = %self.service, visitor = %ip, "visitor refused: {refusal}");
-            }
+            self.refused(refusal, ip, now);
         }
         result
+    }
+
+    /// Counts and (at most once a second) logs a refusal.
+    fn refused(&self, refusal: &Refusal, ip: std::net::IpAddr, now: Instant) {
+        let (relay, here) = match refusal {
+            Refusal::Full(_) => (&self.metrics.visitors_over_limit, &self.stats.refused_full),
+            Refusal::RateLimited(_) => (
+                &self.metrics.visitors_rate_limited,
+                &self.stats.refused_rate,
+            ),
+            Refusal::Draining => (
+                &self.metrics.visitors_draining,
+                &self.stats.refused_draining,
+            ),
+            Refusal::Denied => (&self.metrics.visitors_denied, &self.stats.refused_denied),
+        };
+        relay.inc();
+        here.inc();
+        if self.may_log(now) {
+            tracing::warn!(service = %self.service, visitor = %ip, "visitor refused: {refusal}");
+        }
     }
 
     /// Whether a per-visitor log line for this service may be written now: at most one per
@@ -338,6 +385,9 @@ impl Gate {
 
     fn check(self: &Arc<Self>, visitor: SocketAddr, now: Instant) -> Result<Admission, Refusal> {
         let ip = visitor.ip();
+        if !self.permits(ip) {
+            return Err(Refusal::Denied);
+        }
         if self.is_draining() {
             return Err(Refusal::Draining);
         }
@@ -428,6 +478,25 @@ mod tests {
         drop((b, c));
         assert_eq!(g.active(), 0);
         assert_eq!(g.metrics().visitors_over_limit.get(), 1);
+    }
+
+    #[test]
+    fn address_lists_refuse_first_and_are_counted() {
+        let g = gate(Limits::default());
+        let file = crate::config::AccessFile {
+            deny: vec!["10.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        };
+        g.set_access(Access::new("t", &file).unwrap());
+        let denied: IpAddr = [10, 1, 2, 3].into();
+        assert_eq!(g.admit((denied, 0).into()).unwrap_err(), Refusal::Denied);
+        assert_eq!(g.screen((denied, 0).into()), Err(Refusal::Denied));
+        assert_eq!(g.active(), 0, "a denied visitor takes no place");
+        assert_eq!(g.stats().refused_denied.get(), 2);
+        assert_eq!(g.metrics().visitors_denied.get(), 2);
+        let other: IpAddr = [192, 0, 2, 1].into();
+        assert!(g.screen((other, 0).into()).is_ok());
+        assert!(g.admit((other, 0).into()).is_ok());
     }
 
     #[test]

@@ -1,65 +1,202 @@
 //! The shared HTTP port: read the first request head (bounded in size and time), find the
-//! service by host and longest path prefix, write the visitor's address into it, and hand the
-//! connection on with a [`Requests`] reader that does the same to every later request head on
-//! its way up the tunnel. Bodies, and a WebSocket after its upgrade, pass through untouched.
+//! service by host and longest path prefix, apply its access rules (address lists: 403;
+//! basic auth: 401, the password checked off this thread), write the visitor's address into
+//! the head, and hand the connection on with a [`Requests`] reader that does the same to
+//! every later request head on its way up the tunnel (and ends the connection at one without
+//! credentials that passed). Bodies, and a WebSocket after its upgrade, pass through
+//! untouched.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
 
 use super::conn::Head;
 use super::reply::Page;
 use super::route::Router;
 use super::route::{Decision, Routed, Unserved};
+use crate::access::login::{challenge, Check, Login, Pending, Verdict};
+use crate::control::service::Service;
+use crate::dataplane::gate::Refusal;
 use crate::protocol::http::requests::Requests;
 use crate::protocol::http::{self, HeadError, Trust};
 
-/// What the shared HTTP port does with a visitor, given how reading its head ended.
+/// What the shared HTTP port does with a visitor, given how reading its head ended: decided
+/// at once, or once a password is checked (off this thread).
+pub enum Step {
+    /// Decided.
+    Done(Decision),
+    /// The service wants a password and this one is new: check it, then [`after_login`]
+    /// with what routing found.
+    Login(Pending, Box<LoginWait>),
+}
+
+/// What routing found for a visitor whose password is being checked.
+pub struct LoginWait {
+    svc: Arc<Service>,
+    head: http::Head,
+    bytes: Vec<u8>,
+}
+
+/// Decides on a visitor of the shared HTTP port: answers what cannot be routed, turns away
+/// what the service's access rules refuse, and routes the rest.
 pub fn decide(
     router: &Router,
     read: Result<Head<http::Head>, HeadError>,
     addr: SocketAddr,
-) -> Decision {
+) -> Step {
     let front = &router.cfg;
     let metrics = &router.metrics;
     let (head, bytes) = match read {
         Ok(Head::Done(h, bytes)) => (h, bytes),
-        Ok(Head::Closed) => return Decision::Close,
+        Ok(Head::Closed) => return Step::Done(Decision::Close),
         Ok(Head::TimedOut) => {
             metrics.http_bad_requests.inc();
             tracing::info!(visitor = %addr, "HTTP visitor cut off: no complete request head within {:?}", front.head_timeout);
-            return Decision::Answer(
+            return Step::Done(Decision::Answer(
                 Page::Timeout.response("the request head did not arrive in time"),
-            );
+            ));
         }
         Err(e) => {
             metrics.http_bad_requests.inc();
             tracing::info!(visitor = %addr, "HTTP visitor refused: {e}");
-            return Decision::Answer(match e {
+            return Step::Done(Decision::Answer(match e {
                 HeadError::TooLarge(n) => {
                     Page::TooLarge.response(&format!("the request head is larger than {n} bytes"))
                 }
                 HeadError::Malformed(why) => Page::BadRequest.response(why),
-            });
+            }));
         }
     };
     let Some(svc) = router.registry.route_http(&head.host, &head.path) else {
         metrics.http_unknown_host.inc();
         tracing::debug!(visitor = %addr, host = %head.host, "HTTP visitor for an unknown host");
-        return Decision::Answer(
+        return Step::Done(Decision::Answer(
             Page::UnknownHost.response(&format!("no service is published for {}", head.host)),
-        );
+        ));
     };
+    // Addresses first: a denied one is never asked for a password.
+    if let Err(refusal) = svc.gate.screen(addr) {
+        return Step::Done(refused(refusal));
+    }
+    let access = svc.gate.access();
+    let Some(login) = access.login() else {
+        return Step::Done(admit(router, svc, None, head, bytes, addr));
+    };
+    match login.check(head.authorization.as_deref(), addr.ip(), Instant::now()) {
+        Check::Pass => {
+            let login = login.clone();
+            Step::Done(admit(router, svc, Some(login), head, bytes, addr))
+        }
+        Check::Challenge => Step::Done(unauthorized(router, &svc, login, addr)),
+        Check::Throttled => Step::Done(login_refused(
+            router,
+            &svc,
+            addr,
+            Page::TooManyRequests,
+            "too many failed passwords from this address; try again later",
+        )),
+        Check::Verify(pending) => Step::Login(pending, Box::new(LoginWait { svc, head, bytes })),
+    }
+}
+
+/// Decides on a visitor whose password was checked ([`Step::Login`]).
+pub fn after_login(
+    router: &Router,
+    wait: LoginWait,
+    verdict: Verdict,
+    addr: SocketAddr,
+) -> Decision {
+    let LoginWait { svc, head, bytes } = wait;
+    let access = svc.gate.access();
+    let Some(login) = access.login().cloned() else {
+        // A reload took the password away meanwhile.
+        return admit(router, svc, None, head, bytes, addr);
+    };
+    match verdict {
+        Verdict::Passed => admit(router, svc, Some(login), head, bytes, addr),
+        Verdict::Failed => unauthorized(router, &svc, &login, addr),
+        Verdict::Busy => login_refused(
+            router,
+            &svc,
+            addr,
+            Page::OverLimit,
+            "too many passwords are being checked; try again",
+        ),
+    }
+}
+
+/// The page for a visitor the gate refused: 403 for an address the lists turn away, 503
+/// for the limits and a drain.
+fn refused(refusal: Refusal) -> Decision {
+    let page = match refusal {
+        Refusal::Denied => Page::Forbidden,
+        Refusal::Full(_) | Refusal::RateLimited(_) | Refusal::Draining => Page::OverLimit,
+    };
+    Decision::Answer(page.response(&refusal.to_string()))
+}
+
+/// 401 with the service's challenge, counted.
+fn unauthorized(router: &Router, svc: &Service, login: &Login, addr: SocketAddr) -> Decision {
+    count_login_refusal(router, svc, addr, 401);
+    let challenge = challenge(login.realm());
+    Decision::Answer(Page::Unauthorized.response_with(
+        "this service needs a user name and password",
+        &[("WWW-Authenticate", &challenge)],
+    ))
+}
+
+/// Another basic-auth refusal (429, 503), counted.
+fn login_refused(
+    router: &Router,
+    svc: &Service,
+    addr: SocketAddr,
+    page: Page,
+    why: &str,
+) -> Decision {
+    count_login_refusal(router, svc, addr, page.code());
+    Decision::Answer(page.response(why))
+}
+
+fn count_login_refusal(router: &Router, svc: &Service, addr: SocketAddr, code: u16) {
+    router.metrics.http_unauthorized.inc();
+    svc.gate.stats().refused_login.inc();
+    if svc.gate.may_log(Instant::now()) {
+        tracing::info!(service = %svc.name, visitor = %addr, "HTTP visitor answered {code} by basic auth");
+    }
+}
+
+/// Admits a routed visitor (limits) and prepares what goes up the tunnel first.
+fn admit(
+    router: &Router,
+    svc: Arc<Service>,
+    login: Option<Arc<Login>>,
+    head: http::Head,
+    bytes: Vec<u8>,
+    addr: SocketAddr,
+) -> Decision {
+    let front = &router.cfg;
+    let metrics = &router.metrics;
     let admission = match svc.gate.admit(addr) {
         Ok(a) => a,
-        Err(refusal) => return Decision::Answer(Page::OverLimit.response(&refusal.to_string())),
+        Err(refusal) => return refused(refusal),
     };
-    // Every request head on the connection is rewritten, this first one here; the reader
-    // goes with the visitor for the rest.
-    let (prefix, requests) = if svc.gate.forwarded_headers() {
+    // Every request head on the connection is read (and rewritten, with forwarding headers),
+    // this first one here; the reader goes with the visitor for the rest. Without forwarding
+    // headers or a password the rest is spliced untouched.
+    let forwarded = svc.gate.forwarded_headers();
+    let (prefix, requests) = if forwarded || login.is_some() {
         let trust = match front.trusts(addr.ip()) {
             true => Trust::Proxy,
             false => Trust::None,
         };
-        let mut requests = Box::new(Requests::new(addr, trust, front.max_head));
+        let mut requests = Requests::new(addr, trust, front.max_head);
+        if !forwarded {
+            requests = requests.without_forwarded();
+        }
+        if let Some(login) = login {
+            requests = requests.with_login(login);
+        }
+        let mut requests = Box::new(requests);
         let mut p = Vec::with_capacity(bytes.len() + 192);
         if let Err(e) = requests.feed(&bytes, &mut p) {
             metrics.http_bad_requests.inc();

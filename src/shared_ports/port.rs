@@ -61,7 +61,13 @@ impl Port {
             Port::Http => {
                 let mut scanner = HeadScanner::new(router.cfg.max_head);
                 let read = read_head(conn, deadline, |b| scanner.feed(b)).await;
-                http::decide(router, read, addr)
+                match http::decide(router, read, addr) {
+                    http::Step::Done(decision) => decision,
+                    http::Step::Login(pending, wait) => {
+                        let verdict = pending.verify().await;
+                        http::after_login(router, *wait, verdict, addr)
+                    }
+                }
             }
             Port::Tls => {
                 let mut scanner = HelloScanner::new();

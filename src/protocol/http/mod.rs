@@ -37,6 +37,8 @@ pub struct Head {
     pub path: String,
     /// What follows the head on the connection.
     pub body: Body,
+    /// The `Authorization` header's value, as sent (for basic auth at the relay).
+    pub authorization: Option<Vec<u8>>,
 }
 
 /// What follows a request head (RFC 9112 section 6.3, as a server reads a request).
@@ -136,6 +138,7 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
     let mut length: Option<u64> = None;
     let mut chunked: Option<bool> = None;
     let mut upgrade = method == b"CONNECT";
+    let mut authorization = None;
     for line in lines {
         if line.is_empty() {
             break;
@@ -161,6 +164,13 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
             if let Some(last) = value.rsplit(|&b| b == b',').map(trim).next() {
                 chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
             }
+        } else if name.eq_ignore_ascii_case(b"authorization") {
+            // One value only (not a list header): with two, the relay could check one and
+            // the origin read the other.
+            if authorization.is_some() {
+                return Err(HeadError::Malformed("more than one Authorization header"));
+            }
+            authorization = Some(value.to_vec());
         } else if name.eq_ignore_ascii_case(b"upgrade") && !value.is_empty() {
             upgrade = true;
         }
@@ -200,6 +210,7 @@ fn parse_request(buf: &[u8], max: usize) -> Result<Option<Head>, HeadError> {
         host,
         path: String::from_utf8_lossy(path).into_owned(),
         body,
+        authorization,
     }))
 }
 
@@ -588,6 +599,20 @@ mod tests {
         assert_eq!(parse("\r\n"), Ok(None));
         assert_eq!(parse("\r\n\r"), Ok(None));
         assert_eq!(parse_head(&[b'\n'; 64], 64), Err(HeadError::TooLarge(64)));
+    }
+
+    #[test]
+    fn the_authorization_header_is_kept_and_only_once() {
+        let h = parse("GET / HTTP/1.1\r\nHost: a\r\nauthorization:  Basic YTpi \r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.authorization.as_deref(), Some(&b"Basic YTpi"[..]));
+        let none = parse("GET / HTTP/1.1\r\nHost: a\r\n\r\n").unwrap().unwrap();
+        assert_eq!(none.authorization, None);
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Basic YTpi\r\nAuthorization: Basic Yjpj\r\n\r\n"),
+            Err(HeadError::Malformed("more than one Authorization header"))
+        );
     }
 
     #[test]

@@ -7,6 +7,10 @@
 pub enum Page {
     /// 400: the request head does not parse.
     BadRequest,
+    /// 401: the service wants a password (basic auth) and got none that passed.
+    Unauthorized,
+    /// 403: the service's address lists turn this visitor away.
+    Forbidden,
     /// 404: no service claims this host (and path).
     UnknownHost,
     /// 408: the head did not arrive in time.
@@ -19,12 +23,22 @@ pub enum Page {
     OriginUnreachable,
     /// 503: the service is at a limit.
     OverLimit,
+    /// 429: the visitor's address failed basic auth too often.
+    TooManyRequests,
 }
 
 impl Page {
+    /// The status code.
+    pub fn code(self) -> u16 {
+        self.status().0
+    }
+
     fn status(self) -> (u16, &'static str) {
         match self {
             Page::BadRequest => (400, "Bad Request"),
+            Page::Unauthorized => (401, "Unauthorized"),
+            Page::Forbidden => (403, "Forbidden"),
+            Page::TooManyRequests => (429, "Too Many Requests"),
             Page::UnknownHost => (404, "Not Found"),
             Page::Timeout => (408, "Request Timeout"),
             Page::TooLarge => (431, "Request Header Fields Too Large"),
@@ -36,14 +50,25 @@ impl Page {
     /// The whole response: status line, headers (`Connection: close`) and `detail` as a
     /// plain-text body.
     pub fn response(self, detail: &str) -> Vec<u8> {
+        self.response_with(detail, &[])
+    }
+
+    /// [`Self::response`] with more headers (`(name, value)`, values already safe to send),
+    /// e.g. a 401's `WWW-Authenticate`.
+    pub fn response_with(self, detail: &str, headers: &[(&str, &str)]) -> Vec<u8> {
         let (code, reason) = self.status();
         let body = format!("{code} {reason}: {detail}\n");
         let mut out = format!(
             "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\nCache-Control: no-store\r\nServer: ringtunnel\r\n",
             body.len()
         );
-        if self == Page::OverLimit {
-            out.push_str("Retry-After: 1\r\n");
+        match self {
+            Page::OverLimit => out.push_str("Retry-After: 1\r\n"),
+            Page::TooManyRequests => out.push_str("Retry-After: 10\r\n"),
+            _ => {}
+        }
+        for (name, value) in headers {
+            out.push_str(&format!("{name}: {value}\r\n"));
         }
         out.push_str("\r\n");
         out.push_str(&body);
@@ -59,6 +84,9 @@ mod tests {
     fn pages_are_well_formed_responses() {
         for page in [
             Page::BadRequest,
+            Page::Unauthorized,
+            Page::Forbidden,
+            Page::TooManyRequests,
             Page::UnknownHost,
             Page::Timeout,
             Page::TooLarge,

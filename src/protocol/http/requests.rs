@@ -13,6 +13,7 @@
 //! reading what follows as requests no one rewrote.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use super::{add_forwarded_into, Body, HeadError, HeadScanner, Trust};
 
@@ -53,6 +54,24 @@ pub struct Requests {
     /// The host the connection was routed to; every request must be for it.
     host: Option<String>,
     proto: &'static str,
+    /// Whether heads get the relay's forwarding headers (otherwise they pass as they are).
+    forwarded: bool,
+    /// Basic auth: every head must carry credentials that already passed.
+    login: Option<Arc<dyn Remembers>>,
+}
+
+impl std::fmt::Debug for dyn Remembers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Remembers")
+    }
+}
+
+/// Credentials that passed a password check (the relay's basic auth), asked for every
+/// request head after the first: a kept-alive connection cannot switch to a request without
+/// them, or with others the relay has not checked.
+pub trait Remembers: Send + Sync {
+    /// Whether this `Authorization` value (none: `None`) passed before.
+    fn remembers(&self, authorization: Option<&[u8]>) -> bool;
 }
 
 /// Why the request stream cannot go on (the connection is closed).
@@ -67,6 +86,9 @@ pub enum RequestError {
     /// Broken chunked framing.
     #[error("malformed chunked body: {0}")]
     Chunked(&'static str),
+    /// A later request without credentials that passed (basic auth).
+    #[error("a request without a password that passed, on a connection that needs one")]
+    Unauthorized,
 }
 
 impl Requests {
@@ -83,7 +105,22 @@ impl Requests {
             trust,
             host: None,
             proto: "http",
+            forwarded: true,
+            login: None,
         }
+    }
+
+    /// Passes heads as they are, without forwarding headers (the service asked for none,
+    /// and the reader is here for [`Self::with_login`]).
+    pub fn without_forwarded(mut self) -> Self {
+        self.forwarded = false;
+        self
+    }
+
+    /// Ends the connection at any head whose `Authorization` `login` does not remember.
+    pub fn with_login(mut self, login: Arc<dyn Remembers>) -> Self {
+        self.login = Some(login);
+        self
     }
 
     /// Whether the reader is between requests with nothing buffered: the bytes so far ended
@@ -193,29 +230,20 @@ impl Requests {
         let Some((head, held)) = parsed else {
             return Ok(&[]);
         };
+        if let Some(login) = &self.login {
+            if !login.remembers(head.authorization.as_deref()) {
+                return Err(RequestError::Unauthorized);
+            }
+        }
         let rest = match held {
             None => {
-                add_forwarded_into(
-                    &input[..head.len],
-                    self.visitor,
-                    self.proto,
-                    &head.host,
-                    self.trust,
-                    out,
-                );
+                self.emit(&input[..head.len], &head.host, out);
                 &input[head.len..]
             }
             Some(before) => {
                 let used = head.len - before;
                 let bytes = std::mem::take(&mut self.head);
-                add_forwarded_into(
-                    &bytes[..head.len],
-                    self.visitor,
-                    self.proto,
-                    &head.host,
-                    self.trust,
-                    out,
-                );
+                self.emit(&bytes[..head.len], &head.host, out);
                 &input[used..]
             }
         };
@@ -243,6 +271,16 @@ impl Requests {
     }
 }
 
+impl Requests {
+    /// Writes a complete head to `out`, with the forwarding headers if they are on.
+    fn emit(&self, head: &[u8], host: &str, out: &mut Vec<u8>) {
+        match self.forwarded {
+            true => add_forwarded_into(head, self.visitor, self.proto, host, self.trust, out),
+            false => out.extend_from_slice(head),
+        }
+    }
+}
+
 /// Passes up to `n` body bytes from `input` to `out`; returns how many are still to come.
 fn pass(n: u64, input: &mut &[u8], out: &mut Vec<u8>) -> u64 {
     let take = n.min(input.len() as u64) as usize;
@@ -267,6 +305,46 @@ fn chunk_size(line: &[u8]) -> Result<u64, RequestError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    struct Only(&'static [u8]);
+
+    impl Remembers for Only {
+        fn remembers(&self, authorization: Option<&[u8]>) -> bool {
+            authorization == Some(self.0)
+        }
+    }
+
+    #[test]
+    fn with_a_login_every_head_needs_credentials_that_passed() {
+        let mut r = reader()
+            .without_forwarded()
+            .with_login(Arc::new(Only(b"Basic ok")));
+        let good = b"POST /a HTTP/1.1\r\nHost: h\r\nAuthorization: Basic ok\r\nContent-Length: 3\r\n\r\nabc";
+        let mut out = Vec::new();
+        r.feed(good, &mut out).unwrap();
+        assert_eq!(
+            out, good,
+            "without forwarding headers a head passes as it is"
+        );
+        // A body that looks like a head is a body.
+        let mut out = Vec::new();
+        let sneaky = b"POST /b HTTP/1.1\r\nHost: h\r\nAuthorization: Basic ok\r\nContent-Length: 27\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n";
+        r.feed(sneaky, &mut out).unwrap();
+        for bad in [
+            &b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            b"GET /c HTTP/1.1\r\nHost: h\r\nAuthorization: Basic no\r\n\r\n",
+        ] {
+            let mut r2 = reader().with_login(Arc::new(Only(b"Basic ok")));
+            let mut out = Vec::new();
+            assert_eq!(r2.feed(bad, &mut out), Err(RequestError::Unauthorized));
+            assert!(out.is_empty(), "nothing of the refused head goes up");
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            r.feed(b"GET /c HTTP/1.1\r\nHost: h\r\n\r\n", &mut out),
+            Err(RequestError::Unauthorized)
+        );
+    }
 
     fn reader() -> Requests {
         Requests::new("10.0.0.9:5555".parse().unwrap(), Trust::None, 16 * 1024)
