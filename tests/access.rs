@@ -1,6 +1,6 @@
 //! Who may visit a service (`[access]` in relay.toml), end to end on both backends: address
-//! lists refuse visitors of every kind before a byte reaches the agent (a close for tcp, a 403
-//! on the shared HTTP port) and change on reload; basic auth answers 401 with a challenge,
+//! lists refuse visitors of every kind before a byte reaches the agent (a close for tcp and
+//! on the shared TLS port, a 403 on the shared HTTP port) and change on reload; basic auth answers 401 with a challenge,
 //! lets the right password through (checked once, remembered for the connection's later
 //! requests), ends a kept-alive connection at a request without it, and throttles an address
 //! that keeps guessing. Visitors come from different loopback addresses (127.0.0.1-3).
@@ -88,6 +88,34 @@ async fn counting_http() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, seen)
 }
 
+/// A real ClientHello for `name` (what a TLS visitor sends first).
+fn client_hello(name: &str) -> Vec<u8> {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), server).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+/// Whether a TLS visitor from `from` reaches the origin behind the TLS port at `port` (the
+/// counting echo origin sends its ClientHello back).
+async fn tls_reaches_from(from: IpAddr, port: SocketAddr, name: &str) -> bool {
+    let hello = client_hello(name);
+    let mut s = connect_from(from, port).await;
+    if s.write_all(&hello).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; hello.len()];
+    matches!(tokio::time::timeout(WAIT, s.read_exact(&mut back)).await, Ok(Ok(_)) if back == hello)
+}
+
 /// One request on `s` (kept alive); the response's status and head, or `None` if the relay
 /// closed the connection instead.
 async fn request(s: &mut TcpStream, host: &str, auth: Option<&str>) -> Option<(u16, String)> {
@@ -152,7 +180,8 @@ async fn address_lists_refuse_before_the_agent_and_reload(backend: Backend) {
         format!(
             "[access]\ndeny = [\"127.0.0.3\"]\n\
              [[service]]\nname = \"echo\"\n[service.access]\nallow = [{echo_allow}]\n\
-             [[service]]\nname = \"web\"\n[service.access]\nallow = [\"127.0.0.0/30\"]\ndeny = [\"127.0.0.2/32\"]\n"
+             [[service]]\nname = \"web\"\n[service.access]\nallow = [\"127.0.0.0/30\"]\ndeny = [\"127.0.0.2/32\"]\n\
+             [[service]]\nname = \"vault\"\n[service.access]\nallow = [\"127.0.0.1\"]\n"
         )
     };
     let (_dir, path) = config_file(&rules("\"127.0.0.1\", \"127.0.0.3\""));
@@ -165,6 +194,8 @@ async fn address_lists_refuse_before_the_agent_and_reload(backend: Backend) {
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--tls",
+            "127.0.0.1:0",
             "--domain",
             DOMAIN,
         ],
@@ -172,6 +203,10 @@ async fn address_lists_refuse_before_the_agent_and_reload(backend: Backend) {
     let admin = relay.admin.unwrap();
     let (echo, echo_seen) = counting_echo().await;
     let (web, web_seen) = counting_http().await;
+    let (vault, vault_seen) = counting_echo().await;
+    let mut vault_args = relay.agent_args(vault, "vault");
+    vault_args.extend(["--tls-host".into(), "vault".into()]);
+    let _vault_agent = Agent::spawn(vault_args);
     let echo_agent = Agent::spawn(relay.agent_args(echo, "echo"));
     let mut web_args = relay.agent_args(web, "web");
     web_args.extend(["--http-host".into(), "web".into()]);
@@ -202,7 +237,14 @@ async fn address_lists_refuse_before_the_agent_and_reload(backend: Backend) {
         Some(200)
     );
     assert_eq!(web_seen.load(Ordering::SeqCst), 1);
-    assert_eq!(admin_counter(admin, "visitors_denied").await, 3);
+
+    // tls (passthrough): closed for the address off the list, before the origin sees a byte.
+    let tls = relay.tls.unwrap();
+    let vault_host = format!("vault.{DOMAIN}");
+    assert!(!tls_reaches_from(ip("127.0.0.2"), tls, &vault_host).await);
+    assert_eq!(vault_seen.load(Ordering::SeqCst), 0);
+    assert!(tls_reaches_from(ip("127.0.0.1"), tls, &vault_host).await);
+    assert_eq!(admin_counter(admin, "visitors_denied").await, 4);
 
     // A reload lets .2 in to the echo service, for the next visitor.
     std::fs::write(&path, rules("\"127.0.0.1\", \"127.0.0.2\"")).unwrap();
