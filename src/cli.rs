@@ -357,6 +357,10 @@ pub struct AgentArgs {
     /// Extra CA certificates (PEM) to trust for a CA-signed relay certificate.
     #[arg(long)]
     pub ca: Option<PathBuf>,
+    /// Reach the relay through this HTTP proxy (CONNECT), http://[USER:PASSWORD@]HOST[:PORT].
+    /// Default: HTTPS_PROXY, unless NO_PROXY names the relay's host.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
     /// Local service to publish, HOST:PORT. Required unless --config lists services.
     #[arg(long, required_unless_present = "config")]
     pub local: Option<String>,
@@ -448,6 +452,9 @@ impl AgentArgs {
             };
             services.push(svc);
         }
+        let proxy = AgentConfig::pick_proxy(self.proxy.or(file.proxy), &relay_host, |k| {
+            std::env::var(k).ok()
+        })?;
         let cfg = AgentConfig {
             relay_host,
             relay_port,
@@ -458,6 +465,7 @@ impl AgentArgs {
             },
             relay_fingerprint,
             ca: self.ca.or(file.ca),
+            proxy,
             services,
             backend: self.backend.or(file.backend).unwrap_or_default(),
             workers: self.workers.or(file.workers),

@@ -87,6 +87,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         secret: Some(Secret::new(secret)),
         relay_fingerprint: Some(relay.fingerprint),
         ca: None,
+        proxy: None,
         services: vec![ServiceConfig::tcp("demo", origin_addr.to_string())],
         backend: Default::default(),
         workers: None,

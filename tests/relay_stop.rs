@@ -74,6 +74,7 @@ async fn stop_closes_every_port(backend: Backend) {
         secret: Some(Secret::new(SECRET)),
         relay_fingerprint: Some(relay.fingerprint),
         ca: None,
+        proxy: None,
         services: vec![ServiceConfig::tcp("stopper", origin.to_string())],
         backend: BackendKind::Tokio,
         workers: None,

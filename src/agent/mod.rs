@@ -168,9 +168,7 @@ impl Ctx {
     ) -> Result<(BoxStream, std::net::SocketAddr), AgentError> {
         let addr = self.cfg.relay_addr();
         let connect = async {
-            let tcp = TcpStream::connect((self.cfg.relay_host.as_str(), self.cfg.relay_port))
-                .await
-                .map_err(|e| AgentError::Network(format!("relay {addr} unreachable: {e}")))?;
+            let tcp = self.dial_relay(&addr).await?;
             let _ = tcp.set_nodelay(true);
             if data {
                 let _ = crate::dataplane::sock::keep_alive(std::os::fd::AsFd::as_fd(&tcp));
@@ -192,6 +190,30 @@ impl Ctx {
         tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| AgentError::Network(format!("relay {addr}: connect timed out")))?
+    }
+
+    /// A TCP connection to the relay's control port: direct, or a tunnel through the proxy.
+    async fn dial_relay(&self, addr: &str) -> Result<TcpStream, AgentError> {
+        let cfg = &self.cfg;
+        let Some(proxy) = &cfg.proxy else {
+            return TcpStream::connect((cfg.relay_host.as_str(), cfg.relay_port))
+                .await
+                .map_err(|e| AgentError::Network(format!("relay {addr} unreachable: {e}")));
+        };
+        let fail = |e: std::io::Error| {
+            AgentError::Network(format!("relay {addr} through proxy {proxy}: {e}"))
+        };
+        let mut tcp = TcpStream::connect((proxy.host.as_str(), proxy.port))
+            .await
+            .map_err(|e| AgentError::Network(format!("proxy {proxy} unreachable: {e}")))?;
+        let request = proxy.connect_request(&cfg.relay_host, cfg.relay_port);
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, &request)
+            .await
+            .map_err(fail)?;
+        crate::dataplane::wait::proxy_answer(&mut tcp)
+            .await
+            .map_err(fail)?;
+        Ok(tcp)
     }
 
     /// The same agent with reloaded settings `cfg`: the same connections to the relay's

@@ -92,6 +92,7 @@ pub fn plan(old: &AgentConfig, new: AgentConfig) -> AgentReload {
         relay_port => "relay",
         relay_fingerprint => "relay_fingerprint",
         ca => "ca",
+        proxy => "proxy",
         backend => "backend",
         workers => "workers",
     );
@@ -143,6 +144,7 @@ mod tests {
             secret: Some(Secret::new("agent-secret-long-enough")),
             relay_fingerprint: None,
             ca: None,
+            proxy: None,
             services,
             backend: BackendKind::Tokio,
             workers: None,

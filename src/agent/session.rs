@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::reload::Reload;
 use super::{data, AgentError, Ctx};
-use crate::dataplane::uring::agent::AgentTls;
+use crate::dataplane::uring::agent::{AgentTls, RelayDial};
 use crate::dataplane::uring::Command;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::register_mac;
@@ -39,7 +39,7 @@ pub(super) fn relay_error(code: ErrorCode, message: String) -> AgentError {
 /// block, and a worker must never wait on one. The relay is the address the control
 /// connection reached; each local service keeps every address its name resolves to.
 struct UringRoutes {
-    relay: SocketAddr,
+    relay: RelayDial,
     locals: HashMap<String, Arc<[SocketAddr]>>,
 }
 
@@ -52,7 +52,17 @@ struct Unresolved {
 }
 
 impl UringRoutes {
+    /// `relay`: the address the control connection reached (the proxy's, with a proxy).
     async fn resolve(ctx: &Ctx, relay: SocketAddr) -> Result<UringRoutes, Unresolved> {
+        let relay = match &ctx.cfg.proxy {
+            None => RelayDial::Direct(relay),
+            Some(proxy) => RelayDial::Proxied {
+                proxy: relay,
+                request: proxy
+                    .connect_request(&ctx.cfg.relay_host, ctx.cfg.relay_port)
+                    .into(),
+            },
+        };
         let mut locals = HashMap::new();
         for s in &ctx.cfg.services {
             let unresolved = |why: String| Unresolved {
@@ -328,7 +338,7 @@ async fn session(
                                 Some((w, routes, tls)) => {
                                     let cmd = Command::AgentData {
                                         tls: tls.clone(),
-                                        relay: routes.relay,
+                                        relay: routes.relay.clone(),
                                         ticket,
                                         service: svc.name.clone(),
                                         local: routes.locals[&svc.name].clone(),

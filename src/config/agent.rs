@@ -12,6 +12,7 @@ use super::{
     MAX_POOL,
 };
 use crate::protocol::http::normalize_prefix;
+use crate::protocol::http_proxy::ProxyUrl;
 use crate::protocol::msg::{
     ServiceKind, MAX_HOSTS_PER_SERVICE, MAX_HOST_LEN, MAX_SERVICES_PER_AGENT,
 };
@@ -31,6 +32,8 @@ pub struct AgentFile {
     pub relay_fingerprint: Option<String>,
     /// Extra CA certificates (PEM) to trust for the relay.
     pub ca: Option<PathBuf>,
+    /// HTTP proxy to reach the relay through (`http://[USER:PASSWORD@]HOST[:PORT]`).
+    pub proxy: Option<String>,
     /// Data-plane backend.
     pub backend: Option<BackendKind>,
     /// io_uring worker threads (default: one per core).
@@ -183,6 +186,8 @@ pub struct AgentConfig {
     pub relay_fingerprint: Option<Fingerprint>,
     /// Extra CA file.
     pub ca: Option<PathBuf>,
+    /// HTTP proxy the relay is reached through (`None`: direct).
+    pub proxy: Option<ProxyUrl>,
     /// Services to publish.
     pub services: Vec<ServiceConfig>,
     /// Data-plane backend.
@@ -208,6 +213,33 @@ impl AgentConfig {
         } else {
             format!("{}:{}", self.relay_host, self.relay_port)
         }
+    }
+
+    /// The proxy to reach a relay at `relay_host` through: `--proxy` or the file's `proxy`,
+    /// else `HTTPS_PROXY` (or `https_proxy`) from `env`, unless `NO_PROXY` (or `no_proxy`)
+    /// exempts the relay's host. `env` looks up an environment variable.
+    pub fn pick_proxy(
+        given: Option<String>,
+        relay_host: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<ProxyUrl>, ConfigError> {
+        let nonempty = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        let Some(url) = given
+            .or_else(|| nonempty("HTTPS_PROXY"))
+            .or_else(|| nonempty("https_proxy"))
+        else {
+            return Ok(None);
+        };
+        let no_proxy = nonempty("NO_PROXY").or_else(|| nonempty("no_proxy"));
+        if no_proxy.is_some_and(|n| crate::protocol::http_proxy::bypassed(&n, relay_host)) {
+            return Ok(None);
+        }
+        url.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e: crate::protocol::http_proxy::ProxyError| {
+                ConfigError::Invalid(e.to_string())
+            })
     }
 
     /// Checks the settings make sense together.
@@ -265,5 +297,52 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::*;
+
+    fn pick(given: Option<&str>, env: &[(&str, &str)]) -> Result<Option<String>, ConfigError> {
+        let lookup = |k: &str| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        AgentConfig::pick_proxy(given.map(str::to_string), "relay.example.com", lookup)
+            .map(|p| p.map(|p| p.to_string()))
+    }
+
+    #[test]
+    fn the_flag_then_https_proxy_unless_no_proxy_names_the_relay() {
+        assert_eq!(pick(None, &[]).unwrap(), None);
+        assert_eq!(
+            pick(None, &[("https_proxy", "http://p:3128")])
+                .unwrap()
+                .as_deref(),
+            Some("http://p:3128")
+        );
+        let env = [
+            ("HTTPS_PROXY", "http://env:1"),
+            ("https_proxy", "http://lower:1"),
+        ];
+        assert_eq!(pick(None, &env).unwrap().as_deref(), Some("http://env:1"));
+        assert_eq!(
+            pick(Some("http://flag:2"), &env).unwrap().as_deref(),
+            Some("http://flag:2")
+        );
+        let exempt = [
+            ("HTTPS_PROXY", "http://env:1"),
+            ("NO_PROXY", ".example.com"),
+        ];
+        assert_eq!(pick(None, &exempt).unwrap(), None);
+        assert_eq!(
+            pick(None, &[("HTTPS_PROXY", "  ")]).unwrap(),
+            None,
+            "empty is unset"
+        );
+        let e = pick(Some("socks5://p:1"), &[]).unwrap_err().to_string();
+        assert!(e.contains("only http://"), "{e}");
     }
 }

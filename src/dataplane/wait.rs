@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::protocol::chunk::{self, StartAnswer};
+use crate::protocol::http_proxy;
 use crate::protocol::lifecycle::{RelayDataConn, RelayNext};
 
 /// A socket (or stream over one) read on whichever runtime owns it.
@@ -23,6 +24,34 @@ pub trait ReadSome {
 impl<T: AsyncRead + Unpin> ReadSome for T {
     async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.read(buf).await
+    }
+}
+
+/// Reads an HTTP proxy's answer to the agent's `CONNECT` (already sent) from `proxy`, up to
+/// the end of its head: `Ok` once the tunnel to the relay is open. A refusal, garbage, or
+/// bytes after the answer (nothing should come before the agent speaks) are errors.
+pub async fn proxy_answer(proxy: &mut impl ReadSome) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = proxy.read_some(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the proxy closed the connection before answering CONNECT",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match http_proxy::connect_answer(&buf) {
+            Ok(None) => continue,
+            Ok(Some(head)) if head == buf.len() => return Ok(()),
+            Ok(Some(_)) => {
+                return Err(io::Error::other(
+                    "the proxy sent bytes after its answer to CONNECT",
+                ))
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        }
     }
 }
 

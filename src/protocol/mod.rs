@@ -12,11 +12,13 @@
 //! - [`http`]: HTTP/1.x request heads, for routing shared HTTP ports by host and path.
 //! - [`sni`]: the server name in a TLS ClientHello, for routing shared TLS ports.
 //! - [`proxy`]: PROXY protocol v1/v2 headers that tell an origin who the visitor is.
+//! - [`http_proxy`]: reaching the relay through an HTTP proxy (`CONNECT`).
 
 pub mod auth;
 pub mod chunk;
 pub mod frame;
 pub mod http;
+pub mod http_proxy;
 pub mod lifecycle;
 pub mod liveness;
 pub mod msg;

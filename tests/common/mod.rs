@@ -139,6 +139,11 @@ impl Proc {
         let mut child = cmd
             .args(args)
             .env_remove("RINGTUNNEL_SECRET")
+            // An agent takes a proxy from the environment; a test that wants one says so.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             // `RINGTUNNEL_TEST_LOG=debug cargo test ...` puts debug lines in failure output.
             // Before `env`, so a test can set its own.
             .env(

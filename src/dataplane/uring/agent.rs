@@ -12,11 +12,12 @@ use monoio::net::TcpStream;
 use rustls_pki_types::ServerName;
 
 use super::pipe::PipePool;
-use super::sockio::fd;
+use super::sockio::{self, fd};
 use super::tls::TlsStream;
 use super::tunnel::Tunnel;
 use crate::dataplane::sock::{self, set_nonblocking};
 use crate::dataplane::tally::Tally;
+use crate::dataplane::wait::{proxy_answer, ReadSome};
 use crate::dataplane::InFlight;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
@@ -31,11 +32,57 @@ pub struct AgentTls {
     pub server_name: ServerName<'static>,
 }
 
+/// How a worker reaches the relay's control port: straight to its address, or through an HTTP
+/// proxy (`CONNECT`). Addresses arrive resolved: name lookups block, and must not stall a worker.
+#[derive(Debug, Clone)]
+pub enum RelayDial {
+    /// The relay's address.
+    Direct(SocketAddr),
+    /// The proxy's address, and the `CONNECT` request that opens a tunnel to the relay.
+    Proxied {
+        /// The proxy.
+        proxy: SocketAddr,
+        /// What is sent to it first.
+        request: Arc<[u8]>,
+    },
+}
+
+/// A worker's socket, read on the ring (for the proxy's answer).
+struct Dialing<'a>(&'a TcpStream);
+
+impl ReadSome for Dialing<'_> {
+    async fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        sockio::read_some(self.0, buf).await
+    }
+}
+
+impl RelayDial {
+    /// A connection to the relay's control port (through the proxy's tunnel, if any).
+    async fn open(&self) -> io::Result<TcpStream> {
+        match self {
+            RelayDial::Direct(addr) => connect(*addr).await,
+            RelayDial::Proxied { proxy, request } => {
+                let socket = connect(*proxy).await?;
+                let exchange = async {
+                    sockio::write_all(&socket, request).await?;
+                    proxy_answer(&mut Dialing(&socket)).await
+                };
+                monoio::time::timeout(CONNECT_TIMEOUT, exchange)
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "the proxy did not answer CONNECT")
+                    })??;
+                Ok(socket)
+            }
+        }
+    }
+}
+
 /// Runs one data connection: redeems `ticket`, then serves visitor after visitor (each on a
 /// fresh connection to the local service) for as long as the connection stays reusable.
 pub async fn serve_data(
     tls: Option<AgentTls>,
-    relay: SocketAddr,
+    relay: RelayDial,
     ticket: Ticket,
     service: String,
     local: Arc<[SocketAddr]>,
@@ -75,8 +122,8 @@ async fn connect_any(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
 }
 
 /// Dials the relay and, when asked, completes the TLS handshake, within [`CONNECT_TIMEOUT`].
-async fn open_tunnel(tls: Option<AgentTls>, relay: SocketAddr) -> io::Result<Tunnel> {
-    let socket = connect(relay).await?;
+async fn open_tunnel(tls: Option<AgentTls>, relay: &RelayDial) -> io::Result<Tunnel> {
+    let socket = relay.open().await?;
     // It may idle in the relay's pool for hours: let the kernel notice a cut link.
     let _ = crate::dataplane::sock::keep_alive(fd(&socket));
     let Some(tls) = tls else {
@@ -93,7 +140,7 @@ async fn open_tunnel(tls: Option<AgentTls>, relay: SocketAddr) -> io::Result<Tun
 
 async fn run(
     tls: Option<AgentTls>,
-    relay: SocketAddr,
+    relay: RelayDial,
     ticket: Ticket,
     service: &str,
     local: &[SocketAddr],
@@ -102,7 +149,7 @@ async fn run(
 ) -> io::Result<()> {
     // Dialing holds timers (cache-line aligned) and, with TLS, a handshaking rustls state:
     // boxed, so none of it pads the task that lives as long as the connection.
-    let tunnel = Box::pin(open_tunnel(tls, relay)).await?;
+    let tunnel = Box::pin(open_tunnel(tls, &relay)).await?;
     let (mut conn, hello) = AgentDataConn::open(ticket);
     tunnel.write_all(&hello).await?;
 
@@ -183,11 +230,11 @@ mod tests {
     fn connection_task_stays_small() {
         let pipes = super::PipePool::default();
         let local: Vec<std::net::SocketAddr> = vec!["127.0.0.1:1".parse().unwrap()];
-        let relay = "127.0.0.1:1".parse().unwrap();
+        let relay = super::RelayDial::Direct("127.0.0.1:1".parse().unwrap());
         let ticket = crate::protocol::auth::Ticket([0; 16]);
         let in_flight = crate::dataplane::InFlight::default();
         super::super::assert_task_small(|| {
-            super::run(None, relay, ticket, "x", &local, &in_flight, &pipes)
+            super::run(None, relay.clone(), ticket, "x", &local, &in_flight, &pipes)
         });
     }
 }

@@ -117,8 +117,8 @@ pub enum Command {
     AgentData {
         /// TLS to the relay, when the relay asks for it on data connections.
         tls: Option<agent::AgentTls>,
-        /// Relay control address, resolved.
-        relay: std::net::SocketAddr,
+        /// How to reach the relay's control port (its address resolved, or the proxy's).
+        relay: agent::RelayDial,
         /// The ticket to present.
         ticket: Ticket,
         /// Service name, for logs.
