@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::plane::{ControlPlane, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
@@ -21,6 +22,7 @@ use crate::net::AcceptErrors;
 use crate::protocol::{
     answers_start, relay_serves, AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION,
 };
+use crate::shared_ports::route::AgentHandoff;
 use crate::transport::{Conn, FrameIoError, Framed};
 
 /// First byte of a TLS handshake record.
@@ -61,9 +63,22 @@ async fn accept(
 /// declaring more is refused before its body is read.
 const FIRST_FRAME_MAX: usize = 64;
 
-/// Accepts agent connections forever. Each connection's task (handshake, session, parked
-/// data connection) belongs to this loop: when the loop is dropped, they end with it.
-pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
+/// How an agent's connection reached the relay.
+enum Arrival {
+    /// On the control port: nothing read yet.
+    ControlPort(TcpStream),
+    /// On the shared TLS port (its ALPN said agent): the ClientHello already read.
+    SharedTls(TcpStream, Vec<u8>),
+}
+
+/// Accepts agent connections forever: on the control port, and those the shared TLS port
+/// hands over (`handoffs`). Each connection's task (handshake, session, parked data
+/// connection) belongs to this loop: when the loop is dropped, they end with it.
+pub async fn accept_loop(
+    plane: Arc<ControlPlane>,
+    listener: TcpListener,
+    mut handoffs: mpsc::Receiver<AgentHandoff>,
+) {
     let mut conns = JoinSet::new();
     let unauthenticated = unauthenticated_cap();
     let mut errors = AcceptErrors::new("agent connection");
@@ -84,7 +99,7 @@ pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
                     };
                     match unauthenticated.enter_within(peer.ip(), allowance) {
                         Ok(place) => {
-                            conns.spawn(handle(plane.clone(), tcp, peer, place));
+                            conns.spawn(handle(plane.clone(), Arrival::ControlPort(tcp), peer, place));
                         }
                         Err(full) => {
                             // Dropping the socket closes it at once: no task, no TLS state.
@@ -95,30 +110,63 @@ pub async fn accept_loop(plane: Arc<ControlPlane>, listener: TcpListener) {
                 }
                 Err(e) => errors.back_off(&e).await,
             },
+            Some(h) = handoffs.recv() => {
+                // Draining: no new agents (dropping the socket closes it).
+                if listener.is_none() {
+                    continue;
+                }
+                let peer = h.peer;
+                let tcp = match h.stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(h.stream)) {
+                    Ok(t) => t,
+                    Err(_) => continue,
+                };
+                let allowance = match plane.throttle.is_throttled(peer.ip(), Instant::now()) {
+                    true => THROTTLED_PER_ADDRESS,
+                    false => MAX_UNAUTHENTICATED_PER_ADDRESS,
+                };
+                match unauthenticated.enter_within(peer.ip(), allowance) {
+                    Ok(place) => {
+                        conns.spawn(handle(plane.clone(), Arrival::SharedTls(tcp, h.hello), peer, place));
+                    }
+                    Err(full) => {
+                        plane.metrics.unauthenticated_shed.inc();
+                        plane.refusals.note(peer, "connection closed at accept", &full.to_string());
+                    }
+                }
+            }
             Some(_) = conns.join_next() => {}
         }
     }
 }
 
 enum Opened {
-    Control(Framed<Conn>, u16),
+    /// A control connection (its protocol version; whether it came by the shared TLS port).
+    Control(Framed<Conn>, u16, bool),
     Data(Framed<Conn>, u16, crate::protocol::auth::Ticket, bool),
 }
 
-async fn open(plane: &ControlPlane, tcp: TcpStream) -> Result<Opened, FrameIoError> {
-    let mut first = [0u8; 1];
-    if tcp.peek(&mut first).await? == 0 {
-        return Err(FrameIoError::Closed);
-    }
-    let tls = first[0] == TLS_HANDSHAKE;
-    let stream = if tls {
-        Conn::Tls(Box::new(plane.acceptor.accept(tcp).await?))
-    } else {
-        Conn::Plain(tcp)
+async fn open(plane: &ControlPlane, arrival: Arrival) -> Result<Opened, FrameIoError> {
+    let shared = matches!(arrival, Arrival::SharedTls(..));
+    let (stream, tls) = match arrival {
+        Arrival::ControlPort(tcp) => {
+            let mut first = [0u8; 1];
+            if tcp.peek(&mut first).await? == 0 {
+                return Err(FrameIoError::Closed);
+            }
+            if first[0] == TLS_HANDSHAKE {
+                (Conn::Tls(Box::new(plane.acceptor.accept(tcp).await?)), true)
+            } else {
+                (Conn::Plain(tcp), false)
+            }
+        }
+        Arrival::SharedTls(tcp, hello) => (
+            Conn::Tls(Box::new(resume_tls(plane, tcp, &hello).await?)),
+            true,
+        ),
     };
     let mut framed = Framed::new(stream);
     match framed.read_msg_capped::<AgentMsg>(FIRST_FRAME_MAX).await? {
-        AgentMsg::ControlHello { version } if tls => Ok(Opened::Control(framed, version)),
+        AgentMsg::ControlHello { version } if tls => Ok(Opened::Control(framed, version, shared)),
         AgentMsg::DataHello { version, ticket } => Ok(Opened::Data(framed, version, ticket, tls)),
         AgentMsg::ControlHello { .. } => Err(FrameIoError::Unexpected(
             "control connection without TLS".into(),
@@ -129,8 +177,30 @@ async fn open(plane: &ControlPlane, tcp: TcpStream) -> Result<Opened, FrameIoErr
     }
 }
 
-async fn handle(plane: Arc<ControlPlane>, tcp: TcpStream, peer: SocketAddr, place: CapPlace) {
-    let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&plane, tcp)).await {
+/// The server side of a TLS handshake whose ClientHello (`hello`, whole) was already read
+/// from `tcp` by the shared TLS port.
+async fn resume_tls(
+    plane: &ControlPlane,
+    tcp: TcpStream,
+    hello: &[u8],
+) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = hello;
+    while !rest.is_empty() {
+        acceptor.read_tls(&mut rest)?;
+    }
+    let accepted = match acceptor.accept() {
+        Ok(Some(a)) => a,
+        Ok(None) => return Err(std::io::Error::other("incomplete ClientHello")),
+        Err((e, _alert)) => return Err(std::io::Error::other(e)),
+    };
+    tokio_rustls::StartHandshake::from_parts(accepted, tcp)
+        .into_stream(plane.acceptor.config().clone())
+        .await
+}
+
+async fn handle(plane: Arc<ControlPlane>, arrival: Arrival, peer: SocketAddr, place: CapPlace) {
+    let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, open(&plane, arrival)).await {
         Ok(Ok(o)) => o,
         Ok(Err(FrameIoError::Closed)) => return, // port probe, health check
         Ok(Err(e)) => {
@@ -150,8 +220,8 @@ async fn handle(plane: Arc<ControlPlane>, tcp: TcpStream, peer: SocketAddr, plac
         }
     };
     match opened {
-        Opened::Control(framed, version) => {
-            match session::run(plane.clone(), framed, peer, version, place).await {
+        Opened::Control(framed, version, shared) => {
+            match session::run(plane.clone(), framed, peer, version, shared, place).await {
                 Ok(()) => {}
                 Err(e @ session::SessionEnd::AuthFailed(_)) => {
                     plane.refusals.note(peer, "agent rejected", &e.to_string())

@@ -69,7 +69,8 @@ pub enum SessionEnd {
     Refused(#[from] Refusal),
 }
 
-/// Runs a control session whose `ControlHello` (with `version`) was already read. `place`
+/// Runs a control session whose `ControlHello` (with `version`) was already read;
+/// `via_tls_port`: it came by the shared TLS port, so its data connections must be TLS. `place`
 /// is the connection's place among unauthenticated ones; it is given up once the agent has
 /// proved its secrets.
 pub async fn run(
@@ -77,6 +78,7 @@ pub async fn run(
     mut framed: Framed<Conn>,
     peer: SocketAddr,
     version: u16,
+    via_tls_port: bool,
     place: CapPlace,
 ) -> Result<(), SessionEnd> {
     if !relay_serves(version) {
@@ -98,7 +100,9 @@ pub async fn run(
     let challenge = RelayMsg::Challenge {
         version,
         nonce,
-        data_tls: plane.cfg().data_tls,
+        // An agent on the shared TLS port can reach only TLS there: its data connections
+        // must be TLS too, whatever the relay requires of others.
+        data_tls: plane.cfg().data_tls || via_tls_port,
     };
     framed.write_msg(&challenge, WRITE_TIMEOUT).await?;
     let services = match framed

@@ -31,6 +31,11 @@ pub use msg::{
     AgentMsg, ErrorCode, RelayMsg, ServiceKind, ServiceOutcome, ServiceRequest, ServiceResult,
 };
 
+/// The ALPN protocol an agent offers on every TLS connection to the relay. On the relay's
+/// shared TLS port (443) it tells an agent's connection from a visitor's, so a relay can
+/// take agents there and expose only ports 80 and 443; the control port ignores it.
+pub const AGENT_ALPN: &[u8] = b"ringtunnel";
+
 /// The protocol version this build speaks. Carried in the first frame of every connection, so
 /// a peer from another version gets a clear error instead of misparsed bytes.
 pub const PROTOCOL_VERSION: u16 = 4;

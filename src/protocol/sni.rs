@@ -15,6 +15,7 @@ pub const MAX_HELLO_RECORDS: usize = 16;
 const RECORD_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
 const EXT_SERVER_NAME: u16 = 0x0000;
+const EXT_ALPN: u16 = 0x0010;
 const NAME_TYPE_HOST: u8 = 0x00;
 
 /// What the bytes read so far say.
@@ -26,6 +27,9 @@ pub enum Sni {
     Found(String),
     /// A complete ClientHello without a server name.
     Missing,
+    /// A ringtunnel agent (its ALPN list offers [`super::AGENT_ALPN`]), whatever name it
+    /// gives: for the relay's control plane, not a service.
+    Agent,
 }
 
 /// Why the bytes are not a usable ClientHello.
@@ -187,24 +191,48 @@ fn parse_body(body: &[u8]) -> Result<Sni, SniError> {
         return Ok(Sni::Missing); // no extensions at all
     }
     let mut exts = Cur(c.vec16()?);
+    let mut found = None;
+    let mut agent = false;
     while !exts.0.is_empty() {
         let kind = exts.u16()?;
         let data = exts.vec16()?;
-        if kind != EXT_SERVER_NAME {
-            continue;
+        match kind {
+            EXT_SERVER_NAME if found.is_none() => found = Some(server_name(data)?),
+            EXT_ALPN => agent = offers_agent_alpn(data)?,
+            _ => {}
         }
-        let mut list = Cur(data);
-        let mut names = Cur(list.vec16()?);
-        while !names.0.is_empty() {
-            let name_type = names.u8()?;
-            let name = names.vec16()?;
-            if name_type == NAME_TYPE_HOST {
-                return normalize(name).map(Sni::Found);
-            }
-        }
-        return Ok(Sni::Missing);
     }
-    Ok(Sni::Missing)
+    Ok(match (agent, found) {
+        (true, _) => Sni::Agent,
+        (false, Some(Some(name))) => Sni::Found(name),
+        (false, _) => Sni::Missing,
+    })
+}
+
+/// The host name in a `server_name` extension, if it has one.
+fn server_name(data: &[u8]) -> Result<Option<String>, SniError> {
+    let mut list = Cur(data);
+    let mut names = Cur(list.vec16()?);
+    while !names.0.is_empty() {
+        let name_type = names.u8()?;
+        let name = names.vec16()?;
+        if name_type == NAME_TYPE_HOST {
+            return normalize(name).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Whether an ALPN extension's protocol list offers the agent's protocol.
+fn offers_agent_alpn(data: &[u8]) -> Result<bool, SniError> {
+    let mut list = Cur(data);
+    let mut protocols = Cur(list.vec16()?);
+    while !protocols.0.is_empty() {
+        if protocols.vec8()? == super::AGENT_ALPN {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 fn normalize(name: &[u8]) -> Result<String, SniError> {
@@ -263,6 +291,33 @@ mod tests {
             out.extend_from_slice(chunk);
         }
         out
+    }
+
+    /// A real ClientHello (rustls) for `name` offering `alpn`.
+    fn rustls_hello(name: &str, alpn: &[&[u8]]) -> Vec<u8> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), server).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn an_agent_is_told_by_its_alpn_whatever_its_name() {
+        let agent = rustls_hello("relay.example", &[b"h2", crate::protocol::AGENT_ALPN]);
+        assert_eq!(parse_client_hello(&agent), Ok(Sni::Agent));
+        let browser = rustls_hello("app.example", &[b"h2", b"http/1.1"]);
+        assert_eq!(parse_client_hello(&browser), Ok(Sni::Found("app.example".into())));
+        let close = rustls_hello("app.example", &[b"ringtunnel2", b"ringtunne"]);
+        assert_eq!(parse_client_hello(&close), Ok(Sni::Found("app.example".into())));
     }
 
     #[test]

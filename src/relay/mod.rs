@@ -381,10 +381,13 @@ async fn start_with(
             Err(e) => tracing::warn!(service = %name, "service not carried over: {e}"),
         }
     }
+    let (agents_tx, agents_rx) =
+        tokio::sync::mpsc::channel(crate::shared_ports::route::HANDOFF_QUEUE);
     let router = Arc::new(Router {
         cfg: cfg.front.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
+        agents: agents_tx,
     });
     let admin_token = cfg.admin_token.clone();
     let reloader = Arc::new(Reloader::new(load, live.clone(), registry.clone()));
@@ -457,7 +460,7 @@ async fn start_with(
             sweeper.refusals.flush(now);
         }
     });
-    tasks.spawn(accept::accept_loop(plane.clone(), listener));
+    tasks.spawn(accept::accept_loop(plane.clone(), listener, agents_rx));
     Ok(RelayHandle {
         control_addr,
         fingerprint: identity.fingerprint,

@@ -21,6 +21,38 @@ pub struct Router {
     pub registry: Arc<Registry>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Agents that came in on the shared TLS port (by ALPN) go to the control plane here.
+    pub agents: tokio::sync::mpsc::Sender<AgentHandoff>,
+}
+
+/// An agent's connection that arrived on the shared TLS port, with the ClientHello bytes
+/// already read from it, for the control plane to finish the TLS handshake and serve.
+pub struct AgentHandoff {
+    /// The socket (blocking mode as the runtime left it; the control plane takes it over).
+    pub stream: std::net::TcpStream,
+    /// The agent's address.
+    pub peer: SocketAddr,
+    /// The bytes read so far: the whole ClientHello.
+    pub hello: Vec<u8>,
+}
+
+/// Connections waiting for the control plane to take them from the shared TLS port; more
+/// are closed (each is still unauthenticated).
+pub const HANDOFF_QUEUE: usize = 256;
+
+impl Router {
+    /// Hands an agent's connection to the control plane; closes it (counted) when the
+    /// control plane has too many waiting.
+    pub fn hand_to_control(&self, handoff: AgentHandoff) {
+        if let Err(e) = self.agents.try_send(handoff) {
+            self.metrics.unauthenticated_shed.inc();
+            let peer = match &e {
+                tokio::sync::mpsc::error::TrySendError::Full(h)
+                | tokio::sync::mpsc::error::TrySendError::Closed(h) => h.peer,
+            };
+            tracing::debug!(%peer, "agent connection on the TLS port closed: the control plane has too many waiting");
+        }
+    }
 }
 
 /// What a shared port does with a visitor once its first bytes are read.
@@ -31,6 +63,9 @@ pub enum Decision {
     Answer(Vec<u8>),
     /// Close without a word.
     Close,
+    /// An agent's connection (ALPN `ringtunnel`) on the shared TLS port: hand it, with these
+    /// bytes already read, to the control plane.
+    Agent(Vec<u8>),
 }
 
 /// A visitor routed to a service, not yet handed to its pools.

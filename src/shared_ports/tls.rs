@@ -2,7 +2,8 @@
 //! service claiming that name, and hand the connection on with the ClientHello bytes in
 //! front. The relay holds no key for these names and never sees plaintext; the origin
 //! behind the agent terminates TLS. No SNI, an unknown one, or bytes that are not TLS: a
-//! TLS alert (where it makes sense) and a clean close, counted.
+//! TLS alert (where it makes sense) and a clean close, counted. A ClientHello offering the
+//! agent's ALPN protocol is an agent, not a visitor: it goes to the control plane.
 
 use std::net::SocketAddr;
 
@@ -37,6 +38,7 @@ pub fn decide(
         }
     };
     let name = match sni {
+        Sni::Agent => return Decision::Agent(bytes),
         Sni::Found(name) => name,
         Sni::Missing | Sni::NeedMore => {
             metrics.tls_unroutable.inc();

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
-use super::route::{Decision, Router};
+use super::route::{AgentHandoff, Decision, Router};
 use crate::control::service::Service;
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
 use crate::net::AcceptErrors;
@@ -54,6 +54,16 @@ async fn serve(router: &Router, port: Port, mut stream: TcpStream, addr: SocketA
         Decision::Dispatch(r) => r,
         Decision::Answer(bytes) => return answer(&mut stream, &bytes).await,
         Decision::Close => return,
+        Decision::Agent(hello) => {
+            if let Ok(stream) = stream.into_std() {
+                router.hand_to_control(AgentHandoff {
+                    stream,
+                    peer: addr,
+                    hello,
+                });
+            }
+            return;
+        }
     };
     let Ok(std_stream) = stream.into_std() else {
         return;

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::conn::VisitorConn;
 use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
-use super::route::{Decision, Router};
+use super::route::{AgentHandoff, Decision, Router};
 use crate::dataplane::gate::local_addr_of;
 use crate::dataplane::pool::Pool;
 use crate::dataplane::sock::{set_nonblocking, shutdown, Half};
@@ -116,6 +116,16 @@ async fn serve(router: &Router, port: Port, stream: TcpStream, addr: SocketAddr,
         Decision::Dispatch(r) => r,
         Decision::Answer(bytes) => return answer(&mut conn, &bytes).await,
         Decision::Close => return,
+        Decision::Agent(hello) => {
+            // SAFETY: the fd comes straight from the stream we own and give up here.
+            let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };
+            router.hand_to_control(AgentHandoff {
+                stream,
+                peer: addr,
+                hello,
+            });
+            return;
+        }
     };
     // SAFETY: the fd comes straight from the stream we own and give up here.
     let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };

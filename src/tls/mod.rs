@@ -109,5 +109,9 @@ pub fn client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsError> 
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };
+    let mut config = config;
+    // Tells the relay's shared TLS port this is an agent, not a visitor (the control port
+    // needs no telling and ignores it).
+    config.alpn_protocols = vec![crate::protocol::AGENT_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
