@@ -138,6 +138,32 @@ async fn through_the_proxy(backend: Backend, data_tls: &str) {
     drop(proxy.proc);
 }
 
+/// Through the proxy to the relay's shared TLS port (a network where only a proxy and the
+/// relay's 443 are reachable).
+async fn through_the_proxy_to_the_tls_port(backend: Backend) {
+    let Some(proxy) = Tinyproxy::start() else {
+        return;
+    };
+    let relay = Relay::spawn(
+        backend,
+        &["--tls", "127.0.0.1:0", "--domain", "example.test"],
+    );
+    let tls_port = relay.tls.unwrap();
+    let mut args = relay.agent_args(echo_origin().await, "echo");
+    let at = args.iter().position(|a| a == "--relay").unwrap() + 1;
+    args[at] = tls_port.to_string();
+    args.extend(["--proxy".into(), proxy.url(PROXY_PASSWORD)]);
+    let agent = Agent::spawn(args);
+    for _ in 0..5 {
+        assert_echo(agent.public).await;
+    }
+    assert!(
+        proxy.tunnels_to(tls_port) >= 2,
+        "{}",
+        std::fs::read_to_string(&proxy.log).unwrap_or_default()
+    );
+}
+
 async fn through_the_proxy_plain(backend: Backend) {
     through_the_proxy(backend, "off").await;
 }
@@ -182,6 +208,7 @@ async fn https_proxy_from_the_environment_and_no_proxy(backend: Backend) {
 }
 
 both_backends!(
+    through_the_proxy_to_the_tls_port,
     through_the_proxy_plain,
     through_the_proxy_tls,
     a_wrong_proxy_password_is_a_clear_error,

@@ -315,9 +315,15 @@ mod tests {
         let agent = rustls_hello("relay.example", &[b"h2", crate::protocol::AGENT_ALPN]);
         assert_eq!(parse_client_hello(&agent), Ok(Sni::Agent));
         let browser = rustls_hello("app.example", &[b"h2", b"http/1.1"]);
-        assert_eq!(parse_client_hello(&browser), Ok(Sni::Found("app.example".into())));
+        assert_eq!(
+            parse_client_hello(&browser),
+            Ok(Sni::Found("app.example".into()))
+        );
         let close = rustls_hello("app.example", &[b"ringtunnel2", b"ringtunne"]);
-        assert_eq!(parse_client_hello(&close), Ok(Sni::Found("app.example".into())));
+        assert_eq!(
+            parse_client_hello(&close),
+            Ok(Sni::Found("app.example".into()))
+        );
     }
 
     #[test]
