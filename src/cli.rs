@@ -100,13 +100,14 @@ pub enum Command {
     /// Print the man page, or write one per command into a directory.
     #[command(after_help = MAN_EXAMPLES)]
     Man(ManArgs),
-    /// Hash a password for basic auth in relay.toml (reads it from the first line of stdin).
+    /// Hash a password for basic auth in relay.toml (asked twice at a terminal, without echo;
+    /// otherwise the first line of stdin).
     #[command(after_help = HASH_PASSWORD_EXAMPLES)]
     HashPassword,
 }
 
 const HASH_PASSWORD_EXAMPLES: &str = "Examples:
-  ringtunnel hash-password            # type the password, then Enter
+  ringtunnel hash-password            # asks twice, without echo
   printf '%s\\n' \"$PASSWORD\" | ringtunnel hash-password
 Put the printed hash in relay.toml:
   [[service]]

@@ -216,14 +216,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             print_all(&text)
         }
         Command::HashPassword => {
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .context("reading the password from stdin")?;
-            let password = line.strip_suffix('\n').unwrap_or(&line);
-            let password = password.strip_suffix('\r').unwrap_or(password);
+            let password = read_password().context("reading the password")?;
             if password.is_empty() {
-                anyhow::bail!("no password on stdin: type it and press Enter, or pipe it in");
+                anyhow::bail!("no password given: type it and press Enter, or pipe it in");
             }
             let hash = ringtunnel::access::login::hash_password(password.as_bytes())?;
             println!("{hash}");
@@ -322,5 +317,61 @@ impl Signals {
                 Signal::Upgrade => tracing::warn!("SIGUSR2 ignored: already stopping"),
             }
         }
+    }
+}
+
+/// The password for `hash-password`: the first line of stdin. At a terminal it is asked for
+/// twice, without echo, and the two must match.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let line = || -> std::io::Result<String> {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let trimmed = line.strip_suffix('\n').unwrap_or(&line);
+        Ok(trimmed.strip_suffix('\r').unwrap_or(trimmed).to_string())
+    };
+    if !std::io::stdin().is_terminal() {
+        return Ok(line()?);
+    }
+    let _quiet = NoEcho::on_stdin()?;
+    let ask = |prompt: &str| -> std::io::Result<String> {
+        eprint!("{prompt}");
+        std::io::stderr().flush()?;
+        let answer = line();
+        eprintln!();
+        answer
+    };
+    let first = ask("Password: ")?;
+    if ask("Again: ")? != first {
+        anyhow::bail!("the two passwords differ");
+    }
+    Ok(first)
+}
+
+/// The terminal on stdin with its echo off, until dropped.
+struct NoEcho(libc::termios);
+
+impl NoEcho {
+    fn on_stdin() -> std::io::Result<NoEcho> {
+        // SAFETY: termios is plain data, filled by tcgetattr before use.
+        let mut old: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 and a valid termios pointer.
+        if unsafe { libc::tcgetattr(0, &mut old) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut quiet = old;
+        quiet.c_lflag &= !libc::ECHO;
+        // SAFETY: as above.
+        if unsafe { libc::tcsetattr(0, libc::TCSANOW, &quiet) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(NoEcho(old))
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `on_stdin`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.0) };
     }
 }
