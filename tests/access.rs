@@ -349,6 +349,90 @@ async fn basic_auth_guards_every_request(backend: Backend) {
     assert!(admin_counter(admin, "http_unauthorized").await >= 4);
 }
 
+/// A flood of wrong passwords from many addresses at once: every guess is answered (401, or
+/// 503 once the checking thread's queue is full, or 429 for an address throttled) and never
+/// let through, while credentials that passed before and another service are still served.
+async fn a_password_flood_is_answered_and_bounded(backend: Backend) {
+    let toml = format!(
+        "[[service]]\nname = \"staff\"\n[service.access.basic_auth]\nusers = {{ alice = \"{}\" }}\n",
+        hash_password("open sesame")
+    );
+    let (_dir, path) = config_file(&toml);
+    let relay = Relay::spawn(
+        backend,
+        &[
+            "--config",
+            &path,
+            "--admin",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--domain",
+            DOMAIN,
+        ],
+    );
+    let admin = relay.admin.unwrap();
+    let (staff_origin, staff_seen) = counting_http().await;
+    let (open_origin, _) = counting_http().await;
+    let mut staff = relay.agent_args(staff_origin, "staff");
+    staff.extend(["--http-host".into(), "staff".into()]);
+    let _staff = Agent::spawn(staff);
+    let mut open = relay.agent_args(open_origin, "open");
+    open.extend(["--http-host".into(), "open".into()]);
+    let _open = Agent::spawn(open);
+    let http = relay.http.unwrap();
+    let (staff_host, open_host) = (format!("staff.{DOMAIN}"), format!("open.{DOMAIN}"));
+    let good = basic("alice", "open sesame");
+    let mut s = connect_from(ip("127.0.0.1"), http).await;
+    assert_eq!(
+        request(&mut s, &staff_host, Some(&good)).await.map(|r| r.0),
+        Some(200)
+    );
+    let served_before = staff_seen.load(Ordering::SeqCst);
+
+    // 300 guesses at once, 3 from each of 100 addresses.
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..300u32 {
+        let host = staff_host.clone();
+        guesses.spawn(async move {
+            let from = IpAddr::from([127, 0, 1, (i % 100) as u8 + 1]);
+            let mut g = connect_from(from, http).await;
+            let wrong = basic("alice", &format!("guess {i}"));
+            request(&mut g, &host, Some(&wrong)).await.map(|r| r.0)
+        });
+    }
+    // Meanwhile: the other service, and the password that passed before.
+    let mut o = connect_from(ip("127.0.0.1"), http).await;
+    assert_eq!(
+        request(&mut o, &open_host, None).await.map(|r| r.0),
+        Some(200)
+    );
+    let mut again = connect_from(ip("127.0.0.1"), http).await;
+    assert_eq!(
+        request(&mut again, &staff_host, Some(&good))
+            .await
+            .map(|r| r.0),
+        Some(200)
+    );
+
+    let mut answers = std::collections::BTreeMap::new();
+    while let Some(done) = guesses.join_next().await {
+        let status = done.unwrap().expect("every guess is answered");
+        *answers.entry(status).or_insert(0) += 1;
+    }
+    eprintln!("answers to 300 guesses, by status: {answers:?}");
+    assert!(
+        answers.keys().all(|s| [401, 429, 503].contains(s)),
+        "{answers:?}"
+    );
+    assert_eq!(
+        staff_seen.load(Ordering::SeqCst),
+        served_before + 1,
+        "no guess reached the app"
+    );
+    assert_eq!(admin_counter(admin, "http_unauthorized").await, 300);
+}
+
 /// Basic auth in the relay's config for a service an agent publishes as tcp: refused at
 /// registration with a message naming the fix, never published unguarded.
 async fn basic_auth_is_refused_for_a_tcp_service(backend: Backend) {
@@ -365,6 +449,7 @@ async fn basic_auth_is_refused_for_a_tcp_service(backend: Backend) {
 
 both_backends!(
     address_lists_refuse_before_the_agent_and_reload,
+    a_password_flood_is_answered_and_bounded,
     basic_auth_guards_every_request,
     basic_auth_is_refused_for_a_tcp_service,
 );
