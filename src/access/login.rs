@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use argon2::password_hash::{PasswordHashString, SaltString};
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
 use base64ct::{Base64, Encoding};
 use ring::hmac;
 
+pub use crate::config::access::{parse_hash, BadHash};
 use crate::net::throttle::FailureThrottle;
 
 /// Credentials remembered per service once they passed; past this, the memory starts over.
@@ -35,27 +36,12 @@ pub const QUEUE: usize = 64;
 /// Why a password hash or a new one cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LoginError {
-    /// Not a PHC string (`$argon2id$v=19$m=...,t=...,p=...$SALT$HASH`).
-    #[error("not a password hash ({0}): make one with `ringtunnel hash-password`")]
-    BadHash(String),
-    /// A PHC string for another algorithm.
-    #[error("a {0} hash: only Argon2 (argon2id, argon2i, argon2d) is accepted")]
-    OtherAlgorithm(String),
+    /// A hash in the config that is not a usable Argon2 PHC string.
+    #[error(transparent)]
+    Hash(#[from] BadHash),
     /// Hashing a new password failed (no randomness for the salt).
     #[error("cannot hash the password: {0}")]
     Hashing(String),
-}
-
-/// Parses an Argon2 password hash in PHC form, checking its algorithm and parameters.
-pub fn parse_hash(s: &str) -> Result<PasswordHashString, LoginError> {
-    let hash = PasswordHash::new(s).map_err(|e| LoginError::BadHash(e.to_string()))?;
-    argon2::Algorithm::try_from(hash.algorithm)
-        .map_err(|_| LoginError::OtherAlgorithm(hash.algorithm.to_string()))?;
-    argon2::Params::try_from(&hash).map_err(|e| LoginError::BadHash(e.to_string()))?;
-    if hash.hash.is_none() {
-        return Err(LoginError::BadHash("no hash part".into()));
-    }
-    Ok(hash.serialize())
 }
 
 /// Hashes `password` for `relay.toml` with Argon2id, a random salt and Argon2's default
@@ -345,11 +331,11 @@ mod tests {
             "{made}"
         );
         assert!(parse_hash(&made).is_ok());
-        assert!(matches!(parse_hash("hunter2"), Err(LoginError::BadHash(_))));
-        let bcrypt_like = "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        assert!(matches!(parse_hash("hunter2"), Err(BadHash::NotPhc(_))));
+        let pbkdf2 = "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
         assert!(matches!(
-            parse_hash(bcrypt_like),
-            Err(LoginError::OtherAlgorithm(_))
+            parse_hash(pbkdf2),
+            Err(BadHash::OtherAlgorithm(_))
         ));
     }
 

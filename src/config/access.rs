@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use argon2::password_hash::{PasswordHash, PasswordHashString};
 use serde::Deserialize;
 
 use super::{Cidr, ConfigError};
@@ -32,6 +33,29 @@ pub struct BasicAuthFile {
     pub realm: Option<String>,
     /// User name → Argon2 password hash (`$argon2id$v=19$m=...`).
     pub users: BTreeMap<String, String>,
+}
+
+/// A password hash that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadHash {
+    /// Not a PHC string (`$argon2id$v=19$m=...,t=...,p=...$SALT$HASH`).
+    #[error("not a password hash ({0}): make one with `ringtunnel hash-password`")]
+    NotPhc(String),
+    /// A PHC string for another algorithm.
+    #[error("a {0} hash: only Argon2 (argon2id, argon2i, argon2d) is accepted")]
+    OtherAlgorithm(String),
+}
+
+/// Parses an Argon2 password hash in PHC form, checking its algorithm and parameters.
+pub fn parse_hash(s: &str) -> Result<PasswordHashString, BadHash> {
+    let hash = PasswordHash::new(s).map_err(|e| BadHash::NotPhc(e.to_string()))?;
+    argon2::Algorithm::try_from(hash.algorithm)
+        .map_err(|_| BadHash::OtherAlgorithm(hash.algorithm.to_string()))?;
+    argon2::Params::try_from(&hash).map_err(|e| BadHash::NotPhc(e.to_string()))?;
+    if hash.hash.is_none() {
+        return Err(BadHash::NotPhc("no hash part".into()));
+    }
+    Ok(hash.serialize())
 }
 
 impl AccessFile {
@@ -80,8 +104,7 @@ impl AccessFile {
                     "user {user:?}: a user name is not empty and has no ':' or control characters"
                 )));
             }
-            crate::access::login::parse_hash(hash)
-                .map_err(|e| bad(format!("user {user:?}: {e}")))?;
+            parse_hash(hash).map_err(|e| bad(format!("user {user:?}: {e}")))?;
         }
         Ok(())
     }

@@ -22,7 +22,6 @@ use crate::net::AcceptErrors;
 use crate::protocol::{
     answers_start, relay_serves, AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION,
 };
-use crate::shared_ports::route::AgentHandoff;
 use crate::transport::{Conn, FrameIoError, Framed};
 
 /// First byte of a TLS handshake record.
@@ -58,6 +57,21 @@ async fn accept(
         None => std::future::pending().await,
     }
 }
+
+/// An agent's connection that arrived on the shared TLS port, with the ClientHello bytes
+/// already read from it, for the control plane to finish the TLS handshake and serve.
+pub struct AgentHandoff {
+    /// The socket (blocking mode as the runtime left it; the control plane takes it over).
+    pub stream: std::net::TcpStream,
+    /// The agent's address.
+    pub peer: SocketAddr,
+    /// The bytes read so far: the whole ClientHello.
+    pub hello: Vec<u8>,
+}
+
+/// Connections waiting for the control plane to take them from the shared TLS port; more
+/// are closed (each is still unauthenticated).
+pub const HANDOFF_QUEUE: usize = 256;
 
 /// The first frame of any connection (`ControlHello` or `DataHello`) is a few bytes; a frame
 /// declaring more is refused before its body is read.

@@ -381,8 +381,7 @@ async fn start_with(
             Err(e) => tracing::warn!(service = %name, "service not carried over: {e}"),
         }
     }
-    let (agents_tx, agents_rx) =
-        tokio::sync::mpsc::channel(crate::shared_ports::route::HANDOFF_QUEUE);
+    let (agents_tx, agents_rx) = tokio::sync::mpsc::channel(crate::control::accept::HANDOFF_QUEUE);
     let router = Arc::new(Router {
         cfg: cfg.front.clone(),
         registry: registry.clone(),

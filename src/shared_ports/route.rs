@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::reply::Page;
 use crate::admin::Metrics;
 use crate::config::FrontConfig;
+use crate::control::accept::AgentHandoff;
 use crate::control::registry::Registry;
 use crate::control::service::Service;
 use crate::dataplane::gate::Admission;
@@ -24,21 +25,6 @@ pub struct Router {
     /// Agents that came in on the shared TLS port (by ALPN) go to the control plane here.
     pub agents: tokio::sync::mpsc::Sender<AgentHandoff>,
 }
-
-/// An agent's connection that arrived on the shared TLS port, with the ClientHello bytes
-/// already read from it, for the control plane to finish the TLS handshake and serve.
-pub struct AgentHandoff {
-    /// The socket (blocking mode as the runtime left it; the control plane takes it over).
-    pub stream: std::net::TcpStream,
-    /// The agent's address.
-    pub peer: SocketAddr,
-    /// The bytes read so far: the whole ClientHello.
-    pub hello: Vec<u8>,
-}
-
-/// Connections waiting for the control plane to take them from the shared TLS port; more
-/// are closed (each is still unauthenticated).
-pub const HANDOFF_QUEUE: usize = 256;
 
 impl Router {
     /// Hands an agent's connection to the control plane; closes it (counted) when the

@@ -9,7 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
-use super::route::{AgentHandoff, Decision, Router};
+use super::route::{Decision, Router};
+use crate::control::accept::AgentHandoff;
 use crate::control::service::Service;
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
 use crate::net::AcceptErrors;
