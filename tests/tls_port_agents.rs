@@ -3,7 +3,8 @@
 //! Their control session and data connections run there (data connections TLS even when the
 //! relay lets others be plain), while visitors of `tls` services on the same port are still
 //! passed through to their origins; an agent's hello that is not a valid one is refused and
-//! counted like one on the control port.
+//! counted like one on the control port, and a flood of silent ones is held to the same
+//! per-address share.
 
 mod common;
 
@@ -140,4 +141,60 @@ async fn agents_on_the_tls_port(backend: Backend) {
     assert_echo(echo.public).await;
 }
 
-both_backends!(agents_on_the_tls_port);
+/// 300 connections from one address that offer the agent's ALPN on the TLS port and then
+/// say nothing: the relay holds at most its per-address share of unauthenticated
+/// connections (the rest are closed and counted), and a real agent from another address
+/// still gets in through the same port.
+async fn an_idle_agent_flood_on_the_tls_port_leaves_room(backend: Backend) {
+    let relay = Relay::spawn(
+        backend,
+        &[
+            "--tls",
+            "127.0.0.1:0",
+            "--domain",
+            DOMAIN,
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let admin = relay.admin.unwrap();
+    let tls_port = relay.tls.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("relay").unwrap();
+    let mut hello = Vec::new();
+    rustls::ClientConnection::new(client(ringtunnel::protocol::AGENT_ALPN), name)
+        .unwrap()
+        .write_tls(&mut hello)
+        .unwrap();
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut c = s.connect(tls_port).await.unwrap();
+        let _ = c.write_all(&hello).await;
+        flood.push(c);
+    }
+    // Shed at the TLS port (64 being routed per address) or at the control plane (256
+    // unauthenticated per address): 44 at least, however the two split them.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let shed = metric(admin, "ringtunnel_unauthenticated_shed_total")
+            .await
+            .unwrap_or(0)
+            + metric(admin, "ringtunnel_visitors_shed_total")
+                .await
+                .unwrap_or(0);
+        if shed >= 300 - 256 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {shed} shed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let agent = Agent::spawn(via_tls_port(&relay, echo_origin().await, "echo"));
+    assert_echo(agent.public).await;
+    drop(flood);
+}
+
+both_backends!(
+    agents_on_the_tls_port,
+    an_idle_agent_flood_on_the_tls_port_leaves_room
+);
