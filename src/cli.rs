@@ -368,6 +368,10 @@ pub struct AgentArgs {
     /// Public port to ask for (default: the relay picks one from its range).
     #[arg(long, requires = "local", conflicts_with_all = ["http_host", "tls_host"])]
     pub remote_port: Option<u16>,
+    /// Publish as a `udp` service: a public UDP port (--remote-port, or one the relay picks)
+    /// whose datagrams reach the local UDP service at --local, a flow per visitor address.
+    #[arg(long, requires = "local", conflicts_with_all = ["http_host", "tls_host", "proxy_protocol"])]
+    pub udp: bool,
     /// Publish as an `http` service on the relay's shared HTTP port under this host name
     /// (repeatable; a name without a dot is a subdomain of the relay's --domain).
     #[arg(long, requires = "local", conflicts_with = "tls_host")]
@@ -437,7 +441,9 @@ impl AgentArgs {
             let mut svc = ServiceConfig::tcp(name, local);
             svc.remote_port = self.remote_port;
             svc.pool = self.pool.unwrap_or(DEFAULT_POOL);
-            if !self.http_host.is_empty() {
+            if self.udp {
+                svc.kind = ServiceKind::Udp;
+            } else if !self.http_host.is_empty() {
                 svc.kind = ServiceKind::Http;
                 svc.hosts = self.http_host;
             } else if !self.tls_host.is_empty() {

@@ -124,6 +124,9 @@ counters! {
         /// Control port: failed attempts (wrong secret, unknown ticket) answered late because
         /// their address failed too often.
         pub failures_throttled,
+        /// `udp` services: datagrams dropped at the relay (no channel to the agent, a flow
+        /// refused by limits or address lists, a channel's queue full).
+        pub udp_dropped,
         /// Tickets not issued because a session, a secret or the whole relay had its quota out.
         pub tickets_withheld,
     }

@@ -16,6 +16,31 @@ use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::lifecycle::{AgentDataConn, AgentEvent};
 
+/// Opens a data connection with `ticket` for `udp` service `service` and carries its flows
+/// to `local` through it, for as long as the relay keeps it.
+pub async fn serve_udp(ctx: Arc<Ctx>, tls: bool, service: String, local: String, ticket: Ticket) {
+    let mut tunnel = match Box::pin(ctx.connect_data(tls)).await {
+        Ok(s) => s,
+        Err(e) => return tracing::debug!(service, "udp channel failed: {e}"),
+    };
+    let (_, hello) = AgentDataConn::open(ticket);
+    let sent = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        tunnel.write_all(&hello).await?;
+        tunnel.flush().await
+    });
+    if let Err(e) = sent
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    {
+        return tracing::debug!(service, "udp channel failed: {e}");
+    }
+    let flows = ctx.udp_service(&service, &local);
+    match flows.serve_channel(tunnel).await {
+        Ok(()) => tracing::debug!(service, "udp channel closed by the relay"),
+        Err(e) => tracing::debug!(service, "udp channel ended: {e}"),
+    }
+}
+
 /// Opens a data connection with `ticket` and serves visitors through it to `local`, one at a
 /// time, for as long as the relay keeps it.
 pub async fn serve(ctx: Arc<Ctx>, tls: bool, service: String, local: String, ticket: Ticket) {

@@ -25,7 +25,7 @@ use crate::config::{AgentConfig, BackendKind};
 use crate::dataplane::probe;
 use crate::dataplane::uring::Workers;
 use crate::net::CONNECT_TIMEOUT;
-use crate::protocol::ErrorCode;
+use crate::protocol::{ErrorCode, ServiceKind};
 use crate::tls::fingerprint::FingerprintMismatch;
 use crate::tls::{self, RelayTrust};
 use crate::transport::BoxStream;
@@ -138,6 +138,8 @@ pub struct Ctx {
     workers: Option<Arc<Workers>>,
     /// Visitors being served now, on either backend.
     pub in_flight: crate::dataplane::InFlight,
+    /// The flows of each `udp` service, shared by its channels (made on first use).
+    udp: Mutex<HashMap<String, Arc<crate::dataplane::udp::agent::Service>>>,
     /// How many stop signals arrived: the first says goodbye and drains, the second ends it.
     stop: tokio::sync::watch::Receiver<u32>,
 }
@@ -234,8 +236,21 @@ impl Ctx {
             events: self.events.clone(),
             workers: self.workers.clone(),
             in_flight: self.in_flight.clone(),
+            udp: Mutex::new(HashMap::new()),
             stop: self.stop.clone(),
         }
+    }
+
+    /// The flows of `udp` service `name`, whose local service is at `local`.
+    pub fn udp_service(
+        &self,
+        name: &str,
+        local: &str,
+    ) -> Arc<crate::dataplane::udp::agent::Service> {
+        let mut g = self.udp.lock().unwrap_or_else(|e| e.into_inner());
+        g.entry(name.to_string())
+            .or_insert_with(|| crate::dataplane::udp::agent::Service::new(name, local))
+            .clone()
     }
 
     fn assigned_port(&self, name: &str) -> Option<u16> {
@@ -385,8 +400,10 @@ async fn run_inner(
             tracing::warn!(service = %svc.name, "the secret is weak: {why}");
         }
         // In the background: a local service that drops packets would otherwise hold up
-        // the start by the check's timeout, once per service.
-        tokio::spawn(check_local(svc.name.clone(), svc.local.clone()));
+        // the start by the check's timeout, once per service. UDP has no connection to try.
+        if svc.kind != ServiceKind::Udp {
+            tokio::spawn(check_local(svc.name.clone(), svc.local.clone()));
+        }
     }
     let trust = match (&cfg.relay_fingerprint, &cfg.ca) {
         (Some(fp), _) => RelayTrust::Pinned(*fp),
@@ -405,6 +422,7 @@ async fn run_inner(
         events,
         workers,
         in_flight: crate::dataplane::InFlight::default(),
+        udp: Mutex::new(HashMap::new()),
         stop: stop.clone(),
     });
     let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_CAP);

@@ -156,12 +156,12 @@ async fn session(
         .iter()
         .map(|s| {
             let secret = cfg.secret_for(s).map(|x| x.expose()).unwrap_or_default();
-            let remote_port = match s.kind {
-                ServiceKind::Tcp => s
+            let remote_port = match s.kind.own_port() {
+                true => s
                     .remote_port
                     .or_else(|| ctx.assigned_port(&s.name))
                     .unwrap_or(0),
-                _ => 0,
+                false => 0,
             };
             ServiceRequest {
                 name: s.name.clone(),
@@ -206,7 +206,7 @@ async fn session(
                     .iter()
                     .find(|s| s.name.eq_ignore_ascii_case(&r.name));
                 let kind = svc.map_or(ServiceKind::Tcp, |s| s.kind);
-                if kind == ServiceKind::Tcp {
+                if kind.own_port() {
                     ctx.remember_port(&r.name, Some(*port));
                 }
                 // The prefix as the relay claims it (the root shows as nothing).
@@ -334,6 +334,11 @@ async fn session(
                             continue;
                         };
                         for ticket in tickets {
+                            if svc.kind == ServiceKind::Udp {
+                                // Channels run on tokio whatever the backend.
+                                tokio::spawn(data::serve_udp(ctx.clone(), data_tls, svc.name.clone(), svc.local.clone(), ticket));
+                                continue;
+                            }
                             match &uring {
                                 Some((w, routes, tls)) => {
                                     let cmd = Command::AgentData {
@@ -365,6 +370,7 @@ async fn session(
 }
 
 /// Where visitors reach a service, for the `online` line: `HOST:PORT` for `tcp`,
+/// `udp://HOST:PORT` for `udp`,
 /// `http://NAME[:PORT]/PATH` for `http`, `NAME:PORT` for `tls` (several joined by commas).
 fn public_address(
     kind: ServiceKind,
@@ -376,6 +382,8 @@ fn public_address(
     match kind {
         ServiceKind::Tcp if relay_host.contains(':') => format!("[{relay_host}]:{port}"),
         ServiceKind::Tcp => format!("{relay_host}:{port}"),
+        ServiceKind::Udp if relay_host.contains(':') => format!("udp://[{relay_host}]:{port}"),
+        ServiceKind::Udp => format!("udp://{relay_host}:{port}"),
         ServiceKind::Http => hosts
             .iter()
             .map(|h| match port {

@@ -111,7 +111,7 @@ impl ServiceConfig {
             )))
         };
         match self.kind {
-            ServiceKind::Tcp => {
+            ServiceKind::Tcp | ServiceKind::Udp => {
                 if !self.hosts.is_empty() || self.path.is_some() {
                     return bad("hosts and path are for http and tls services".into());
                 }
@@ -119,7 +119,7 @@ impl ServiceConfig {
             ServiceKind::Http | ServiceKind::Tls => {
                 if self.remote_port.is_some() {
                     return bad(format!(
-                        "remote_port is for tcp services, not {}",
+                        "remote_port is for tcp and udp services, not {}",
                         self.kind
                     ));
                 }
@@ -152,6 +152,9 @@ impl ServiceConfig {
             }
             // The relay applies the same rule to what it receives.
             normalize_prefix(p)?;
+        }
+        if self.proxy_protocol != ProxyVersion::Off && self.kind == ServiceKind::Udp {
+            return bad("proxy_protocol is for tcp and tls services".into());
         }
         if self.proxy_protocol != ProxyVersion::Off && self.kind == ServiceKind::Http {
             return bad(

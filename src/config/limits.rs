@@ -21,7 +21,14 @@ pub struct Limits {
     /// Most agent sessions at once authenticated with this service's secret (for the relay's
     /// default secret: the relay-wide value counts every agent using it).
     pub max_agents: Option<usize>,
+    /// `udp` services: seconds without a datagram either way after which a visitor's flow
+    /// ends (and its place and the agent's socket are freed).
+    pub udp_flow_idle_secs: Option<f64>,
 }
+
+/// Default seconds a `udp` flow may sit silent: longer than the keep-alives of the usual
+/// UDP protocols (WireGuard 25 s, QUIC 30 s, most games well under), as NAT gateways do.
+pub const DEFAULT_UDP_FLOW_IDLE_SECS: f64 = 60.0;
 
 /// Default most visitors at once per service: far above what one agent's link carries, low
 /// enough that one service cannot take every descriptor of the relay.
@@ -43,6 +50,7 @@ impl Limits {
             conn_rate_per_ip: Some(DEFAULT_CONN_RATE_PER_IP),
             idle_timeout_secs: Some(DEFAULT_IDLE_TIMEOUT_SECS),
             max_agents: None,
+            udp_flow_idle_secs: None,
         }
     }
 
@@ -63,6 +71,7 @@ impl Limits {
             conn_rate_per_ip: self.conn_rate_per_ip.or(base.conn_rate_per_ip),
             idle_timeout_secs: self.idle_timeout_secs.or(base.idle_timeout_secs),
             max_agents: self.max_agents.or(base.max_agents),
+            udp_flow_idle_secs: self.udp_flow_idle_secs.or(base.udp_flow_idle_secs),
         }
     }
 
@@ -73,6 +82,14 @@ impl Limits {
             .map(Duration::from_secs_f64)
     }
 
+    /// How long a `udp` flow may sit silent.
+    pub fn udp_flow_idle(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.udp_flow_idle_secs
+                .unwrap_or(DEFAULT_UDP_FLOW_IDLE_SECS),
+        )
+    }
+
     pub(super) fn validate(&self, whose: &str) -> Result<(), ConfigError> {
         if self.max_agents == Some(0) {
             return Err(ConfigError::Invalid(format!(
@@ -81,6 +98,9 @@ impl Limits {
         }
         if let Some(t) = self.idle_timeout_secs.filter(|t| *t != 0.0) {
             positive_secs(t, &format!("{whose}: idle_timeout_secs (0: none)"))?;
+        }
+        if let Some(t) = self.udp_flow_idle_secs {
+            positive_secs(t, &format!("{whose}: udp_flow_idle_secs"))?;
         }
         Ok(())
     }

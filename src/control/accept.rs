@@ -19,6 +19,7 @@ use crate::dataplane::{uring, DataPlane};
 use crate::net::cap::{CapPlace, ConnCap};
 use crate::net::throttle::THROTTLED_PER_ADDRESS;
 use crate::net::AcceptErrors;
+use crate::protocol::ServiceKind;
 use crate::protocol::{
     answers_start, relay_serves, AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION,
 };
@@ -337,6 +338,13 @@ async fn data_connection(
     }
     plane.metrics.data_accepted.inc();
     let pool = service.pools[worker].clone();
+    if service.kind == ServiceKind::Udp {
+        // Taken as a channel for the service's flows, on tokio whatever the backend.
+        if let Some(hub) = service.udp_hub() {
+            hub.attach(tunnel, &pool, generation);
+        }
+        return;
+    }
     match &plane.dataplane {
         DataPlane::Tokio => {
             let metrics = &plane.metrics;

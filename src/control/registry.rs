@@ -39,6 +39,9 @@ const MAX_REMEMBERED_PORTS: usize = 4096;
 
 /// The key a service name is kept under: names compare without regard to case, so
 /// `Billing` can never sit beside (or squat the port of) `billing`.
+/// Channels (data connections kept for good) a `udp` service holds per pool at most.
+pub const UDP_CHANNELS_PER_POOL: usize = 2;
+
 fn key(name: &str) -> String {
     name.to_ascii_lowercase()
 }
@@ -350,7 +353,12 @@ impl Registry {
         req: &ServiceRequest,
         wake: &Arc<Notify>,
     ) -> Result<Arc<Service>, Refusal> {
-        let target = usize::from(req.pool.clamp(1, MAX_POOL));
+        let mut target = usize::from(req.pool.clamp(1, MAX_POOL));
+        if req.kind == ServiceKind::Udp {
+            // Channels carry every flow and live as long as the agent: a few per worker
+            // spread the load without holding many connections.
+            target = target.min(UDP_CHANNELS_PER_POOL);
+        }
         let (hosts, path) = self.claims(req)?;
         let secret = self
             .cfg()
@@ -367,7 +375,9 @@ impl Registry {
         if let Some(existing) = g.services.get(&key(&req.name)).cloned() {
             let same = existing.kind == req.kind
                 && match req.kind {
-                    ServiceKind::Tcp => req.remote_port == 0 || req.remote_port == existing.port,
+                    ServiceKind::Tcp | ServiceKind::Udp => {
+                        req.remote_port == 0 || req.remote_port == existing.port
+                    }
                     _ => existing.hosts == hosts && existing.path == path,
                 };
             if same {
@@ -403,7 +413,25 @@ impl Registry {
         ));
         let (port, guard) = match req.kind {
             ServiceKind::Tcp => {
-                let (port, guard) = self.bind_port(g, req, &gate, &pools)?;
+                let wait = self.cfg().front.agent_wait;
+                let bind = |addr| self.dataplane.listen(addr, &gate, &pools, wait);
+                let (port, guard) = self.bind_port(g, req, bind)?;
+                (port, Some(guard))
+            }
+            ServiceKind::Udp => {
+                let idle = self.cfg().limits_for(&req.name).udp_flow_idle();
+                let (name, metrics) = (&req.name, &self.metrics);
+                let bind = |addr| {
+                    crate::dataplane::udp::relay::Hub::bind(
+                        addr,
+                        name,
+                        gate.clone(),
+                        metrics.clone(),
+                        idle,
+                    )
+                    .map(ListenerGuard::Udp)
+                };
+                let (port, guard) = self.bind_port(g, req, bind)?;
                 (port, Some(guard))
             }
             ServiceKind::Http => (self.shared_ports.http.unwrap_or(0), None),
@@ -425,7 +453,7 @@ impl Registry {
             }),
         });
         svc.attach_pools(target, wake);
-        if req.kind == ServiceKind::Tcp {
+        if req.kind.own_port() {
             if g.last_port.len() >= MAX_REMEMBERED_PORTS
                 && !g.last_port.contains_key(&key(&req.name))
             {
@@ -446,7 +474,7 @@ impl Registry {
         let reject = Refusal::BadRequest;
         let bad = |m: String| Err(Refusal::BadRequest(m));
         match req.kind {
-            ServiceKind::Tcp => {
+            ServiceKind::Tcp | ServiceKind::Udp => {
                 if !req.hosts.is_empty() || !req.path.is_empty() {
                     return bad("host names and paths are for http and tls services".into());
                 }
@@ -515,7 +543,7 @@ impl Registry {
                 });
             }
             let holder = match req.kind {
-                ServiceKind::Tcp => None,
+                ServiceKind::Tcp | ServiceKind::Udp => None,
                 ServiceKind::Http => routes.http_holder(h, path),
                 ServiceKind::Tls => routes.tls_holder(h),
             };
@@ -536,7 +564,7 @@ impl Registry {
     /// Closes `svc` for good: listener, pools and routes; forgets it.
     fn retire(&self, g: &mut Inner, svc: &Arc<Service>) {
         svc.close();
-        if svc.kind != ServiceKind::Tcp {
+        if !svc.kind.own_port() {
             self.routes_mut().remove(svc);
         }
         g.services.remove(&key(&svc.name));
@@ -547,7 +575,10 @@ impl Registry {
     pub fn records(&self) -> io::Result<Vec<(ServiceRecord, Vec<OwnedFd>)>> {
         let g = self.lock();
         let mut out = Vec::with_capacity(g.services.len());
-        for svc in g.services.values() {
+        // A `udp` service's socket is not handed over: its flows live in this process. It
+        // closes here (see `release_listeners`), and its agent publishes it again, on the
+        // same port, with the process taking over.
+        for svc in g.services.values().filter(|s| s.kind != ServiceKind::Udp) {
             let st = svc.state();
             let fds = match &st.listener {
                 Some(guard) => guard
@@ -585,6 +616,12 @@ impl Registry {
             .secret_for(&record.name)
             .map(|(_, id)| id)
             .ok_or_else(|| Refusal::BadRequest(format!("no secret for service {}", record.name)))?;
+        if record.kind == ServiceKind::Udp {
+            return Err(Refusal::BadRequest(format!(
+                "udp service {} is not handed over",
+                record.name
+            )));
+        }
         let mut g = self.lock();
         if g.services.contains_key(&key(&record.name)) {
             return Err(Refusal::BadRequest(format!(
@@ -630,11 +667,11 @@ impl Registry {
                 linger_until: Some(now + LINGER),
             }),
         });
-        match svc.kind {
-            ServiceKind::Tcp => {
+        match svc.kind.own_port() {
+            true => {
                 g.last_port.insert(key(&svc.name), svc.port);
             }
-            _ => self.routes_mut().insert(&svc),
+            false => self.routes_mut().insert(&svc),
         }
         g.services.insert(key(&svc.name), svc);
         Ok(())
@@ -685,32 +722,31 @@ impl Registry {
         st.linger_until = None;
     }
 
-    fn port_holder<'a>(&self, g: &'a Inner, port: u16) -> Option<&'a str> {
+    /// The service holding public port `port` for `kind` (`tcp` and `udp` ports are apart,
+    /// as the kernel's are: `iperf3 -u` and DNS want both on one number).
+    fn port_holder<'a>(&self, g: &'a Inner, port: u16, kind: ServiceKind) -> Option<&'a str> {
         g.services
             .values()
-            .find(|s| s.port == port)
+            .find(|s| s.port == port && s.kind == kind)
             .map(|s| s.name.as_str())
     }
 
+    /// Binds `req`'s public port with `bind`: the one it asks for, the one its name had
+    /// before, or a free one from the range.
     fn bind_port(
         &self,
         g: &Inner,
         req: &ServiceRequest,
-        gate: &Arc<Gate>,
-        pools: &[Arc<Pool>],
+        bind: impl Fn(SocketAddr) -> io::Result<ListenerGuard>,
     ) -> Result<(u16, ListenerGuard), Refusal> {
         let range = self.cfg().port_range;
-        let try_bind = |port: u16| {
-            let addr = SocketAddr::new(self.cfg().bind_addr, port);
-            self.dataplane
-                .listen(addr, gate, pools, self.cfg().front.agent_wait)
-        };
+        let try_bind = |port: u16| bind(SocketAddr::new(self.cfg().bind_addr, port));
         if req.remote_port != 0 {
             let port = req.remote_port;
             if !range.contains(port) {
                 return Err(Refusal::PortForbidden { port, range });
             }
-            if let Some(holder) = self.port_holder(g, port) {
+            if let Some(holder) = self.port_holder(g, port, req.kind) {
                 return Err(Refusal::PortTaken {
                     port,
                     holder: holder.to_string(),
@@ -726,7 +762,7 @@ impl Registry {
         // No port asked for: the one this name had before, else a random free one. Ports
         // remembered for other names are avoided while there is a choice.
         if let Some(&port) = g.last_port.get(&key(&req.name)) {
-            if self.port_holder(g, port).is_none() {
+            if self.port_holder(g, port, req.kind).is_none() {
                 if let Ok(l) = try_bind(port) {
                     return Ok((port, l));
                 }
@@ -740,7 +776,9 @@ impl Registry {
                 .last_port
                 .iter()
                 .any(|(n, p)| *p == port && *n != key(&req.name));
-            if self.port_holder(g, port).is_some() || (reserved && attempt < PORT_ATTEMPTS / 2) {
+            if self.port_holder(g, port, req.kind).is_some()
+                || (reserved && attempt < PORT_ATTEMPTS / 2)
+            {
                 continue;
             }
             if let Ok(l) = try_bind(port) {

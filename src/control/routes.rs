@@ -88,7 +88,7 @@ impl Routes {
                 .map(|(_, s)| s.clone())
                 .collect(),
             ServiceKind::Tls => self.tls(host).into_iter().collect(),
-            ServiceKind::Tcp => Vec::new(),
+            ServiceKind::Tcp | ServiceKind::Udp => Vec::new(),
         }
     }
 
@@ -124,7 +124,7 @@ impl Routes {
                 ServiceKind::Tls => {
                     self.tls.insert(h.clone(), svc.clone());
                 }
-                ServiceKind::Tcp => {}
+                ServiceKind::Tcp | ServiceKind::Udp => {}
             }
         }
     }

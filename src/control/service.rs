@@ -73,6 +73,15 @@ impl Service {
         self.state().owner == Some(session)
     }
 
+    /// A `udp` service's hub (its public socket and flows), which takes its data
+    /// connections as channels.
+    pub fn udp_hub(&self) -> Option<Arc<crate::dataplane::udp::relay::Hub>> {
+        match &self.state().listener {
+            Some(ListenerGuard::Udp(hub)) => Some(hub.clone()),
+            _ => None,
+        }
+    }
+
     pub(super) fn close(&self) {
         for p in &self.pools {
             p.close();

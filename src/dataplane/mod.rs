@@ -26,6 +26,7 @@ pub mod rewrite;
 pub mod sock;
 pub mod tally;
 pub mod tokio;
+pub mod udp;
 pub mod uring;
 pub mod wait;
 
@@ -152,6 +153,8 @@ pub enum ListenerGuard {
     Tokio(JoinHandle<()>, crate::net::StopListening),
     /// One stop handle per worker listener.
     Uring(Vec<uring::ListenerStop>),
+    /// A `udp` service's public socket, flows and channels (on tokio, whatever the backend).
+    Udp(Arc<udp::relay::Hub>),
 }
 
 impl ListenerGuard {
@@ -160,6 +163,7 @@ impl ListenerGuard {
         match self {
             ListenerGuard::Tokio(_, stop) => stop.fd().into_iter().collect(),
             ListenerGuard::Uring(stops) => stops.iter().filter_map(|s| s.fd()).collect(),
+            ListenerGuard::Udp(_) => Vec::new(),
         }
     }
 
@@ -169,14 +173,18 @@ impl ListenerGuard {
         match self {
             ListenerGuard::Tokio(_, stop) => stop.release(),
             ListenerGuard::Uring(stops) => stops.iter_mut().for_each(|s| s.release()),
+            // Not handed over: closed, so the process taking over can bind the port.
+            ListenerGuard::Udp(hub) => hub.stop(),
         }
     }
 }
 
 impl Drop for ListenerGuard {
     fn drop(&mut self) {
-        if let ListenerGuard::Tokio(h, _) = self {
-            h.abort();
+        match self {
+            ListenerGuard::Tokio(h, _) => h.abort(),
+            ListenerGuard::Udp(hub) => hub.stop(),
+            ListenerGuard::Uring(_) => {}
         }
         // Uring: dropping the stop handles stops each worker's accept loop and shuts its
         // listener down.

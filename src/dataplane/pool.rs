@@ -156,6 +156,9 @@ struct Inner {
     idle: VecDeque<(Slot, Instant)>,
     waiters: VecDeque<oneshot::Sender<Slot>>,
     outstanding: usize,
+    /// Connections kept for good by their service (a `udp` service's channels, see
+    /// [`Held`]): they count toward the target as idle ones do.
+    held: usize,
     target: usize,
     wake: Option<Arc<Notify>>,
     /// Bumped whenever the owner changes, so a connection of a previous owner that finishes
@@ -170,7 +173,7 @@ impl Inner {
     /// it up in one batch: one Tickets frame per several visitors instead of one per visitor.
     fn want_more(&self) -> bool {
         let low_water = self.target.div_ceil(2);
-        self.idle.len() + self.outstanding < low_water + self.waiters.len()
+        self.idle.len() + self.held + self.outstanding < low_water + self.waiters.len()
             && self.outstanding < MAX_OUTSTANDING_TICKETS
     }
 
@@ -206,6 +209,7 @@ impl Inner {
     fn detach(&mut self) {
         self.idle.clear();
         self.outstanding = 0;
+        self.held = 0;
         self.wake = None;
         self.generation += 1;
     }
@@ -244,6 +248,7 @@ impl Pool {
         let mut g = self.lock();
         g.idle.clear();
         g.outstanding = 0;
+        g.held = 0;
         g.target = target;
         g.wake = Some(wake);
         g.generation += 1;
@@ -400,7 +405,7 @@ impl Pool {
             return 0;
         }
         let want = g.target + g.waiters.len();
-        let have = g.idle.len() + g.outstanding;
+        let have = g.idle.len() + g.held + g.outstanding;
         let n = want
             .saturating_sub(have)
             .min(MAX_OUTSTANDING_TICKETS - g.outstanding.min(MAX_OUTSTANDING_TICKETS));
@@ -420,6 +425,47 @@ impl Pool {
         let mut g = self.lock();
         g.outstanding = g.outstanding.saturating_sub(1);
         g.nudge();
+    }
+
+    /// Keeps a data connection of the owner of `generation` for good, outside the idle
+    /// queue (a `udp` service's channel): it counts toward the target until the [`Held`]
+    /// is dropped, when a replacement is asked for. `None` if the owner changed since
+    /// `generation` (the caller closes the connection).
+    pub fn hold(self: &Arc<Self>, generation: u64) -> Option<Held> {
+        let mut g = self.lock();
+        if g.generation != generation || g.wake.is_none() {
+            return None;
+        }
+        g.held += 1;
+        Some(Held {
+            pool: self.clone(),
+            generation,
+        })
+    }
+}
+
+/// A data connection its pool counts as kept (see [`Pool::hold`]).
+pub struct Held {
+    pool: Arc<Pool>,
+    generation: u64,
+}
+
+impl Held {
+    /// Whether the owner the connection came from still owns the pool; a connection of one
+    /// that left must carry nothing more.
+    pub fn is_current(&self) -> bool {
+        let g = self.pool.lock();
+        g.generation == self.generation && g.wake.is_some()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut g = self.pool.lock();
+        if g.generation == self.generation {
+            g.held = g.held.saturating_sub(1);
+            g.nudge();
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`msg`]: one message enum per direction, [`AgentMsg`] and [`RelayMsg`].
 //! - [`auth`]: HMAC-SHA256 challenge–response and ticket types.
 //! - [`chunk`]: chunked visitor bytes on a data connection, so connections can be reused.
+//! - [`datagram`]: a `udp` service's datagrams, many flows on one data connection.
 //! - [`lifecycle`]: one data connection's life on each side (park, `Start`, forward,
 //!   `READY`), the state machines both backends drive.
 //! - [`liveness`]: the heartbeat state machine both ends run on the control connection.
@@ -16,6 +17,7 @@
 
 pub mod auth;
 pub mod chunk;
+pub mod datagram;
 pub mod frame;
 pub mod http;
 pub mod http_proxy;

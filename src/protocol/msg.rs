@@ -33,14 +33,24 @@ pub enum ServiceKind {
     Http = 1,
     /// The shared TLS port, routed by SNI without decrypting.
     Tls = 2,
+    /// A public UDP port of its own; datagrams travel in flows over channels
+    /// (see [`super::datagram`]).
+    Udp = 3,
 }
 
 impl ServiceKind {
+    /// Whether the service has a public port of its own (`tcp`, `udp`) rather than host
+    /// names on a shared one.
+    pub fn own_port(self) -> bool {
+        matches!(self, ServiceKind::Tcp | ServiceKind::Udp)
+    }
+
     fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             0 => ServiceKind::Tcp,
             1 => ServiceKind::Http,
             2 => ServiceKind::Tls,
+            3 => ServiceKind::Udp,
             _ => return None,
         })
     }
@@ -52,6 +62,7 @@ impl std::fmt::Display for ServiceKind {
             ServiceKind::Tcp => "tcp",
             ServiceKind::Http => "http",
             ServiceKind::Tls => "tls",
+            ServiceKind::Udp => "udp",
         })
     }
 }
@@ -63,7 +74,7 @@ pub struct ServiceRequest {
     pub name: String,
     /// How visitors reach it.
     pub kind: ServiceKind,
-    /// `tcp`: public port wanted, or 0 for "any port from the relay's range". Otherwise 0.
+    /// `tcp`/`udp`: public port wanted, or 0 for "any port from the relay's range". Otherwise 0.
     pub remote_port: u16,
     /// `http`/`tls`: host names claimed, at most [`MAX_HOSTS_PER_SERVICE`]. A name without a
     /// dot is a subdomain of the relay's `--domain`.

@@ -1,0 +1,298 @@
+//! The agent's end of a `udp` service's channels: each flow the relay numbers gets a UDP
+//! socket of its own, connected to the local service, so the service sees one peer per
+//! visitor and its replies go back to the right one.
+//!
+//! The flows are the service's, shared by all its channels: a flow the relay moves to another
+//! channel (one died) keeps its socket, and replies go out on the channel that last brought
+//! the flow a datagram.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use super::relay::transient;
+use super::{write_queue, CHANNEL_QUEUE, READ_BUF};
+use crate::protocol::datagram::{self, Decoder, Item, CHANNEL_OPEN};
+
+/// Most flows (local sockets) one service keeps at once; the relay is told to end any more.
+pub const MAX_FLOWS: usize = 4096;
+
+/// A flow silent this long is ended here even if the relay never said so (it went away):
+/// well above any relay's flow timeout, so the relay's word normally comes first.
+pub const FLOW_IDLE: Duration = Duration::from_secs(600);
+
+/// Where replies of one flow go: the queue of the channel that last carried it.
+type ReplyTo = Arc<Mutex<mpsc::Sender<Vec<u8>>>>;
+
+fn current(reply: &ReplyTo) -> MutexGuard<'_, mpsc::Sender<Vec<u8>>> {
+    reply.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Flow {
+    socket: Arc<UdpSocket>,
+    reply: ReplyTo,
+    /// Milliseconds since the service's epoch at the last datagram either way.
+    last: Arc<AtomicU64>,
+    task: AbortHandle,
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The flows of one `udp` service on the agent.
+pub struct Service {
+    name: String,
+    local: String,
+    flows: Mutex<HashMap<u32, Flow>>,
+    epoch: Instant,
+}
+
+impl Service {
+    /// The flows of service `name`, whose local UDP service listens at `local`.
+    pub fn new(name: &str, local: &str) -> Arc<Service> {
+        Arc::new(Service {
+            name: name.to_string(),
+            local: local.to_string(),
+            flows: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u32, Flow>> {
+        self.flows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Flows open now.
+    pub fn flows(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Ends the flows silent for [`FLOW_IDLE`].
+    fn expire(&self) {
+        let now = self.now_ms();
+        let idle = FLOW_IDLE.as_millis() as u64;
+        self.lock()
+            .retain(|_, f| now.saturating_sub(f.last.load(Ordering::Relaxed)) < idle);
+    }
+
+    /// Serves one channel: `tunnel` is a data connection whose `DataHello` was sent. Waits for
+    /// the relay to accept it as a channel, then carries datagrams both ways until either end
+    /// closes it. Returns why it ended.
+    pub async fn serve_channel<S>(self: &Arc<Self>, tunnel: S) -> Result<(), ChannelEnd>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (mut reader, mut writer) = tokio::io::split(tunnel);
+        let mut first = [0u8; 4];
+        let mut got = 0;
+        while got < first.len() {
+            match reader.read(&mut first[got..]).await {
+                Ok(0) => return Err(ChannelEnd::Refused(refusal(&first[..got]))),
+                Ok(n) => got += n,
+                Err(e) => return Err(ChannelEnd::Io(e)),
+            }
+        }
+        if u32::from_be_bytes(first) != CHANNEL_OPEN {
+            // Most likely an `Error` frame (a spent ticket): read what follows for its words.
+            let mut rest = first.to_vec();
+            let mut more = [0u8; 512];
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(1), reader.read(&mut more)).await
+            {
+                rest.extend_from_slice(&more[..n]);
+            }
+            return Err(ChannelEnd::Refused(refusal(&rest)));
+        }
+        let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+        let writing = write_queue(&mut writer, rx);
+        let reading = self.read_channel(&mut reader, tx);
+        let sweeping = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                self.expire();
+            }
+        };
+        tokio::select! {
+            r = writing => r.map_err(ChannelEnd::Io),
+            r = reading => r,
+            _ = sweeping => Ok(()),
+        }
+    }
+
+    async fn read_channel(
+        self: &Arc<Self>,
+        reader: &mut (impl AsyncRead + Unpin),
+        sender: mpsc::Sender<Vec<u8>>,
+    ) -> Result<(), ChannelEnd> {
+        let mut buf = vec![0u8; READ_BUF];
+        let mut decoder = Decoder::new();
+        let local: SocketAddr = resolve(&self.local).await.map_err(ChannelEnd::Io)?;
+        loop {
+            let n = reader.read(&mut buf).await.map_err(ChannelEnd::Io)?;
+            if n == 0 {
+                return Ok(());
+            }
+            decoder.feed(&buf[..n]);
+            loop {
+                match decoder.next_item().map_err(ChannelEnd::Bad)? {
+                    None => break,
+                    Some(Item::Datagram { flow, payload }) => {
+                        self.to_local(flow, payload, local, &sender)
+                    }
+                    Some(Item::Close { flow }) => {
+                        self.lock().remove(&flow);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `payload` to the local service from `flow`'s socket, opening the flow first.
+    fn to_local(
+        self: &Arc<Self>,
+        flow: u32,
+        payload: &[u8],
+        local: SocketAddr,
+        sender: &mpsc::Sender<Vec<u8>>,
+    ) {
+        let now = self.now_ms();
+        let mut flows = self.lock();
+        if !flows.contains_key(&flow) {
+            if flows.len() >= MAX_FLOWS {
+                let _ = sender.try_send(datagram::close_item(flow).to_vec());
+                return;
+            }
+            match self.open(flow, local, sender.clone()) {
+                Ok(f) => {
+                    flows.insert(flow, f);
+                }
+                Err(e) => {
+                    tracing::warn!(service = %self.name, "udp flow not opened toward {local}: {e}");
+                    let _ = sender.try_send(datagram::close_item(flow).to_vec());
+                    return;
+                }
+            }
+        }
+        let Some(f) = flows.get(&flow) else { return };
+        f.last.store(now, Ordering::Relaxed);
+        // Replies follow the flow to the channel that carried it last.
+        let mut to = current(&f.reply);
+        if !to.same_channel(sender) {
+            *to = sender.clone();
+        }
+        drop(to);
+        // A full socket buffer or an ICMP error drops this datagram only, as UDP would. A
+        // plain send: tokio's `try_send` refuses a socket it has not yet seen writable.
+        let _ = crate::dataplane::sock::send_now(f.socket.as_fd(), payload);
+    }
+
+    fn open(
+        self: &Arc<Self>,
+        flow: u32,
+        local: SocketAddr,
+        sender: mpsc::Sender<Vec<u8>>,
+    ) -> io::Result<Flow> {
+        let any: SocketAddr = match local {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let std = std::net::UdpSocket::bind(any)?;
+        std.connect(local)?;
+        std.set_nonblocking(true)?;
+        super::widen_buffers(std.as_fd());
+        let socket = Arc::new(UdpSocket::from_std(std)?);
+        let reply = Arc::new(Mutex::new(sender));
+        let last = Arc::new(AtomicU64::new(self.now_ms()));
+        let task = tokio::spawn(replies(
+            self.clone(),
+            flow,
+            socket.clone(),
+            reply.clone(),
+            last.clone(),
+        ));
+        Ok(Flow {
+            socket,
+            reply,
+            last,
+            task: task.abort_handle(),
+        })
+    }
+}
+
+/// Reads the local service's replies on one flow's socket and queues them on the flow's
+/// current channel.
+async fn replies(
+    service: Arc<Service>,
+    flow: u32,
+    socket: Arc<UdpSocket>,
+    reply: ReplyTo,
+    last: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; datagram::HEADER_LEN + datagram::MAX_DATAGRAM];
+    loop {
+        let n = match socket.recv(&mut buf[datagram::HEADER_LEN..]).await {
+            Ok(n) => n,
+            Err(e) if transient(&e) => continue, // the local service is not up (yet)
+            Err(e) => {
+                tracing::debug!(service = %service.name, flow, "udp flow ended: {e}");
+                return;
+            }
+        };
+        last.store(service.now_ms(), Ordering::Relaxed);
+        buf[..datagram::HEADER_LEN].copy_from_slice(&datagram::datagram_header(flow, n));
+        let to = current(&reply).clone();
+        // A full channel drops the reply, as a congested link would.
+        let _ = to.try_send(buf[..datagram::HEADER_LEN + n].to_vec());
+    }
+}
+
+/// Why a channel ended on the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelEnd {
+    /// The relay did not take the connection as a channel.
+    #[error("relay refused the udp channel: {0}")]
+    Refused(String),
+    /// The connection failed.
+    #[error("{0}")]
+    Io(io::Error),
+    /// The relay sent bytes that are no channel item.
+    #[error("{0}")]
+    Bad(datagram::BadItem),
+}
+
+/// The relay's words in an `Error` frame, or what the bytes were.
+fn refusal(bytes: &[u8]) -> String {
+    let mut conn = crate::protocol::lifecycle::AgentDataConn::open(crate::protocol::auth::Ticket(
+        [0; crate::protocol::auth::TICKET_LEN],
+    ))
+    .0;
+    match conn.on_pooled_input(bytes) {
+        crate::protocol::lifecycle::AgentEvent::Refused { message, .. } => message,
+        _ if bytes.is_empty() => "connection closed".to_string(),
+        _ => "unexpected answer".to_string(),
+    }
+}
+
+async fn resolve(local: &str) -> io::Result<SocketAddr> {
+    tokio::net::lookup_host(local)
+        .await?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{local}: no address")))
+}

@@ -1,0 +1,265 @@
+//! End-to-end `udp` services: the real relay and agent, UDP origins and visitors on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use ringtunnel::protocol::msg::Message;
+use ringtunnel::protocol::{ServiceKind, ServiceOutcome, ServiceRequest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UdpSocket;
+
+/// How long a visitor waits for one answer before sending again (a datagram may be lost,
+/// as UDP allows; the tests check what arrives, never how fast).
+const ANSWER: Duration = Duration::from_secs(2);
+/// Sends of one datagram before a test gives up on it.
+const TRIES: usize = 5;
+
+/// A UDP origin that answers each datagram with `answer(datagram, sender)`.
+async fn udp_origin<F>(answer: F) -> SocketAddr
+where
+    F: Fn(&[u8], SocketAddr) -> Vec<u8> + Send + 'static,
+{
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = s.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let Ok((n, from)) = s.recv_from(&mut buf).await else {
+                return;
+            };
+            let _ = s.send_to(&answer(&buf[..n], from), from).await;
+        }
+    });
+    addr
+}
+
+async fn echo_udp_origin() -> SocketAddr {
+    udp_origin(|d, _| d.to_vec()).await
+}
+
+/// Sends `payload` from `s` to `to` until an answer comes (at most [`TRIES`] times).
+async fn ask(s: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..TRIES {
+        s.send_to(payload, to).await.unwrap();
+        if let Ok(r) = tokio::time::timeout(ANSWER, s.recv_from(&mut buf)).await {
+            let (n, from) = r.unwrap();
+            assert_eq!(from, to, "the answer comes from the public port");
+            return buf[..n].to_vec();
+        }
+    }
+    panic!("no answer to a {}-byte datagram", payload.len());
+}
+
+fn udp_agent_args(relay: &Relay, local: SocketAddr, name: &str) -> Vec<String> {
+    let mut args = relay.agent_args(local, name);
+    args.push("--udp".into());
+    args
+}
+
+async fn visitor() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").await.unwrap()
+}
+
+async fn datagrams_of_every_size_are_echoed_intact(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    for tls in ["on", "off"] {
+        let relay = Relay::spawn(backend, &["--data-tls", tls]);
+        let agent = Agent::spawn(udp_agent_args(&relay, origin, "dgram"));
+        assert!(
+            agent.online.contains("public=udp://"),
+            "the online line names UDP: {}",
+            agent.online
+        );
+        let s = visitor().await;
+        let mut sizes: Vec<usize> = vec![0, 1, 1472, 1473, 9000, 65_507];
+        sizes.extend((0..994u64).map(|i| {
+            (pseudo_random(i, 4)
+                .iter()
+                .fold(0u64, |a, b| a << 8 | u64::from(*b))
+                % 65_508) as usize
+        }));
+        for (i, n) in sizes.iter().enumerate() {
+            let payload = pseudo_random(i as u64 + 1, *n);
+            let got = ask(&s, agent.public, &payload).await;
+            assert_eq!(got.len(), *n, "data-tls {tls}: datagram {i} length");
+            assert_eq!(
+                sha256(&got),
+                sha256(&payload),
+                "data-tls {tls}: datagram {i}"
+            );
+        }
+    }
+}
+
+async fn flows_from_many_visitor_ports_are_kept_apart(backend: Backend) {
+    // The origin answers with the address it saw and what it was sent.
+    let origin =
+        udp_origin(|d, from| format!("{from} {}", String::from_utf8_lossy(d)).into_bytes()).await;
+    let relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "flows"));
+    let mut visitors = Vec::new();
+    for _ in 0..20 {
+        visitors.push(visitor().await);
+    }
+    let mut seen = std::collections::HashMap::new();
+    for round in 0..3 {
+        for (i, v) in visitors.iter().enumerate() {
+            let got =
+                String::from_utf8(ask(v, agent.public, format!("v{i}").as_bytes()).await).unwrap();
+            let (origin_saw, said) = got.split_once(' ').unwrap();
+            assert_eq!(said, format!("v{i}"), "visitor {i} gets its own answer");
+            let first = seen.entry(i).or_insert_with(|| origin_saw.to_string());
+            assert_eq!(
+                *first, origin_saw,
+                "round {round}: visitor {i} stays on its flow"
+            );
+        }
+    }
+    let mut sources: Vec<&String> = seen.values().collect();
+    sources.sort();
+    sources.dedup();
+    assert_eq!(
+        sources.len(),
+        20,
+        "the origin sees one peer per visitor: {seen:?}"
+    );
+}
+
+async fn idle_flows_expire_on_both_sides(backend: Backend) {
+    let origin = udp_origin(|_, from| from.to_string().into_bytes()).await;
+    let (_dir, config) = config_file("[limits]\nudp_flow_idle_secs = 1\n");
+    let relay = Relay::spawn(backend, &["--config", &config, "--admin", "127.0.0.1:0"]);
+    let admin = relay.admin.unwrap();
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "idle"));
+    let v = visitor().await;
+    let first = ask(&v, agent.public, b"hello").await;
+    let open = "ringtunnel_service_visitors{service=\"idle\",kind=\"udp\"}";
+    assert_eq!(metric(admin, open).await, Some(1), "one flow open");
+    // Silent past the idle time: the relay ends the flow and tells the agent.
+    wait_metric_value(admin, open, 0).await;
+    let second = ask(&v, agent.public, b"hello again").await;
+    assert_ne!(
+        first, second,
+        "after expiry the same visitor is a new flow with a new socket at the agent"
+    );
+}
+
+async fn wait_metric_value(admin: SocketAddr, series: &str, want: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if metric(admin, series).await == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} never reached {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn a_tcp_and_a_udp_service_share_one_port_number(backend: Backend) {
+    let tcp_origin = echo_origin().await;
+    let udp = echo_udp_origin().await;
+    let relay = Relay::spawn(backend, &[]);
+    let tcp_agent = Agent::spawn(relay.agent_args(tcp_origin, "both-tcp"));
+    let port = tcp_agent.public.port().to_string();
+    let mut args = udp_agent_args(&relay, udp, "both-udp");
+    args.extend(["--remote-port".into(), port]);
+    let udp_agent = Agent::spawn(args);
+    assert_eq!(udp_agent.public, tcp_agent.public);
+    assert_echo(tcp_agent.public).await;
+    assert_eq!(
+        ask(&visitor().await, udp_agent.public, b"dgram").await,
+        b"dgram"
+    );
+}
+
+async fn denied_addresses_get_no_flow(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    let (_dir, config) = config_file("[access]\ndeny = [\"127.0.0.0/8\"]\n");
+    let relay = Relay::spawn(backend, &["--config", &config, "--admin", "127.0.0.1:0"]);
+    let admin = relay.admin.unwrap();
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "closed"));
+    let v = visitor().await;
+    let mut buf = [0u8; 64];
+    let denied = "ringtunnel_service_refused_denied_total{service=\"closed\",kind=\"udp\"}";
+    // Until the relay has the agent's channels, datagrams are dropped for want of one;
+    // then for the address.
+    for _ in 0..40 {
+        v.send_to(b"let me in", agent.public).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_millis(250), v.recv_from(&mut buf)).await;
+        assert!(answer.is_err(), "a denied address gets no answer");
+        if metric(admin, denied).await.unwrap_or(0) >= 3 {
+            break;
+        }
+    }
+    assert!(
+        metric(admin, denied).await.unwrap_or(0) >= 3,
+        "refusals are counted"
+    );
+    assert!(metric(admin, "ringtunnel_udp_dropped_total").await.unwrap() >= 3);
+}
+
+/// A data connection of a `udp` service that sends a malformed item is closed; the relay
+/// and the service's other channels go on.
+async fn a_malformed_channel_item_closes_only_that_channel(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    let relay = Relay::spawn(backend, &["--data-tls", "off"]);
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "real"));
+    let req = ServiceRequest {
+        name: "forged".into(),
+        kind: ServiceKind::Udp,
+        pool: 1,
+        ..Default::default()
+    };
+    let (mut ctl, results) = fake_session(&relay, SECRET, vec![req]).await;
+    assert!(
+        matches!(results[0].outcome, ServiceOutcome::Online { .. }),
+        "{results:?}"
+    );
+    let ringtunnel::protocol::RelayMsg::Tickets { tickets, .. } =
+        ctl.read_msg_within(Duration::from_secs(10)).await.unwrap()
+    else {
+        panic!("expected tickets")
+    };
+    let mut data = connect_data(&relay, false).await;
+    let hello = ringtunnel::protocol::AgentMsg::DataHello {
+        version: ringtunnel::protocol::PROTOCOL_VERSION,
+        ticket: tickets[0],
+    };
+    data.write_all(&hello.to_frame()).await.unwrap();
+    let mut open = [0u8; 4];
+    data.read_exact(&mut open).await.unwrap();
+    assert_eq!(
+        u32::from_be_bytes(open),
+        ringtunnel::protocol::datagram::CHANNEL_OPEN
+    );
+    // A length no datagram can have.
+    let mut bad = 7u32.to_be_bytes().to_vec();
+    bad.extend_from_slice(&70_000u32.to_be_bytes());
+    data.write_all(&bad).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, data.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the relay closes a channel that sent garbage"
+    );
+    assert_eq!(
+        ask(&visitor().await, agent.public, b"still").await,
+        b"still"
+    );
+}
+
+both_backends!(
+    datagrams_of_every_size_are_echoed_intact,
+    flows_from_many_visitor_ports_are_kept_apart,
+    idle_flows_expire_on_both_sides,
+    a_tcp_and_a_udp_service_share_one_port_number,
+    denied_addresses_get_no_flow,
+    a_malformed_channel_item_closes_only_that_channel,
+);
