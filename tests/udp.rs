@@ -255,7 +255,110 @@ async fn a_malformed_channel_item_closes_only_that_channel(backend: Backend) {
     );
 }
 
+/// A running dnsmasq answering `*.tunnel.test` with 10.9.8.7, killed on drop.
+struct Dnsmasq {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq on a free loopback port, or says why not (`None`: skipped, unless
+    /// `RINGTUNNEL_REQUIRE_DNSMASQ=1`, as in `.ci/run`).
+    fn start() -> Option<Dnsmasq> {
+        use std::process::{Command, Stdio};
+        let found = Command::new("dnsmasq")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var("RINGTUNNEL_REQUIRE_DNSMASQ").as_deref() != Ok("1"),
+                "RINGTUNNEL_REQUIRE_DNSMASQ=1 but no dnsmasq on PATH"
+            );
+            eprintln!("skipped: no dnsmasq on PATH (apt-get install dnsmasq-base)");
+            return None;
+        }
+        // A free port: bound and let go (dnsmasq cannot take port 0 and say which it got).
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            &format!("--port={port}"),
+            "--address=/tunnel.test/10.9.8.7",
+        ]);
+        // As root it would switch to the user `nobody`, which may not exist in a container.
+        if rustix::process::geteuid().is_root() {
+            cmd.arg("--user=root");
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting dnsmasq");
+        Some(Dnsmasq {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+}
+
+/// A DNS query for `name`, type A, class IN, with id `id` and recursion desired.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+async fn a_dns_query_is_answered_through_the_tunnel(backend: Backend) {
+    let Some(dns) = Dnsmasq::start() else {
+        return;
+    };
+    let relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(udp_agent_args(&relay, dns.addr, "dns"));
+    let v = visitor().await;
+    for (i, name) in ["www.tunnel.test", "a.b.tunnel.test"].iter().enumerate() {
+        let id = 0x4a00 + i as u16;
+        let answer = ask(&v, agent.public, &dns_query(id, name)).await;
+        assert_eq!(&answer[..2], &id.to_be_bytes(), "the answer to this query");
+        assert_eq!(answer[3] & 0x0f, 0, "no error: {answer:?}");
+        assert_eq!(
+            u16::from_be_bytes([answer[6], answer[7]]),
+            1,
+            "one answer record"
+        );
+        assert!(
+            answer.ends_with(&[10, 9, 8, 7]),
+            "{name} is 10.9.8.7: {answer:?}"
+        );
+    }
+}
+
 both_backends!(
+    a_dns_query_is_answered_through_the_tunnel,
     datagrams_of_every_size_are_echoed_intact,
     flows_from_many_visitor_ports_are_kept_apart,
     idle_flows_expire_on_both_sides,
