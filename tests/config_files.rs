@@ -56,7 +56,11 @@ fn example_configs_are_valid() {
         &[],
     )
     .unwrap();
-    assert_eq!(agent.services.len(), 6);
+    assert_eq!(agent.services.len(), 7);
+    assert_eq!(
+        agent.services[6].kind,
+        ringtunnel::protocol::ServiceKind::Udp
+    );
     assert_eq!(agent.relay_port, 7843);
     assert_eq!(agent.services[1].pool, 2);
     assert_eq!(agent.services[4].path.as_deref(), Some("/api"));
@@ -224,7 +228,9 @@ fn broken_configs_are_rejected_with_reasons() {
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nhosts=[\"a\"]", "hosts and path are for http"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"http\"\nhosts=[\"a\"]\nproxy_protocol=\"v1\"", "proxy_protocol is for tcp"),
         ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"tls\"\nhosts=[\"a\"]\nremote_port=5", "remote_port is for tcp"),
-        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"udp\"", "kind"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"quic\"", "kind"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"udp\"\nhosts=[\"a\"]", "hosts and path are for http"),
+        ("relay = \"r\"\nsecret=\"s\"\n[[service]]\nname=\"a\"\nlocal=\"h:1\"\nkind=\"udp\"\nproxy_protocol=\"v2\"", "proxy_protocol is for tcp and tls"),
     ];
     for (toml, needle) in agent_cases {
         let err = agent_with(toml, &[]).unwrap_err();

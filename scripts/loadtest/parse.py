@@ -29,6 +29,24 @@ def parse_iperf3(text):
     }
 
 
+def parse_iperf3_udp(text):
+    """iperf3 -u -J (client side): what the server received, and the loss it counted."""
+    data = json.loads(text)
+    if "error" in data:
+        raise ValueError("iperf3 error: %s" % data["error"])
+    try:
+        recv = data["end"]["sum_received"]
+        lost = float(recv["lost_percent"])
+    except KeyError as e:
+        raise ValueError("iperf3 -u JSON has no end.sum_received.lost_percent") from e
+    return {
+        "mbit_s": recv["bits_per_second"] / 1e6,
+        "bytes": int(recv["bytes"]),
+        "lost_percent": lost,
+        "jitter_ms": float(recv.get("jitter_ms", 0.0)),
+    }
+
+
 def _latency_ms(value):
     m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
     if not m:

@@ -6,6 +6,7 @@ import unittest
 
 from parse import (
     parse_iperf3,
+    parse_iperf3_udp,
     parse_proc_stat_cpu_ticks,
     parse_proc_status_rss_kib,
     parse_rtload_json,
@@ -18,6 +19,18 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
 def read(name):
     with open(os.path.join(DATA, name)) as f:
         return f.read()
+
+
+class Iperf3Udp(unittest.TestCase):
+    def test_received_and_loss(self):
+        r = parse_iperf3_udp(read("iperf_udp.json"))
+        self.assertAlmostEqual(r["mbit_s"], 3343.97, places=1)
+        self.assertEqual(r["bytes"], 836199000)
+        self.assertAlmostEqual(r["lost_percent"], 16.364, places=2)
+
+    def test_tcp_output_is_refused(self):
+        with self.assertRaises(ValueError):
+            parse_iperf3_udp(read("iperf1.json"))
 
 
 class Iperf3(unittest.TestCase):
