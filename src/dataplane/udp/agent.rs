@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::relay::transient;
-use super::{write_queue, CHANNEL_QUEUE, READ_BUF};
+use super::{queue, write_queue, Queue, READ_BUF};
 use crate::protocol::datagram::{self, Decoder, Item, CHANNEL_OPEN};
 
 /// Most flows (local sockets) one service keeps at once; the relay is told to end any more.
@@ -31,9 +30,9 @@ pub const MAX_FLOWS: usize = 4096;
 pub const FLOW_IDLE: Duration = Duration::from_secs(600);
 
 /// Where replies of one flow go: the queue of the channel that last carried it.
-type ReplyTo = Arc<Mutex<mpsc::Sender<Vec<u8>>>>;
+type ReplyTo = Arc<Mutex<Queue>>;
 
-fn current(reply: &ReplyTo) -> MutexGuard<'_, mpsc::Sender<Vec<u8>>> {
+fn current(reply: &ReplyTo) -> MutexGuard<'_, Queue> {
     reply.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -119,7 +118,7 @@ impl Service {
             }
             return Err(ChannelEnd::Refused(refusal(&rest)));
         }
-        let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+        let (tx, rx) = queue();
         let writing = write_queue(&mut writer, rx);
         let reading = self.read_channel(&mut reader, tx);
         let sweeping = async {
@@ -139,7 +138,7 @@ impl Service {
     async fn read_channel(
         self: &Arc<Self>,
         reader: &mut (impl AsyncRead + Unpin),
-        sender: mpsc::Sender<Vec<u8>>,
+        sender: Queue,
     ) -> Result<(), ChannelEnd> {
         let mut buf = vec![0u8; READ_BUF];
         let mut decoder = Decoder::new();
@@ -165,18 +164,12 @@ impl Service {
     }
 
     /// Sends `payload` to the local service from `flow`'s socket, opening the flow first.
-    fn to_local(
-        self: &Arc<Self>,
-        flow: u32,
-        payload: &[u8],
-        local: SocketAddr,
-        sender: &mpsc::Sender<Vec<u8>>,
-    ) {
+    fn to_local(self: &Arc<Self>, flow: u32, payload: &[u8], local: SocketAddr, sender: &Queue) {
         let now = self.now_ms();
         let mut flows = self.lock();
         if !flows.contains_key(&flow) {
             if flows.len() >= MAX_FLOWS {
-                let _ = sender.try_send(datagram::close_item(flow).to_vec());
+                sender.push(datagram::close_item(flow).to_vec());
                 return;
             }
             match self.open(flow, local, sender.clone()) {
@@ -185,7 +178,7 @@ impl Service {
                 }
                 Err(e) => {
                     tracing::warn!(service = %self.name, "udp flow not opened toward {local}: {e}");
-                    let _ = sender.try_send(datagram::close_item(flow).to_vec());
+                    sender.push(datagram::close_item(flow).to_vec());
                     return;
                 }
             }
@@ -203,12 +196,7 @@ impl Service {
         let _ = crate::dataplane::sock::send_now(f.socket.as_fd(), payload);
     }
 
-    fn open(
-        self: &Arc<Self>,
-        flow: u32,
-        local: SocketAddr,
-        sender: mpsc::Sender<Vec<u8>>,
-    ) -> io::Result<Flow> {
+    fn open(self: &Arc<Self>, flow: u32, local: SocketAddr, sender: Queue) -> io::Result<Flow> {
         let any: SocketAddr = match local {
             SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -259,7 +247,7 @@ async fn replies(
         buf[..datagram::HEADER_LEN].copy_from_slice(&datagram::datagram_header(flow, n));
         let to = current(&reply).clone();
         // A full channel drops the reply, as a congested link would.
-        let _ = to.try_send(buf[..datagram::HEADER_LEN + n].to_vec());
+        to.push(buf[..datagram::HEADER_LEN + n].to_vec());
     }
 }
 

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use super::flows::Flows;
-use super::{write_queue, CHANNEL_QUEUE, READ_BUF};
+use super::{queue, write_queue, Drain, Queue, READ_BUF};
 use crate::admin::Metrics;
 use crate::dataplane::gate::{Admission, Gate};
 use crate::dataplane::pool::{Held, Pool};
@@ -37,7 +36,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 struct Channel {
     id: u64,
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: Queue,
     held: Held,
     task: AbortHandle,
 }
@@ -138,7 +137,7 @@ impl Hub {
         let Some(held) = pool.hold(generation) else {
             return; // its agent left while it was dialling
         };
-        let (tx, rx) = mpsc::channel(CHANNEL_QUEUE);
+        let (tx, rx) = queue();
         let mut st = self.lock();
         if st.stopped {
             return;
@@ -212,7 +211,7 @@ impl Hub {
         let mut item = Vec::with_capacity(datagram::HEADER_LEN + payload.len());
         item.extend_from_slice(&datagram::datagram_header(id, payload.len()));
         item.extend_from_slice(payload);
-        if ch.tx.try_send(item).is_err() {
+        if !ch.tx.push(item) {
             self.dropped();
         }
     }
@@ -223,7 +222,7 @@ impl Hub {
 
     /// One channel: writes its queue to the agent, sends the agent's datagrams on to their
     /// visitors; ends when either fails, and takes the channel out of the hub.
-    async fn run_channel(self: Arc<Self>, id: u64, conn: Conn, rx: mpsc::Receiver<Vec<u8>>) {
+    async fn run_channel(self: Arc<Self>, id: u64, conn: Conn, rx: Drain) {
         let (mut reader, mut writer) = tokio::io::split(conn);
         let writing = async {
             writer.write_all(&CHANNEL_OPEN.to_be_bytes()).await?;
@@ -296,7 +295,7 @@ impl Hub {
             let mut st = self.lock();
             for (flow, channel) in st.flows.expire(Instant::now()) {
                 if let Some(c) = st.channels.iter().find(|c| c.id == channel) {
-                    let _ = c.tx.try_send(datagram::close_item(flow).to_vec());
+                    c.tx.push(datagram::close_item(flow).to_vec());
                 }
             }
             st.channels.retain(|c| {
