@@ -255,6 +255,34 @@ async fn a_malformed_channel_item_closes_only_that_channel(backend: Backend) {
     );
 }
 
+async fn a_dead_local_service_costs_no_channel_churn(backend: Backend) {
+    // Nothing listens there: the agent's flow sockets get ICMP refusals.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = Relay::spawn(backend, &["--admin", "127.0.0.1:0"]);
+    let admin = relay.admin.unwrap();
+    let agent = Agent::spawn(udp_agent_args(&relay, dead, "dead"));
+    let v = visitor().await;
+    let mut buf = [0u8; 64];
+    for i in 0..20u8 {
+        v.send_to(&[i; 32], agent.public).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_millis(100), v.recv_from(&mut buf)).await;
+        assert!(answer.is_err(), "nothing answers");
+    }
+    let live = agent.online.clone();
+    let accepted = admin_counter(admin, "data_accepted").await;
+    assert!(
+        accepted <= 4,
+        "the channels stay up ({accepted} data connections): {live}"
+    );
+    // And the relay still serves a working service beside it.
+    let origin = echo_udp_origin().await;
+    let ok = Agent::spawn(udp_agent_args(&relay, origin, "alive"));
+    assert_eq!(ask(&visitor().await, ok.public, b"ping").await, b"ping");
+}
+
 /// A running dnsmasq answering `*.tunnel.test` with 10.9.8.7, killed on drop.
 struct Dnsmasq {
     child: std::process::Child,
@@ -359,6 +387,7 @@ async fn a_dns_query_is_answered_through_the_tunnel(backend: Backend) {
 
 both_backends!(
     a_dns_query_is_answered_through_the_tunnel,
+    a_dead_local_service_costs_no_channel_churn,
     datagrams_of_every_size_are_echoed_intact,
     flows_from_many_visitor_ports_are_kept_apart,
     idle_flows_expire_on_both_sides,

@@ -29,6 +29,12 @@ pub const MAX_FLOWS: usize = 4096;
 /// well above any relay's flow timeout, so the relay's word normally comes first.
 pub const FLOW_IDLE: Duration = Duration::from_secs(600);
 
+/// How long a failed resolution of the local address stands before it is tried again.
+const RESOLVE_RETRY: Duration = Duration::from_secs(5);
+
+/// Least time between two warnings of one service.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Where replies of one flow go: the queue of the channel that last carried it.
 type ReplyTo = Arc<Mutex<Queue>>;
 
@@ -56,6 +62,8 @@ pub struct Service {
     local: String,
     flows: Mutex<HashMap<u32, Flow>>,
     epoch: Instant,
+    /// `now_ms` of the last warning (0: none yet).
+    warned: AtomicU64,
 }
 
 impl Service {
@@ -66,6 +74,7 @@ impl Service {
             local: local.to_string(),
             flows: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
+            warned: AtomicU64::new(0),
         })
     }
 
@@ -75,6 +84,18 @@ impl Service {
 
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Logs `what` unless something was logged in the last [`WARN_EVERY`]: a flood of new
+    /// flows toward a broken local service is one line, not one per flow.
+    fn warn(&self, what: &str) {
+        let now = self.now_ms();
+        let last = self.warned.load(Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < WARN_EVERY.as_millis() as u64 {
+            return;
+        }
+        self.warned.store(now.max(1), Ordering::Relaxed);
+        tracing::warn!(service = %self.name, "{what}");
     }
 
     /// Flows open now.
@@ -142,13 +163,26 @@ impl Service {
     ) -> Result<(), ChannelEnd> {
         let mut buf = vec![0u8; READ_BUF];
         let mut decoder = Decoder::new();
-        let local: SocketAddr = resolve(&self.local).await.map_err(ChannelEnd::Io)?;
+        // Resolved on the first datagram, and again (at most every few seconds) while it
+        // fails: a channel stays up whatever `--local` says, or the relay would replace it
+        // at once, again and again.
+        let mut local: Option<SocketAddr> = None;
+        let mut retry_at = Instant::now();
         loop {
             let n = reader.read(&mut buf).await.map_err(ChannelEnd::Io)?;
             if n == 0 {
                 return Ok(());
             }
             decoder.feed(&buf[..n]);
+            if local.is_none() && Instant::now() >= retry_at {
+                match resolve(&self.local).await {
+                    Ok(a) => local = Some(a),
+                    Err(e) => {
+                        retry_at = Instant::now() + RESOLVE_RETRY;
+                        self.warn(&format!("local service {}: {e}", self.local));
+                    }
+                }
+            }
             loop {
                 match decoder.next_item().map_err(ChannelEnd::Bad)? {
                     None => break,
@@ -164,20 +198,26 @@ impl Service {
     }
 
     /// Sends `payload` to the local service from `flow`'s socket, opening the flow first.
-    fn to_local(self: &Arc<Self>, flow: u32, payload: &[u8], local: SocketAddr, sender: &Queue) {
+    fn to_local(
+        self: &Arc<Self>,
+        flow: u32,
+        payload: &[u8],
+        local: Option<SocketAddr>,
+        sender: &Queue,
+    ) {
         let now = self.now_ms();
         let mut flows = self.lock();
         if !flows.contains_key(&flow) {
-            if flows.len() >= MAX_FLOWS {
+            let Some(local) = local.filter(|_| flows.len() < MAX_FLOWS) else {
                 sender.push(datagram::close_item(flow).to_vec());
                 return;
-            }
+            };
             match self.open(flow, local, sender.clone()) {
                 Ok(f) => {
                     flows.insert(flow, f);
                 }
                 Err(e) => {
-                    tracing::warn!(service = %self.name, "udp flow not opened toward {local}: {e}");
+                    self.warn(&format!("udp flow not opened toward {local}: {e}"));
                     sender.push(datagram::close_item(flow).to_vec());
                     return;
                 }
