@@ -20,6 +20,8 @@
 //! is legal UDP and travels as `len = 0`. Nothing here does I/O: [`Decoder`] is fed whatever
 //! bytes arrived, split anywhere.
 
+use std::ops::Range;
+
 /// Sent by the relay, alone, when it takes a data connection of a `udp` service as a
 /// channel. Chosen from the chunk headers' reserved end so it can never be mistaken for the
 /// start of a frame (whose length prefix is far smaller).
@@ -111,6 +113,20 @@ impl Decoder {
     /// The next whole item, `Ok(None)` if more bytes are needed, or the error that ends the
     /// channel.
     pub fn next_item(&mut self) -> Result<Option<Item<'_>>, BadItem> {
+        Ok(match self.next_at()? {
+            None => None,
+            Some(At::Close { flow }) => Some(Item::Close { flow }),
+            Some(At::Datagram { flow, payload }) => Some(Item::Datagram {
+                flow,
+                payload: &self.buf[payload],
+            }),
+        })
+    }
+
+    /// [`Self::next_item`], with the payload as a place in the decoder ([`Self::slice`]), so
+    /// several datagrams can be held at once (to send them in one batch). The places stay
+    /// valid until the next [`Self::feed`].
+    pub fn next_at(&mut self) -> Result<Option<At>, BadItem> {
         let rest = &self.buf[self.at..];
         if rest.len() < HEADER_LEN {
             return Ok(None);
@@ -119,7 +135,7 @@ impl Decoder {
         let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if len == CLOSE {
             self.at += HEADER_LEN;
-            return Ok(Some(Item::Close { flow }));
+            return Ok(Some(At::Close { flow }));
         }
         if len as usize > MAX_DATAGRAM {
             return Err(BadItem::TooLong(len));
@@ -130,11 +146,33 @@ impl Decoder {
         }
         let start = self.at + HEADER_LEN;
         self.at += end;
-        Ok(Some(Item::Datagram {
+        Ok(Some(At::Datagram {
             flow,
-            payload: &self.buf[start..start + len as usize],
+            payload: start..start + len as usize,
         }))
     }
+
+    /// The bytes at a place [`Self::next_at`] returned.
+    pub fn slice(&self, place: Range<usize>) -> &[u8] {
+        &self.buf[place]
+    }
+}
+
+/// An item as [`Decoder::next_at`] returns it: the payload as a place in the decoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum At {
+    /// A datagram of `flow`, at `payload`.
+    Datagram {
+        /// The flow it belongs to.
+        flow: u32,
+        /// Where its payload is ([`Decoder::slice`]).
+        payload: Range<usize>,
+    },
+    /// `flow` is over.
+    Close {
+        /// The flow that ended.
+        flow: u32,
+    },
 }
 
 #[cfg(test)]

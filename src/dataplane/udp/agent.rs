@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,9 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
+use super::mmsg;
 use super::relay::transient;
 use super::{queue, write_queue, Queue, READ_BUF};
-use crate::protocol::datagram::{self, Decoder, Item, CHANNEL_OPEN};
+use crate::protocol::datagram::{self, At, Decoder, CHANNEL_OPEN};
 
 /// Most flows (local sockets) one service keeps at once; the relay is told to end any more.
 pub const MAX_FLOWS: usize = 4096;
@@ -183,34 +185,50 @@ impl Service {
                     }
                 }
             }
-            loop {
-                match decoder.next_item().map_err(ChannelEnd::Bad)? {
-                    None => break,
-                    Some(Item::Datagram { flow, payload }) => {
-                        self.to_local(flow, payload, local, &sender)
+            // Runs of one flow's datagrams go out in one `sendmmsg` each.
+            let mut run: Option<(u32, Arc<UdpSocket>)> = None;
+            let mut places: Vec<Range<usize>> = Vec::new();
+            while let Some(at) = decoder.next_at().map_err(ChannelEnd::Bad)? {
+                match at {
+                    At::Datagram { flow, payload } => {
+                        if run.as_ref().is_some_and(|(f, _)| *f != flow)
+                            || places.len() == mmsg::BATCH
+                        {
+                            flush(&decoder, run.take(), &mut places);
+                        }
+                        if run.is_none() {
+                            match self.route(flow, local, &sender) {
+                                Some(socket) => run = Some((flow, socket)),
+                                None => continue,
+                            }
+                        }
+                        places.push(payload);
                     }
-                    Some(Item::Close { flow }) => {
+                    At::Close { flow } => {
+                        flush(&decoder, run.take(), &mut places);
                         self.lock().remove(&flow);
                     }
                 }
             }
+            flush(&decoder, run.take(), &mut places);
         }
     }
 
-    /// Sends `payload` to the local service from `flow`'s socket, opening the flow first.
-    fn to_local(
+    /// The socket of `flow` (opened now if it is new) for its next datagram, with
+    /// the flow touched and its replies sent to `sender`'s channel; `None` if the flow cannot
+    /// be opened (the relay is told to end it).
+    fn route(
         self: &Arc<Self>,
         flow: u32,
-        payload: &[u8],
         local: Option<SocketAddr>,
         sender: &Queue,
-    ) {
+    ) -> Option<Arc<UdpSocket>> {
         let now = self.now_ms();
         let mut flows = self.lock();
         if !flows.contains_key(&flow) {
             let Some(local) = local.filter(|_| flows.len() < MAX_FLOWS) else {
                 sender.push(datagram::close_item(flow).to_vec());
-                return;
+                return None;
             };
             match self.open(flow, local, sender.clone()) {
                 Ok(f) => {
@@ -219,11 +237,11 @@ impl Service {
                 Err(e) => {
                     self.warn(&format!("udp flow not opened toward {local}: {e}"));
                     sender.push(datagram::close_item(flow).to_vec());
-                    return;
+                    return None;
                 }
             }
         }
-        let Some(f) = flows.get(&flow) else { return };
+        let f = flows.get(&flow)?;
         f.last.store(now, Ordering::Relaxed);
         // Replies follow the flow to the channel that carried it last.
         let mut to = current(&f.reply);
@@ -231,9 +249,7 @@ impl Service {
             *to = sender.clone();
         }
         drop(to);
-        // A full socket buffer or an ICMP error drops this datagram only, as UDP would. A
-        // plain send: tokio's `try_send` refuses a socket it has not yet seen writable.
-        let _ = crate::dataplane::sock::send_now(f.socket.as_fd(), payload);
+        Some(f.socket.clone())
     }
 
     fn open(self: &Arc<Self>, flow: u32, local: SocketAddr, sender: Queue) -> io::Result<Flow> {
@@ -262,6 +278,27 @@ impl Service {
             task: task.abort_handle(),
         })
     }
+}
+
+/// Sends a run of one flow's datagrams (`places` in `decoder`) from its socket and empties
+/// `places`. Not waiting: what a full socket buffer refuses is dropped, as UDP would, and so
+/// is a datagram an ICMP error stops (the local service is not up).
+fn flush(decoder: &Decoder, run: Option<(u32, Arc<UdpSocket>)>, places: &mut Vec<Range<usize>>) {
+    if let Some((_, socket)) = run {
+        let batch: Vec<(&[u8], Option<SocketAddr>)> = places
+            .iter()
+            .map(|p| (decoder.slice(p.clone()), None))
+            .collect();
+        let mut sent = 0;
+        while sent < batch.len() {
+            match mmsg::send_batch(socket.as_fd(), &batch[sent..]) {
+                Ok(k) => sent += k,
+                Err(e) if transient(&e) => sent += 1,
+                Err(_) => break,
+            }
+        }
+    }
+    places.clear();
 }
 
 /// Reads the local service's replies on one flow's socket and queues them on the flow's

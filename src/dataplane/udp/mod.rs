@@ -6,9 +6,11 @@
 //! - [`flows`]: the relay's table of flows, with time as a parameter.
 //! - [`relay`]: the relay's public socket, flows and channels of one service.
 //! - [`agent`]: the agent's end of the channels: a socket per flow toward the local service.
+//! - [`mmsg`]: datagrams in batches (`recvmmsg`, `sendmmsg`), the one unsafe edge here.
 
 pub mod agent;
 pub mod flows;
+pub mod mmsg;
 pub mod relay;
 
 use std::io;

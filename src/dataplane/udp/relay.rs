@@ -11,20 +11,23 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
 use super::flows::Flows;
+use super::mmsg::{self, Slots};
 use super::{queue, write_queue, Drain, Queue, READ_BUF};
 use crate::admin::Metrics;
 use crate::dataplane::gate::{Admission, Gate};
 use crate::dataplane::pool::{Held, Pool};
-use crate::protocol::datagram::{self, Decoder, Item, CHANNEL_OPEN};
+use crate::protocol::datagram::{self, At, Decoder, CHANNEL_OPEN};
 use crate::transport::Conn;
 
 /// Most flows one service holds at once whatever its limits say: each costs the agent a
@@ -153,25 +156,38 @@ impl Hub {
         });
     }
 
-    /// Reads the public socket: each datagram goes to its flow's channel.
+    /// Reads the public socket, a batch at a time: each datagram goes to its flow's channel.
     async fn read_public(self: Arc<Self>) {
-        let mut buf = vec![0u8; datagram::MAX_DATAGRAM];
+        // Boxed: 2 MiB reserved (see `Slots`), not on the task's stack.
+        let mut slots = Box::<Slots>::default();
         loop {
-            let (n, from) = match self.socket.recv_from(&mut buf).await {
-                Ok(r) => r,
-                Err(e) if transient(&e) => continue,
+            if let Err(e) = self.socket.readable().await {
+                tracing::warn!(service = %self.service, "udp port failed: {e}");
+                return;
+            }
+            let fd = self.socket.as_fd();
+            let got = self
+                .socket
+                .try_io(Interest::READABLE, || mmsg::recv_batch(fd, &mut slots));
+            let n = match got {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || transient(&e) => continue,
                 Err(e) => {
                     tracing::warn!(service = %self.service, "udp port failed: {e}");
                     return;
                 }
             };
-            self.on_visitor_datagram(&buf[..n], from, Instant::now());
+            let now = Instant::now();
+            let mut st = self.lock();
+            for i in 0..n {
+                if let (payload, Some(from)) = slots.get(i) {
+                    self.on_visitor_datagram(&mut st, payload, from, now);
+                }
+            }
         }
     }
 
-    fn on_visitor_datagram(&self, payload: &[u8], from: SocketAddr, now: Instant) {
-        let mut st = self.lock();
-        let st = &mut *st;
+    fn on_visitor_datagram(&self, st: &mut State, payload: &[u8], from: SocketAddr, now: Instant) {
         let flow = match st.flows.touch_addr(from, now) {
             Some((id, flow)) => {
                 // Its channel may have gone: move the flow to a live one.
@@ -241,48 +257,80 @@ impl Hub {
         self.lock().channels.retain(|c| c.id != id);
     }
 
+    /// Reads the agent's items and sends each read's datagrams on to their visitors in
+    /// batches.
     async fn read_channel(&self, reader: &mut (impl AsyncReadExt + Unpin)) -> io::Result<()> {
         let mut buf = vec![0u8; READ_BUF];
         let mut decoder = Decoder::new();
+        let mut items = Vec::new();
+        let mut out: Vec<(Range<usize>, SocketAddr)> = Vec::new();
         loop {
             let n = reader.read(&mut buf).await?;
             if n == 0 {
                 return Ok(());
             }
             decoder.feed(&buf[..n]);
-            loop {
-                let item = decoder
-                    .next_item()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                match item {
-                    None => break,
-                    Some(Item::Datagram { flow, payload }) => {
-                        let to = {
-                            let mut st = self.lock();
-                            match st.flows.touch_id(flow, Instant::now()) {
-                                Some(f) => {
-                                    f.admission.count_bytes(false, payload.len() as u64);
-                                    Some(f.addr)
-                                }
-                                None => None,
-                            }
-                        };
+            items.clear();
+            while let Some(at) = decoder
+                .next_at()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            {
+                items.push(at);
+            }
+            out.clear();
+            {
+                let now = Instant::now();
+                let mut st = self.lock();
+                for at in items.drain(..) {
+                    match at {
                         // A reply for a flow that just expired has nowhere to go.
-                        if let Some(to) = to {
-                            if let Err(e) = self.socket.send_to(payload, to).await {
-                                if !transient(&e) {
-                                    return Err(e);
-                                }
-                                self.dropped();
+                        At::Datagram { flow, payload } => {
+                            if let Some(f) = st.flows.touch_id(flow, now) {
+                                f.admission.count_bytes(false, payload.len() as u64);
+                                out.push((payload, f.addr));
                             }
                         }
-                    }
-                    Some(Item::Close { flow }) => {
-                        self.lock().flows.remove(flow);
+                        At::Close { flow } => {
+                            st.flows.remove(flow);
+                        }
                     }
                 }
             }
+            self.to_visitors(&decoder, &out).await?;
         }
+    }
+
+    /// Sends `out` (places in `decoder`, each with its visitor) from the public socket.
+    async fn to_visitors(
+        &self,
+        decoder: &Decoder,
+        out: &[(Range<usize>, SocketAddr)],
+    ) -> io::Result<()> {
+        let fd = self.socket.as_fd();
+        let mut sent = 0;
+        while sent < out.len() {
+            let batch: Vec<(&[u8], Option<SocketAddr>)> = out[sent..]
+                .iter()
+                .take(mmsg::BATCH)
+                .map(|(place, to)| (decoder.slice(place.clone()), Some(*to)))
+                .collect();
+            match self
+                .socket
+                .try_io(Interest::WRITABLE, || mmsg::send_batch(fd, &batch))
+            {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.socket.writable().await?;
+                }
+                // That one datagram is lost (an ICMP error of an earlier one); go on.
+                Err(e) if transient(&e) => {
+                    sent += 1;
+                    self.dropped();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Every second: ends silent flows (telling their agent) and drops the channels of an
