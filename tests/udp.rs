@@ -95,6 +95,43 @@ async fn datagrams_of_every_size_are_echoed_intact(backend: Backend) {
     }
 }
 
+/// A burst of equal-sized datagrams (which the agent sends to its local service in segmented
+/// batches) comes back intact, each once. 64 of them: what a socket's default receive buffer
+/// holds on loopback.
+async fn a_burst_of_equal_datagrams_is_echoed_intact(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    let relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "burst"));
+    let v = visitor().await;
+    // The flow is open and a channel carries it before the burst.
+    assert_eq!(ask(&v, agent.public, b"warm").await, b"warm");
+    let sent: Vec<Vec<u8>> = (0..64u64)
+        .map(|i| pseudo_random(2 * i + 101, 1400))
+        .collect();
+    for d in &sent {
+        v.send_to(d, agent.public).await.unwrap();
+    }
+    let mut got = std::collections::HashSet::new();
+    let mut buf = vec![0u8; 65_536];
+    while got.len() < sent.len() {
+        let Ok(r) = tokio::time::timeout(ANSWER, v.recv_from(&mut buf)).await else {
+            break; // the rest were dropped on the way, as UDP may
+        };
+        let (n, _) = r.unwrap();
+        let d = buf[..n].to_vec();
+        assert!(
+            sent.contains(&d),
+            "every datagram that comes back is one that was sent, intact"
+        );
+        assert!(got.insert(d), "and comes back once");
+    }
+    assert!(
+        got.len() >= sent.len() / 2,
+        "most of a 64-datagram burst comes back on loopback: {}",
+        got.len()
+    );
+}
+
 async fn flows_from_many_visitor_ports_are_kept_apart(backend: Backend) {
     // The origin answers with the address it saw and what it was sent.
     let origin =
@@ -386,6 +423,7 @@ async fn a_dns_query_is_answered_through_the_tunnel(backend: Backend) {
 }
 
 both_backends!(
+    a_burst_of_equal_datagrams_is_echoed_intact,
     a_dns_query_is_answered_through_the_tunnel,
     a_dead_local_service_costs_no_channel_churn,
     datagrams_of_every_size_are_echoed_intact,

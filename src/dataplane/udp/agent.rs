@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -280,25 +280,70 @@ impl Service {
     }
 }
 
+/// Whether this kernel segments UDP sends (`UDP_SEGMENT`); cleared by the first send it
+/// refuses, and the agent sends datagram by datagram from then on.
+static SEGMENTS: AtomicBool = AtomicBool::new(true);
+
 /// Sends a run of one flow's datagrams (`places` in `decoder`) from its socket and empties
-/// `places`. Not waiting: what a full socket buffer refuses is dropped, as UDP would, and so
-/// is a datagram an ICMP error stops (the local service is not up).
+/// `places`: equal-sized ones (the common case of a bulk flow) in one segmented send, the
+/// rest in one `sendmmsg`. Not waiting: what a full socket buffer refuses is dropped, as UDP
+/// would, and so is a datagram an ICMP error stops (the local service is not up).
 fn flush(decoder: &Decoder, run: Option<(u32, Arc<UdpSocket>)>, places: &mut Vec<Range<usize>>) {
     if let Some((_, socket)) = run {
-        let batch: Vec<(&[u8], Option<SocketAddr>)> = places
-            .iter()
-            .map(|p| (decoder.slice(p.clone()), None))
-            .collect();
-        let mut sent = 0;
-        while sent < batch.len() {
-            match mmsg::send_batch(socket.as_fd(), &batch[sent..]) {
-                Ok(k) => sent += k,
-                Err(e) if transient(&e) => sent += 1,
-                Err(_) => break,
-            }
+        let datagrams: Vec<&[u8]> = places.iter().map(|p| decoder.slice(p.clone())).collect();
+        let mut from = 0;
+        while from < datagrams.len() {
+            from += match segmentable(&datagrams[from..]) {
+                Some((count, segment)) if SEGMENTS.load(Ordering::Relaxed) => {
+                    let joined: Vec<u8> = datagrams[from..from + count].concat();
+                    match mmsg::send_segmented(socket.as_fd(), &joined, segment) {
+                        Ok(_) => count,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if transient(&e) => count,
+                        Err(e) => {
+                            tracing::debug!(
+                                "udp segmentation refused ({e}): sending datagram by datagram"
+                            );
+                            SEGMENTS.store(false, Ordering::Relaxed);
+                            0
+                        }
+                    }
+                }
+                _ => {
+                    let batch: Vec<(&[u8], Option<SocketAddr>)> =
+                        datagrams[from..].iter().map(|d| (*d, None)).collect();
+                    match mmsg::send_batch(socket.as_fd(), &batch) {
+                        Ok(k) => k,
+                        Err(e) if transient(&e) => 1,
+                        Err(_) => break,
+                    }
+                }
+            };
         }
     }
     places.clear();
+}
+
+/// How many datagrams at the head of `datagrams` one segmented send can carry (at least
+/// two, all of one size but the last, which may be shorter but not empty), and that size.
+fn segmentable(datagrams: &[&[u8]]) -> Option<(usize, u16)> {
+    let segment = datagrams.first()?.len();
+    if segment == 0 || segment > mmsg::MAX_SEGMENTED / 2 {
+        return None;
+    }
+    let most = mmsg::MAX_SEGMENTS.min(mmsg::MAX_SEGMENTED / segment);
+    let mut count = 0;
+    for d in datagrams.iter().take(most) {
+        if d.len() == segment {
+            count += 1;
+        } else {
+            if !d.is_empty() && d.len() < segment {
+                count += 1; // a shorter one may end the send
+            }
+            break;
+        }
+    }
+    (count >= 2).then_some((count, segment as u16))
 }
 
 /// Reads the local service's replies on one flow's socket and queues them on the flow's
@@ -360,4 +405,45 @@ async fn resolve(local: &str) -> io::Result<SocketAddr> {
         .await?
         .next()
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{local}: no address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_equal_datagrams_are_segmented_and_others_are_not() {
+        let a = [1u8; 1400];
+        let short = [2u8; 10];
+        assert_eq!(segmentable(&[&a, &a, &a]), Some((3, 1400)));
+        assert_eq!(
+            segmentable(&[&a, &a, &short, &a]),
+            Some((3, 1400)),
+            "a shorter one ends it"
+        );
+        assert_eq!(
+            segmentable(&[&a, &[]]),
+            None,
+            "an empty datagram is never a segment"
+        );
+        assert_eq!(
+            segmentable(&[&short, &a]),
+            None,
+            "a longer one cannot follow"
+        );
+        assert_eq!(segmentable(&[&a]), None, "one alone goes out plainly");
+        let many: Vec<&[u8]> = vec![&a; 100];
+        assert_eq!(
+            segmentable(&many),
+            Some((46, 1400)),
+            "within the kernel's bytes limit"
+        );
+        let small = [3u8; 100];
+        let many: Vec<&[u8]> = vec![&small; 100];
+        assert_eq!(
+            segmentable(&many),
+            Some((64, 100)),
+            "within its segment limit"
+        );
+    }
 }
