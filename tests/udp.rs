@@ -176,6 +176,18 @@ async fn idle_flows_expire_on_both_sides(backend: Backend) {
     let first = ask(&v, agent.public, b"hello").await;
     let open = "ringtunnel_service_visitors{service=\"idle\",kind=\"udp\"}";
     assert_eq!(metric(admin, open).await, Some(1), "one flow open");
+    // `ringtunnel status` shows it with its port, as a tcp service.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringtunnel"))
+        .args(["status", "--admin", &admin.to_string()])
+        .env_remove("RINGTUNNEL_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let row = table.lines().find(|l| l.starts_with("idle ")).unwrap_or_default();
+    assert!(
+        row.contains(" udp ") && row.contains(&format!(":{}", agent.public.port())),
+        "{table}"
+    );
     // Silent past the idle time: the relay ends the flow and tells the agent.
     wait_metric_value(admin, open, 0).await;
     let second = ask(&v, agent.public, b"hello again").await;

@@ -144,7 +144,7 @@ pub async fn render(addr: SocketAddr, token: Option<&Secret>) -> Result<String, 
     for s in &services {
         let count = |k: &str| s.counts.get(k).copied().unwrap_or(0);
         let public = match s.kind.as_str() {
-            "tcp" => format!(":{}", s.port),
+            "tcp" | "udp" => format!(":{}", s.port),
             _ => s
                 .hosts
                 .iter()
