@@ -183,7 +183,10 @@ async fn idle_flows_expire_on_both_sides(backend: Backend) {
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    let row = table.lines().find(|l| l.starts_with("idle ")).unwrap_or_default();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("idle "))
+        .unwrap_or_default();
     assert!(
         row.contains(" udp ") && row.contains(&format!(":{}", agent.public.port())),
         "{table}"
