@@ -335,6 +335,47 @@ async fn a_dead_local_service_costs_no_channel_churn(backend: Backend) {
     assert_eq!(ask(&visitor().await, ok.public, b"ping").await, b"ping");
 }
 
+/// Kills the process that took over in a live upgrade (not a child of the test).
+struct Successor(u32);
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A live upgrade does not hand a udp service over: the old process closes its socket, and
+/// the agent publishes it again, on the same port, with the new one, which serves it.
+async fn a_udp_service_comes_back_on_its_port_after_an_upgrade(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    let mut relay = Relay::spawn(backend, &[]);
+    let mut agent = Agent::spawn(udp_agent_args(&relay, origin, "up"));
+    let v = visitor().await;
+    assert_eq!(ask(&v, agent.public, b"before").await, b"before");
+    relay.proc.signal("-USR2");
+    relay
+        .proc
+        .wait_stderr("upgrade: the new process took over every port");
+    let stderr = relay.proc.stderr();
+    let pid: u32 = stderr
+        .lines()
+        .find(|l| l.contains("the new process took over every port"))
+        .and_then(|l| field_opt(l, "pid"))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in:\n{stderr}"));
+    let _successor = Successor(pid);
+    assert_eq!(
+        agent.proc.wait_line("online "),
+        agent.online,
+        "the same port"
+    );
+    assert!(relay.proc.wait_exit().success(), "{}", relay.proc.stderr());
+    // Only the new process is left to answer.
+    assert_eq!(ask(&v, agent.public, b"after").await, b"after");
+}
+
 /// A running dnsmasq answering `*.tunnel.test` with 10.9.8.7, killed on drop.
 struct Dnsmasq {
     child: std::process::Child,
@@ -438,6 +479,7 @@ async fn a_dns_query_is_answered_through_the_tunnel(backend: Backend) {
 }
 
 both_backends!(
+    a_udp_service_comes_back_on_its_port_after_an_upgrade,
     a_burst_of_equal_datagrams_is_echoed_intact,
     a_dns_query_is_answered_through_the_tunnel,
     a_dead_local_service_costs_no_channel_churn,
