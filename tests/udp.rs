@@ -335,6 +335,22 @@ async fn a_dead_local_service_costs_no_channel_churn(backend: Backend) {
     assert_eq!(ask(&visitor().await, ok.public, b"ping").await, b"ping");
 }
 
+/// A datagram sent the moment the agent is online (before its channels have reached the
+/// relay) waits for one instead of being dropped.
+async fn the_first_datagram_after_online_is_answered_without_a_resend(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    let relay = Relay::spawn(backend, &[]);
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "first"));
+    let v = visitor().await;
+    v.send_to(b"at once", agent.public).await.unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = tokio::time::timeout(WAIT, v.recv_from(&mut buf))
+        .await
+        .expect("answered, sent once")
+        .unwrap();
+    assert_eq!(&buf[..n], b"at once");
+}
+
 /// Kills the process that took over in a live upgrade (not a child of the test).
 struct Successor(u32);
 
@@ -479,6 +495,7 @@ async fn a_dns_query_is_answered_through_the_tunnel(backend: Backend) {
 }
 
 both_backends!(
+    the_first_datagram_after_online_is_answered_without_a_resend,
     a_udp_service_comes_back_on_its_port_after_an_upgrade,
     a_burst_of_equal_datagrams_is_echoed_intact,
     a_dns_query_is_answered_through_the_tunnel,

@@ -51,6 +51,66 @@ struct State {
     /// Which channel the next new flow goes to.
     turn: usize,
     stopped: bool,
+    /// Datagrams that came while the service had no channel (its agent just came online, or
+    /// is reconnecting), with when they came: sent on when a channel arrives, if it arrives
+    /// within [`HOLD`].
+    waiting: Waiting,
+}
+
+/// How long a datagram may wait for a channel.
+const HOLD: Duration = Duration::from_secs(2);
+
+/// Datagrams held for a channel, bounded in count and bytes.
+#[derive(Default)]
+struct Waiting {
+    queue: std::collections::VecDeque<(Instant, SocketAddr, Vec<u8>)>,
+    bytes: usize,
+}
+
+/// Most datagrams, and bytes, a service holds for a channel.
+const WAITING_MAX: usize = 256;
+const WAITING_BYTES: usize = 1 << 20;
+
+impl Waiting {
+    /// Holds a datagram if there is room; `false` if it was dropped.
+    fn hold(&mut self, at: Instant, from: SocketAddr, payload: &[u8]) -> bool {
+        if self.queue.len() >= WAITING_MAX || self.bytes + payload.len() > WAITING_BYTES {
+            return false;
+        }
+        self.bytes += payload.len();
+        self.queue.push_back((at, from, payload.to_vec()));
+        true
+    }
+
+    /// Takes every held datagram still within [`HOLD`] of `now`; returns them and how many
+    /// were too old.
+    fn take(&mut self, now: Instant) -> (Vec<(SocketAddr, Vec<u8>)>, usize) {
+        self.bytes = 0;
+        let mut stale = 0;
+        let fresh = self
+            .queue
+            .drain(..)
+            .filter_map(|(at, from, d)| {
+                let ok = now.saturating_duration_since(at) < HOLD;
+                stale += usize::from(!ok);
+                ok.then_some((from, d))
+            })
+            .collect();
+        (fresh, stale)
+    }
+
+    /// Drops the held datagrams older than [`HOLD`]; returns how many.
+    fn expire(&mut self, now: Instant) -> usize {
+        let before = self.queue.len();
+        while let Some((at, _, d)) = self.queue.front() {
+            if now.saturating_duration_since(*at) < HOLD {
+                break;
+            }
+            self.bytes -= d.len();
+            self.queue.pop_front();
+        }
+        before - self.queue.len()
+    }
 }
 
 /// One `udp` service's public port and flows. Dropping the last handle does not stop it:
@@ -89,6 +149,7 @@ impl Hub {
                 next_channel: 0,
                 turn: 0,
                 stopped: false,
+                waiting: Waiting::default(),
             }),
             tasks: Mutex::new(Vec::new()),
         });
@@ -128,6 +189,7 @@ impl Hub {
         let mut st = self.lock();
         st.stopped = true;
         st.flows.clear();
+        st.waiting = Waiting::default();
         for ch in st.channels.drain(..) {
             ch.task.abort();
         }
@@ -154,6 +216,13 @@ impl Hub {
             held,
             task: task.abort_handle(),
         });
+        // What came while there was no channel goes on now, in order.
+        let now = Instant::now();
+        let (fresh, stale) = st.waiting.take(now);
+        self.metrics.udp_dropped.add(stale as u64);
+        for (from, payload) in fresh {
+            self.on_visitor_datagram(&mut st, &payload, from, now);
+        }
     }
 
     /// Reads the public socket, a batch at a time: each datagram goes to its flow's channel.
@@ -194,7 +263,12 @@ impl Hub {
                 if !st.channels.iter().any(|c| c.id == flow.channel) {
                     match pick(&st.channels, &mut st.turn) {
                         Some(c) => flow.channel = c,
-                        None => return self.dropped(),
+                        None => {
+                            if !st.waiting.hold(now, from, payload) {
+                                self.dropped();
+                            }
+                            return;
+                        }
                     }
                 }
                 flow.admission.count_bytes(true, payload.len() as u64);
@@ -206,8 +280,11 @@ impl Hub {
             Some(f) => f,
             None => {
                 let Some(channel) = pick(&st.channels, &mut st.turn) else {
-                    self.metrics.visitors_unserved.inc();
-                    return self.dropped();
+                    if !st.waiting.hold(now, from, payload) {
+                        self.metrics.visitors_unserved.inc();
+                        self.dropped();
+                    }
+                    return;
                 };
                 if st.flows.len() >= MAX_FLOWS {
                     return self.dropped();
@@ -341,6 +418,8 @@ impl Hub {
         loop {
             tick.tick().await;
             let mut st = self.lock();
+            let stale = st.waiting.expire(Instant::now());
+            self.metrics.udp_dropped.add(stale as u64);
             for (flow, channel) in st.flows.expire(Instant::now()) {
                 if let Some(c) = st.channels.iter().find(|c| c.id == channel) {
                     c.tx.push(datagram::close_item(flow).to_vec());
@@ -379,4 +458,40 @@ pub(super) fn transient(e: &io::Error) -> bool {
                 | libc::EMSGSIZE
         )
     ) || e.kind() == io::ErrorKind::Interrupted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn datagrams_wait_for_a_channel_in_order_within_bounds_and_not_for_ever() {
+        let t0 = Instant::now();
+        let mut w = Waiting::default();
+        assert!(w.hold(t0, addr(1), b"one"));
+        assert!(w.hold(t0 + Duration::from_secs(1), addr(2), b"two"));
+        let (fresh, stale) = w.take(t0 + Duration::from_millis(2500));
+        assert_eq!(
+            fresh,
+            vec![(addr(2), b"two".to_vec())],
+            "the older one waited too long"
+        );
+        assert_eq!(stale, 1);
+        assert_eq!(w.bytes, 0);
+
+        for i in 0..WAITING_MAX {
+            assert!(w.hold(t0, addr(3), &[i as u8]), "{i}");
+        }
+        assert!(!w.hold(t0, addr(3), b"x"), "bounded in count");
+        assert_eq!(w.expire(t0 + HOLD), WAITING_MAX, "all expired at once");
+        assert_eq!(w.bytes, 0);
+
+        let big = vec![0u8; 60_000];
+        let fit = (0..100).take_while(|_| w.hold(t0, addr(4), &big)).count();
+        assert_eq!(fit, WAITING_BYTES / big.len(), "bounded in bytes");
+    }
 }
