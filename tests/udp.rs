@@ -200,6 +200,23 @@ async fn idle_flows_expire_on_both_sides(backend: Backend) {
     );
 }
 
+async fn a_reload_shortens_the_flow_idle_time_of_a_running_service(backend: Backend) {
+    let origin = echo_udp_origin().await;
+    let (dir, config) = config_file("[limits]\nudp_flow_idle_secs = 600\n");
+    let relay = Relay::spawn(backend, &["--config", &config, "--admin", "127.0.0.1:0"]);
+    let admin = relay.admin.unwrap();
+    let agent = Agent::spawn(udp_agent_args(&relay, origin, "reloaded"));
+    assert_eq!(ask(&visitor().await, agent.public, b"hi").await, b"hi");
+    let open = "ringtunnel_service_visitors{service=\"reloaded\",kind=\"udp\"}";
+    assert_eq!(metric(admin, open).await, Some(1));
+    std::fs::write(&config, "[limits]\nudp_flow_idle_secs = 1\n").unwrap();
+    relay.proc.signal("-HUP");
+    relay.proc.wait_stderr("settings reloaded: changed=limits");
+    // The flow, silent since, ends under the new setting rather than in ten minutes.
+    wait_metric_value(admin, open, 0).await;
+    drop(dir);
+}
+
 async fn wait_metric_value(admin: SocketAddr, series: &str, want: u64) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -495,6 +512,7 @@ async fn a_dns_query_is_answered_through_the_tunnel(backend: Backend) {
 }
 
 both_backends!(
+    a_reload_shortens_the_flow_idle_time_of_a_running_service,
     the_first_datagram_after_online_is_answered_without_a_resend,
     a_udp_service_comes_back_on_its_port_after_an_upgrade,
     a_burst_of_equal_datagrams_is_echoed_intact,

@@ -824,6 +824,9 @@ impl Registry {
         let mut ended = std::collections::HashSet::new();
         for svc in g.services.values() {
             svc.gate.set_limits(&new.limits_for(&svc.name));
+            if let Some(hub) = svc.udp_hub() {
+                hub.set_idle(new.limits_for(&svc.name).udp_flow_idle());
+            }
             let access = new.access_for(&svc.name);
             // Unchanged rules keep what they remember (passwords that passed).
             if access != old.access_for(&svc.name) {

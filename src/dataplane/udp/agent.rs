@@ -100,11 +100,6 @@ impl Service {
         tracing::warn!(service = %self.name, "{what}");
     }
 
-    /// Flows open now.
-    pub fn flows(&self) -> usize {
-        self.lock().len()
-    }
-
     /// Ends the flows silent for [`FLOW_IDLE`].
     fn expire(&self) {
         let now = self.now_ms();

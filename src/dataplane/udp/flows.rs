@@ -40,6 +40,11 @@ impl<A> Flows<A> {
         }
     }
 
+    /// From now on, flows silent for `idle` end (a reload changed it).
+    pub fn set_idle(&mut self, idle: Duration) {
+        self.idle = idle;
+    }
+
     /// How many flows are open.
     pub fn len(&self) -> usize {
         self.by_id.len()

@@ -170,14 +170,9 @@ impl Hub {
         self.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The port it listens on.
-    pub fn port(&self) -> u16 {
-        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-
-    /// Flows open now.
-    pub fn flows(&self) -> usize {
-        self.lock().flows.len()
+    /// Flows silent for `idle` end from now on (a reload changed it).
+    pub fn set_idle(&self, idle: Duration) {
+        self.lock().flows.set_idle(idle);
     }
 
     /// Stops reading the port and every channel, ends every flow (their places in the
