@@ -368,17 +368,6 @@ async fn the_first_datagram_after_online_is_answered_without_a_resend(backend: B
     assert_eq!(&buf[..n], b"at once");
 }
 
-/// Kills the process that took over in a live upgrade (not a child of the test).
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .status();
-    }
-}
-
 /// A live upgrade does not hand a udp service over: the old process closes its socket, and
 /// the agent publishes it again, on the same port, with the new one, which serves it.
 async fn a_udp_service_comes_back_on_its_port_after_an_upgrade(backend: Backend) {
@@ -388,17 +377,7 @@ async fn a_udp_service_comes_back_on_its_port_after_an_upgrade(backend: Backend)
     let v = visitor().await;
     assert_eq!(ask(&v, agent.public, b"before").await, b"before");
     relay.proc.signal("-USR2");
-    relay
-        .proc
-        .wait_stderr("upgrade: the new process took over every port");
-    let stderr = relay.proc.stderr();
-    let pid: u32 = stderr
-        .lines()
-        .find(|l| l.contains("the new process took over every port"))
-        .and_then(|l| field_opt(l, "pid"))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in:\n{stderr}"));
-    let _successor = Successor(pid);
+    let _successor = KillOnDrop(relay.successor_pid());
     assert_eq!(
         agent.proc.wait_line("online "),
         agent.online,
@@ -427,18 +406,12 @@ impl Dnsmasq {
     /// `RINGTUNNEL_REQUIRE_DNSMASQ=1`, as in `.ci/run`).
     fn start() -> Option<Dnsmasq> {
         use std::process::{Command, Stdio};
-        let found = Command::new("dnsmasq")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var("RINGTUNNEL_REQUIRE_DNSMASQ").as_deref() != Ok("1"),
-                "RINGTUNNEL_REQUIRE_DNSMASQ=1 but no dnsmasq on PATH"
-            );
-            eprintln!("skipped: no dnsmasq on PATH (apt-get install dnsmasq-base)");
+        if !installed(
+            "dnsmasq",
+            "--version",
+            "dnsmasq-base",
+            "RINGTUNNEL_REQUIRE_DNSMASQ",
+        ) {
             return None;
         }
         // A free port: bound and let go (dnsmasq cannot take port 0 and say which it got).

@@ -58,16 +58,6 @@ async fn tcp_visit(public: SocketAddr) -> Result<(), String> {
 }
 
 /// The successor process, killed when the test ends (it outlives the relay that started it).
-struct Successor(u32);
-
-impl Drop for Successor {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &self.0.to_string()])
-            .status();
-    }
-}
-
 async fn an_upgrade_refuses_no_one_and_finishes_what_was_in_flight(backend: Backend) {
     let data = Arc::new(pseudo_random(5, 256 << 20));
     let want = sha256(&data);
@@ -142,17 +132,7 @@ async fn an_upgrade_refuses_no_one_and_finishes_what_was_in_flight(backend: Back
         relay.fingerprint,
         "the same identity"
     );
-    relay
-        .proc
-        .wait_stderr("upgrade: the new process took over every port");
-    let stderr = relay.proc.stderr();
-    let pid: u32 = stderr
-        .lines()
-        .find(|l| l.contains("the new process took over every port"))
-        .and_then(|l| field_opt(l, "pid"))
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in:\n{stderr}"));
-    let _successor = Successor(pid);
+    let _successor = KillOnDrop(relay.successor_pid());
     // Every agent comes back, on the new process, with its public address.
     for agent in [&mut bulk, &mut echo, &mut web] {
         let again = agent.proc.wait_line("online ");
@@ -230,18 +210,7 @@ async fn a_failed_upgrade_changes_nothing(backend: Backend) {
     // And a later upgrade, with the file mended, goes through.
     std::fs::write(&path, "[limits]\nmax_visitors = 100\n").unwrap();
     relay.proc.signal("-USR2");
-    relay
-        .proc
-        .wait_stderr("upgrade: the new process took over every port");
-    let pid = relay
-        .proc
-        .stderr()
-        .lines()
-        .find(|l| l.contains("the new process took over every port"))
-        .and_then(|l| field_opt(l, "pid"))
-        .and_then(|p| p.parse().ok())
-        .unwrap();
-    let _successor = Successor(pid);
+    let _successor = KillOnDrop(relay.successor_pid());
     assert!(relay.proc.wait_exit().success());
     assert_eq!(tcp_visit(echo.public).await, Ok(()));
 }
@@ -271,7 +240,7 @@ async fn systemd_hears_ready_and_follows_the_new_process(backend: Backend) {
         .and_then(|rest| rest.strip_suffix("\nREADY=1"))
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("{said:?}"));
-    let _successor = Successor(pid);
+    let _successor = KillOnDrop(pid);
     assert_ne!(pid, relay.proc.child.id());
     assert!(relay.proc.wait_exit().success());
     // The old process said nothing more: a STOPPING=1 from it would stop the service.

@@ -454,6 +454,20 @@ impl Relay {
         )
     }
 
+    /// After SIGUSR2: waits until the new process took over every port, and returns its pid
+    /// (it is not a child of the test: see [`KillOnDrop`]).
+    pub fn successor_pid(&self) -> u32 {
+        let line = "upgrade: the new process took over every port";
+        self.proc.wait_stderr(line);
+        let stderr = self.proc.stderr();
+        stderr
+            .lines()
+            .find(|l| l.contains(line))
+            .and_then(|l| field_opt(l, "pid"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in:\n{stderr}"))
+    }
+
     /// Agent flags that reach this relay with the right secret and fingerprint.
     pub fn agent_args(&self, local: SocketAddr, name: &str) -> Vec<String> {
         vec![
@@ -903,5 +917,37 @@ pub async fn next_chunk(
             }
             Piece::Raw { .. } => return Chunk::Raw,
         }
+    }
+}
+
+/// Whether `program` (from Debian's `package`) runs here (`program version_arg`). When it
+/// does not, the test says so and is skipped, unless `require_env=1` (as `.ci/run` sets it,
+/// having installed it), where that is a failure.
+pub fn installed(program: &str, version_arg: &str, package: &str, require_env: &str) -> bool {
+    let found = Command::new(program)
+        .arg(version_arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var(require_env).as_deref() != Ok("1"),
+            "{require_env}=1 but no {program} on PATH"
+        );
+        eprintln!("skipped: no {program} on PATH (apt-get install {package})");
+    }
+    found
+}
+
+/// Kills, when dropped, a process the test did not start itself (the relay that took over
+/// in a live upgrade).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
     }
 }

@@ -19,8 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 
-use super::mmsg;
-use super::relay::transient;
+use super::{mmsg, transient};
 use super::{queue, write_queue, Queue, READ_BUF};
 use crate::protocol::datagram::{self, At, Decoder, CHANNEL_OPEN};
 

@@ -109,6 +109,21 @@ pub async fn write_queue(writer: &mut (impl AsyncWrite + Unpin), queue: Drain) -
     Ok(())
 }
 
+/// Errors a UDP socket reports for one datagram (an ICMP error from an earlier send, a full
+/// buffer), after which it keeps working.
+pub fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::ENOBUFS
+                | libc::EMSGSIZE
+        )
+    ) || e.kind() == io::ErrorKind::Interrupted
+}
+
 /// Asks for [`SOCKET_BUFFER`] bytes of receive and send buffer: beyond the system's cap
 /// where the process may (`SO_RCVBUFFORCE`, with `CAP_NET_ADMIN`), else up to the cap.
 pub fn widen_buffers(fd: BorrowedFd<'_>) {

@@ -23,7 +23,7 @@ use tokio::task::AbortHandle;
 
 use super::flows::Flows;
 use super::mmsg::{self, Slots};
-use super::{queue, write_queue, Drain, Queue, READ_BUF};
+use super::{queue, transient, write_queue, Drain, Queue, READ_BUF};
 use crate::admin::Metrics;
 use crate::dataplane::gate::{Admission, Gate};
 use crate::dataplane::pool::{Held, Pool};
@@ -438,21 +438,6 @@ fn pick(channels: &[Channel], turn: &mut usize) -> Option<u64> {
     }
     *turn = turn.wrapping_add(1);
     Some(channels[*turn % channels.len()].id)
-}
-
-/// Errors a UDP socket reports for one datagram (an ICMP error from an earlier send, a full
-/// buffer), after which it keeps working.
-pub(super) fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::ECONNREFUSED
-                | libc::EHOSTUNREACH
-                | libc::ENETUNREACH
-                | libc::ENOBUFS
-                | libc::EMSGSIZE
-        )
-    ) || e.kind() == io::ErrorKind::Interrupted
 }
 
 #[cfg(test)]
