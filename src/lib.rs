@@ -11,6 +11,7 @@
 //!   service registry, routes, tickets.
 //! - [`shared_ports`] — the shared HTTP and TLS ports: routing visitors by Host and SNI.
 //! - [`access`] — who may visit a service: address lists, HTTP basic auth.
+//! - [`acme`] — certificates from an ACME CA for the hosts the relay terminates HTTPS for.
 //! - [`agent`] — the agent: control session, data connections, reconnect backoff.
 //! - [`dataplane`] — visitor listeners, admission limits, the per-service connection pool,
 //!   forwarding.
@@ -25,6 +26,7 @@
 //! - [`logging`] — the log's format and filter (reloadable), and access lines.
 
 pub mod access;
+pub mod acme;
 pub mod admin;
 pub mod agent;
 pub mod cli;

@@ -260,6 +260,17 @@ impl Registry {
         out
     }
 
+    /// Whether the relay may terminate HTTPS for `host` (see [`Routes::terminates`]).
+    pub fn terminates_https(&self, host: &str) -> bool {
+        self.routes().terminates(host)
+    }
+
+    /// The exact host names `http` services claim now: those the relay gets certificates
+    /// for ahead of their first visitor.
+    pub fn http_hosts(&self) -> Vec<String> {
+        self.routes().http_hosts()
+    }
+
     /// The `tls` service claiming SNI name `host` (normalized).
     pub fn route_tls(&self, host: &str) -> Option<Arc<Service>> {
         self.routes().tls(host)

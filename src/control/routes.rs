@@ -92,6 +92,23 @@ impl Routes {
         }
     }
 
+    /// Whether the relay may terminate HTTPS for `host` and get it a certificate: an `http`
+    /// service claims exactly this name (not through a wildcard), or it is reserved, and no
+    /// `tls` service claims it (whose visitors pass through untouched).
+    pub fn terminates(&self, host: &str) -> bool {
+        !self.tls.contains_key(host)
+            && (self.http.contains_key(host) || self.reserved.contains_key(host))
+    }
+
+    /// The exact (not wildcard) host names `http` services claim now.
+    pub fn http_hosts(&self) -> Vec<String> {
+        self.http
+            .keys()
+            .filter(|h| !h.starts_with("*."))
+            .cloned()
+            .collect()
+    }
+
     /// The service `host` is reserved for, if any.
     pub fn reserved_for(&self, host: &str) -> Option<&str> {
         self.reserved.get(host).map(String::as_str)
