@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    self, AgentConfig, AgentFile, BackendKind, ConfigError, FrontConfig, Heartbeat, PortRange,
-    RelayConfig, RelayFile, Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT, DEFAULT_POOL,
+    self, AgentConfig, AgentFile, BackendKind, ConfigError, FrontConfig, Heartbeat, HttpsConfig,
+    PortRange, RelayConfig, RelayFile, Secret, ServiceConfig, Toggle, DEFAULT_CONTROL_PORT,
+    DEFAULT_POOL,
 };
 use crate::protocol::proxy::ProxyVersion;
 use crate::protocol::ServiceKind;
@@ -243,6 +244,20 @@ pub struct RelayArgs {
     /// Shared TLS port: `tls` services are routed here by SNI, without decrypting.
     #[arg(long)]
     pub tls: Option<SocketAddr>,
+    /// The shared TLS port, also terminating HTTPS for `http` services with certificates
+    /// from an ACME CA (HTTP-01, answered on --http); `tls` services still pass through.
+    #[arg(long)]
+    pub https: Option<SocketAddr>,
+    /// ACME directory URL [default: Let's Encrypt's].
+    #[arg(long, requires = "https")]
+    pub acme_directory: Option<String>,
+    /// Contact address for the ACME account (expiry notices).
+    #[arg(long, requires = "https")]
+    pub acme_email: Option<String>,
+    /// Extra root certificate (PEM) the ACME directory's own certificate is checked against
+    /// (a private or test CA).
+    #[arg(long, requires = "https")]
+    pub acme_ca_file: Option<PathBuf>,
     /// Domain for bare host names: `--http-host blog` becomes `blog.DOMAIN`.
     #[arg(long)]
     pub domain: Option<String>,
@@ -281,6 +296,15 @@ impl RelayArgs {
                 ))
             }
         };
+        let http = self.http.or(file.http);
+        let (tls, https) = HttpsConfig::from_parts(
+            self.https.or(file.https),
+            self.tls.or(file.tls),
+            http,
+            self.acme_directory.or(file.acme_directory),
+            self.acme_email.or(file.acme_email),
+            self.acme_ca_file.or(file.acme_ca_file),
+        )?;
         let cfg = RelayConfig {
             control: self
                 .control
@@ -314,8 +338,8 @@ impl RelayArgs {
                 self.heartbeat.timeout.or(file.heartbeat_timeout_secs),
             )?,
             front: FrontConfig::from_parts(
-                self.http.or(file.http),
-                self.tls.or(file.tls),
+                http,
+                tls,
                 self.domain.or(file.domain),
                 file.max_head_bytes,
                 file.head_timeout_secs,
@@ -332,6 +356,7 @@ impl RelayArgs {
             ),
             log: file.log,
             access_log: self.access_log || file.access_log.unwrap_or(false),
+            https,
         };
         cfg.validate()?;
         Ok(cfg)

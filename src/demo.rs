@@ -73,6 +73,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         drain_timeout: crate::config::DEFAULT_DRAIN_TIMEOUT,
         log: None,
         access_log: false,
+        https: None,
     })
     .await
     .context("starting the demo relay")?;

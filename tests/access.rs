@@ -88,22 +88,6 @@ async fn counting_http() -> (SocketAddr, Arc<AtomicUsize>) {
     (addr, seen)
 }
 
-/// A real ClientHello for `name` (what a TLS visitor sends first).
-fn client_hello(name: &str) -> Vec<u8> {
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), server).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
-}
-
 /// Whether a TLS visitor from `from` reaches the origin behind the TLS port at `port` (the
 /// counting echo origin sends its ClientHello back).
 async fn tls_reaches_from(from: IpAddr, port: SocketAddr, name: &str) -> bool {

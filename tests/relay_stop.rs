@@ -42,6 +42,7 @@ fn relay_config(backend: Backend, state: &TempDir) -> RelayConfig {
         drain_timeout: ringtunnel::config::DEFAULT_DRAIN_TIMEOUT,
         log: None,
         access_log: false,
+        https: None,
     }
 }
 

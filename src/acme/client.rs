@@ -87,9 +87,10 @@ impl Client {
         let dir = fetch.request("GET", url, None).await?;
         let dir: Value = json_of(&dir, "the directory")?;
         let field = |f: &str| -> Result<String, AcmeError> {
-            dir[f].as_str().map(str::to_string).ok_or_else(|| {
-                AcmeError::Protocol(format!("the directory at {url} has no {f}"))
-            })
+            dir[f]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| AcmeError::Protocol(format!("the directory at {url} has no {f}")))
         };
         let mut client = Client {
             fetch,
@@ -114,7 +115,11 @@ impl Client {
 
     /// Orders, validates and downloads a certificate for `host`, answering its HTTP-01
     /// challenge through `challenges`.
-    pub async fn issue(&mut self, host: &str, challenges: &Challenges) -> Result<Issued, AcmeError> {
+    pub async fn issue(
+        &mut self,
+        host: &str,
+        challenges: &Challenges,
+    ) -> Result<Issued, AcmeError> {
         let order = json!({ "identifiers": [{ "type": "dns", "value": host }] });
         let new_order = self.new_order.clone();
         let r = self.post(&new_order, Some(order)).await?;
@@ -166,19 +171,33 @@ impl Client {
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["type"] == "http-01"))
             .ok_or_else(|| AcmeError::Protocol("the CA offers no http-01 challenge".into()))?;
-        let (Some(token), Some(chal_url)) = (challenge["token"].as_str(), challenge["url"].as_str())
+        let (Some(token), Some(chal_url)) =
+            (challenge["token"].as_str(), challenge["url"].as_str())
         else {
-            return Err(AcmeError::Protocol("the http-01 challenge has no token or URL".into()));
+            return Err(AcmeError::Protocol(
+                "the http-01 challenge has no token or URL".into(),
+            ));
         };
-        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(AcmeError::Protocol("the challenge token is not base64url".into()));
+        if token.is_empty()
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(AcmeError::Protocol(
+                "the challenge token is not base64url".into(),
+            ));
         }
         let (token, chal_url) = (token.to_string(), chal_url.to_string());
         challenges.insert(&token, self.key.key_authorization(&token))?;
         let result = async {
             self.post(&chal_url, Some(json!({}))).await?;
-            self.poll(url, "the authorization", &["valid"], &["invalid", "deactivated", "expired", "revoked"])
-                .await
+            self.poll(
+                url,
+                "the authorization",
+                &["valid"],
+                &["invalid", "deactivated", "expired", "revoked"],
+            )
+            .await
         }
         .await;
         challenges.remove(&token);
@@ -204,7 +223,10 @@ impl Client {
                 return Ok(v);
             }
             if failed.contains(&status) {
-                return Err(AcmeError::Rejected(format!("{what} is {status}: {}", reason(&v))));
+                return Err(AcmeError::Rejected(format!(
+                    "{what} is {status}: {}",
+                    reason(&v)
+                )));
             }
             if start.elapsed() + pause > POLL_LIMIT {
                 return Err(AcmeError::Protocol(format!(
@@ -246,7 +268,9 @@ impl Client {
                 reason(&problem)
             )));
         }
-        Err(AcmeError::Protocol(format!("{url}: {NONCE_TRIES} nonces in a row refused")))
+        Err(AcmeError::Protocol(format!(
+            "{url}: {NONCE_TRIES} nonces in a row refused"
+        )))
     }
 
     async fn fresh_nonce(&self) -> Result<String, AcmeError> {
@@ -269,7 +293,11 @@ fn json_of(r: &Response, what: &str) -> Result<Value, AcmeError> {
 /// The strings of a JSON array (nothing if it is not one).
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -285,7 +313,11 @@ fn reason(v: &Value) -> String {
                 .find_map(|c| c["error"]["detail"].as_str())
         })
         .unwrap_or("no reason given");
-    detail.chars().filter(|c| !c.is_control()).take(300).collect()
+    detail
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(300)
+        .collect()
 }
 
 /// How long to wait before polling again: `Retry-After` seconds, at least one and at most
@@ -306,7 +338,10 @@ mod tests {
     fn only_tokens_being_validated_are_answered() {
         let c = Challenges::default();
         c.insert("abc_-1", "abc_-1.thumb".into()).unwrap();
-        assert_eq!(c.answer("/.well-known/acme-challenge/abc_-1").as_deref(), Some("abc_-1.thumb"));
+        assert_eq!(
+            c.answer("/.well-known/acme-challenge/abc_-1").as_deref(),
+            Some("abc_-1.thumb")
+        );
         assert_eq!(c.answer("/.well-known/acme-challenge/other"), None);
         assert_eq!(c.answer("/abc_-1"), None);
         c.remove("abc_-1");

@@ -221,7 +221,9 @@ fn parse_response(raw: &[u8]) -> Result<Response, &'static str> {
         dechunk(rest)?
     } else if let Some(len) = response.header("content-length") {
         let len: usize = len.parse().map_err(|_| "bad Content-Length")?;
-        rest.get(..len).ok_or("the body is shorter than its Content-Length")?.to_vec()
+        rest.get(..len)
+            .ok_or("the body is shorter than its Content-Length")?
+            .to_vec()
     } else {
         rest.to_vec()
     };
@@ -255,8 +257,14 @@ mod tests {
 
     #[test]
     fn responses_parse_with_length_chunks_or_to_the_end() {
-        let r = parse_response(b"HTTP/1.1 201 Created\r\nLocation: https://a/b\r\nContent-Length: 2\r\n\r\nhiXX").unwrap();
-        assert_eq!((r.status, r.header("location"), &r.body[..]), (201, Some("https://a/b"), &b"hi"[..]));
+        let r = parse_response(
+            b"HTTP/1.1 201 Created\r\nLocation: https://a/b\r\nContent-Length: 2\r\n\r\nhiXX",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.status, r.header("location"), &r.body[..]),
+            (201, Some("https://a/b"), &b"hi"[..])
+        );
         let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap();
         assert_eq!(r.body, b"abcde");
         let r = parse_response(b"HTTP/1.0 200 OK\r\n\r\nall of it").unwrap();
@@ -273,19 +281,32 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
             b"HTTP/1.1 200 OK",
         ] {
-            assert!(parse_response(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_response(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn urls_are_https_with_a_host() {
         let t = Target::parse("https://127.0.0.1:14000/dir").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("127.0.0.1", 14000, "/dir"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("127.0.0.1", 14000, "/dir")
+        );
         let t = Target::parse("https://[::1]/x").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 443));
         let t = Target::parse("https://acme.example").unwrap();
         assert_eq!((t.port, t.path.as_str()), (443, "/"));
-        for bad in ["http://a/", "https://", "https://u@a/", "https://a:x/", "https://a/b c"] {
+        for bad in [
+            "http://a/",
+            "https://",
+            "https://u@a/",
+            "https://a:x/",
+            "https://a/b c",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }

@@ -36,6 +36,7 @@ pub async fn run(
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
     hosts: Arc<dyn Hosts>,
+    metrics: Arc<crate::admin::Metrics>,
 ) {
     let mut client: Option<Client> = None;
     loop {
@@ -57,10 +58,13 @@ pub async fn run(
             let attempt = issue(&settings, &mut client, &certs, &challenges, &host);
             let result = match tokio::time::timeout(ISSUE_LIMIT, attempt).await {
                 Ok(r) => r,
-                Err(_) => Err(AcmeError::Protocol(format!("not done within {ISSUE_LIMIT:?}"))),
+                Err(_) => Err(AcmeError::Protocol(format!(
+                    "not done within {ISSUE_LIMIT:?}"
+                ))),
             };
             match result {
                 Ok(not_after) => {
+                    metrics.acme_issued.inc();
                     let days = not_after
                         .duration_since(std::time::SystemTime::now())
                         .map_or(0, |d| d.as_secs() / 86_400);
@@ -68,6 +72,7 @@ pub async fn run(
                     tracing::info!(%host, "certificate {what}: valid for {days} more days");
                 }
                 Err(e) => {
+                    metrics.acme_failed.inc();
                     client = None; // start afresh next time: directory, account, nonce
                     let pause = certs.failed(&host);
                     tracing::warn!(%host, "certificate not issued: {e}; next try in {pause:?}");

@@ -114,7 +114,12 @@ mod tests {
         let again = AccountKey::from_pkcs8(&pkcs8).unwrap();
         assert_eq!(key.thumbprint(), again.thumbprint());
         let jws = key
-            .sign(Signer::Jwk, "n0nce", "https://a/new-acct", Some(&serde_json::json!({"x": 1})))
+            .sign(
+                Signer::Jwk,
+                "n0nce",
+                "https://a/new-acct",
+                Some(&serde_json::json!({"x": 1})),
+            )
             .unwrap();
         let jws: serde_json::Value = serde_json::from_slice(&jws).unwrap();
         let field = |f: &str| jws[f].as_str().unwrap().to_string();
@@ -131,7 +136,9 @@ mod tests {
         UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point)
             .verify(input.as_bytes(), &sig)
             .expect("the signature verifies");
-        let get = key.sign(Signer::Kid("https://a/acct/1"), "n", "https://a/o", None).unwrap();
+        let get = key
+            .sign(Signer::Kid("https://a/acct/1"), "n", "https://a/o", None)
+            .unwrap();
         let get: serde_json::Value = serde_json::from_slice(&get).unwrap();
         assert_eq!(get["payload"], "");
     }

@@ -51,7 +51,10 @@ impl AcmeSettings {
         state_dir: &std::path::Path,
     ) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
-        let tag: String = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let tag: String = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         AcmeSettings {
             directory,
             email,

@@ -110,7 +110,12 @@ impl Certs {
     }
 
     /// Keeps a newly issued certificate for `host` (files first, then served).
-    pub fn install(&self, host: &str, chain_pem: &str, key_pem: &str) -> Result<SystemTime, AcmeError> {
+    pub fn install(
+        &self,
+        host: &str,
+        chain_pem: &str,
+        key_pem: &str,
+    ) -> Result<SystemTime, AcmeError> {
         let held = held_from_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let (crt, key) = self.paths(host);
         state::write_new(&key, key_pem.as_bytes(), 0o600)?;
@@ -240,7 +245,9 @@ fn held_from_pem(chain: &[u8], key: &[u8]) -> Result<Held, AcmeError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
         .collect::<Result<_, _>>()
         .map_err(|e| bad(e.to_string()))?;
-    let leaf = chain.first().ok_or_else(|| bad("no certificate in the chain".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| bad("no certificate in the chain".into()))?;
     let validity = Validity::of(leaf).ok_or_else(|| bad("the validity does not parse".into()))?;
     let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(e.to_string()))?;
     let provider = rustls::crypto::ring::default_provider();
@@ -280,7 +287,10 @@ mod tests {
         let (chain, key) = issued("a.example");
         certs.install("a.example", &chain, &key).unwrap();
         assert!(certs.get("a.example").is_some() && certs.fresh("a.example"));
-        let mode = std::fs::metadata(dir.join("a.example.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("a.example.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = Certs::open(&dir).unwrap();
         assert!(again.get("a.example").is_some());
@@ -319,7 +329,10 @@ mod tests {
         let dir = scratch("wait");
         let certs = Arc::new(Certs::open(&dir).unwrap());
         // Nothing issues: the wait ends at its bound.
-        assert!(certs.wait_for("a.example", Duration::from_millis(50)).await.is_none());
+        assert!(certs
+            .wait_for("a.example", Duration::from_millis(50))
+            .await
+            .is_none());
         // "a.example" is wanted still: the bound counts it.
         for i in 1..MAX_WANTED {
             assert!(certs.want(&format!("h{i}.example")));

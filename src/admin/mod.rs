@@ -115,6 +115,17 @@ counters! {
         pub http_agent_offline,
         /// Shared TLS port: connections without SNI, with an unknown one, or not TLS at all.
         pub tls_unroutable,
+        /// Shared TLS port with `--https`: visitors whose TLS the relay terminated (handshake
+        /// done) for an `http` service.
+        pub https_terminated,
+        /// Shared TLS port with `--https`: visitors closed because their host had no
+        /// certificate in time (first issuance pending or failing), their handshake failed,
+        /// or too many were being terminated.
+        pub https_refused,
+        /// Certificates issued or renewed by the ACME CA.
+        pub acme_issued,
+        /// Issuance attempts that failed (each host then backs off).
+        pub acme_failed,
         /// Shared ports: visitors closed at once because their address had too many still being
         /// routed.
         pub visitors_shed,

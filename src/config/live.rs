@@ -101,6 +101,7 @@ pub fn plan_reload(old: &RelayConfig, new: RelayConfig) -> ReloadPlan {
         backend => "backend",
         workers => "workers",
         front => "http/tls/domain/shared port settings",
+        https => "https/acme settings",
         admin => "admin",
         admin_token => "admin_token",
     );

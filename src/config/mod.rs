@@ -33,7 +33,9 @@ pub use agent::{AgentConfig, AgentFile, ServiceConfig};
 pub use hosts::{BadCidr, Cidr, FrontConfig, HostError};
 pub use limits::Limits;
 pub use live::{plan_reload, LiveConfig, ReloadPlan};
-pub use relay::{RelayConfig, RelayFile, RelayServiceFile, SecretId, DEFAULT_DRAIN_TIMEOUT};
+pub use relay::{
+    HttpsConfig, RelayConfig, RelayFile, RelayServiceFile, SecretId, DEFAULT_DRAIN_TIMEOUT,
+};
 
 /// Default control port of the relay.
 pub const DEFAULT_CONTROL_PORT: u16 = 7843;
@@ -399,6 +401,7 @@ pub(crate) mod tests {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             log: None,
             access_log: false,
+            https: None,
         }
     }
 

@@ -53,6 +53,15 @@ pub struct RelayFile {
     pub http: Option<SocketAddr>,
     /// Shared TLS (SNI passthrough) port for `tls` services.
     pub tls: Option<SocketAddr>,
+    /// The shared TLS port, also terminating HTTPS for `http` services with certificates
+    /// from an ACME CA (instead of `tls`, or the same address).
+    pub https: Option<SocketAddr>,
+    /// ACME directory URL (default: Let's Encrypt).
+    pub acme_directory: Option<String>,
+    /// Contact address for the ACME account.
+    pub acme_email: Option<String>,
+    /// Extra root (PEM) for the ACME directory's own certificate (a private or test CA).
+    pub acme_ca_file: Option<PathBuf>,
     /// Domain that bare `http`/`tls` host names are subdomains of.
     pub domain: Option<String>,
     /// Shared ports: largest request head read, in bytes (larger: 431).
@@ -139,6 +148,74 @@ pub struct RelayConfig {
     pub log: Option<String>,
     /// Whether one access line per visitor is logged (target `access`).
     pub access_log: bool,
+    /// HTTPS termination on the shared TLS port (`--https`), `None`: passthrough only.
+    pub https: Option<HttpsConfig>,
+}
+
+/// HTTPS at the relay: where certificates come from. The port is `front.tls`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpsConfig {
+    /// ACME directory URL.
+    pub directory: String,
+    /// Contact address for the ACME account.
+    pub email: Option<String>,
+    /// Extra root (PEM) for the directory's own certificate.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HttpsConfig {
+    /// Merges `--https` and the `acme_*` settings with the shared ports: returns the TLS
+    /// port's address and the termination settings. `--https` needs `--http` (the HTTP-01
+    /// challenge is answered there) and is the TLS port (an equal `--tls` is allowed).
+    pub fn from_parts(
+        https: Option<SocketAddr>,
+        tls: Option<SocketAddr>,
+        http: Option<SocketAddr>,
+        directory: Option<String>,
+        email: Option<String>,
+        ca_file: Option<PathBuf>,
+    ) -> Result<(Option<SocketAddr>, Option<HttpsConfig>), ConfigError> {
+        let Some(addr) = https else {
+            if directory.is_some() || email.is_some() || ca_file.is_some() {
+                return Err(ConfigError::Invalid(
+                    "acme_directory, acme_email and acme_ca_file need --https".into(),
+                ));
+            }
+            return Ok((tls, None));
+        };
+        if tls.is_some_and(|t| t != addr) {
+            return Err(ConfigError::Invalid(format!(
+                "--https {addr} is the shared TLS port, with HTTPS termination: drop --tls {}, or give both the same address",
+                tls.map(|t| t.to_string()).unwrap_or_default()
+            )));
+        }
+        if http.is_none() {
+            return Err(ConfigError::Invalid(
+                "--https needs --http: the ACME CA checks each host over plain HTTP (HTTP-01) on the shared HTTP port, which must be port 80 as the CA sees it".into(),
+            ));
+        }
+        let directory = directory.unwrap_or_else(|| crate::acme::LETS_ENCRYPT.to_string());
+        if !directory.starts_with("https://") {
+            return Err(ConfigError::Invalid(format!(
+                "acme_directory {directory:?} must be an https:// URL"
+            )));
+        }
+        if let Some(e) = &email {
+            if !e.contains('@') || e.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::Invalid(format!(
+                    "acme_email {e:?} is not an address"
+                )));
+            }
+        }
+        Ok((
+            Some(addr),
+            Some(HttpsConfig {
+                directory,
+                email,
+                ca_file,
+            }),
+        ))
+    }
 }
 
 /// Default for [`RelayConfig::drain_timeout`].

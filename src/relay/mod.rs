@@ -45,6 +45,9 @@ pub enum RelayError {
     /// The requested data-plane backend cannot run here.
     #[error("{0}")]
     Backend(String),
+    /// HTTPS termination could not be set up (the certificate store, TLS settings).
+    #[error("--https: {0}")]
+    Https(String),
     /// A listener could not be bound.
     #[error("cannot listen on {flag} {addr}: {error}{}", bind_hint(*addr, error))]
     Bind {
@@ -382,11 +385,16 @@ async fn start_with(
         }
     }
     let (agents_tx, agents_rx) = tokio::sync::mpsc::channel(crate::control::accept::HANDOFF_QUEUE);
+    let https = match &cfg.https {
+        None => None,
+        Some(h) => Some(start_https(h, &cfg.state_dir, &registry, &metrics)?),
+    };
     let router = Arc::new(Router {
         cfg: cfg.front.clone(),
         registry: registry.clone(),
         metrics: metrics.clone(),
         agents: agents_tx,
+        https: https.as_ref().map(|(t, _)| t.clone()),
     });
     let admin_token = cfg.admin_token.clone();
     let reloader = Arc::new(Reloader::new(load, live.clone(), registry.clone()));
@@ -401,6 +409,9 @@ async fn start_with(
         plane.took_over(Instant::now());
     }
     let mut tasks = JoinSet::new();
+    if let Some((_, issuer)) = https {
+        tasks.spawn(issuer);
+    }
     let mut shared_accepts = JoinSet::new();
     let mut shared_stops = Vec::new();
     let mut worker_ports = Vec::new();
@@ -479,4 +490,60 @@ async fn start_with(
         admin_task,
         doors_closed: false,
     })
+}
+
+/// The HTTPS terminator of the shared TLS port and its certificate issuer (to spawn), over
+/// the certificates already kept in the state directory.
+fn start_https(
+    cfg: &crate::config::HttpsConfig,
+    state_dir: &std::path::Path,
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+) -> Result<
+    (
+        Arc<crate::shared_ports::https::Terminator>,
+        impl std::future::Future<Output = ()>,
+    ),
+    RelayError,
+> {
+    use crate::acme::{issuer, Acme, AcmeSettings, Certs, Challenges};
+    let settings = AcmeSettings::new(
+        cfg.directory.clone(),
+        cfg.email.clone(),
+        cfg.ca_file.clone(),
+        state_dir,
+    );
+    // Checked now, so a bad file is a startup error and not a failed issuance later.
+    crate::acme::fetch::Fetcher::new(settings.ca_file.as_deref())
+        .map_err(|e| RelayError::Https(e.to_string()))?;
+    if let Some(parent) = settings.dir.parent() {
+        crate::tls::state::ensure_dir(parent)?;
+    }
+    let certs = Arc::new(Certs::open(&settings.dir).map_err(|e| RelayError::Https(e.to_string()))?);
+    let challenges = Arc::new(Challenges::default());
+    let acme = Acme {
+        certs: certs.clone(),
+        challenges: challenges.clone(),
+    };
+    let terminator =
+        crate::shared_ports::https::Terminator::new(acme, tokio::runtime::Handle::current())
+            .map_err(|e| RelayError::Https(e.to_string()))?;
+    tracing::info!(directory = %settings.directory, store = %settings.dir.display(), "HTTPS for http services: certificates from the ACME CA");
+    let hosts: Arc<dyn issuer::Hosts> = Arc::new(RegistryHosts(registry.clone()));
+    let issuer = issuer::run(settings, certs, challenges, hosts, metrics.clone());
+    Ok((Arc::new(terminator), issuer))
+}
+
+/// The hosts the issuer may get certificates for: those the registry routes to `http`
+/// services exactly, or reserves.
+struct RegistryHosts(Arc<Registry>);
+
+impl crate::acme::issuer::Hosts for RegistryHosts {
+    fn eligible(&self, host: &str) -> bool {
+        self.0.terminates_https(host)
+    }
+
+    fn claimed(&self) -> Vec<String> {
+        self.0.http_hosts()
+    }
 }

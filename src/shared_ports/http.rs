@@ -6,11 +6,12 @@
 //! credentials that passed). Bodies, and a WebSocket after its upgrade, pass through
 //! untouched.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::conn::Head;
+use super::conn::{read_head, Head, VisitorConn};
 use super::reply::Page;
 use super::route::Router;
 use super::route::{Decision, Routed, Unserved};
@@ -18,7 +19,50 @@ use crate::access::login::{challenge, Check, Login, Pending, Verdict};
 use crate::control::service::Service;
 use crate::dataplane::gate::Refusal;
 use crate::protocol::http::requests::Requests;
-use crate::protocol::http::{self, HeadError, Trust};
+use crate::protocol::http::{self, HeadError, HeadScanner, Trust};
+
+/// How the visitor reached the HTTP routing: the shared HTTP port, or HTTPS terminated on
+/// the shared TLS port for the server name `sni`.
+#[derive(Debug, Clone, Copy)]
+pub enum Scheme<'a> {
+    /// Plain HTTP.
+    Http,
+    /// HTTPS, terminated by the relay.
+    Https {
+        /// The ClientHello's server name: the request's `Host` must be the same.
+        sni: &'a str,
+    },
+}
+
+impl Scheme<'_> {
+    fn proto(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https { .. } => "https",
+        }
+    }
+}
+
+/// Reads a visitor's request head from `conn` (bounded by the port's size limit, and in time
+/// by `deadline`), then decides what happens to it, checking a password off this thread if
+/// the service wants one.
+pub(crate) async fn read_and_decide(
+    router: &Router,
+    conn: &mut impl VisitorConn,
+    addr: SocketAddr,
+    deadline: impl Future<Output = ()>,
+    scheme: Scheme<'_>,
+) -> Decision {
+    let mut scanner = HeadScanner::new(router.cfg.max_head);
+    let read = read_head(conn, deadline, |b| scanner.feed(b)).await;
+    match decide(router, read, addr, scheme) {
+        Step::Done(decision) => decision,
+        Step::Login(pending, wait) => {
+            let verdict = pending.verify().await;
+            after_login(router, *wait, verdict, addr, scheme)
+        }
+    }
+}
 
 /// What the shared HTTP port does with a visitor, given how reading its head ended: decided
 /// at once, or once a password is checked (off this thread).
@@ -43,6 +87,7 @@ pub fn decide(
     router: &Router,
     read: Result<Head<http::Head>, HeadError>,
     addr: SocketAddr,
+    scheme: Scheme<'_>,
 ) -> Step {
     let front = &router.cfg;
     let metrics = &router.metrics;
@@ -67,6 +112,22 @@ pub fn decide(
             }));
         }
     };
+    match scheme {
+        Scheme::Http => {
+            if let Some(answer) = acme_challenge(router, &head.path) {
+                return Step::Done(Decision::Answer(answer));
+            }
+        }
+        Scheme::Https { sni } if sni != head.host => {
+            metrics.http_bad_requests.inc();
+            tracing::info!(visitor = %addr, host = %head.host, %sni, "HTTPS visitor answered 421: Host is not the TLS server name");
+            return Step::Done(Decision::Answer(
+                Page::Misdirected
+                    .response(&format!("this connection is for {sni}, not {}", head.host)),
+            ));
+        }
+        Scheme::Https { .. } => {}
+    }
     let Some(svc) = router.registry.route_http(&head.host, &head.path) else {
         metrics.http_unknown_host.inc();
         tracing::debug!(visitor = %addr, host = %head.host, "HTTP visitor for an unknown host");
@@ -80,12 +141,12 @@ pub fn decide(
     }
     let access = svc.gate.access();
     let Some(login) = access.login() else {
-        return Step::Done(admit(router, svc, None, head, bytes, addr));
+        return Step::Done(admit(router, svc, None, head, bytes, addr, scheme));
     };
     match login.check(head.authorization.as_deref(), addr.ip(), Instant::now()) {
         Check::Pass => {
             let login = login.clone();
-            Step::Done(admit(router, svc, Some(login), head, bytes, addr))
+            Step::Done(admit(router, svc, Some(login), head, bytes, addr, scheme))
         }
         Check::Challenge => Step::Done(unauthorized(router, &svc, login, addr)),
         Check::Throttled => Step::Done(login_refused(
@@ -105,15 +166,16 @@ pub fn after_login(
     wait: LoginWait,
     verdict: Verdict,
     addr: SocketAddr,
+    scheme: Scheme<'_>,
 ) -> Decision {
     let LoginWait { svc, head, bytes } = wait;
     let access = svc.gate.access();
     let Some(login) = access.login().cloned() else {
         // A reload took the password away meanwhile.
-        return admit(router, svc, None, head, bytes, addr);
+        return admit(router, svc, None, head, bytes, addr, scheme);
     };
     match verdict {
-        Verdict::Passed => admit(router, svc, Some(login), head, bytes, addr),
+        Verdict::Passed => admit(router, svc, Some(login), head, bytes, addr, scheme),
         Verdict::Failed => unauthorized(router, &svc, &login, addr),
         Verdict::Busy => login_refused(
             router,
@@ -173,6 +235,7 @@ fn admit(
     head: http::Head,
     bytes: Vec<u8>,
     addr: SocketAddr,
+    scheme: Scheme<'_>,
 ) -> Decision {
     let front = &router.cfg;
     let metrics = &router.metrics;
@@ -189,7 +252,7 @@ fn admit(
             true => Trust::Proxy,
             false => Trust::None,
         };
-        let mut requests = Requests::new(addr, trust, front.max_head);
+        let mut requests = Requests::new(addr, trust, front.max_head).with_proto(scheme.proto());
         if !forwarded {
             requests = requests.without_forwarded();
         }
@@ -214,4 +277,17 @@ fn admit(
         requests,
         unserved: Unserved::HttpPage { host: head.host },
     })
+}
+
+/// The answer to an ACME CA's HTTP-01 validation request for a token being validated now
+/// (with `--https`); `None` for every other request, which is routed as usual.
+fn acme_challenge(router: &Router, path: &str) -> Option<Vec<u8>> {
+    let key_auth = router.https.as_ref()?.acme().challenges.answer(path)?;
+    Some(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\nServer: ringtunnel\r\n\r\n{key_auth}",
+            key_auth.len()
+        )
+        .into_bytes(),
+    )
 }

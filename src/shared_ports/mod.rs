@@ -7,6 +7,7 @@
 //! - [`route`]: what routing decides ([`route::Decision`]) and what it reads ([`Router`]).
 //! - [`http`]: the shared HTTP port, routed by `Host` and path prefix.
 //! - [`tls`]: the shared TLS port, routed by SNI, passed through without decrypting.
+//! - [`https`]: with `--https`, the TLS port terminates `http` services' hosts itself.
 //! - [`reply`]: the short HTTP error pages and clean closes a visitor gets when it cannot
 //!   be routed.
 //! - [`tokio`]: the ports on the tokio backend; [`uring`]: the same ports on the uring workers.
@@ -21,6 +22,7 @@
 
 pub mod conn;
 pub mod http;
+pub mod https;
 pub mod port;
 pub mod reply;
 pub mod route;

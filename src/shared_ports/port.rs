@@ -9,7 +9,6 @@ use super::conn::{read_head, VisitorConn};
 use super::route::{Decision, Router};
 use super::{http, tls};
 use crate::net::cap::ConnCap;
-use crate::protocol::http::HeadScanner;
 use crate::protocol::sni::{HelloScanner, Sni};
 
 /// Most visitors from one address (an IPv6 /64) that may be between accept and hand-off
@@ -59,15 +58,7 @@ impl Port {
     ) -> Decision {
         match self {
             Port::Http => {
-                let mut scanner = HeadScanner::new(router.cfg.max_head);
-                let read = read_head(conn, deadline, |b| scanner.feed(b)).await;
-                match http::decide(router, read, addr) {
-                    http::Step::Done(decision) => decision,
-                    http::Step::Login(pending, wait) => {
-                        let verdict = pending.verify().await;
-                        http::after_login(router, *wait, verdict, addr)
-                    }
-                }
+                http::read_and_decide(router, conn, addr, deadline, http::Scheme::Http).await
             }
             Port::Tls => {
                 let mut scanner = HelloScanner::new();

@@ -19,6 +19,10 @@ pub use crate::protocol::http::page::Page;
 /// than a bare reset.
 pub const TLS_ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
 
+/// A fatal TLS alert (`internal_error`): the relay terminates this name but holds no
+/// certificate for it yet.
+pub const TLS_ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
+
 /// Writes `bytes`, closes the writing side, and drains (bounded) what the visitor still
 /// sends before the caller drops the socket. `deadline` should fire after [`CLOSE_GRACE`].
 pub(crate) async fn answer_and_close(

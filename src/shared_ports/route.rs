@@ -24,6 +24,8 @@ pub struct Router {
     pub metrics: Arc<Metrics>,
     /// Agents that came in on the shared TLS port (by ALPN) go to the control plane here.
     pub agents: tokio::sync::mpsc::Sender<AgentHandoff>,
+    /// HTTPS termination for `http` services on the shared TLS port (`--https`).
+    pub https: Option<Arc<super::https::Terminator>>,
 }
 
 impl Router {
@@ -52,6 +54,14 @@ pub enum Decision {
     /// An agent's connection (ALPN `ringtunnel`) on the shared TLS port: hand it, with these
     /// bytes already read, to the control plane.
     Agent(Vec<u8>),
+    /// A visitor of the shared TLS port for a host the relay terminates HTTPS for: hand it,
+    /// with its ClientHello already read, to [`super::https::Terminator`].
+    Terminate {
+        /// The ClientHello bytes read.
+        hello: Vec<u8>,
+        /// Its server name.
+        host: String,
+    },
 }
 
 /// A visitor routed to a service, not yet handed to its pools.

@@ -3,7 +3,8 @@
 //! front. The relay holds no key for these names and never sees plaintext; the origin
 //! behind the agent terminates TLS. No SNI, an unknown one, or bytes that are not TLS: a
 //! TLS alert (where it makes sense) and a clean close, counted. A ClientHello offering the
-//! agent's ALPN protocol is an agent, not a visitor: it goes to the control plane.
+//! agent's ALPN protocol is an agent, not a visitor: it goes to the control plane. With
+//! `--https`, a name an `http` service claims is terminated ([`super::https`]).
 
 use std::net::SocketAddr;
 
@@ -47,6 +48,12 @@ pub fn decide(
         }
     };
     let Some(svc) = router.registry.route_tls(&name) else {
+        if router.https.is_some() && router.registry.terminates_https(&name) {
+            return Decision::Terminate {
+                hello: bytes,
+                host: name,
+            };
+        }
         metrics.tls_unroutable.inc();
         tracing::debug!(visitor = %addr, sni = %name, "TLS visitor for an unknown name");
         return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());

@@ -46,7 +46,7 @@ pub async fn accept_loop(router: Arc<Router>, listener: TcpListener, port: Port)
 }
 
 /// Tokio: routes one visitor of a shared port and hands it on (or answers it).
-async fn serve(router: &Router, port: Port, mut stream: TcpStream, addr: SocketAddr) {
+async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: SocketAddr) {
     let deadline = tokio::time::sleep(router.cfg.head_timeout);
     let routed = match port
         .read_and_decide(router, &mut stream, addr, deadline)
@@ -62,6 +62,12 @@ async fn serve(router: &Router, port: Port, mut stream: TcpStream, addr: SocketA
                     peer: addr,
                     hello,
                 });
+            }
+            return;
+        }
+        Decision::Terminate { hello, host } => {
+            if let (Some(https), Ok(stream)) = (&router.https, stream.into_std()) {
+                https.hand(router.clone(), stream, addr, hello, host);
             }
             return;
         }

@@ -104,7 +104,13 @@ impl VisitorConn for Conn {
 
 /// Routes one visitor and hands it to this worker's pool of its service (or another
 /// worker's idle connection), or answers it.
-async fn serve(router: &Router, port: Port, stream: TcpStream, addr: SocketAddr, worker: usize) {
+async fn serve(
+    router: &Arc<Router>,
+    port: Port,
+    stream: TcpStream,
+    addr: SocketAddr,
+    worker: usize,
+) {
     if set_nonblocking(fd(&stream)).is_err() {
         return;
     }
@@ -125,6 +131,14 @@ async fn serve(router: &Router, port: Port, stream: TcpStream, addr: SocketAddr,
                 peer: addr,
                 hello,
             });
+            return;
+        }
+        Decision::Terminate { hello, host } => {
+            if let Some(https) = &router.https {
+                // SAFETY: the fd comes straight from the stream we own and give up here.
+                let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };
+                https.hand(router.clone(), stream, addr, hello, host);
+            }
             return;
         }
     };

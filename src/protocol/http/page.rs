@@ -13,6 +13,8 @@ pub enum Page {
     Forbidden,
     /// 404: no service claims this host (and path).
     UnknownHost,
+    /// 421: an HTTPS request for a host other than the one its TLS connection was for.
+    Misdirected,
     /// 408: the head did not arrive in time.
     Timeout,
     /// 431: the head is larger than the relay reads.
@@ -40,6 +42,7 @@ impl Page {
             Page::Forbidden => (403, "Forbidden"),
             Page::TooManyRequests => (429, "Too Many Requests"),
             Page::UnknownHost => (404, "Not Found"),
+            Page::Misdirected => (421, "Misdirected Request"),
             Page::Timeout => (408, "Request Timeout"),
             Page::TooLarge => (431, "Request Header Fields Too Large"),
             Page::AgentOffline | Page::OriginUnreachable => (502, "Bad Gateway"),
@@ -88,6 +91,7 @@ mod tests {
             Page::Forbidden,
             Page::TooManyRequests,
             Page::UnknownHost,
+            Page::Misdirected,
             Page::Timeout,
             Page::TooLarge,
             Page::AgentOffline,

@@ -110,6 +110,13 @@ impl Requests {
         }
     }
 
+    /// The scheme the visitor used, for `X-Forwarded-Proto` and `Forwarded: proto=`
+    /// (`"http"` unless set).
+    pub fn with_proto(mut self, proto: &'static str) -> Self {
+        self.proto = proto;
+        self
+    }
+
     /// Passes heads as they are, without forwarding headers (the service asked for none,
     /// and the reader is here for [`Self::with_login`]).
     pub fn without_forwarded(mut self) -> Self {

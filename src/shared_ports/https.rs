@@ -1,0 +1,300 @@
+//! HTTPS at the relay: on the shared TLS port, a ClientHello whose server name an `http`
+//! service claims (exactly, or reserved for it) is terminated here with a certificate from
+//! the ACME CA, instead of being passed through. The decrypted connection then goes the way
+//! of a visitor of the shared HTTP port: routed by `Host` (which must be the SNI name: 421
+//! otherwise), access rules, forwarding headers (`X-Forwarded-Proto: https`), the service's
+//! pools.
+//!
+//! The data plane forwards stream sockets, so a terminated visitor reaches it as one end of
+//! a Unix socket pair; this task copies between the TLS connection and the other end. That
+//! costs a copy through user space each way, the price of decrypting. Runs on the relay's
+//! tokio runtime for either backend (a worker hands the connection over after reading the
+//! ClientHello).
+//!
+//! Bounds: the ClientHello was read under the port's limits; the certificate wait
+//! ([`CERT_WAIT`]), the handshake and the request head run under deadlines; at most
+//! [`crate::shared_ports::port::MAX_ROUTING`] connections (64 per address) are between
+//! hand-over and routing, and [`MAX_TERMINATED`] (1024 per address) are being forwarded.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::conn::VisitorConn;
+use super::http::{self, Scheme};
+use super::port::routing_cap;
+use super::reply::{answer_and_close, CLOSE_GRACE, TLS_ALERT_INTERNAL_ERROR};
+use super::route::{Decision, Router};
+use crate::acme::store::Resolver;
+use crate::acme::Acme;
+use crate::dataplane::gate::local_addr_of;
+use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::sock::{self, shutdown, Half};
+use crate::net::cap::ConnCap;
+
+/// Longest a visitor waits for its host's first certificate before it is closed (later
+/// visitors find it issued).
+pub const CERT_WAIT: Duration = Duration::from_secs(10);
+/// Most terminated visitors being forwarded at once (each holds a TLS session, a socket
+/// pair and a task), and [`MAX_TERMINATED_PER_ADDRESS`] from one address (an IPv6 /64).
+pub const MAX_TERMINATED: usize = 16_384;
+/// See [`MAX_TERMINATED`].
+pub const MAX_TERMINATED_PER_ADDRESS: usize = 1024;
+
+/// Terminates HTTPS for `http` services on the shared TLS port.
+pub struct Terminator {
+    acme: Acme,
+    tls: TlsAcceptor,
+    runtime: tokio::runtime::Handle,
+    routing: Arc<ConnCap>,
+    forwarding: Arc<ConnCap>,
+}
+
+impl Terminator {
+    /// A terminator serving `acme`'s certificates, running its tasks on `runtime`.
+    pub fn new(acme: Acme, runtime: tokio::runtime::Handle) -> Result<Self, rustls::Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver(acme.certs.clone())));
+        // The relay reads HTTP/1.1 request heads; a client offering h2 falls back to it.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let by_fds = usize::try_from(crate::net::fds::fd_limit() / 8).unwrap_or(usize::MAX);
+        Ok(Terminator {
+            acme,
+            tls: TlsAcceptor::from(Arc::new(config)),
+            runtime,
+            routing: routing_cap(),
+            forwarding: ConnCap::new(
+                MAX_TERMINATED.min(by_fds).max(1),
+                MAX_TERMINATED_PER_ADDRESS,
+            ),
+        })
+    }
+
+    /// The challenges answered on the shared HTTP port.
+    pub fn acme(&self) -> &Acme {
+        &self.acme
+    }
+
+    /// Takes a visitor of the shared TLS port whose ClientHello (`hello`, already read) names
+    /// `host`, which the relay terminates: serves it on the runtime's task.
+    pub fn hand(
+        self: &Arc<Self>,
+        router: Arc<Router>,
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+        hello: Vec<u8>,
+        host: String,
+    ) {
+        let Ok(place) = self.routing.enter(addr.ip()) else {
+            router.metrics.visitors_shed.inc();
+            return; // dropping the stream closes it
+        };
+        let me = self.clone();
+        self.runtime.spawn(async move {
+            let Ok(()) = stream.set_nonblocking(true) else {
+                return;
+            };
+            let Ok(tcp) = TcpStream::from_std(stream) else {
+                return;
+            };
+            me.serve(&router, tcp, addr, hello, host, place).await;
+        });
+    }
+
+    async fn serve(
+        &self,
+        router: &Arc<Router>,
+        mut tcp: TcpStream,
+        addr: SocketAddr,
+        hello: Vec<u8>,
+        host: String,
+        place: crate::net::cap::CapPlace,
+    ) {
+        let metrics = &router.metrics;
+        if self.acme.certs.wait_for(&host, CERT_WAIT).await.is_none() {
+            metrics.https_refused.inc();
+            tracing::info!(visitor = %addr, %host, "HTTPS visitor closed: no certificate for the host yet");
+            let alert = &TLS_ALERT_INTERNAL_ERROR;
+            answer_and_close(&mut tcp, alert, tokio::time::sleep(CLOSE_GRACE)).await;
+            return;
+        }
+        let io = Prefixed {
+            prefix: hello,
+            at: 0,
+            inner: tcp,
+        };
+        let handshake = tokio::time::timeout(router.cfg.head_timeout, self.tls.accept(io)).await;
+        let tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                metrics.https_refused.inc();
+                tracing::info!(visitor = %addr, %host, "HTTPS visitor refused: TLS handshake: {e}");
+                return;
+            }
+            Err(_) => {
+                metrics.https_refused.inc();
+                tracing::info!(visitor = %addr, %host, "HTTPS visitor cut off: no handshake within {:?}", router.cfg.head_timeout);
+                return;
+            }
+        };
+        metrics.https_terminated.inc();
+        let mut conn = Tls(tls);
+        let deadline = tokio::time::sleep(router.cfg.head_timeout);
+        let scheme = Scheme::Https { sni: &host };
+        let decision = http::read_and_decide(router, &mut conn, addr, deadline, scheme).await;
+        drop(place);
+        let routed = match decision {
+            Decision::Dispatch(r) => r,
+            Decision::Answer(bytes) => return answer(&mut conn, &bytes).await,
+            Decision::Close | Decision::Agent(_) | Decision::Terminate { .. } => return,
+        };
+        let Ok(forwarding) = self.forwarding.enter(addr.ip()) else {
+            metrics.https_refused.inc();
+            let page = super::reply::Page::OverLimit;
+            let bytes = page.response("too many HTTPS visitors are connected");
+            return answer(&mut conn, &bytes).await;
+        };
+        let (ours, theirs) = match socket_pair() {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(visitor = %addr, "HTTPS visitor closed: socket pair: {e}");
+                return;
+            }
+        };
+        let (visitor, unserved, svc) = routed.visitor(theirs, addr);
+        if let Err((e, visitor)) = dispatch(&svc, visitor, router.cfg.agent_wait).await {
+            drop(visitor);
+            if let Some(bytes) = unserved.answer(router, &svc, addr, &e) {
+                answer(&mut conn, &bytes).await;
+            }
+            return;
+        }
+        let Ok(mut ours) = tokio::net::UnixStream::from_std(ours) else {
+            return;
+        };
+        if tokio::io::copy_bidirectional(&mut conn.0, &mut ours)
+            .await
+            .is_err()
+        {
+            // The tunnel side was reset (agent lost, idle timeout) or the visitor went away:
+            // an RST, so the visitor does not take a cut stream for a whole one.
+            sock::arm_reset(conn.0.get_ref().0.inner.as_fd());
+        }
+        drop(forwarding);
+    }
+}
+
+/// Hands a routed visitor to `svc`'s pools, waiting up to `wait` for a tunnel connection.
+async fn dispatch(
+    svc: &crate::control::service::Service,
+    visitor: Visitor,
+    wait: Duration,
+) -> Result<(), (crate::dataplane::pool::TakeError, Visitor)> {
+    let visitor = match Pool::try_take_any(&svc.pools, 0, visitor) {
+        Ok(()) => return Ok(()),
+        Err(v) => v,
+    };
+    svc.pools[0]
+        .take(visitor, tokio::time::sleep(wait), wait)
+        .await
+}
+
+/// A connected Unix stream pair: ours (tokio), and theirs for the data plane. The data plane
+/// takes visitors as `std::net::TcpStream`; everything it does to one (non-blocking I/O,
+/// splice, shutdown, `SO_LINGER`) works the same on a Unix stream socket.
+fn socket_pair() -> io::Result<(std::os::unix::net::UnixStream, std::net::TcpStream)> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let (a, b) = socketpair(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
+    Ok((a.into(), b.into()))
+}
+
+async fn answer(conn: &mut Tls, bytes: &[u8]) {
+    answer_and_close(conn, bytes, tokio::time::sleep(CLOSE_GRACE)).await;
+}
+
+/// A terminated visitor's TLS stream, as the shared ports read and answer it.
+struct Tls(TlsStream<Prefixed>);
+
+impl AsyncRead for Tls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl VisitorConn for Tls {
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf).await?;
+        self.0.flush().await
+    }
+
+    fn shutdown_write(&mut self) {
+        shutdown(self.0.get_ref().0.inner.as_fd(), Half::Write);
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        local_addr_of(self.0.get_ref().0.inner.as_fd())
+    }
+}
+
+/// The visitor's TCP stream with the ClientHello bytes the port already read in front.
+struct Prefixed {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.prefix.len() {
+            let n = buf.remaining().min(self.prefix.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.prefix[at..at + n]);
+            self.at += n;
+            if self.at == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,357 @@
+//! End-to-end: HTTPS at the relay (`--https`) with certificates from a real ACME CA, Debian's
+//! `pebble`, started by the test on free loopback ports with `pebble-challtestsrv` as its DNS
+//! (every name is 127.0.0.1), so the CA validates HTTP-01 against the relay's shared HTTP
+//! port for real. On both backends: an `http` service's host gets a certificate ahead of its
+//! first visitor, kept in the state directory (key 0600) and served again after a restart
+//! with no new issuance; its visitors are terminated at the relay and routed by `Host`
+//! (`X-Forwarded-Proto: https`); a `tls` service's host on the same port passes through
+//! untouched; a name nobody claims gets no certificate; a `Host` other than the SNI name is
+//! answered 421. Without pebble on PATH the tests say so and pass, unless
+//! `RINGTUNNEL_REQUIRE_PEBBLE=1` (as in `.ci/run`, which installs it).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtunnel::acme::fetch::Fetcher;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A port free now (bound and let go), for programs that cannot be told port 0.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running pebble and its DNS, killed on drop.
+struct Pebble {
+    _dns: Proc,
+    proc: Proc,
+    /// The ACME directory URL.
+    directory: String,
+    /// The management interface (roots of the certificates it issues).
+    management: SocketAddr,
+    /// The CA file that pebble's own HTTPS certificate is signed by.
+    ca_file: PathBuf,
+    _dir: TempDir,
+}
+
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Pebble {
+    /// Starts pebble validating HTTP-01 on `http_port`, or `None` when it is not installed.
+    fn start(http_port: u16) -> Option<Pebble> {
+        if !installed("pebble", "-h", "pebble", "RINGTUNNEL_REQUIRE_PEBBLE") {
+            return None;
+        }
+        let dir = TempDir::new("pebble");
+        // pebble's own HTTPS certificate, from a CA of the test's.
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        let ca_file = dir.0.join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        std::fs::write(dir.0.join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.0.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+
+        let dns_port = free_port();
+        let dns_args: Vec<String> = [
+            "-dns01",
+            &format!("127.0.0.1:{dns_port}"),
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            &format!("127.0.0.1:{}", free_port()),
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let dns = Proc::spawn_program(Path::new("pebble-challtestsrv"), &dns_args, &[], None);
+
+        let (listen, management) = (free_port(), free_port());
+        let config = dir.0.join("pebble.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({ "pebble": {
+                "listenAddress": format!("127.0.0.1:{listen}"),
+                "managementListenAddress": format!("127.0.0.1:{management}"),
+                "certificate": dir.0.join("cert.pem"),
+                "privateKey": dir.0.join("key.pem"),
+                "httpPort": http_port,
+                "tlsPort": free_port(),
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let args = [
+            "-config".to_string(),
+            config.display().to_string(),
+            "-dnsserver".into(),
+            format!("127.0.0.1:{dns_port}"),
+        ];
+        let env = [("PEBBLE_VA_NOSLEEP", "1"), ("PEBBLE_WFE_NONCEREJECT", "0")];
+        let proc = Proc::spawn_program(Path::new("pebble"), &args, &env, None);
+        let addr: SocketAddr = ([127, 0, 0, 1], listen).into();
+        wait_listening(addr, "pebble");
+        wait_listening(
+            ([127, 0, 0, 1], management).into(),
+            "pebble's management port",
+        );
+        Some(Pebble {
+            _dns: dns,
+            proc,
+            directory: format!("https://127.0.0.1:{listen}/dir"),
+            management: ([127, 0, 0, 1], management).into(),
+            ca_file,
+            _dir: dir,
+        })
+    }
+
+    /// The root that pebble's issued certificates chain to (it makes a new one each run).
+    async fn issuing_root(&self) -> CertificateDer<'static> {
+        let fetch = Fetcher::new(Some(&self.ca_file)).unwrap();
+        let url = format!("https://{}/roots/0", self.management);
+        let r = fetch.request("GET", &url, None).await.unwrap();
+        assert_eq!(r.status, 200);
+        CertificateDer::from_pem_slice(&r.body).unwrap()
+    }
+}
+
+/// An origin that answers every request with its own request head as the body.
+async fn head_echo_origin() -> SocketAddr {
+    origin(|mut s: TcpStream| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = next_head(&mut s, &mut buf).await {
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}",
+                head.len()
+            );
+            if s.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// A TLS client that trusts only `root`.
+fn client(root: &CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// One HTTPS request to `port` for `sni` with `Host: host`: status and body.
+async fn https_get(
+    tls: &tokio_rustls::TlsConnector,
+    port: SocketAddr,
+    sni: &str,
+    host: &str,
+) -> std::io::Result<(u16, String)> {
+    let tcp = TcpStream::connect(port).await?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let mut s = tls.connect(name, tcp).await?;
+    let req = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// [`https_get`] until the first certificate is issued (its first visitors may be closed
+/// while pebble validates), for at most a minute.
+async fn first_https_get(
+    tls: &tokio_rustls::TlsConnector,
+    port: SocketAddr,
+    host: &str,
+) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match https_get(tls, port, host, host).await {
+            Ok(r) => return r,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no HTTPS answer for {host} within a minute: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The ACME store of a relay's state directory (one directory per CA).
+fn store_of(state: &Path) -> PathBuf {
+    let acme = state.join("acme");
+    let mut dirs = std::fs::read_dir(&acme)
+        .unwrap_or_else(|e| panic!("{}: {e}", acme.display()))
+        .map(|e| e.unwrap().path());
+    let dir = dirs.next().expect("an ACME store");
+    assert!(dirs.next().is_none(), "one CA, one store");
+    dir
+}
+
+async fn https_end_to_end(backend: Backend) {
+    let http_port = free_port();
+    let Some(pebble) = Pebble::start(http_port) else {
+        return;
+    };
+    let http = format!("127.0.0.1:{http_port}");
+    let ca = pebble.ca_file.display().to_string();
+    let flags = [
+        "--http",
+        http.as_str(),
+        "--https",
+        "127.0.0.1:0",
+        "--domain",
+        "example.test",
+        "--acme-directory",
+        pebble.directory.as_str(),
+        "--acme-ca-file",
+        ca.as_str(),
+        "--acme-email",
+        "ops@example.test",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let relay = Relay::spawn(backend, &flags);
+    let port = relay.tls.expect("the relay prints its TLS port");
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    let mut args = relay.agent_args(echo_origin().await, "pass");
+    args.extend(["--tls-host".into(), "pass".into()]);
+    let _pass = Agent::spawn(args);
+
+    let root = pebble.issuing_root().await;
+    let tls = client(&root);
+    let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("GET /hello HTTP/1.1\r\n"), "{body}");
+    assert!(body.contains("X-Forwarded-Proto: https\r\n"), "{body}");
+    assert!(body.contains("X-Forwarded-For: 127.0.0.1\r\n"), "{body}");
+    relay.proc.wait_stderr("certificate issued");
+    assert!(relay.proc.stderr().contains("host=blog.example.test"));
+
+    // Kept in the state directory, the key private to the relay.
+    let store = store_of(&relay.state.0);
+    let mode = |f: &str| {
+        std::fs::metadata(store.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("blog.example.test.key"), 0o600);
+    assert_eq!(mode("account.key"), 0o600);
+    assert!(store.join("blog.example.test.crt").exists());
+
+    // Kept-alive requests on one terminated connection.
+    for _ in 0..3 {
+        let (status, body) = https_get(&tls, port, "blog.example.test", "blog.example.test")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // A Host other than the TLS server name: 421, never another service's traffic.
+    let (status, body) = https_get(&tls, port, "blog.example.test", "pass.example.test")
+        .await
+        .unwrap();
+    assert_eq!(status, 421, "{body}");
+
+    // The tls service's host on the same port passes through untouched (the echo origin
+    // sends the ClientHello back as it was sent).
+    let hello = client_hello("pass.example.test");
+    let mut s = TcpStream::connect(port).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, hello);
+
+    // A name nobody claims: refused, and no certificate asked for.
+    assert!(
+        https_get(&tls, port, "nobody.example.test", "nobody.example.test")
+            .await
+            .is_err()
+    );
+    let admin = relay.admin.unwrap();
+    assert_eq!(admin_counter(admin, "acme_issued").await, 1);
+    assert_eq!(admin_counter(admin, "acme_failed").await, 0);
+    assert!(admin_counter(admin, "https_terminated").await >= 5);
+    assert!(!store.join("nobody.example.test.crt").exists());
+
+    // Restarted on the same state: the kept certificate is served, nothing is issued.
+    let relay = relay.restart();
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    let port = relay.tls.unwrap();
+    let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(admin_counter(relay.admin.unwrap(), "acme_issued").await, 0);
+    drop(pebble.proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_acme_certificates_tokio() {
+    https_end_to_end(Backend::Tokio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_acme_certificates_uring() {
+    let Some(backend) = Backend::uring() else {
+        return;
+    };
+    https_end_to_end(backend).await;
+}
