@@ -355,3 +355,152 @@ async fn https_with_acme_certificates_uring() {
     };
     https_end_to_end(backend).await;
 }
+
+/// The CA of the tests without pebble: nothing listens there, so every issuance fails.
+const DEAD_CA: &str = "https://127.0.0.1:9/dir";
+
+/// A relay terminating HTTPS with `DEAD_CA`, `extra` settings in its relay.toml, and a
+/// certificate for `blog.example.test` already in its store (as a previous run would have
+/// left it), plus the TLS client that trusts it and the relay's config directory.
+async fn relay_with_a_kept_certificate(
+    backend: Backend,
+    toml: &str,
+) -> (Relay, tokio_rustls::TlsConnector, TempDir) {
+    let (cfg_dir, cfg) = config_file(toml);
+    let flags = [
+        "--http",
+        "127.0.0.1:0",
+        "--https",
+        "127.0.0.1:0",
+        "--domain",
+        "example.test",
+        "--acme-directory",
+        DEAD_CA,
+        "--admin",
+        "127.0.0.1:0",
+        "--config",
+        cfg.as_str(),
+    ];
+    let relay = Relay::spawn(backend, &flags);
+    let settings = ringtunnel::acme::AcmeSettings::new(DEAD_CA.into(), None, None, &relay.state.0);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["blog.example.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let key_file = settings.dir.join("blog.example.test.key");
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(settings.dir.join("blog.example.test.crt"), cert.pem()).unwrap();
+    let relay = relay.restart();
+    let tls = client(&cert.der().clone());
+    (relay, tls, cfg_dir)
+}
+
+async fn a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert(backend: Backend) {
+    let (relay, tls, _cfg) = relay_with_a_kept_certificate(backend, "").await;
+    let admin = relay.admin.unwrap();
+    let port = relay.tls.unwrap();
+    let mut args = relay.agent_args(head_echo_origin().await, "shop");
+    args.extend(["--http-host".into(), "shop".into()]);
+    let _shop = Agent::spawn(args);
+    // The issuer tries the new host ahead of any visitor, fails, and backs off.
+    relay.proc.wait_stderr("certificate not issued");
+    assert!(relay.proc.stderr().contains("next try in 60s"));
+    let e = https_get(&tls, port, "shop.example.test", "shop.example.test")
+        .await
+        .expect_err("no certificate, no handshake");
+    assert!(e.to_string().contains("InternalError"), "{e}");
+    assert!(admin_counter(admin, "https_refused").await >= 1);
+    assert!(admin_counter(admin, "acme_failed").await >= 1);
+    // The kept certificate serves its host all the while.
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+async fn broken_and_silent_handshakes_are_bounded(backend: Backend) {
+    let (relay, tls, _cfg) =
+        relay_with_a_kept_certificate(backend, "head_timeout_secs = 1\n").await;
+    let admin = relay.admin.unwrap();
+    let port = relay.tls.unwrap();
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    let (status, _) = first_https_get(&tls, port, "blog.example.test").await;
+    assert_eq!(status, 200);
+
+    // A ClientHello and then garbage: the handshake fails, the connection is closed.
+    let mut s = TcpStream::connect(port).await.unwrap();
+    s.write_all(&client_hello("blog.example.test"))
+        .await
+        .unwrap();
+    s.write_all(&[0x17, 0x03, 0x03, 0x00, 0x05, 1, 2, 3, 4, 5])
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink))
+        .await
+        .unwrap();
+    // A ClientHello and then silence: cut off at the head timeout.
+    let mut s = TcpStream::connect(port).await.unwrap();
+    s.write_all(&client_hello("blog.example.test"))
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink))
+        .await
+        .unwrap();
+    wait_metric(admin, "ringtunnel_https_refused_total", 2).await;
+
+    // A finished handshake and no request: 408 over TLS at the head timeout.
+    let tcp = TcpStream::connect(port).await.unwrap();
+    let name = ServerName::try_from("blog.example.test").unwrap();
+    let mut s = tls.connect(name, tcp).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+
+    // A visitor that vanishes in the middle of a request: the relay carries on.
+    let tcp = TcpStream::connect(port).await.unwrap();
+    let name = ServerName::try_from("blog.example.test").unwrap();
+    let mut s = tls.connect(name, tcp).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: blog.example.test\r\nContent-Length: 100000\r\n\r\nabc")
+        .await
+        .unwrap();
+    drop(s);
+    let (status, _) = https_get(&tls, port, "blog.example.test", "blog.example.test")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert_tokio() {
+    a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert(Backend::Tokio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert_uring() {
+    let Some(backend) = Backend::uring() else {
+        return;
+    };
+    a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert(backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_and_silent_handshakes_are_bounded_tokio() {
+    broken_and_silent_handshakes_are_bounded(Backend::Tokio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_and_silent_handshakes_are_bounded_uring() {
+    let Some(backend) = Backend::uring() else {
+        return;
+    };
+    broken_and_silent_handshakes_are_bounded(backend).await;
+}

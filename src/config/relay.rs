@@ -381,3 +381,96 @@ impl RelayConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Option<SocketAddr> {
+        Some(s.parse().unwrap())
+    }
+
+    #[test]
+    fn https_is_the_tls_port_with_termination_and_needs_the_http_port() {
+        let (tls, https) = HttpsConfig::from_parts(
+            addr("0.0.0.0:443"),
+            None,
+            addr("0.0.0.0:80"),
+            None,
+            Some("ops@example.com".into()),
+            None,
+        )
+        .unwrap();
+        assert_eq!(tls, addr("0.0.0.0:443"));
+        let https = https.unwrap();
+        assert_eq!(https.directory, crate::acme::LETS_ENCRYPT);
+        // The same address given to both is fine; two different ones are not.
+        let same = HttpsConfig::from_parts(
+            addr("0.0.0.0:443"),
+            addr("0.0.0.0:443"),
+            addr("0.0.0.0:80"),
+            None,
+            None,
+            None,
+        );
+        assert!(same.is_ok());
+        type Case = (
+            Option<SocketAddr>,
+            Option<SocketAddr>,
+            Option<SocketAddr>,
+            Option<String>,
+            Option<String>,
+            &'static str,
+        );
+        let cases: [Case; 5] = [
+            (
+                addr("0.0.0.0:443"),
+                addr("0.0.0.0:8443"),
+                addr("0.0.0.0:80"),
+                None,
+                None,
+                "drop --tls",
+            ),
+            (
+                addr("0.0.0.0:443"),
+                None,
+                None,
+                None,
+                None,
+                "--https needs --http",
+            ),
+            (
+                addr("0.0.0.0:443"),
+                None,
+                addr("0.0.0.0:80"),
+                Some("http://ca/dir".into()),
+                None,
+                "https:// URL",
+            ),
+            (
+                addr("0.0.0.0:443"),
+                None,
+                addr("0.0.0.0:80"),
+                None,
+                Some("not an address".into()),
+                "not an address",
+            ),
+            (
+                None,
+                addr("0.0.0.0:443"),
+                addr("0.0.0.0:80"),
+                Some("https://ca/dir".into()),
+                None,
+                "need --https",
+            ),
+        ];
+        for (https, tls, http, dir, email, want) in cases {
+            let e = HttpsConfig::from_parts(https, tls, http, dir, email, None).unwrap_err();
+            assert!(e.to_string().contains(want), "{e} lacks {want:?}");
+        }
+        // Without --https: passthrough only, the TLS port as given.
+        let (tls, https) =
+            HttpsConfig::from_parts(None, addr("0.0.0.0:443"), None, None, None, None).unwrap();
+        assert_eq!((tls, https), (addr("0.0.0.0:443"), None));
+    }
+}
