@@ -180,13 +180,13 @@ fn client(root: &CertificateDer<'static>) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
-/// One HTTPS request to `port` for `sni` with `Host: host`: status and body.
-async fn https_get(
+/// One HTTPS request to `port` for `sni` with `Host: host`: the whole response.
+async fn https_get_raw(
     tls: &tokio_rustls::TlsConnector,
     port: SocketAddr,
     sni: &str,
     host: &str,
-) -> std::io::Result<(u16, String)> {
+) -> std::io::Result<String> {
     let tcp = TcpStream::connect(port).await?;
     let name = ServerName::try_from(sni.to_string()).unwrap();
     let mut s = tls.connect(name, tcp).await?;
@@ -198,7 +198,17 @@ async fn https_get(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
         Err(e) => return Err(e),
     }
-    let text = String::from_utf8_lossy(&out).to_string();
+    Ok(String::from_utf8_lossy(&out).to_string())
+}
+
+/// [`https_get_raw`]: status and body.
+async fn https_get(
+    tls: &tokio_rustls::TlsConnector,
+    port: SocketAddr,
+    sni: &str,
+    host: &str,
+) -> std::io::Result<(u16, String)> {
+    let text = https_get_raw(tls, port, sni, host).await?;
     let status = text
         .split(' ')
         .nth(1)
@@ -503,4 +513,53 @@ async fn broken_and_silent_handshakes_are_bounded_uring() {
         return;
     };
     broken_and_silent_handshakes_are_bounded(backend).await;
+}
+
+async fn https_only_redirects_plain_http_and_sets_hsts(backend: Backend) {
+    let toml = "[[service]]\nname = \"blog\"\n[service.access]\nhttps_only = true\n";
+    let (relay, tls, _cfg) = relay_with_a_kept_certificate(backend, toml).await;
+    let port = relay.tls.unwrap();
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    let (status, _) = first_https_get(&tls, port, "blog.example.test").await;
+    assert_eq!(status, 200);
+    // Plain HTTP: sent to the same target over HTTPS, before anything reaches the agent.
+    let mut s = TcpStream::connect(relay.http.unwrap()).await.unwrap();
+    s.write_all(b"GET /a/b?c=1 HTTP/1.1\r\nHost: blog.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = String::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut head))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 308 "), "{head}");
+    let want = format!(
+        "Location: https://blog.example.test:{}/a/b?c=1\r\n",
+        port.port()
+    );
+    assert!(head.contains(&want), "{head}");
+    // HTTPS: the first response carries HSTS, without includeSubDomains.
+    let text = https_get_raw(&tls, port, "blog.example.test", "blog.example.test")
+        .await
+        .unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=31536000\r\n"),
+        "{head}"
+    );
+    assert!(body.starts_with("GET /hello HTTP/1.1\r\n"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_only_redirects_plain_http_and_sets_hsts_tokio() {
+    https_only_redirects_plain_http_and_sets_hsts(Backend::Tokio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_only_redirects_plain_http_and_sets_hsts_uring() {
+    let Some(backend) = Backend::uring() else {
+        return;
+    };
+    https_only_redirects_plain_http_and_sets_hsts(backend).await;
 }

@@ -21,6 +21,7 @@ pub struct Access {
     allow: Vec<Cidr>,
     deny: Vec<Cidr>,
     login: Option<Arc<Login>>,
+    https_only: bool,
 }
 
 impl Access {
@@ -37,6 +38,7 @@ impl Access {
                 )?)),
                 None => None,
             },
+            https_only: file.https_only,
         })
     }
 
@@ -76,6 +78,12 @@ impl Access {
         !self.allow.is_empty() || !self.deny.is_empty()
     }
 
+    /// Whether plain-HTTP visitors are sent to `https://` and HTTPS responses carry HSTS
+    /// (with `--https`).
+    pub fn https_only(&self) -> bool {
+        self.https_only
+    }
+
     /// Basic auth, if the service wants a password.
     pub fn login(&self) -> Option<&Arc<Login>> {
         self.login.as_ref()
@@ -95,6 +103,7 @@ mod tests {
             allow: allow.iter().map(|c| c.parse().unwrap()).collect(),
             deny: deny.iter().map(|c| c.parse().unwrap()).collect(),
             basic_auth: None,
+            https_only: false,
         };
         Access::new("t", &file).unwrap()
     }
@@ -156,6 +165,7 @@ mod tests {
             allow: vec!["10.0.0.0/8".parse().unwrap()],
             deny: vec!["10.6.6.6".parse().unwrap()],
             basic_auth: None,
+            https_only: false,
         };
         let own = AccessFile {
             deny: vec!["10.7.7.7".parse().unwrap()],

@@ -22,6 +22,12 @@ pub struct AccessFile {
     pub deny: Vec<Cidr>,
     /// `http` services: visitors must send one of these users' passwords.
     pub basic_auth: Option<BasicAuthFile>,
+    /// `http` services on a relay with `--https`: plain-HTTP requests are redirected (308) to
+    /// `https://`, and the first response on each HTTPS connection carries
+    /// `Strict-Transport-Security: max-age=31536000` (never `includeSubDomains`: sibling
+    /// hosts may belong to others).
+    #[serde(default)]
+    pub https_only: bool,
 }
 
 /// `[service.access.basic_auth]`: the realm browsers show, and users with their password
@@ -69,12 +75,16 @@ impl AccessFile {
             },
             deny: base.deny.iter().chain(&self.deny).copied().collect(),
             basic_auth: self.basic_auth.clone(),
+            https_only: self.https_only || base.https_only,
         }
     }
 
     /// Whether every visitor is let in (no list, no password): nothing to check.
     pub fn is_open(&self) -> bool {
-        self.allow.is_empty() && self.deny.is_empty() && self.basic_auth.is_none()
+        self.allow.is_empty()
+            && self.deny.is_empty()
+            && self.basic_auth.is_none()
+            && !self.https_only
     }
 
     /// Checks names, realm and hashes; `what` names the table in errors.

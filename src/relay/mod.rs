@@ -390,7 +390,12 @@ async fn start_with(
         Some(h) => Some(start_https(h, &cfg.state_dir, &registry, &metrics)?),
     };
     let router = Arc::new(Router {
-        cfg: cfg.front.clone(),
+        // The bound ports (a port 0 resolved), for redirects to the TLS port.
+        cfg: crate::config::FrontConfig {
+            http: http_addr,
+            tls: tls_addr,
+            ..cfg.front.clone()
+        },
         registry: registry.clone(),
         metrics: metrics.clone(),
         agents: agents_tx,

@@ -140,6 +140,10 @@ pub fn decide(
         return Step::Done(refused(refusal));
     }
     let access = svc.gate.access();
+    // Before any password: one is never asked for over plain HTTP when HTTPS is there.
+    if matches!(scheme, Scheme::Http) && router.https.is_some() && access.https_only() {
+        return Step::Done(Decision::Answer(to_https(router, &head)));
+    }
     let Some(login) = access.login() else {
         return Step::Done(admit(router, svc, None, head, bytes, addr, scheme));
     };
@@ -290,4 +294,18 @@ fn acme_challenge(router: &Router, path: &str) -> Option<Vec<u8>> {
         )
         .into_bytes(),
     )
+}
+
+/// A permanent redirect of `head`'s request to the same host and target over HTTPS (the
+/// shared TLS port; its number only when not 443).
+fn to_https(router: &Router, head: &http::Head) -> Vec<u8> {
+    let port = match router.cfg.tls.map(|a| a.port()) {
+        Some(443) | None => String::new(),
+        Some(p) => format!(":{p}"),
+    };
+    let location = format!("https://{}{port}{}", head.host, head.path);
+    format!(
+        "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\nServer: ringtunnel\r\n\r\n"
+    )
+    .into_bytes()
 }

@@ -173,6 +173,7 @@ impl Terminator {
                 return;
             }
         };
+        let hsts = routed.svc.gate.access().https_only();
         let (visitor, unserved, svc) = routed.visitor(theirs, addr);
         if let Err((e, visitor)) = dispatch(&svc, visitor, router.cfg.agent_wait).await {
             drop(visitor);
@@ -184,15 +185,77 @@ impl Terminator {
         let Ok(mut ours) = tokio::net::UnixStream::from_std(ours) else {
             return;
         };
-        if tokio::io::copy_bidirectional(&mut conn.0, &mut ours)
-            .await
-            .is_err()
-        {
-            // The tunnel side was reset (agent lost, idle timeout) or the visitor went away:
-            // an RST, so the visitor does not take a cut stream for a whole one.
-            sock::arm_reset(conn.0.get_ref().0.inner.as_fd());
+        if pump(conn.0, &mut ours, hsts).await.is_err() {
+            tracing::debug!(visitor = %addr, "HTTPS visitor reset: its stream was cut");
         }
         drop(forwarding);
+    }
+}
+
+/// The header an `https_only` service's first response on each connection gets.
+const HSTS: &[u8] = b"Strict-Transport-Security: max-age=31536000\r\n";
+/// Most response bytes held while looking for the first response head's end (to add
+/// [`HSTS`]); a longer head passes as it is.
+const MAX_HSTS_HEAD: usize = 16 * 1024;
+
+/// Copies between the visitor's TLS stream and the data plane's socket until both ways are
+/// done, closing each write side (TLS `close_notify`) after its way ended. `hsts`: the
+/// first response head gets [`HSTS`]. On an error either way (the tunnel side reset: agent
+/// lost, idle timeout; or the visitor gone), the visitor's TCP connection is reset, so it
+/// does not take a cut stream for a whole one.
+async fn pump(
+    tls: TlsStream<Prefixed>,
+    ours: &mut tokio::net::UnixStream,
+    hsts: bool,
+) -> io::Result<()> {
+    let (mut tls_read, mut tls_write) = tokio::io::split(tls);
+    let (mut our_read, mut our_write) = ours.split();
+    let up = async {
+        tokio::io::copy(&mut tls_read, &mut our_write).await?;
+        our_write.shutdown().await
+    };
+    let down = async {
+        if hsts {
+            first_head_with_hsts(&mut our_read, &mut tls_write).await?;
+        }
+        tokio::io::copy(&mut our_read, &mut tls_write).await?;
+        tls_write.shutdown().await
+    };
+    let (up, down) = tokio::join!(up, down);
+    if up.is_err() || down.is_err() {
+        let tls = tls_read.unsplit(tls_write);
+        sock::arm_reset(tls.get_ref().0.inner.as_fd());
+    }
+    up.and(down)
+}
+
+/// Reads the first response head from `from` (up to [`MAX_HSTS_HEAD`]) and writes it to
+/// `to` with [`HSTS`] after its status line; what is not a head (or too long) passes as is.
+async fn first_head_with_hsts(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    while buf.len() < MAX_HSTS_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = from.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n");
+    let status_end = buf.windows(2).position(|w| w == b"\r\n");
+    match (head_end, status_end) {
+        (Some(_), Some(line)) if buf.starts_with(b"HTTP/1.") => {
+            let mut out = Vec::with_capacity(buf.len() + HSTS.len());
+            out.extend_from_slice(&buf[..line + 2]);
+            out.extend_from_slice(HSTS);
+            out.extend_from_slice(&buf[line + 2..]);
+            to.write_all(&out).await
+        }
+        _ => to.write_all(&buf).await,
     }
 }
 
@@ -296,5 +359,39 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn with_hsts(response: &[u8]) -> Vec<u8> {
+        let mut from = response;
+        let mut to = Vec::new();
+        first_head_with_hsts(&mut from, &mut to).await.unwrap();
+        tokio::io::copy(&mut from, &mut to).await.unwrap(); // as `pump` goes on
+        to
+    }
+
+    #[tokio::test]
+    async fn hsts_goes_after_the_status_line_of_a_response_head_only() {
+        let out = with_hsts(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi").await;
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=31536000\r\nContent-Length: 2\r\n\r\nhi"
+        );
+        // Not an HTTP response, a head cut off, or one too long: passed as it is.
+        for other in [
+            &b"SSH-2.0-x\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nX: y",
+            &[b"HTTP/1.1 200 OK\r\nX: ".as_slice(), &[b'y'; MAX_HSTS_HEAD]].concat(),
+        ] {
+            assert!(
+                with_hsts(other).await == other,
+                "changed: {:?}",
+                &other[..20]
+            );
+        }
     }
 }
