@@ -341,7 +341,16 @@ async fn https_end_to_end(backend: Backend) {
     assert!(admin_counter(admin, "https_terminated").await >= 5);
     assert!(!store.join("nobody.example.test.crt").exists());
 
-    // Restarted on the same state: the kept certificate is served, nothing is issued.
+    // Restarted on the same state: the kept certificate is served, nothing is issued. The
+    // HTTP port is a fixed one (pebble validates there): a uring relay's listeners are let go
+    // by the kernel's ring teardown a moment after the process is gone, so wait for it.
+    let mut relay = relay;
+    relay.proc.kill();
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpListener::bind(("127.0.0.1", http_port)).is_err() {
+        assert!(Instant::now() < deadline, "port {http_port} never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let relay = relay.restart();
     let mut args = relay.agent_args(head_echo_origin().await, "blog");
     args.extend(["--http-host".into(), "blog".into()]);

@@ -21,13 +21,15 @@ pub const ISSUE_LIMIT: Duration = Duration::from_secs(180);
 /// The account key's file in the ACME state directory.
 pub const ACCOUNT_KEY: &str = "account.key";
 
-/// What the issuer asks the relay: whether a host may have a certificate, and which hosts
-/// services claim now.
+/// What the issuer asks of the relay (whether a host may have a certificate, which hosts
+/// services claim now) and tells it (each issuance's outcome, to count).
 pub trait Hosts: Send + Sync + 'static {
     /// Whether `host` is claimed exactly by an `http` service or reserved.
     fn eligible(&self, host: &str) -> bool;
     /// The hosts `http` services claim now.
     fn claimed(&self) -> Vec<String>;
+    /// An issuance (or renewal) ended: `issued`, or failed.
+    fn outcome(&self, issued: bool);
 }
 
 /// Runs for ever: issues and renews certificates into `certs`.
@@ -36,7 +38,6 @@ pub async fn run(
     certs: Arc<Certs>,
     challenges: Arc<Challenges>,
     hosts: Arc<dyn Hosts>,
-    metrics: Arc<crate::admin::Metrics>,
 ) {
     let mut client: Option<Client> = None;
     loop {
@@ -64,7 +65,7 @@ pub async fn run(
             };
             match result {
                 Ok(not_after) => {
-                    metrics.acme_issued.inc();
+                    hosts.outcome(true);
                     let days = not_after
                         .duration_since(std::time::SystemTime::now())
                         .map_or(0, |d| d.as_secs() / 86_400);
@@ -72,7 +73,7 @@ pub async fn run(
                     tracing::info!(%host, "certificate {what}: valid for {days} more days");
                 }
                 Err(e) => {
-                    metrics.acme_failed.inc();
+                    hosts.outcome(false);
                     client = None; // start afresh next time: directory, account, nonce
                     let pause = certs.failed(&host);
                     tracing::warn!(%host, "certificate not issued: {e}; next try in {pause:?}");

@@ -399,7 +399,9 @@ async fn start_with(
         registry: registry.clone(),
         metrics: metrics.clone(),
         agents: agents_tx,
-        https: https.as_ref().map(|(t, _)| t.clone()),
+        https: https
+            .as_ref()
+            .map(|(t, _)| t.clone() as Arc<dyn crate::shared_ports::route::Terminate>),
     });
     let admin_token = cfg.admin_token.clone();
     let reloader = Arc::new(Reloader::new(load, live.clone(), registry.clone()));
@@ -534,14 +536,14 @@ fn start_https(
         crate::shared_ports::https::Terminator::new(acme, tokio::runtime::Handle::current())
             .map_err(|e| RelayError::Https(e.to_string()))?;
     tracing::info!(directory = %settings.directory, store = %settings.dir.display(), "HTTPS for http services: certificates from the ACME CA");
-    let hosts: Arc<dyn issuer::Hosts> = Arc::new(RegistryHosts(registry.clone()));
-    let issuer = issuer::run(settings, certs, challenges, hosts, metrics.clone());
+    let hosts: Arc<dyn issuer::Hosts> = Arc::new(RegistryHosts(registry.clone(), metrics.clone()));
+    let issuer = issuer::run(settings, certs, challenges, hosts);
     Ok((Arc::new(terminator), issuer))
 }
 
 /// The hosts the issuer may get certificates for: those the registry routes to `http`
-/// services exactly, or reserves.
-struct RegistryHosts(Arc<Registry>);
+/// services exactly, or reserves; its outcomes go to the counters.
+struct RegistryHosts(Arc<Registry>, Arc<Metrics>);
 
 impl crate::acme::issuer::Hosts for RegistryHosts {
     fn eligible(&self, host: &str) -> bool {
@@ -550,5 +552,12 @@ impl crate::acme::issuer::Hosts for RegistryHosts {
 
     fn claimed(&self) -> Vec<String> {
         self.0.http_hosts()
+    }
+
+    fn outcome(&self, issued: bool) {
+        match issued {
+            true => self.1.acme_issued.inc(),
+            false => self.1.acme_failed.inc(),
+        }
     }
 }

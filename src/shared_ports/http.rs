@@ -286,7 +286,7 @@ fn admit(
 /// The answer to an ACME CA's HTTP-01 validation request for a token being validated now
 /// (with `--https`); `None` for every other request, which is routed as usual.
 fn acme_challenge(router: &Router, path: &str) -> Option<Vec<u8>> {
-    let key_auth = router.https.as_ref()?.acme().challenges.answer(path)?;
+    let key_auth = router.https.as_ref()?.challenge(path)?;
     Some(
         format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\nServer: ringtunnel\r\n\r\n{key_auth}",

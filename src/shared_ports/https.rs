@@ -33,7 +33,7 @@ use super::conn::VisitorConn;
 use super::http::{self, Scheme};
 use super::port::routing_cap;
 use super::reply::{answer_and_close, CLOSE_GRACE, TLS_ALERT_INTERNAL_ERROR};
-use super::route::{Decision, Router};
+use super::route::{Decision, Router, Terminate};
 use crate::acme::store::Resolver;
 use crate::acme::Acme;
 use crate::dataplane::gate::local_addr_of;
@@ -80,37 +80,6 @@ impl Terminator {
                 MAX_TERMINATED_PER_ADDRESS,
             ),
         })
-    }
-
-    /// The challenges answered on the shared HTTP port.
-    pub fn acme(&self) -> &Acme {
-        &self.acme
-    }
-
-    /// Takes a visitor of the shared TLS port whose ClientHello (`hello`, already read) names
-    /// `host`, which the relay terminates: serves it on the runtime's task.
-    pub fn hand(
-        self: &Arc<Self>,
-        router: Arc<Router>,
-        stream: std::net::TcpStream,
-        addr: SocketAddr,
-        hello: Vec<u8>,
-        host: String,
-    ) {
-        let Ok(place) = self.routing.enter(addr.ip()) else {
-            router.metrics.visitors_shed.inc();
-            return; // dropping the stream closes it
-        };
-        let me = self.clone();
-        self.runtime.spawn(async move {
-            let Ok(()) = stream.set_nonblocking(true) else {
-                return;
-            };
-            let Ok(tcp) = TcpStream::from_std(stream) else {
-                return;
-            };
-            me.serve(&router, tcp, addr, hello, host, place).await;
-        });
     }
 
     async fn serve(
@@ -189,6 +158,38 @@ impl Terminator {
             tracing::debug!(visitor = %addr, "HTTPS visitor reset: its stream was cut");
         }
         drop(forwarding);
+    }
+}
+
+impl Terminate for Terminator {
+    /// Takes a visitor of the shared TLS port whose ClientHello (`hello`, already read) names
+    /// `host`, which the relay terminates: serves it on the runtime's task.
+    fn hand(
+        self: Arc<Self>,
+        router: Arc<Router>,
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+        hello: Vec<u8>,
+        host: String,
+    ) {
+        let Ok(place) = self.routing.enter(addr.ip()) else {
+            router.metrics.visitors_shed.inc();
+            return; // dropping the stream closes it
+        };
+        let runtime = self.runtime.clone();
+        runtime.spawn(async move {
+            let Ok(()) = stream.set_nonblocking(true) else {
+                return;
+            };
+            let Ok(tcp) = TcpStream::from_std(stream) else {
+                return;
+            };
+            self.serve(&router, tcp, addr, hello, host, place).await;
+        });
+    }
+
+    fn challenge(&self, path: &str) -> Option<String> {
+        self.acme.challenges.answer(path)
     }
 }
 

@@ -25,7 +25,26 @@ pub struct Router {
     /// Agents that came in on the shared TLS port (by ALPN) go to the control plane here.
     pub agents: tokio::sync::mpsc::Sender<AgentHandoff>,
     /// HTTPS termination for `http` services on the shared TLS port (`--https`).
-    pub https: Option<Arc<super::https::Terminator>>,
+    pub https: Option<Arc<dyn Terminate>>,
+}
+
+/// What the shared ports need of HTTPS termination ([`super::https::Terminator`]): a place to
+/// hand the TLS port's visitors it terminates, and the ACME challenges the HTTP port answers.
+pub trait Terminate: Send + Sync {
+    /// Takes a visitor whose ClientHello (`hello`, already read) names `host`, which the
+    /// relay terminates, and serves it on a task of its own.
+    fn hand(
+        self: Arc<Self>,
+        router: Arc<Router>,
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+        hello: Vec<u8>,
+        host: String,
+    );
+
+    /// The answer to an HTTP-01 validation request for `path`, if it is a token being
+    /// validated now.
+    fn challenge(&self, path: &str) -> Option<String>;
 }
 
 impl Router {

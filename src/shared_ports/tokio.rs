@@ -67,7 +67,9 @@ async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: So
         }
         Decision::Terminate { hello, host } => {
             if let (Some(https), Ok(stream)) = (&router.https, stream.into_std()) {
-                https.hand(router.clone(), stream, addr, hello, host);
+                https
+                    .clone()
+                    .hand(router.clone(), stream, addr, hello, host);
             }
             return;
         }

@@ -137,7 +137,9 @@ async fn serve(
             if let Some(https) = &router.https {
                 // SAFETY: the fd comes straight from the stream we own and give up here.
                 let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };
-                https.hand(router.clone(), stream, addr, hello, host);
+                https
+                    .clone()
+                    .hand(router.clone(), stream, addr, hello, host);
             }
             return;
         }
