@@ -572,3 +572,55 @@ async fn https_only_redirects_plain_http_and_sets_hsts_uring() {
     };
     https_only_redirects_plain_http_and_sets_hsts(backend).await;
 }
+
+/// The data plane reads a visitor's idle time from its TCP socket's counters, which a
+/// terminated visitor's socket pair does not have: the terminator watches the TLS side. A
+/// busy kept-alive connection outlives many checks; a silent one is closed at the timeout.
+async fn a_terminated_visitor_is_idle_only_when_silent(backend: Backend) {
+    let toml = "[limits]\nidle_timeout_secs = 2\n";
+    let (relay, tls, _cfg) = relay_with_a_kept_certificate(backend, toml).await;
+    let admin = relay.admin.unwrap();
+    let port = relay.tls.unwrap();
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    // Requests read by their length: a read to the end would wait out the idle timeout.
+    let tcp = TcpStream::connect(port).await.unwrap();
+    let name = ServerName::try_from("blog.example.test").unwrap();
+    let mut s = tls.connect(name, tcp).await.unwrap();
+    let req = b"GET /busy HTTP/1.1\r\nHost: blog.example.test\r\n\r\n";
+    // 4 s of requests, one every 250 ms: the watcher checks every 500 ms.
+    for i in 0..16 {
+        s.write_all(req).await.unwrap();
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("GET /busy HTTP/1.1\r\n") {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap();
+            let n = n.unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert!(n > 0, "request {i}: the relay closed a busy connection");
+            got.extend_from_slice(&buf[..n]);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(admin_counter(admin, "visitors_idle_closed").await, 0);
+    // Silent now: closed (an error, not a clean end) once the timeout passes.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(end.is_err(), "a cut, not a clean end: {end:?}");
+    wait_metric(admin, "ringtunnel_visitors_idle_closed_total", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_visitor_is_idle_only_when_silent_tokio() {
+    a_terminated_visitor_is_idle_only_when_silent(Backend::Tokio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_visitor_is_idle_only_when_silent_uring() {
+    let Some(backend) = Backend::uring() else {
+        return;
+    };
+    a_terminated_visitor_is_idle_only_when_silent(backend).await;
+}

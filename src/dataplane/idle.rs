@@ -104,6 +104,11 @@ async fn watch<S: Future<Output = ()>>(
     timeout: Duration,
     sleep: impl Fn(Duration) -> S,
 ) {
+    if tcp_progress(fd).is_err_and(|e| e.raw_os_error() == Some(libc::EOPNOTSUPP)) {
+        // Not TCP: a terminated HTTPS visitor's socket pair, whose TLS side the terminator
+        // watches itself (`shared_ports::https`). Its counters never move.
+        return std::future::pending().await;
+    }
     let mut watch = IdleWatch::new(fd, timeout, Instant::now());
     loop {
         sleep(watch.period()).await;

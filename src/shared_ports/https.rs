@@ -18,7 +18,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -144,6 +144,7 @@ impl Terminator {
         };
         let hsts = routed.svc.gate.access().https_only();
         let (visitor, unserved, svc) = routed.visitor(theirs, addr);
+        let idle = visitor.idle_timeout();
         if let Err((e, visitor)) = dispatch(&svc, visitor, router.cfg.agent_wait).await {
             drop(visitor);
             if let Some(bytes) = unserved.answer(router, &svc, addr, &e) {
@@ -154,8 +155,27 @@ impl Terminator {
         let Ok(mut ours) = tokio::net::UnixStream::from_std(ours) else {
             return;
         };
-        if pump(conn.0, &mut ours, hsts).await.is_err() {
-            tracing::debug!(visitor = %addr, "HTTPS visitor reset: its stream was cut");
+        // The data plane cannot read a socket pair's byte counters, so the visitor's idle
+        // timeout is watched here, on its TCP socket.
+        let tcp = conn.0.get_ref().0.inner.as_raw_fd();
+        // SAFETY: `tcp` is the visitor's socket, owned by the TLS stream that `pump` holds;
+        // the watcher is polled only beside `pump`, and both are dropped together.
+        let tcp = unsafe { BorrowedFd::borrow_raw(tcp) };
+        let idle = async {
+            crate::dataplane::idle::tokio_idle(tcp, idle).await;
+            sock::arm_reset(tcp); // still open: `pump` is dropped after this
+        };
+        tokio::select! {
+            pumped = pump(conn.0, &mut ours, hsts) => {
+                if let Err(e) = pumped {
+                    tracing::debug!(visitor = %addr, "HTTPS visitor reset: its stream was cut: {e}");
+                }
+            }
+            () = idle => {
+                metrics.visitors_idle_closed.inc();
+                svc.gate.stats().idle_closed.inc();
+                tracing::info!(service = %svc.name, visitor = %addr, "visitor closed: idle timeout");
+            }
         }
         drop(forwarding);
     }
@@ -227,7 +247,8 @@ async fn pump(
         let tls = tls_read.unsplit(tls_write);
         sock::arm_reset(tls.get_ref().0.inner.as_fd());
     }
-    up.and(down)
+    up.map_err(|e| io::Error::new(e.kind(), format!("visitor to service: {e}")))?;
+    down.map_err(|e| io::Error::new(e.kind(), format!("service to visitor: {e}")))
 }
 
 /// Reads the first response head from `from` (up to [`MAX_HSTS_HEAD`]) and writes it to
