@@ -149,7 +149,8 @@ impl Pebble {
     }
 }
 
-/// An origin that answers every request with its own request head as the body.
+/// An origin that answers every request with its own request head as the body, and closes
+/// after a request that says `Connection: close`.
 async fn head_echo_origin() -> SocketAddr {
     origin(|mut s: TcpStream| async move {
         let mut buf = Vec::new();
@@ -159,6 +160,12 @@ async fn head_echo_origin() -> SocketAddr {
                 head.len()
             );
             if s.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+            if head
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n")
+            {
                 return;
             }
         }
@@ -193,7 +200,8 @@ async fn https_get_raw(
     let req = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await?;
     let mut out = Vec::new();
-    match s.read_to_end(&mut out).await {
+    let read = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    match read.map_err(|_| std::io::Error::other("no end of the response in time"))? {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
         Err(e) => return Err(e),
