@@ -301,6 +301,13 @@ async fn https_end_to_end(backend: Backend) {
     assert!(body.contains("X-Forwarded-For: 127.0.0.1\r\n"), "{body}");
     relay.proc.wait_stderr("certificate issued");
     assert!(relay.proc.stderr().contains("host=blog.example.test"));
+    // What an operator sees (shown with --nocapture).
+    for line in relay.proc.stderr().lines() {
+        if line.contains("certificate") || line.contains("HTTPS") || line.starts_with("ready") {
+            eprintln!("relay: {line}");
+        }
+    }
+    eprintln!("visitor: GET https://blog.example.test/hello -> {status}, body:\n{body}");
 
     // Kept in the state directory, the key private to the relay.
     let store = store_of(&relay.state.0);
