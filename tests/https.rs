@@ -260,11 +260,9 @@ fn store_of(state: &Path) -> PathBuf {
     dir
 }
 
-async fn https_end_to_end(backend: Backend) {
-    let http_port = free_port();
-    let Some(pebble) = Pebble::start(http_port) else {
-        return;
-    };
+/// A relay terminating HTTPS with certificates from `pebble`, its HTTP port on `http_port`
+/// (where pebble validates).
+fn pebble_relay(backend: Backend, pebble: &Pebble, http_port: u16) -> Relay {
     let http = format!("127.0.0.1:{http_port}");
     let ca = pebble.ca_file.display().to_string();
     let flags = [
@@ -283,7 +281,52 @@ async fn https_end_to_end(backend: Backend) {
         "--admin",
         "127.0.0.1:0",
     ];
-    let relay = Relay::spawn(backend, &flags);
+    Relay::spawn(backend, &flags)
+}
+
+/// `relay` killed and started again on its state directory, once its fixed HTTP port is free:
+/// a uring relay's listeners are let go by the kernel's ring teardown a moment after the
+/// process is gone.
+fn restart_on(mut relay: Relay, http_port: u16) -> Relay {
+    relay.proc.kill();
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpListener::bind(("127.0.0.1", http_port)).is_err() {
+        assert!(Instant::now() < deadline, "port {http_port} never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    relay.restart()
+}
+
+/// Puts a self-signed certificate for `host`, valid from `not_before` to `not_after`, in the
+/// store of `relay` for the CA at `directory` (as an earlier run would have left one); returns
+/// it.
+fn keep_certificate(
+    relay: &Relay,
+    directory: &str,
+    host: &str,
+    validity: Option<(std::time::SystemTime, std::time::SystemTime)>,
+) -> CertificateDer<'static> {
+    let settings =
+        ringtunnel::acme::AcmeSettings::new(directory.into(), None, None, &relay.state.0);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![host.into()]).unwrap();
+    if let Some((from, to)) = validity {
+        (params.not_before, params.not_after) = (from.into(), to.into());
+    }
+    let cert = params.self_signed(&key).unwrap();
+    let key_file = settings.dir.join(format!("{host}.key"));
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(settings.dir.join(format!("{host}.crt")), cert.pem()).unwrap();
+    cert.der().clone()
+}
+
+async fn https_end_to_end(backend: Backend) {
+    let http_port = free_port();
+    let Some(pebble) = Pebble::start(http_port) else {
+        return;
+    };
+    let relay = pebble_relay(backend, &pebble, http_port);
     let port = relay.tls.expect("the relay prints its TLS port");
     let mut args = relay.agent_args(head_echo_origin().await, "blog");
     args.extend(["--http-host".into(), "blog".into()]);
@@ -356,17 +399,8 @@ async fn https_end_to_end(backend: Backend) {
     assert!(admin_counter(admin, "https_terminated").await >= 5);
     assert!(!store.join("nobody.example.test.crt").exists());
 
-    // Restarted on the same state: the kept certificate is served, nothing is issued. The
-    // HTTP port is a fixed one (pebble validates there): a uring relay's listeners are let go
-    // by the kernel's ring teardown a moment after the process is gone, so wait for it.
-    let mut relay = relay;
-    relay.proc.kill();
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpListener::bind(("127.0.0.1", http_port)).is_err() {
-        assert!(Instant::now() < deadline, "port {http_port} never freed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let relay = relay.restart();
+    // Restarted on the same state: the kept certificate is served, nothing is issued.
+    let relay = restart_on(relay, http_port);
     let mut args = relay.agent_args(head_echo_origin().await, "blog");
     args.extend(["--http-host".into(), "blog".into()]);
     let _blog = Agent::spawn(args);
@@ -416,18 +450,9 @@ async fn relay_with_a_kept_certificate(
         cfg.as_str(),
     ];
     let relay = Relay::spawn(backend, &flags);
-    let settings = ringtunnel::acme::AcmeSettings::new(DEAD_CA.into(), None, None, &relay.state.0);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["blog.example.test".into()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let key_file = settings.dir.join("blog.example.test.key");
-    std::fs::write(&key_file, key.serialize_pem()).unwrap();
-    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::fs::write(settings.dir.join("blog.example.test.crt"), cert.pem()).unwrap();
+    let cert = keep_certificate(&relay, DEAD_CA, "blog.example.test", None);
     let relay = relay.restart();
-    let tls = client(&cert.der().clone());
+    let tls = client(&cert);
     (relay, tls, cfg_dir)
 }
 
@@ -638,4 +663,47 @@ async fn a_terminated_visitor_is_idle_only_when_silent_uring() {
         return;
     };
     a_terminated_visitor_is_idle_only_when_silent(backend).await;
+}
+
+/// A kept certificate two thirds through its life is renewed from the CA before it expires,
+/// while it is still served; visitors then get the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_due_for_renewal_is_renewed() {
+    let http_port = free_port();
+    let Some(pebble) = Pebble::start(http_port) else {
+        return;
+    };
+    let relay = pebble_relay(Backend::Tokio, &pebble, http_port);
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let old = keep_certificate(
+        &relay,
+        &pebble.directory,
+        "blog.example.test",
+        Some((now - day * 80, now + day * 10)),
+    );
+    let relay = restart_on(relay, http_port);
+    let port = relay.tls.unwrap();
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    relay.proc.wait_stderr("certificate renewed");
+    assert!(!relay.proc.stderr().contains("certificate issued"));
+    // The new certificate chains to pebble's root; the old self-signed one is gone.
+    let (status, body) = first_https_get(
+        &client(&pebble.issuing_root().await),
+        port,
+        "blog.example.test",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(https_get(
+        &client(&old),
+        port,
+        "blog.example.test",
+        "blog.example.test"
+    )
+    .await
+    .is_err());
+    assert_eq!(admin_counter(relay.admin.unwrap(), "acme_issued").await, 1);
 }
