@@ -466,6 +466,17 @@ async fn a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert(backend: Bac
     // The issuer tries the new host ahead of any visitor, fails, and backs off.
     relay.proc.wait_stderr("certificate not issued");
     assert!(relay.proc.stderr().contains("next try in 60s"));
+    // The README's row quotes what the relay says.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `--https`: the ACME CA unreachable"))
+        .expect("a README row for a CA that fails");
+    assert!(
+        row.contains("certificate not issued") && row.contains("next try in 60s"),
+        "{row}"
+    );
     let e = https_get(&tls, port, "shop.example.test", "shop.example.test")
         .await
         .expect_err("no certificate, no handshake");

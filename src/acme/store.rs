@@ -187,7 +187,8 @@ impl Certs {
         true
     }
 
-    /// The hosts visitors asked for since the last call.
+    /// The hosts visitors are waiting for (each leaves the set when it is issued, fails or
+    /// is no longer eligible).
     pub(super) fn take_wanted(&self) -> Vec<String> {
         self.queue().wanted.iter().cloned().collect()
     }
