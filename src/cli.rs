@@ -245,7 +245,7 @@ pub struct RelayArgs {
     #[arg(long)]
     pub tls: Option<SocketAddr>,
     /// The shared TLS port, also terminating HTTPS for `http` services with certificates
-    /// from an ACME CA (HTTP-01, answered on --http); `tls` services still pass through.
+    /// from an ACME CA; `tls` services still pass through.
     #[arg(long)]
     pub https: Option<SocketAddr>,
     /// ACME directory URL [default: Let's Encrypt's].
@@ -258,6 +258,10 @@ pub struct RelayArgs {
     /// (a private or test CA).
     #[arg(long, requires = "https")]
     pub acme_ca_file: Option<PathBuf>,
+    /// The ACME challenge answered: http-01 (on --http; the default with it) or tls-alpn-01
+    /// (on the --https port itself; the default without --http).
+    #[arg(long, requires = "https", value_parser = ["http-01", "tls-alpn-01"])]
+    pub acme_challenge: Option<String>,
     /// Domain for bare host names: `--http-host blog` becomes `blog.DOMAIN`.
     #[arg(long)]
     pub domain: Option<String>,
@@ -304,6 +308,7 @@ impl RelayArgs {
             self.acme_directory.or(file.acme_directory),
             self.acme_email.or(file.acme_email),
             self.acme_ca_file.or(file.acme_ca_file),
+            self.acme_challenge.or(file.acme_challenge),
         )?;
         let cfg = RelayConfig {
             control: self

@@ -57,6 +57,11 @@ fn wait_listening(addr: SocketAddr, what: &str) {
 impl Pebble {
     /// Starts pebble validating HTTP-01 on `http_port`, or `None` when it is not installed.
     fn start(http_port: u16) -> Option<Pebble> {
+        Self::start_with(http_port, free_port())
+    }
+
+    /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`.
+    fn start_with(http_port: u16, tls_port: u16) -> Option<Pebble> {
         if !installed("pebble", "-h", "pebble", "RINGTUNNEL_REQUIRE_PEBBLE") {
             return None;
         }
@@ -108,7 +113,7 @@ impl Pebble {
                 "certificate": dir.0.join("cert.pem"),
                 "privateKey": dir.0.join("key.pem"),
                 "httpPort": http_port,
-                "tlsPort": free_port(),
+                "tlsPort": tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false
             }})
@@ -261,15 +266,22 @@ fn store_of(state: &Path) -> PathBuf {
 }
 
 /// A relay terminating HTTPS with certificates from `pebble`, its HTTP port on `http_port`
-/// (where pebble validates).
+/// (where pebble validates HTTP-01).
 fn pebble_relay(backend: Backend, pebble: &Pebble, http_port: u16) -> Relay {
     let http = format!("127.0.0.1:{http_port}");
+    pebble_relay_with(
+        backend,
+        pebble,
+        &["--http", &http, "--https", "127.0.0.1:0"],
+    )
+}
+
+/// A relay terminating HTTPS with certificates from `pebble`, its shared ports given by
+/// `ports`.
+fn pebble_relay_with(backend: Backend, pebble: &Pebble, ports: &[&str]) -> Relay {
     let ca = pebble.ca_file.display().to_string();
-    let flags = [
-        "--http",
-        http.as_str(),
-        "--https",
-        "127.0.0.1:0",
+    let mut flags = ports.to_vec();
+    flags.extend([
         "--domain",
         "example.test",
         "--acme-directory",
@@ -280,7 +292,7 @@ fn pebble_relay(backend: Backend, pebble: &Pebble, http_port: u16) -> Relay {
         "ops@example.test",
         "--admin",
         "127.0.0.1:0",
-    ];
+    ]);
     Relay::spawn(backend, &flags)
 }
 
@@ -717,4 +729,38 @@ async fn a_certificate_due_for_renewal_is_renewed() {
     .await
     .is_err());
     assert_eq!(admin_counter(relay.admin.unwrap(), "acme_issued").await, 1);
+}
+
+/// Without `--http`, the relay answers TLS-ALPN-01 on its TLS port (RFC 8737): a CA's
+/// `acme-tls/1` handshake gets the challenge certificate, visitors get the issued one.
+async fn tls_alpn_01_on_the_tls_port(backend: Backend) {
+    let tls_port = free_port();
+    let Some(pebble) = Pebble::start_with(free_port(), tls_port) else {
+        return;
+    };
+    let https = format!("127.0.0.1:{tls_port}");
+    let relay = pebble_relay_with(backend, &pebble, &["--https", &https]);
+    let mut args = relay.agent_args(head_echo_origin().await, "blog");
+    args.extend(["--http-host".into(), "blog".into()]);
+    let _blog = Agent::spawn(args);
+    relay.proc.wait_stderr("certificate issued");
+    assert!(relay.proc.stderr().contains("challenge=tls-alpn-01"));
+    let tls = client(&pebble.issuing_root().await);
+    let port = relay.tls.unwrap();
+    let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("X-Forwarded-Proto: https\r\n"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn_01_on_the_tls_port_tokio() {
+    tls_alpn_01_on_the_tls_port(Backend::Tokio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn_01_on_the_tls_port_uring() {
+    let Some(backend) = Backend::uring() else {
+        return;
+    };
+    tls_alpn_01_on_the_tls_port(backend).await;
 }

@@ -3,9 +3,10 @@
 //! token from [`Challenges`]), finalize with a fresh key's CSR, download the chain.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls::sign::CertifiedKey;
 use serde_json::{json, Value};
 
 use super::fetch::{Fetcher, Response};
@@ -21,11 +22,33 @@ const NONCE_TRIES: usize = 5;
 /// Most challenge tokens answered at once (each issuance adds one per host).
 const MAX_TOKENS: usize = 64;
 
-/// The HTTP-01 tokens being validated now, and their key authorizations: what
-/// `GET /.well-known/acme-challenge/TOKEN` on the shared HTTP port answers.
+/// Which challenge the relay answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChallengeKind {
+    /// HTTP-01: a token over plain HTTP on port 80 (the shared HTTP port).
+    Http01,
+    /// TLS-ALPN-01 (RFC 8737): a certificate for ALPN `acme-tls/1` on port 443 (the shared
+    /// TLS port), for a relay with no port 80.
+    TlsAlpn01,
+}
+
+impl ChallengeKind {
+    /// The ACME name of the challenge type.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChallengeKind::Http01 => "http-01",
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
+/// The challenges being validated now: HTTP-01 tokens and their key authorizations (what
+/// `GET /.well-known/acme-challenge/TOKEN` on the shared HTTP port answers), and TLS-ALPN-01
+/// certificates by host (what the shared TLS port shows a CA asking for `acme-tls/1`).
 #[derive(Default)]
 pub struct Challenges {
     tokens: Mutex<HashMap<String, String>>,
+    tls_alpn: Mutex<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 /// The path prefix HTTP-01 validation requests use.
@@ -54,6 +77,51 @@ impl Challenges {
 
     fn remove(&self, token: &str) {
         self.lock().remove(token);
+    }
+
+    fn alpn(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CertifiedKey>>> {
+        self.tls_alpn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The TLS-ALPN-01 certificate for `host`, if its challenge is being validated now.
+    pub fn tls_alpn(&self, host: &str) -> Option<Arc<CertifiedKey>> {
+        self.alpn().get(host).cloned()
+    }
+}
+
+/// The TLS-ALPN-01 certificate for `host` (RFC 8737 section 3): self-signed, naming the host,
+/// with the critical `acmeIdentifier` extension holding the SHA-256 of `key_auth`.
+fn tls_alpn_certificate(host: &str, key_auth: &str) -> Result<Arc<CertifiedKey>, AcmeError> {
+    let crypto = |e: rcgen::Error| AcmeError::Crypto(e.to_string());
+    let digest = ring::digest::digest(&ring::digest::SHA256, key_auth.as_bytes());
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(crypto)?;
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::new_acme_identifier(digest.as_ref()));
+    let key = rcgen::KeyPair::generate().map_err(crypto)?;
+    let cert = params.self_signed(&key).map_err(crypto)?;
+    let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| AcmeError::Crypto(e.to_string()))?;
+    // Not `CertifiedKey::from_der`: its check parses the certificate with webpki, which
+    // refuses the critical extension the challenge is all about.
+    let key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| AcmeError::Crypto(e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], key)))
+}
+
+/// Serves the TLS-ALPN-01 certificates of [`Challenges`] by SNI.
+#[derive(Debug)]
+pub struct AlpnResolver(pub Arc<Challenges>);
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges").finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for AlpnResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.tls_alpn(&hello.server_name()?.to_ascii_lowercase())
     }
 }
 
@@ -119,6 +187,7 @@ impl Client {
         &mut self,
         host: &str,
         challenges: &Challenges,
+        kind: ChallengeKind,
     ) -> Result<Issued, AcmeError> {
         let order = json!({ "identifiers": [{ "type": "dns", "value": host }] });
         let new_order = self.new_order.clone();
@@ -129,7 +198,7 @@ impl Client {
             .to_string();
         let order: Value = json_of(&r, "the order")?;
         for authz in strings(&order["authorizations"]) {
-            self.authorize(&authz, challenges).await?;
+            self.authorize(&authz, host, challenges, kind).await?;
         }
         let finalize = order["finalize"]
             .as_str()
@@ -161,7 +230,13 @@ impl Client {
     }
 
     /// Gets one authorization valid: answers its HTTP-01 challenge and waits for the CA.
-    async fn authorize(&mut self, url: &str, challenges: &Challenges) -> Result<(), AcmeError> {
+    async fn authorize(
+        &mut self,
+        url: &str,
+        host: &str,
+        challenges: &Challenges,
+        kind: ChallengeKind,
+    ) -> Result<(), AcmeError> {
         let r = self.post(url, None).await?;
         let authz: Value = json_of(&r, "an authorization")?;
         if authz["status"] == "valid" {
@@ -169,14 +244,17 @@ impl Client {
         }
         let challenge = authz["challenges"]
             .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == "http-01"))
-            .ok_or_else(|| AcmeError::Protocol("the CA offers no http-01 challenge".into()))?;
+            .and_then(|cs| cs.iter().find(|c| c["type"] == kind.name()))
+            .ok_or_else(|| {
+                AcmeError::Protocol(format!("the CA offers no {} challenge", kind.name()))
+            })?;
         let (Some(token), Some(chal_url)) =
             (challenge["token"].as_str(), challenge["url"].as_str())
         else {
-            return Err(AcmeError::Protocol(
-                "the http-01 challenge has no token or URL".into(),
-            ));
+            return Err(AcmeError::Protocol(format!(
+                "the {} challenge has no token or URL",
+                kind.name()
+            )));
         };
         if token.is_empty()
             || !token
@@ -188,7 +266,14 @@ impl Client {
             ));
         }
         let (token, chal_url) = (token.to_string(), chal_url.to_string());
-        challenges.insert(&token, self.key.key_authorization(&token))?;
+        let key_auth = self.key.key_authorization(&token);
+        match kind {
+            ChallengeKind::Http01 => challenges.insert(&token, key_auth)?,
+            ChallengeKind::TlsAlpn01 => {
+                let cert = tls_alpn_certificate(host, &key_auth)?;
+                challenges.alpn().insert(host.to_string(), cert);
+            }
+        }
         let result = async {
             self.post(&chal_url, Some(json!({}))).await?;
             self.poll(
@@ -200,7 +285,12 @@ impl Client {
             .await
         }
         .await;
-        challenges.remove(&token);
+        match kind {
+            ChallengeKind::Http01 => challenges.remove(&token),
+            ChallengeKind::TlsAlpn01 => {
+                challenges.alpn().remove(host);
+            }
+        }
         result.map(|_| ())
     }
 

@@ -101,7 +101,7 @@ async fn issue(
     let Some(c) = client.as_mut() else {
         return Err(AcmeError::Protocol("no ACME client".into()));
     };
-    let issued = c.issue(host, challenges).await?;
+    let issued = c.issue(host, challenges, settings.challenge).await?;
     certs.install(host, &issued.chain_pem, &issued.key_pem)
 }
 

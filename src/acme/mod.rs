@@ -8,8 +8,8 @@
 //! - [`store`]: the certificates in the state directory and in memory, served by SNI.
 //! - [`issuer`]: the task that issues ahead of visitors and renews before expiry.
 //!
-//! Only HTTP-01 is answered, on the shared HTTP port, so `--https` needs `--http` on port
-//! 80 as the CA sees it.
+//! HTTP-01 is answered on the shared HTTP port (port 80 as the CA sees it); TLS-ALPN-01 on
+//! the shared TLS port, for a relay with no port 80.
 
 pub mod client;
 pub mod fetch;
@@ -21,7 +21,7 @@ pub mod validity;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use client::Challenges;
+pub use client::{ChallengeKind, Challenges};
 pub use store::Certs;
 
 /// Let's Encrypt's production directory, the default CA.
@@ -39,6 +39,8 @@ pub struct AcmeSettings {
     pub ca_file: Option<PathBuf>,
     /// Where the account key and certificates of this directory are kept.
     pub dir: PathBuf,
+    /// The challenge answered.
+    pub challenge: ChallengeKind,
 }
 
 impl AcmeSettings {
@@ -60,6 +62,7 @@ impl AcmeSettings {
             email,
             ca_file,
             dir: state_dir.join("acme").join(tag),
+            challenge: ChallengeKind::Http01,
         }
     }
 }

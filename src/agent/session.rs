@@ -388,6 +388,8 @@ fn public_address(
             .iter()
             .map(|h| match port {
                 80 => format!("http://{h}{path}"),
+                // An HTTPS-only relay (`--https` without `--http`) gives its TLS port.
+                443 => format!("https://{h}{path}"),
                 _ => format!("http://{h}:{port}{path}"),
             })
             .collect::<Vec<_>>()

@@ -62,6 +62,8 @@ pub struct RelayFile {
     pub acme_email: Option<String>,
     /// Extra root (PEM) for the ACME directory's own certificate (a private or test CA).
     pub acme_ca_file: Option<PathBuf>,
+    /// `http-01` (default with `http`) or `tls-alpn-01` (default without).
+    pub acme_challenge: Option<String>,
     /// Domain that bare `http`/`tls` host names are subdomains of.
     pub domain: Option<String>,
     /// Shared ports: largest request head read, in bytes (larger: 431).
@@ -161,12 +163,15 @@ pub struct HttpsConfig {
     pub email: Option<String>,
     /// Extra root (PEM) for the directory's own certificate.
     pub ca_file: Option<PathBuf>,
+    /// The challenge answered.
+    pub challenge: crate::acme::ChallengeKind,
 }
 
 impl HttpsConfig {
     /// Merges `--https` and the `acme_*` settings with the shared ports: returns the TLS
-    /// port's address and the termination settings. `--https` needs `--http` (the HTTP-01
-    /// challenge is answered there) and is the TLS port (an equal `--tls` is allowed).
+    /// port's address and the termination settings. `--https` is the TLS port (an equal
+    /// `--tls` is allowed); HTTP-01 (the default with `--http`) needs `--http`, TLS-ALPN-01
+    /// (the default without) is answered on the TLS port itself.
     pub fn from_parts(
         https: Option<SocketAddr>,
         tls: Option<SocketAddr>,
@@ -174,14 +179,28 @@ impl HttpsConfig {
         directory: Option<String>,
         email: Option<String>,
         ca_file: Option<PathBuf>,
+        challenge: Option<String>,
     ) -> Result<(Option<SocketAddr>, Option<HttpsConfig>), ConfigError> {
+        use crate::acme::ChallengeKind;
         let Some(addr) = https else {
-            if directory.is_some() || email.is_some() || ca_file.is_some() {
+            if directory.is_some() || email.is_some() || ca_file.is_some() || challenge.is_some() {
                 return Err(ConfigError::Invalid(
-                    "acme_directory, acme_email and acme_ca_file need --https".into(),
+                    "acme_directory, acme_email, acme_ca_file and acme_challenge need --https"
+                        .into(),
                 ));
             }
             return Ok((tls, None));
+        };
+        let challenge = match challenge.as_deref() {
+            None if http.is_some() => ChallengeKind::Http01,
+            None => ChallengeKind::TlsAlpn01,
+            Some("http-01") => ChallengeKind::Http01,
+            Some("tls-alpn-01") => ChallengeKind::TlsAlpn01,
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "acme_challenge {other:?}: http-01 or tls-alpn-01"
+                )))
+            }
         };
         if tls.is_some_and(|t| t != addr) {
             return Err(ConfigError::Invalid(format!(
@@ -189,9 +208,9 @@ impl HttpsConfig {
                 tls.map(|t| t.to_string()).unwrap_or_default()
             )));
         }
-        if http.is_none() {
+        if http.is_none() && challenge == ChallengeKind::Http01 {
             return Err(ConfigError::Invalid(
-                "--https needs --http: the ACME CA checks each host over plain HTTP (HTTP-01) on the shared HTTP port, which must be port 80 as the CA sees it".into(),
+                "--acme-challenge http-01 needs --http: the ACME CA checks each host over plain HTTP on the shared HTTP port, which must be port 80 as the CA sees it (or use tls-alpn-01, answered on the --https port)".into(),
             ));
         }
         let directory = directory.unwrap_or_else(|| crate::acme::LETS_ENCRYPT.to_string());
@@ -213,6 +232,7 @@ impl HttpsConfig {
                 directory,
                 email,
                 ca_file,
+                challenge,
             }),
         ))
     }
@@ -390,87 +410,105 @@ mod tests {
         Some(s.parse().unwrap())
     }
 
+    type Parts = (Option<SocketAddr>, Option<HttpsConfig>);
+
+    /// `from_parts` with `--https`, `--tls`, `--http` and one ACME setting at a time.
+    fn parts(
+        https: &str,
+        tls: &str,
+        http: &str,
+        set: Option<(&str, &str)>,
+    ) -> Result<Parts, ConfigError> {
+        let a = |s: &str| (!s.is_empty()).then(|| s.parse().unwrap());
+        let pick = |key: &str| set.filter(|(k, _)| *k == key).map(|(_, v)| v.to_string());
+        HttpsConfig::from_parts(
+            a(https),
+            a(tls),
+            a(http),
+            pick("directory"),
+            pick("email"),
+            None,
+            pick("challenge"),
+        )
+    }
+
     #[test]
-    fn https_is_the_tls_port_with_termination_and_needs_the_http_port() {
-        let (tls, https) = HttpsConfig::from_parts(
-            addr("0.0.0.0:443"),
-            None,
-            addr("0.0.0.0:80"),
-            None,
-            Some("ops@example.com".into()),
-            None,
+    fn https_is_the_tls_port_with_termination_and_picks_its_challenge() {
+        use crate::acme::ChallengeKind;
+        let (tls, https) = parts(
+            "0.0.0.0:443",
+            "",
+            "0.0.0.0:80",
+            Some(("email", "ops@example.com")),
         )
         .unwrap();
         assert_eq!(tls, addr("0.0.0.0:443"));
         let https = https.unwrap();
         assert_eq!(https.directory, crate::acme::LETS_ENCRYPT);
+        assert_eq!(https.challenge, ChallengeKind::Http01);
+        // Without --http: TLS-ALPN-01 on the TLS port.
+        let (_, https) = parts("0.0.0.0:443", "", "", None).unwrap();
+        assert_eq!(https.unwrap().challenge, ChallengeKind::TlsAlpn01);
+        let (_, https) = parts(
+            "0.0.0.0:443",
+            "",
+            "0.0.0.0:80",
+            Some(("challenge", "tls-alpn-01")),
+        )
+        .unwrap();
+        assert_eq!(https.unwrap().challenge, ChallengeKind::TlsAlpn01);
         // The same address given to both is fine; two different ones are not.
-        let same = HttpsConfig::from_parts(
-            addr("0.0.0.0:443"),
-            addr("0.0.0.0:443"),
-            addr("0.0.0.0:80"),
-            None,
-            None,
-            None,
-        );
-        assert!(same.is_ok());
-        type Case = (
-            Option<SocketAddr>,
-            Option<SocketAddr>,
-            Option<SocketAddr>,
-            Option<String>,
-            Option<String>,
-            &'static str,
-        );
-        let cases: [Case; 5] = [
+        assert!(parts("0.0.0.0:443", "0.0.0.0:443", "0.0.0.0:80", None).is_ok());
+        let cases = [
             (
-                addr("0.0.0.0:443"),
-                addr("0.0.0.0:8443"),
-                addr("0.0.0.0:80"),
-                None,
+                "0.0.0.0:443",
+                "0.0.0.0:8443",
+                "0.0.0.0:80",
                 None,
                 "drop --tls",
             ),
             (
-                addr("0.0.0.0:443"),
-                None,
-                None,
-                None,
-                None,
-                "--https needs --http",
+                "0.0.0.0:443",
+                "",
+                "",
+                Some(("challenge", "http-01")),
+                "http-01 needs --http",
             ),
             (
-                addr("0.0.0.0:443"),
-                None,
-                addr("0.0.0.0:80"),
-                Some("http://ca/dir".into()),
-                None,
+                "0.0.0.0:443",
+                "",
+                "",
+                Some(("challenge", "dns-01")),
+                "http-01 or tls-alpn-01",
+            ),
+            (
+                "0.0.0.0:443",
+                "",
+                "0.0.0.0:80",
+                Some(("directory", "http://ca/dir")),
                 "https:// URL",
             ),
             (
-                addr("0.0.0.0:443"),
-                None,
-                addr("0.0.0.0:80"),
-                None,
-                Some("not an address".into()),
+                "0.0.0.0:443",
+                "",
+                "0.0.0.0:80",
+                Some(("email", "not an address")),
                 "not an address",
             ),
             (
-                None,
-                addr("0.0.0.0:443"),
-                addr("0.0.0.0:80"),
-                Some("https://ca/dir".into()),
-                None,
+                "",
+                "0.0.0.0:443",
+                "0.0.0.0:80",
+                Some(("directory", "https://ca/dir")),
                 "need --https",
             ),
         ];
-        for (https, tls, http, dir, email, want) in cases {
-            let e = HttpsConfig::from_parts(https, tls, http, dir, email, None).unwrap_err();
+        for (https, tls, http, set, want) in cases {
+            let e = parts(https, tls, http, set).unwrap_err();
             assert!(e.to_string().contains(want), "{e} lacks {want:?}");
         }
         // Without --https: passthrough only, the TLS port as given.
-        let (tls, https) =
-            HttpsConfig::from_parts(None, addr("0.0.0.0:443"), None, None, None, None).unwrap();
+        let (tls, https) = parts("", "0.0.0.0:443", "", None).unwrap();
         assert_eq!((tls, https), (addr("0.0.0.0:443"), None));
     }
 }

@@ -117,6 +117,9 @@ pub struct SharedPorts {
     pub http: Option<u16>,
     /// The shared TLS port, if the relay has one.
     pub tls: Option<u16>,
+    /// Whether the TLS port terminates HTTPS for `http` services (`--https`): they may
+    /// register on a relay without an HTTP port.
+    pub https: bool,
 }
 
 /// The relay's table of services and sessions.
@@ -445,7 +448,14 @@ impl Registry {
                 let (port, guard) = self.bind_port(g, req, bind)?;
                 (port, Some(guard))
             }
-            ServiceKind::Http => (self.shared_ports.http.unwrap_or(0), None),
+            // An HTTPS-only relay's http services are reached on its TLS port.
+            ServiceKind::Http => (
+                self.shared_ports
+                    .http
+                    .or(self.shared_ports.tls)
+                    .unwrap_or(0),
+                None,
+            ),
             ServiceKind::Tls => (self.shared_ports.tls.unwrap_or(0), None),
         };
         let svc = Arc::new(Service {
@@ -491,8 +501,10 @@ impl Registry {
                 }
                 return Ok((Vec::new(), String::new()));
             }
-            ServiceKind::Http if self.shared_ports.http.is_none() => {
-                return bad("this relay has no shared HTTP port (start it with --http)".into())
+            ServiceKind::Http if self.shared_ports.http.is_none() && !self.shared_ports.https => {
+                return bad(
+                    "this relay has no shared HTTP port (start it with --http or --https)".into(),
+                )
             }
             ServiceKind::Tls if self.shared_ports.tls.is_none() => {
                 return bad("this relay has no shared TLS port (start it with --tls)".into())
@@ -948,6 +960,7 @@ mod tests {
         let ports = SharedPorts {
             http: Some(8080),
             tls: Some(8443),
+            https: false,
         };
         Arc::new(Registry::new(
             LiveConfig::new(cfg),

@@ -30,6 +30,20 @@ pub enum Sni {
     /// A ringtunnel agent (its ALPN list offers [`super::AGENT_ALPN`]), whatever name it
     /// gives: for the relay's control plane, not a service.
     Agent,
+    /// An ACME CA validating a TLS-ALPN-01 challenge for this host (its ALPN list offers
+    /// [`ACME_TLS_ALPN`], RFC 8737).
+    AcmeChallenge(String),
+}
+
+/// The ALPN protocol of TLS-ALPN-01 validation connections (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Which protocols of interest an ALPN list offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offer {
+    Other,
+    Agent,
+    Acme,
 }
 
 /// Why the bytes are not a usable ClientHello.
@@ -192,20 +206,21 @@ fn parse_body(body: &[u8]) -> Result<Sni, SniError> {
     }
     let mut exts = Cur(c.vec16()?);
     let mut found = None;
-    let mut agent = false;
+    let mut offer = Offer::Other;
     while !exts.0.is_empty() {
         let kind = exts.u16()?;
         let data = exts.vec16()?;
         match kind {
             EXT_SERVER_NAME if found.is_none() => found = Some(server_name(data)?),
-            EXT_ALPN => agent = offers_agent_alpn(data)?,
+            EXT_ALPN => offer = alpn_offer(data)?,
             _ => {}
         }
     }
-    Ok(match (agent, found) {
-        (true, _) => Sni::Agent,
-        (false, Some(Some(name))) => Sni::Found(name),
-        (false, _) => Sni::Missing,
+    Ok(match (offer, found) {
+        (Offer::Agent, _) => Sni::Agent,
+        (Offer::Acme, Some(Some(name))) => Sni::AcmeChallenge(name),
+        (_, Some(Some(name))) => Sni::Found(name),
+        (_, _) => Sni::Missing,
     })
 }
 
@@ -223,16 +238,19 @@ fn server_name(data: &[u8]) -> Result<Option<String>, SniError> {
     Ok(None)
 }
 
-/// Whether an ALPN extension's protocol list offers the agent's protocol.
-fn offers_agent_alpn(data: &[u8]) -> Result<bool, SniError> {
+/// Whether an ALPN extension's protocol list offers the agent's protocol or ACME's.
+fn alpn_offer(data: &[u8]) -> Result<Offer, SniError> {
     let mut list = Cur(data);
     let mut protocols = Cur(list.vec16()?);
+    let mut offer = Offer::Other;
     while !protocols.0.is_empty() {
-        if protocols.vec8()? == super::AGENT_ALPN {
-            return Ok(true);
+        match protocols.vec8()? {
+            p if p == super::AGENT_ALPN => return Ok(Offer::Agent),
+            p if p == ACME_TLS_ALPN => offer = Offer::Acme,
+            _ => {}
         }
     }
-    Ok(false)
+    Ok(offer)
 }
 
 fn normalize(name: &[u8]) -> Result<String, SniError> {
@@ -308,6 +326,20 @@ mod tests {
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn an_acme_validation_is_told_by_its_alpn() {
+        let ca = rustls_hello("a.example", &[ACME_TLS_ALPN]);
+        assert_eq!(
+            parse_client_hello(&ca),
+            Ok(Sni::AcmeChallenge("a.example".into()))
+        );
+        let browser = rustls_hello("a.example", &[b"h2", b"http/1.1"]);
+        assert_eq!(
+            parse_client_hello(&browser),
+            Ok(Sni::Found("a.example".into()))
+        );
     }
 
     #[test]

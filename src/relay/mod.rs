@@ -369,6 +369,7 @@ async fn start_with(
         SharedPorts {
             http: http_addr.map(|a| a.port()),
             tls: tls_addr.map(|a| a.port()),
+            https: cfg.https.is_some(),
         },
         metrics.clone(),
         dataplane.clone(),
@@ -514,12 +515,15 @@ fn start_https(
     RelayError,
 > {
     use crate::acme::{issuer, Acme, AcmeSettings, Certs, Challenges};
-    let settings = AcmeSettings::new(
-        cfg.directory.clone(),
-        cfg.email.clone(),
-        cfg.ca_file.clone(),
-        state_dir,
-    );
+    let settings = AcmeSettings {
+        challenge: cfg.challenge,
+        ..AcmeSettings::new(
+            cfg.directory.clone(),
+            cfg.email.clone(),
+            cfg.ca_file.clone(),
+            state_dir,
+        )
+    };
     // Checked now, so a bad file is a startup error and not a failed issuance later.
     crate::acme::fetch::Fetcher::new(settings.ca_file.as_deref())
         .map_err(|e| RelayError::Https(e.to_string()))?;
@@ -535,7 +539,7 @@ fn start_https(
     let terminator =
         crate::shared_ports::https::Terminator::new(acme, tokio::runtime::Handle::current())
             .map_err(|e| RelayError::Https(e.to_string()))?;
-    tracing::info!(directory = %settings.directory, store = %settings.dir.display(), "HTTPS for http services: certificates from the ACME CA");
+    tracing::info!(directory = %settings.directory, challenge = %settings.challenge.name(), store = %settings.dir.display(), "HTTPS for http services: certificates from the ACME CA");
     let hosts: Arc<dyn issuer::Hosts> = Arc::new(RegistryHosts(registry.clone(), metrics.clone()));
     let issuer = issuer::run(settings, certs, challenges, hosts);
     Ok((Arc::new(terminator), issuer))

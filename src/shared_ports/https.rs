@@ -34,12 +34,14 @@ use super::http::{self, Scheme};
 use super::port::routing_cap;
 use super::reply::{answer_and_close, CLOSE_GRACE, TLS_ALERT_INTERNAL_ERROR};
 use super::route::{Decision, Router, Terminate};
+use crate::acme::client::AlpnResolver;
 use crate::acme::store::Resolver;
 use crate::acme::Acme;
 use crate::dataplane::gate::local_addr_of;
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock::{self, shutdown, Half};
 use crate::net::cap::ConnCap;
+use crate::protocol::sni::ACME_TLS_ALPN;
 
 /// Longest a visitor waits for its host's first certificate before it is closed (later
 /// visitors find it issued).
@@ -54,6 +56,8 @@ pub const MAX_TERMINATED_PER_ADDRESS: usize = 1024;
 pub struct Terminator {
     acme: Acme,
     tls: TlsAcceptor,
+    /// For CAs validating TLS-ALPN-01: ALPN `acme-tls/1`, the challenge certificates.
+    validation: TlsAcceptor,
     runtime: tokio::runtime::Handle,
     routing: Arc<ConnCap>,
     forwarding: Arc<ConnCap>,
@@ -69,10 +73,17 @@ impl Terminator {
             .with_cert_resolver(Arc::new(Resolver(acme.certs.clone())));
         // The relay reads HTTP/1.1 request heads; a client offering h2 falls back to it.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut validation = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(AlpnResolver(acme.challenges.clone())));
+        validation.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         let by_fds = usize::try_from(crate::net::fds::fd_limit() / 8).unwrap_or(usize::MAX);
         Ok(Terminator {
             acme,
             tls: TlsAcceptor::from(Arc::new(config)),
+            validation: TlsAcceptor::from(Arc::new(validation)),
             runtime,
             routing: routing_cap(),
             forwarding: ConnCap::new(
@@ -80,6 +91,32 @@ impl Terminator {
                 MAX_TERMINATED_PER_ADDRESS,
             ),
         })
+    }
+
+    /// A CA validating TLS-ALPN-01 for `host`: the handshake is the whole answer (RFC 8737:
+    /// the CA checks the certificate and closes).
+    async fn validate(
+        &self,
+        router: &Router,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        hello: Vec<u8>,
+        host: String,
+    ) {
+        let io = Prefixed {
+            prefix: hello,
+            at: 0,
+            inner: tcp,
+        };
+        let accept = self.validation.accept(io);
+        match tokio::time::timeout(router.cfg.head_timeout, accept).await {
+            Ok(Ok(mut tls)) => {
+                tracing::debug!(%host, peer = %addr, "TLS-ALPN-01 challenge shown to the CA");
+                let _ = tls.shutdown().await;
+            }
+            Ok(Err(e)) => tracing::debug!(%host, peer = %addr, "TLS-ALPN-01 handshake: {e}"),
+            Err(_) => tracing::debug!(%host, peer = %addr, "TLS-ALPN-01 handshake timed out"),
+        }
     }
 
     async fn serve(
@@ -191,6 +228,7 @@ impl Terminate for Terminator {
         addr: SocketAddr,
         hello: Vec<u8>,
         host: String,
+        acme: bool,
     ) {
         let Ok(place) = self.routing.enter(addr.ip()) else {
             router.metrics.visitors_shed.inc();
@@ -204,12 +242,19 @@ impl Terminate for Terminator {
             let Ok(tcp) = TcpStream::from_std(stream) else {
                 return;
             };
-            self.serve(&router, tcp, addr, hello, host, place).await;
+            match acme {
+                true => self.validate(&router, tcp, addr, hello, host).await,
+                false => self.serve(&router, tcp, addr, hello, host, place).await,
+            }
         });
     }
 
     fn challenge(&self, path: &str) -> Option<String> {
         self.acme.challenges.answer(path)
+    }
+
+    fn answers_tls_alpn(&self, host: &str) -> bool {
+        self.acme.challenges.tls_alpn(host).is_some()
     }
 }
 

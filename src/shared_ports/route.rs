@@ -40,7 +40,11 @@ pub trait Terminate: Send + Sync {
         addr: SocketAddr,
         hello: Vec<u8>,
         host: String,
+        acme: bool,
     );
+
+    /// Whether a TLS-ALPN-01 challenge for `host` is being validated now.
+    fn answers_tls_alpn(&self, host: &str) -> bool;
 
     /// The answer to an HTTP-01 validation request for `path`, if it is a token being
     /// validated now.
@@ -80,6 +84,8 @@ pub enum Decision {
         hello: Vec<u8>,
         /// Its server name.
         host: String,
+        /// An ACME CA validating the relay's TLS-ALPN-01 challenge for `host`, not a visitor.
+        acme: bool,
     },
 }
 

@@ -40,7 +40,21 @@ pub fn decide(
     };
     let name = match sni {
         Sni::Agent => return Decision::Agent(bytes),
-        Sni::Found(name) => name,
+        // The relay's own TLS-ALPN-01 challenge for a host it orders; any other (a `tls`
+        // service's origin getting its own certificate) is routed as usual.
+        Sni::AcmeChallenge(name)
+            if router
+                .https
+                .as_ref()
+                .is_some_and(|h| h.answers_tls_alpn(&name)) =>
+        {
+            return Decision::Terminate {
+                hello: bytes,
+                host: name,
+                acme: true,
+            }
+        }
+        Sni::Found(name) | Sni::AcmeChallenge(name) => name,
         Sni::Missing | Sni::NeedMore => {
             metrics.tls_unroutable.inc();
             tracing::info!(visitor = %addr, "TLS visitor refused: no server name (SNI) to route by");
@@ -52,6 +66,7 @@ pub fn decide(
             return Decision::Terminate {
                 hello: bytes,
                 host: name,
+                acme: false,
             };
         }
         metrics.tls_unroutable.inc();

@@ -65,11 +65,11 @@ async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: So
             }
             return;
         }
-        Decision::Terminate { hello, host } => {
+        Decision::Terminate { hello, host, acme } => {
             if let (Some(https), Ok(stream)) = (&router.https, stream.into_std()) {
                 https
                     .clone()
-                    .hand(router.clone(), stream, addr, hello, host);
+                    .hand(router.clone(), stream, addr, hello, host, acme);
             }
             return;
         }

@@ -133,13 +133,13 @@ async fn serve(
             });
             return;
         }
-        Decision::Terminate { hello, host } => {
+        Decision::Terminate { hello, host, acme } => {
             if let Some(https) = &router.https {
                 // SAFETY: the fd comes straight from the stream we own and give up here.
                 let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };
                 https
                     .clone()
-                    .hand(router.clone(), stream, addr, hello, host);
+                    .hand(router.clone(), stream, addr, hello, host, acme);
             }
             return;
         }
