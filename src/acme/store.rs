@@ -9,12 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::Notify;
 
 use super::validity::Validity;
 use super::AcmeError;
+use crate::tls::cert::parse_pem_pair;
 use crate::tls::state::{self, Secrecy};
 
 /// Most hosts waiting for a first certificate at once; a visitor for one more is refused
@@ -104,9 +103,9 @@ impl Certs {
 
     fn load(&self, host: &str) -> Result<Held, AcmeError> {
         let (crt, key) = self.paths(host);
-        let chain = state::read(&crt, Secrecy::Public)?;
-        let key = state::read(&key, Secrecy::Secret)?;
-        held_from_pem(&chain, &key)
+        let chain_pem = state::read(&crt, Secrecy::Public)?;
+        let key_pem = state::read(&key, Secrecy::Secret)?;
+        held_from_pem(&chain_pem, &crt, &key_pem, &key)
     }
 
     /// Keeps a newly issued certificate for `host` (files first, then served).
@@ -116,8 +115,8 @@ impl Certs {
         chain_pem: &str,
         key_pem: &str,
     ) -> Result<SystemTime, AcmeError> {
-        let held = held_from_pem(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let (crt, key) = self.paths(host);
+        let held = held_from_pem(chain_pem.as_bytes(), &crt, key_pem.as_bytes(), &key)?;
         state::write_new(&key, key_pem.as_bytes(), 0o600)?;
         state::write_new(&crt, chain_pem.as_bytes(), 0o644)?;
         let not_after = held.validity.not_after;
@@ -240,17 +239,13 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// A chain and key, checked to load and to match.
-fn held_from_pem(chain: &[u8], key: &[u8]) -> Result<Held, AcmeError> {
+/// A chain and key (to be kept at, or read from, `crt` and `key_path`), checked to load and
+/// to match.
+fn held_from_pem(chain: &[u8], crt: &Path, key: &[u8], key_path: &Path) -> Result<Held, AcmeError> {
     let bad = |why: String| AcmeError::Protocol(format!("certificate: {why}"));
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| bad("no certificate in the chain".into()))?;
-    let validity = Validity::of(leaf).ok_or_else(|| bad("the validity does not parse".into()))?;
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(e.to_string()))?;
+    let (chain, key) = parse_pem_pair(chain, crt, key, key_path)?;
+    let validity =
+        Validity::of(&chain[0]).ok_or_else(|| bad("the validity does not parse".into()))?;
     let provider = rustls::crypto::ring::default_provider();
     let certified =
         CertifiedKey::from_der(chain, key, &provider).map_err(|e| bad(e.to_string()))?;

@@ -32,13 +32,13 @@ use tokio_rustls::TlsAcceptor;
 use super::conn::VisitorConn;
 use super::http::{self, Scheme};
 use super::port::routing_cap;
-use super::reply::{answer_and_close, CLOSE_GRACE, TLS_ALERT_INTERNAL_ERROR};
+use super::reply::TLS_ALERT_INTERNAL_ERROR;
 use super::route::{Decision, Router, Terminate};
+use super::tokio::{answer, dispatch};
 use crate::acme::client::AlpnResolver;
 use crate::acme::store::Resolver;
 use crate::acme::Acme;
 use crate::dataplane::gate::local_addr_of;
-use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::sock::{self, shutdown, Half};
 use crate::net::cap::ConnCap;
 use crate::protocol::sni::ACME_TLS_ALPN;
@@ -66,24 +66,14 @@ pub struct Terminator {
 impl Terminator {
     /// A terminator serving `acme`'s certificates, running its tasks on `runtime`.
     pub fn new(acme: Acme, runtime: tokio::runtime::Handle) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Resolver(acme.certs.clone())));
         // The relay reads HTTP/1.1 request heads; a client offering h2 falls back to it.
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut validation = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(AlpnResolver(acme.challenges.clone())));
-        validation.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        let tls = acceptor(Resolver(acme.certs.clone()), b"http/1.1")?;
+        let validation = acceptor(AlpnResolver(acme.challenges.clone()), ACME_TLS_ALPN)?;
         let by_fds = usize::try_from(crate::net::fds::fd_limit() / 8).unwrap_or(usize::MAX);
         Ok(Terminator {
             acme,
-            tls: TlsAcceptor::from(Arc::new(config)),
-            validation: TlsAcceptor::from(Arc::new(validation)),
+            tls,
+            validation,
             runtime,
             routing: routing_cap(),
             forwarding: ConnCap::new(
@@ -132,8 +122,7 @@ impl Terminator {
         if self.acme.certs.wait_for(&host, CERT_WAIT).await.is_none() {
             metrics.https_refused.inc();
             tracing::info!(visitor = %addr, %host, "HTTPS visitor closed: no certificate for the host yet");
-            let alert = &TLS_ALERT_INTERNAL_ERROR;
-            answer_and_close(&mut tcp, alert, tokio::time::sleep(CLOSE_GRACE)).await;
+            answer(&mut tcp, &TLS_ALERT_INTERNAL_ERROR).await;
             return;
         }
         let io = Prefixed {
@@ -326,19 +315,18 @@ async fn first_head_with_hsts(
     }
 }
 
-/// Hands a routed visitor to `svc`'s pools, waiting up to `wait` for a tunnel connection.
-async fn dispatch(
-    svc: &crate::control::service::Service,
-    visitor: Visitor,
-    wait: Duration,
-) -> Result<(), (crate::dataplane::pool::TakeError, Visitor)> {
-    let visitor = match Pool::try_take_any(&svc.pools, 0, visitor) {
-        Ok(()) => return Ok(()),
-        Err(v) => v,
-    };
-    svc.pools[0]
-        .take(visitor, tokio::time::sleep(wait), wait)
-        .await
+/// A TLS server taking its certificates from `certs` and speaking only `alpn`.
+fn acceptor(
+    certs: impl rustls::server::ResolvesServerCert + 'static,
+    alpn: &[u8],
+) -> Result<TlsAcceptor, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certs));
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
 /// A connected Unix stream pair: ours (tokio), and theirs for the data plane. The data plane
@@ -349,10 +337,6 @@ fn socket_pair() -> io::Result<(std::os::unix::net::UnixStream, std::net::TcpStr
     let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
     let (a, b) = socketpair(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
     Ok((a.into(), b.into()))
-}
-
-async fn answer(conn: &mut Tls, bytes: &[u8]) {
-    answer_and_close(conn, bytes, tokio::time::sleep(CLOSE_GRACE)).await;
 }
 
 /// A terminated visitor's TLS stream, as the shared ports read and answer it.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use super::conn::VisitorConn;
 use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
@@ -89,14 +90,14 @@ async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: So
 }
 
 /// Tokio: answers a visitor and closes (see [`reply::answer_and_close`]).
-async fn answer(stream: &mut TcpStream, bytes: &[u8]) {
-    answer_and_close(stream, bytes, tokio::time::sleep(CLOSE_GRACE)).await;
+pub(crate) async fn answer(conn: &mut impl VisitorConn, bytes: &[u8]) {
+    answer_and_close(conn, bytes, tokio::time::sleep(CLOSE_GRACE)).await;
 }
 
-/// Tokio: hands a routed visitor to `svc`'s pool (the tokio data plane has one per service),
-/// waiting up to `wait` for a tunnel connection (an agent reconnecting). On failure the
-/// visitor comes back with the reason.
-async fn dispatch(
+/// Tokio: hands a routed visitor to `svc`'s pools (an idle connection of any worker's pool,
+/// else waiting on the first), waiting up to `wait` for a tunnel connection (an agent
+/// reconnecting). On failure the visitor comes back with the reason.
+pub(crate) async fn dispatch(
     svc: &Service,
     visitor: Visitor,
     wait: Duration,

@@ -87,26 +87,15 @@ impl RelayIdentity {
         Ok(identity)
     }
 
-    /// Parses a PEM chain and key already read (`cert_path` and `key_path` name them in
-    /// errors): the one parser for `--cert`/`--key` files and the state directory's.
+    /// The identity of a PEM chain and key already read (see [`parse_pem_pair`]).
     fn from_pem(
         cert: &[u8],
         cert_path: &Path,
         key: &[u8],
         key_path: &Path,
     ) -> Result<Self, TlsError> {
-        let bad = |path: &Path, reason: String| TlsError::BadFile {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(cert_path, e.to_string()))?;
-        let leaf = chain
-            .first()
-            .ok_or_else(|| bad(cert_path, "no certificate found".into()))?;
-        let fingerprint = Fingerprint::of(leaf);
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(key_path, e.to_string()))?;
+        let (chain, key) = parse_pem_pair(cert, cert_path, key, key_path)?;
+        let fingerprint = Fingerprint::of(&chain[0]);
         Ok(Self {
             chain,
             key,
@@ -114,6 +103,30 @@ impl RelayIdentity {
             generated: false,
         })
     }
+}
+
+/// Parses a PEM certificate chain (at least one certificate, leaf first) and its private key,
+/// already read (`cert_path` and `key_path` name them in errors): the one parser for
+/// `--cert`/`--key` files and the state directory's (the relay's own identity and the ACME
+/// certificates).
+pub fn parse_pem_pair(
+    cert: &[u8],
+    cert_path: &Path,
+    key: &[u8],
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let bad = |path: &Path, reason: String| TlsError::BadFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(cert_path, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert_path, "no certificate found".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| bad(key_path, e.to_string()))?;
+    Ok((chain, key))
 }
 
 #[cfg(test)]
