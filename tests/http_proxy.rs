@@ -37,12 +37,8 @@ impl Tinyproxy {
             return None;
         }
         let dir = TempDir::new("tinyproxy");
-        // A free port: bound and let go (tinyproxy cannot take port 0 and say which it got).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // tinyproxy cannot take port 0 and say which it got.
+        let port = free_port();
         let log = dir.0.join("tinyproxy.log");
         let conf = dir.0.join("tinyproxy.conf");
         std::fs::write(

@@ -14,7 +14,6 @@ mod common;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,15 +22,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A port free now (bound and let go), for programs that cannot be told port 0.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A running pebble and its DNS, killed on drop.
 struct Pebble {
@@ -178,18 +168,11 @@ async fn head_echo_origin() -> SocketAddr {
     .await
 }
 
-/// A TLS client that trusts only `root`.
-fn client(root: &CertificateDer<'static>) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+/// An agent publishing a [`head_echo_origin`] as the `http` service `name` on host `name`.
+async fn http_agent(relay: &Relay, name: &str) -> Agent {
+    let mut args = relay.agent_args(head_echo_origin().await, name);
+    args.extend(["--http-host".into(), name.into()]);
+    Agent::spawn(args)
 }
 
 /// One HTTPS request to `port` for `sni` with `Host: host`: the whole response.
@@ -340,15 +323,13 @@ async fn https_end_to_end(backend: Backend) {
     };
     let relay = pebble_relay(backend, &pebble, http_port);
     let port = relay.tls.expect("the relay prints its TLS port");
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     let mut args = relay.agent_args(echo_origin().await, "pass");
     args.extend(["--tls-host".into(), "pass".into()]);
     let _pass = Agent::spawn(args);
 
     let root = pebble.issuing_root().await;
-    let tls = client(&root);
+    let tls = tls_client(&root);
     let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("GET /hello HTTP/1.1\r\n"), "{body}");
@@ -413,9 +394,7 @@ async fn https_end_to_end(backend: Backend) {
 
     // Restarted on the same state: the kept certificate is served, nothing is issued.
     let relay = restart_on(relay, http_port);
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     let port = relay.tls.unwrap();
     let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
     assert_eq!(status, 200, "{body}");
@@ -464,7 +443,7 @@ async fn relay_with_a_kept_certificate(
     let relay = Relay::spawn(backend, &flags);
     let cert = keep_certificate(&relay, DEAD_CA, "blog.example.test", None);
     let relay = relay.restart();
-    let tls = client(&cert);
+    let tls = tls_client(&cert);
     (relay, tls, cfg_dir)
 }
 
@@ -472,9 +451,7 @@ async fn a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert(backend: Bac
     let (relay, tls, _cfg) = relay_with_a_kept_certificate(backend, "").await;
     let admin = relay.admin.unwrap();
     let port = relay.tls.unwrap();
-    let mut args = relay.agent_args(head_echo_origin().await, "shop");
-    args.extend(["--http-host".into(), "shop".into()]);
-    let _shop = Agent::spawn(args);
+    let _shop = http_agent(&relay, "shop").await;
     // The issuer tries the new host ahead of any visitor, fails, and backs off.
     relay.proc.wait_stderr("certificate not issued");
     assert!(relay.proc.stderr().contains("next try in 60s"));
@@ -496,9 +473,7 @@ async fn a_dead_ca_costs_a_visitor_a_bounded_wait_and_a_clear_alert(backend: Bac
     assert!(admin_counter(admin, "https_refused").await >= 1);
     assert!(admin_counter(admin, "acme_failed").await >= 1);
     // The kept certificate serves its host all the while.
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
     assert_eq!(status, 200, "{body}");
 }
@@ -508,9 +483,7 @@ async fn broken_and_silent_handshakes_are_bounded(backend: Backend) {
         relay_with_a_kept_certificate(backend, "head_timeout_secs = 1\n").await;
     let admin = relay.admin.unwrap();
     let port = relay.tls.unwrap();
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     let (status, _) = first_https_get(&tls, port, "blog.example.test").await;
     assert_eq!(status, 200);
 
@@ -591,9 +564,7 @@ async fn https_only_redirects_plain_http_and_sets_hsts(backend: Backend) {
     let toml = "[[service]]\nname = \"blog\"\n[service.access]\nhttps_only = true\n";
     let (relay, tls, _cfg) = relay_with_a_kept_certificate(backend, toml).await;
     let port = relay.tls.unwrap();
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     let (status, _) = first_https_get(&tls, port, "blog.example.test").await;
     assert_eq!(status, 200);
     // Plain HTTP: sent to the same target over HTTPS, before anything reaches the agent.
@@ -644,9 +615,7 @@ async fn a_terminated_visitor_is_idle_only_when_silent(backend: Backend) {
     let (relay, tls, _cfg) = relay_with_a_kept_certificate(backend, toml).await;
     let admin = relay.admin.unwrap();
     let port = relay.tls.unwrap();
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     // Requests read by their length: a read to the end would wait out the idle timeout.
     let tcp = TcpStream::connect(port).await.unwrap();
     let name = ServerName::try_from("blog.example.test").unwrap();
@@ -707,21 +676,19 @@ async fn a_certificate_due_for_renewal_is_renewed() {
     );
     let relay = restart_on(relay, http_port);
     let port = relay.tls.unwrap();
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     relay.proc.wait_stderr("certificate renewed");
     assert!(!relay.proc.stderr().contains("certificate issued"));
     // The new certificate chains to pebble's root; the old self-signed one is gone.
     let (status, body) = first_https_get(
-        &client(&pebble.issuing_root().await),
+        &tls_client(&pebble.issuing_root().await),
         port,
         "blog.example.test",
     )
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(https_get(
-        &client(&old),
+        &tls_client(&old),
         port,
         "blog.example.test",
         "blog.example.test"
@@ -740,12 +707,10 @@ async fn tls_alpn_01_on_the_tls_port(backend: Backend) {
     };
     let https = format!("127.0.0.1:{tls_port}");
     let relay = pebble_relay_with(backend, &pebble, &["--https", &https]);
-    let mut args = relay.agent_args(head_echo_origin().await, "blog");
-    args.extend(["--http-host".into(), "blog".into()]);
-    let _blog = Agent::spawn(args);
+    let _blog = http_agent(&relay, "blog").await;
     relay.proc.wait_stderr("certificate issued");
     assert!(relay.proc.stderr().contains("challenge=tls-alpn-01"));
-    let tls = client(&pebble.issuing_root().await);
+    let tls = tls_client(&pebble.issuing_root().await);
     let port = relay.tls.unwrap();
     let (status, body) = first_https_get(&tls, port, "blog.example.test").await;
     assert_eq!(status, 200, "{body}");

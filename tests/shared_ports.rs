@@ -625,16 +625,7 @@ async fn tls_visit(
     name: &str,
     cert: &CertificateDer<'static>,
 ) -> std::io::Result<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.clone()).unwrap();
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = tls_client(cert);
     let tcp = TcpStream::connect(port).await?;
     let server_name = ServerName::try_from(name.to_string()).unwrap();
     let mut tls = tokio::time::timeout(WAIT, connector.connect(server_name, tcp))
@@ -756,7 +747,7 @@ async fn proxy_protocol_tells_the_origin_who_connected(backend: Backend) {
     ));
     let mut s = TcpStream::connect(relay.tls.unwrap()).await.unwrap();
     let me = s.local_addr().unwrap();
-    let hello = ringtunnel_test_client_hello("p.tls.test");
+    let hello = client_hello("p.tls.test");
     s.write_all(&hello).await.unwrap();
     let mut line = Vec::new();
     while !line.ends_with(b"\n") {
@@ -774,25 +765,6 @@ async fn proxy_protocol_tells_the_origin_who_connected(backend: Backend) {
         echoed, hello,
         "the ClientHello follows the header untouched"
     );
-}
-
-/// A real ClientHello for `name`, as rustls would send it.
-fn ringtunnel_test_client_hello(name: &str) -> Vec<u8> {
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let mut conn = rustls::ClientConnection::new(
-        Arc::new(cfg),
-        ServerName::try_from(name.to_string()).unwrap(),
-    )
-    .unwrap();
-    let mut wire = Vec::new();
-    conn.write_tls(&mut wire).unwrap();
-    wire
 }
 
 // ------------------------------------------------------------------------- limits

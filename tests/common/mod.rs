@@ -967,3 +967,26 @@ pub fn client_hello(name: &str) -> Vec<u8> {
     conn.write_tls(&mut out).unwrap();
     out
 }
+
+/// A loopback port free now (bound and let go), for programs that cannot be told port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TLS client that trusts only `root`.
+pub fn tls_client(root: &rustls_pki_types::CertificateDer<'static>) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    TlsConnector::from(Arc::new(cfg))
+}
