@@ -55,14 +55,7 @@ impl Tinyproxy {
         let args = ["-d".into(), "-c".into(), conf.display().to_string()];
         let proc = Proc::spawn_program(std::path::Path::new("tinyproxy"), &args, &[], None);
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(addr).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tinyproxy never listened on {addr}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_listening(addr, "tinyproxy");
         Some(Tinyproxy {
             proc,
             addr,

@@ -36,14 +36,6 @@ struct Pebble {
     _dir: TempDir,
 }
 
-fn wait_listening(addr: SocketAddr, what: &str) {
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{what} never listened on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 impl Pebble {
     /// Starts pebble validating HTTP-01 on `http_port`, or `None` when it is not installed.
     fn start(http_port: u16) -> Option<Pebble> {

@@ -990,3 +990,12 @@ pub fn tls_client(root: &rustls_pki_types::CertificateDer<'static>) -> TlsConnec
     .with_no_client_auth();
     TlsConnector::from(Arc::new(cfg))
 }
+
+/// Waits (at most [`WAIT`]) until a program the test started, `what`, listens on `addr`.
+pub fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
