@@ -86,10 +86,10 @@ pub struct HeartbeatArgs {
 pub enum Command {
     /// Run the public relay (on the VPS).
     #[command(after_help = RELAY_EXAMPLES)]
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Run an agent next to a service (behind NAT).
     #[command(after_help = AGENT_EXAMPLES)]
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Run relay, agent and a small origin on loopback, and print the public address.
     Demo(DemoArgs),
     /// Print a running relay's services and agents (from its admin endpoint).
@@ -265,6 +265,22 @@ pub struct RelayArgs {
     /// Domain for bare host names: `--http-host blog` becomes `blog.DOMAIN`.
     #[arg(long)]
     pub domain: Option<String>,
+    /// Join a fleet of relays sharing one namespace: etcd://HOST:PORT[,HOST:PORT...].
+    #[arg(long, value_name = "URL")]
+    pub registry: Option<String>,
+    /// This relay's name in the fleet [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub relay_id: Option<String>,
+    /// Where agents reach this relay's control port, as the fleet records it
+    /// [default: the control address].
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Key prefix in etcd [default: /ringtunnel/].
+    #[arg(long, value_name = "PREFIX")]
+    pub registry_prefix: Option<String>,
+    /// Seconds a fleet claim outlives the last relay renewing it [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub registry_ttl: Option<u64>,
     /// Admin endpoint (`/health`, `/metrics`), e.g. 127.0.0.1:7844; off unless given.
     #[arg(long)]
     pub admin: Option<SocketAddr>,
@@ -310,11 +326,34 @@ impl RelayArgs {
             self.acme_ca_file.or(file.acme_ca_file),
             self.acme_challenge.or(file.acme_challenge),
         )?;
+        let control = self
+            .control
+            .or(file.control)
+            .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT)));
+        let fleet = match self.registry.or(file.registry) {
+            None => None,
+            Some(registry) => Some(config::FleetConfig {
+                registry,
+                relay_id: match self.relay_id.or(file.relay_id) {
+                    Some(id) => id,
+                    None => config::fleet::host_name()?,
+                },
+                advertise: self
+                    .advertise
+                    .or(file.advertise)
+                    .unwrap_or_else(|| control.to_string()),
+                prefix: self
+                    .registry_prefix
+                    .or(file.registry_prefix)
+                    .unwrap_or_else(|| config::fleet::DEFAULT_PREFIX.to_string()),
+                ttl: self
+                    .registry_ttl
+                    .or(file.registry_ttl_secs)
+                    .map_or(config::fleet::DEFAULT_TTL, std::time::Duration::from_secs),
+            }),
+        };
         let cfg = RelayConfig {
-            control: self
-                .control
-                .or(file.control)
-                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], DEFAULT_CONTROL_PORT))),
+            control,
             secret: match (self.secret, &self.secret_file) {
                 (Some(s), _) => Some(s),
                 (None, Some(path)) => Some(Secret::from_file(path)?),
@@ -362,6 +401,7 @@ impl RelayArgs {
             log: file.log,
             access_log: self.access_log || file.access_log.unwrap_or(false),
             https,
+            fleet,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -371,7 +411,8 @@ impl RelayArgs {
 /// `ringtunnel agent`.
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
-    /// Relay control address, HOST[:PORT] (default port 7843). Required unless --config
+    /// Relay control address, HOST[:PORT] (default port 7843); several, comma-separated,
+    /// for a fleet of relays: the agent keeps a session with each. Required unless --config
     /// names it.
     #[arg(long, required_unless_present = "config")]
     pub relay: Option<String>,
@@ -445,16 +486,55 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
-    /// Merges flags over the config file over defaults, and validates the result.
+    /// Merges flags over the config file over defaults, and validates the result: the
+    /// settings for the first relay given.
     pub fn into_config(self) -> Result<AgentConfig, ConfigError> {
+        self.into_config_for(0)
+    }
+
+    /// How many relays are given (`--relay A,B,C`: three).
+    pub fn relay_count(&self) -> Result<usize, ConfigError> {
+        Ok(self.relays()?.len())
+    }
+
+    fn relays(&self) -> Result<Vec<String>, ConfigError> {
         let file: AgentFile = match &self.config {
             Some(p) => config::load_file(p)?,
             None => AgentFile::default(),
         };
-        let relay = self.relay.or(file.relay).ok_or_else(|| {
+        let relay = self.relay.clone().or(file.relay).ok_or_else(|| {
             ConfigError::Invalid("no relay given: pass --relay HOST[:PORT]".into())
         })?;
-        let (relay_host, relay_port) = config::parse_host_port(&relay, Some(DEFAULT_CONTROL_PORT))?;
+        let list: Vec<String> = relay
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if list.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no relay given: pass --relay HOST[:PORT]".into(),
+            ));
+        }
+        for (i, r) in list.iter().enumerate() {
+            if list[..i].contains(r) {
+                return Err(ConfigError::Invalid(format!("relay {r} is given twice")));
+            }
+        }
+        Ok(list)
+    }
+
+    /// [`Self::into_config`] for the `index`th relay given.
+    pub fn into_config_for(self, index: usize) -> Result<AgentConfig, ConfigError> {
+        let relays = self.relays()?;
+        let relay = relays.get(index).ok_or_else(|| {
+            ConfigError::Invalid(format!("relay number {} is no longer given", index + 1))
+        })?;
+        let file: AgentFile = match &self.config {
+            Some(p) => config::load_file(p)?,
+            None => AgentFile::default(),
+        };
+        let (relay_host, relay_port) = config::parse_host_port(relay, Some(DEFAULT_CONTROL_PORT))?;
         let relay_fingerprint = match (self.relay_fingerprint, file.relay_fingerprint) {
             (Some(fp), _) => Some(fp),
             (None, Some(s)) => Some(s.parse().map_err(

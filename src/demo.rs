@@ -74,6 +74,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         log: None,
         access_log: false,
         https: None,
+        fleet: None,
     })
     .await
     .context("starting the demo relay")?;

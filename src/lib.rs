@@ -34,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod fleet;
 pub mod logging;
 pub mod net;
 pub mod protocol;

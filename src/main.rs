@@ -171,12 +171,22 @@ fn run(command: Command) -> anyhow::Result<()> {
                 let mut signals = Signals::new()?;
                 let (stop, stopping) = tokio::sync::watch::channel(0u32);
                 let (reload, reloads) = tokio::sync::watch::channel(0u32);
-                let load: agent::reload::AgentLoader = Box::new(move || args.clone().into_config());
-                let reload_with = agent::reload::Reload {
-                    signal: reloads,
-                    load,
-                };
-                let run = agent::run_reloadable(cfg, stopping, reload_with);
+                let mut runs = Vec::new();
+                for i in 0..args.relay_count()? {
+                    let cfg = match i {
+                        0 => cfg.clone(),
+                        _ => args.clone().into_config_for(i)?,
+                    };
+                    let args = args.clone();
+                    let load: agent::reload::AgentLoader =
+                        Box::new(move || args.clone().into_config_for(i));
+                    let reload_with = agent::reload::Reload {
+                        signal: reloads.clone(),
+                        load,
+                    };
+                    runs.push((cfg, reload_with));
+                }
+                let run = agent::run_relays(runs, stopping);
                 tokio::pin!(run);
                 let drained = loop {
                     tokio::select! {

@@ -43,6 +43,7 @@ fn relay_config(backend: Backend, state: &TempDir) -> RelayConfig {
         log: None,
         access_log: false,
         https: None,
+        fleet: None,
     }
 }
 

@@ -384,6 +384,51 @@ pub async fn run_reloadable(
     run_inner(cfg, None, stop, Some(reload)).await
 }
 
+/// [`run_reloadable`] for each of several relays of a fleet at once: one session (and pool
+/// of data connections) per relay, each retried on its own. A fatal error on one relay (its
+/// certificate not trusted, a port it cannot bind) is logged and the others carry on; the
+/// run ends when every relay's has, with the last error if any ended with one.
+pub async fn run_relays(
+    runs: Vec<(AgentConfig, reload::Reload)>,
+    stop: tokio::sync::watch::Receiver<u32>,
+) -> Result<Drained, AgentError> {
+    use tracing::Instrument;
+    let mut set = tokio::task::JoinSet::new();
+    let several = runs.len() > 1;
+    for (cfg, reload) in runs {
+        // With several relays, each line says which one it is about.
+        let span = match several {
+            true => tracing::info_span!("relay", addr = %cfg.relay_addr()),
+            false => tracing::Span::none(),
+        };
+        set.spawn(run_inner(cfg, None, stop.clone(), Some(reload)).instrument(span));
+    }
+    let mut total = Drained {
+        finished: 0,
+        cut: 0,
+    };
+    let mut failed = None;
+    while let Some(joined) = set.join_next().await {
+        let err = match joined {
+            Ok(Ok(d)) => {
+                total.finished += d.finished;
+                total.cut += d.cut;
+                continue;
+            }
+            Ok(Err(e)) => e,
+            Err(e) => AgentError::Settings(format!("a relay's session task failed: {e}")),
+        };
+        if !set.is_empty() {
+            tracing::error!("{err}; staying with the other relays");
+        }
+        failed = Some(err);
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
+}
+
 async fn run_inner(
     cfg: AgentConfig,
     events: Option<mpsc::UnboundedSender<Online>>,

@@ -237,12 +237,13 @@ async fn session(
     if online == 0 {
         let msg = format!("relay published no service: {}", refusals.join("; "));
         // Refused on the first connection: the settings are wrong, so exit. After the
-        // agent has been online, a refusal (its old port briefly still held) is retried.
+        // agent has been online, a refusal (its old port briefly still held) is retried, and
+        // so is a relay-side failure (a fleet relay that cannot reach its registry).
         let code = first_code.unwrap_or(ErrorCode::BadRequest);
         return Err(AgentError::Refused {
             code,
             message: msg,
-            retry: progress.published,
+            retry: progress.published || code == ErrorCode::Internal,
         });
     }
     progress.published = true;

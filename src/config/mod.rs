@@ -23,6 +23,7 @@ use crate::protocol::msg::MAX_NAME_LEN;
 
 pub mod access;
 pub mod agent;
+pub mod fleet;
 pub mod hosts;
 pub mod limits;
 pub mod live;
@@ -30,6 +31,7 @@ pub mod relay;
 
 pub use access::{AccessFile, BasicAuthFile};
 pub use agent::{AgentConfig, AgentFile, ServiceConfig};
+pub use fleet::FleetConfig;
 pub use hosts::{BadCidr, Cidr, FrontConfig, HostError};
 pub use limits::Limits;
 pub use live::{plan_reload, LiveConfig, ReloadPlan};
@@ -402,6 +404,7 @@ pub(crate) mod tests {
             log: None,
             access_log: false,
             https: None,
+            fleet: None,
         }
     }
 

@@ -66,6 +66,16 @@ pub struct RelayFile {
     pub acme_challenge: Option<String>,
     /// Domain that bare `http`/`tls` host names are subdomains of.
     pub domain: Option<String>,
+    /// Fleet registry: `etcd://HOST:PORT[,HOST:PORT...]` (none: this relay alone).
+    pub registry: Option<String>,
+    /// This relay's name in the fleet (default: the host name).
+    pub relay_id: Option<String>,
+    /// Where agents reach this relay's control port, as the fleet records it.
+    pub advertise: Option<String>,
+    /// Key prefix in etcd (default `/ringtunnel/`).
+    pub registry_prefix: Option<String>,
+    /// Lease time of fleet claims, in seconds (default 10).
+    pub registry_ttl_secs: Option<u64>,
     /// Shared ports: largest request head read, in bytes (larger: 431).
     pub max_head_bytes: Option<usize>,
     /// Shared ports: seconds a visitor has to send its request head or ClientHello.
@@ -152,6 +162,8 @@ pub struct RelayConfig {
     pub access_log: bool,
     /// HTTPS termination on the shared TLS port (`--https`), `None`: passthrough only.
     pub https: Option<HttpsConfig>,
+    /// Membership of a fleet of relays (`--registry`), `None`: this relay alone.
+    pub fleet: Option<super::FleetConfig>,
 }
 
 /// HTTPS at the relay: where certificates come from. The port is `front.tls`.
@@ -323,6 +335,9 @@ impl RelayConfig {
 
     /// Checks the settings make sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(fleet) = &self.fleet {
+            fleet.validate()?;
+        }
         if let Some(filter) = &self.log {
             crate::logging::filter_for(filter, false)
                 .map_err(|e| ConfigError::Invalid(format!("log: {e}")))?;

@@ -6,6 +6,7 @@
 //! - [`plane`]: what the control plane reads and keeps ([`plane::ControlPlane`]), tickets'
 //!   grants, its deadlines.
 //! - [`registry`]: services, their owners and their public ports.
+//! - [`fleet_claims`]: a session's services claimed in the fleet's namespace first.
 //! - [`refusal`]: why the registry refuses an agent or a service, with its wire code.
 //! - [`service`]: one published service.
 //! - [`routes`]: host names (and path prefixes) of the shared ports → services.
@@ -15,6 +16,7 @@
 //! relay's startup in [`crate::relay`].
 
 pub mod accept;
+pub mod fleet_claims;
 pub mod plane;
 pub mod refusal;
 pub mod registry;

@@ -72,6 +72,8 @@ pub struct ControlPlane {
     drain: tokio::sync::watch::Sender<bool>,
     /// When this process took over from another (an upgrade), if it did.
     took_over_at: Mutex<Option<Instant>>,
+    /// The fleet's namespace services are claimed in first, if this relay is in a fleet.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl ControlPlane {
@@ -94,7 +96,14 @@ impl ControlPlane {
             tickets: Mutex::new(TicketStore::default()),
             drain: tokio::sync::watch::Sender::new(false),
             took_over_at: Mutex::new(None),
+            fleet: None,
         }
+    }
+
+    /// The same control plane, claiming services in `fleet` before publishing them.
+    pub fn in_fleet(mut self, fleet: Option<Arc<crate::fleet::Fleet>>) -> Self {
+        self.fleet = fleet;
+        self
     }
 
     /// The settings in force now (a reload replaces them).

@@ -73,6 +73,10 @@ pub enum Refusal {
     /// No port asked for, and none of the tries in the range was free.
     #[error("no free port found in the relay's range {0}")]
     NoFreePort(PortRange),
+    /// The fleet's namespace refused the claim (another secret's name), or could not be
+    /// asked (the registry unreachable: waiting helps).
+    #[error("{0}")]
+    Fleet(crate::fleet::claims::ClaimError),
 }
 
 impl Refusal {
@@ -86,6 +90,16 @@ impl Refusal {
             | Refusal::HostReserved { .. } => ErrorCode::HostTaken,
             Refusal::PortForbidden { .. } => ErrorCode::PortForbidden,
             Refusal::PortTaken { .. } | Refusal::PortUnbindable { .. } => ErrorCode::PortTaken,
+            Refusal::Fleet(e) => {
+                use crate::fleet::claims::ClaimError as C;
+                match e {
+                    C::NameHeld(_) => ErrorCode::BadRequest,
+                    C::HostOwned { .. } | C::HostTaken { .. } => ErrorCode::HostTaken,
+                    C::PortTaken { .. } => ErrorCode::PortTaken,
+                    C::NoFreePort => ErrorCode::LimitReached,
+                    C::Registry(_) => ErrorCode::Internal,
+                }
+            }
         }
     }
 }

@@ -491,7 +491,7 @@ impl Registry {
     }
 
     /// The full host names and path prefix `req` claims, or why it cannot.
-    fn claims(&self, req: &ServiceRequest) -> Result<(Vec<String>, String), Refusal> {
+    pub fn claims(&self, req: &ServiceRequest) -> Result<(Vec<String>, String), Refusal> {
         let reject = Refusal::BadRequest;
         let bad = |m: String| Err(Refusal::BadRequest(m));
         match req.kind {
@@ -743,6 +743,40 @@ impl Registry {
         }
         st.owner = Some(session);
         st.linger_until = None;
+    }
+
+    /// The names of every service here, online or lingering.
+    pub fn service_names(&self) -> Vec<String> {
+        self.lock()
+            .services
+            .values()
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// The port of service `name` if it is here (online or lingering) with `kind`.
+    pub fn held_port(&self, name: &str, kind: ServiceKind) -> Option<u16> {
+        let g = self.lock();
+        g.services
+            .get(&key(name))
+            .filter(|s| s.kind == kind)
+            .map(|s| s.port)
+    }
+
+    /// Closes service `name` for good, telling its agent `why` (its place went to another
+    /// secret in the fleet): the agent is not asked to come back.
+    pub fn evict(&self, name: &str, why: &str) {
+        let mut g = self.lock();
+        let Some(svc) = g.services.get(&key(name)).cloned() else {
+            return;
+        };
+        tracing::error!(service = %svc.name, "service closed: {why}");
+        if let Some(owner) = svc.state().owner {
+            if let Some(SessionEntry { kick, .. }) = g.sessions.get(&owner) {
+                let _ = kick.try_send(Kick::Replaced(format!("service {name}: {why}")));
+            }
+        }
+        self.retire(&mut g, &svc);
     }
 
     /// The service holding public port `port` for `kind` (`tcp` and `udp` ports are apart,

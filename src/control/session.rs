@@ -196,7 +196,23 @@ async fn serve(
     wake: &Arc<Notify>,
     mut kick: mpsc::Receiver<Kick>,
 ) -> Result<(), SessionEnd> {
-    let (results, owned) = plane.registry.register(session, services, wake);
+    let (results, owned) = match &plane.fleet {
+        None => plane.registry.register(session, services, wake),
+        Some(fleet) => {
+            let cfg = plane.cfg();
+            let claimed =
+                super::fleet_claims::claim_all(fleet, &plane.registry, &cfg, services).await;
+            let (mut results, owned) = plane.registry.register(session, &claimed.requests, wake);
+            for r in &results {
+                let refused = matches!(r.outcome, ServiceOutcome::Rejected { .. });
+                if refused && claimed.created.iter().any(|n| n == &r.name) {
+                    fleet.release_created(&r.name).await;
+                }
+            }
+            results.extend(claimed.refused);
+            (results, owned)
+        }
+    };
     for r in &results {
         match &r.outcome {
             ServiceOutcome::Online { port, hosts } => {

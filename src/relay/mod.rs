@@ -406,19 +406,40 @@ async fn start_with(
     });
     let admin_token = cfg.admin_token.clone();
     let reloader = Arc::new(Reloader::new(load, live.clone(), registry.clone()));
-    let plane = Arc::new(ControlPlane::new(
-        live,
-        registry.clone(),
-        metrics.clone(),
-        acceptor,
-        dataplane,
-    ));
+    let fleet = match &cfg.fleet {
+        None => None,
+        Some(f) => {
+            let fleet = crate::fleet::Fleet::new(f.clone())
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            tracing::info!(
+                relay_id = %f.relay_id,
+                registry = %fleet.etcd.endpoints(),
+                prefix = %f.prefix,
+                "in a fleet: services are claimed in etcd before they are published"
+            );
+            Some(Arc::new(fleet))
+        }
+    };
+    let plane = Arc::new(
+        ControlPlane::new(
+            live.clone(),
+            registry.clone(),
+            metrics.clone(),
+            acceptor,
+            dataplane,
+        )
+        .in_fleet(fleet.clone()),
+    );
     if took_over {
         plane.took_over(Instant::now());
     }
     let mut tasks = JoinSet::new();
     if let Some((_, issuer)) = https {
         tasks.spawn(issuer);
+    }
+    if let Some(fleet) = fleet {
+        let members = Arc::new(RegistryMembers(registry.clone(), live));
+        tasks.spawn(crate::fleet::keeper::run(fleet, members));
     }
     let mut shared_accepts = JoinSet::new();
     let mut shared_stops = Vec::new();
@@ -563,5 +584,22 @@ impl crate::acme::issuer::Hosts for RegistryHosts {
             true => self.1.acme_issued.inc(),
             false => self.1.acme_failed.inc(),
         }
+    }
+}
+
+/// What the fleet keeper asks of this relay: its services, and giving one up.
+struct RegistryMembers(Arc<Registry>, Arc<LiveConfig>);
+
+impl crate::fleet::keeper::Members for RegistryMembers {
+    fn present(&self) -> Vec<String> {
+        self.0.service_names()
+    }
+
+    fn lost(&self, name: &str, why: &str) {
+        self.0.evict(name, why);
+    }
+
+    fn port_range(&self) -> crate::config::PortRange {
+        self.1.get().port_range
     }
 }

@@ -383,6 +383,18 @@ impl Relay {
         )
     }
 
+    /// A relay whose control and public ports are on `ip` (127.0.0.2, say: several relays
+    /// side by side on one machine, each with the same ports), with the state directory
+    /// `state` and `extra` flags exactly as given (the backend included).
+    pub fn spawn_on(ip: [u8; 4], state: Arc<TempDir>, extra: &[&str]) -> Relay {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let backend = match extra.iter().position(|a| a == "--backend") {
+            Some(i) if extra[i + 1] == "uring" => Backend::Uring,
+            _ => Backend::Tokio,
+        };
+        Self::spawn_at(SocketAddr::from((ip, 0)), state, extra, backend, &[], None)
+    }
+
     fn spawn_at(
         control: SocketAddr,
         state: Arc<TempDir>,
@@ -398,7 +410,7 @@ impl Relay {
             "--secret".into(),
             SECRET.into(),
             "--bind-addr".into(),
-            "127.0.0.1".into(),
+            control.ip().to_string(),
             "--state-dir".into(),
             state.0.display().to_string(),
         ];

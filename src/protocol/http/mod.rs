@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 
 pub mod page;
 pub mod requests;
+pub mod response;
 
 /// Default largest request head the relay reads before answering 431, in bytes.
 pub const DEFAULT_MAX_HEAD: usize = 16 * 1024;

@@ -1,0 +1,640 @@
+//! A fleet of relays sharing one namespace in a real etcd (Debian's `etcd-server`), started by
+//! each test on free loopback ports in its own directory; relays on 127.0.0.1, 127.0.0.2 and
+//! 127.0.0.3, each with the same public ports. Without etcd on PATH the tests say so and pass,
+//! unless RINGTUNNEL_REQUIRE_ETCD=1 (`.ci/run` sets it).
+//!
+//! The timings these tests print (how long a lapsed claim took to go, how long a restarted
+//! relay took to serve again) are for the record; nothing asserts on them.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtunnel::config::PortRange;
+use ringtunnel::fleet::claims::ClaimError;
+use ringtunnel::fleet::etcd::Etcd;
+use ringtunnel::fleet::{Claim, Fleet, FleetSettings};
+use ringtunnel::protocol::ServiceKind;
+
+/// Lease time the test relays run with: short, so lapses happen within a test.
+const TTL: &str = "3";
+/// The fleet's public port range: below the ephemeral range, away from other tests' relays.
+const RANGE: &str = "12000-15999";
+/// A second secret, for a service configured with its own.
+const OTHER_SECRET: &str = "a different and long secret for intruder";
+
+/// A real etcd on free loopback ports, killed on drop.
+struct EtcdServer {
+    proc: Option<Proc>,
+    dir: TempDir,
+    client: u16,
+    peer: u16,
+}
+
+impl EtcdServer {
+    /// A running etcd, or `None` (the test is skipped) when it is not installed.
+    fn start() -> Option<EtcdServer> {
+        if !installed(
+            "etcd",
+            "--version",
+            "etcd-server",
+            "RINGTUNNEL_REQUIRE_ETCD",
+        ) {
+            return None;
+        }
+        let mut e = EtcdServer {
+            proc: None,
+            dir: TempDir::new("etcd"),
+            client: free_port(),
+            peer: free_port(),
+        };
+        e.launch();
+        Some(e)
+    }
+
+    /// Starts etcd (again, on the same ports and data) and waits until it answers.
+    fn launch(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client);
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let args: Vec<String> = [
+            "--name",
+            "test",
+            "--data-dir",
+            &self.dir.0.join("data").display().to_string(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("test={peer}"),
+            "--log-level",
+            "error",
+        ]
+        .map(String::from)
+        .to_vec();
+        self.proc = Some(Proc::spawn_program(Path::new("etcd"), &args, &[], None));
+        let deadline = Instant::now() + WAIT;
+        let etcd = self.client();
+        // On a thread of its own: the test's runtime may be the caller.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                while rt.block_on(etcd.range_prefix("/")).is_err() {
+                    assert!(Instant::now() < deadline, "etcd never answered");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        });
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.client)
+    }
+
+    fn client(&self) -> Etcd {
+        Etcd::parse(&self.url()).unwrap()
+    }
+
+    /// Every key under the fleet prefix, with its value as text.
+    async fn keys(&self) -> Vec<(String, String)> {
+        let (kvs, _) = self.client().range_prefix("/ringtunnel/").await.unwrap();
+        kvs.into_iter()
+            .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+            .collect()
+    }
+
+    /// Waits (at most `WAIT`) until `key` is there (`present`) or gone; how long it took.
+    async fn wait_key(&self, key: &str, present: bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            let there = self.keys().await.iter().any(|(k, _)| k == key);
+            if there == present {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "{key} still {} after {WAIT:?}",
+                if present { "absent" } else { "present" }
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Relay number `n` (on 127.0.0.n) of the fleet registered at `registry`, sharing the
+/// certificate of `first` (a fleet presents one identity), with `extra` flags.
+fn member(n: u8, registry: &str, first: Option<&Relay>, extra: &[&str]) -> Relay {
+    let id = format!("r{n}");
+    let admin = format!("127.0.0.{n}:0");
+    let mut args = vec![
+        "--registry",
+        registry,
+        "--relay-id",
+        &id,
+        "--registry-ttl",
+        TTL,
+        "--port-range",
+        RANGE,
+        "--backend",
+        "tokio",
+        "--admin",
+        &admin,
+    ];
+    let (cert, key);
+    if let Some(first) = first {
+        cert = first.state.0.join("relay-cert.pem").display().to_string();
+        key = first.state.0.join("relay-key.pem").display().to_string();
+        args.extend(["--cert", &cert, "--key", &key]);
+    }
+    args.extend_from_slice(extra);
+    Relay::spawn_on([127, 0, 0, n], Arc::new(TempDir::new("fleet")), &args)
+}
+
+/// Agent flags publishing `local` as `name` through every relay of `relays`.
+fn agent_args(relays: &[&Relay], local: SocketAddr, name: &str, extra: &[&str]) -> Vec<String> {
+    let list: Vec<String> = relays.iter().map(|r| r.control.to_string()).collect();
+    let mut args: Vec<String> = [
+        "agent",
+        "--relay",
+        &list.join(","),
+        "--relay-fingerprint",
+        &relays[0].fingerprint,
+        "--secret",
+        SECRET,
+        "--local",
+        &local.to_string(),
+        "--name",
+        name,
+        "--backend",
+        "tokio",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Waits for `n` `online` lines of `agent` (one per relay); their public addresses.
+fn online(agent: &mut Proc, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| field(&agent.wait_line("online "), "public"))
+        .collect()
+}
+
+/// The port of a `HOST:PORT` public address.
+fn port_of(public: &str) -> u16 {
+    public.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// Echoes once through `addr`: whether it worked.
+async fn echo_ok(addr: SocketAddr) -> bool {
+    let payload = b"fleet visitor";
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), roundtrip(addr, payload)).await,
+        Ok(Ok(back)) if back == payload
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_share_one_namespace() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let (_cfg_dir, config) = config_file(&format!(
+        "domain = \"fleet.test\"\n[[service]]\nname = \"intruder\"\nsecret = \"{OTHER_SECRET}\"\n"
+    ));
+    let url = etcd.url();
+    let http = |n: u8| format!("127.0.0.{n}:0");
+    let (h1, h2, h3) = (http(1), http(2), http(3));
+    let r1 = member(1, &url, None, &["--config", &config, "--http", &h1]);
+    let r2 = member(2, &url, Some(&r1), &["--config", &config, "--http", &h2]);
+    let r3 = member(3, &url, Some(&r1), &["--config", &config, "--http", &h3]);
+    let local = echo_origin().await;
+
+    // One agent on all three: the same port everywhere, and visitors served by each relay.
+    let mut web = Proc::spawn(&agent_args(&[&r1, &r2, &r3], local, "web", &[]));
+    let publics = online(&mut web, 3);
+    let port = port_of(&publics[0]);
+    assert!(
+        publics.iter().all(|p| port_of(p) == port),
+        "ports differ: {publics:?}"
+    );
+    for n in 1..=3 {
+        assert_echo(SocketAddr::from(([127, 0, 0, n], port))).await;
+    }
+
+    // Another service cannot have that port on any relay, even one the first agent is not on.
+    let port_s = port.to_string();
+    let mut squat = Proc::spawn(&agent_args(
+        &[&r3],
+        local,
+        "squat",
+        &["--remote-port", &port_s],
+    ));
+    assert!(!squat.wait_exit().success());
+    let why = squat.stderr();
+    assert!(
+        why.contains(&format!("port {port} is held by service web in the fleet")),
+        "{why}"
+    );
+
+    // A host belongs to one secret fleet-wide: claimed through r1, refused to another secret
+    // through r3.
+    let mut app = Proc::spawn(&agent_args(&[&r1], local, "app", &["--http-host", "app"]));
+    online(&mut app, 1);
+    let r3_control = r3.control.to_string();
+    let intruder_args: Vec<String> = [
+        "agent",
+        "--relay",
+        &r3_control,
+        "--relay-fingerprint",
+        &r1.fingerprint,
+        "--secret",
+        OTHER_SECRET,
+        "--local",
+        &local.to_string(),
+        "--name",
+        "intruder",
+        "--http-host",
+        "app",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut intruder = Proc::spawn(&intruder_args);
+    assert!(!intruder.wait_exit().success());
+    let why = intruder.stderr();
+    assert!(
+        why.contains(
+            "app.fleet.test belongs to service app in the fleet, which another secret holds"
+        ),
+        "{why}"
+    );
+
+    // What etcd holds: each relay once, each claim once.
+    let keys = etcd.keys().await;
+    let names: Vec<&str> = keys.iter().map(|(k, _)| k.as_str()).collect();
+    for want in [
+        "/ringtunnel/relays/r1".to_string(),
+        "/ringtunnel/relays/r2".into(),
+        "/ringtunnel/relays/r3".into(),
+        "/ringtunnel/services/web".into(),
+        "/ringtunnel/services/app".into(),
+        format!("/ringtunnel/ports/tcp/{port}"),
+        "/ringtunnel/hosts/app.fleet.test/app".into(),
+    ] {
+        assert!(
+            names.contains(&want.as_str()),
+            "{want} missing in {names:?}"
+        );
+    }
+    assert!(
+        !names
+            .iter()
+            .any(|k| k.contains("squat") || k.contains("intruder")),
+        "a refused claim left keys: {names:?}"
+    );
+    assert_eq!(names.len(), 7, "{names:?}");
+}
+
+/// Claims racing for one port and one host from many relays at once: exactly one wins each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claims_have_one_winner() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let range = PortRange {
+        start: 12000,
+        end: 15999,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let fleet = Fleet::new(FleetSettings {
+            registry: etcd.url(),
+            relay_id: format!("r{i}"),
+            advertise: "127.0.0.1:1".into(),
+            prefix: "/ringtunnel/".into(),
+            ttl: Duration::from_secs(10),
+        })
+        .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let port = fleet
+                .claim(
+                    &Claim {
+                        name: format!("svc{i}"),
+                        kind: ServiceKind::Tcp,
+                        port: 13000,
+                        hosts: vec![],
+                        path: String::new(),
+                        owner: format!("service:svc{i}"),
+                    },
+                    range,
+                )
+                .await;
+            let host = fleet
+                .claim(
+                    &Claim {
+                        name: format!("site{i}"),
+                        kind: ServiceKind::Http,
+                        port: 0,
+                        hosts: vec!["shop.fleet.test".into()],
+                        path: "/".into(),
+                        owner: format!("service:site{i}"),
+                    },
+                    range,
+                )
+                .await;
+            (port, host)
+        }));
+    }
+    let mut port_wins = 0;
+    let mut host_wins = 0;
+    for t in tasks {
+        let (port, host) = t.await.unwrap();
+        match port {
+            Ok(c) => {
+                assert_eq!(c.port, 13000);
+                port_wins += 1;
+            }
+            Err(ClaimError::PortTaken { port: 13000, .. }) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+        match host {
+            Ok(_) => host_wins += 1,
+            Err(ClaimError::HostOwned { .. }) => {}
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!((port_wins, host_wins), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_leaves_the_others_serving_and_rejoins() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let url = etcd.url();
+    let mut r1 = member(1, &url, None, &[]);
+    let r2 = member(2, &url, Some(&r1), &[]);
+    let local = echo_origin().await;
+    let mut agent = Proc::spawn(&agent_args(&[&r1, &r2], local, "web", &[]));
+    let port = port_of(&online(&mut agent, 2)[0]);
+    let addrs = [
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        SocketAddr::from(([127, 0, 0, 2], port)),
+    ];
+
+    // Visitors alternate between the relays, each retried once through the other (as a
+    // client behind DNS round-robin does).
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut served, mut first_failed, mut lost) = (0u32, 0u32, 0u32);
+            // Paced under the relays' per-address connection rate.
+            for i in 0..2_000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let first = addrs[i % 2];
+                if echo_ok(first).await {
+                    served += 1;
+                    continue;
+                }
+                first_failed += 1;
+                match echo_ok(addrs[(i + 1) % 2]).await {
+                    true => served += 1,
+                    false => lost += 1,
+                }
+            }
+            (served, first_failed, lost)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    r1.proc.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (served, first_failed, lost) = load.await.unwrap();
+    assert_eq!(
+        lost, 0,
+        "visitors lost after their retry ({served} served, {first_failed} retried)"
+    );
+    assert!(served > 0);
+    eprintln!("relay killed under load: {served} visitors served, {first_failed} needed their retry, 0 lost");
+
+    // The agent keeps its port on r2; r1's presence lapses after the TTL.
+    assert_echo(addrs[1]).await;
+    etcd.wait_key("/ringtunnel/relays/r1", false).await;
+    eprintln!(
+        "r1's presence left etcd {:.1} s after the kill (TTL {TTL} s)",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(etcd
+        .keys()
+        .await
+        .iter()
+        .any(|(k, _)| k == "/ringtunnel/services/web"));
+
+    // Restarted on the same address, r1 rejoins and serves the same port again.
+    let restarted = Instant::now();
+    let r1 = r1.restart();
+    online(&mut agent, 1);
+    eprintln!(
+        "r1 restarted: serving the agent's port again {:.1} s later",
+        restarted.elapsed().as_secs_f64()
+    );
+    assert_echo(addrs[0]).await;
+    etcd.wait_key("/ringtunnel/relays/r1", true).await;
+    drop(r1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_existing_services_serve_and_new_ones_wait() {
+    let Some(mut etcd) = EtcdServer::start() else {
+        return;
+    };
+    let url = etcd.url();
+    let r1 = member(1, &url, None, &[]);
+    let r2 = member(2, &url, Some(&r1), &[]);
+    let local = echo_origin().await;
+    let mut web = Proc::spawn(&agent_args(&[&r1, &r2], local, "web", &[]));
+    let port = port_of(&online(&mut web, 2)[0]);
+
+    etcd.kill();
+    let down = Instant::now();
+    r1.proc.wait_stderr("fleet registry unreachable (");
+    eprintln!(
+        "relay noticed etcd was down after {:.1} s",
+        down.elapsed().as_secs_f64()
+    );
+    for n in 1..=2 {
+        assert_echo(SocketAddr::from(([127, 0, 0, n], port))).await;
+    }
+    // A new service waits (the agent retries) with the reason.
+    let mut late = Proc::spawn(&agent_args(&[&r1], local, "late", &[]));
+    late.wait_stderr("the fleet registry is unavailable");
+    assert!(late.is_running(), "the agent gave up instead of retrying");
+
+    // Past a TTL with etcd down, the services still serve.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for n in 1..=2 {
+        assert_echo(SocketAddr::from(([127, 0, 0, n], port))).await;
+    }
+
+    etcd.launch();
+    let back = Instant::now();
+    let late_public = online(&mut late, 1).remove(0);
+    eprintln!(
+        "etcd back: the waiting service came online {:.1} s later",
+        back.elapsed().as_secs_f64()
+    );
+    r1.proc.wait_stderr("fleet registry reachable again");
+    // Reconciled, nothing twice: one key per service and port, each port its service's.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let keys = etcd.keys().await;
+    let services: Vec<&String> = keys
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.contains("/services/"))
+        .collect();
+    let ports: Vec<&(String, String)> =
+        keys.iter().filter(|(k, _)| k.contains("/ports/")).collect();
+    assert_eq!(services.len(), 2, "{keys:?}");
+    assert_eq!(ports.len(), 2, "{keys:?}");
+    assert!(keys
+        .iter()
+        .any(|(k, v)| *k == format!("/ringtunnel/ports/tcp/{port}") && v.contains("\"web\"")));
+    let late_port = port_of(&late_public);
+    assert_ne!(late_port, port);
+    assert_echo(SocketAddr::from(([127, 0, 0, 1], late_port))).await;
+    drop((r1, r2));
+}
+
+/// A TCP forwarder to etcd that the test can cut (then it swallows connections silently, as
+/// a dropping firewall does) and mend: one relay's way to the registry.
+struct Cuttable {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+}
+
+impl Cuttable {
+    async fn to(upstream: u16) -> Cuttable {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let cut = c.clone();
+                tokio::spawn(async move {
+                    if cut.load(Ordering::Relaxed) {
+                        // Held open, never answered, until the caller gives up.
+                        let mut sink = [0u8; 4096];
+                        while let Ok(Ok(n)) = tokio::time::timeout(
+                            Duration::from_secs(30),
+                            tokio::io::AsyncReadExt::read(&mut s, &mut sink),
+                        )
+                        .await
+                        {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        return;
+                    }
+                    if let Ok(mut up) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                    }
+                });
+            }
+        });
+        Cuttable { addr, cut }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_cut_off_from_etcd_takes_no_new_claims_and_yields_on_return() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let way = Cuttable::to(etcd.client).await;
+    let r1 = member(1, &etcd.url(), None, &[]);
+    let r3 = member(3, &format!("etcd://{}", way.addr), Some(&r1), &[]);
+    let local = echo_origin().await;
+    let mut solo = Proc::spawn(&agent_args(&[&r3], local, "solo", &[]));
+    let port = port_of(&online(&mut solo, 1)[0]);
+
+    way.cut.store(true, Ordering::Relaxed);
+    let cut = Instant::now();
+    // No new claim through the cut-off relay...
+    let fresh = Proc::spawn(&agent_args(&[&r3], local, "fresh", &[]));
+    fresh.wait_stderr("the fleet registry is unavailable");
+    drop(fresh);
+    // ...while what it has keeps serving.
+    assert_echo(SocketAddr::from(([127, 0, 0, 3], port))).await;
+
+    // Nobody renews solo's claim now: it lapses one TTL later, and the port is free to the
+    // rest of the fleet.
+    let lapsed = etcd.wait_key("/ringtunnel/services/solo", false).await;
+    eprintln!(
+        "cut-off relay's claim lapsed {:.1} s after the cut (TTL {TTL} s; {:.1} s of waiting here)",
+        cut.elapsed().as_secs_f64(),
+        lapsed.as_secs_f64()
+    );
+    let port_s = port.to_string();
+    let mut other = Proc::spawn(&agent_args(
+        &[&r1],
+        local,
+        "other",
+        &["--remote-port", &port_s],
+    ));
+    online(&mut other, 1);
+
+    // Mended: the cut-off relay finds its claim gone to another service, and gives the
+    // service up rather than serve a second owner on that port.
+    way.cut.store(false, Ordering::Relaxed);
+    let mended = Instant::now();
+    r3.proc.wait_stderr("service closed:");
+    eprintln!(
+        "mended: the relay gave up its stale service {:.1} s later",
+        mended.elapsed().as_secs_f64()
+    );
+    assert!(!solo.wait_exit().success());
+    let why = solo.stderr();
+    assert!(why.contains("held by service other in the fleet"), "{why}");
+    assert!(
+        tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 3], port)))
+            .await
+            .is_err(),
+        "the relay still listens on the port it gave up"
+    );
+    assert_echo(SocketAddr::from(([127, 0, 0, 1], port))).await;
+}
