@@ -8,8 +8,12 @@
 //! - `rtload connect --target ADDR --path /1k [--host NAME] --secs S --conns C` — C loops of
 //!   connect → `GET` with `Connection: close` → first response byte, for S seconds; prints
 //!   JSON with connect-to-first-byte percentiles (HdrHistogram, microseconds).
+//! - `rtload fleet-claims --registry etcd://ADDR --services N --conc C` — against a fleet
+//!   registry: N plain etcd puts (the baseline), N service claims (what a relay does when an
+//!   agent publishes), then N lease renewals, each C at a time; prints JSON with the rate of
+//!   each.
 //!
-//! Traffic goes only where `--target` says; the harness only ever passes loopback addresses.
+//! Traffic goes only where `--target` (or `--registry`) says; the harness only ever passes loopback addresses.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,7 +67,12 @@ fn main() -> anyhow::Result<()> {
             need(&args, "--secs")?,
             need(&args, "--conns")?,
         )),
-        _ => bail!("usage: rtload echo|idle|connect ... (see the source header)"),
+        Some("fleet-claims") => rt.block_on(fleet_claims(
+            need(&args, "--registry")?,
+            need(&args, "--services")?,
+            need(&args, "--conc")?,
+        )),
+        _ => bail!("usage: rtload echo|idle|connect|fleet-claims ... (see the source header)"),
     }
 }
 
@@ -201,6 +210,102 @@ async fn connect(
         h.value_at_quantile(0.5),
         h.value_at_quantile(0.99),
         h.max()
+    );
+    Ok(())
+}
+
+/// Runs `n` jobs `make(i)`, `conc` at a time; their rate per second.
+async fn rate<F, Fut>(n: usize, conc: usize, make: F) -> anyhow::Result<f64>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let gate = Arc::new(Semaphore::new(conc.max(1)));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let permit = gate.clone().acquire_owned().await?;
+        let job = make(i);
+        tasks.push(tokio::spawn(async move {
+            let r = job.await;
+            drop(permit);
+            r
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn fleet_claims(registry: String, n: usize, conc: usize) -> anyhow::Result<()> {
+    use ringtunnel::fleet::etcd::{Etcd, Op};
+    use ringtunnel::fleet::{Claim, Fleet, FleetSettings};
+    let prefix = format!("/rtload-{}/", std::process::id());
+    let fleet = Arc::new(Fleet::new(FleetSettings {
+        registry: registry.clone(),
+        relay_id: "rtload".into(),
+        advertise: "127.0.0.1:1".into(),
+        prefix: prefix.clone(),
+        ttl: Duration::from_secs(60),
+    })?);
+    let etcd = Arc::new(Etcd::parse(&registry)?);
+    let put = rate(n, conc, |i| {
+        let (etcd, key) = (etcd.clone(), format!("{prefix}bench/{i}"));
+        async move {
+            let put = Op::Put {
+                key,
+                value: b"{}".to_vec(),
+                lease: 0,
+            };
+            etcd.txn(&[], &[put], &[]).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let range = ringtunnel::config::PortRange {
+        start: 1024,
+        end: 65535,
+    };
+    let claim = rate(n, conc, |i| {
+        let fleet = fleet.clone();
+        async move {
+            let c = Claim {
+                name: format!("svc{i}"),
+                kind: ringtunnel::protocol::ServiceKind::Tcp,
+                port: 0,
+                hosts: vec![],
+                path: String::new(),
+                owner: "default".into(),
+            };
+            fleet.claim(&c, range).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let leases: Vec<i64> = fleet.holds().iter().map(|h| h.lease).collect();
+    let renew = rate(leases.len(), conc, |i| {
+        let (etcd, lease) = (etcd.clone(), leases[i]);
+        async move {
+            anyhow::ensure!(etcd.keep_alive(lease).await?.is_some(), "lease lapsed");
+            Ok(())
+        }
+    })
+    .await?;
+    for l in &leases {
+        let _ = etcd.revoke(*l).await;
+    }
+    let (left, _) = etcd.range_prefix(&prefix).await?;
+    for kv in left {
+        let del = Op::Delete { key: kv.key };
+        let _ = etcd.txn(&[], &[del], &[]).await;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "services": n, "concurrency": conc,
+            "put_per_s": put, "claim_per_s": claim, "renew_per_s": renew,
+        })
     );
     Ok(())
 }
