@@ -148,6 +148,17 @@ impl Drop for EtcdServer {
 /// Relay number `n` (on 127.0.0.n) of the fleet registered at `registry`, sharing the
 /// certificate of `first` (a fleet presents one identity), with `extra` flags.
 fn member(n: u8, registry: &str, first: Option<&Relay>, extra: &[&str]) -> Relay {
+    member_on(n, registry, first, &["--backend", "tokio"], extra)
+}
+
+/// [`member`] with the data-plane flags `backend` (`--backend uring --data-tls off`, say).
+fn member_on(
+    n: u8,
+    registry: &str,
+    first: Option<&Relay>,
+    backend: &[&str],
+    extra: &[&str],
+) -> Relay {
     let id = format!("r{n}");
     let admin = format!("127.0.0.{n}:0");
     let mut args = vec![
@@ -159,11 +170,10 @@ fn member(n: u8, registry: &str, first: Option<&Relay>, extra: &[&str]) -> Relay
         TTL,
         "--port-range",
         RANGE,
-        "--backend",
-        "tokio",
         "--admin",
         &admin,
     ];
+    args.extend_from_slice(backend);
     let (cert, key);
     if let Some(first) = first {
         cert = first.state.0.join("relay-cert.pem").display().to_string();
@@ -455,11 +465,12 @@ async fn a_killed_relay_leaves_the_others_serving_and_rejoins() {
         "r1's presence left etcd {:.1} s after the kill (TTL {TTL} s)",
         killed.elapsed().as_secs_f64()
     );
-    assert!(etcd
-        .keys()
-        .await
-        .iter()
-        .any(|(k, _)| k == "/ringtunnel/services/web"));
+    let keys = etcd.keys().await;
+    assert!(
+        keys.iter().any(|(k, _)| k == "/ringtunnel/services/web"),
+        "the service's claim went with the relay: {keys:?}\n{}",
+        r2.proc.stderr()
+    );
 
     // Restarted on the same address, r1 rejoins and serves the same port again.
     let restarted = Instant::now();
@@ -630,11 +641,155 @@ async fn a_relay_cut_off_from_etcd_takes_no_new_claims_and_yields_on_return() {
     assert!(!solo.wait_exit().success());
     let why = solo.stderr();
     assert!(why.contains("held by service other in the fleet"), "{why}");
-    assert!(
-        tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 3], port)))
-            .await
-            .is_err(),
-        "the relay still listens on the port it gave up"
+    // The whole fleet now agrees: the port is other's, on r3 too (handed over to r1).
+    r3.proc.wait_stderr(
+        "fleet: handing this service's visitors to the relays its agent is on service=other",
     );
+    assert_echo(SocketAddr::from(([127, 0, 0, 3], port))).await;
+    assert_echo(SocketAddr::from(([127, 0, 0, 1], port))).await;
+}
+
+/// A round trip from source address `from` to `to`: the bytes back, or the error.
+async fn roundtrip_from(from: [u8; 4], to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((from, 0)))?;
+    let mut s = socket.connect(to).await?;
+    s.write_all(payload).await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await?;
+    Ok(back)
+}
+
+/// A visitor that reaches a relay its service's agent is not connected to is handed to a
+/// relay that has the agent: served with its own address (the receiving relay's address
+/// lists judge it), bytes intact both ways; once the agent joins the first relay too, that
+/// relay serves the visitor itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visitor_of_a_relay_without_the_agent_is_handed_to_one_with_it() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let (_cfg_dir, config) =
+        config_file("[[service]]\nname = \"web\"\n[service.access]\ndeny = [\"127.0.0.10\"]\n");
+    let url = etcd.url();
+    let uring = ["--backend", "uring", "--data-tls", "off"];
+    let tokio = ["--backend", "tokio"];
+    let holder = if Backend::uring().is_some() {
+        &uring[..]
+    } else {
+        &tokio[..]
+    };
+    let r1 = member_on(
+        1,
+        &url,
+        None,
+        holder,
+        &["--config", &config, "--access-log"],
+    );
+    let r2 = member(2, &url, Some(&r1), &["--config", &config]);
+    let local = echo_origin().await;
+    let mut agent = Proc::spawn(&agent_args(&[&r1], local, "web", &[]));
+    let port = port_of(&online(&mut agent, 1)[0]);
+    let via_r2 = SocketAddr::from(([127, 0, 0, 2], port));
+
+    // r2 learns within a renewal round that only r1 has the agent, and opens the port.
+    r2.proc
+        .wait_stderr("fleet: handing this service's visitors to the relays its agent is on");
+    let payload = pseudo_random(7, 1 << 20);
+    let back = match roundtrip_from([127, 0, 0, 9], via_r2, &payload).await {
+        Ok(b) => b,
+        Err(e) => panic!("{e}\nr1:\n{}\nr2:\n{}", r1.proc.stderr(), r2.proc.stderr()),
+    };
+    assert_eq!(sha256(&back), sha256(&payload), "bytes changed on the way");
+    // r1 served it, and saw the visitor's own address.
+    r1.proc.wait_stderr("127.0.0.9");
+    // r1's address list applies to the visitor's real address, not r2's.
+    let denied = roundtrip_from([127, 0, 0, 10], via_r2, b"let me in").await;
+    assert!(
+        denied.map(|b| b.is_empty()).unwrap_or(true),
+        "a denied visitor was served through the other relay"
+    );
+
+    // The agent on r2 too: r2 lets go of the hand-over port and serves it itself.
+    let mut second = Proc::spawn(&agent_args(&[&r2], local, "web", &[]));
+    online(&mut second, 1);
+    assert_echo(via_r2).await;
+    let r2_log = r2.proc.stderr();
+    assert!(r2_log.contains("service online"), "{r2_log}");
+    drop(second);
+}
+
+/// The control port's hand-over door, attacked: a visitor offered without the service's
+/// secret, for a service with no agent here, garbage after the hello, and a relay in no
+/// fleet. None gets a visitor served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handovers_without_the_secret_or_an_agent_are_refused() {
+    use ringtunnel::protocol::auth::peer_mac;
+    use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
+    use ringtunnel::transport::Framed;
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let r1 = member(1, &etcd.url(), None, &[]);
+    let local = echo_origin().await;
+    let mut agent = Proc::spawn(&agent_args(&[&r1], local, "web", &[]));
+    let port = port_of(&online(&mut agent, 1)[0]);
+    let lone = Relay::spawn(Backend::Tokio, &[]);
+    let limit = Duration::from_secs(10);
+    let visitor: SocketAddr = "127.0.0.9:4000".parse().unwrap();
+    // (relay, service, secret, the code expected)
+    let cases = [
+        (
+            &r1,
+            "web",
+            "not the secret at all, no",
+            ErrorCode::AuthFailed,
+        ),
+        (&r1, "nobody", SECRET, ErrorCode::Internal),
+        (&lone, "web", SECRET, ErrorCode::AuthFailed),
+    ];
+    for (relay, service, secret, code) in cases {
+        let mut peer = Framed::new(tls_connect(relay).await);
+        peer.write_msg(
+            &AgentMsg::PeerHello {
+                version: PROTOCOL_VERSION,
+            },
+            limit,
+        )
+        .await
+        .unwrap();
+        let RelayMsg::Challenge { nonce, .. } = peer.read_msg_within(limit).await.unwrap() else {
+            panic!("expected a challenge")
+        };
+        let visit = AgentMsg::PeerVisit {
+            service: service.into(),
+            visitor,
+            mac: peer_mac(secret.as_bytes(), &nonce, service, &visitor),
+        };
+        peer.write_msg(&visit, limit).await.unwrap();
+        match peer.read_msg_within::<RelayMsg>(limit).await.unwrap() {
+            RelayMsg::Error { code: got, message } => {
+                assert_eq!(got, code, "{service} at {}: {message}", relay.control)
+            }
+            other => panic!("{service}: expected a refusal, got {other:?}"),
+        }
+    }
+    // Garbage where the visitor frame belongs: closed, nothing served.
+    let mut peer = Framed::new(tls_connect(&r1).await);
+    peer.write_msg(
+        &AgentMsg::PeerHello {
+            version: PROTOCOL_VERSION,
+        },
+        limit,
+    )
+    .await
+    .unwrap();
+    let _ = peer.read_msg_within::<RelayMsg>(limit).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    peer.get_mut().write_all(&[0xff; 64]).await.unwrap();
+    assert!(peer.read_msg_within::<RelayMsg>(limit).await.is_err());
+    // The relay carries on: its agent's visitors are served.
     assert_echo(SocketAddr::from(([127, 0, 0, 1], port))).await;
 }

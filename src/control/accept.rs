@@ -157,6 +157,8 @@ pub async fn accept_loop(
 enum Opened {
     /// A control connection (its protocol version; whether it came by the shared TLS port).
     Control(Framed<Conn>, u16, bool),
+    /// Another relay of the fleet handing over a visitor.
+    Peer(Framed<Conn>),
     Data(Framed<Conn>, u16, crate::protocol::auth::Ticket, bool),
 }
 
@@ -182,6 +184,7 @@ async fn open(plane: &ControlPlane, arrival: Arrival) -> Result<Opened, FrameIoE
     let mut framed = Framed::new(stream);
     match framed.read_msg_capped::<AgentMsg>(FIRST_FRAME_MAX).await? {
         AgentMsg::ControlHello { version } if tls => Ok(Opened::Control(framed, version, shared)),
+        AgentMsg::PeerHello { .. } if tls && !shared => Ok(Opened::Peer(framed)),
         AgentMsg::DataHello { version, ticket } => Ok(Opened::Data(framed, version, ticket, tls)),
         AgentMsg::ControlHello { .. } => Err(FrameIoError::Unexpected(
             "control connection without TLS".into(),
@@ -247,6 +250,7 @@ async fn handle(plane: Arc<ControlPlane>, arrival: Arrival, peer: SocketAddr, pl
         Opened::Data(framed, version, ticket, tls) => {
             data_connection(plane, framed, peer, version, ticket, tls, place).await
         }
+        Opened::Peer(framed) => super::peer::serve(plane, framed, peer, place).await,
     }
 }
 

@@ -64,6 +64,11 @@ pub async fn claim_all(
             path,
             owner,
         };
+        // The port may be open for handing visitors to other relays: this relay serves
+        // them itself from now on.
+        if let Some(h) = fleet.handoff.get() {
+            h.release(&req.name).await;
+        }
         match fleet.claim(&claim, cfg.port_range).await {
             Ok(c) => {
                 let mut req = req.clone();

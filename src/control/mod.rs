@@ -7,6 +7,7 @@
 //!   grants, its deadlines.
 //! - [`registry`]: services, their owners and their public ports.
 //! - [`fleet_claims`]: a session's services claimed in the fleet's namespace first.
+//! - [`peer`]: a visitor handed over by another relay of the fleet.
 //! - [`refusal`]: why the registry refuses an agent or a service, with its wire code.
 //! - [`service`]: one published service.
 //! - [`routes`]: host names (and path prefixes) of the shared ports → services.
@@ -17,6 +18,7 @@
 
 pub mod accept;
 pub mod fleet_claims;
+pub mod peer;
 pub mod plane;
 pub mod refusal;
 pub mod registry;

@@ -754,6 +754,39 @@ impl Registry {
             .collect()
     }
 
+    /// Service `name` if an agent session owns it here now (not lingering).
+    pub fn online_service(&self, name: &str) -> Option<Arc<Service>> {
+        let g = self.lock();
+        g.services
+            .get(&key(name))
+            .filter(|s| s.state().owner.is_some())
+            .cloned()
+    }
+
+    /// The names of the services an agent session owns here now (not lingering).
+    pub fn online_names(&self) -> Vec<String> {
+        let g = self.lock();
+        g.services
+            .values()
+            .filter(|s| s.state().owner.is_some())
+            .map(|s| s.name.clone())
+            .collect()
+    }
+
+    /// Closes service `name` if it is lingering (no agent session owns it): another relay of
+    /// the fleet serves it, so its visitors are better handed there than kept waiting here.
+    pub fn drop_lingering(&self, name: &str) -> bool {
+        let mut g = self.lock();
+        let Some(svc) = g.services.get(&key(name)).cloned() else {
+            return false;
+        };
+        if svc.state().owner.is_some() {
+            return false;
+        }
+        self.retire(&mut g, &svc);
+        true
+    }
+
     /// The port of service `name` if it is here (online or lingering) with `kind`.
     pub fn held_port(&self, name: &str, kind: ServiceKind) -> Option<u16> {
         let g = self.lock();

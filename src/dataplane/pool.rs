@@ -381,6 +381,22 @@ impl Pool {
         }
     }
 
+    /// Hands a visitor that arrived off the service's own listener (a shared port, a
+    /// terminated HTTPS visitor, one handed over by another relay) to `pools`: an idle
+    /// connection of any worker's pool, else waiting on the first for up to `wait` (an agent
+    /// reconnecting). On failure the visitor comes back with the reason.
+    pub async fn hand(
+        pools: &[Arc<Pool>],
+        visitor: Visitor,
+        wait: Duration,
+    ) -> Result<(), (TakeError, Visitor)> {
+        let visitor = match Pool::try_take_any(pools, 0, visitor) {
+            Ok(()) => return Ok(()),
+            Err(v) => v,
+        };
+        pools[0].take(visitor, tokio::time::sleep(wait), wait).await
+    }
+
     /// Pairs `visitor` with an idle connection from any of `pools` (one per worker), starting
     /// at `first`, without waiting; gives the visitor back if every pool is empty.
     pub fn try_take_any(

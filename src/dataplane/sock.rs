@@ -100,6 +100,18 @@ pub fn send_now(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// A connected Unix stream pair for a visitor that does not arrive on a TCP socket of its own
+/// (a terminated HTTPS visitor, a visitor handed over by another relay of a fleet): ours
+/// (for tokio), and theirs for the data plane. The data plane takes visitors as
+/// `std::net::TcpStream`; everything it does to one (non-blocking I/O, splice, shutdown,
+/// `SO_LINGER`) works the same on a Unix stream socket.
+pub fn visitor_pair() -> io::Result<(std::os::unix::net::UnixStream, std::net::TcpStream)> {
+    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let (a, b) = socketpair(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
+    Ok((a.into(), b.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

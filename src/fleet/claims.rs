@@ -8,6 +8,7 @@
 //! | `services/NAME` | owner secret, kind, port, hosts, path, lease | the service's lease |
 //! | `hosts/HOST/NAME` | owner secret, kind, path | the service's lease |
 //! | `ports/KIND/PORT` | the service, its owner | the service's lease |
+//! | `holders/NAME/ID` | (empty) | the relay's own lease: relay ID has an agent session of NAME |
 //!
 //! A service's keys share one lease, renewed by every relay that holds the service (its
 //! agent connected, or lingering after a disconnect): the claim lives as long as any relay
@@ -159,6 +160,8 @@ pub struct Fleet {
     pub settings: FleetSettings,
     holds: Mutex<HashMap<String, Hold>>,
     health: Mutex<Health>,
+    /// Visitors of services other relays serve, handed to them (set once at start).
+    pub handoff: std::sync::OnceLock<std::sync::Arc<super::handoff::Handoff>>,
 }
 
 impl Fleet {
@@ -172,6 +175,7 @@ impl Fleet {
             settings,
             holds: Mutex::new(HashMap::new()),
             health: Mutex::new(Health::default()),
+            handoff: std::sync::OnceLock::new(),
         })
     }
 
@@ -301,16 +305,19 @@ impl Fleet {
                     }
                 }
             }
-            // The lease: the service's own while it lives, else a new one.
-            let lease = match (&existing, granted) {
-                (_, Some(l)) => l,
-                (Some((v, _)), None) if v.lease != 0 => {
-                    match self.etcd.keep_alive(v.lease).await? {
-                        Some(_) => v.lease,
-                        None => *granted.insert(self.etcd.grant(self.ttl_secs()).await?),
-                    }
+            // The lease: the service's own while it lives (even when this claim granted one
+            // in an earlier attempt, which another relay's claim beat: every relay of the
+            // service must renew the one its keys are held by), else a new one.
+            let live = match &existing {
+                Some((v, _)) if v.lease != 0 => {
+                    self.etcd.keep_alive(v.lease).await?.map(|_| v.lease)
                 }
-                _ => *granted.insert(self.etcd.grant(self.ttl_secs()).await?),
+                _ => None,
+            };
+            let lease = match (live, granted) {
+                (Some(l), _) => l,
+                (None, Some(l)) => l,
+                (None, None) => *granted.insert(self.etcd.grant(self.ttl_secs()).await?),
             };
             let mut when = vec![Cmp::Unchanged {
                 key: skey.clone(),
@@ -419,6 +426,9 @@ impl Fleet {
                 lease,
             });
             if self.etcd.txn(&when, &then, &[]).await?.succeeded {
+                if let Some(unused) = granted.filter(|g| *g != lease) {
+                    let _ = self.etcd.revoke(unused).await;
+                }
                 let mut g = self.holds.lock().unwrap_or_else(|p| p.into_inner());
                 g.insert(
                     c.name.to_ascii_lowercase(),
@@ -455,6 +465,102 @@ impl Fleet {
                 tracing::warn!(service = name, "releasing its fleet claim: {e}");
             }
         }
+    }
+
+    /// Records, under this relay's `presence` lease, which services it has an agent session
+    /// of: `online` now, `marked` as recorded before (updated).
+    pub async fn mark_holders(
+        &self,
+        presence: i64,
+        online: &[String],
+        marked: &mut Vec<String>,
+    ) -> Result<(), FleetError> {
+        let online: Vec<String> = online.iter().map(|n| n.to_ascii_lowercase()).collect();
+        let key = |n: &str| self.key(&format!("holders/{n}/{}", self.settings.relay_id));
+        let mut ops = Vec::new();
+        for n in online.iter().filter(|n| !marked.contains(n)) {
+            ops.push(Op::Put {
+                key: key(n),
+                value: Vec::new(),
+                lease: presence,
+            });
+        }
+        for n in marked.iter().filter(|n| !online.contains(n)) {
+            ops.push(Op::Delete { key: key(n) });
+        }
+        // etcd caps the operations of one transaction (128 by default).
+        for chunk in ops.chunks(100) {
+            self.etcd.txn(&[], chunk, &[]).await?;
+        }
+        *marked = online;
+        Ok(())
+    }
+
+    /// The `tcp` services of the fleet that other relays have an agent session of, with where
+    /// those relays are reached.
+    pub async fn elsewhere(
+        &self,
+    ) -> Result<HashMap<String, super::handoff::Elsewhere>, FleetError> {
+        let range = |rest: &str| {
+            let p = self.key(rest);
+            Op::Range {
+                range_end: Some(prefix_end(&p)),
+                key: p,
+            }
+        };
+        let read = self
+            .etcd
+            .txn(
+                &[],
+                &[range("services/"), range("holders/"), range("relays/")],
+                &[],
+            )
+            .await?;
+        let tail = |kv: &Kv, rest: &str| -> String {
+            kv.key
+                .strip_prefix(&self.key(rest))
+                .unwrap_or("")
+                .to_string()
+        };
+        let mut advertise: HashMap<String, String> = HashMap::new();
+        for kv in &read.ranges[2] {
+            let v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap_or_default();
+            if let Some(a) = v["advertise"].as_str() {
+                advertise.insert(tail(kv, "relays/"), a.to_string());
+            }
+        }
+        let mut holders: HashMap<String, Vec<String>> = HashMap::new();
+        for kv in &read.ranges[1] {
+            let rest = tail(kv, "holders/");
+            if let Some((name, id)) = rest.rsplit_once('/') {
+                if id == self.settings.relay_id {
+                    continue;
+                }
+                if let Some(a) = advertise.get(id) {
+                    holders.entry(name.to_string()).or_default().push(a.clone());
+                }
+            }
+        }
+        let mut out = HashMap::new();
+        for kv in &read.ranges[0] {
+            let Ok(v) = decode::<ServiceValue>(kv) else {
+                continue;
+            };
+            let name = tail(kv, "services/");
+            if v.kind != ServiceKind::Tcp.to_string() || v.port == 0 {
+                continue;
+            }
+            if let Some(relays) = holders.remove(&name) {
+                out.insert(
+                    name,
+                    super::handoff::Elsewhere {
+                        port: v.port,
+                        relays,
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// The TTL in whole seconds.

@@ -23,14 +23,27 @@ pub trait Members: Send + Sync {
     fn lost(&self, name: &str, why: &str);
     /// The range new ports are picked from.
     fn port_range(&self) -> PortRange;
+    /// The names of the services an agent session has here now (not lingering).
+    fn online(&self) -> Vec<String>;
+    /// Closes service `name` if it is lingering here (another relay serves it); whether it
+    /// did.
+    fn drop_lingering(&self, name: &str) -> bool;
 }
 
 /// Keeps the relay in the fleet until the task is dropped.
 pub async fn run(fleet: Arc<Fleet>, members: Arc<dyn Members>) {
     let every = fleet.settings.ttl / 3;
     let mut presence: Option<i64> = None;
+    let mut marked = Vec::new();
     loop {
-        let round = renew(&fleet, &members, &mut presence).await;
+        let before = presence;
+        let mut round = renew(&fleet, &members, &mut presence).await;
+        if presence != before {
+            marked.clear(); // a new presence lease: its holder marks are gone
+        }
+        if let (Ok(()), Some(lease), Some(h)) = (&round, presence, fleet.handoff.get()) {
+            round = hand_over(&fleet, &members, h, lease, &mut marked).await;
+        }
         fleet.note(&round);
         if let Err(e) = round {
             tracing::debug!("fleet renewal round: {e}");
@@ -103,5 +116,37 @@ async fn renew(
             Err(e) => members.lost(&hold.claim.name, &e.to_string()),
         }
     }
+    Ok(())
+}
+
+/// The hand-over's share of a round: record which services this relay has agents of, learn
+/// which ones only others have, let go of lingering ones others serve, open and close the
+/// hand-over ports to match.
+async fn hand_over(
+    fleet: &Fleet,
+    members: &Arc<dyn Members>,
+    handoff: &super::handoff::Handoff,
+    presence: i64,
+    marked: &mut Vec<String>,
+) -> Result<(), FleetError> {
+    let online = members.online();
+    fleet.mark_holders(presence, &online, marked).await?;
+    let elsewhere = fleet.elsewhere().await?;
+    for name in members.present() {
+        let lingering = !online.iter().any(|o| o.eq_ignore_ascii_case(&name));
+        if lingering
+            && elsewhere.contains_key(&name.to_ascii_lowercase())
+            && members.drop_lingering(&name)
+        {
+            handoff.unwant(&name);
+            tracing::info!(service = %name, "its agent left this relay but not the fleet: its visitors go to the relays it is on");
+        }
+    }
+    let local: Vec<String> = members
+        .present()
+        .iter()
+        .map(|n| n.to_ascii_lowercase())
+        .collect();
+    handoff.reconcile(&elsewhere, &local).await;
     Ok(())
 }

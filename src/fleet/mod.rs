@@ -5,12 +5,14 @@
 //! - [`etcd`]: the etcd v3 calls (JSON gateway), with endpoint failover.
 //! - [`claims`]: the keys, and claiming them with transactions.
 //! - [`keeper`]: the task that keeps this relay's leases alive and re-claims what expired.
+//! - [`handoff`]: visitors of services other relays serve, handed to them.
 //!
 //! A relay without `--registry` keeps its registry in memory only, as before. See
 //! docs/FLEET.md for the design and its limits.
 
 pub mod claims;
 pub mod etcd;
+pub mod handoff;
 pub mod keeper;
 
 pub use crate::config::FleetConfig as FleetSettings;

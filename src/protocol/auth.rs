@@ -20,6 +20,9 @@ pub type Mac = [u8; MAC_LEN];
 
 /// Domain separation for the registration MAC, so a tag made here is useless anywhere else.
 const REGISTER_CONTEXT: &[u8] = b"ringtunnel/1 register\0";
+/// Domain separation for a relay handing a visitor to another relay of its fleet: a tag for
+/// one purpose never verifies for the other.
+const PEER_CONTEXT: &[u8] = b"ringtunnel/1 peer visit\0";
 
 /// A single-use data-connection ticket. `Debug` shows only a prefix, enough to correlate logs.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +74,43 @@ pub fn register_mac(secret: &[u8], nonce: &Nonce, service: &str) -> Mac {
     out
 }
 
+fn peer_message(nonce: &Nonce, service: &str, visitor: &std::net::SocketAddr) -> Vec<u8> {
+    let mut msg = PEER_CONTEXT.to_vec();
+    msg.extend_from_slice(nonce);
+    msg.extend_from_slice(visitor.to_string().as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(service.as_bytes());
+    msg
+}
+
+/// The tag a relay of a fleet sends to hand `visitor` of `service` to another relay, against
+/// that relay's `nonce`, with the service's `secret`: only a holder of the secret can make
+/// another relay serve a visitor to it.
+pub fn peer_mac(
+    secret: &[u8],
+    nonce: &Nonce,
+    service: &str,
+    visitor: &std::net::SocketAddr,
+) -> Mac {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    let tag = hmac::sign(&key, &peer_message(nonce, service, visitor));
+    let mut out = [0u8; MAC_LEN];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Checks a hand-over tag in constant time.
+pub fn verify_peer_mac(
+    secret: &[u8],
+    nonce: &Nonce,
+    service: &str,
+    visitor: &std::net::SocketAddr,
+    mac: &Mac,
+) -> bool {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
+    hmac::verify(&key, &peer_message(nonce, service, visitor), mac).is_ok()
+}
+
 /// Checks a registration tag in constant time.
 pub fn verify_register_mac(secret: &[u8], nonce: &Nonce, service: &str, mac: &Mac) -> bool {
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret);
@@ -80,6 +120,19 @@ pub fn verify_register_mac(secret: &[u8], nonce: &Nonce, service: &str, mac: &Ma
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_tag_binds_its_visitor_and_is_no_registration_tag() {
+        let nonce = new_nonce();
+        let v: std::net::SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let mac = peer_mac(b"secret", &nonce, "web", &v);
+        assert!(verify_peer_mac(b"secret", &nonce, "web", &v, &mac));
+        let other: std::net::SocketAddr = "192.0.2.8:4000".parse().unwrap();
+        assert!(!verify_peer_mac(b"secret", &nonce, "web", &other, &mac));
+        assert!(!verify_peer_mac(b"other", &nonce, "web", &v, &mac));
+        assert!(!verify_peer_mac(b"secret", &nonce, "web2", &v, &mac));
+        assert!(!verify_register_mac(b"secret", &nonce, "web", &mac));
+    }
 
     #[test]
     fn mac_binds_secret_nonce_and_service() {

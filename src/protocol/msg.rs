@@ -199,6 +199,24 @@ pub enum AgentMsg {
         /// At most [`MAX_SERVICES_PER_AGENT`] service names.
         names: Vec<String>,
     },
+    /// First frame of a relay-to-relay connection of a fleet: another relay hands over a
+    /// visitor of a service whose agent it has no session with. Answered with a
+    /// [`RelayMsg::Challenge`].
+    PeerHello {
+        /// Protocol version the relay speaks.
+        version: u16,
+    },
+    /// The visitor handed over: the service, the visitor's address, and a MAC proving the
+    /// sending relay knows the service's secret (see [`super::auth::peer_mac`]). Answered
+    /// with [`RelayMsg::Start`] (every later byte is the visitor's stream) or an error.
+    PeerVisit {
+        /// The service.
+        service: String,
+        /// The visitor's address as the sending relay saw it.
+        visitor: SocketAddr,
+        /// HMAC over the challenge, the service and the visitor.
+        mac: Mac,
+    },
 }
 
 /// Frames the relay sends to the agent.
@@ -254,6 +272,8 @@ mod kind {
     pub const DATA_HELLO: u8 = 0x04;
     pub const GOODBYE: u8 = 0x05;
     pub const WITHDRAW: u8 = 0x06;
+    pub const PEER_HELLO: u8 = 0x07;
+    pub const PEER_VISIT: u8 = 0x08;
     pub const CHALLENGE: u8 = 0x81;
     pub const REGISTERED: u8 = 0x82;
     pub const TICKETS: u8 = 0x83;
@@ -327,6 +347,20 @@ impl Message for AgentMsg {
                 p.extend_from_slice(&version.to_be_bytes());
                 p.extend_from_slice(&ticket.0);
                 kind::DATA_HELLO
+            }
+            AgentMsg::PeerHello { version } => {
+                p.extend_from_slice(&version.to_be_bytes());
+                kind::PEER_HELLO
+            }
+            AgentMsg::PeerVisit {
+                service,
+                visitor,
+                mac,
+            } => {
+                put_string(&mut p, truncate(service, MAX_NAME_LEN));
+                put_addr(&mut p, visitor);
+                p.extend_from_slice(mac);
+                kind::PEER_VISIT
             }
         };
         frame::encode(kind, &p, out);
@@ -411,6 +445,25 @@ impl Message for AgentMsg {
                 let ticket = Ticket(r.array::<TICKET_LEN>()?);
                 AgentMsg::DataHello { version, ticket }
             }
+            kind::PEER_HELLO => {
+                let mut r = Reader::new(payload, "PeerHello");
+                AgentMsg::PeerHello { version: r.u16()? }
+            }
+            kind::PEER_VISIT => {
+                let mut r = Reader::new(payload, "PeerVisit");
+                let service = r.string("service")?;
+                if service.len() > MAX_NAME_LEN {
+                    return Err(r.invalid("service"));
+                }
+                let visitor = get_addr(&mut r)?;
+                let mac = r.array::<MAC_LEN>()?;
+                r.finish()?;
+                AgentMsg::PeerVisit {
+                    service,
+                    visitor,
+                    mac,
+                }
+            }
             other => return Err(ProtocolError::UnknownType(other)),
         };
         Ok(msg)
@@ -442,6 +495,29 @@ fn get_hosts(r: &mut Reader<'_>) -> Result<Vec<String>, ProtocolError> {
         hosts.push(h);
     }
     Ok(hosts)
+}
+
+fn put_addr(p: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            p.push(4);
+            p.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            p.push(6);
+            p.extend_from_slice(&ip.octets());
+        }
+    }
+    p.extend_from_slice(&addr.port().to_be_bytes());
+}
+
+fn get_addr(r: &mut Reader<'_>) -> Result<SocketAddr, ProtocolError> {
+    let ip = match r.u8()? {
+        4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
+        6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
+        _ => return Err(r.invalid("address family")),
+    };
+    Ok(SocketAddr::new(ip, r.u16()?))
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -504,17 +580,7 @@ impl Message for RelayMsg {
                 kind::ERROR
             }
             RelayMsg::Start { visitor } => {
-                match visitor.ip() {
-                    IpAddr::V4(ip) => {
-                        p.push(4);
-                        p.extend_from_slice(&ip.octets());
-                    }
-                    IpAddr::V6(ip) => {
-                        p.push(6);
-                        p.extend_from_slice(&ip.octets());
-                    }
-                }
-                p.extend_from_slice(&visitor.port().to_be_bytes());
+                put_addr(&mut p, visitor);
                 kind::START
             }
         };
@@ -592,16 +658,9 @@ impl Message for RelayMsg {
             }
             kind::START => {
                 let mut r = Reader::new(payload, "Start");
-                let ip = match r.u8()? {
-                    4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
-                    6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
-                    _ => return Err(r.invalid("address family")),
-                };
-                let port = r.u16()?;
+                let visitor = get_addr(&mut r)?;
                 r.finish()?;
-                RelayMsg::Start {
-                    visitor: SocketAddr::new(ip, port),
-                }
+                RelayMsg::Start { visitor }
             }
             other => return Err(ProtocolError::UnknownType(other)),
         };
@@ -657,6 +716,12 @@ mod tests {
             AgentMsg::DataHello {
                 version: 1,
                 ticket: Ticket([3; TICKET_LEN]),
+            },
+            AgentMsg::PeerHello { version: 1 },
+            AgentMsg::PeerVisit {
+                service: "web".into(),
+                visitor: "[2001:db8::7]:4000".parse().unwrap(),
+                mac: [4; MAC_LEN],
             },
         ];
         let relay = vec![

@@ -409,8 +409,33 @@ async fn start_with(
     let fleet = match &cfg.fleet {
         None => None,
         Some(f) => {
+            let mut f = f.clone();
+            // The default is the control address as configured: with its port resolved, and
+            // a warning when other relays could not dial it.
+            if f.advertise == cfg.control.to_string() {
+                f.advertise = control_addr.to_string();
+                if control_addr.ip().is_unspecified() {
+                    tracing::warn!(
+                        "fleet: other relays hand visitors to this one at {}, which they cannot reach: pass --advertise HOST:PORT",
+                        f.advertise
+                    );
+                }
+            }
             let fleet = crate::fleet::Fleet::new(f.clone())
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            // Relays of a fleet present one certificate: another relay is trusted by it.
+            let peers = tls::client_config(&tls::RelayTrust::Pinned(identity.fingerprint))?;
+            let secrets_from = live.clone();
+            let secrets: crate::fleet::handoff::Secrets = Arc::new(move |name: &str| {
+                let cfg = secrets_from.get();
+                cfg.secret_for(name).map(|(s, _)| s.expose().to_vec())
+            });
+            let handoff = crate::fleet::handoff::Handoff::new(
+                cfg.bind_addr,
+                tokio_rustls::TlsConnector::from(peers),
+                secrets,
+            );
+            let _ = fleet.handoff.set(Arc::new(handoff));
             tracing::info!(
                 relay_id = %f.relay_id,
                 registry = %fleet.etcd.endpoints(),
@@ -601,5 +626,13 @@ impl crate::fleet::keeper::Members for RegistryMembers {
 
     fn port_range(&self) -> crate::config::PortRange {
         self.1.get().port_range
+    }
+
+    fn online(&self) -> Vec<String> {
+        self.0.online_names()
+    }
+
+    fn drop_lingering(&self, name: &str) -> bool {
+        self.0.drop_lingering(name)
     }
 }

@@ -161,7 +161,7 @@ impl Terminator {
             let bytes = page.response("too many HTTPS visitors are connected");
             return answer(&mut conn, &bytes).await;
         };
-        let (ours, theirs) = match socket_pair() {
+        let (ours, theirs) = match sock::visitor_pair() {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::warn!(visitor = %addr, "HTTPS visitor closed: socket pair: {e}");
@@ -327,16 +327,6 @@ fn acceptor(
         .with_cert_resolver(Arc::new(certs));
     config.alpn_protocols = vec![alpn.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// A connected Unix stream pair: ours (tokio), and theirs for the data plane. The data plane
-/// takes visitors as `std::net::TcpStream`; everything it does to one (non-blocking I/O,
-/// splice, shutdown, `SO_LINGER`) works the same on a Unix stream socket.
-fn socket_pair() -> io::Result<(std::os::unix::net::UnixStream, std::net::TcpStream)> {
-    use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
-    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
-    let (a, b) = socketpair(AddressFamily::UNIX, SocketType::STREAM, flags, None)?;
-    Ok((a.into(), b.into()))
 }
 
 /// A terminated visitor's TLS stream, as the shared ports read and answer it.

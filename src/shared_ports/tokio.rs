@@ -102,13 +102,7 @@ pub(crate) async fn dispatch(
     visitor: Visitor,
     wait: Duration,
 ) -> Result<(), (TakeError, Visitor)> {
-    let visitor = match Pool::try_take_any(&svc.pools, 0, visitor) {
-        Ok(()) => return Ok(()),
-        Err(v) => v,
-    };
-    svc.pools[0]
-        .take(visitor, tokio::time::sleep(wait), wait)
-        .await
+    Pool::hand(&svc.pools, visitor, wait).await
 }
 
 /// The visitor's socket back on tokio, to answer it after a failed dispatch.

@@ -1,0 +1,317 @@
+//! The sending end of a fleet's visitor hand-over. A relay opens the public port of every
+//! `tcp` service of the fleet that some other relay has an agent session for and it has not
+//! (the agent cannot reach it, or never tried), and hands each visitor that arrives there to
+//! one of those relays over the control port: TLS pinned to the fleet's one certificate, a
+//! MAC with the service's secret over the receiving relay's nonce and the visitor's address,
+//! then the visitor's bytes both ways. The receiving relay serves the visitor as its own
+//! (see `control::peer`). When an agent of the service publishes it here, the port is let go
+//! first, so the registry binds it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+
+use crate::net::cap::ConnCap;
+use crate::protocol::auth::peer_mac;
+use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
+use crate::transport::Framed;
+
+/// Longest a hand-over may take, connect to `Start`.
+pub const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Relays tried for one visitor before it is given up.
+const OFFER_ATTEMPTS: usize = 3;
+/// How long a service being published here keeps its port out of the hand-over's hands.
+const WANTED_HERE: Duration = Duration::from_secs(15);
+/// Visitors being handed over at once, in all and per address.
+const MAX_HANDING: usize = 16384;
+const MAX_HANDING_PER_ADDRESS: usize = 1024;
+
+/// A service of the fleet that other relays serve, as this relay sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elsewhere {
+    /// Its public port.
+    pub port: u16,
+    /// Where the relays with a session of its agent are reached (their `--advertise`).
+    pub relays: Vec<String>,
+}
+
+struct Listening {
+    port: u16,
+    relays: Arc<Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+/// Looks up a service's secret (the relay's settings can be reloaded).
+pub type Secrets = Arc<dyn Fn(&str) -> Option<Vec<u8>> + Send + Sync>;
+
+/// The ports this relay serves for other relays of its fleet.
+pub struct Handoff {
+    bind: IpAddr,
+    tls: TlsConnector,
+    secrets: Secrets,
+    listening: Mutex<HashMap<String, Listening>>,
+    wanted_here: Mutex<HashMap<String, Instant>>,
+    cap: Arc<ConnCap>,
+}
+
+impl std::fmt::Debug for Handoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handoff")
+            .field("bind", &self.bind)
+            .field("serving", &self.serving())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handoff {
+    /// Hands visitors over from ports on `bind`, trusting relays that present the
+    /// certificate `tls` pins, proving each service's secret as `secrets` gives it.
+    pub fn new(bind: IpAddr, tls: TlsConnector, secrets: Secrets) -> Handoff {
+        Handoff {
+            bind,
+            tls,
+            secrets,
+            listening: Mutex::new(HashMap::new()),
+            wanted_here: Mutex::new(HashMap::new()),
+            cap: ConnCap::new(MAX_HANDING, MAX_HANDING_PER_ADDRESS),
+        }
+    }
+
+    /// The names whose ports are open for hand-over now.
+    pub fn serving(&self) -> Vec<String> {
+        let g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+        g.keys().cloned().collect()
+    }
+
+    /// Lets go of `name`'s port (closed when this returns), and keeps it out of hand-over for
+    /// a while: an agent of it is publishing it here.
+    pub async fn release(&self, name: &str) {
+        let key = name.to_ascii_lowercase();
+        {
+            let mut w = self.wanted_here.lock().unwrap_or_else(|p| p.into_inner());
+            w.insert(key.clone(), Instant::now() + WANTED_HERE);
+        }
+        let gone = {
+            let mut g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+            g.remove(&key)
+        };
+        if let Some(l) = gone {
+            l.task.abort();
+            // Resolves once the task, and the listener it owns, is dropped.
+            let _ = l.task.await;
+        }
+    }
+
+    /// Lets service `name` be handed over again at once (it left this relay).
+    pub fn unwant(&self, name: &str) {
+        let mut w = self.wanted_here.lock().unwrap_or_else(|p| p.into_inner());
+        w.remove(&name.to_ascii_lowercase());
+    }
+
+    /// Opens the ports of `elsewhere` (services other relays serve; `local`: the ones this
+    /// relay has) and closes the ones no longer there.
+    pub async fn reconcile(&self, elsewhere: &HashMap<String, Elsewhere>, local: &[String]) {
+        let now = Instant::now();
+        let wanted: Vec<String> = {
+            let mut w = self.wanted_here.lock().unwrap_or_else(|p| p.into_inner());
+            w.retain(|_, until| *until > now);
+            w.keys().cloned().collect()
+        };
+        let keep = |name: &String| {
+            elsewhere.contains_key(name)
+                && !local.iter().any(|l| l.eq_ignore_ascii_case(name))
+                && !wanted.contains(name)
+        };
+        let stale: Vec<String> = {
+            let g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+            g.iter()
+                .filter(|(name, l)| !keep(name) || elsewhere[*name].port != l.port)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for name in stale {
+            let gone = {
+                let mut g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+                g.remove(&name)
+            };
+            if let Some(l) = gone {
+                l.task.abort();
+                let _ = l.task.await;
+                tracing::info!(service = %name, port = l.port, "fleet: no longer handing this service's visitors over");
+            }
+        }
+        for (name, e) in elsewhere {
+            if !keep(name) {
+                continue;
+            }
+            let mut g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = g.get(name) {
+                *l.relays.lock().unwrap_or_else(|p| p.into_inner()) = e.relays.clone();
+                continue;
+            }
+            let addr = SocketAddr::new(self.bind, e.port);
+            let listener = match bind(addr) {
+                Ok(l) => l,
+                Err(err) => {
+                    tracing::debug!(service = %name, %addr, "fleet: cannot open the port for hand-over: {err}");
+                    continue;
+                }
+            };
+            let relays = Arc::new(Mutex::new(e.relays.clone()));
+            let task = tokio::spawn(accept_loop(
+                listener,
+                name.clone(),
+                relays.clone(),
+                self.tls.clone(),
+                self.secrets.clone(),
+                self.cap.clone(),
+            ));
+            tracing::info!(service = %name, port = e.port, relays = %e.relays.join(","), "fleet: handing this service's visitors to the relays its agent is on");
+            g.insert(
+                name.clone(),
+                Listening {
+                    port: e.port,
+                    relays,
+                    task,
+                },
+            );
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    name: String,
+    relays: Arc<Mutex<Vec<String>>>,
+    tls: TlsConnector,
+    secrets: Secrets,
+    cap: Arc<ConnCap>,
+) {
+    let mut errors = crate::net::AcceptErrors::new("fleet hand-over");
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let Some(stream) = errors.admit(stream, Instant::now()) else {
+                    continue;
+                };
+                let Ok(place) = cap.enter(addr.ip()) else {
+                    continue; // dropping the stream closes it
+                };
+                let targets = relays.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let (name, tls, secrets) = (name.clone(), tls.clone(), secrets.clone());
+                tokio::spawn(async move {
+                    hand_over(stream, addr, &name, targets, &tls, &secrets).await;
+                    drop(place);
+                });
+            }
+            Err(e) => errors.back_off(&e).await,
+        }
+    }
+}
+
+/// Hands one visitor to the first of `targets` (tried in a random order) that takes it.
+async fn hand_over(
+    mut visitor: TcpStream,
+    addr: SocketAddr,
+    name: &str,
+    mut targets: Vec<String>,
+    tls: &TlsConnector,
+    secrets: &Secrets,
+) {
+    let Some(secret) = secrets(name) else {
+        tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no secret for the service here");
+        return;
+    };
+    let mut b = [0u8; 1];
+    crate::protocol::auth::random_bytes(&mut b);
+    if !targets.is_empty() {
+        let n = targets.len();
+        targets.rotate_left(usize::from(b[0]) % n);
+    }
+    let mut last = String::from("no relay of the fleet has its agent");
+    for target in targets.iter().take(OFFER_ATTEMPTS) {
+        let offer = offer(target, name, addr, &secret, tls);
+        match tokio::time::timeout(OFFER_TIMEOUT, offer).await {
+            Ok(Ok((mut stream, early))) => {
+                if !early.is_empty() && visitor.write_all(&early).await.is_err() {
+                    return;
+                }
+                tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: visitor handed over");
+                let _ = tokio::io::copy_bidirectional(&mut visitor, &mut stream).await;
+                return;
+            }
+            Ok(Err(why)) => last = format!("{target}: {why}"),
+            Err(_) => last = format!("{target}: no answer within {OFFER_TIMEOUT:?}"),
+        }
+    }
+    tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no relay took it ({last})");
+}
+
+type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// Offers the visitor to the relay at `target`: its stream once it said `Start`, with any
+/// bytes read past that frame.
+async fn offer(
+    target: &str,
+    name: &str,
+    visitor: SocketAddr,
+    secret: &[u8],
+    tls: &TlsConnector,
+) -> Result<(PeerStream, Vec<u8>), String> {
+    let (host, _) = crate::config::parse_host_port(target, None).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(target)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let server = ServerName::try_from(host).map_err(|e| format!("server name: {e}"))?;
+    let stream = tls
+        .connect(server, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut framed = Framed::new(stream);
+    let w = OFFER_TIMEOUT;
+    let hello = AgentMsg::PeerHello {
+        version: PROTOCOL_VERSION,
+    };
+    framed
+        .write_msg(&hello, w)
+        .await
+        .map_err(|e| e.to_string())?;
+    let nonce = match framed.read_msg::<RelayMsg>().await {
+        Ok(RelayMsg::Challenge { nonce, .. }) => nonce,
+        Ok(RelayMsg::Error { message, .. }) => return Err(message),
+        Ok(other) => return Err(format!("{other:?} where a challenge was expected")),
+        Err(e) => return Err(e.to_string()),
+    };
+    let visit = AgentMsg::PeerVisit {
+        service: name.to_string(),
+        visitor,
+        mac: peer_mac(secret, &nonce, name, &visitor),
+    };
+    framed
+        .write_msg(&visit, w)
+        .await
+        .map_err(|e| e.to_string())?;
+    match framed.read_msg::<RelayMsg>().await {
+        Ok(RelayMsg::Start { .. }) => Ok(framed.into_parts()),
+        Ok(RelayMsg::Error { message, .. }) => Err(message),
+        Ok(other) => Err(format!("{other:?} where Start was expected")),
+        Err(e) => Err(e.to_string()),
+    }
+}
