@@ -705,6 +705,23 @@ async fn a_visitor_of_a_relay_without_the_agent_is_handed_to_one_with_it() {
     assert_eq!(sha256(&back), sha256(&payload), "bytes changed on the way");
     // r1 served it, and saw the visitor's own address.
     r1.proc.wait_stderr("127.0.0.9");
+    // One visitor after another: the relay-to-relay connection is reused, as an agent's
+    // data connections are (sequential visitors need just one).
+    for i in 0..20u8 {
+        let back = roundtrip_from([127, 0, 0, 9], via_r2, &[i; 100])
+            .await
+            .unwrap();
+        assert_eq!(back, vec![i; 100]);
+    }
+    let admin = r1.admin.unwrap();
+    let received = metric(admin, "ringtunnel_handovers_received_total").await;
+    let opened = metric(admin, "ringtunnel_peer_connections_total").await;
+    assert!(received >= Some(21), "{received:?}");
+    assert!(opened <= Some(3), "a connection per visitor: {opened:?}");
+    eprintln!(
+        "21 visitors handed over on {} relay-to-relay connection(s)",
+        opened.unwrap_or(0)
+    );
     // r1's address list applies to the visitor's real address, not r2's.
     let denied = roundtrip_from([127, 0, 0, 10], via_r2, b"let me in").await;
     assert!(
@@ -789,7 +806,15 @@ async fn handovers_without_the_secret_or_an_agent_are_refused() {
     let _ = peer.read_msg_within::<RelayMsg>(limit).await.unwrap();
     use tokio::io::AsyncWriteExt;
     peer.get_mut().write_all(&[0xff; 64]).await.unwrap();
-    assert!(peer.read_msg_within::<RelayMsg>(limit).await.is_err());
+    match peer.read_msg_within::<RelayMsg>(limit).await {
+        Ok(RelayMsg::Error { code, .. }) => assert_eq!(code, ErrorCode::BadRequest),
+        Ok(other) => panic!("garbage answered with {other:?}"),
+        Err(_) => {}
+    }
+    assert!(
+        peer.read_msg_within::<RelayMsg>(limit).await.is_err(),
+        "the connection stayed open"
+    );
     // The relay carries on: its agent's visitors are served.
     assert_echo(SocketAddr::from(([127, 0, 0, 1], port))).await;
 }

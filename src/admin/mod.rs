@@ -122,6 +122,11 @@ counters! {
         /// certificate in time (first issuance pending or failing), their handshake failed,
         /// or too many were being terminated.
         pub https_refused,
+        /// Fleet: visitors another relay handed over to this one.
+        pub handovers_received,
+        /// Fleet: relay-to-relay connections another relay opened to hand visitors over (each
+        /// carries one visitor after another).
+        pub peer_connections,
         /// Certificates issued or renewed by the ACME CA.
         pub acme_issued,
         /// Issuance attempts that failed (each host then backs off).

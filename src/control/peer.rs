@@ -5,13 +5,19 @@
 //! service and the visitor's address), and the visitor is then served here as if it had
 //! come to this relay's own port: the service's limits and address lists judge its real
 //! address, its PROXY header names it, and it travels through the service's pools.
+//!
+//! The visitor's bytes cross in chunks with an end marker each way, as on an agent's data
+//! connection, so a connection whose visitor ended cleanly carries the next one: a fresh
+//! challenge follows each visitor, and each visitor is proven with its own MAC.
 
 use std::net::SocketAddr;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::plane::{ControlPlane, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
 use crate::dataplane::pool::{Pool, Visitor};
+use crate::dataplane::tally::Tally;
 use crate::net::cap::CapPlace;
 use crate::protocol::auth::{new_nonce, verify_peer_mac};
 use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
@@ -19,15 +25,80 @@ use crate::transport::{Conn, Framed};
 
 /// Largest `PeerVisit` frame: a name, an address and a MAC.
 const PEER_VISIT_MAX: usize = 160;
+/// How long a relay-to-relay connection that carried a visitor may wait for the next one
+/// (the sending relay keeps it shorter than this).
+pub const PEER_IDLE: Duration = Duration::from_secs(60);
 
-/// Serves one relay-to-relay connection whose `PeerHello` was read.
+/// Why a hand-over was refused: the code for the sending relay, and whether the sender
+/// proved nothing (counted as a failed attempt).
+struct Refused(ErrorCode, String, bool);
+
+impl Refused {
+    /// The connection is over with nothing to say (closed, broken, idle too long).
+    fn silent() -> Refused {
+        Refused(ErrorCode::Internal, String::new(), false)
+    }
+}
+
+/// Serves one relay-to-relay connection whose `PeerHello` was read: one visitor after
+/// another, until one ends uncleanly, a hand-over is refused, or none comes in time.
 pub async fn serve(
     plane: Arc<ControlPlane>,
-    mut framed: Framed<Conn>,
+    framed: Framed<Conn>,
     peer: SocketAddr,
     place: CapPlace,
 ) {
-    let refuse = |code: ErrorCode, message: String| RelayMsg::Error { code, message };
+    plane.metrics.peer_connections.inc();
+    let mut place = Some(place);
+    let mut framed = framed;
+    loop {
+        // The first visitor comes within the handshake deadline, as an agent's registration;
+        // after one proven visitor the connection is a fleet member's and may idle longer.
+        let wait = match place {
+            Some(_) => HANDSHAKE_TIMEOUT,
+            None => PEER_IDLE,
+        };
+        let visit = match receive(&plane, &mut framed, wait).await {
+            Ok(v) => v,
+            Err(Refused(code, message, unproven)) => {
+                if unproven {
+                    plane.metrics.bad_connections.inc();
+                    plane.failed(peer).await;
+                    plane
+                        .refusals
+                        .note(peer, "relay hand-over refused", &message);
+                }
+                if code != ErrorCode::Internal || !message.is_empty() {
+                    let msg = RelayMsg::Error { code, message };
+                    let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
+                }
+                return;
+            }
+        };
+        place = None; // proven: no longer an unauthenticated connection
+        let (conn, early) = framed.into_parts();
+        match forward(&plane, conn, early, visit).await {
+            Some(next) => framed = next,
+            None => return,
+        }
+    }
+}
+
+/// A visitor proven and handed to its service's pools, not yet forwarded.
+struct Visit {
+    svc: Arc<super::service::Service>,
+    visitor: SocketAddr,
+    ours: std::os::unix::net::UnixStream,
+    idle: Option<Duration>,
+}
+
+/// Challenges, reads and checks one `PeerVisit` (waiting `wait` for it), and hands its
+/// visitor to the service; then says `Start`.
+async fn receive(
+    plane: &ControlPlane,
+    framed: &mut Framed<Conn>,
+    wait: Duration,
+) -> Result<Visit, Refused> {
     let nonce = new_nonce();
     let cfg = plane.cfg();
     let challenge = RelayMsg::Challenge {
@@ -35,13 +106,11 @@ pub async fn serve(
         nonce,
         data_tls: cfg.data_tls,
     };
-    if framed.write_msg(&challenge, WRITE_TIMEOUT).await.is_err() {
-        return;
-    }
-    let read = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        framed.read_msg_capped::<AgentMsg>(PEER_VISIT_MAX),
-    );
+    framed
+        .write_msg(&challenge, WRITE_TIMEOUT)
+        .await
+        .map_err(|_| Refused::silent())?;
+    let read = tokio::time::timeout(wait, framed.read_msg_capped::<AgentMsg>(PEER_VISIT_MAX));
     let (service, visitor, mac) = match read.await {
         Ok(Ok(AgentMsg::PeerVisit {
             service,
@@ -49,62 +118,37 @@ pub async fn serve(
             mac,
         })) => (service, visitor, mac),
         Ok(Ok(other)) => {
-            plane.metrics.bad_connections.inc();
-            plane.failed(peer).await;
             let why = format!("{other:?} where a relay's visitor was expected");
-            return plane.refusals.note(peer, "relay connection refused", &why);
+            return Err(Refused(ErrorCode::BadRequest, why, true));
         }
-        Ok(Err(e)) => {
-            plane.metrics.bad_connections.inc();
-            plane.failed(peer).await;
-            return plane
-                .refusals
-                .note(peer, "relay connection refused", &e.to_string());
-        }
-        Err(_) => {
-            plane.metrics.bad_connections.inc();
-            plane.failed(peer).await;
-            let why = format!("no visitor within {HANDSHAKE_TIMEOUT:?}");
-            return plane.refusals.note(peer, "relay connection refused", &why);
-        }
+        // A pooled connection the sending relay let go: nothing to refuse.
+        Ok(Err(crate::transport::FrameIoError::Closed)) => return Err(Refused::silent()),
+        Ok(Err(e)) => return Err(Refused(ErrorCode::BadRequest, e.to_string(), true)),
+        Err(_) => return Err(Refused::silent()),
     };
     let secret = cfg.secret_for(&service).map(|(s, _)| s.expose().to_vec());
     let proven = plane.fleet.is_some()
         && secret.is_some_and(|s| verify_peer_mac(&s, &nonce, &service, &visitor, &mac));
     if !proven {
         plane.metrics.auth_failures.inc();
-        plane.failed(peer).await;
-        plane.refusals.note(
-            peer,
-            "relay connection refused",
-            &format!("a visitor of {service} handed over without its secret (or this relay is in no fleet)"),
-        );
-        let msg = refuse(ErrorCode::AuthFailed, "wrong secret".into());
-        let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
-        return;
+        return Err(Refused(ErrorCode::AuthFailed, "wrong secret".into(), true));
     }
+    let refuse = |code, message| Err(Refused(code, message, false));
     let Some(svc) = plane.registry.online_service(&service) else {
-        let msg = refuse(
+        return refuse(
             ErrorCode::Internal,
             format!("no agent of service {service} is connected to this relay"),
         );
-        let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
-        return;
     };
     let Ok(admission) = svc.gate.admit(visitor) else {
-        let msg = refuse(
+        return refuse(
             ErrorCode::LimitReached,
             format!("service {service} refuses this visitor (its limits or address lists)"),
         );
-        let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
-        return;
     };
     let (ours, theirs) = match crate::dataplane::sock::visitor_pair() {
         Ok(pair) => pair,
-        Err(e) => {
-            tracing::warn!(%peer, "handed-over visitor closed: socket pair: {e}");
-            return;
-        }
+        Err(e) => return refuse(ErrorCode::Internal, format!("socket pair: {e}")),
     };
     let prefix = if svc.gate.wants_proxy_header() {
         let local = crate::dataplane::gate::local_addr_of(framed.get_mut().socket());
@@ -126,41 +170,57 @@ pub async fn serve(
     let idle = v.idle_timeout();
     if let Err((e, _)) = Pool::hand(&svc.pools, v, cfg.front.agent_wait).await {
         svc.gate.count_unserved();
-        let msg = refuse(ErrorCode::Internal, format!("service {service}: {e}"));
-        let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
-        return;
+        return refuse(ErrorCode::Internal, format!("service {service}: {e}"));
     }
-    if framed
+    framed
         .write_msg(&RelayMsg::Start { visitor }, WRITE_TIMEOUT)
         .await
-        .is_err()
-    {
-        return;
-    }
-    drop(place);
-    tracing::debug!(%peer, service, %visitor, "visitor handed over by a relay of the fleet");
-    let (mut conn, early) = framed.into_parts();
-    let Ok(mut ours) = tokio::net::UnixStream::from_std(ours) else {
-        return;
-    };
-    if !early.is_empty() {
-        use tokio::io::AsyncWriteExt;
-        if ours.write_all(&early).await.is_err() {
-            return;
-        }
-    }
+        .map_err(|_| Refused::silent())?;
+    plane.metrics.handovers_received.inc();
+    tracing::debug!(service, %visitor, "visitor handed over by a relay of the fleet");
+    Ok(Visit {
+        svc,
+        visitor,
+        ours,
+        idle,
+    })
+}
+
+/// Forwards one handed-over visitor in chunks; the connection back if it may carry another.
+async fn forward(
+    plane: &ControlPlane,
+    mut conn: Conn,
+    early: Vec<u8>,
+    visit: Visit,
+) -> Option<Framed<Conn>> {
+    let Visit {
+        svc,
+        visitor,
+        ours,
+        idle,
+    } = visit;
+    let mut ours = tokio::net::UnixStream::from_std(ours).ok()?;
     // The data plane cannot watch a socket pair's progress; the relay-to-relay socket
-    // carries exactly the visitor's bytes, so its idleness is the visitor's.
+    // carries this visitor's bytes now, so its idleness is the visitor's.
     let fd = std::os::fd::AsRawFd::as_raw_fd(&conn.socket());
     // SAFETY: `fd` is the TCP socket of `conn`, which outlives the watcher (both live in
     // this function and the watcher is dropped first, with the select).
     let tcp = unsafe { BorrowedFd::borrow_raw(fd) };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut conn, &mut ours) => {}
+    let moved = tokio::select! {
+        moved = crate::dataplane::tokio::chunked::forward(&mut ours, &mut conn, &[], &early, None, Tally::none()) => moved,
         () = crate::dataplane::idle::tokio_idle(tcp, idle) => {
             plane.metrics.visitors_idle_closed.inc();
             svc.gate.stats().idle_closed.inc();
             tracing::info!(service = %svc.name, %visitor, "handed-over visitor closed: idle timeout");
+            return None;
+        }
+    };
+    match moved {
+        Ok(o) if o.reusable => Some(Framed::with_buffer(conn, o.leftover)),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::debug!(service = %svc.name, %visitor, "handed-over visitor ended: {e}");
+            None
         }
     }
 }

@@ -3,8 +3,10 @@
 //! (the agent cannot reach it, or never tried), and hands each visitor that arrives there to
 //! one of those relays over the control port: TLS pinned to the fleet's one certificate, a
 //! MAC with the service's secret over the receiving relay's nonce and the visitor's address,
-//! then the visitor's bytes both ways. The receiving relay serves the visitor as its own
-//! (see `control::peer`). When an agent of the service publishes it here, the port is let go
+//! then the visitor's bytes both ways, in chunks with an end marker. The receiving relay
+//! serves the visitor as its own (see `control::peer`). A connection whose visitor ended
+//! cleanly is kept, challenged afresh, for the next visitor to that relay, as an agent's data
+//! connections are. When an agent of the service publishes it here, the port is let go
 //! first, so the registry binds it.
 
 use std::collections::HashMap;
@@ -13,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::ServerName;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
+use crate::dataplane::tally::Tally;
 use crate::net::cap::ConnCap;
-use crate::protocol::auth::peer_mac;
+use crate::protocol::auth::{peer_mac, Nonce};
 use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
 use crate::transport::Framed;
 
@@ -29,6 +31,11 @@ pub const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
 const OFFER_ATTEMPTS: usize = 3;
 /// How long a service being published here keeps its port out of the hand-over's hands.
 const WANTED_HERE: Duration = Duration::from_secs(15);
+/// Idle relay-to-relay connections kept per receiving relay.
+const MAX_WARM: usize = 8;
+/// How long an idle relay-to-relay connection is kept (the receiving relay waits up to
+/// `control::peer::PEER_IDLE` for its next visitor).
+const WARM_FOR: Duration = Duration::from_secs(45);
 /// Visitors being handed over at once, in all and per address.
 const MAX_HANDING: usize = 16384;
 const MAX_HANDING_PER_ADDRESS: usize = 1024;
@@ -59,6 +66,39 @@ pub struct Handoff {
     listening: Mutex<HashMap<String, Listening>>,
     wanted_here: Mutex<HashMap<String, Instant>>,
     cap: Arc<ConnCap>,
+    warm: Arc<Warm>,
+}
+
+/// Idle relay-to-relay connections, by the relay they reach: each has its next challenge.
+#[derive(Default)]
+struct Warm(Mutex<HashMap<String, Vec<Idle>>>);
+
+struct Idle {
+    framed: Framed<PeerStream>,
+    nonce: Nonce,
+    since: Instant,
+}
+
+impl Warm {
+    fn take(&self, target: &str) -> Option<Idle> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let list = g.get_mut(target)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < WARM_FOR {
+                return Some(idle);
+            }
+        }
+        None
+    }
+
+    fn put(&self, target: &str, idle: Idle) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let list = g.entry(target.to_string()).or_default();
+        list.retain(|i| i.since.elapsed() < WARM_FOR);
+        if list.len() < MAX_WARM {
+            list.push(idle);
+        }
+    }
 }
 
 impl std::fmt::Debug for Handoff {
@@ -81,6 +121,7 @@ impl Handoff {
             listening: Mutex::new(HashMap::new()),
             wanted_here: Mutex::new(HashMap::new()),
             cap: ConnCap::new(MAX_HANDING, MAX_HANDING_PER_ADDRESS),
+            warm: Arc::new(Warm::default()),
         }
     }
 
@@ -172,6 +213,7 @@ impl Handoff {
                 self.tls.clone(),
                 self.secrets.clone(),
                 self.cap.clone(),
+                self.warm.clone(),
             ));
             tracing::info!(service = %name, port = e.port, relays = %e.relays.join(","), "fleet: handing this service's visitors to the relays its agent is on");
             g.insert(
@@ -203,6 +245,7 @@ async fn accept_loop(
     tls: TlsConnector,
     secrets: Secrets,
     cap: Arc<ConnCap>,
+    warm: Arc<Warm>,
 ) {
     let mut errors = crate::net::AcceptErrors::new("fleet hand-over");
     loop {
@@ -216,8 +259,9 @@ async fn accept_loop(
                 };
                 let targets = relays.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let (name, tls, secrets) = (name.clone(), tls.clone(), secrets.clone());
+                let warm = warm.clone();
                 tokio::spawn(async move {
-                    hand_over(stream, addr, &name, targets, &tls, &secrets).await;
+                    hand_over(stream, addr, &name, targets, &tls, &secrets, &warm).await;
                     drop(place);
                 });
             }
@@ -234,6 +278,7 @@ async fn hand_over(
     mut targets: Vec<String>,
     tls: &TlsConnector,
     secrets: &Secrets,
+    warm: &Warm,
 ) {
     let Some(secret) = secrets(name) else {
         tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no secret for the service here");
@@ -247,34 +292,59 @@ async fn hand_over(
     }
     let mut last = String::from("no relay of the fleet has its agent");
     for target in targets.iter().take(OFFER_ATTEMPTS) {
-        let offer = offer(target, name, addr, &secret, tls);
-        match tokio::time::timeout(OFFER_TIMEOUT, offer).await {
-            Ok(Ok((mut stream, early))) => {
-                if !early.is_empty() && visitor.write_all(&early).await.is_err() {
-                    return;
-                }
-                tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: visitor handed over");
-                let _ = tokio::io::copy_bidirectional(&mut visitor, &mut stream).await;
-                return;
-            }
-            Ok(Err(why)) => last = format!("{target}: {why}"),
-            Err(_) => last = format!("{target}: no answer within {OFFER_TIMEOUT:?}"),
+        // A kept connection first; if the other relay let it go meanwhile, a fresh one.
+        let mut offered = None;
+        if let Some(idle) = warm.take(target) {
+            offered = offer(idle, name, addr, &secret).await.ok();
         }
+        if offered.is_none() {
+            let fresh = async {
+                let idle = dial(target, tls).await?;
+                offer(idle, name, addr, &secret).await
+            };
+            match tokio::time::timeout(OFFER_TIMEOUT, fresh).await {
+                Ok(Ok(o)) => offered = Some(o),
+                Ok(Err(why)) => last = format!("{target}: {why}"),
+                Err(_) => last = format!("{target}: no answer within {OFFER_TIMEOUT:?}"),
+            }
+        }
+        let Some((mut stream, early)) = offered else {
+            continue;
+        };
+        tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: visitor handed over");
+        let moved = crate::dataplane::tokio::chunked::forward(
+            &mut visitor,
+            &mut stream,
+            &[],
+            &early,
+            None,
+            Tally::none(),
+        )
+        .await;
+        if let Some(o) = moved.ok().filter(|o| o.reusable) {
+            // The other relay challenges afresh for the next visitor.
+            let mut framed = Framed::with_buffer(stream, o.leftover);
+            let next = tokio::time::timeout(OFFER_TIMEOUT, framed.read_msg::<RelayMsg>()).await;
+            if let Ok(Ok(RelayMsg::Challenge { nonce, .. })) = next {
+                warm.put(
+                    target,
+                    Idle {
+                        framed,
+                        nonce,
+                        since: Instant::now(),
+                    },
+                );
+            }
+        }
+        return;
     }
     tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no relay took it ({last})");
 }
 
 type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Offers the visitor to the relay at `target`: its stream once it said `Start`, with any
-/// bytes read past that frame.
-async fn offer(
-    target: &str,
-    name: &str,
-    visitor: SocketAddr,
-    secret: &[u8],
-    tls: &TlsConnector,
-) -> Result<(PeerStream, Vec<u8>), String> {
+/// A new relay-to-relay connection to `target`, challenged.
+async fn dial(target: &str, tls: &TlsConnector) -> Result<Idle, String> {
     let (host, _) = crate::config::parse_host_port(target, None).map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(target)
         .await
@@ -285,33 +355,51 @@ async fn offer(
         .await
         .map_err(|e| format!("TLS: {e}"))?;
     let mut framed = Framed::new(stream);
-    let w = OFFER_TIMEOUT;
     let hello = AgentMsg::PeerHello {
         version: PROTOCOL_VERSION,
     };
     framed
-        .write_msg(&hello, w)
+        .write_msg(&hello, OFFER_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let nonce = match framed.read_msg::<RelayMsg>().await {
-        Ok(RelayMsg::Challenge { nonce, .. }) => nonce,
-        Ok(RelayMsg::Error { message, .. }) => return Err(message),
-        Ok(other) => return Err(format!("{other:?} where a challenge was expected")),
-        Err(e) => return Err(e.to_string()),
-    };
+    match framed.read_msg::<RelayMsg>().await {
+        Ok(RelayMsg::Challenge { nonce, .. }) => Ok(Idle {
+            framed,
+            nonce,
+            since: Instant::now(),
+        }),
+        Ok(RelayMsg::Error { message, .. }) => Err(message),
+        Ok(other) => Err(format!("{other:?} where a challenge was expected")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Offers the visitor on a challenged connection: its stream once the other relay said
+/// `Start`, with any bytes read past that frame.
+async fn offer(
+    idle: Idle,
+    name: &str,
+    visitor: SocketAddr,
+    secret: &[u8],
+) -> Result<(PeerStream, Vec<u8>), String> {
+    let Idle {
+        mut framed, nonce, ..
+    } = idle;
     let visit = AgentMsg::PeerVisit {
         service: name.to_string(),
         visitor,
         mac: peer_mac(secret, &nonce, name, &visitor),
     };
     framed
-        .write_msg(&visit, w)
+        .write_msg(&visit, OFFER_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    match framed.read_msg::<RelayMsg>().await {
-        Ok(RelayMsg::Start { .. }) => Ok(framed.into_parts()),
-        Ok(RelayMsg::Error { message, .. }) => Err(message),
-        Ok(other) => Err(format!("{other:?} where Start was expected")),
-        Err(e) => Err(e.to_string()),
+    let answer = tokio::time::timeout(OFFER_TIMEOUT, framed.read_msg::<RelayMsg>()).await;
+    match answer {
+        Ok(Ok(RelayMsg::Start { .. })) => Ok(framed.into_parts()),
+        Ok(Ok(RelayMsg::Error { message, .. })) => Err(message),
+        Ok(Ok(other)) => Err(format!("{other:?} where Start was expected")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no Start within {OFFER_TIMEOUT:?}")),
     }
 }
