@@ -818,3 +818,89 @@ async fn handovers_without_the_secret_or_an_agent_are_refused() {
     // The relay carries on: its agent's visitors are served.
     assert_echo(SocketAddr::from(([127, 0, 0, 1], port))).await;
 }
+
+/// An origin that answers every visitor with `tag` and closes.
+async fn tagged(tag: &'static [u8]) -> SocketAddr {
+    origin(move |mut s: tokio::net::TcpStream| async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = s.write_all(tag).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+/// What one visitor through `addr` hears (empty if refused).
+async fn heard(addr: SocketAddr) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let Ok(Ok(mut s)) =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Two agents of one service, each on its own relay: a third relay spreads its visitors over
+/// both; when one agent goes, its relay's visitors go to the other agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_of_one_service_on_different_relays_share_its_visitors() {
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let url = etcd.url();
+    let r1 = member(1, &url, None, &[]);
+    let r2 = member(2, &url, Some(&r1), &[]);
+    let r3 = member(3, &url, Some(&r1), &[]);
+    let (a, b) = (tagged(b"A").await, tagged(b"B").await);
+    let mut agent_a = Proc::spawn(&agent_args(&[&r1], a, "web", &[]));
+    let port = port_of(&online(&mut agent_a, 1)[0]);
+    let mut agent_b = Proc::spawn(&agent_args(&[&r2], b, "web", &[]));
+    assert_eq!(
+        port_of(&online(&mut agent_b, 1)[0]),
+        port,
+        "one port fleet-wide"
+    );
+
+    // r3 has neither agent: it hands its visitors to both relays.
+    r3.proc
+        .wait_stderr("fleet: handing this service's visitors to the relays its agent is on");
+    let via = |n: u8| SocketAddr::from(([127, 0, 0, n], port));
+    let deadline = Instant::now() + WAIT;
+    let (mut saw_a, mut saw_b) = (0, 0);
+    while (saw_a == 0 || saw_b == 0) && Instant::now() < deadline {
+        match &heard(via(3)).await[..] {
+            b"A" => saw_a += 1,
+            b"B" => saw_b += 1,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(
+        saw_a > 0 && saw_b > 0,
+        "r3 gave its visitors to one agent only (A {saw_a}, B {saw_b})"
+    );
+
+    // Agent A goes: r1 stops waiting for it and hands its visitors to r2's agent.
+    let gone = Instant::now();
+    drop(agent_a);
+    r1.proc
+        .wait_stderr("its agent left this relay but not the fleet");
+    let mut answer = heard(via(1)).await;
+    while answer != b"B" && gone.elapsed() < WAIT {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        answer = heard(via(1)).await;
+    }
+    assert_eq!(answer, b"B");
+    eprintln!(
+        "agent A gone: r1's visitors reached agent B {:.1} s later",
+        gone.elapsed().as_secs_f64()
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            heard(via(3)).await,
+            b"B",
+            "r3 still hands visitors to the agent that left"
+        );
+    }
+}
