@@ -69,9 +69,25 @@ pub struct Handoff {
     warm: Arc<Warm>,
 }
 
-/// Idle relay-to-relay connections, by the relay they reach: each has its next challenge.
+/// Idle relay-to-relay connections, by the relay they reach: each has its next challenge;
+/// and the visitors being carried to each relay now.
 #[derive(Default)]
-struct Warm(Mutex<HashMap<String, Vec<Idle>>>);
+struct Warm(
+    Mutex<HashMap<String, Vec<Idle>>>,
+    Mutex<HashMap<String, usize>>,
+);
+
+/// A visitor counted as carried to a relay until dropped.
+struct Carrying<'a>(&'a Warm, String);
+
+impl Drop for Carrying<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0 .1.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = g.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
 
 struct Idle {
     framed: Framed<PeerStream>,
@@ -80,6 +96,26 @@ struct Idle {
 }
 
 impl Warm {
+    /// `targets` ordered by the visitors this relay carries to each now, fewest first (ties
+    /// in a random order): least connections, as this relay sees them.
+    fn least_loaded(&self, mut targets: Vec<String>) -> Vec<String> {
+        let mut b = [0u8; 1];
+        crate::protocol::auth::random_bytes(&mut b);
+        if !targets.is_empty() {
+            let n = targets.len();
+            targets.rotate_left(usize::from(b[0]) % n);
+        }
+        let g = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        targets.sort_by_key(|t| g.get(t).copied().unwrap_or(0));
+        targets
+    }
+
+    fn carry(&self, target: &str) -> Carrying<'_> {
+        let mut g = self.1.lock().unwrap_or_else(|p| p.into_inner());
+        *g.entry(target.to_string()).or_insert(0) += 1;
+        Carrying(self, target.to_string())
+    }
+
     fn take(&self, target: &str) -> Option<Idle> {
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let list = g.get_mut(target)?;
@@ -270,12 +306,13 @@ async fn accept_loop(
     }
 }
 
-/// Hands one visitor to the first of `targets` (tried in a random order) that takes it.
+/// Hands one visitor to the first of `targets` that takes it, trying the one this relay
+/// carries the fewest visitors to first.
 async fn hand_over(
     mut visitor: TcpStream,
     addr: SocketAddr,
     name: &str,
-    mut targets: Vec<String>,
+    targets: Vec<String>,
     tls: &TlsConnector,
     secrets: &Secrets,
     warm: &Warm,
@@ -284,12 +321,7 @@ async fn hand_over(
         tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no secret for the service here");
         return;
     };
-    let mut b = [0u8; 1];
-    crate::protocol::auth::random_bytes(&mut b);
-    if !targets.is_empty() {
-        let n = targets.len();
-        targets.rotate_left(usize::from(b[0]) % n);
-    }
+    let targets = warm.least_loaded(targets);
     let mut last = String::from("no relay of the fleet has its agent");
     for target in targets.iter().take(OFFER_ATTEMPTS) {
         // A kept connection first; if the other relay let it go meanwhile, a fresh one.
@@ -311,6 +343,7 @@ async fn hand_over(
         let Some((mut stream, early)) = offered else {
             continue;
         };
+        let carrying = warm.carry(target);
         tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: visitor handed over");
         let moved = crate::dataplane::tokio::chunked::forward(
             &mut visitor,
@@ -321,6 +354,7 @@ async fn hand_over(
             Tally::none(),
         )
         .await;
+        drop(carrying);
         if let Some(o) = moved.ok().filter(|o| o.reusable) {
             // The other relay challenges afresh for the next visitor.
             let mut framed = Framed::with_buffer(stream, o.leftover);
@@ -401,5 +435,25 @@ async fn offer(
         Ok(Ok(other)) => Err(format!("{other:?} where Start was expected")),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no Start within {OFFER_TIMEOUT:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relay_carrying_fewest_visitors_comes_first() {
+        let warm = Warm::default();
+        let all = || vec!["a:1".to_string(), "b:1".to_string(), "c:1".to_string()];
+        let a = warm.carry("a:1");
+        let _a2 = warm.carry("a:1");
+        let _c = warm.carry("c:1");
+        assert_eq!(warm.least_loaded(all())[0], "b:1");
+        assert_eq!(warm.least_loaded(all())[2], "a:1");
+        drop(a);
+        let _b = warm.carry("b:1");
+        let _b2 = warm.carry("b:1");
+        assert_eq!(warm.least_loaded(all())[2], "b:1");
     }
 }
