@@ -370,7 +370,7 @@ pub async fn run_with_events(
     events: Option<mpsc::UnboundedSender<Online>>,
     stop: tokio::sync::watch::Receiver<u32>,
 ) -> Result<Drained, AgentError> {
-    run_inner(cfg, events, stop, None).await
+    run_inner(cfg, events, stop, None, None).await
 }
 
 /// [`run_with_events`] without events, and reloading its settings whenever `reload`
@@ -381,7 +381,7 @@ pub async fn run_reloadable(
     stop: tokio::sync::watch::Receiver<u32>,
     reload: reload::Reload,
 ) -> Result<Drained, AgentError> {
-    run_inner(cfg, None, stop, Some(reload)).await
+    run_inner(cfg, None, stop, Some(reload), None).await
 }
 
 /// [`run_reloadable`] for each of several relays of a fleet at once: one session (and pool
@@ -395,13 +395,19 @@ pub async fn run_relays(
     use tracing::Instrument;
     let mut set = tokio::task::JoinSet::new();
     let several = runs.len() > 1;
+    // One set of workers carries the data connections to every relay.
+    let workers = match runs.first() {
+        Some((cfg, _)) => start_workers(cfg.backend, cfg.workers)?,
+        None => None,
+    };
     for (cfg, reload) in runs {
         // With several relays, each line says which one it is about.
         let span = match several {
             true => tracing::info_span!("relay", addr = %cfg.relay_addr()),
             false => tracing::Span::none(),
         };
-        set.spawn(run_inner(cfg, None, stop.clone(), Some(reload)).instrument(span));
+        let shared = Some(workers.clone());
+        set.spawn(run_inner(cfg, None, stop.clone(), Some(reload), shared).instrument(span));
     }
     let mut total = Drained {
         finished: 0,
@@ -429,11 +435,14 @@ pub async fn run_relays(
     }
 }
 
+/// `workers`: the io_uring workers to use, already started (several relays share one set);
+/// `None` starts them here.
 async fn run_inner(
     cfg: AgentConfig,
     events: Option<mpsc::UnboundedSender<Online>>,
     stop: tokio::sync::watch::Receiver<u32>,
     mut reload: Option<reload::Reload>,
+    workers: Option<Option<Arc<Workers>>>,
 ) -> Result<Drained, AgentError> {
     cfg.validate()
         .map_err(|e| AgentError::Settings(e.to_string()))?;
@@ -458,7 +467,10 @@ async fn run_inner(
     let client = tls::client_config(&trust).map_err(|e| AgentError::Settings(e.to_string()))?;
     let server_name = ServerName::try_from(cfg.relay_host.clone())
         .map_err(|_| AgentError::Settings(format!("invalid relay host {:?}", cfg.relay_host)))?;
-    let workers = start_workers(cfg.backend, cfg.workers)?;
+    let workers = match workers {
+        Some(w) => w,
+        None => start_workers(cfg.backend, cfg.workers)?,
+    };
     let mut ctx = Arc::new(Ctx {
         cfg,
         connector: TlsConnector::from(client),
