@@ -153,3 +153,74 @@ fn an_agent_says_at_once_when_its_local_service_does_not_answer() {
         .proc
         .wait_stderr(&format!("local service {addr} is not reachable now"));
 }
+
+#[test]
+fn fleet_settings_that_cannot_work_are_refused_at_start() {
+    for (flags, says) in [
+        (
+            &["--registry", "http://127.0.0.1:2379"][..],
+            "expected etcd://HOST:PORT",
+        ),
+        (
+            &[
+                "--registry",
+                "etcd://127.0.0.1:2379",
+                "--relay-id",
+                "no spaces",
+            ][..],
+            "relay id",
+        ),
+        (
+            &["--registry", "etcd://127.0.0.1:2379", "--registry-ttl", "1"][..],
+            "registry TTL must be 2 to 300 seconds",
+        ),
+        (
+            &[
+                "--registry",
+                "etcd://127.0.0.1:2379",
+                "--registry-prefix",
+                "fleet",
+            ][..],
+            "must start and end with /",
+        ),
+    ] {
+        let (_state, args) = relay_args(flags);
+        let err = fails_with(&args);
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
+}
+
+/// A registry address where something other than etcd answers (garbage, or nothing): the
+/// relay starts and serves, says once what is wrong, and a new service is refused with the
+/// reason while its agent keeps retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_is_not_etcd_is_named_and_new_services_wait() {
+    use tokio::io::AsyncWriteExt;
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = garbage.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = garbage.accept().await {
+            let _ = s
+                .write_all(b"SSH-2.0-OpenSSH_9.2\r\n\x00\xff garbage")
+                .await;
+        }
+    });
+    let registry = format!("etcd://{at}");
+    let relay = Relay::spawn(
+        Backend::Tokio,
+        &[
+            "--registry",
+            &registry,
+            "--relay-id",
+            "lonely",
+            "--registry-ttl",
+            "3",
+        ],
+    );
+    let local = echo_origin().await;
+    let agent = Proc::spawn(&relay.agent_args(local, "web"));
+    agent.wait_stderr("the fleet registry is unavailable");
+    relay.proc.wait_stderr("fleet registry unreachable (");
+    let mut agent = agent;
+    assert!(agent.is_running(), "the agent gave up: {}", agent.stderr());
+}
