@@ -414,37 +414,55 @@ impl Dnsmasq {
         ) {
             return None;
         }
-        // A free port: bound and let go (dnsmasq cannot take port 0 and say which it got).
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("dnsmasq");
-        cmd.args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            &format!("--port={port}"),
-            "--address=/tunnel.test/10.9.8.7",
-        ]);
-        // As root it would switch to the user `nobody`, which may not exist in a container.
-        if rustix::process::geteuid().is_root() {
-            cmd.arg("--user=root");
+        // A free port, bound and let go (dnsmasq cannot take port 0 and say which it got).
+        // dnsmasq listens on it over UDP and TCP, and another test may take the number
+        // meanwhile: a start that fails is retried on another port.
+        for _ in 0..5 {
+            let port = loop {
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let port = udp.local_addr().unwrap().port();
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    break port;
+                }
+            };
+            let mut cmd = Command::new("dnsmasq");
+            cmd.args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                &format!("--port={port}"),
+                "--address=/tunnel.test/10.9.8.7",
+            ]);
+            // As root it would switch to the user `nobody`, which may not exist in a container.
+            if rustix::process::geteuid().is_root() {
+                cmd.arg("--user=root");
+            }
+            let mut child = cmd
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("starting dnsmasq");
+            // Up once it takes TCP connections on the port (it binds UDP first).
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return Some(Dnsmasq { child, addr });
+                }
+                if child.try_wait().ok().flatten().is_some() || std::time::Instant::now() > deadline
+                {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting dnsmasq");
-        Some(Dnsmasq {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        })
+        panic!("dnsmasq did not start on any of 5 free ports");
     }
 }
 
