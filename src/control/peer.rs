@@ -50,6 +50,7 @@ pub async fn serve(
 ) {
     plane.metrics.peer_connections.inc();
     let mut place = Some(place);
+    let mut peer_place = None;
     let mut framed = framed;
     loop {
         // The first visitor comes within the handshake deadline, as an agent's registration;
@@ -75,12 +76,26 @@ pub async fn serve(
                 return;
             }
         };
-        place = None; // proven: no longer an unauthenticated connection
+        if place.is_some() {
+            // Proven: no longer an unauthenticated connection, but one of a bounded number
+            // of relay-to-relay connections.
+            match plane.peers.enter(peer.ip()) {
+                Ok(p) => peer_place = Some(p),
+                Err(full) => {
+                    tracing::warn!(%peer, "relay-to-relay connection closed after its visitor: {full}");
+                    let (conn, early) = framed.into_parts();
+                    forward(&plane, conn, early, visit).await;
+                    return;
+                }
+            }
+        }
+        place = None;
         let (conn, early) = framed.into_parts();
         match forward(&plane, conn, early, visit).await {
             Some(next) => framed = next,
             None => return,
         }
+        debug_assert!(peer_place.is_some());
     }
 }
 

@@ -23,6 +23,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Deadline for writing one control frame to an agent.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Relay-to-relay connections kept between handed-over visitors, in all and per address:
+/// a sending relay keeps 8 per receiving relay, so these leave room for 32 relays behind
+/// one address and a fleet of 512.
+pub const MAX_PEER_CONNECTIONS: usize = 4096;
+/// See [`MAX_PEER_CONNECTIONS`].
+pub const MAX_PEER_CONNECTIONS_PER_ADDRESS: usize = 256;
+
 /// What a ticket was issued for.
 pub struct Grant {
     /// The session it was issued to; only valid while that session owns the service.
@@ -74,6 +81,8 @@ pub struct ControlPlane {
     took_over_at: Mutex<Option<Instant>>,
     /// The fleet's namespace services are claimed in first, if this relay is in a fleet.
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// Relay-to-relay connections that proved a visitor and may wait for the next one.
+    pub peers: Arc<crate::net::cap::ConnCap>,
 }
 
 impl ControlPlane {
@@ -97,6 +106,10 @@ impl ControlPlane {
             drain: tokio::sync::watch::Sender::new(false),
             took_over_at: Mutex::new(None),
             fleet: None,
+            peers: crate::net::cap::ConnCap::new(
+                MAX_PEER_CONNECTIONS,
+                MAX_PEER_CONNECTIONS_PER_ADDRESS,
+            ),
         }
     }
 
