@@ -738,14 +738,33 @@ async fn a_visitor_of_a_relay_without_the_agent_is_handed_to_one_with_it() {
     drop(second);
 }
 
+/// A relay-to-relay connection to `relay`, said hello on, and the challenge it got.
+async fn challenged(
+    relay: &Relay,
+) -> (
+    ringtunnel::transport::Framed<ringtunnel::transport::BoxStream>,
+    ringtunnel::protocol::auth::Nonce,
+) {
+    use ringtunnel::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
+    let limit = Duration::from_secs(10);
+    let mut peer = ringtunnel::transport::Framed::new(tls_connect(relay).await);
+    let hello = AgentMsg::PeerHello {
+        version: PROTOCOL_VERSION,
+    };
+    peer.write_msg(&hello, limit).await.unwrap();
+    let RelayMsg::Challenge { nonce, .. } = peer.read_msg_within(limit).await.unwrap() else {
+        panic!("expected a challenge")
+    };
+    (peer, nonce)
+}
+
 /// The control port's hand-over door, attacked: a visitor offered without the service's
 /// secret, for a service with no agent here, garbage after the hello, and a relay in no
 /// fleet. None gets a visitor served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handovers_without_the_secret_or_an_agent_are_refused() {
     use ringtunnel::protocol::auth::peer_mac;
-    use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
-    use ringtunnel::transport::Framed;
+    use ringtunnel::protocol::{AgentMsg, ErrorCode, RelayMsg};
     let Some(etcd) = EtcdServer::start() else {
         return;
     };
@@ -768,18 +787,7 @@ async fn handovers_without_the_secret_or_an_agent_are_refused() {
         (&lone, "web", SECRET, ErrorCode::AuthFailed),
     ];
     for (relay, service, secret, code) in cases {
-        let mut peer = Framed::new(tls_connect(relay).await);
-        peer.write_msg(
-            &AgentMsg::PeerHello {
-                version: PROTOCOL_VERSION,
-            },
-            limit,
-        )
-        .await
-        .unwrap();
-        let RelayMsg::Challenge { nonce, .. } = peer.read_msg_within(limit).await.unwrap() else {
-            panic!("expected a challenge")
-        };
+        let (mut peer, nonce) = challenged(relay).await;
         let visit = AgentMsg::PeerVisit {
             service: service.into(),
             visitor,
@@ -794,16 +802,7 @@ async fn handovers_without_the_secret_or_an_agent_are_refused() {
         }
     }
     // Garbage where the visitor frame belongs: closed, nothing served.
-    let mut peer = Framed::new(tls_connect(&r1).await);
-    peer.write_msg(
-        &AgentMsg::PeerHello {
-            version: PROTOCOL_VERSION,
-        },
-        limit,
-    )
-    .await
-    .unwrap();
-    let _ = peer.read_msg_within::<RelayMsg>(limit).await.unwrap();
+    let (mut peer, _) = challenged(&r1).await;
     use tokio::io::AsyncWriteExt;
     peer.get_mut().write_all(&[0xff; 64]).await.unwrap();
     match peer.read_msg_within::<RelayMsg>(limit).await {

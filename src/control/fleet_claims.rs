@@ -69,37 +69,37 @@ pub async fn claim_all(
         if let Some(h) = fleet.handoff.get() {
             h.release(&req.name).await;
         }
+        // The request as published here: on the fleet's port.
+        let on_port = |port: u16| {
+            let mut req = req.clone();
+            if req.kind.own_port() {
+                req.remote_port = port;
+            }
+            req
+        };
         match fleet.claim(&claim, cfg.port_range).await {
             Ok(c) => {
-                let mut req = req.clone();
-                if req.kind.own_port() {
-                    req.remote_port = c.port;
-                }
                 if c.created {
                     out.created.push(req.name.clone());
                 }
-                out.requests.push(req);
+                out.requests.push(on_port(c.port));
             }
-            Err(ClaimError::Registry(e)) if registry.held_port(&req.name, req.kind).is_some() => {
-                tracing::warn!(service = %req.name, "fleet registry unavailable ({e}): serving the service this relay already has");
-                let mut req = req.clone();
-                if let Some(port) = registry.held_port(&req.name, req.kind) {
-                    if req.kind.own_port() {
-                        req.remote_port = port;
-                    }
+            Err(e) => match (e, registry.held_port(&req.name, req.kind)) {
+                (ClaimError::Registry(e), Some(port)) => {
+                    tracing::warn!(service = %req.name, "fleet registry unavailable ({e}): serving the service this relay already has");
+                    out.requests.push(on_port(port));
                 }
-                out.requests.push(req);
-            }
-            Err(e) => {
-                let refusal = Refusal::Fleet(e);
-                out.refused.push(ServiceResult {
-                    name: req.name.clone(),
-                    outcome: ServiceOutcome::Rejected {
-                        code: refusal.code(),
-                        message: refusal.to_string(),
-                    },
-                });
-            }
+                (e, _) => {
+                    let refusal = Refusal::Fleet(e);
+                    out.refused.push(ServiceResult {
+                        name: req.name.clone(),
+                        outcome: ServiceOutcome::Rejected {
+                            code: refusal.code(),
+                            message: refusal.to_string(),
+                        },
+                    });
+                }
+            },
         }
     }
     out

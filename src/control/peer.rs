@@ -29,8 +29,8 @@ const PEER_VISIT_MAX: usize = 160;
 /// (the sending relay keeps it shorter than this).
 pub const PEER_IDLE: Duration = Duration::from_secs(60);
 
-/// Why a hand-over was refused: the code for the sending relay, and whether the sender
-/// proved nothing (counted as a failed attempt).
+/// Why a hand-over was refused: the code and message for the sending relay (none when the
+/// message is empty), and whether the sender proved nothing (counted as a failed attempt).
 struct Refused(ErrorCode, String, bool);
 
 impl Refused {
@@ -49,15 +49,17 @@ pub async fn serve(
     place: CapPlace,
 ) {
     plane.metrics.peer_connections.inc();
-    let mut place = Some(place);
-    let mut peer_place = None;
+    // Held for its count: until its first visitor is proven, the connection's place among
+    // the unauthenticated ones; from then on, among the relay-to-relay connections.
+    let mut _place = place;
+    let mut proven = false;
     let mut framed = framed;
     loop {
         // The first visitor comes within the handshake deadline, as an agent's registration;
         // after one proven visitor the connection is a fleet member's and may idle longer.
-        let wait = match place {
-            Some(_) => HANDSHAKE_TIMEOUT,
-            None => PEER_IDLE,
+        let wait = match proven {
+            false => HANDSHAKE_TIMEOUT,
+            true => PEER_IDLE,
         };
         let visit = match receive(&plane, &mut framed, wait).await {
             Ok(v) => v,
@@ -69,33 +71,28 @@ pub async fn serve(
                         .refusals
                         .note(peer, "relay hand-over refused", &message);
                 }
-                if code != ErrorCode::Internal || !message.is_empty() {
+                if !message.is_empty() {
                     let msg = RelayMsg::Error { code, message };
                     let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
                 }
                 return;
             }
         };
-        if place.is_some() {
-            // Proven: no longer an unauthenticated connection, but one of a bounded number
-            // of relay-to-relay connections.
+        let (conn, early) = framed.into_parts();
+        if !proven {
             match plane.peers.enter(peer.ip()) {
-                Ok(p) => peer_place = Some(p),
+                Ok(p) => (_place, proven) = (p, true),
                 Err(full) => {
                     tracing::warn!(%peer, "relay-to-relay connection closed after its visitor: {full}");
-                    let (conn, early) = framed.into_parts();
                     forward(&plane, conn, early, visit).await;
                     return;
                 }
             }
         }
-        place = None;
-        let (conn, early) = framed.into_parts();
         match forward(&plane, conn, early, visit).await {
             Some(next) => framed = next,
             None => return,
         }
-        debug_assert!(peer_place.is_some());
     }
 }
 

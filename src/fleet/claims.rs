@@ -18,11 +18,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::etcd::{prefix_end, Cmp, Etcd, Kv, Op};
+use super::etcd::{Cmp, Etcd, Kv, Op};
 use super::{FleetError, FleetSettings};
 use crate::config::PortRange;
 use crate::protocol::ServiceKind;
@@ -144,13 +143,6 @@ pub struct Hold {
     pub port: u16,
 }
 
-/// When the registry last answered, or why it did not.
-#[derive(Debug, Default)]
-struct Health {
-    last_ok: Option<Instant>,
-    failing: Option<String>,
-}
-
 /// This relay's view of the fleet's namespace.
 #[derive(Debug)]
 pub struct Fleet {
@@ -159,7 +151,8 @@ pub struct Fleet {
     /// How this relay joined.
     pub settings: FleetSettings,
     holds: Mutex<HashMap<String, Hold>>,
-    health: Mutex<Health>,
+    /// Why the registry did not answer last time, while it does not.
+    failing: Mutex<Option<String>>,
     /// Visitors of services other relays serve, handed to them (set once at start).
     pub handoff: std::sync::OnceLock<std::sync::Arc<super::handoff::Handoff>>,
 }
@@ -174,7 +167,7 @@ impl Fleet {
             etcd: Etcd::parse(&settings.registry)?,
             settings,
             holds: Mutex::new(HashMap::new()),
-            health: Mutex::new(Health::default()),
+            failing: Mutex::new(None),
             handoff: std::sync::OnceLock::new(),
         })
     }
@@ -191,6 +184,10 @@ impl Fleet {
         self.key(&format!("hosts/{}/", host.to_ascii_lowercase()))
     }
 
+    fn host_key(&self, host: &str, name: &str) -> String {
+        format!("{}{}", self.host_prefix(host), name.to_ascii_lowercase())
+    }
+
     fn port_key(&self, kind: ServiceKind, port: u16) -> String {
         self.key(&format!("ports/{kind}/{port}"))
     }
@@ -202,30 +199,24 @@ impl Fleet {
 
     /// Notes how the last call to etcd went; logs when that changes.
     pub fn note(&self, outcome: &Result<(), FleetError>) {
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(()) => {
-                if h.failing.take().is_some() {
+                if failing.take().is_some() {
                     tracing::info!("fleet registry reachable again");
                 }
-                h.last_ok = Some(Instant::now());
             }
             Err(FleetError::Unreachable(why)) => {
-                if h.failing.is_none() {
+                if failing.is_none() {
                     tracing::error!(
                         "fleet registry unreachable ({why}): existing services keep serving; new claims are refused until it is back"
                     );
                 }
-                h.failing = Some(why.clone());
+                *failing = Some(why.clone());
             }
+            // etcd answered: it is reachable, whatever it said.
             Err(_) => {}
         }
-    }
-
-    /// Whether the registry answered lately (within one TTL), for `/health` and status.
-    pub fn reachable(&self) -> bool {
-        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        h.failing.is_none() && h.last_ok.is_some_and(|t| t.elapsed() < self.settings.ttl)
     }
 
     /// The services this relay holds.
@@ -246,9 +237,8 @@ impl Fleet {
     pub async fn claim(&self, c: &Claim, range: PortRange) -> Result<Claimed, ClaimError> {
         let r = self.try_claim(c, range).await;
         match &r {
-            Ok(_) | Err(ClaimError::Registry(FleetError::Etcd(_))) => self.note(&Ok(())),
-            Err(ClaimError::Registry(e)) => self.note(&Err(e.clone())),
-            Err(_) => self.note(&Ok(())),
+            Err(ClaimError::Registry(e @ FleetError::Unreachable(_))) => self.note(&Err(e.clone())),
+            _ => self.note(&Ok(())),
         }
         r
     }
@@ -259,24 +249,15 @@ impl Fleet {
         let mut granted: Option<i64> = None;
         for _ in 0..ATTEMPTS {
             // What the service and its hosts look like now, at one revision.
-            let mut reads = vec![Op::Range {
-                key: skey.clone(),
-                range_end: None,
-            }];
-            for h in &c.hosts {
-                let p = self.host_prefix(h);
-                reads.push(Op::Range {
-                    range_end: Some(prefix_end(&p)),
-                    key: p,
-                });
-            }
+            let mut reads = vec![Op::get(skey.clone())];
+            reads.extend(c.hosts.iter().map(|h| Op::prefix(self.host_prefix(h))));
             let snap = self.etcd.txn(&[], &reads, &[]).await?;
             let rev = snap.revision;
-            let existing: Option<(ServiceValue, &Kv)> = match snap.ranges[0].first() {
-                Some(kv) => Some((decode(kv)?, kv)),
+            let existing: Option<ServiceValue> = match snap.ranges[0].first() {
+                Some(kv) => Some(decode(kv)?),
                 None => None,
             };
-            if let Some((v, _)) = &existing {
+            if let Some(v) = &existing {
                 if v.owner != c.owner {
                     return Err(ClaimError::NameHeld(c.name.clone()));
                 }
@@ -309,9 +290,7 @@ impl Fleet {
             // in an earlier attempt, which another relay's claim beat: every relay of the
             // service must renew the one its keys are held by), else a new one.
             let live = match &existing {
-                Some((v, _)) if v.lease != 0 => {
-                    self.etcd.keep_alive(v.lease).await?.map(|_| v.lease)
-                }
+                Some(v) if v.lease != 0 => self.etcd.keep_alive(v.lease).await?.map(|_| v.lease),
                 _ => None,
             };
             let lease = match (live, granted) {
@@ -319,26 +298,19 @@ impl Fleet {
                 (None, Some(l)) => l,
                 (None, None) => *granted.insert(self.etcd.grant(self.ttl_secs()).await?),
             };
-            let mut when = vec![Cmp::Unchanged {
-                key: skey.clone(),
-                range_end: None,
-                rev,
-            }];
-            for h in &c.hosts {
-                let p = self.host_prefix(h);
-                when.push(Cmp::Unchanged {
-                    range_end: Some(prefix_end(&p)),
-                    key: p,
-                    rev,
-                });
-            }
+            let mut when = vec![Cmp::key_unchanged(skey.clone(), rev)];
+            when.extend(
+                c.hosts
+                    .iter()
+                    .map(|h| Cmp::prefix_unchanged(self.host_prefix(h), rev)),
+            );
             let mut then = Vec::new();
             let mut port = 0;
             if c.kind.own_port() {
                 let same_kind = existing
                     .as_ref()
-                    .filter(|(v, _)| v.kind == c.kind.to_string() && v.port != 0)
-                    .map(|(v, _)| v.port);
+                    .filter(|v| v.kind == c.kind.to_string() && v.port != 0)
+                    .map(|v| v.port);
                 port = match (c.port, same_kind) {
                     (0, Some(p)) => p,
                     (0, None) => match pick_port(range, &tried_ports) {
@@ -348,17 +320,7 @@ impl Fleet {
                     (p, _) => p,
                 };
                 let pkey = self.port_key(c.kind, port);
-                let held = self
-                    .etcd
-                    .txn(
-                        &[],
-                        &[Op::Range {
-                            key: pkey.clone(),
-                            range_end: None,
-                        }],
-                        &[],
-                    )
-                    .await?;
+                let held = self.etcd.txn(&[], &[Op::get(pkey.clone())], &[]).await?;
                 if let Some(kv) = held.ranges[0].first() {
                     let v: PortValue = decode(kv)?;
                     if !v.service.eq_ignore_ascii_case(&c.name) {
@@ -372,11 +334,7 @@ impl Fleet {
                         continue;
                     }
                 }
-                when.push(Cmp::Unchanged {
-                    key: pkey.clone(),
-                    range_end: None,
-                    rev: held.revision,
-                });
+                when.push(Cmp::key_unchanged(pkey.clone(), held.revision));
                 then.push(Op::Put {
                     key: pkey,
                     value: encode(&PortValue {
@@ -387,7 +345,7 @@ impl Fleet {
                 });
             }
             // What the service held before and holds no longer.
-            if let Some((old, _)) = &existing {
+            if let Some(old) = &existing {
                 if old.port != 0 && (old.port != port || old.kind != c.kind.to_string()) {
                     if let Some(kind) = kind_named(&old.kind).filter(|k| k.own_port()) {
                         then.push(Op::Delete {
@@ -397,13 +355,13 @@ impl Fleet {
                 }
                 for h in old.hosts.iter().filter(|h| !c.hosts.contains(h)) {
                     then.push(Op::Delete {
-                        key: format!("{}{}", self.host_prefix(h), c.name.to_ascii_lowercase()),
+                        key: self.host_key(h, &c.name),
                     });
                 }
             }
             for h in &c.hosts {
                 then.push(Op::Put {
-                    key: format!("{}{}", self.host_prefix(h), c.name.to_ascii_lowercase()),
+                    key: self.host_key(h, &c.name),
                     value: encode(&HostValue {
                         owner: c.owner.clone(),
                         kind: c.kind.to_string(),
@@ -501,13 +459,7 @@ impl Fleet {
     pub async fn elsewhere(
         &self,
     ) -> Result<HashMap<String, super::handoff::Elsewhere>, FleetError> {
-        let range = |rest: &str| {
-            let p = self.key(rest);
-            Op::Range {
-                range_end: Some(prefix_end(&p)),
-                key: p,
-            }
-        };
+        let range = |rest: &str| Op::prefix(self.key(rest));
         let read = self
             .etcd
             .txn(

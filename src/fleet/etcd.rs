@@ -83,6 +83,44 @@ pub enum Op {
     },
 }
 
+impl Cmp {
+    /// `key` unchanged since revision `rev`.
+    pub fn key_unchanged(key: String, rev: i64) -> Cmp {
+        Cmp::Unchanged {
+            key,
+            range_end: None,
+            rev,
+        }
+    }
+
+    /// No key starting with `prefix` changed (or appeared) since revision `rev`.
+    pub fn prefix_unchanged(prefix: String, rev: i64) -> Cmp {
+        Cmp::Unchanged {
+            range_end: Some(prefix_end(&prefix)),
+            key: prefix,
+            rev,
+        }
+    }
+}
+
+impl Op {
+    /// Reads `key`.
+    pub fn get(key: String) -> Op {
+        Op::Range {
+            key,
+            range_end: None,
+        }
+    }
+
+    /// Reads every key starting with `prefix`.
+    pub fn prefix(prefix: String) -> Op {
+        Op::Range {
+            range_end: Some(prefix_end(&prefix)),
+            key: prefix,
+        }
+    }
+}
+
 /// What a transaction did.
 #[derive(Debug, Clone)]
 pub struct TxnResult {

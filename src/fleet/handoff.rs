@@ -175,15 +175,19 @@ impl Handoff {
             let mut w = self.wanted_here.lock().unwrap_or_else(|p| p.into_inner());
             w.insert(key.clone(), Instant::now() + WANTED_HERE);
         }
+        self.close(&key).await;
+    }
+
+    /// Closes the hand-over port of `name` if open (closed when this returns); its port.
+    async fn close(&self, name: &str) -> Option<u16> {
         let gone = {
             let mut g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
-            g.remove(&key)
-        };
-        if let Some(l) = gone {
-            l.task.abort();
-            // Resolves once the task, and the listener it owns, is dropped.
-            let _ = l.task.await;
-        }
+            g.remove(name)
+        }?;
+        gone.task.abort();
+        // Resolves once the task, and the listener it owns, is dropped.
+        let _ = gone.task.await;
+        Some(gone.port)
     }
 
     /// Lets service `name` be handed over again at once (it left this relay).
@@ -214,14 +218,8 @@ impl Handoff {
                 .collect()
         };
         for name in stale {
-            let gone = {
-                let mut g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
-                g.remove(&name)
-            };
-            if let Some(l) = gone {
-                l.task.abort();
-                let _ = l.task.await;
-                tracing::info!(service = %name, port = l.port, "fleet: no longer handing this service's visitors over");
+            if let Some(port) = self.close(&name).await {
+                tracing::info!(service = %name, port, "fleet: no longer handing this service's visitors over");
             }
         }
         for (name, e) in elsewhere {
@@ -234,7 +232,7 @@ impl Handoff {
                 continue;
             }
             let addr = SocketAddr::new(self.bind, e.port);
-            let listener = match bind(addr) {
+            let listener = match crate::net::bind(addr, false) {
                 Ok(l) => l,
                 Err(err) => {
                     tracing::debug!(service = %name, %addr, "fleet: cannot open the port for hand-over: {err}");
@@ -262,16 +260,6 @@ impl Handoff {
             );
         }
     }
-}
-
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
 }
 
 async fn accept_loop(

@@ -132,21 +132,19 @@ async fn hand_over(
     let online = members.online();
     fleet.mark_holders(presence, &online, marked).await?;
     let elsewhere = fleet.elsewhere().await?;
-    for name in members.present() {
-        let lingering = !online.iter().any(|o| o.eq_ignore_ascii_case(&name));
-        if lingering
+    let mut local = members.present();
+    local.retain(|name| {
+        let lingering = !online.iter().any(|o| o.eq_ignore_ascii_case(name));
+        let dropped = lingering
             && elsewhere.contains_key(&name.to_ascii_lowercase())
-            && members.drop_lingering(&name)
-        {
-            handoff.unwant(&name);
+            && members.drop_lingering(name);
+        if dropped {
+            handoff.unwant(name);
             tracing::info!(service = %name, "its agent left this relay but not the fleet: its visitors go to the relays it is on");
         }
-    }
-    let local: Vec<String> = members
-        .present()
-        .iter()
-        .map(|n| n.to_ascii_lowercase())
-        .collect();
+        !dropped
+    });
+    local.iter_mut().for_each(|n| n.make_ascii_lowercase());
     handoff.reconcile(&elsewhere, &local).await;
     Ok(())
 }
