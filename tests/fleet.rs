@@ -738,6 +738,34 @@ async fn a_visitor_of_a_relay_without_the_agent_is_handed_to_one_with_it() {
     drop(second);
 }
 
+/// The relay a visitor was handed to dies mid-stream: the visitor, on the relay that handed
+/// it over, sees its connection reset, not a clean end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_over_visitor_whose_relay_dies_is_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let url = etcd.url();
+    let mut r1 = member(1, &url, None, &[]);
+    let r2 = member(2, &url, Some(&r1), &[]);
+    let local = echo_origin().await;
+    let mut agent = Proc::spawn(&agent_args(&[&r1], local, "web", &[]));
+    let port = port_of(&online(&mut agent, 1)[0]);
+    r2.proc
+        .wait_stderr("fleet: handing this service's visitors to the relays its agent is on");
+    let mut visitor = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 2], port)))
+        .await
+        .unwrap();
+    visitor.write_all(b"still here?").await.unwrap();
+    let mut back = [0u8; 11];
+    visitor.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here?");
+    r1.proc.kill();
+    let ended = read_to_end_or_error(&mut visitor).await;
+    assert!(ended.is_err(), "a cut stream ended cleanly: {ended:?}");
+}
+
 /// A relay-to-relay connection to `relay`, said hello on, and the challenge it got.
 async fn challenged(
     relay: &Relay,

@@ -343,6 +343,12 @@ async fn hand_over(
         )
         .await;
         drop(carrying);
+        if let Err(e) = &moved {
+            // The other relay (or its agent) went mid-stream: the visitor hears an error,
+            // never a clean end of a cut stream.
+            tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: handed-over visitor reset: {e}");
+            crate::net::reset_on_close(std::os::fd::AsFd::as_fd(&visitor));
+        }
         if let Some(o) = moved.ok().filter(|o| o.reusable) {
             // The other relay challenges afresh for the next visitor.
             let mut framed = Framed::with_buffer(stream, o.leftover);
