@@ -466,6 +466,11 @@ pub struct AgentArgs {
     /// Idle data connections to keep open for the service [default: 4].
     #[arg(long, requires = "local")]
     pub pool: Option<u8>,
+    /// Serve the service together with every other agent started with the same --group
+    /// (and secret): the relay spreads visitors over them, fewest visitors first, and moves
+    /// new ones to the rest when one goes. Without it, a second agent takes the service over.
+    #[arg(long, value_name = "NAME", requires = "local")]
+    pub group: Option<String>,
     /// Data-plane backend [default: auto].
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
@@ -551,6 +556,7 @@ impl AgentArgs {
             let mut svc = ServiceConfig::tcp(name, local);
             svc.remote_port = self.remote_port;
             svc.pool = self.pool.unwrap_or(DEFAULT_POOL);
+            svc.group = self.group;
             if self.udp {
                 svc.kind = ServiceKind::Udp;
             } else if !self.http_host.is_empty() {

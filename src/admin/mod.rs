@@ -205,6 +205,13 @@ pub struct ServiceSnapshot {
     pub agent: Option<String>,
     /// Since when (Unix seconds) the owning agent has held it, while online.
     pub connected_since: Option<u64>,
+    /// The group its agents joined as, if they did (`--group`).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// How many agent sessions serve it now (more than one only for a group; `agent` is
+    /// the first of them).
+    #[serde(default)]
+    pub agents: usize,
     /// Visitors connected right now.
     pub visitors_now: usize,
     /// Data connections parked, waiting for a visitor (all of the service's pools).

@@ -157,6 +157,7 @@ pub async fn render(addr: SocketAddr, token: Option<&Secret>) -> Result<String, 
             s.kind.clone(),
             public,
             match (&s.agent, s.draining) {
+                (Some(a), false) if s.agents > 1 => format!("{a} +{}", s.agents - 1),
                 (Some(a), false) => a.clone(),
                 (Some(a), true) => format!("{a} (draining)"),
                 (None, false) => "(lingering)".into(),

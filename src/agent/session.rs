@@ -173,6 +173,7 @@ async fn session(
                 forwarded_headers: s.forwarded_headers,
                 pool: s.pool,
                 mac: register_mac(secret, &nonce, &s.name),
+                group: s.group.clone().unwrap_or_default(),
             }
         })
         .collect();

@@ -80,6 +80,11 @@ pub struct ServiceConfig {
     /// Idle data connections kept open for this service.
     #[serde(default = "default_pool")]
     pub pool: u8,
+    /// Serve the service together with the other agents naming this group (each relay
+    /// spreads its visitors over them, fewest visitors first) instead of taking it over
+    /// from them. `None`: the last agent to register takes the service over.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -100,6 +105,7 @@ impl ServiceConfig {
             forwarded_headers: true,
             secret: None,
             pool: DEFAULT_POOL,
+            group: None,
         }
     }
 
@@ -153,6 +159,14 @@ impl ServiceConfig {
             // The relay applies the same rule to what it receives.
             normalize_prefix(p)?;
         }
+        if let Some(g) = &self.group {
+            if super::validate_name(g).is_err() {
+                return bad(format!(
+                    "invalid group name {g:?} (letters, digits, '-', '_' and '.', at most {} bytes)",
+                    crate::protocol::msg::MAX_NAME_LEN
+                ));
+            }
+        }
         if self.proxy_protocol != ProxyVersion::Off && self.kind == ServiceKind::Udp {
             return bad("proxy_protocol is for tcp and tls services".into());
         }
@@ -168,7 +182,8 @@ impl ServiceConfig {
     /// Bytes this service takes in the Register frame (an upper bound).
     fn wire_len(&self) -> usize {
         let strings: usize = self.hosts.iter().map(|h| h.len() + 2).sum();
-        self.name.len() + 2 + strings + self.path.as_deref().map_or(0, str::len) + 2 + 40
+        let group = self.group.as_deref().map_or(0, str::len) + 2;
+        self.name.len() + 2 + strings + self.path.as_deref().map_or(0, str::len) + 2 + 40 + group
     }
 }
 

@@ -42,18 +42,18 @@ pub struct Grant {
 
 impl Grant {
     /// The ticket is spent (redeemed or expired): gives its place back to the pool, so the
-    /// pool may ask for another, if the session still owns the service. Returns the pool's
-    /// generation if it does, for [`crate::dataplane::pool::Pool::offer`]; `None` refuses a
+    /// pool may ask for another, if the session still owns the service. Returns the
+    /// session's generation in the pool if it does, for [`crate::dataplane::pool::Pool::offer`]; `None` refuses a
     /// redeemed ticket of an ended session.
     pub fn settle(&self) -> Option<u64> {
         let pool = &self.service.pools[self.worker];
         // Generation first: if the session ends right after the check below, the generation
         // has moved on by the time the connection is offered, and the offer is refused.
-        let generation = pool.generation();
+        let generation = pool.generation(self.session)?;
         if !self.service.is_owned_by(self.session) {
             return None;
         }
-        pool.ticket_done();
+        pool.ticket_done(self.session);
         Some(generation)
     }
 }

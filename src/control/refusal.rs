@@ -73,6 +73,16 @@ pub enum Refusal {
     /// No port asked for, and none of the tries in the range was free.
     #[error("no free port found in the relay's range {0}")]
     NoFreePort(PortRange),
+    /// The service's group already has its most agents.
+    #[error("group {group} of service {service} already has its maximum of {max} agents")]
+    GroupFull {
+        /// The service.
+        service: String,
+        /// The group's name.
+        group: String,
+        /// The limit.
+        max: usize,
+    },
     /// The fleet's namespace refused the claim (another secret's name), or could not be
     /// asked (the registry unreachable: waiting helps).
     #[error("{0}")]
@@ -83,7 +93,9 @@ impl Refusal {
     /// The code on the wire: what the agent can tell apart without parsing the message.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Refusal::AgentsPerSecret { .. } | Refusal::NoFreePort(_) => ErrorCode::LimitReached,
+            Refusal::AgentsPerSecret { .. }
+            | Refusal::NoFreePort(_)
+            | Refusal::GroupFull { .. } => ErrorCode::LimitReached,
             Refusal::ListedTwice(_) | Refusal::BadRequest(_) => ErrorCode::BadRequest,
             Refusal::HostTaken { .. }
             | Refusal::HostOwned { .. }

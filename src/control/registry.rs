@@ -22,7 +22,7 @@ use crate::access::Access;
 use crate::admin::{AgentSnapshot, Metrics, ServiceSnapshot};
 use crate::config::{validate_name, LiveConfig, RelayConfig, SecretId, MAX_POOL};
 use crate::dataplane::gate::Gate;
-use crate::dataplane::pool::{Pool, TRIM_AFTER};
+use crate::dataplane::pool::{Pool, MAX_MEMBERS, TRIM_AFTER};
 use crate::dataplane::{DataPlane, ListenerGuard};
 use crate::protocol::auth::random_bytes;
 use crate::protocol::http::normalize_prefix;
@@ -213,15 +213,20 @@ impl Registry {
 
     /// One service as the admin endpoint reports it.
     fn report(g: &Inner, s: &Service) -> ServiceSnapshot {
-        let owner = s.state().owner;
-        let session = owner.and_then(|id| g.sessions.get(&id));
+        let (owners, group) = {
+            let st = s.state();
+            (st.owners.clone(), st.group.clone())
+        };
+        let session = owners.first().and_then(|id| g.sessions.get(id));
         ServiceSnapshot {
             name: s.name.clone(),
             kind: s.kind.to_string(),
             port: s.port,
             hosts: s.hosts.clone(),
             path: s.path.clone(),
-            online: owner.is_some(),
+            online: !owners.is_empty(),
+            group,
+            agents: owners.len(),
             draining: s.gate.is_draining(),
             agent: session.map(|e| e.peer.to_string()),
             connected_since: session.map(|e| unix_secs(e.since)),
@@ -338,6 +343,11 @@ impl Registry {
                 Err(Refusal::ListedTwice(req.name.clone()))
             } else if let Err(e) = validate_name(&req.name) {
                 Err(Refusal::BadRequest(e.to_string()))
+            } else if !req.group.is_empty() && validate_name(&req.group).is_err() {
+                Err(Refusal::BadRequest(format!(
+                    "invalid group name {:?} for service {}",
+                    req.group, req.name
+                )))
             } else {
                 self.register_one(&mut g, session, req, wake)
             };
@@ -395,20 +405,27 @@ impl Registry {
                     _ => existing.hosts == hosts && existing.path == path,
                 };
             if same {
-                self.take_over(g, &existing, session);
+                self.take_over(g, &existing, session, &req.group)?;
                 existing.gate.configure(req.proxy, req.forwarded_headers);
                 existing.gate.set_access(Access::for_service(
                     &req.name,
                     req.kind == ServiceKind::Http,
                     &access,
                 ));
-                existing.attach_pools(target, wake);
+                existing.attach_pools(session, target, wake);
                 return Ok(existing);
             }
             self.check_claims(req, &secret, &hosts, &path)?;
             // The agent now wants a different port or other host names: retire the old
             // entry first.
-            self.take_over(g, &existing, session);
+            let group_online = existing.state().group.as_deref() == Some(req.group.as_str());
+            if group_online && existing.is_online() {
+                return Err(Refusal::BadRequest(format!(
+                    "service {} is served by group {} with other settings (port, hosts or path): an agent of a group must ask for what the others do",
+                    req.name, req.group
+                )));
+            }
+            self.take_over(g, &existing, session, "")?;
             self.retire(g, &existing);
         } else {
             self.check_claims(req, &secret, &hosts, &path)?;
@@ -468,12 +485,13 @@ impl Registry {
             gate,
             pools,
             state: Mutex::new(ServiceState {
-                owner: Some(session),
+                owners: vec![session],
+                group: (!req.group.is_empty()).then(|| req.group.clone()),
                 listener: guard,
                 linger_until: None,
             }),
         });
-        svc.attach_pools(target, wake);
+        svc.attach_pools(session, target, wake);
         if req.kind.own_port() {
             if g.last_port.len() >= MAX_REMEMBERED_PORTS
                 && !g.last_port.contains_key(&key(&req.name))
@@ -685,7 +703,8 @@ impl Registry {
             gate,
             pools,
             state: Mutex::new(ServiceState {
-                owner: None,
+                owners: Vec::new(),
+                group: None,
                 listener: guard,
                 linger_until: Some(now + LINGER),
             }),
@@ -719,21 +738,53 @@ impl Registry {
             let Some(svc) = g.services.get(&key(name)).cloned() else {
                 continue;
             };
-            if !svc.is_owned_by(session) {
+            let mut st = svc.state();
+            if !st.owners.contains(&session) {
                 continue;
             }
-            svc.state().owner = None;
-            self.retire(&mut g, &svc);
+            st.owners.retain(|o| *o != session);
+            let others = !st.owners.is_empty();
+            drop(st);
+            if others {
+                // The rest of its group still serve it.
+                svc.detach_pools(session);
+            } else {
+                self.retire(&mut g, &svc);
+            }
             closed.push(svc.name.clone());
         }
         closed
     }
 
-    /// Makes `session` the owner of `svc`, kicking a different live owner.
-    fn take_over(&self, g: &Inner, svc: &Service, session: SessionId) {
+    /// Makes `session` an owner of `svc`: beside its owners if they are a group and `group`
+    /// names theirs (a group holds [`MAX_MEMBERS`] at most), else instead of them (they are
+    /// kicked and their connections dropped).
+    fn take_over(
+        &self,
+        g: &Inner,
+        svc: &Service,
+        session: SessionId,
+        group: &str,
+    ) -> Result<(), Refusal> {
         let mut st = svc.state();
-        if let Some(prev) = st.owner.filter(|p| *p != session) {
-            if let Some(SessionEntry { kick, .. }) = g.sessions.get(&prev) {
+        let joins = !group.is_empty() && st.group.as_deref() == Some(group);
+        if joins && !st.owners.is_empty() {
+            if !st.owners.contains(&session) {
+                if st.owners.len() >= MAX_MEMBERS {
+                    return Err(Refusal::GroupFull {
+                        service: svc.name.clone(),
+                        group: group.to_string(),
+                        max: MAX_MEMBERS,
+                    });
+                }
+                st.owners.push(session);
+                tracing::info!(service = %svc.name, group, agents = st.owners.len(), "agent joined the service's group");
+            }
+            st.linger_until = None;
+            return Ok(());
+        }
+        for prev in st.owners.iter().filter(|p| **p != session) {
+            if let Some(SessionEntry { kick, .. }) = g.sessions.get(prev) {
                 tracing::warn!(service = %svc.name, "service taken over by a newer agent session");
                 let _ = kick.try_send(Kick::Replaced(format!(
                     "service {} was taken over by another agent with the same secret",
@@ -741,8 +792,15 @@ impl Registry {
                 )));
             }
         }
-        st.owner = Some(session);
+        let had_others = st.owners.iter().any(|p| *p != session);
+        st.owners = vec![session];
+        st.group = (!group.is_empty()).then(|| group.to_string());
         st.linger_until = None;
+        drop(st);
+        if had_others {
+            svc.detach_all_pools();
+        }
+        Ok(())
     }
 
     /// The names of every service here, online or lingering.
@@ -759,7 +817,7 @@ impl Registry {
         let g = self.lock();
         g.services
             .get(&key(name))
-            .filter(|s| s.state().owner.is_some())
+            .filter(|s| s.is_online())
             .cloned()
     }
 
@@ -768,7 +826,7 @@ impl Registry {
         let g = self.lock();
         g.services
             .values()
-            .filter(|s| s.state().owner.is_some())
+            .filter(|s| s.is_online())
             .map(|s| s.name.clone())
             .collect()
     }
@@ -780,7 +838,7 @@ impl Registry {
         let Some(svc) = g.services.get(&key(name)).cloned() else {
             return false;
         };
-        if svc.state().owner.is_some() {
+        if svc.is_online() {
             return false;
         }
         self.retire(&mut g, &svc);
@@ -804,8 +862,8 @@ impl Registry {
             return;
         };
         tracing::error!(service = %svc.name, "service closed: {why}");
-        if let Some(owner) = svc.state().owner {
-            if let Some(SessionEntry { kick, .. }) = g.sessions.get(&owner) {
+        for owner in &svc.state().owners {
+            if let Some(SessionEntry { kick, .. }) = g.sessions.get(owner) {
                 let _ = kick.try_send(Kick::Replaced(format!("service {name}: {why}")));
             }
         }
@@ -892,13 +950,15 @@ impl Registry {
         }
         for svc in g.services.values() {
             let mut st = svc.state();
-            if st.owner != Some(session) {
+            if !st.owners.contains(&session) {
                 continue;
             }
-            st.owner = None;
-            st.linger_until = Some(now + linger);
+            st.owners.retain(|o| *o != session);
+            if st.owners.is_empty() {
+                st.linger_until = Some(now + linger);
+            }
             drop(st);
-            svc.detach_pools();
+            svc.detach_pools(session);
         }
     }
 
@@ -924,16 +984,19 @@ impl Registry {
                 svc.gate
                     .set_access(Access::for_service(&svc.name, http, &access));
             }
-            let Some(owner) = svc.state().owner else {
+            let owners = svc.state().owners.clone();
+            if owners.is_empty() {
                 continue;
-            };
+            }
             let Some(why) = unwelcome(svc, old, new, &reserved) else {
                 continue;
             };
-            if let Some(entry) = g.sessions.get(&owner) {
-                tracing::warn!(service = %svc.name, session = owner, "agent session ended by the reload: {why}");
-                let _ = entry.kick.try_send(Kick::SettingsChanged(why));
-                ended.insert(owner);
+            for owner in owners {
+                if let Some(entry) = g.sessions.get(&owner) {
+                    tracing::warn!(service = %svc.name, session = owner, "agent session ended by the reload: {why}");
+                    let _ = entry.kick.try_send(Kick::SettingsChanged(why.clone()));
+                    ended.insert(owner);
+                }
             }
         }
         ended.len()
@@ -948,7 +1011,7 @@ impl Registry {
             .values()
             .filter(|s| {
                 let st = s.state();
-                st.owner.is_none() && st.linger_until.is_some_and(|t| t <= now)
+                st.owners.is_empty() && st.linger_until.is_some_and(|t| t <= now)
             })
             .cloned()
             .collect();
@@ -1107,6 +1170,79 @@ mod tests {
             publish(&reg, b, http("other", "blog", "/")),
             ServiceOutcome::Online { .. }
         ));
+    }
+
+    fn grouped(name: &str, group: &str) -> ServiceRequest {
+        ServiceRequest {
+            group: group.into(),
+            ..tcp(name)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_group_lingers_only_when_its_last_agent_leaves() {
+        let reg = registry(Limits::default());
+        let t0 = Instant::now();
+        let (a, mut kick_a) = session(&reg);
+        let (b, mut kick_b) = session(&reg);
+        let (c, _kick_c) = session(&reg);
+        for s in [a, b, c] {
+            let got = publish(&reg, s, grouped("api", "blue"));
+            assert!(matches!(got, ServiceOutcome::Online { .. }), "{got:?}");
+        }
+        assert!(kick_a.try_recv().is_err() && kick_b.try_recv().is_err());
+        let snap = reg.snapshot().remove(0);
+        assert_eq!((snap.agents, snap.group.as_deref()), (3, Some("blue")));
+
+        // One withdraws, one ends: the third still serves it, nothing lingers.
+        assert_eq!(reg.withdraw(a, &["api".into()]), vec!["api".to_string()]);
+        reg.end_session(b, LINGER, t0);
+        reg.expire_lingering(t0 + LINGER * 2);
+        assert_eq!(online(&reg, "api"), Some(true));
+        assert!(reg.online_service("api").is_some_and(|s| s.is_owned_by(c)));
+        assert!(!reg.online_service("api").unwrap().is_owned_by(a));
+
+        // The last one ends: now it lingers, and a member of the group coming back rejoins.
+        reg.end_session(c, LINGER, t0);
+        assert_eq!(online(&reg, "api"), Some(false));
+        let (d, _kick_d) = session(&reg);
+        let back = publish(&reg, d, grouped("api", "blue"));
+        assert!(matches!(back, ServiceOutcome::Online { .. }), "{back:?}");
+        // An agent outside the group takes it over and its members are told.
+        let (e, _kick_e) = session(&reg);
+        assert!(matches!(
+            publish(&reg, e, tcp("api")),
+            ServiceOutcome::Online { .. }
+        ));
+        assert!(!reg.online_service("api").unwrap().is_owned_by(d));
+        assert_eq!(reg.snapshot().remove(0).group, None);
+    }
+
+    #[tokio::test]
+    async fn a_group_is_bounded() {
+        let reg = registry(Limits::default());
+        let mut kicks = Vec::new();
+        for _ in 0..MAX_MEMBERS {
+            let (s, k) = session(&reg);
+            kicks.push(k);
+            let got = publish(&reg, s, grouped("wide", "g"));
+            assert!(matches!(got, ServiceOutcome::Online { .. }), "{got:?}");
+        }
+        let (one_more, _k) = session(&reg);
+        let ServiceOutcome::Rejected { code, message } =
+            publish(&reg, one_more, grouped("wide", "g"))
+        else {
+            panic!("a group past its bound was joined");
+        };
+        assert_eq!(code, ErrorCode::LimitReached);
+        assert!(message.contains("maximum of 64 agents"), "{message}");
+        assert_eq!(reg.snapshot().remove(0).agents, MAX_MEMBERS);
+        let ServiceOutcome::Rejected { message, .. } =
+            publish(&reg, one_more, grouped("bad", "no spaces"))
+        else {
+            panic!("a bad group name was taken");
+        };
+        assert!(message.contains("invalid group name"), "{message}");
     }
 
     #[tokio::test]

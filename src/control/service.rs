@@ -57,7 +57,12 @@ pub struct Service {
 }
 
 pub(super) struct ServiceState {
-    pub(super) owner: Option<SessionId>,
+    /// The agent sessions serving it: one, or the members of its group; none while it
+    /// lingers.
+    pub(super) owners: Vec<SessionId>,
+    /// The group its owners joined as (`--group`): another agent naming the same group
+    /// joins them; any other takes the service over.
+    pub(super) group: Option<String>,
     pub(super) listener: Option<ListenerGuard>,
     /// While unowned: when the service closes unless an agent claims it first.
     pub(super) linger_until: Option<Instant>,
@@ -70,7 +75,12 @@ impl Service {
 
     /// Whether `session` currently owns this service.
     pub fn is_owned_by(&self, session: SessionId) -> bool {
-        self.state().owner == Some(session)
+        self.state().owners.contains(&session)
+    }
+
+    /// Whether some agent session serves it now (it is not lingering).
+    pub fn is_online(&self) -> bool {
+        !self.state().owners.is_empty()
     }
 
     /// A `udp` service's hub (its public socket and flows), which takes its data
@@ -89,15 +99,25 @@ impl Service {
         drop(self.state().listener.take());
     }
 
-    pub(super) fn attach_pools(&self, target: usize, wake: &Arc<Notify>) {
+    pub(super) fn attach_pools(&self, session: SessionId, target: usize, wake: &Arc<Notify>) {
+        // One count of the visitors the session carries across every worker's pool: a
+        // group spreads visitors by what each agent carries in all.
+        let carrying = self.pools[0].carrying(session).unwrap_or_default();
         for p in &self.pools {
-            p.attach(target, wake.clone());
+            p.attach(session, target, wake.clone(), carrying.clone());
         }
     }
 
-    pub(super) fn detach_pools(&self) {
+    pub(super) fn detach_pools(&self, session: SessionId) {
         for p in &self.pools {
-            p.detach();
+            p.detach(session);
+        }
+    }
+
+    /// Every agent leaves the pools: the service changes hands.
+    pub(super) fn detach_all_pools(&self) {
+        for p in &self.pools {
+            p.detach_all();
         }
     }
 }

@@ -329,7 +329,7 @@ fn issue_tickets(
         }
         let mut tickets = Vec::new();
         for (worker, pool) in svc.pools.iter().enumerate() {
-            let n = pool.claim_tickets();
+            let n = pool.claim_tickets(session);
             if n == 0 {
                 continue;
             }
@@ -348,7 +348,7 @@ fn issue_tickets(
                 match store.issue(now, owner.clone(), grant) {
                     Ok(t) => tickets.push(t),
                     Err(_) => {
-                        pool.tickets_withheld(n - i);
+                        pool.tickets_withheld(session, n - i);
                         plane.metrics.tickets_withheld.inc();
                         withheld = true;
                         break;

@@ -37,18 +37,6 @@ pub enum Refusal {
     Denied,
 }
 
-/// Holds one of the service's visitor places; dropping it gives the place back.
-#[derive(Debug)]
-pub struct Permit {
-    active: Arc<AtomicUsize>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// How a visitor's visit ended, as its access line says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -105,15 +93,40 @@ struct Visit {
 /// over).
 #[derive(Debug)]
 pub struct Admission {
-    /// The gate that let the visitor in.
+    /// The gate that let the visitor in; the visitor's place in it is given back when the
+    /// admission is dropped.
     pub gate: Arc<Gate>,
-    _permit: Permit,
     /// Boxed, and only while access lines are on: nothing is kept or counted per visitor
     /// otherwise.
     visit: Option<Box<Visit>>,
+    /// The count of visitors of the agent carrying this one (see [`Self::count_in`]).
+    carried: Option<Carried>,
+}
+
+/// One place in a count of visitors in flight, given back when dropped.
+#[derive(Debug)]
+struct Carried(Arc<AtomicUsize>);
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Admission {
+    /// Counts this visitor in `count` until the visit ends (or [`Self::uncount`]): the
+    /// visitors each agent of a group carries, which a pool spreads new ones by.
+    pub fn count_in(&mut self, count: &Arc<AtomicUsize>) {
+        count.fetch_add(1, Ordering::Relaxed);
+        self.carried = Some(Carried(count.clone()));
+    }
+
+    /// Takes this visitor out of the count [`Self::count_in`] put it in (it was not carried
+    /// after all).
+    pub fn uncount(&mut self) {
+        self.carried = None;
+    }
+
     /// Says how the visit ended (the access line's `end`; `done` unless said otherwise).
     pub fn end_as(&self, end: End) {
         if let Some(v) = &self.visit {
@@ -138,6 +151,7 @@ impl Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        self.gate.active.fetch_sub(1, Ordering::AcqRel);
         let Some(v) = self.visit.take() else {
             return;
         };
@@ -418,18 +432,16 @@ impl Gate {
             }
         }
         let now_active = self.active.fetch_add(1, Ordering::AcqRel) + 1;
-        let permit = Permit {
-            active: self.active.clone(),
-        };
         if let Some(max) = limits.max_visitors {
             if now_active > max {
-                return Err(Refusal::Full(max)); // the permit drops and gives the place back
+                self.active.fetch_sub(1, Ordering::AcqRel);
+                return Err(Refusal::Full(max));
             }
         }
         self.stats.visitors.inc();
         Ok(Admission {
+            carried: None,
             gate: self.clone(),
-            _permit: permit,
             visit: tracing::enabled!(target: crate::logging::ACCESS, tracing::Level::INFO).then(
                 || {
                     Box::new(Visit {

@@ -13,6 +13,7 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -89,6 +90,21 @@ impl Visitor {
         })
     }
 
+    /// Counts the visitor among those `carrying` counts (an agent's, in its pool) for as
+    /// long as its visit lasts.
+    fn count_in(&mut self, carrying: &Arc<AtomicUsize>) {
+        if let Some(a) = self.admission.as_mut() {
+            a.count_in(carrying);
+        }
+    }
+
+    /// Undoes [`Self::count_in`]: the connection it was sent to was gone.
+    fn uncount(&mut self) {
+        if let Some(a) = self.admission.as_mut() {
+            a.uncount();
+        }
+    }
+
     /// Says how the visit ended, for its access line.
     pub fn end_as(&self, end: End) {
         if let Some(a) = &self.admission {
@@ -150,74 +166,114 @@ pub enum TakeError {
 /// closed ([`Pool::trim`]): long enough that a steady load which uses them keeps them.
 pub const TRIM_AFTER: Duration = Duration::from_secs(30);
 
-#[derive(Default)]
-struct Inner {
+/// Most agents one pool serves at once: a service's group ([`Pool::attach`]).
+pub const MAX_MEMBERS: usize = 64;
+
+/// One agent session's share of a pool: its parked connections, its tickets in flight and
+/// the visitors it carries now.
+struct Member {
+    /// The agent session (the pool's callers name members by it).
+    session: u64,
+    /// Unique per attach: a connection offered with another member's (or an earlier
+    /// attach's) generation is refused.
+    generation: u64,
     /// Parked connections, with when each was parked.
     idle: VecDeque<(Slot, Instant)>,
-    waiters: VecDeque<oneshot::Sender<Slot>>,
     outstanding: usize,
     /// Connections kept for good by their service (a `udp` service's channels, see
     /// [`Held`]): they count toward the target as idle ones do.
     held: usize,
     target: usize,
-    wake: Option<Arc<Notify>>,
-    /// Bumped whenever the owner changes, so a connection of a previous owner that finishes
-    /// a visitor is not parked again for the new one.
-    generation: u64,
+    wake: Arc<Notify>,
     /// Since when more than `target` connections have been idle (see [`Pool::trim`]).
     over_since: Option<Instant>,
+    /// Visitors its connections carry now: a new visitor goes to the member carrying
+    /// fewest (least connections).
+    carrying: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Usually one; several for a service a group of agents serves.
+    members: Vec<Member>,
+    /// Visitors waiting, each for any member's next ready connection.
+    waiters: VecDeque<oneshot::Sender<(Slot, Arc<AtomicUsize>)>>,
+    /// The last generation given out.
+    generation: u64,
 }
 
 impl Inner {
-    /// Refill when the pool (counting tickets in flight) falls to half its target, then top
-    /// it up in one batch: one Tickets frame per several visitors instead of one per visitor.
-    fn want_more(&self) -> bool {
-        let low_water = self.target.div_ceil(2);
-        self.idle.len() + self.held + self.outstanding < low_water + self.waiters.len()
-            && self.outstanding < MAX_OUTSTANDING_TICKETS
+    fn member(&mut self, session: u64) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.session == session)
     }
 
-    /// Sends `visitor` to the first idle connection still alive, or gives it back.
+    fn by_generation(&mut self, generation: u64) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.generation == generation)
+    }
+
+    /// Refill when a member (counting tickets in flight) falls to half its target, then top
+    /// it up in one batch: one Tickets frame per several visitors instead of one per
+    /// visitor. Waiting visitors are shared out among the members.
+    fn want_more(&self, m: &Member) -> bool {
+        let low_water = m.target.div_ceil(2);
+        m.idle.len() + m.held + m.outstanding < low_water + self.waiting_share()
+            && m.outstanding < MAX_OUTSTANDING_TICKETS
+    }
+
+    /// How many of the waiting visitors each member should bring a connection for.
+    fn waiting_share(&self) -> usize {
+        self.waiters.len().div_ceil(self.members.len().max(1))
+    }
+
+    /// Sends `visitor` to the first live idle connection of the member carrying the fewest
+    /// visitors, or gives it back.
     fn hand_to_idle(&mut self, mut visitor: Visitor) -> Result<(), Visitor> {
-        while let Some((slot, parked)) = self.idle.pop_front() {
+        loop {
+            let Some(m) = self
+                .members
+                .iter_mut()
+                .filter(|m| !m.idle.is_empty())
+                .min_by_key(|m| m.carrying.load(Ordering::Relaxed))
+            else {
+                return Err(visitor);
+            };
+            let (slot, parked) = m.idle.pop_front().expect("a member with idle connections");
             // A connection parked a while may have died quietly since: ask it first.
             visitor.ask_first = parked.elapsed() >= ANSWER_IF_PARKED;
+            visitor.count_in(&m.carrying);
             match slot.send(visitor) {
                 Ok(()) => {
                     self.nudge();
                     return Ok(());
                 }
-                Err(back) => visitor = back, // that connection died while idle
+                Err(back) => {
+                    // That connection died while idle.
+                    visitor = back;
+                    visitor.uncount();
+                }
             }
         }
-        Err(visitor)
     }
 
-    fn offer(&mut self, mut slot: Slot) {
+    /// Gives a ready connection of member `i` to the oldest visitor still waiting, or parks
+    /// it with that member.
+    fn offer(&mut self, i: usize, mut slot: Slot) {
         while let Some(waiter) = self.waiters.pop_front() {
-            match waiter.send(slot) {
+            match waiter.send((slot, self.members[i].carrying.clone())) {
                 Ok(()) => {
                     self.nudge();
                     return;
                 }
-                Err(back) => slot = back, // that visitor gave up; try the next
+                Err((back, _)) => slot = back, // that visitor gave up; try the next
             }
         }
-        self.idle.push_back((slot, Instant::now()));
-    }
-
-    fn detach(&mut self) {
-        self.idle.clear();
-        self.outstanding = 0;
-        self.held = 0;
-        self.wake = None;
-        self.generation += 1;
+        self.members[i].idle.push_back((slot, Instant::now()));
     }
 
     fn nudge(&self) {
-        if self.want_more() {
-            if let Some(w) = &self.wake {
-                w.notify_one();
+        for m in &self.members {
+            if self.want_more(m) {
+                m.wake.notify_one();
             }
         }
     }
@@ -241,31 +297,64 @@ impl Pool {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new owner (agent session) takes the pool: idle connections of any previous owner
-    /// are dropped (closing them), `target` idle connections are wanted, and `wake` is
-    /// notified whenever more tickets should be issued.
-    pub fn attach(&self, target: usize, wake: Arc<Notify>) {
+    /// Agent session `session` serves the pool (beside any others attached: a group):
+    /// `target` idle connections are wanted from it, and `wake` is notified whenever it
+    /// should issue more tickets. `carrying` counts the visitors it carries (shared by a
+    /// service's pools, one per worker, so the count is the agent's, not the worker's).
+    /// Attaching again starts afresh: the session's parked connections are dropped
+    /// (closing them) and its earlier generation is refused. A pool takes [`MAX_MEMBERS`]
+    /// at most; beyond that the session is not attached (the caller keeps groups smaller).
+    pub fn attach(
+        &self,
+        session: u64,
+        target: usize,
+        wake: Arc<Notify>,
+        carrying: Arc<AtomicUsize>,
+    ) {
         let mut g = self.lock();
-        g.idle.clear();
-        g.outstanding = 0;
-        g.held = 0;
-        g.target = target;
-        g.wake = Some(wake);
         g.generation += 1;
+        let member = Member {
+            session,
+            generation: g.generation,
+            idle: VecDeque::new(),
+            outstanding: 0,
+            held: 0,
+            target,
+            wake,
+            over_since: None,
+            carrying,
+        };
+        let room = g.members.len() < MAX_MEMBERS;
+        match g.member(session) {
+            Some(m) => *m = member,
+            None if room => g.members.push(member),
+            None => return,
+        }
         g.nudge();
     }
 
-    /// The owner went away: drop its idle connections and stop asking for tickets. Waiting
-    /// visitors keep waiting (bounded) in case a new owner attaches soon.
-    pub fn detach(&self) {
-        self.lock().detach();
+    /// The count of visitors `session` carries, if it serves the pool (see [`Self::attach`]).
+    pub fn carrying(&self, session: u64) -> Option<Arc<AtomicUsize>> {
+        self.lock().member(session).map(|m| m.carrying.clone())
     }
 
-    /// The service is closing for good: detach, and tell every waiting visitor at once
-    /// ([`TakeError::Closed`]) instead of letting it wait out its deadline.
+    /// Session `session` no longer serves the pool: its idle connections are dropped and no
+    /// more tickets are asked of it. Waiting visitors keep waiting (bounded) for another
+    /// member, or a new owner that attaches soon.
+    pub fn detach(&self, session: u64) {
+        self.lock().members.retain(|m| m.session != session);
+    }
+
+    /// Every agent leaves the pool at once (the service changes hands).
+    pub fn detach_all(&self) {
+        self.lock().members.clear();
+    }
+
+    /// The service is closing for good: detach everyone, and tell every waiting visitor at
+    /// once ([`TakeError::Closed`]) instead of letting it wait out its deadline.
     pub fn close(&self) {
         let mut g = self.lock();
-        g.detach();
+        g.members.clear();
         g.waiters.clear();
     }
 
@@ -277,52 +366,56 @@ impl Pool {
     /// Data connections parked here waiting for a visitor (some may have died since; they
     /// are skipped when tried).
     pub fn idle_count(&self) -> usize {
-        self.lock().idle.len()
+        self.lock().members.iter().map(|m| m.idle.len()).sum()
     }
 
-    /// The current owner's generation; pass it to [`Self::offer`]. Read it before checking
-    /// that a connection's owner still owns the service: if the owner leaves after the check,
-    /// the generation has moved on and the offer is refused.
-    pub fn generation(&self) -> u64 {
-        self.lock().generation
+    /// The generation of `session`'s membership, to pass to [`Self::offer`]; `None` if it
+    /// does not serve the pool. If the session leaves after this, the offer is refused.
+    pub fn generation(&self, session: u64) -> Option<u64> {
+        self.lock().member(session).map(|m| m.generation)
     }
 
-    /// A data connection of the owner of `generation` is ready (fresh, or done with a visitor
-    /// and still usable): it goes to the oldest waiting visitor, or parks. Refused (the caller
-    /// closes it) if the owner changed since `generation` — a visitor must never be handed a
-    /// connection of an agent that is gone — or if no one waits and the pool already holds
-    /// twice its target idle: the relay keeps what its load needs, not every connection a
-    /// burst made.
+    /// A data connection of the member of `generation` is ready (fresh, or done with a
+    /// visitor and still usable): it goes to the oldest waiting visitor, or parks. Refused
+    /// (the caller closes it) if that member left since — a visitor must never be handed a
+    /// connection of an agent that is gone — or if no one waits and the member already parks
+    /// twice its target: the relay keeps what its load needs, not every connection a burst
+    /// made.
     pub fn offer(&self, slot: Slot, generation: u64) -> bool {
         let mut g = self.lock();
-        if g.generation != generation || g.wake.is_none() {
+        let Some(i) = g.members.iter().position(|m| m.generation == generation) else {
+            return false;
+        };
+        let m = &g.members[i];
+        if g.waiters.is_empty() && m.idle.len() >= (2 * m.target).max(1) {
             return false;
         }
-        if g.waiters.is_empty() && g.idle.len() >= (2 * g.target).max(1) {
-            return false;
-        }
-        g.offer(slot);
+        g.offer(i, slot);
         true
     }
 
-    /// Closes the idle connections beyond the target once the pool has held more than its
-    /// target idle for `after` (a burst's connections, parked when it ended, are not kept
-    /// for ever): the longest parked go first. Called periodically with the time; returns
-    /// how many it closed.
+    /// Closes each member's idle connections beyond its target once it has held more than
+    /// its target idle for `after` (a burst's connections, parked when it ended, are not
+    /// kept for ever): the longest parked go first. Called periodically with the time;
+    /// returns how many it closed.
     pub fn trim(&self, now: Instant, after: Duration) -> usize {
         let mut g = self.lock();
-        let extra = g.idle.len().saturating_sub(g.target);
-        if extra == 0 || g.wake.is_none() {
-            g.over_since = None;
-            return 0;
+        let mut closed = 0;
+        for m in &mut g.members {
+            let extra = m.idle.len().saturating_sub(m.target);
+            if extra == 0 {
+                m.over_since = None;
+                continue;
+            }
+            let since = *m.over_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < after {
+                continue;
+            }
+            m.idle.drain(..extra);
+            m.over_since = None;
+            closed += extra;
         }
-        let since = *g.over_since.get_or_insert(now);
-        if now.saturating_duration_since(since) < after {
-            return 0;
-        }
-        g.idle.drain(..extra);
-        g.over_since = None;
-        extra
+        closed
     }
 
     /// Pairs `visitor` with an idle data connection if there is one, without waiting;
@@ -369,10 +462,16 @@ impl Pool {
             })
             .await;
             match got {
-                Ok(slot) => match slot.send(visitor) {
-                    Ok(()) => return Ok(()),
-                    Err(back) => visitor = back,
-                },
+                Ok((slot, carrying)) => {
+                    visitor.count_in(&carrying);
+                    match slot.send(visitor) {
+                        Ok(()) => return Ok(()),
+                        Err(back) => {
+                            visitor = back;
+                            visitor.uncount();
+                        }
+                    }
+                }
                 Err(e) => {
                     visitor.end_as(End::Unserved);
                     return Err((e, visitor));
@@ -413,46 +512,51 @@ impl Pool {
         Err(visitor)
     }
 
-    /// How many tickets to issue now to reach the target, counted as outstanding at once.
-    /// Zero until the pool has fallen to its low-water mark.
-    pub fn claim_tickets(&self) -> usize {
+    /// How many tickets to issue to `session` now to reach its target, counted as
+    /// outstanding at once. Zero until it has fallen to its low-water mark.
+    pub fn claim_tickets(&self, session: u64) -> usize {
         let mut g = self.lock();
-        if g.wake.is_none() || !g.want_more() {
+        let share = g.waiting_share();
+        let Some(i) = g.members.iter().position(|m| m.session == session) else {
+            return 0;
+        };
+        if !g.want_more(&g.members[i]) {
             return 0;
         }
-        let want = g.target + g.waiters.len();
-        let have = g.idle.len() + g.held + g.outstanding;
+        let m = &mut g.members[i];
+        let want = m.target + share;
+        let have = m.idle.len() + m.held + m.outstanding;
         let n = want
             .saturating_sub(have)
-            .min(MAX_OUTSTANDING_TICKETS - g.outstanding.min(MAX_OUTSTANDING_TICKETS));
-        g.outstanding += n;
+            .min(MAX_OUTSTANDING_TICKETS - m.outstanding.min(MAX_OUTSTANDING_TICKETS));
+        m.outstanding += n;
         n
     }
 
     /// `n` tickets claimed with [`Self::claim_tickets`] were not issued (a quota was out):
     /// forget them without asking again at once; the session retries later.
-    pub fn tickets_withheld(&self, n: usize) {
-        let mut g = self.lock();
-        g.outstanding = g.outstanding.saturating_sub(n);
+    pub fn tickets_withheld(&self, session: u64, n: usize) {
+        if let Some(m) = self.lock().member(session) {
+            m.outstanding = m.outstanding.saturating_sub(n);
+        }
     }
 
-    /// An outstanding ticket was redeemed or expired.
-    pub fn ticket_done(&self) {
+    /// An outstanding ticket of `session` was redeemed or expired.
+    pub fn ticket_done(&self, session: u64) {
         let mut g = self.lock();
-        g.outstanding = g.outstanding.saturating_sub(1);
-        g.nudge();
+        if let Some(m) = g.member(session) {
+            m.outstanding = m.outstanding.saturating_sub(1);
+            g.nudge();
+        }
     }
 
-    /// Keeps a data connection of the owner of `generation` for good, outside the idle
-    /// queue (a `udp` service's channel): it counts toward the target until the [`Held`]
-    /// is dropped, when a replacement is asked for. `None` if the owner changed since
-    /// `generation` (the caller closes the connection).
+    /// Keeps a data connection of the member of `generation` for good, outside the idle
+    /// queue (a `udp` service's channel): it counts toward the member's target until the
+    /// [`Held`] is dropped, when a replacement is asked for. `None` if that member left
+    /// since (the caller closes the connection).
     pub fn hold(self: &Arc<Self>, generation: u64) -> Option<Held> {
         let mut g = self.lock();
-        if g.generation != generation || g.wake.is_none() {
-            return None;
-        }
-        g.held += 1;
+        g.by_generation(generation)?.held += 1;
         Some(Held {
             pool: self.clone(),
             generation,
@@ -467,19 +571,18 @@ pub struct Held {
 }
 
 impl Held {
-    /// Whether the owner the connection came from still owns the pool; a connection of one
-    /// that left must carry nothing more.
+    /// Whether the agent the connection came from still serves the pool; a connection of
+    /// one that left must carry nothing more.
     pub fn is_current(&self) -> bool {
-        let g = self.pool.lock();
-        g.generation == self.generation && g.wake.is_some()
+        self.pool.lock().by_generation(self.generation).is_some()
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         let mut g = self.pool.lock();
-        if g.generation == self.generation {
-            g.held = g.held.saturating_sub(1);
+        if let Some(m) = g.by_generation(self.generation) {
+            m.held = m.held.saturating_sub(1);
             g.nudge();
         }
     }
@@ -489,6 +592,9 @@ impl Drop for Held {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    /// The agent session the tests attach.
+    const S: u64 = 7;
 
     async fn visitor() -> (Visitor, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -517,19 +623,19 @@ mod tests {
     #[tokio::test]
     async fn tickets_follow_target_and_waiters() {
         let pool = Arc::new(Pool::new());
-        assert_eq!(pool.claim_tickets(), 0, "no owner, no tickets");
+        assert_eq!(pool.claim_tickets(S), 0, "no owner, no tickets");
         let wake = Arc::new(Notify::new());
-        pool.attach(4, wake.clone());
-        assert_eq!(pool.claim_tickets(), 4);
-        assert_eq!(pool.claim_tickets(), 0);
+        pool.attach(S, 4, wake.clone(), Default::default());
+        assert_eq!(pool.claim_tickets(S), 4);
+        assert_eq!(pool.claim_tickets(S), 0);
 
         // Ready connections park; visitors take them at once. The pool refills only when it
         // falls below half its target, and then in one batch.
         let mut assigned = Vec::new();
         for _ in 0..4 {
-            pool.ticket_done();
+            pool.ticket_done(S);
             let (slot, rx) = oneshot::channel();
-            assert!(pool.offer(slot, pool.generation()));
+            assert!(pool.offer(slot, pool.generation(S).unwrap()));
             assigned.push(rx);
         }
         let mut clients = Vec::new();
@@ -538,7 +644,7 @@ mod tests {
             clients.push(c);
             let (sleep, d) = wait(Duration::from_secs(5));
             pool.take(v, sleep, d).await.unwrap();
-            assert_eq!(pool.claim_tickets(), expected);
+            assert_eq!(pool.claim_tickets(S), expected);
         }
         for rx in assigned.drain(..3) {
             assert!(rx.await.is_ok());
@@ -555,7 +661,7 @@ mod tests {
         });
         wake.notified().await;
         let (slot, rx) = oneshot::channel();
-        assert!(pool.offer(slot, pool.generation()));
+        assert!(pool.offer(slot, pool.generation(S).unwrap()));
         waiting.await.unwrap().unwrap();
         assert!(rx.await.is_ok());
     }
@@ -572,7 +678,7 @@ mod tests {
         // The visitor is queued once the pool wants a ticket for it.
         let wake = Arc::new(Notify::new());
         let notified = wake.notified();
-        pool.attach(0, wake.clone());
+        pool.attach(S, 0, wake.clone(), Default::default());
         notified.await;
         pool.close();
         let (err, _back) = waiting.await.unwrap().unwrap_err();
@@ -591,13 +697,13 @@ mod tests {
     #[tokio::test]
     async fn only_a_connection_parked_a_while_is_asked_first() {
         let pool = Pool::new();
-        pool.attach(2, Arc::new(Notify::new()));
+        pool.attach(S, 2, Arc::new(Notify::new()), Default::default());
         let (fresh, mut fresh_rx) = oneshot::channel();
         let (old, mut old_rx) = oneshot::channel();
-        assert!(pool.offer(old, pool.generation()));
-        assert!(pool.offer(fresh, pool.generation()));
+        assert!(pool.offer(old, pool.generation(S).unwrap()));
+        assert!(pool.offer(fresh, pool.generation(S).unwrap()));
         // The first one has been parked longer than ANSWER_IF_PARKED.
-        pool.lock().idle[0].1 -= ANSWER_IF_PARKED;
+        pool.lock().members[0].idle[0].1 -= ANSWER_IF_PARKED;
         for (rx, ask) in [(&mut old_rx, true), (&mut fresh_rx, false)] {
             let (v, _c) = visitor().await;
             assert!(pool.try_take(v).is_ok());
@@ -608,12 +714,12 @@ mod tests {
     #[tokio::test]
     async fn a_connection_of_a_departed_owner_is_never_handed_out() {
         let pool = Arc::new(Pool::new());
-        pool.attach(2, Arc::new(Notify::new()));
+        pool.attach(S, 2, Arc::new(Notify::new()), Default::default());
         // Read before the owner's check, as the relay does; then the owner leaves and a new
         // one attaches while a visitor waits.
-        let stale = pool.generation();
-        pool.detach();
-        pool.attach(2, Arc::new(Notify::new()));
+        let stale = pool.generation(S).unwrap();
+        pool.detach(S);
+        pool.attach(S, 2, Arc::new(Notify::new()), Default::default());
         let p2 = pool.clone();
         let (v, _c) = visitor().await;
         let waiting = tokio::spawn(async move {
@@ -628,23 +734,140 @@ mod tests {
         assert!(rx.try_recv().is_err(), "and no visitor was sent to it");
         // The current owner's connection serves the waiting visitor.
         let (slot, rx) = oneshot::channel();
-        assert!(pool.offer(slot, pool.generation()));
+        assert!(pool.offer(slot, pool.generation(S).unwrap()));
         waiting.await.unwrap().unwrap();
         assert!(rx.await.is_ok());
         // A detached pool takes nothing.
-        pool.detach();
+        let last = pool.generation(S).unwrap();
+        pool.detach(S);
+        assert_eq!(pool.generation(S), None);
         let (slot, _rx) = oneshot::channel();
-        assert!(!pool.offer(slot, pool.generation()));
+        assert!(!pool.offer(slot, last));
+    }
+
+    /// A visitor admitted through `gate`, so the pool can count it against an agent.
+    async fn admitted(gate: &Arc<Gate>) -> (Visitor, TcpStream) {
+        let (mut v, c) = visitor().await;
+        v.admission = Some(gate.admit(v.addr).unwrap());
+        (v, c)
+    }
+
+    fn park(pool: &Pool, session: u64) -> oneshot::Receiver<Visitor> {
+        let (slot, rx) = oneshot::channel();
+        assert!(pool.offer(slot, pool.generation(session).unwrap()));
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_group_spreads_visitors_to_the_agent_carrying_fewest() {
+        let gate = Gate::new("t", &Default::default(), Default::default());
+        let pool = Pool::new();
+        let (a, b) = (1, 2);
+        pool.attach(a, 4, Arc::new(Notify::new()), Default::default());
+        pool.attach(b, 4, Arc::new(Notify::new()), Default::default());
+        let mut a_parked: Vec<_> = (0..4).map(|_| park(&pool, a)).collect();
+        let mut b_parked: Vec<_> = (0..4).map(|_| park(&pool, b)).collect();
+        // Four visitors alternate between the agents: each goes to the one carrying fewer.
+        let mut carried = Vec::new();
+        for _ in 0..4 {
+            let (v, c) = admitted(&gate).await;
+            assert!(pool.try_take(v).is_ok());
+            carried.push(c);
+        }
+        let got = |parked: &mut Vec<oneshot::Receiver<Visitor>>| {
+            parked
+                .iter_mut()
+                .filter_map(|rx| rx.try_recv().ok())
+                .collect::<Vec<_>>()
+        };
+        let mut on_a = got(&mut a_parked);
+        let on_b = got(&mut b_parked);
+        assert_eq!((on_a.len(), on_b.len()), (2, 2));
+        // Two of a's visitors end: the next two go to a, which now carries fewer.
+        on_a.clear();
+        for _ in 0..2 {
+            let (v, c) = admitted(&gate).await;
+            assert!(pool.try_take(v).is_ok());
+            carried.push(c);
+        }
+        assert_eq!(
+            got(&mut a_parked).len(),
+            2,
+            "both went to the agent carrying fewer"
+        );
+        assert_eq!(got(&mut b_parked).len(), 0);
+        drop(on_b);
+    }
+
+    #[tokio::test]
+    async fn one_agent_of_a_group_leaving_leaves_the_others_serving() {
+        let gate = Gate::new("t", &Default::default(), Default::default());
+        let pool = Pool::new();
+        let (a, b) = (1, 2);
+        pool.attach(a, 2, Arc::new(Notify::new()), Default::default());
+        pool.attach(b, 2, Arc::new(Notify::new()), Default::default());
+        let a_gen = pool.generation(a).unwrap();
+        let _a_parked = park(&pool, a);
+        let mut b_parked = park(&pool, b);
+        pool.detach(a);
+        assert_eq!(pool.idle_count(), 1, "a's parked connection is dropped");
+        let (slot, _rx) = oneshot::channel();
+        assert!(
+            !pool.offer(slot, a_gen),
+            "a's connections are refused once it left"
+        );
+        // b still serves, and asks for a's share of what waits.
+        let (v, _c) = admitted(&gate).await;
+        assert!(pool.try_take(v).is_ok());
+        assert!(b_parked.try_recv().is_ok());
+        assert_eq!(
+            pool.claim_tickets(a),
+            0,
+            "no tickets for an agent that left"
+        );
+        assert!(pool.claim_tickets(b) > 0);
+        // Attaching again is a fresh member; a group is bounded.
+        for s in 10..10 + MAX_MEMBERS as u64 {
+            pool.attach(s, 1, Arc::new(Notify::new()), Default::default());
+        }
+        assert_eq!(pool.lock().members.len(), MAX_MEMBERS);
+        assert_eq!(pool.generation(a), None);
+    }
+
+    #[tokio::test]
+    async fn waiting_visitors_are_counted_against_the_agent_that_serves_them() {
+        let gate = Gate::new("t", &Default::default(), Default::default());
+        let pool = Arc::new(Pool::new());
+        let (a, b) = (1, 2);
+        let (wake_a, wake_b) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        pool.attach(a, 0, wake_a.clone(), Default::default());
+        pool.attach(b, 0, wake_b.clone(), Default::default());
+        let p2 = pool.clone();
+        let (v, _c) = admitted(&gate).await;
+        let waiting = tokio::spawn(async move {
+            let (sleep, d) = wait(Duration::from_secs(30));
+            p2.take(v, sleep, d).await
+        });
+        // Both agents are asked for a connection for the waiting visitor.
+        wake_a.notified().await;
+        wake_b.notified().await;
+        assert_eq!((pool.claim_tickets(a), pool.claim_tickets(b)), (1, 1));
+        let mut rx = park(&pool, b);
+        waiting.await.unwrap().unwrap();
+        let v = rx.try_recv().unwrap();
+        assert_eq!(pool.lock().members[1].carrying.load(Ordering::Relaxed), 1);
+        drop(v);
+        assert_eq!(pool.lock().members[1].carrying.load(Ordering::Relaxed), 0);
     }
 
     /// A pool with a target of 2 and four connections parked (their receiving ends).
     fn pool_with_four_parked() -> (Pool, Vec<oneshot::Receiver<Visitor>>) {
         let pool = Pool::new();
-        pool.attach(2, Arc::new(Notify::new()));
+        pool.attach(S, 2, Arc::new(Notify::new()), Default::default());
         let mut parked = Vec::new();
         for _ in 0..4 {
             let (slot, rx) = oneshot::channel();
-            assert!(pool.offer(slot, pool.generation()));
+            assert!(pool.offer(slot, pool.generation(S).unwrap()));
             parked.push(rx);
         }
         (pool, parked)
@@ -655,7 +878,7 @@ mod tests {
         let (pool, _parked) = pool_with_four_parked();
         let (slot, _rx) = oneshot::channel();
         assert!(
-            !pool.offer(slot, pool.generation()),
+            !pool.offer(slot, pool.generation(S).unwrap()),
             "a fifth is one too many"
         );
         assert_eq!(pool.idle_count(), 4);
@@ -681,10 +904,13 @@ mod tests {
 
         // Back over the target only briefly: the clock starts again, nothing closes.
         let (slot, _rx) = oneshot::channel();
-        assert!(pool.offer(slot, pool.generation()));
+        assert!(pool.offer(slot, pool.generation(S).unwrap()));
         let t1 = t0 + Duration::from_secs(40);
         assert_eq!(pool.trim(t1, after), 0);
-        let visitor_took_one = pool.lock().idle.pop_front().map(|(slot, _)| slot);
+        let visitor_took_one = pool.lock().members[0]
+            .idle
+            .pop_front()
+            .map(|(slot, _)| slot);
         drop(visitor_took_one);
         assert_eq!(
             pool.trim(t1 + Duration::from_secs(31), after),

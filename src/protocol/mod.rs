@@ -40,7 +40,7 @@ pub const AGENT_ALPN: &[u8] = b"ringtunnel";
 
 /// The protocol version this build speaks. Carried in the first frame of every connection, so
 /// a peer from another version gets a clear error instead of misparsed bytes.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest agent version a relay still serves: version 3 differs only in that its agents
 /// do not answer `Start` with [`chunk::STARTED`], so the relay does not wait for it on their

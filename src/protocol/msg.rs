@@ -89,6 +89,10 @@ pub struct ServiceRequest {
     pub pool: u8,
     /// HMAC proving the agent knows this service's secret (see [`super::auth::register_mac`]).
     pub mac: Mac,
+    /// Version 5: the group the agent serves the service in (`--group`), empty for none.
+    /// Agents naming the same group share the service's visitors; any other agent of the
+    /// service takes it over from them.
+    pub group: String,
 }
 
 /// Why the relay refused something. Stable numbers: they are on the wire.
@@ -332,6 +336,14 @@ impl Message for AgentMsg {
                     p.push(s.pool);
                     p.extend_from_slice(&s.mac);
                 }
+                // Version 5: one group per service after them, only when one has a group,
+                // so a request without any is the same bytes as version 4's.
+                let listed = services.iter().take(MAX_SERVICES_PER_AGENT);
+                if listed.clone().any(|s| !s.group.is_empty()) {
+                    for s in listed {
+                        put_string(&mut p, truncate(&s.group, MAX_NAME_LEN));
+                    }
+                }
                 kind::REGISTER
             }
             AgentMsg::Heartbeat => kind::AGENT_HEARTBEAT,
@@ -409,7 +421,16 @@ impl Message for AgentMsg {
                         forwarded_headers,
                         pool: r.u8()?,
                         mac: r.array::<MAC_LEN>()?,
+                        group: String::new(),
                     });
+                }
+                if r.remaining() > 0 {
+                    for s in &mut services {
+                        s.group = r.string("group")?;
+                        if s.group.len() > MAX_NAME_LEN {
+                            return Err(r.invalid("group"));
+                        }
+                    }
                 }
                 r.finish()?;
                 AgentMsg::Register { services }
@@ -674,6 +695,39 @@ mod tests {
     use crate::protocol::MAX_FRAME_LEN;
     use proptest::prelude::*;
 
+    #[test]
+    fn groups_are_a_trailer_only_a_version_5_agent_with_a_group_sends() {
+        let one = |group: &str| AgentMsg::Register {
+            services: vec![ServiceRequest {
+                name: "web".into(),
+                mac: [7; MAC_LEN],
+                group: group.into(),
+                ..Default::default()
+            }],
+        };
+        let (plain, grouped) = (one("").to_frame(), one("blue").to_frame());
+        // Without a group the frame is version 4's: the trailer is the only difference.
+        assert_eq!(grouped.len(), plain.len() + 2 + 4);
+        assert_eq!(&grouped[4..plain.len()], &plain[4..]);
+        assert_eq!(&grouped[plain.len()..], b"\x00\x04blue");
+        // A trailer cut short, or a group longer than a name may be, is refused.
+        let mut cut = grouped.clone();
+        cut.pop();
+        let body = (cut.len() - 4) as u32;
+        cut[..4].copy_from_slice(&body.to_be_bytes());
+        assert!(AgentMsg::decode(&cut).is_err());
+        let long = one(&"g".repeat(MAX_NAME_LEN + 1)).to_frame();
+        let decoded = AgentMsg::decode(&long).unwrap().unwrap().0;
+        let AgentMsg::Register { services } = decoded else {
+            panic!("a Register");
+        };
+        assert_eq!(
+            services[0].group.len(),
+            MAX_NAME_LEN,
+            "the sender truncates"
+        );
+    }
+
     fn samples() -> (Vec<AgentMsg>, Vec<RelayMsg>) {
         let agent = vec![
             AgentMsg::ControlHello { version: 1 },
@@ -703,6 +757,21 @@ mod tests {
                         proxy: ProxyVersion::V2,
                         pool: 2,
                         mac: [2; MAC_LEN],
+                        ..Default::default()
+                    },
+                ],
+            },
+            AgentMsg::Register {
+                services: vec![
+                    ServiceRequest {
+                        name: "web".into(),
+                        mac: [7; MAC_LEN],
+                        group: "blue".into(),
+                        ..Default::default()
+                    },
+                    ServiceRequest {
+                        name: "solo".into(),
+                        mac: [8; MAC_LEN],
                         ..Default::default()
                     },
                 ],
