@@ -931,3 +931,157 @@ async fn agents_of_one_service_on_different_relays_share_its_visitors() {
         );
     }
 }
+
+/// An HTTP origin that answers each request with the request head it received.
+async fn head_echo() -> SocketAddr {
+    origin(|mut s: tokio::net::TcpStream| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        let mut b = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&b[..n]),
+            }
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            head.len()
+        );
+        let _ = s.write_all(answer.as_bytes()).await;
+        let _ = s.write_all(&head).await;
+    })
+    .await
+}
+
+/// Sends `raw` to `to` from source address `from`; everything heard back.
+async fn exchange_from(from: [u8; 4], to: SocketAddr, raw: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    let mut s = socket.connect(to).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    out
+}
+
+/// `http` and `tls` hosts whose agent is on another relay: a visitor of the shared ports
+/// here is handed there, routed and admitted by that relay as its own (its forwarding
+/// headers name the visitor). A hand-over proven with one secret reaches no host of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visitors_of_hosts_served_elsewhere_are_handed_over() {
+    use ringtunnel::protocol::auth::peer_mac;
+    use ringtunnel::protocol::{AgentMsg, RelayMsg};
+    let Some(etcd) = EtcdServer::start() else {
+        return;
+    };
+    let url = etcd.url();
+    let (_cfg_dir, config) = config_file(&format!(
+        "[[service]]\nname = \"other\"\nsecret = \"{OTHER_SECRET}\"\n"
+    ));
+    let ports = |n: u8| {
+        let (http, tls) = (format!("127.0.0.{n}:0"), format!("127.0.0.{n}:0"));
+        [
+            "--http".to_string(),
+            http,
+            "--tls".into(),
+            tls,
+            "--domain".into(),
+            "example.test".into(),
+            "--config".into(),
+            config.clone(),
+        ]
+    };
+    let (p1, p2) = (ports(1), ports(2));
+    let p1: Vec<&str> = p1.iter().map(String::as_str).collect();
+    let p2: Vec<&str> = p2.iter().map(String::as_str).collect();
+    let r1 = member(1, &url, None, &p1);
+    // The relay handing over serves its shared ports on the io_uring workers where it can.
+    let uring = ["--backend", "uring", "--data-tls", "off"];
+    let tokio = ["--backend", "tokio"];
+    let sender = if Backend::uring().is_some() {
+        &uring[..]
+    } else {
+        &tokio[..]
+    };
+    let r2 = member_on(2, &url, Some(&r1), sender, &p2);
+    let mut blog = Proc::spawn(&agent_args(
+        &[&r1],
+        head_echo().await,
+        "blog",
+        &["--http-host", "blog"],
+    ));
+    online(&mut blog, 1);
+    let mut vault = Proc::spawn(&agent_args(
+        &[&r1],
+        tagged(b"vault answered").await,
+        "vault",
+        &["--tls-host", "vault"],
+    ));
+    online(&mut vault, 1);
+    let mut other_args = agent_args(
+        &[&r1],
+        tagged(b"other answered").await,
+        "other",
+        &["--http-host", "other"],
+    );
+    let secret_at = other_args.iter().position(|a| a == "--secret").unwrap();
+    other_args[secret_at + 1] = OTHER_SECRET.into();
+    let mut other = Proc::spawn(&other_args);
+    online(&mut other, 1);
+    r2.proc
+        .wait_stderr("fleet: handing visitors of these services' hosts");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !r2.proc.stderr().contains("blog,other,vault") {
+        assert!(std::time::Instant::now() < deadline, "{}", r2.proc.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // HTTP through r2's port: served by r1's agent, the visitor named in the headers.
+    let request = b"GET /post/1 HTTP/1.1\r\nHost: blog.example.test\r\nConnection: close\r\n\r\n";
+    let answer = exchange_from([127, 0, 0, 9], r2.http.unwrap(), request).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("GET /post/1"), "{answer}");
+    assert!(
+        answer.contains("X-Forwarded-For: 127.0.0.9"),
+        "the visitor's own address: {answer}"
+    );
+    // TLS through r2's port, routed by SNI.
+    let hello = client_hello("vault.example.test");
+    let heard = exchange_from([127, 0, 0, 9], r2.tls.unwrap(), &hello).await;
+    assert_eq!(heard, b"vault answered");
+    // An unknown host is still r2's own 404.
+    let unknown = b"GET / HTTP/1.1\r\nHost: nobody.example.test\r\n\r\n";
+    let answer = exchange_from([127, 0, 0, 9], r2.http.unwrap(), unknown).await;
+    assert!(answer.starts_with(b"HTTP/1.1 404"));
+
+    // A hand-over proven with blog's secret, for other's host: r1 routes it to no service.
+    let (mut peer, nonce) = challenged(&r1).await;
+    let visitor: SocketAddr = "127.0.0.9:4000".parse().unwrap();
+    let visit = AgentMsg::PeerVisit {
+        service: "blog".into(),
+        visitor,
+        mac: peer_mac(SECRET.as_bytes(), &nonce, "blog", &visitor),
+    };
+    let limit = Duration::from_secs(10);
+    peer.write_msg(&visit, limit).await.unwrap();
+    let started = peer.read_msg_within::<RelayMsg>(limit).await.unwrap();
+    assert!(matches!(started, RelayMsg::Start { .. }), "{started:?}");
+    let mut chunks = Vec::new();
+    let wrong_host = b"GET / HTTP/1.1\r\nHost: other.example.test\r\nConnection: close\r\n\r\n";
+    ringtunnel::protocol::chunk::push_chunks(&mut chunks, wrong_host);
+    let (mut stream, _) = peer.into_parts();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(&chunks).await.unwrap();
+    let mut back = vec![0u8; 4096];
+    let n = tokio::time::timeout(limit, stream.read(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    let back = String::from_utf8_lossy(&back[..n]);
+    assert!(back.contains("404"), "{back}");
+    assert!(!back.contains("other answered"), "{back}");
+    drop((blog, vault, other));
+}

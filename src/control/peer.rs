@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::plane::{ControlPlane, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
+use crate::config::SecretId;
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::tally::Tally;
 use crate::net::cap::CapPlace;
 use crate::protocol::auth::{new_nonce, verify_peer_mac};
-use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION};
+use crate::protocol::{AgentMsg, ErrorCode, RelayMsg, ServiceKind, PROTOCOL_VERSION};
 use crate::transport::{Conn, Framed};
 
 /// Largest `PeerVisit` frame: a name, an address and a MAC.
@@ -97,6 +98,14 @@ pub async fn serve(
 }
 
 /// A visitor proven and handed to its service's pools, not yet forwarded.
+/// Serves a visitor another relay handed over for an `http` or `tls` service: routed by its
+/// request head or ClientHello through this relay's shared ports, to services of the secret
+/// `only` alone (the one the hand-over proved). Implemented by the shared ports.
+pub trait HostVisitors: Send + Sync {
+    /// Takes `stream` (this relay's end of the visitor's bytes) of the visitor at `addr`.
+    fn serve(&self, stream: std::net::TcpStream, addr: SocketAddr, only: SecretId);
+}
+
 struct Visit {
     svc: Arc<super::service::Service>,
     visitor: SocketAddr,
@@ -138,13 +147,18 @@ async fn receive(
         Ok(Err(e)) => return Err(Refused(ErrorCode::BadRequest, e.to_string(), true)),
         Err(_) => return Err(Refused::silent()),
     };
-    let secret = cfg.secret_for(&service).map(|(s, _)| s.expose().to_vec());
+    let secret = cfg.secret_for(&service);
     let proven = plane.fleet.is_some()
-        && secret.is_some_and(|s| verify_peer_mac(&s, &nonce, &service, &visitor, &mac));
-    if !proven {
-        plane.metrics.auth_failures.inc();
-        return Err(Refused(ErrorCode::AuthFailed, "wrong secret".into(), true));
-    }
+        && secret
+            .as_ref()
+            .is_some_and(|(s, _)| verify_peer_mac(s.expose(), &nonce, &service, &visitor, &mac));
+    let secret_id = match secret {
+        Some((_, id)) if proven => id,
+        _ => {
+            plane.metrics.auth_failures.inc();
+            return Err(Refused(ErrorCode::AuthFailed, "wrong secret".into(), true));
+        }
+    };
     let refuse = |code, message| Err(Refused(code, message, false));
     let Some(svc) = plane.registry.online_service(&service) else {
         return refuse(
@@ -152,6 +166,25 @@ async fn receive(
             format!("no agent of service {service} is connected to this relay"),
         );
     };
+    if matches!(svc.kind, ServiceKind::Http | ServiceKind::Tls) {
+        // Routed and admitted by the shared ports, as on this relay's own.
+        let Some(hosts) = &plane.hosts else {
+            return refuse(ErrorCode::Internal, "this relay has no shared ports".into());
+        };
+        let (ours, theirs) = match crate::dataplane::sock::visitor_pair() {
+            Ok(pair) => pair,
+            Err(e) => return refuse(ErrorCode::Internal, format!("socket pair: {e}")),
+        };
+        started(plane, framed, &service, visitor).await?;
+        hosts.serve(theirs, visitor, secret_id);
+        let idle = svc.gate.idle_timeout();
+        return Ok(Visit {
+            svc,
+            visitor,
+            ours,
+            idle,
+        });
+    }
     let Ok(admission) = svc.gate.admit(visitor) else {
         return refuse(
             ErrorCode::LimitReached,
@@ -184,18 +217,29 @@ async fn receive(
         svc.gate.count_unserved();
         return refuse(ErrorCode::Internal, format!("service {service}: {e}"));
     }
-    framed
-        .write_msg(&RelayMsg::Start { visitor }, WRITE_TIMEOUT)
-        .await
-        .map_err(|_| Refused::silent())?;
-    plane.metrics.handovers_received.inc();
-    tracing::debug!(service, %visitor, "visitor handed over by a relay of the fleet");
+    started(plane, framed, &service, visitor).await?;
     Ok(Visit {
         svc,
         visitor,
         ours,
         idle,
     })
+}
+
+/// Tells the sending relay the visitor is taken (`Start`); counted.
+async fn started(
+    plane: &ControlPlane,
+    framed: &mut Framed<Conn>,
+    service: &str,
+    visitor: SocketAddr,
+) -> Result<(), Refused> {
+    framed
+        .write_msg(&RelayMsg::Start { visitor }, WRITE_TIMEOUT)
+        .await
+        .map_err(|_| Refused::silent())?;
+    plane.metrics.handovers_received.inc();
+    tracing::debug!(service, %visitor, "visitor handed over by a relay of the fleet");
+    Ok(())
 }
 
 /// Forwards one handed-over visitor in chunks; the connection back if it may carry another.

@@ -83,6 +83,9 @@ pub struct ControlPlane {
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
     /// Relay-to-relay connections that proved a visitor and may wait for the next one.
     pub peers: Arc<crate::net::cap::ConnCap>,
+    /// Where handed-over visitors of `http` and `tls` services are routed (the shared
+    /// ports), if the relay has them.
+    pub hosts: Option<Arc<dyn super::peer::HostVisitors>>,
 }
 
 impl ControlPlane {
@@ -110,7 +113,15 @@ impl ControlPlane {
                 MAX_PEER_CONNECTIONS,
                 MAX_PEER_CONNECTIONS_PER_ADDRESS,
             ),
+            hosts: None,
         }
+    }
+
+    /// The same control plane, routing handed-over visitors of `http` and `tls` services
+    /// through `hosts`.
+    pub fn serving_hosts(mut self, hosts: Arc<dyn super::peer::HostVisitors>) -> Self {
+        self.hosts = Some(hosts);
+        self
     }
 
     /// The same control plane, claiming services in `fleet` before publishing them.

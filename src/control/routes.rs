@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::service::Service;
-use crate::protocol::http::prefix_matches;
+use crate::protocol::http::{prefix_matches, wildcard_for};
 use crate::protocol::ServiceKind;
 
 /// Host → services, for both shared ports.
@@ -21,13 +21,6 @@ pub struct Routes {
     tls: HashMap<String, Arc<Service>>,
     /// Reserved host → the service it is reserved for.
     reserved: HashMap<String, String>,
-}
-
-/// The wildcard claim that would cover `host`: its first label replaced by `*`
-/// (`a.example.com` → `*.example.com`); `None` for a single-label host.
-pub fn wildcard_for(host: &str) -> Option<String> {
-    let (_, parent) = host.split_once('.')?;
-    Some(format!("*.{parent}"))
 }
 
 impl Routes {

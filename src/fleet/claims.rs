@@ -499,14 +499,25 @@ impl Fleet {
                 continue;
             };
             let name = tail(kv, "services/");
-            if v.kind != ServiceKind::Tcp.to_string() || v.port == 0 {
+            let Some(kind) = kind_named(&v.kind) else {
+                continue;
+            };
+            let handed = match kind {
+                ServiceKind::Tcp => v.port != 0,
+                ServiceKind::Http | ServiceKind::Tls => !v.hosts.is_empty(),
+                ServiceKind::Udp => false,
+            };
+            if !handed {
                 continue;
             }
             if let Some(relays) = holders.remove(&name) {
                 out.insert(
                     name,
                     super::handoff::Elsewhere {
+                        kind,
                         port: v.port,
+                        hosts: v.hosts,
+                        path: v.path,
                         relays,
                     },
                 );

@@ -19,10 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
+use super::hosts::{Remote, RemoteHosts};
 use crate::dataplane::tally::Tally;
 use crate::net::cap::ConnCap;
 use crate::protocol::auth::{peer_mac, Nonce};
-use crate::protocol::{AgentMsg, RelayMsg, PROTOCOL_VERSION};
+use crate::protocol::{AgentMsg, RelayMsg, ServiceKind, PROTOCOL_VERSION};
 use crate::transport::Framed;
 
 /// Longest a hand-over may take, connect to `Start`.
@@ -31,6 +32,15 @@ pub const OFFER_TIMEOUT: Duration = Duration::from_secs(5);
 const OFFER_ATTEMPTS: usize = 3;
 /// How long a service being published here keeps its port out of the hand-over's hands.
 const WANTED_HERE: Duration = Duration::from_secs(15);
+/// What every hand-over uses: how to reach and trust the other relays, how to prove a
+/// service, the bound on visitors being handed, and the connections kept between them.
+struct Sender {
+    tls: TlsConnector,
+    secrets: Secrets,
+    cap: Arc<ConnCap>,
+    warm: Warm,
+}
+
 /// Idle relay-to-relay connections kept per receiving relay.
 const MAX_WARM: usize = 8;
 /// How long an idle relay-to-relay connection is kept (the receiving relay waits up to
@@ -43,8 +53,14 @@ const MAX_HANDING_PER_ADDRESS: usize = 1024;
 /// A service of the fleet that other relays serve, as this relay sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Elsewhere {
-    /// Its public port.
+    /// `tcp` (handed over from its port here), `http` or `tls` (from the shared ports).
+    pub kind: ServiceKind,
+    /// `tcp`: its public port.
     pub port: u16,
+    /// `http`/`tls`: the full host names it claims.
+    pub hosts: Vec<String>,
+    /// `http`: its path prefix.
+    pub path: String,
     /// Where the relays with a session of its agent are reached (their `--advertise`).
     pub relays: Vec<String>,
 }
@@ -61,12 +77,13 @@ pub type Secrets = Arc<dyn Fn(&str) -> Option<Vec<u8>> + Send + Sync>;
 /// The ports this relay serves for other relays of its fleet.
 pub struct Handoff {
     bind: IpAddr,
-    tls: TlsConnector,
-    secrets: Secrets,
+    sender: Arc<Sender>,
     listening: Mutex<HashMap<String, Listening>>,
     wanted_here: Mutex<HashMap<String, Instant>>,
-    cap: Arc<ConnCap>,
-    warm: Arc<Warm>,
+    /// Host names of `http`/`tls` services served elsewhere, for the shared ports.
+    hosts: std::sync::RwLock<Arc<RemoteHosts>>,
+    /// Where hand-overs run: the shared ports may ask from an io_uring worker thread.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Idle relay-to-relay connections, by the relay they reach: each has its next challenge;
@@ -148,16 +165,21 @@ impl std::fmt::Debug for Handoff {
 
 impl Handoff {
     /// Hands visitors over from ports on `bind`, trusting relays that present the
-    /// certificate `tls` pins, proving each service's secret as `secrets` gives it.
+    /// certificate `tls` pins, proving each service's secret as `secrets` gives it. Runs its
+    /// tasks on the tokio runtime it is made in.
     pub fn new(bind: IpAddr, tls: TlsConnector, secrets: Secrets) -> Handoff {
         Handoff {
+            hosts: Default::default(),
+            runtime: tokio::runtime::Handle::current(),
             bind,
-            tls,
-            secrets,
+            sender: Arc::new(Sender {
+                tls,
+                secrets,
+                cap: ConnCap::new(MAX_HANDING, MAX_HANDING_PER_ADDRESS),
+                warm: Warm::default(),
+            }),
             listening: Mutex::new(HashMap::new()),
             wanted_here: Mutex::new(HashMap::new()),
-            cap: ConnCap::new(MAX_HANDING, MAX_HANDING_PER_ADDRESS),
-            warm: Arc::new(Warm::default()),
         }
     }
 
@@ -206,10 +228,25 @@ impl Handoff {
             w.keys().cloned().collect()
         };
         let keep = |name: &String| {
-            elsewhere.contains_key(name)
+            elsewhere
+                .get(name)
+                .is_some_and(|e| e.kind == ServiceKind::Tcp)
                 && !local.iter().any(|l| l.eq_ignore_ascii_case(name))
                 && !wanted.contains(name)
         };
+        let by_host = elsewhere.iter().filter(|(name, e)| {
+            e.kind != ServiceKind::Tcp
+                && !local.iter().any(|l| l.eq_ignore_ascii_case(name))
+                && !wanted.contains(*name)
+        });
+        let hosts = Arc::new(RemoteHosts::new(by_host));
+        let was = std::mem::replace(
+            &mut *self.hosts.write().unwrap_or_else(|p| p.into_inner()),
+            hosts.clone(),
+        );
+        if was.services() != hosts.services() {
+            tracing::info!(services = %hosts.services().join(","), "fleet: handing visitors of these services' hosts to the relays their agents are on");
+        }
         let stale: Vec<String> = {
             let g = self.listening.lock().unwrap_or_else(|p| p.into_inner());
             g.iter()
@@ -244,10 +281,7 @@ impl Handoff {
                 listener,
                 name.clone(),
                 relays.clone(),
-                self.tls.clone(),
-                self.secrets.clone(),
-                self.cap.clone(),
-                self.warm.clone(),
+                self.sender.clone(),
             ));
             tracing::info!(service = %name, port = e.port, relays = %e.relays.join(","), "fleet: handing this service's visitors to the relays its agent is on");
             g.insert(
@@ -262,14 +296,58 @@ impl Handoff {
     }
 }
 
+impl Handoff {
+    fn hosts(&self) -> Arc<RemoteHosts> {
+        self.hosts.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The service another relay serves for a plain HTTP request to `host` with `path`, if
+    /// no service here claims it.
+    pub fn route_http(&self, host: &str, path: &str) -> Option<Arc<Remote>> {
+        self.hosts().http(host, path)
+    }
+
+    /// The service another relay serves for a TLS visitor naming `host`.
+    pub fn route_tls(&self, host: &str) -> Option<Arc<Remote>> {
+        self.hosts().tls(host)
+    }
+
+    /// Hands a visitor of a shared port to a relay with an agent of `remote`, with `first`
+    /// (what the shared port read to route it) sent ahead of the rest of its bytes. The
+    /// receiving relay routes and admits it again, as if it had come to its own port.
+    pub fn hand(
+        &self,
+        remote: Arc<Remote>,
+        stream: std::net::TcpStream,
+        addr: SocketAddr,
+        first: Vec<u8>,
+    ) {
+        let Ok(place) = self.sender.cap.enter(addr.ip()) else {
+            return; // dropping the stream closes it
+        };
+        let sender = self.sender.clone();
+        self.runtime.spawn(async move {
+            let Ok(stream) = stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            else {
+                return;
+            };
+            let mut ahead = Vec::with_capacity(first.len() + 16);
+            crate::protocol::chunk::push_chunks(&mut ahead, &first);
+            let name = &remote.service;
+            let relays = remote.relays.clone();
+            sender.hand_over(stream, addr, name, relays, &ahead).await;
+            drop(place);
+        });
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     name: String,
     relays: Arc<Mutex<Vec<String>>>,
-    tls: TlsConnector,
-    secrets: Secrets,
-    cap: Arc<ConnCap>,
-    warm: Arc<Warm>,
+    sender: Arc<Sender>,
 ) {
     let mut errors = crate::net::AcceptErrors::new("fleet hand-over");
     loop {
@@ -278,14 +356,13 @@ async fn accept_loop(
                 let Some(stream) = errors.admit(stream, Instant::now()) else {
                     continue;
                 };
-                let Ok(place) = cap.enter(addr.ip()) else {
+                let Ok(place) = sender.cap.enter(addr.ip()) else {
                     continue; // dropping the stream closes it
                 };
                 let targets = relays.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let (name, tls, secrets) = (name.clone(), tls.clone(), secrets.clone());
-                let warm = warm.clone();
+                let (name, sender) = (name.clone(), sender.clone());
                 tokio::spawn(async move {
-                    hand_over(stream, addr, &name, targets, &tls, &secrets, &warm).await;
+                    sender.hand_over(stream, addr, &name, targets, &[]).await;
                     drop(place);
                 });
             }
@@ -294,79 +371,83 @@ async fn accept_loop(
     }
 }
 
-/// Hands one visitor to the first of `targets` that takes it, trying the one this relay
-/// carries the fewest visitors to first.
-async fn hand_over(
-    mut visitor: TcpStream,
-    addr: SocketAddr,
-    name: &str,
-    targets: Vec<String>,
-    tls: &TlsConnector,
-    secrets: &Secrets,
-    warm: &Warm,
-) {
-    let Some(secret) = secrets(name) else {
-        tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no secret for the service here");
-        return;
-    };
-    let targets = warm.least_loaded(targets);
-    let mut last = String::from("no relay of the fleet has its agent");
-    for target in targets.iter().take(OFFER_ATTEMPTS) {
-        // A kept connection first; if the other relay let it go meanwhile, a fresh one.
-        let mut offered = None;
-        if let Some(idle) = warm.take(target) {
-            offered = offer(idle, name, addr, &secret).await.ok();
-        }
-        if offered.is_none() {
-            let fresh = async {
-                let idle = dial(target, tls).await?;
-                offer(idle, name, addr, &secret).await
-            };
-            match tokio::time::timeout(OFFER_TIMEOUT, fresh).await {
-                Ok(Ok(o)) => offered = Some(o),
-                Ok(Err(why)) => last = format!("{target}: {why}"),
-                Err(_) => last = format!("{target}: no answer within {OFFER_TIMEOUT:?}"),
-            }
-        }
-        let Some((mut stream, early)) = offered else {
-            continue;
+impl Sender {
+    /// Hands one visitor to the first of `targets` that takes it, trying the one this relay
+    /// carries the fewest visitors to first; `ahead` (chunked) goes before its bytes.
+    async fn hand_over(
+        &self,
+        mut visitor: TcpStream,
+        addr: SocketAddr,
+        name: &str,
+        targets: Vec<String>,
+        ahead: &[u8],
+    ) {
+        let Sender {
+            tls, secrets, warm, ..
+        } = self;
+        let Some(secret) = secrets(name) else {
+            tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no secret for the service here");
+            return;
         };
-        let carrying = warm.carry(target);
-        tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: visitor handed over");
-        let moved = crate::dataplane::tokio::chunked::forward(
-            &mut visitor,
-            &mut stream,
-            &[],
-            &early,
-            None,
-            Tally::none(),
-        )
-        .await;
-        drop(carrying);
-        if let Err(e) = &moved {
-            // The other relay (or its agent) went mid-stream: the visitor hears an error,
-            // never a clean end of a cut stream.
-            tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: handed-over visitor reset: {e}");
-            crate::net::reset_on_close(std::os::fd::AsFd::as_fd(&visitor));
-        }
-        if let Some(o) = moved.ok().filter(|o| o.reusable) {
-            // The other relay challenges afresh for the next visitor.
-            let mut framed = Framed::with_buffer(stream, o.leftover);
-            let next = tokio::time::timeout(OFFER_TIMEOUT, framed.read_msg::<RelayMsg>()).await;
-            if let Ok(Ok(RelayMsg::Challenge { nonce, .. })) = next {
-                warm.put(
-                    target,
-                    Idle {
-                        framed,
-                        nonce,
-                        since: Instant::now(),
-                    },
-                );
+        let targets = warm.least_loaded(targets);
+        let mut last = String::from("no relay of the fleet has its agent");
+        for target in targets.iter().take(OFFER_ATTEMPTS) {
+            // A kept connection first; if the other relay let it go meanwhile, a fresh one.
+            let mut offered = None;
+            if let Some(idle) = warm.take(target) {
+                offered = offer(idle, name, addr, &secret).await.ok();
             }
+            if offered.is_none() {
+                let fresh = async {
+                    let idle = dial(target, tls).await?;
+                    offer(idle, name, addr, &secret).await
+                };
+                match tokio::time::timeout(OFFER_TIMEOUT, fresh).await {
+                    Ok(Ok(o)) => offered = Some(o),
+                    Ok(Err(why)) => last = format!("{target}: {why}"),
+                    Err(_) => last = format!("{target}: no answer within {OFFER_TIMEOUT:?}"),
+                }
+            }
+            let Some((mut stream, early)) = offered else {
+                continue;
+            };
+            let carrying = warm.carry(target);
+            tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: visitor handed over");
+            let moved = crate::dataplane::tokio::chunked::forward(
+                &mut visitor,
+                &mut stream,
+                ahead,
+                &early,
+                None,
+                Tally::none(),
+            )
+            .await;
+            drop(carrying);
+            if let Err(e) = &moved {
+                // The other relay (or its agent) went mid-stream: the visitor hears an error,
+                // never a clean end of a cut stream.
+                tracing::debug!(service = name, visitor = %addr, relay = %target, "fleet: handed-over visitor reset: {e}");
+                crate::net::reset_on_close(std::os::fd::AsFd::as_fd(&visitor));
+            }
+            if let Some(o) = moved.ok().filter(|o| o.reusable) {
+                // The other relay challenges afresh for the next visitor.
+                let mut framed = Framed::with_buffer(stream, o.leftover);
+                let next = tokio::time::timeout(OFFER_TIMEOUT, framed.read_msg::<RelayMsg>()).await;
+                if let Ok(Ok(RelayMsg::Challenge { nonce, .. })) = next {
+                    warm.put(
+                        target,
+                        Idle {
+                            framed,
+                            nonce,
+                            since: Instant::now(),
+                        },
+                    );
+                }
+            }
+            return;
         }
-        return;
+        tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no relay took it ({last})");
     }
-    tracing::warn!(service = name, visitor = %addr, "fleet: visitor closed: no relay took it ({last})");
 }
 
 type PeerStream = tokio_rustls::client::TlsStream<TcpStream>;

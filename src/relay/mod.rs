@@ -390,20 +390,6 @@ async fn start_with(
         None => None,
         Some(h) => Some(start_https(h, &cfg.state_dir, &registry, &metrics)?),
     };
-    let router = Arc::new(Router {
-        // The bound ports (a port 0 resolved), for redirects to the TLS port.
-        cfg: crate::config::FrontConfig {
-            http: http_addr,
-            tls: tls_addr,
-            ..cfg.front.clone()
-        },
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        agents: agents_tx,
-        https: https
-            .as_ref()
-            .map(|(t, _)| t.clone() as Arc<dyn crate::shared_ports::route::Terminate>),
-    });
     let admin_token = cfg.admin_token.clone();
     let reloader = Arc::new(Reloader::new(load, live.clone(), registry.clone()));
     let fleet = match &cfg.fleet {
@@ -445,6 +431,22 @@ async fn start_with(
             Some(Arc::new(fleet))
         }
     };
+    let router = Arc::new(Router {
+        // The bound ports (a port 0 resolved), for redirects to the TLS port.
+        cfg: crate::config::FrontConfig {
+            http: http_addr,
+            tls: tls_addr,
+            ..cfg.front.clone()
+        },
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        agents: agents_tx,
+        https: https
+            .as_ref()
+            .map(|(t, _)| t.clone() as Arc<dyn crate::shared_ports::route::Terminate>),
+        fleet: fleet.as_ref().and_then(|f| f.handoff.get().cloned()),
+        only: None,
+    });
     let plane = Arc::new(
         ControlPlane::new(
             live.clone(),
@@ -453,7 +455,8 @@ async fn start_with(
             acceptor,
             dataplane,
         )
-        .in_fleet(fleet.clone()),
+        .in_fleet(fleet.clone())
+        .serving_hosts(Arc::new(crate::shared_ports::tokio::Handed(router.clone()))),
     );
     if took_over {
         plane.took_over(Instant::now());

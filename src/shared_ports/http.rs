@@ -128,7 +128,19 @@ pub fn decide(
         }
         Scheme::Https { .. } => {}
     }
-    let Some(svc) = router.registry.route_http(&head.host, &head.path) else {
+    let routed = router
+        .registry
+        .route_http(&head.host, &head.path)
+        .filter(|svc| router.may_serve(svc));
+    let Some(svc) = routed else {
+        if matches!(scheme, Scheme::Http) {
+            if let Some(remote) = router.elsewhere(&head.host, Some(&head.path)) {
+                return Step::Done(Decision::HandOver {
+                    remote,
+                    first: bytes,
+                });
+            }
+        }
         metrics.http_unknown_host.inc();
         tracing::debug!(visitor = %addr, host = %head.host, "HTTP visitor for an unknown host");
         return Step::Done(Decision::Answer(

@@ -153,7 +153,11 @@ impl Terminator {
         let routed = match decision {
             Decision::Dispatch(r) => r,
             Decision::Answer(bytes) => return answer(&mut conn, &bytes).await,
-            Decision::Close | Decision::Agent(_) | Decision::Terminate { .. } => return,
+            // A decrypted request is never handed to another relay (only plain HTTP ones are).
+            Decision::Close
+            | Decision::Agent(_)
+            | Decision::Terminate { .. }
+            | Decision::HandOver { .. } => return,
         };
         let Ok(forwarding) = self.forwarding.enter(addr.ip()) else {
             metrics.https_refused.inc();

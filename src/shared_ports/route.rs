@@ -6,15 +6,19 @@ use std::sync::Arc;
 use super::reply::Page;
 use crate::admin::Metrics;
 use crate::config::FrontConfig;
+use crate::config::SecretId;
 use crate::control::accept::AgentHandoff;
 use crate::control::registry::Registry;
 use crate::control::service::Service;
 use crate::dataplane::gate::Admission;
 use crate::dataplane::pool::{TakeError, Visitor};
+use crate::fleet::handoff::Handoff;
+use crate::fleet::hosts::Remote;
 use crate::protocol::http::requests::Requests;
 
 /// What a shared port reads to route a visitor: its settings, the routing table (in the
 /// registry) and the relay's counters. Nothing else of the relay is reachable from here.
+#[derive(Clone)]
 pub struct Router {
     /// Head size and time limits, the domain, the agent wait.
     pub cfg: FrontConfig,
@@ -26,6 +30,11 @@ pub struct Router {
     pub agents: tokio::sync::mpsc::Sender<AgentHandoff>,
     /// HTTPS termination for `http` services on the shared TLS port (`--https`).
     pub https: Option<Arc<dyn Terminate>>,
+    /// In a fleet: hosts other relays serve, and the hand-over of their visitors.
+    pub fleet: Option<Arc<Handoff>>,
+    /// For a visitor another relay of the fleet handed over: the only secret whose services
+    /// it may reach (the one the hand-over proved). `None` on the relay's own ports.
+    pub only: Option<SecretId>,
 }
 
 /// What the shared ports need of HTTPS termination ([`super::https::Terminator`]): a place to
@@ -52,6 +61,21 @@ pub trait Terminate: Send + Sync {
 }
 
 impl Router {
+    /// Whether this router may hand a visitor to `svc` (see [`Self::only`]).
+    pub fn may_serve(&self, svc: &Service) -> bool {
+        self.only.as_ref().is_none_or(|id| *id == svc.secret)
+    }
+
+    /// The service another relay of the fleet serves for `host` (and `path`, for HTTP), if
+    /// this relay is in a fleet and the visitor did not come from another relay already.
+    pub fn elsewhere(&self, host: &str, path: Option<&str>) -> Option<Arc<Remote>> {
+        let fleet = self.fleet.as_ref().filter(|_| self.only.is_none())?;
+        match path {
+            Some(path) => fleet.route_http(host, path),
+            None => fleet.route_tls(host),
+        }
+    }
+
     /// Hands an agent's connection to the control plane; closes it (counted) when the
     /// control plane has too many waiting.
     pub fn hand_to_control(&self, handoff: AgentHandoff) {
@@ -77,6 +101,14 @@ pub enum Decision {
     /// An agent's connection (ALPN `ringtunnel`) on the shared TLS port: hand it, with these
     /// bytes already read, to the control plane.
     Agent(Vec<u8>),
+    /// A visitor for a host another relay of the fleet serves: hand it there, with the
+    /// bytes read to route it.
+    HandOver {
+        /// The service, and the relays to try.
+        remote: Arc<Remote>,
+        /// The request head or ClientHello read.
+        first: Vec<u8>,
+    },
     /// A visitor of the shared TLS port for a host the relay terminates HTTPS for: hand it,
     /// with its ClientHello already read, to [`super::https::Terminator`].
     Terminate {

@@ -61,12 +61,22 @@ pub fn decide(
             return Decision::Answer(TLS_ALERT_UNRECOGNIZED_NAME.to_vec());
         }
     };
-    let Some(svc) = router.registry.route_tls(&name) else {
+    let routed = router
+        .registry
+        .route_tls(&name)
+        .filter(|svc| router.may_serve(svc));
+    let Some(svc) = routed else {
         if router.https.is_some() && router.registry.terminates_https(&name) {
             return Decision::Terminate {
                 hello: bytes,
                 host: name,
                 acme: false,
+            };
+        }
+        if let Some(remote) = router.elsewhere(&name, None) {
+            return Decision::HandOver {
+                remote,
+                first: bytes,
             };
         }
         metrics.tls_unroutable.inc();

@@ -11,6 +11,7 @@ use super::conn::VisitorConn;
 use super::port::{routing_cap, Port};
 use super::reply::{answer_and_close, CLOSE_GRACE};
 use super::route::{Decision, Router};
+use crate::config::SecretId;
 use crate::control::accept::AgentHandoff;
 use crate::control::service::Service;
 use crate::dataplane::pool::{Pool, TakeError, Visitor};
@@ -66,6 +67,12 @@ async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: So
             }
             return;
         }
+        Decision::HandOver { remote, first } => {
+            if let (Some(fleet), Ok(stream)) = (&router.fleet, stream.into_std()) {
+                fleet.hand(remote, stream, addr, first);
+            }
+            return;
+        }
         Decision::Terminate { hello, host, acme } => {
             if let (Some(https), Ok(stream)) = (&router.https, stream.into_std()) {
                 https
@@ -86,6 +93,37 @@ async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: So
                 answer(&mut stream, &bytes).await;
             }
         }
+    }
+}
+
+/// The relay's shared ports as the control plane sees them: where a visitor another relay
+/// of the fleet handed over for an `http` or `tls` service is routed and admitted, as if
+/// it had come to this relay's own port.
+pub struct Handed(pub Arc<Router>);
+
+impl crate::control::peer::HostVisitors for Handed {
+    fn serve(&self, stream: std::net::TcpStream, addr: SocketAddr, only: SecretId) {
+        let router = Arc::new(Router {
+            only: Some(only),
+            ..(*self.0).clone()
+        });
+        tokio::spawn(async move {
+            let Ok(stream) = stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+            else {
+                return;
+            };
+            // Which port the visitor came to on the other relay: a TLS record, or HTTP.
+            let mut first = [0u8; 1];
+            let peek = tokio::time::timeout(router.cfg.head_timeout, stream.peek(&mut first));
+            let port = match peek.await {
+                Ok(Ok(1)) if first[0] == 0x16 => Port::Tls,
+                Ok(Ok(1)) => Port::Http,
+                _ => return,
+            };
+            serve(&router, port, stream, addr).await;
+        });
     }
 }
 

@@ -133,6 +133,14 @@ async fn serve(
             });
             return;
         }
+        Decision::HandOver { remote, first } => {
+            if let Some(fleet) = &router.fleet {
+                // SAFETY: the fd comes straight from the stream we own and give up here.
+                let stream = unsafe { std::net::TcpStream::from_raw_fd(conn.0.into_raw_fd()) };
+                fleet.hand(remote, stream, addr, first);
+            }
+            return;
+        }
         Decision::Terminate { hello, host, acme } => {
             if let Some(https) = &router.https {
                 // SAFETY: the fd comes straight from the stream we own and give up here.

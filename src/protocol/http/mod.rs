@@ -535,6 +535,13 @@ pub fn normalize_prefix(p: &str) -> Result<String, BadPrefix> {
     })
 }
 
+/// The wildcard claim that would cover `host`: its first label replaced by `*`
+/// (`a.example.com` → `*.example.com`); `None` for a single-label host.
+pub fn wildcard_for(host: &str) -> Option<String> {
+    let (_, parent) = host.split_once('.')?;
+    Some(format!("*.{parent}"))
+}
+
 /// Whether request path `path` falls under `prefix` (canonical): `/api` covers `/api`,
 /// `/api/x` and `/api?q`, but not `/apix`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
