@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::plane::{ControlPlane, HANDSHAKE_TIMEOUT, WRITE_TIMEOUT};
-use crate::config::SecretId;
 use crate::dataplane::pool::{Pool, Visitor};
 use crate::dataplane::tally::Tally;
 use crate::net::cap::CapPlace;
@@ -98,14 +97,6 @@ pub async fn serve(
 }
 
 /// A visitor proven and handed to its service's pools, not yet forwarded.
-/// Serves a visitor another relay handed over for an `http` or `tls` service: routed by its
-/// request head or ClientHello through this relay's shared ports, to services of the secret
-/// `only` alone (the one the hand-over proved). Implemented by the shared ports.
-pub trait HostVisitors: Send + Sync {
-    /// Takes `stream` (this relay's end of the visitor's bytes) of the visitor at `addr`.
-    fn serve(&self, stream: std::net::TcpStream, addr: SocketAddr, only: SecretId);
-}
-
 struct Visit {
     svc: Arc<super::service::Service>,
     visitor: SocketAddr,

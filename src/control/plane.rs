@@ -11,7 +11,7 @@ use super::registry::{Registry, SessionId};
 use super::service::Service;
 use super::tickets::TicketStore;
 use crate::admin::Metrics;
-use crate::config::{LiveConfig, RelayConfig};
+use crate::config::{LiveConfig, RelayConfig, SecretId};
 use crate::dataplane::DataPlane;
 use crate::net::refusals::RefusalLog;
 use crate::net::throttle::{FailureThrottle, PENALTY};
@@ -29,6 +29,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_PEER_CONNECTIONS: usize = 4096;
 /// See [`MAX_PEER_CONNECTIONS`].
 pub const MAX_PEER_CONNECTIONS_PER_ADDRESS: usize = 256;
+
+/// Serves a visitor another relay handed over for an `http` or `tls` service: routed by its
+/// request head or ClientHello through this relay's shared ports, to services of the secret
+/// `only` alone (the one the hand-over proved). Implemented by the shared ports.
+pub trait HostVisitors: Send + Sync {
+    /// Takes `stream` (this relay's end of the visitor's bytes) of the visitor at `addr`.
+    fn serve(&self, stream: std::net::TcpStream, addr: SocketAddr, only: SecretId);
+}
 
 /// What a ticket was issued for.
 pub struct Grant {
@@ -85,7 +93,7 @@ pub struct ControlPlane {
     pub peers: Arc<crate::net::cap::ConnCap>,
     /// Where handed-over visitors of `http` and `tls` services are routed (the shared
     /// ports), if the relay has them.
-    pub hosts: Option<Arc<dyn super::peer::HostVisitors>>,
+    pub hosts: Option<Arc<dyn HostVisitors>>,
 }
 
 impl ControlPlane {
@@ -119,7 +127,7 @@ impl ControlPlane {
 
     /// The same control plane, routing handed-over visitors of `http` and `tls` services
     /// through `hosts`.
-    pub fn serving_hosts(mut self, hosts: Arc<dyn super::peer::HostVisitors>) -> Self {
+    pub fn serving_hosts(mut self, hosts: Arc<dyn HostVisitors>) -> Self {
         self.hosts = Some(hosts);
         self
     }

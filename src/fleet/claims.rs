@@ -458,7 +458,7 @@ impl Fleet {
     /// those relays are reached.
     pub async fn elsewhere(
         &self,
-    ) -> Result<HashMap<String, super::handoff::Elsewhere>, FleetError> {
+    ) -> Result<HashMap<String, super::elsewhere::Elsewhere>, FleetError> {
         let range = |rest: &str| Op::prefix(self.key(rest));
         let read = self
             .etcd
@@ -513,7 +513,7 @@ impl Fleet {
             if let Some(relays) = holders.remove(&name) {
                 out.insert(
                     name,
-                    super::handoff::Elsewhere {
+                    super::elsewhere::Elsewhere {
                         kind,
                         port: v.port,
                         hosts: v.hosts,

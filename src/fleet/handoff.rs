@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-use super::hosts::{Remote, RemoteHosts};
+use super::elsewhere::{Elsewhere, Remote, RemoteHosts};
 use crate::dataplane::tally::Tally;
 use crate::net::cap::ConnCap;
 use crate::protocol::auth::{peer_mac, Nonce};
@@ -49,21 +49,6 @@ const WARM_FOR: Duration = Duration::from_secs(45);
 /// Visitors being handed over at once, in all and per address.
 const MAX_HANDING: usize = 16384;
 const MAX_HANDING_PER_ADDRESS: usize = 1024;
-
-/// A service of the fleet that other relays serve, as this relay sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Elsewhere {
-    /// `tcp` (handed over from its port here), `http` or `tls` (from the shared ports).
-    pub kind: ServiceKind,
-    /// `tcp`: its public port.
-    pub port: u16,
-    /// `http`/`tls`: the full host names it claims.
-    pub hosts: Vec<String>,
-    /// `http`: its path prefix.
-    pub path: String,
-    /// Where the relays with a session of its agent are reached (their `--advertise`).
-    pub relays: Vec<String>,
-}
 
 struct Listening {
     port: u16,

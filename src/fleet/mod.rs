@@ -6,15 +6,15 @@
 //! - [`claims`]: the keys, and claiming them with transactions.
 //! - [`keeper`]: the task that keeps this relay's leases alive and re-claims what expired.
 //! - [`handoff`]: visitors of services other relays serve, handed to them.
-//! - [`hosts`]: the host names of those services, for the shared ports.
+//! - [`elsewhere`]: what other relays serve, and their host names for the shared ports.
 //!
 //! A relay without `--registry` keeps its registry in memory only, as before. See
 //! docs/FLEET.md for the design and its limits.
 
 pub mod claims;
+pub mod elsewhere;
 pub mod etcd;
 pub mod handoff;
-pub mod hosts;
 pub mod keeper;
 
 pub use crate::config::FleetConfig as FleetSettings;

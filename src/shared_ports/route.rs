@@ -12,8 +12,8 @@ use crate::control::registry::Registry;
 use crate::control::service::Service;
 use crate::dataplane::gate::Admission;
 use crate::dataplane::pool::{TakeError, Visitor};
+use crate::fleet::elsewhere::Remote;
 use crate::fleet::handoff::Handoff;
-use crate::fleet::hosts::Remote;
 use crate::protocol::http::requests::Requests;
 
 /// What a shared port reads to route a visitor: its settings, the routing table (in the

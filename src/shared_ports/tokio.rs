@@ -101,7 +101,7 @@ async fn serve(router: &Arc<Router>, port: Port, mut stream: TcpStream, addr: So
 /// it had come to this relay's own port.
 pub struct Handed(pub Arc<Router>);
 
-impl crate::control::peer::HostVisitors for Handed {
+impl crate::control::plane::HostVisitors for Handed {
     fn serve(&self, stream: std::net::TcpStream, addr: SocketAddr, only: SecretId) {
         let router = Arc::new(Router {
             only: Some(only),

@@ -1,14 +1,29 @@
-//! The `http` and `tls` host names of services that other relays of the fleet serve and this
-//! one does not: where a visitor of the shared ports goes when no service here claims its
-//! host. Matched as the relay's own routes are: the host's own claims, else the wildcard one
-//! label up, and for `http` the longest path prefix.
+//! What other relays of the fleet serve and this one does not: each such service (read from
+//! etcd every round), and the table of their `http` and `tls` host names, where a visitor of
+//! the shared ports goes when no service here claims its host. Hosts match as the relay's own
+//! routes do: the host's own claims, else the wildcard one label up, and for `http` the
+//! longest path prefix.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::handoff::Elsewhere;
 use crate::protocol::http::{prefix_matches, wildcard_for};
 use crate::protocol::ServiceKind;
+
+/// A service of the fleet that other relays serve, as this relay sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elsewhere {
+    /// `tcp` (handed over from its port here), `http` or `tls` (from the shared ports).
+    pub kind: ServiceKind,
+    /// `tcp`: its public port.
+    pub port: u16,
+    /// `http`/`tls`: the full host names it claims.
+    pub hosts: Vec<String>,
+    /// `http`: its path prefix.
+    pub path: String,
+    /// Where the relays with a session of its agent are reached (their `--advertise`).
+    pub relays: Vec<String>,
+}
 
 /// A service served elsewhere, and the relays with an agent of it.
 #[derive(Debug, PartialEq, Eq)]
