@@ -265,9 +265,34 @@ pub struct RelayArgs {
     /// Domain for bare host names: `--http-host blog` becomes `blog.DOMAIN`.
     #[arg(long)]
     pub domain: Option<String>,
-    /// Join a fleet of relays sharing one namespace: etcd://HOST:PORT[,HOST:PORT...].
+    /// Join a fleet of relays sharing one namespace: etcd://HOST:PORT[,HOST:PORT...], or
+    /// etcds://... for etcd over TLS.
     #[arg(long, value_name = "URL")]
     pub registry: Option<String>,
+    /// Extra CA certificates (PEM) to check an etcds:// registry's certificate against.
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd started with --client-cert-auth.
+    #[arg(long, value_name = "FILE", requires = "registry_key")]
+    pub registry_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "registry_cert")]
+    pub registry_key: Option<PathBuf>,
+    /// etcd user, when etcd's authentication is on (password: RINGTUNNEL_REGISTRY_PASSWORD
+    /// or --registry-password-file).
+    #[arg(long, value_name = "NAME")]
+    pub registry_user: Option<String>,
+    /// The etcd user's password. Visible in `ps`: prefer --registry-password-file.
+    #[arg(
+        long,
+        env = "RINGTUNNEL_REGISTRY_PASSWORD",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub registry_password: Option<Secret>,
+    /// Read the etcd user's password from this file's first line.
+    #[arg(long, value_name = "FILE", conflicts_with = "registry_password")]
+    pub registry_password_file: Option<PathBuf>,
     /// This relay's name in the fleet [default: the host name].
     #[arg(long, value_name = "NAME")]
     pub relay_id: Option<String>,
@@ -350,6 +375,17 @@ impl RelayArgs {
                     .registry_ttl
                     .or(file.registry_ttl_secs)
                     .map_or(config::fleet::DEFAULT_TTL, std::time::Duration::from_secs),
+                access: config::fleet::RegistryAccess {
+                    ca: self.registry_ca.or(file.registry_ca),
+                    cert: self.registry_cert.or(file.registry_cert),
+                    key: self.registry_key.or(file.registry_key),
+                    user: self.registry_user.or(file.registry_user),
+                    password: match (self.registry_password, &self.registry_password_file) {
+                        (Some(p), _) => Some(p),
+                        (None, Some(path)) => Some(Secret::from_file(path)?),
+                        (None, None) => file.registry_password,
+                    },
+                },
             }),
         };
         let cfg = RelayConfig {

@@ -183,6 +183,44 @@ fn fleet_settings_that_cannot_work_are_refused_at_start() {
             ][..],
             "must start and end with /",
         ),
+        (
+            &[
+                "--registry",
+                "etcd://127.0.0.1:2379",
+                "--registry-ca",
+                "/etc/ssl/certs/ca-certificates.crt",
+            ][..],
+            "are for an etcds:// registry (TLS)",
+        ),
+        (
+            &[
+                "--registry",
+                "etcds://127.0.0.1:2379",
+                "--registry-user",
+                "relay",
+            ][..],
+            "--registry-user needs a password",
+        ),
+        (
+            &[
+                "--registry",
+                "etcd://127.0.0.1:2379",
+                "--registry-user",
+                "relay",
+                "--registry-password-file",
+                "/etc/hostname",
+            ][..],
+            "an etcd password is sent only over TLS",
+        ),
+        (
+            &[
+                "--registry",
+                "etcds://127.0.0.1:2379",
+                "--registry-ca",
+                "/nonexistent/ca.pem",
+            ][..],
+            "/nonexistent/ca.pem",
+        ),
     ] {
         let (_state, args) = relay_args(flags);
         let err = fails_with(&args);

@@ -34,34 +34,111 @@ struct EtcdServer {
     dir: TempDir,
     client: u16,
     peer: u16,
+    /// Served over TLS, asking clients for a certificate of this CA.
+    tls: Option<EtcdTls>,
+    /// The user its own calls use, once its authentication is on.
+    user: Option<(String, String)>,
+}
+
+/// The PEM files of an etcd served over TLS: a CA, etcd's certificate, and a client's.
+struct EtcdTls {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+impl EtcdTls {
+    /// A fresh CA in `dir`, with a certificate for etcd on 127.0.0.1 and one for a client.
+    fn make(dir: &Path) -> EtcdTls {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let write = |name: &str, pem: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path.display().to_string()
+        };
+        let leaf = |name: &str, purposes: Vec<ExtendedKeyUsagePurpose>| {
+            let mut p =
+                CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()]).unwrap();
+            p.extended_key_usages = purposes;
+            // etcd's JSON gateway refuses a client certificate with a CommonName (it cannot
+            // pass it on as the user); the server's own needs none either.
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+            (
+                write(&format!("{name}.pem"), cert.pem()),
+                write(&format!("{name}-key.pem"), key.serialize_pem()),
+            )
+        };
+        // etcd's JSON gateway dials etcd itself with the server's certificate, as a client.
+        let both = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let server = leaf("etcd", both);
+        let client = leaf("client", vec![ExtendedKeyUsagePurpose::ClientAuth]);
+        EtcdTls {
+            ca: write("ca.pem", ca.pem()),
+            server,
+            client,
+        }
+    }
 }
 
 impl EtcdServer {
     /// A running etcd, or `None` (the test is skipped) when it is not installed.
     fn start() -> Option<EtcdServer> {
-        if !installed(
+        let here = installed(
             "etcd",
             "--version",
             "etcd-server",
             "RINGTUNNEL_REQUIRE_ETCD",
-        ) {
-            return None;
-        }
+        );
+        here.then(|| Self::launched(false, &[]))
+    }
+
+    /// A running etcd served over TLS to clients with a certificate of its CA, started with
+    /// `extra` flags; `None` as for [`Self::start`] (and without `etcdctl`, which sets it up).
+    fn start_tls(extra: &[&str]) -> Option<EtcdServer> {
+        let here = installed(
+            "etcd",
+            "--version",
+            "etcd-server",
+            "RINGTUNNEL_REQUIRE_ETCD",
+        ) && installed(
+            "etcdctl",
+            "version",
+            "etcd-client",
+            "RINGTUNNEL_REQUIRE_ETCD",
+        );
+        here.then(|| Self::launched(true, extra))
+    }
+
+    fn launched(tls: bool, extra: &[&str]) -> EtcdServer {
+        let dir = TempDir::new("etcd");
+        let tls = tls.then(|| EtcdTls::make(&dir.0));
         let mut e = EtcdServer {
             proc: None,
-            dir: TempDir::new("etcd"),
+            dir,
             client: free_port(),
             peer: free_port(),
+            tls,
+            user: None,
         };
-        e.launch();
-        Some(e)
+        e.launch(extra);
+        e
     }
 
     /// Starts etcd (again, on the same ports and data) and waits until it answers.
-    fn launch(&mut self) {
-        let client = format!("http://127.0.0.1:{}", self.client);
+    fn launch(&mut self, extra: &[&str]) {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client);
         let peer = format!("http://127.0.0.1:{}", self.peer);
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--name",
             "test",
             "--data-dir",
@@ -81,6 +158,22 @@ impl EtcdServer {
         ]
         .map(String::from)
         .to_vec();
+        if let Some(t) = &self.tls {
+            let (cert, key) = &t.server;
+            args.extend(
+                [
+                    "--cert-file",
+                    cert,
+                    "--key-file",
+                    key,
+                    "--client-cert-auth",
+                    "--trusted-ca-file",
+                    &t.ca,
+                ]
+                .map(String::from),
+            );
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
         self.proc = Some(Proc::spawn_program(Path::new("etcd"), &args, &[], None));
         let deadline = Instant::now() + WAIT;
         let etcd = self.client();
@@ -91,8 +184,8 @@ impl EtcdServer {
                     .enable_all()
                     .build()
                     .unwrap();
-                while rt.block_on(etcd.range_prefix("/")).is_err() {
-                    assert!(Instant::now() < deadline, "etcd never answered");
+                while let Err(e) = rt.block_on(etcd.range_prefix("/")) {
+                    assert!(Instant::now() < deadline, "etcd never answered: {e}");
                     std::thread::sleep(Duration::from_millis(50));
                 }
             });
@@ -106,11 +199,57 @@ impl EtcdServer {
     }
 
     fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
     }
 
     fn client(&self) -> Etcd {
-        Etcd::parse(&self.url()).unwrap()
+        let Some(t) = &self.tls else {
+            return Etcd::parse(&self.url()).unwrap();
+        };
+        let (user, password) = self.user.clone().unzip();
+        let settings = FleetSettings {
+            registry: self.url(),
+            relay_id: "test".into(),
+            advertise: "127.0.0.1:1".into(),
+            prefix: "/ringtunnel/".into(),
+            ttl: Duration::from_secs(10),
+            access: ringtunnel::config::fleet::RegistryAccess {
+                ca: Some(t.ca.clone().into()),
+                cert: Some(t.client.0.clone().into()),
+                key: Some(t.client.1.clone().into()),
+                user,
+                password: password.map(ringtunnel::config::Secret::new),
+            },
+        };
+        Etcd::from_settings(&settings).unwrap()
+    }
+
+    /// Runs `etcdctl` against this (TLS) etcd with `args`, as its user if one is set;
+    /// panics unless it succeeds.
+    fn ctl(&self, args: &[&str]) {
+        let t = self.tls.as_ref().expect("etcdctl here speaks TLS");
+        let endpoint = format!("https://127.0.0.1:{}", self.client);
+        let mut cmd = std::process::Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3").args([
+            "--endpoints",
+            &endpoint,
+            "--cacert",
+            &t.ca,
+            "--cert",
+            &t.client.0,
+            "--key",
+            &t.client.1,
+        ]);
+        if let Some((u, p)) = &self.user {
+            cmd.args(["--user", &format!("{u}:{p}")]);
+        }
+        let out = cmd.args(args).output().expect("etcdctl runs");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Every key under the fleet prefix, with its value as text.
@@ -348,6 +487,7 @@ async fn racing_claims_have_one_winner() {
             advertise: "127.0.0.1:1".into(),
             prefix: "/ringtunnel/".into(),
             ttl: Duration::from_secs(10),
+            access: Default::default(),
         })
         .unwrap();
         tasks.push(tokio::spawn(async move {
@@ -518,7 +658,7 @@ async fn with_etcd_down_existing_services_serve_and_new_ones_wait() {
         assert_echo(SocketAddr::from(([127, 0, 0, n], port))).await;
     }
 
-    etcd.launch();
+    etcd.launch(&[]);
     let back = Instant::now();
     let late_public = online(&mut late, 1).remove(0);
     eprintln!(
@@ -1084,4 +1224,111 @@ async fn visitors_of_hosts_served_elsewhere_are_handed_over() {
     assert!(back.contains("404"), "{back}");
     assert!(!back.contains("other answered"), "{back}");
     drop((blog, vault, other));
+}
+
+/// A fleet on an etcd that speaks only TLS, wants a client certificate and has its
+/// authentication on, with tokens that expire every second: relays with the CA, the client
+/// certificate and a user limited to the fleet's prefix claim and serve (re-authenticating
+/// as tokens expire); one with a wrong password, without the client certificate, or without
+/// the CA gets nothing and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_on_etcd_over_tls_with_a_user() {
+    let Some(mut etcd) =
+        EtcdServer::start_tls(&["--auth-token", "simple", "--auth-token-ttl", "1"])
+    else {
+        return;
+    };
+    etcd.ctl(&[
+        "user",
+        "add",
+        "root",
+        "--new-user-password",
+        "root-password",
+    ]);
+    etcd.ctl(&["role", "add", "fleet"]);
+    etcd.ctl(&[
+        "role",
+        "grant-permission",
+        "fleet",
+        "--prefix=true",
+        "readwrite",
+        "/ringtunnel/",
+    ]);
+    etcd.ctl(&[
+        "user",
+        "add",
+        "relay",
+        "--new-user-password",
+        "relay-password",
+    ]);
+    etcd.ctl(&["user", "grant-role", "relay", "fleet"]);
+    etcd.ctl(&["auth", "enable"]);
+    etcd.user = Some(("root".into(), "root-password".into()));
+    let t = etcd.tls.as_ref().unwrap();
+    let dir = TempDir::new("registry-secrets");
+    let (good, bad) = (dir.0.join("good"), dir.0.join("bad"));
+    std::fs::write(&good, "relay-password\n").unwrap();
+    std::fs::write(&bad, "not-the-password\n").unwrap();
+    let (good, bad) = (good.display().to_string(), bad.display().to_string());
+    let url = etcd.url();
+    let with = |ca: bool, cert: bool, password: &str| {
+        let mut a: Vec<String> = vec!["--registry-user".into(), "relay".into()];
+        a.extend(["--registry-password-file".into(), password.to_string()]);
+        if ca {
+            a.extend(["--registry-ca".into(), t.ca.clone()]);
+        }
+        if cert {
+            a.extend(["--registry-cert".into(), t.client.0.clone()]);
+            a.extend(["--registry-key".into(), t.client.1.clone()]);
+        }
+        a
+    };
+    let flags = with(true, true, &good);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let r1 = member(1, &url, None, &flags);
+    let local = echo_origin().await;
+    let mut agent = Proc::spawn(&agent_args(&[&r1], local, "web", &[]));
+    let port = port_of(&online(&mut agent, 1)[0]);
+    assert_echo(SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let keys = etcd.keys().await;
+    assert!(
+        keys.iter().any(|(k, _)| k == "/ringtunnel/services/web"),
+        "{keys:?}"
+    );
+
+    // Past several token lifetimes: the leases were renewed (re-authenticating), and a new
+    // claim still passes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut later = Proc::spawn(&agent_args(&[&r1], local, "later", &[]));
+    online(&mut later, 1);
+    let keys = etcd.keys().await;
+    for key in ["/ringtunnel/services/web", "/ringtunnel/services/later"] {
+        assert!(keys.iter().any(|(k, _)| k == key), "{key} in {keys:?}");
+    }
+
+    // Each missing piece: the relay starts, claims nothing, and names the problem once.
+    let cases = [
+        (
+            with(true, true, &bad),
+            "fleet registry refuses this relay (authenticating as relay",
+        ),
+        (with(true, false, &good), "BadCertificate"),
+        (with(false, true, &good), "invalid peer certificate"),
+    ];
+    for (n, (flags, why)) in (2u8..).zip(cases) {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let relay = member(n, &url, Some(&r1), &flags);
+        let mut refused = Proc::spawn(&agent_args(&[&relay], local, "web", &[]));
+        refused.wait_stderr("the fleet registry is unavailable");
+        relay.proc.wait_stderr(why);
+        refused.kill();
+    }
+    let keys = etcd.keys().await;
+    assert!(
+        !keys.iter().any(|(k, _)| k.contains("relays/r2")
+            || k.contains("relays/r3")
+            || k.contains("relays/r4")),
+        "{keys:?}"
+    );
+    drop((agent, later));
 }

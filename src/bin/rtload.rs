@@ -248,6 +248,7 @@ async fn fleet_claims(registry: String, n: usize, conc: usize) -> anyhow::Result
         advertise: "127.0.0.1:1".into(),
         prefix: prefix.clone(),
         ttl: Duration::from_secs(60),
+        access: Default::default(),
     })?);
     let etcd = Arc::new(Etcd::parse(&registry)?);
     let put = rate(n, conc, |i| {

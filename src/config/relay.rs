@@ -76,6 +76,16 @@ pub struct RelayFile {
     pub registry_prefix: Option<String>,
     /// Lease time of fleet claims, in seconds (default 10).
     pub registry_ttl_secs: Option<u64>,
+    /// Extra CA (PEM) for an `etcds://` registry's certificate.
+    pub registry_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd that asks for one.
+    pub registry_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub registry_key: Option<PathBuf>,
+    /// etcd user, when etcd's authentication is on.
+    pub registry_user: Option<String>,
+    /// That user's password.
+    pub registry_password: Option<Secret>,
     /// Shared ports: largest request head read, in bytes (larger: 431).
     pub max_head_bytes: Option<usize>,
     /// Shared ports: seconds a visitor has to send its request head or ClientHello.

@@ -164,7 +164,7 @@ impl Fleet {
             .validate()
             .map_err(|e| FleetError::Config(e.to_string()))?;
         Ok(Fleet {
-            etcd: Etcd::parse(&settings.registry)?,
+            etcd: Etcd::from_settings(&settings)?,
             settings,
             holds: Mutex::new(HashMap::new()),
             failing: Mutex::new(None),
@@ -214,6 +214,14 @@ impl Fleet {
                 }
                 *failing = Some(why.clone());
             }
+            Err(FleetError::Denied(why)) => {
+                if failing.is_none() {
+                    tracing::error!(
+                        "fleet registry refuses this relay ({why}): existing services keep serving; new claims are refused until --registry-user, its password or its etcd role is fixed"
+                    );
+                }
+                *failing = Some(why.clone());
+            }
             // etcd answered: it is reachable, whatever it said.
             Err(_) => {}
         }
@@ -237,7 +245,9 @@ impl Fleet {
     pub async fn claim(&self, c: &Claim, range: PortRange) -> Result<Claimed, ClaimError> {
         let r = self.try_claim(c, range).await;
         match &r {
-            Err(ClaimError::Registry(e @ FleetError::Unreachable(_))) => self.note(&Err(e.clone())),
+            Err(ClaimError::Registry(e @ (FleetError::Unreachable(_) | FleetError::Denied(_)))) => {
+                self.note(&Err(e.clone()))
+            }
             _ => self.note(&Ok(())),
         }
         r

@@ -2,17 +2,22 @@
 //! through etcd's own JSON gateway (`POST /v3/...`, the gRPC API as JSON over HTTP/1.1,
 //! served on the client port since etcd 3.3), one bounded request per connection, failing
 //! over between the cluster's endpoints. A gRPC stack would bring about forty crates and a
-//! protobuf compiler to the build for the same six calls.
+//! protobuf compiler to the build for the same six calls. `etcds://` speaks the same over
+//! TLS (with a client certificate if etcd asks for one); with a user, the client
+//! authenticates for a token first and again whenever etcd says the token is no longer good.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use base64ct::{Base64, Encoding};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
-use super::FleetError;
+use super::{FleetError, FleetSettings};
+use crate::config::Secret;
 use crate::protocol::http::response::parse_response;
 
 /// Longest time one call may take, connect to last byte. Well under a lease's TTL, so a
@@ -22,11 +27,38 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_ANSWER: usize = 64 << 20;
 
 /// A client for one etcd cluster.
-#[derive(Debug)]
 pub struct Etcd {
     endpoints: Vec<(String, u16)>,
     /// The endpoint that answered last: tried first.
     preferred: AtomicUsize,
+    /// `etcds://`: TLS to every endpoint.
+    tls: Option<TlsConnector>,
+    /// The user and password to authenticate with, if etcd's authentication is on.
+    user: Option<(String, Secret)>,
+    /// The token the last authentication gave.
+    token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd")
+            .field("endpoints", &self.endpoints())
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether etcd's error says the token is missing, expired or outdated (authenticating again
+/// helps), as against a refusal of the user or the request.
+fn stale_token(message: &str) -> bool {
+    [
+        "invalid auth token",
+        "auth store is old",
+        "user name is empty",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
 }
 
 /// One key as etcd keeps it.
@@ -175,12 +207,39 @@ fn kvs(v: &Value) -> Result<Vec<Kv>, FleetError> {
 
 impl Etcd {
     /// A client for `url`: `etcd://HOST:PORT[,HOST:PORT...]` (the cluster's client
-    /// endpoints, plain HTTP).
+    /// endpoints, plain HTTP, no user).
     pub fn parse(url: &str) -> Result<Etcd, FleetError> {
         let bad = |why: &str| FleetError::Config(format!("registry {url:?}: {why}"));
         let list = url
             .strip_prefix("etcd://")
             .ok_or_else(|| bad("expected etcd://HOST:PORT[,HOST:PORT...]"))?;
+        Self::with(url, list, None, None)
+    }
+
+    /// The client `settings` describe: `etcd://` or `etcds://` (TLS, trusting the public
+    /// roots and `access.ca`, presenting `access.cert` if given), with `access.user` if given.
+    pub fn from_settings(settings: &FleetSettings) -> Result<Etcd, FleetError> {
+        let url = &settings.registry;
+        let a = &settings.access;
+        let Some(list) = url.strip_prefix("etcds://") else {
+            let mut plain = Self::parse(url)?;
+            plain.user = a.user.clone().zip(a.password.clone());
+            return Ok(plain);
+        };
+        let client = a.cert.as_deref().zip(a.key.as_deref());
+        let config = crate::tls::registry_client_config(a.ca.as_deref(), client)
+            .map_err(|e| FleetError::Config(format!("registry TLS: {e}")))?;
+        let user = a.user.clone().zip(a.password.clone());
+        Self::with(url, list, Some(TlsConnector::from(config)), user)
+    }
+
+    fn with(
+        url: &str,
+        list: &str,
+        tls: Option<TlsConnector>,
+        user: Option<(String, Secret)>,
+    ) -> Result<Etcd, FleetError> {
+        let bad = |why: &str| FleetError::Config(format!("registry {url:?}: {why}"));
         let mut endpoints = Vec::new();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (host, port) = crate::config::parse_host_port(item, Some(2379))
@@ -193,6 +252,9 @@ impl Etcd {
         Ok(Etcd {
             endpoints,
             preferred: AtomicUsize::new(0),
+            tls,
+            user,
+            token: Mutex::new(None),
         })
     }
 
@@ -206,24 +268,84 @@ impl Etcd {
         list.join(",")
     }
 
-    /// Posts `body` to `path` on the first endpoint that answers.
+    /// Posts `body` to `path` on the first endpoint that answers, authenticated if a user
+    /// is set (once more with a fresh token if etcd says the one held is no longer good).
     async fn call(&self, path: &str, body: &Value) -> Result<Value, FleetError> {
         let body = body.to_string();
+        let token = self.token().await?;
+        let answer = match self.call_as(path, &body, token.as_deref()).await {
+            Err(FleetError::Etcd(why)) if self.user.is_some() && stale_token(&why) => {
+                *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let token = self.token().await?;
+                self.call_as(path, &body, token.as_deref()).await
+            }
+            other => other,
+        };
+        match answer {
+            Err(FleetError::Etcd(why)) if why.contains("permission denied") => {
+                Err(FleetError::Denied(why))
+            }
+            other => other,
+        }
+    }
+
+    /// The token to send, authenticating first if none is held; `None` without a user.
+    async fn token(&self) -> Result<Option<String>, FleetError> {
+        let Some((user, password)) = &self.user else {
+            return Ok(None);
+        };
+        if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(Some(t));
+        }
+        let password = String::from_utf8_lossy(password.expose());
+        let body = json!({ "name": user, "password": password }).to_string();
+        let v = self
+            .call_as("/v3/auth/authenticate", &body, None)
+            .await
+            .map_err(|e| match e {
+                FleetError::Etcd(why) => {
+                    FleetError::Denied(format!("authenticating as {user}: {why}"))
+                }
+                other => other,
+            })?;
+        let token = v["token"]
+            .as_str()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| FleetError::Etcd(format!("authenticating as {user}: no token in {v}")))?
+            .to_string();
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+        Ok(Some(token))
+    }
+
+    /// One call with `token`, failing over between endpoints.
+    async fn call_as(
+        &self,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> Result<Value, FleetError> {
         let first = self.preferred.load(Ordering::Relaxed);
         let mut last = String::new();
         for i in 0..self.endpoints.len() {
             let at = (first + i) % self.endpoints.len();
             let (host, port) = &self.endpoints[at];
-            match tokio::time::timeout(CALL_TIMEOUT, post(host, *port, path, &body)).await {
+            let req = Request {
+                host,
+                port: *port,
+                path,
+                body,
+                token,
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, req.post(self.tls.as_ref())).await {
                 Ok(Ok(v)) => {
                     self.preferred.store(at, Ordering::Relaxed);
                     return Ok(v);
                 }
                 // etcd answered: another endpoint would answer the same.
                 Ok(Err(e @ FleetError::Etcd(_))) => return Err(e),
-                Ok(Err(FleetError::Unreachable(e) | FleetError::Config(e))) => {
-                    last = format!("{host}:{port}: {e}")
-                }
+                Ok(Err(
+                    FleetError::Unreachable(e) | FleetError::Config(e) | FleetError::Denied(e),
+                )) => last = format!("{host}:{port}: {e}"),
                 Err(_) => last = format!("{host}:{port}: no answer within {CALL_TIMEOUT:?}"),
             }
         }
@@ -334,41 +456,83 @@ impl Etcd {
     }
 }
 
-/// One `POST` to one endpoint; the answer's JSON.
-async fn post(host: &str, port: u16, path: &str, body: &str) -> Result<Value, FleetError> {
-    let net = |what: &str, e: std::io::Error| FleetError::Unreachable(format!("{what}: {e}"));
-    let mut tcp = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| net("connecting", e))?;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tcp.write_all(req.as_bytes())
-        .await
-        .map_err(|e| net("sending", e))?;
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 16384];
-    loop {
-        let n = tcp.read(&mut chunk).await.map_err(|e| net("reading", e))?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        if raw.len() > MAX_ANSWER {
-            return Err(FleetError::Etcd(format!(
-                "answer larger than {MAX_ANSWER} bytes"
-            )));
-        }
+/// One `POST` to one endpoint.
+struct Request<'a> {
+    host: &'a str,
+    port: u16,
+    path: &'a str,
+    body: &'a str,
+    token: Option<&'a str>,
+}
+
+impl Request<'_> {
+    /// Sends the request (over TLS with `tls`); the answer's JSON.
+    async fn post(&self, tls: Option<&TlsConnector>) -> Result<Value, FleetError> {
+        let tcp = TcpStream::connect((self.host, self.port))
+            .await
+            .map_err(|e| FleetError::Unreachable(format!("connecting: {e}")))?;
+        let Some(tls) = tls else {
+            return self.exchange(tcp).await;
+        };
+        let name = rustls_pki_types::ServerName::try_from(self.host.to_string())
+            .map_err(|e| FleetError::Config(format!("server name {}: {e}", self.host)))?;
+        let stream = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| FleetError::Unreachable(format!("TLS: {e}")))?;
+        self.exchange(stream).await
     }
-    let resp = parse_response(&raw).map_err(|e| FleetError::Unreachable(e.to_string()))?;
-    let v: Value = serde_json::from_slice(&resp.body)
-        .map_err(|e| FleetError::Etcd(format!("{path}: answer is not JSON: {e}")))?;
-    if resp.status != 200 {
-        let why = v["message"].as_str().or(v["error"].as_str()).unwrap_or("");
-        return Err(FleetError::Etcd(format!("{path}: {} {why}", resp.status)));
+
+    async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut s: S,
+    ) -> Result<Value, FleetError> {
+        let net = |what: &str, e: std::io::Error| FleetError::Unreachable(format!("{what}: {e}"));
+        let (host, port, path, body) = (self.host, self.port, self.path, self.body);
+        let auth = self
+            .token
+            .map_or(String::new(), |t| format!("Authorization: {t}\r\n"));
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| net("sending", e))?;
+        let mut raw = Vec::new();
+        let mut chunk = [0u8; 16384];
+        loop {
+            let n = match s.read(&mut chunk).await {
+                Ok(n) => n,
+                // A TLS peer that closes without close_notify after a whole answer (etcd
+                // does, with `Connection: close`): the answer is judged on what came.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => 0,
+                Err(e) => return Err(net("reading", e)),
+            };
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&chunk[..n]);
+            if raw.len() > MAX_ANSWER {
+                return Err(FleetError::Etcd(format!(
+                    "answer larger than {MAX_ANSWER} bytes"
+                )));
+            }
+        }
+        let resp = parse_response(&raw).map_err(|e| FleetError::Unreachable(e.to_string()))?;
+        let v: Value = serde_json::from_slice(&resp.body).map_err(|e| {
+            let start = String::from_utf8_lossy(&resp.body[..resp.body.len().min(120)]);
+            FleetError::Etcd(format!(
+                "{path}: {} answer is not JSON ({e}): {start:?}",
+                resp.status
+            ))
+        })?;
+        if resp.status != 200 {
+            let why = v["message"].as_str().or(v["error"].as_str()).unwrap_or("");
+            return Err(FleetError::Etcd(format!("{path}: {} {why}", resp.status)));
+        }
+        Ok(v)
     }
-    Ok(v)
 }
 
 #[cfg(test)]

@@ -32,4 +32,9 @@ pub enum FleetError {
     /// etcd answered with an error, or something unreadable.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// etcd refuses this relay: its user or password is wrong, or the user may not touch
+    /// the fleet's keys. Waiting does not help; the relay's settings or etcd's roles must
+    /// change.
+    #[error("etcd refuses this relay: {0}")]
+    Denied(String),
 }

@@ -8,7 +8,7 @@ pub mod cert;
 pub mod fingerprint;
 pub mod state;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -80,6 +80,50 @@ pub enum RelayTrust {
     PublicRoots,
 }
 
+/// The public web roots, plus the CA certificates in the PEM file `ca` if given.
+fn roots(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca {
+        let bad = |reason: String| TlsError::BadFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let iter = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
+        for cert in iter {
+            let cert = cert.map_err(|e| bad(e.to_string()))?;
+            roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        }
+    }
+    Ok(roots)
+}
+
+/// Client configuration a relay uses toward its fleet's etcd over TLS: etcd's certificate
+/// checked against the public roots plus `ca`, and the client certificate `client` (chain
+/// and key files) presented if given.
+pub fn registry_client_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(ca)?);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let read = |p: &Path| {
+                std::fs::read(p).map_err(|e| TlsError::BadFile {
+                    path: p.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            };
+            let (chain, key) = cert::parse_pem_pair(&read(cert)?, cert, &read(key)?, key)?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 /// Client configuration the agent uses for control and data connections.
 pub fn client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsError> {
     let builder =
@@ -92,22 +136,12 @@ pub fn client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsError> 
                 provider(),
             )))
             .with_no_client_auth(),
-        RelayTrust::CaFile(_) | RelayTrust::PublicRoots => {
-            let mut roots = RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            if let RelayTrust::CaFile(path) = trust {
-                let bad = |reason: String| TlsError::BadFile {
-                    path: path.clone(),
-                    reason,
-                };
-                let iter = CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))?;
-                for cert in iter {
-                    let cert = cert.map_err(|e| bad(e.to_string()))?;
-                    roots.add(cert).map_err(|e| bad(e.to_string()))?;
-                }
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
+        RelayTrust::CaFile(path) => builder
+            .with_root_certificates(roots(Some(path))?)
+            .with_no_client_auth(),
+        RelayTrust::PublicRoots => builder
+            .with_root_certificates(roots(None)?)
+            .with_no_client_auth(),
     };
     let mut config = config;
     // Tells the relay's shared TLS port this is an agent, not a visitor (the control port
