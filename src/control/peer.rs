@@ -4,7 +4,9 @@
 //! relay proves it knows the service's secret (a MAC over this relay's fresh nonce, the
 //! service and the visitor's address), and the visitor is then served here as if it had
 //! come to this relay's own port: the service's limits and address lists judge its real
-//! address, its PROXY header names it, and it travels through the service's pools.
+//! address, its PROXY header names it, and it travels through the service's pools. A visitor
+//! of an `http` or `tls` service goes through this relay's shared-port routing instead (its
+//! request head or ClientHello comes first), limited to services of the secret it proved.
 //!
 //! The visitor's bytes cross in chunks with an end marker each way, as on an agent's data
 //! connection, so a connection whose visitor ended cleanly carries the next one: a fresh

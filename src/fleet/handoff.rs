@@ -7,7 +7,8 @@
 //! serves the visitor as its own (see `control::peer`). A connection whose visitor ended
 //! cleanly is kept, challenged afresh, for the next visitor to that relay, as an agent's data
 //! connections are. When an agent of the service publishes it here, the port is let go
-//! first, so the registry binds it.
+//! first, so the registry binds it. Visitors of `http` and `tls` hosts served elsewhere come
+//! from the shared ports instead ([`Handoff::hand`]), with the bytes read to route them.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
