@@ -1094,18 +1094,6 @@ async fn head_echo() -> SocketAddr {
     .await
 }
 
-/// Sends `raw` to `to` from source address `from`; everything heard back.
-async fn exchange_from(from: [u8; 4], to: SocketAddr, raw: &[u8]) -> Vec<u8> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((from, 0))).unwrap();
-    let mut s = socket.connect(to).await.unwrap();
-    s.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
-    out
-}
-
 /// `http` and `tls` hosts whose agent is on another relay: a visitor of the shared ports
 /// here is handed there, routed and admitted by that relay as its own (its forwarding
 /// headers name the visitor). A hand-over proven with one secret reaches no host of another.
@@ -1180,7 +1168,9 @@ async fn visitors_of_hosts_served_elsewhere_are_handed_over() {
 
     // HTTP through r2's port: served by r1's agent, the visitor named in the headers.
     let request = b"GET /post/1 HTTP/1.1\r\nHost: blog.example.test\r\nConnection: close\r\n\r\n";
-    let answer = exchange_from([127, 0, 0, 9], r2.http.unwrap(), request).await;
+    let answer = roundtrip_from([127, 0, 0, 9], r2.http.unwrap(), request)
+        .await
+        .unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("GET /post/1"), "{answer}");
@@ -1190,11 +1180,15 @@ async fn visitors_of_hosts_served_elsewhere_are_handed_over() {
     );
     // TLS through r2's port, routed by SNI.
     let hello = client_hello("vault.example.test");
-    let heard = exchange_from([127, 0, 0, 9], r2.tls.unwrap(), &hello).await;
+    let heard = roundtrip_from([127, 0, 0, 9], r2.tls.unwrap(), &hello)
+        .await
+        .unwrap();
     assert_eq!(heard, b"vault answered");
     // An unknown host is still r2's own 404.
     let unknown = b"GET / HTTP/1.1\r\nHost: nobody.example.test\r\n\r\n";
-    let answer = exchange_from([127, 0, 0, 9], r2.http.unwrap(), unknown).await;
+    let answer = roundtrip_from([127, 0, 0, 9], r2.http.unwrap(), unknown)
+        .await
+        .unwrap();
     assert!(answer.starts_with(b"HTTP/1.1 404"));
 
     // A hand-over proven with blog's secret, for other's host: r1 routes it to no service.

@@ -752,6 +752,17 @@ mod tests {
         (v, c)
     }
 
+    /// A gate to admit visitors through, and a pool served by agents 1 and 2, each wanting
+    /// `target` connections.
+    fn two_agents(target: usize) -> (Arc<Gate>, Pool) {
+        let gate = Gate::new("t", &Default::default(), Default::default());
+        let pool = Pool::new();
+        for session in [1, 2] {
+            pool.attach(session, target, Arc::new(Notify::new()), Default::default());
+        }
+        (gate, pool)
+    }
+
     fn park(pool: &Pool, session: u64) -> oneshot::Receiver<Visitor> {
         let (slot, rx) = oneshot::channel();
         assert!(pool.offer(slot, pool.generation(session).unwrap()));
@@ -760,11 +771,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_spreads_visitors_to_the_agent_carrying_fewest() {
-        let gate = Gate::new("t", &Default::default(), Default::default());
-        let pool = Pool::new();
+        let (gate, pool) = two_agents(4);
         let (a, b) = (1, 2);
-        pool.attach(a, 4, Arc::new(Notify::new()), Default::default());
-        pool.attach(b, 4, Arc::new(Notify::new()), Default::default());
         let mut a_parked: Vec<_> = (0..4).map(|_| park(&pool, a)).collect();
         let mut b_parked: Vec<_> = (0..4).map(|_| park(&pool, b)).collect();
         // Four visitors alternate between the agents: each goes to the one carrying fewer.
@@ -801,11 +809,8 @@ mod tests {
 
     #[tokio::test]
     async fn one_agent_of_a_group_leaving_leaves_the_others_serving() {
-        let gate = Gate::new("t", &Default::default(), Default::default());
-        let pool = Pool::new();
+        let (gate, pool) = two_agents(2);
         let (a, b) = (1, 2);
-        pool.attach(a, 2, Arc::new(Notify::new()), Default::default());
-        pool.attach(b, 2, Arc::new(Notify::new()), Default::default());
         let a_gen = pool.generation(a).unwrap();
         let _a_parked = park(&pool, a);
         let mut b_parked = park(&pool, b);

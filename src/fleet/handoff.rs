@@ -213,25 +213,27 @@ impl Handoff {
             w.retain(|_, until| *until > now);
             w.keys().cloned().collect()
         };
+        // Served here, or about to be: never handed over.
+        let here = |name: &str| {
+            local.iter().any(|l| l.eq_ignore_ascii_case(name)) || wanted.iter().any(|w| w == name)
+        };
         let keep = |name: &String| {
             elsewhere
                 .get(name)
                 .is_some_and(|e| e.kind == ServiceKind::Tcp)
-                && !local.iter().any(|l| l.eq_ignore_ascii_case(name))
-                && !wanted.contains(name)
+                && !here(name)
         };
-        let by_host = elsewhere.iter().filter(|(name, e)| {
-            e.kind != ServiceKind::Tcp
-                && !local.iter().any(|l| l.eq_ignore_ascii_case(name))
-                && !wanted.contains(*name)
-        });
+        let by_host = elsewhere
+            .iter()
+            .filter(|(name, e)| e.kind != ServiceKind::Tcp && !here(name));
         let hosts = Arc::new(RemoteHosts::new(by_host));
         let was = std::mem::replace(
             &mut *self.hosts.write().unwrap_or_else(|p| p.into_inner()),
             hosts.clone(),
         );
-        if was.services() != hosts.services() {
-            tracing::info!(services = %hosts.services().join(","), "fleet: handing visitors of these services' hosts to the relays their agents are on");
+        let names = hosts.services();
+        if was.services() != names {
+            tracing::info!(services = %names.join(","), "fleet: handing visitors of these services' hosts to the relays their agents are on");
         }
         let stale: Vec<String> = {
             let g = self.listening.lock().unwrap_or_else(|p| p.into_inner());

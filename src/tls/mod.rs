@@ -111,14 +111,8 @@ pub fn registry_client_config(
     let config = match client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let read = |p: &Path| {
-                std::fs::read(p).map_err(|e| TlsError::BadFile {
-                    path: p.to_path_buf(),
-                    reason: e.to_string(),
-                })
-            };
-            let (chain, key) = cert::parse_pem_pair(&read(cert)?, cert, &read(key)?, key)?;
-            builder.with_client_auth_cert(chain, key)?
+            let id = RelayIdentity::from_files(cert, key)?;
+            builder.with_client_auth_cert(id.chain, id.key)?
         }
     };
     Ok(Arc::new(config))
