@@ -3,6 +3,7 @@
 //! its first byte, then control or data by its first frame.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use super::session;
 use super::tickets::Redeemed;
 
 use crate::dataplane::tokio::relay as tokio_backend;
+use crate::dataplane::uring::tunnel::DataTls;
 use crate::dataplane::{uring, DataPlane};
 use crate::net::cap::{CapPlace, ConnCap};
 use crate::net::throttle::THROTTLED_PER_ADDRESS;
@@ -23,6 +25,7 @@ use crate::protocol::ServiceKind;
 use crate::protocol::{
     answers_start, relay_serves, AgentMsg, ErrorCode, RelayMsg, PROTOCOL_VERSION,
 };
+use crate::tls::ktls;
 use crate::transport::{Conn, FrameIoError, Framed};
 
 /// First byte of a TLS handshake record.
@@ -279,6 +282,13 @@ async fn refuse(plane: &ControlPlane, mut framed: Framed<Conn>, code: ErrorCode,
     let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
 }
 
+/// Whether rustls holds plaintext the agent sent after its `DataHello`: the kernel would
+/// never see it, so such a connection (a misbehaving agent's) is refused, not offloaded.
+fn unread_plaintext(conn: &mut rustls::ServerConnection) -> bool {
+    conn.process_new_packets()
+        .map_or(true, |state| state.plaintext_bytes_to_read() > 0)
+}
+
 async fn data_connection(
     plane: Arc<ControlPlane>,
     framed: Framed<Conn>,
@@ -356,13 +366,26 @@ async fn data_connection(
             tokio_backend::park_and_forward(tunnel, name, &pool, generation, answers, metrics).await
         }
         DataPlane::Uring(workers) => {
-            // A plain socket is spliced by the worker; a TLS one moves there with its rustls
-            // state (handshake done) and is copied through rustls.
+            // A plain socket is spliced by the worker. A TLS one has its keys handed to the
+            // kernel where it has kTLS, and is spliced too; elsewhere it moves there with its
+            // rustls state (handshake done) and is copied through rustls.
             let (tcp, tls) = match tunnel {
-                Conn::Plain(s) => (s, None),
+                Conn::Plain(s) => (s, DataTls::Plain),
                 Conn::Tls(s) => {
-                    let (tcp, conn) = s.into_inner();
-                    (tcp, Some(Box::new(conn)))
+                    let (tcp, mut conn) = s.into_inner();
+                    if !ktls::available() {
+                        (tcp, DataTls::User(Box::new(conn)))
+                    } else if unread_plaintext(&mut conn) {
+                        plane.metrics.data_rejected.inc();
+                        let m = "bytes sent before a visitor arrived";
+                        plane.refusals.note(peer, "data connection refused", m);
+                        return;
+                    } else if let Err(e) = ktls::offload(tcp.as_fd(), conn) {
+                        tracing::warn!(%peer, "data connection dropped: {e}");
+                        return;
+                    } else {
+                        (tcp, DataTls::Kernel)
+                    }
                 }
             };
             let Ok(stream) = tcp.into_std() else {

@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::BorrowedFd;
 
+use crate::tls::ktls::{self, Control};
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 
 /// Puts a socket in non-blocking mode (accepted and connected sockets from the ring are not).
@@ -82,11 +83,19 @@ pub fn disarm_reset(fd: BorrowedFd<'_>) {
 
 /// One `recv` that does not wait (`MSG_DONTWAIT`, whatever the socket's mode): `None` if it
 /// has nothing now, `Some(0)` at EOF.
+/// On a kTLS socket a `close_notify` reads as EOF and a session ticket is skipped
+/// (`tls::ktls::after_read_error`).
 pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    match rustix::net::recv(fd, buf, RecvFlags::DONTWAIT) {
-        Ok((n, _)) => Ok(Some(n)),
-        Err(rustix::io::Errno::AGAIN) => Ok(None),
-        Err(e) => Err(e.into()),
+    loop {
+        return match rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT) {
+            Ok((n, _)) => Ok(Some(n)),
+            Err(rustix::io::Errno::AGAIN) => Ok(None),
+            Err(e) if e == rustix::io::Errno::IO => match ktls::after_read_error(fd, e.into())? {
+                Control::Closed => Ok(Some(0)),
+                Control::Skipped => continue,
+            },
+            Err(e) => Err(e.into()),
+        };
     }
 }
 

@@ -3,9 +3,11 @@
 //! - [`cert`]: the relay's certificate — loaded from files, or self-signed on first start and
 //!   kept in the state directory.
 //! - [`fingerprint`]: SHA-256 certificate fingerprints and the pinning verifier the agent uses.
+//! - [`ktls`]: handing a data connection's keys to the kernel after the handshake.
 
 pub mod cert;
 pub mod fingerprint;
+pub mod ktls;
 pub mod state;
 
 use std::path::{Path, PathBuf};
@@ -62,10 +64,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// Server configuration for the relay's control port (control and data connections alike).
 pub fn server_config(identity: &RelayIdentity) -> Result<Arc<ServerConfig>, TlsError> {
-    let config = ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    // Data connections may go to kTLS (see `ktls`): the keys must be extractable, and no
+    // session ticket may follow the handshake onto a socket the kernel already decrypts.
+    // Agents do not resume sessions, so control connections lose nothing.
+    config.enable_secret_extraction = true;
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -141,5 +148,7 @@ pub fn client_config(trust: &RelayTrust) -> Result<Arc<ClientConfig>, TlsError> 
     // Tells the relay's shared TLS port this is an agent, not a visitor (the control port
     // needs no telling and ignores it).
     config.alpn_protocols = vec![crate::protocol::AGENT_ALPN.to_vec()];
+    // Data connections may go to kTLS (see `ktls`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }

@@ -1,6 +1,6 @@
 //! Agent-side worker task: one data connection — present the ticket, wait (pooled) for the
-//! relay's `Start`, dial the local service, then forward both ways (splice on a plain data
-//! connection, copies through rustls on a TLS one).
+//! relay's `Start`, dial the local service, then forward both ways (splice on a plain or kTLS
+//! data connection, copies through rustls on a TLS one).
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +22,7 @@ use crate::dataplane::InFlight;
 use crate::net::CONNECT_TIMEOUT;
 use crate::protocol::auth::Ticket;
 use crate::protocol::lifecycle::{AgentDataConn, AgentEvent};
+use crate::tls::ktls;
 
 /// How a worker speaks TLS to the relay on data connections.
 #[derive(Clone)]
@@ -135,7 +136,14 @@ async fn open_tunnel(tls: Option<AgentTls>, relay: &RelayDial) -> io::Result<Tun
     monoio::time::timeout(CONNECT_TIMEOUT, stream.handshake())
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    Ok(Tunnel::Tls(Box::new(stream)))
+    if !ktls::available() {
+        return Ok(Tunnel::Tls(Box::new(stream)));
+    }
+    // The relay sends nothing until `Start` (no session tickets), so rustls holds no record
+    // the kernel would miss.
+    let (socket, conn) = stream.into_parts();
+    ktls::offload(fd(&socket), conn).map_err(io::Error::other)?;
+    Ok(Tunnel::Ktls(socket))
 }
 
 async fn run(
@@ -210,7 +218,8 @@ async fn run(
         };
         // Forwarding ran origin → tunnel as "up" from the agent's side; the visitor's view is
         // the reverse.
-        let (up, down, reusable) = (outcome.down, outcome.up, outcome.reusable);
+        let reusable = outcome.reusable && tunnel.keys_fresh();
+        let (up, down) = (outcome.down, outcome.up);
         tracing::debug!(service, %visitor, up, down, reusable, "visitor done");
         sock::disarm_reset(fd(&origin));
         drop(origin);

@@ -157,6 +157,7 @@ async fn encode(
                     let raw = chunk::header(chunk::RAW);
                     sockio::write_all(dst, &raw).await.map_err(tunnel)?;
                     total += pipe::splice_to_eof(src, dst, pipes, Side::Peer, count).await?;
+                    crate::tls::ktls::close_notify_if_offloaded(dfd);
                     shutdown(dfd, Half::Write);
                     return Ok((total, Ended::Raw));
                 }

@@ -120,16 +120,16 @@ pub async fn accept_until(
 }
 
 /// Parks a data connection in `pool`; when a visitor is assigned, announces it and forwards
-/// (splicing a plain connection, copying through rustls a TLS one). `ticket`: the pool's
+/// (splicing a plain or kTLS connection, copying through rustls a TLS one). `ticket`: the pool's
 /// generation when the connection's ticket was settled (see [`Pool::offer`]), and whether
 /// its agent answers `Start` with `STARTED` (protocol 4; then a silent connection hands its
-/// visitor on).
+/// visitor on), and whether the kernel holds its TLS keys (kTLS; `tls` is then `None`).
 pub async fn serve_data(
     stream: std::net::TcpStream,
     tls: Option<Box<rustls::ServerConnection>>,
     service: String,
     pool: Arc<Pool>,
-    ticket: (u64, bool),
+    ticket: (u64, bool, bool),
     metrics: Arc<Metrics>,
     pipes: Rc<PipePool>,
 ) {
@@ -144,13 +144,14 @@ async fn park_and_forward(
     tls: Option<Box<rustls::ServerConnection>>,
     service: &str,
     pool: &Pool,
-    (generation, answers): (u64, bool),
+    (generation, answers, kernel): (u64, bool, bool),
     metrics: &Metrics,
     pipes: &PipePool,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
     let socket = TcpStream::from_std(stream)?;
     let tunnel = match tls {
+        None if kernel => Tunnel::Ktls(socket),
         None => Tunnel::Plain(socket),
         Some(conn) => {
             // Boxed before the first await: rustls' state is large (and over-aligned), and
@@ -234,7 +235,8 @@ async fn park_and_forward(
                 return Ok(());
             }
         };
-        let (up, down, reusable) = (outcome.up + sent_early, outcome.down, outcome.reusable);
+        let reusable = outcome.reusable && tunnel.keys_fresh();
+        let (up, down) = (outcome.up + sent_early, outcome.down);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
         disarm_reset(fd(&stream));
         drop((stream, admission));
@@ -411,7 +413,7 @@ mod tests {
                 None,
                 "x".into(),
                 std::sync::Arc::new(crate::dataplane::pool::Pool::new()),
-                (0, true),
+                (0, true, false),
                 std::sync::Arc::new(crate::admin::Metrics::default()),
                 std::rc::Rc::new(super::PipePool::default()),
             )

@@ -86,6 +86,11 @@ impl TlsStream {
         }
     }
 
+    /// The socket and the rustls state, taken apart (to hand the keys to the kernel).
+    pub fn into_parts(self) -> (TcpStream, rustls::Connection) {
+        (self.sock, self.conn.into_inner())
+    }
+
     /// The socket, for readiness waits and the idle watcher.
     pub fn socket(&self) -> &TcpStream {
         &self.sock

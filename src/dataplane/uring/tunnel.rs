@@ -1,5 +1,6 @@
-//! A worker's end of a tunnel data connection: a plain socket, spliced, or a TLS one, copied
-//! through rustls. Relay and agent tasks use this one type whichever it is.
+//! A worker's end of a tunnel data connection: a plain socket, spliced; a TLS one whose keys
+//! the kernel holds (kTLS), spliced the same way; or a TLS one copied through rustls. Relay and
+//! agent tasks use this one type whichever it is.
 
 use std::io;
 
@@ -12,11 +13,24 @@ use super::tls::{self, TlsStream};
 use crate::dataplane::forwarded::{Forwarded, Outcome};
 use crate::dataplane::tally::Tally;
 use crate::protocol::http::requests::Requests;
+use crate::tls::ktls;
+
+/// How a data connection reaching a relay worker is encrypted.
+pub enum DataTls {
+    /// Not at all.
+    Plain,
+    /// By the kernel: its keys were handed over after the handshake (`tls::ktls::offload`).
+    Kernel,
+    /// By rustls, whose state (handshake done) comes along.
+    User(Box<rustls::ServerConnection>),
+}
 
 /// A data connection owned by one worker.
 pub enum Tunnel {
     /// Plain TCP: forwarded with splice.
     Plain(TcpStream),
+    /// TLS offloaded to the kernel (`tls::ktls`): forwarded with splice like plain TCP.
+    Ktls(TcpStream),
     /// TLS in user space (no kTLS): forwarded by copying through rustls.
     Tls(Box<TlsStream>),
 }
@@ -25,7 +39,7 @@ impl Tunnel {
     /// The underlying socket, for readiness waits.
     pub fn socket(&self) -> &TcpStream {
         match self {
-            Tunnel::Plain(s) => s,
+            Tunnel::Plain(s) | Tunnel::Ktls(s) => s,
             Tunnel::Tls(t) => t.socket(),
         }
     }
@@ -33,7 +47,7 @@ impl Tunnel {
     /// Sends all of `data` (encrypted on TLS), waiting on the ring when the socket is full.
     pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
         match self {
-            Tunnel::Plain(s) => sockio::write_all(s, data).await,
+            Tunnel::Plain(s) | Tunnel::Ktls(s) => sockio::write_all(s, data).await,
             Tunnel::Tls(t) => t.write_all(data).await,
         }
     }
@@ -41,7 +55,7 @@ impl Tunnel {
     /// Reads what is available: at least one byte, or 0 at the end of the stream.
     pub async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Tunnel::Plain(s) => sockio::read_some(s, buf).await,
+            Tunnel::Plain(s) | Tunnel::Ktls(s) => sockio::read_some(s, buf).await,
             Tunnel::Tls(t) => t.read(buf).await,
         }
     }
@@ -63,10 +77,23 @@ impl Tunnel {
         tally: Tally<'_>,
     ) -> Forwarded<Outcome> {
         match self {
-            Tunnel::Plain(s) => {
+            Tunnel::Plain(s) | Tunnel::Ktls(s) => {
                 chunked::forward(peer, s, pipes, early, peer_quiet, requests, tally).await
             }
             Tunnel::Tls(t) => tls::forward(peer, t, early, peer_quiet, requests, tally).await,
+        }
+    }
+
+    /// Whether the connection may carry another visitor as far as its keys go: a kTLS one is
+    /// retired once it has sent [`ktls::RECORD_BUDGET`] records under its one key (the kernel
+    /// cannot rekey); the others always may (rustls rekeys on its own). Asked once a visitor
+    /// is done (a check inside [`Self::forward`] would grow every connection's task).
+    pub fn keys_fresh(&self) -> bool {
+        match self {
+            Tunnel::Ktls(s) => {
+                ktls::records_sent(sockio::fd(s)).is_ok_and(|n| n < ktls::RECORD_BUDGET)
+            }
+            _ => true,
         }
     }
 
@@ -74,7 +101,7 @@ impl Tunnel {
     /// the agent's `READY`): a plain tunnel waits on the ring before its first `recv` instead
     /// of spending one on `EAGAIN`. A TLS tunnel reads as usual (rustls may hold the bytes).
     pub async fn read_some_later(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Tunnel::Plain(s) = self {
+        if let Tunnel::Plain(s) | Tunnel::Ktls(s) = self {
             s.readable(false).await?;
         }
         self.read_some(buf).await
