@@ -13,6 +13,21 @@ async fn bulk_each_way(backend: Backend, data_tls: &str) {
     let got = roundtrip(agent.public, &payload).await.unwrap();
     assert_eq!(got.len(), payload.len());
     assert_eq!(sha256(&got), sha256(&payload), "64 MiB echoed intact");
+    let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
+    if backend == Backend::Uring && data_tls == "on" && !ulps.split_whitespace().any(|u| u == "tls")
+    {
+        // This kernel has no kTLS: both ends said so and copied through rustls instead
+        // (tests/ktls_guest.rs runs the offloaded path in a kernel that has it).
+        for (who, log) in [
+            ("relay", relay.proc.stderr()),
+            ("agent", agent.proc.stderr()),
+        ] {
+            assert!(
+                log.contains("kTLS unavailable"),
+                "{who} did not report the fallback:\n{log}"
+            );
+        }
+    }
 }
 
 async fn bulk_64mib_each_way_tls(backend: Backend) {

@@ -2,7 +2,7 @@
 # /init of the kTLS guest (scripts/vm/build; run by tests/ktls_guest.rs). Loads the `tls`
 # module, checks one offloaded socket against rustls (`ktls-helper pair`), then runs a relay
 # and an agent with TLS data connections offloaded to the kernel and checksums visitors'
-# bytes through them, first with both ends on kTLS, then with the agent on rustls. Prints
+# bytes through them: both ends on kTLS, the agent on rustls, the relay on tokio. Prints
 # `KTLS-GUEST PASS` or `KTLS-GUEST FAIL: why`, then powers off.
 export PATH=/bin
 mount -t proc proc /proc
@@ -67,6 +67,16 @@ wait_for /tmp/agent-rustls.log "online service=mixed"
 grep -q "kTLS off" /tmp/agent-rustls.log || fail "RINGTUNNEL_KTLS=off was not taken"
 ktls-helper check 127.0.0.1:20001 1000 20 || fail "small visitors, rustls agent"
 ktls-helper check 127.0.0.1:20001 4194304 2 || fail "bulk visitors, rustls agent"
+# A kTLS agent against a relay on the tokio backend (rustls in user space there).
+ringtunnel relay --control 127.0.0.1:7844 --bind-addr 127.0.0.1 --port-range 20100-20110 \
+  --state-dir /tmp/state2 --backend tokio --data-tls on > /tmp/relay-tokio.log 2>&1 &
+wait_for /tmp/relay-tokio.log "ready control"
+fp2=$(grep -o 'fingerprint=[0-9a-f:]*' /tmp/relay-tokio.log | head -n 1 | cut -d= -f2)
+ringtunnel agent --relay 127.0.0.1:7844 --relay-fingerprint "$fp2" --local 127.0.0.1:7000 \
+  --remote-port 20100 --name tokio --backend uring > /tmp/agent-to-tokio.log 2>&1 &
+wait_for /tmp/agent-to-tokio.log "online service=tokio"
+ktls-helper check 127.0.0.1:20100 1000 20 || fail "small visitors, tokio relay"
+ktls-helper check 127.0.0.1:20100 4194304 2 || fail "bulk visitors, tokio relay"
 echo "--- /proc/net/tls_stat at the end"
 cat /proc/net/tls_stat
 echo "KTLS-GUEST PASS"
