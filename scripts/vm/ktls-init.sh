@@ -42,13 +42,13 @@ ringtunnel relay --control 127.0.0.1:7843 --bind-addr 127.0.0.1 --port-range 200
   --state-dir /tmp/state --backend uring --data-tls on > /tmp/relay.log 2>&1 &
 wait_for /tmp/relay.log "ready control"
 fp=$(grep -o 'fingerprint=[0-9a-f:]*' /tmp/relay.log | head -n 1 | cut -d= -f2)
-grep -q "kTLS available" /tmp/relay.log || fail "the relay did not find kTLS"
+grep -q "encrypted by the kernel (kTLS)" /tmp/relay.log || fail "the relay did not find kTLS"
 
 # Both ends on kTLS.
 ringtunnel agent --relay 127.0.0.1:7843 --relay-fingerprint "$fp" --local 127.0.0.1:7000 \
   --remote-port 20000 --name both --backend uring > /tmp/agent-ktls.log 2>&1 &
 wait_for /tmp/agent-ktls.log "online service=both"
-grep -q "kTLS available" /tmp/agent-ktls.log || fail "the agent did not find kTLS"
+wait_for /tmp/agent-ktls.log "encrypted by the kernel (kTLS)"
 ktls-helper check 127.0.0.1:20000 1000 20 || fail "small visitors, kTLS both ends"
 ktls-helper check 127.0.0.1:20000 4194304 2 || fail "bulk visitors, kTLS both ends"
 echo "--- /proc/net/tls_stat after kTLS both ends"
@@ -64,7 +64,7 @@ RINGTUNNEL_KTLS=off ringtunnel agent --relay 127.0.0.1:7843 --relay-fingerprint 
   --local 127.0.0.1:7000 --remote-port 20001 --name mixed --backend uring \
   > /tmp/agent-rustls.log 2>&1 &
 wait_for /tmp/agent-rustls.log "online service=mixed"
-grep -q "kTLS off" /tmp/agent-rustls.log || fail "RINGTUNNEL_KTLS=off was not taken"
+wait_for /tmp/agent-rustls.log "kTLS is unavailable: turned off by RINGTUNNEL_KTLS=off"
 ktls-helper check 127.0.0.1:20001 1000 20 || fail "small visitors, rustls agent"
 ktls-helper check 127.0.0.1:20001 4194304 2 || fail "bulk visitors, rustls agent"
 # A kTLS agent against a relay on the tokio backend (rustls in user space there).
@@ -79,5 +79,7 @@ ktls-helper check 127.0.0.1:20100 1000 20 || fail "small visitors, tokio relay"
 ktls-helper check 127.0.0.1:20100 4194304 2 || fail "bulk visitors, tokio relay"
 echo "--- /proc/net/tls_stat at the end"
 cat /proc/net/tls_stat
+echo "--- what relays and agents said of their data plane"
+grep -h "data plane backend" /tmp/relay.log /tmp/relay-tokio.log /tmp/agent-*.log | sed 's/^.*data plane/data plane/'
 echo "KTLS-GUEST PASS"
 poweroff -f

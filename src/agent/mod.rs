@@ -290,13 +290,9 @@ fn start_workers(
         return Ok(None);
     }
     match probe::io_uring() {
-        Ok(()) => {
-            // Whether the workers' TLS data connections can go to the kernel, logged once now.
-            crate::tls::ktls::available();
-            Workers::start(workers)
-                .map(Some)
-                .map_err(|e| AgentError::Settings(format!("starting io_uring workers: {e}")))
-        }
+        Ok(()) => Workers::start(workers)
+            .map(Some)
+            .map_err(|e| AgentError::Settings(format!("starting io_uring workers: {e}"))),
         Err(why) if backend == BackendKind::Uring => Err(AgentError::Settings(format!(
             "--backend uring: io_uring is unavailable: {why}"
         ))),

@@ -257,14 +257,16 @@ async fn session(
                     server_name: ctx.server_name.clone(),
                 });
                 if tls.is_some() {
-                    let why = match crate::dataplane::probe::ktls() {
-                        Ok(()) => "kTLS offload is not wired in".to_string(),
-                        Err(why) => format!("kTLS is unavailable: {why}"),
-                    };
-                    tracing::info!(
-                        workers = w.len(),
-                        "data plane backend: uring (TLS data connections, copied through rustls: {why})"
-                    );
+                    match crate::dataplane::probe::ktls() {
+                        Ok(()) => tracing::info!(
+                            workers = w.len(),
+                            "data plane backend: uring (TLS data connections, spliced, encrypted by the kernel (kTLS))"
+                        ),
+                        Err(why) => tracing::info!(
+                            workers = w.len(),
+                            "data plane backend: uring (TLS data connections, copied through rustls: kTLS is unavailable: {why})"
+                        ),
+                    }
                 } else {
                     tracing::info!(
                         workers = w.len(),

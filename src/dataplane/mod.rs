@@ -109,8 +109,10 @@ pub fn choose_backend(
     let uring = probe::io_uring();
     let tls_note = if data_tls {
         match probe::ktls() {
-            Ok(()) => "; TLS data connections copied through rustls (the kernel has kTLS; offload is not implemented yet)".to_string(),
-            Err(why) => format!("; TLS data connections copied through rustls, not spliced (no kTLS: {why})"),
+            Ok(()) => "; TLS data connections spliced, encrypted by the kernel (kTLS)".to_string(),
+            Err(why) => format!(
+                "; TLS data connections copied through rustls, not spliced (no kTLS: {why})"
+            ),
         }
     } else {
         String::new()

@@ -48,36 +48,10 @@ fn probe_io_uring() -> Result<(), String> {
     Ok(())
 }
 
-/// `Ok(())` if the kernel offers the TLS upper-layer protocol (kTLS), else why not.
+/// `Ok(())` if TLS data connections can be handed to the kernel (kTLS), else why not
+/// (`tls::ktls::probe`).
 pub fn ktls() -> Result<(), Unavailable> {
-    static PROBE: OnceLock<Result<(), Unavailable>> = OnceLock::new();
-    PROBE
-        .get_or_init(|| probe_ktls().map_err(Unavailable))
-        .clone()
-}
-
-/// Where the kernel lists the TCP upper-layer protocols it has loaded.
-const AVAILABLE_ULP: &str = "/proc/sys/net/ipv4/tcp_available_ulp";
-
-fn probe_ktls() -> Result<(), String> {
-    // Read from procfs rather than tried with `setsockopt(TCP_ULP)`, which needs a connected
-    // socket. A `tls` module that is built but not yet loaded is missed; the answer only
-    // shapes a log line while kTLS offload is not wired in.
-    let list = std::fs::read_to_string(AVAILABLE_ULP)
-        .map_err(|e| format!("cannot read {AVAILABLE_ULP}: {e}"))?;
-    if lists_tls(&list) {
-        Ok(())
-    } else {
-        Err(format!(
-            "the kernel has no tls module ({AVAILABLE_ULP}: {:?})",
-            list.trim()
-        ))
-    }
-}
-
-/// Whether a `tcp_available_ulp` line names the `tls` ULP.
-fn lists_tls(list: &str) -> bool {
-    list.split_whitespace().any(|ulp| ulp == "tls")
+    crate::tls::ktls::probe().map_err(Unavailable)
 }
 
 /// Environment variable that turns a skipped io_uring test into a failure. `.ci/run` sets
@@ -115,16 +89,5 @@ mod tests {
             .build()
             .is_ok();
         assert_eq!(io_uring().is_ok(), built, "{:?}", io_uring());
-    }
-
-    #[test]
-    fn the_ktls_probe_reads_the_ulp_list() {
-        assert!(lists_tls("mptcp tls\n"));
-        assert!(lists_tls("tls"));
-        assert!(!lists_tls("mptcp\n"));
-        assert!(!lists_tls("espintcp mptcp"));
-        assert!(!lists_tls(""));
-        let listed = std::fs::read_to_string(AVAILABLE_ULP).is_ok_and(|l| lists_tls(&l));
-        assert_eq!(ktls().is_ok(), listed, "{:?}", ktls());
     }
 }

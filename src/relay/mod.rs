@@ -359,10 +359,6 @@ async fn start_with(
         services: Vec::new(),
     };
     tracing::info!(%backend, "data plane backend: {why}");
-    if cfg.data_tls && matches!(dataplane, DataPlane::Uring(_)) {
-        // Probed (and logged) now rather than at the first agent's first data connection.
-        crate::tls::ktls::available();
-    }
     if !cfg.data_tls {
         tracing::warn!("data connections are plain TCP (--data-tls off): visitor bytes cross the network unencrypted between relay and agent");
     }

@@ -15,8 +15,8 @@
 //!   cannot take new keys at all). [`records_sent`] reads the count so a connection is retired
 //!   before its cipher's confidentiality limit.
 //!
-//! [`available`] probes once whether the kernel has the `tls` ULP; without it data
-//! connections keep rustls, unchanged. `RINGTUNNEL_KTLS=off` turns offload off.
+//! [`probe`] checks once whether the kernel has the `tls` ULP; without it data connections
+//! keep rustls, unchanged. `RINGTUNNEL_KTLS=off` turns offload off.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -66,42 +66,37 @@ pub enum KtlsError {
     },
 }
 
-/// Whether TLS data connections can be offloaded here: the kernel has the `tls` ULP and
-/// `RINGTUNNEL_KTLS` is not `off`. Probed once (on an unconnected socket, where a present
-/// module answers `ENOTCONN` and a missing one `ENOENT`) and logged once.
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        if std::env::var("RINGTUNNEL_KTLS").is_ok_and(|v| v == "off") {
-            tracing::info!(
-                "kTLS off (RINGTUNNEL_KTLS=off): TLS data connections copy through rustls"
-            );
-            return false;
-        }
-        match probe() {
-            Ok(()) => {
-                tracing::info!("kTLS available: TLS data connections are offloaded to the kernel");
-                true
-            }
-            Err(e) => {
-                tracing::info!("kTLS unavailable ({e}): TLS data connections copy through rustls");
-                false
-            }
-        }
-    })
+/// Environment variable that turns kTLS offload off (`RINGTUNNEL_KTLS=off`): TLS data
+/// connections then copy through rustls even where the kernel has the ULP.
+pub const KTLS_ENV: &str = "RINGTUNNEL_KTLS";
+
+/// `Ok(())` if TLS data connections can be offloaded here (the kernel has the `tls` ULP and
+/// [`KTLS_ENV`] is not `off`), else why not, in words for the log. Probed once, on an
+/// unconnected socket: a present module answers `ENOTCONN` (and one built but not yet loaded
+/// is loaded by the kernel on that request), a missing one `ENOENT`.
+pub fn probe() -> Result<(), String> {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    PROBE.get_or_init(probe_once).clone()
 }
 
-fn probe() -> io::Result<()> {
-    let sock = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-    // A listening socket is not connected: the ULP answers ENOTCONN if it exists.
+/// Whether [`probe`] found kTLS usable.
+pub fn available() -> bool {
+    probe().is_ok()
+}
+
+fn probe_once() -> Result<(), String> {
+    if std::env::var(KTLS_ENV).is_ok_and(|v| v == "off") {
+        return Err(format!("turned off by {KTLS_ENV}=off"));
+    }
+    let sock =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("probing kTLS: {e}"))?;
     match set_ulp(sock.as_raw_fd()) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            "this kernel has no tls ULP (see /proc/sys/net/ipv4/tcp_available_ulp)",
-        )),
-        Err(e) => Err(e),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(
+            "the kernel has no tls ULP (/proc/sys/net/ipv4/tcp_available_ulp lacks `tls`)".into(),
+        ),
+        Err(e) => Err(format!("setsockopt(TCP_ULP, \"tls\"): {e}")),
     }
 }
 
@@ -371,14 +366,15 @@ mod tests {
     fn the_probe_agrees_with_the_kernels_list_of_ulps() {
         let listed = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
             .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"));
-        // A module not yet loaded is loaded by the probe itself, where modprobe works.
-        assert!(
-            probe().is_ok() || !listed,
-            "listed `tls` but the probe failed"
-        );
-        if probe().is_err() {
-            let e = probe().unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        let off = std::env::var(KTLS_ENV).is_ok_and(|v| v == "off");
+        match probe_once() {
+            // A module not yet loaded is loaded by the probe itself, where modprobe works.
+            Ok(()) => {}
+            Err(why) if off => assert!(why.contains(KTLS_ENV), "{why}"),
+            Err(why) => {
+                assert!(!listed, "lists `tls` but the probe failed: {why}");
+                assert!(why.contains("no tls ULP"), "{why}");
+            }
         }
     }
 
