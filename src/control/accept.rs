@@ -282,6 +282,13 @@ async fn refuse(plane: &ControlPlane, mut framed: Framed<Conn>, code: ErrorCode,
     let _ = framed.write_msg(&msg, WRITE_TIMEOUT).await;
 }
 
+/// Drops a data connection whose agent sent bytes after `DataHello`, before any visitor.
+fn refuse_early_bytes(plane: &ControlPlane, peer: SocketAddr) {
+    plane.metrics.data_rejected.inc();
+    let m = "bytes sent before a visitor arrived";
+    plane.refusals.note(peer, "data connection refused", m);
+}
+
 /// Whether rustls holds plaintext the agent sent after its `DataHello`: the kernel would
 /// never see it, so such a connection (a misbehaving agent's) is refused, not offloaded.
 fn unread_plaintext(conn: &mut rustls::ServerConnection) -> bool {
@@ -345,10 +352,7 @@ async fn data_connection(
     // It may idle in a pool for hours: let the kernel notice a cut link (see `keep_alive`).
     let _ = crate::dataplane::sock::keep_alive(tunnel.socket());
     if !leftover.is_empty() {
-        plane.metrics.data_rejected.inc();
-        let m = "bytes sent before a visitor arrived";
-        plane.refusals.note(peer, "data connection refused", m);
-        return;
+        return refuse_early_bytes(&plane, peer);
     }
     plane.metrics.data_accepted.inc();
     let pool = service.pools[worker].clone();
@@ -376,10 +380,7 @@ async fn data_connection(
                     if !ktls::available() {
                         (tcp, DataTls::User(Box::new(conn)))
                     } else if unread_plaintext(&mut conn) {
-                        plane.metrics.data_rejected.inc();
-                        let m = "bytes sent before a visitor arrived";
-                        plane.refusals.note(peer, "data connection refused", m);
-                        return;
+                        return refuse_early_bytes(&plane, peer);
                     } else if let Err(e) = ktls::offload(tcp.as_fd(), conn) {
                         tracing::warn!(%peer, "data connection dropped: {e}");
                         return;
