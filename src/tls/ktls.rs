@@ -12,7 +12,7 @@
 //! - **`close_notify`.** The kernel sends none at `shutdown`; [`close_notify`] sends it, so
 //!   a rustls peer (a relay or agent without kTLS) sees a clean end, not a truncation.
 //! - **Key usage limits.** The kernel counts records but never rekeys (kernels before 6.14
-//!   cannot take new keys at all). [`records_sent`] reads the count so a connection is retired
+//!   cannot take new keys at all). [`records_used`] reads the counts so a connection is retired
 //!   before its cipher's confidentiality limit.
 //!
 //! [`probe`] checks once whether the kernel has the `tls` ULP; without it data connections
@@ -42,8 +42,9 @@ const CONTENT_APPLICATION_DATA: u8 = 23;
 const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
 
-/// Records a connection may send under one key before it is retired: half of AES-GCM's
-/// 2^24 (rustls' confidentiality limit), so the check at a visitor's end has room to spare.
+/// Records a connection may carry under one key, either way, before it is retired: half of
+/// AES-GCM's 2^24 (rustls' confidentiality limit), so the check at a visitor's end has room
+/// to spare.
 pub const RECORD_BUDGET: u64 = 1 << 23;
 
 /// Why a connection could not be offloaded. The connection is lost either way (rustls gave
@@ -319,11 +320,13 @@ pub fn close_notify_if_offloaded(fd: BorrowedFd<'_>) {
     }
 }
 
-/// Records sent so far under the current key of an offloaded socket (the kernel's record
-/// sequence number, read back with `getsockopt(TLS_TX)`).
-pub fn records_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
+/// Records used so far under the current keys of an offloaded socket: the larger of the
+/// kernel's send and receive record sequence numbers (`getsockopt(TLS_TX)`, `TLS_RX`). The
+/// receive side is the peer's sending: a rustls peer rekeys at AES-GCM's limit, which this
+/// kernel could not follow, so the connection retires before either side gets there.
+pub fn records_used(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // The kernel wants the exact size of the cipher's struct: ask for the header first.
-    let header = tx_crypto_info(fd, 4)?;
+    let header = crypto_info_of(fd, TLS_TX, 4)?;
     let len = match u16::from_ne_bytes([header[2], header[3]]) {
         TLS_CIPHER_AES_GCM_128 => 40,
         TLS_CIPHER_AES_GCM_256 | TLS_CIPHER_CHACHA20_POLY1305 => 56,
@@ -332,14 +335,18 @@ pub fn records_sent(fd: BorrowedFd<'_>) -> io::Result<u64> {
             return Err(io::Error::new(io::ErrorKind::Unsupported, m));
         }
     };
-    let info = tx_crypto_info(fd, len)?;
     // The record sequence is the struct's last 8 bytes, big-endian.
-    let mut seq = [0u8; 8];
-    seq.copy_from_slice(&info[len - 8..len]);
-    Ok(u64::from_be_bytes(seq))
+    let seq = |info: [u8; 64]| {
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&info[len - 8..len]);
+        u64::from_be_bytes(seq)
+    };
+    let sent = seq(crypto_info_of(fd, TLS_TX, len)?);
+    let received = seq(crypto_info_of(fd, TLS_RX, len)?);
+    Ok(sent.max(received))
 }
 
-fn tx_crypto_info(fd: BorrowedFd<'_>, len: usize) -> io::Result<[u8; 64]> {
+fn crypto_info_of(fd: BorrowedFd<'_>, direction: libc::c_int, len: usize) -> io::Result<[u8; 64]> {
     let mut info = [0u8; 64];
     let mut got = len as libc::socklen_t;
     // SAFETY: `info` is valid for 64 >= `len` bytes; the kernel writes at most `len`.
@@ -347,7 +354,7 @@ fn tx_crypto_info(fd: BorrowedFd<'_>, len: usize) -> io::Result<[u8; 64]> {
         libc::getsockopt(
             fd.as_raw_fd(),
             libc::SOL_TLS,
-            TLS_TX,
+            direction,
             info.as_mut_ptr().cast(),
             &mut got,
         )
@@ -428,6 +435,6 @@ mod tests {
         // back and no byte is consumed.
         let e = io::Error::from_raw_os_error(libc::EIO);
         assert!(after_read_error(s.as_fd(), e).is_err());
-        assert!(records_sent(s.as_fd()).is_err());
+        assert!(records_used(s.as_fd()).is_err());
     }
 }

@@ -85,13 +85,13 @@ impl Tunnel {
     }
 
     /// Whether the connection may carry another visitor as far as its keys go: a kTLS one is
-    /// retired once it has sent [`ktls::RECORD_BUDGET`] records under its one key (the kernel
-    /// cannot rekey); the others always may (rustls rekeys on its own). Asked once a visitor
-    /// is done (a check inside [`Self::forward`] would grow every connection's task).
+    /// retired once it has carried [`ktls::RECORD_BUDGET`] records either way under its keys
+    /// (the kernel cannot rekey); the others always may (rustls rekeys on its own). Asked once
+    /// a visitor is done (a check inside [`Self::forward`] would grow every connection's task).
     pub fn keys_fresh(&self) -> bool {
         match self {
             Tunnel::Ktls(s) => {
-                ktls::records_sent(sockio::fd(s)).is_ok_and(|n| n < ktls::RECORD_BUDGET)
+                ktls::records_used(sockio::fd(s)).is_ok_and(|n| n < ktls::RECORD_BUDGET)
             }
             _ => true,
         }
