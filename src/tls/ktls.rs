@@ -73,7 +73,7 @@ pub const KTLS_ENV: &str = "RINGTUNNEL_KTLS";
 
 /// `Ok(())` if TLS data connections can be offloaded here (the kernel has the `tls` ULP and
 /// [`KTLS_ENV`] is not `off`), else why not, in words for the log. Probed once, on an
-/// unconnected socket: a present module answers `ENOTCONN` (and one built but not yet loaded
+/// unconnected TCP socket: a present module answers `ENOTCONN` (and one built but not yet loaded
 /// is loaded by the kernel on that request), a missing one `ENOENT`.
 pub fn probe() -> Result<(), String> {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
@@ -89,8 +89,13 @@ fn probe_once() -> Result<(), String> {
     if std::env::var(KTLS_ENV).is_ok_and(|v| v == "off") {
         return Err(format!("turned off by {KTLS_ENV}=off"));
     }
-    let sock =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("probing kTLS: {e}"))?;
+    // An unbound socket: the probe needs no address (nor a loopback that is up).
+    let sock = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .map_err(|e| format!("probing kTLS: {e}"))?;
     match set_ulp(sock.as_raw_fd()) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
