@@ -13,7 +13,8 @@
 //! This file is its own harness (`harness = false`): on the host it builds and boots the guest
 //! and checks its console; in the guest the same binary is the echo origin, the checking
 //! client and the socket checks (`echo`, `check`, `pair` as the first argument). Skipped when
-//! qemu or busybox-static is missing, unless `RINGTUNNEL_REQUIRE_VM=1`.
+//! qemu or busybox-static is missing or the guest cannot be built (Debian's kernel package out
+//! of reach), unless `RINGTUNNEL_REQUIRE_VM=1`.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -85,12 +86,19 @@ fn on_the_host() {
         .arg(&helper)
         .output()
         .expect("running scripts/vm/build");
-    assert!(
-        built.status.success(),
-        "scripts/vm/build failed:\n{}{}",
-        String::from_utf8_lossy(&built.stdout),
-        String::from_utf8_lossy(&built.stderr)
-    );
+    if !built.status.success() {
+        let why = format!(
+            "scripts/vm/build failed:\n{}{}",
+            String::from_utf8_lossy(&built.stdout),
+            String::from_utf8_lossy(&built.stderr)
+        );
+        // Off CI the kernel package may simply be out of reach (no network to Debian's
+        // archive); CI sets RINGTUNNEL_REQUIRE_VM=1, where this is a failure.
+        assert!(!require, "{why}");
+        println!("test ktls_in_a_guest_kernel ... skipped ({why})");
+        let _ = std::fs::remove_dir_all(&work);
+        return;
+    }
     print!("{}", String::from_utf8_lossy(&built.stdout));
     let started = Instant::now();
     let booted = Command::new(root.join("scripts/vm/boot"))
