@@ -68,11 +68,14 @@ pub fn server_config(identity: &RelayIdentity) -> Result<Arc<ServerConfig>, TlsE
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    // Data connections may go to kTLS (see `ktls`): the keys must be extractable, and no
-    // session ticket may follow the handshake onto a socket the kernel already decrypts.
-    // Agents do not resume sessions, so control connections lose nothing.
+    // Data connections may go to kTLS (see `ktls`): the keys must be extractable. Where the
+    // kernel has kTLS, the relay sends no session tickets, so nothing but the agent's own records can
+    // follow the handshake (a kTLS agent skips tickets; see `ktls::after_read_error`). Agents
+    // then do full handshakes instead of resumed ones; relays without kTLS keep tickets.
     config.enable_secret_extraction = true;
-    config.send_tls13_tickets = 0;
+    if ktls::available() {
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
