@@ -207,7 +207,7 @@ use ringtunnel::tls::ktls;
 /// state; the rustls peer). `offload_server`: which end is ours. `tickets`: session tickets the
 /// server sends after the handshake.
 fn handshaken(offload_server: bool, tickets: usize) -> (TcpStream, rustls::Connection, Peer) {
-    let dir = tempdir().join(format!("pair-{offload_server}-{tickets}"));
+    let dir = std::env::temp_dir().join(format!("ktls-pair-{offload_server}-{tickets}"));
     std::fs::create_dir_all(&dir).unwrap();
     let id = ringtunnel::tls::RelayIdentity::load_or_create(&dir).unwrap();
     let mut server = (*ringtunnel::tls::server_config(&id).unwrap()).clone();

@@ -257,7 +257,7 @@ async fn session(
                     server_name: ctx.server_name.clone(),
                 });
                 if tls.is_some() {
-                    match crate::dataplane::probe::ktls() {
+                    match crate::tls::ktls::probe() {
                         Ok(()) => tracing::info!(
                             workers = w.len(),
                             "data plane backend: uring (TLS data connections, spliced, encrypted by the kernel (kTLS))"

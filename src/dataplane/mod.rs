@@ -108,7 +108,7 @@ pub fn choose_backend(
 ) -> Result<(Backend, String), BackendError> {
     let uring = probe::io_uring();
     let tls_note = if data_tls {
-        match probe::ktls() {
+        match crate::tls::ktls::probe() {
             Ok(()) => "; TLS data connections spliced, encrypted by the kernel (kTLS)".to_string(),
             Err(why) => format!(
                 "; TLS data connections copied through rustls, not spliced (no kTLS: {why})"
@@ -361,7 +361,7 @@ mod tests {
         if !probe::uring_for_tests() {
             return;
         }
-        if probe::ktls().is_ok() {
+        if crate::tls::ktls::available() {
             println!("skipped: this kernel has kTLS; the test is for one without");
             return;
         }

@@ -1,5 +1,5 @@
-//! What this kernel and process allow: io_uring (for the uring backend) and kTLS (for
-//! splicing TLS data connections). Each probe runs once and is cached.
+//! What this kernel and process allow for the uring backend: io_uring. Probed once and cached
+//! (kTLS, for splicing TLS data connections, is probed by `tls::ktls::probe`).
 
 use std::sync::OnceLock;
 
@@ -46,12 +46,6 @@ fn probe_io_uring() -> Result<(), String> {
     // SAFETY: fd is a descriptor we own and have not shared.
     unsafe { libc::close(fd as libc::c_int) };
     Ok(())
-}
-
-/// `Ok(())` if TLS data connections can be handed to the kernel (kTLS), else why not
-/// (`tls::ktls::probe`).
-pub fn ktls() -> Result<(), Unavailable> {
-    crate::tls::ktls::probe().map_err(Unavailable)
 }
 
 /// Environment variable that turns a skipped io_uring test into a failure. `.ci/run` sets

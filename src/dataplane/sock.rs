@@ -87,15 +87,15 @@ pub fn disarm_reset(fd: BorrowedFd<'_>) {
 /// (`tls::ktls::after_read_error`).
 pub fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
-        return match rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT) {
-            Ok((n, _)) => Ok(Some(n)),
-            Err(rustix::io::Errno::AGAIN) => Ok(None),
+        match rustix::net::recv(fd, &mut *buf, RecvFlags::DONTWAIT) {
+            Ok((n, _)) => return Ok(Some(n)),
+            Err(rustix::io::Errno::AGAIN) => return Ok(None),
             Err(e) if e == rustix::io::Errno::IO => match ktls::after_read_error(fd, e.into())? {
-                Control::Closed => Ok(Some(0)),
-                Control::Skipped => continue,
+                Control::Closed => return Ok(Some(0)),
+                Control::Skipped => {} // read again
             },
-            Err(e) => Err(e.into()),
-        };
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
