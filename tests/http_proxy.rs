@@ -53,9 +53,9 @@ impl Tinyproxy {
         )
         .unwrap();
         let args = ["-d".into(), "-c".into(), conf.display().to_string()];
-        let proc = Proc::spawn_program(std::path::Path::new("tinyproxy"), &args, &[], None);
+        let mut proc = Proc::spawn_program(std::path::Path::new("tinyproxy"), &args, &[], None);
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        wait_listening(addr, "tinyproxy");
+        wait_listening(&mut proc, addr, "tinyproxy");
         Some(Tinyproxy {
             proc,
             addr,

@@ -109,10 +109,11 @@ impl Pebble {
             format!("127.0.0.1:{dns_port}"),
         ];
         let env = [("PEBBLE_VA_NOSLEEP", "1"), ("PEBBLE_WFE_NONCEREJECT", "0")];
-        let proc = Proc::spawn_program(Path::new("pebble"), &args, &env, None);
+        let mut proc = Proc::spawn_program(Path::new("pebble"), &args, &env, None);
         let addr: SocketAddr = ([127, 0, 0, 1], listen).into();
-        wait_listening(addr, "pebble");
+        wait_listening(&mut proc, addr, "pebble");
         wait_listening(
+            &mut proc,
             ([127, 0, 0, 1], management).into(),
             "pebble's management port",
         );

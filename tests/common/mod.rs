@@ -980,13 +980,36 @@ pub fn client_hello(name: &str) -> Vec<u8> {
     out
 }
 
-/// A loopback port free now (bound and let go), for programs that cannot be told port 0.
+/// A loopback port free now (TCP and UDP), for programs that cannot be told port 0.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // Below the kernel's ephemeral range: no connection's source port and no `bind(0)` of
+    // another test takes the port between this check and the program binding it, and the
+    // counter never hands one binary the same port twice. (Ports from `bind(0)` did collide
+    // under the parallel suite: pebble lost its management port that way.)
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(32768);
+    if low < 12_000 {
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let base = 10_000;
+    let span = low - base;
+    let start = u64::from(std::process::id()) * 7919;
+    for _ in 0..span {
+        let port = (base + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        // UDP too: pebble's DNS server binds both.
+        if std::net::TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}..{low}");
 }
 
 /// A TLS client that trusts only `root`.
@@ -1003,11 +1026,23 @@ pub fn tls_client(root: &rustls_pki_types::CertificateDer<'static>) -> TlsConnec
     TlsConnector::from(Arc::new(cfg))
 }
 
-/// Waits (at most [`WAIT`]) until a program the test started, `what`, listens on `addr`.
-pub fn wait_listening(addr: SocketAddr, what: &str) {
+/// Waits (at most [`WAIT`]) until `program`, which a test started as `what`, listens on
+/// `addr`; panics with its stderr when it exits first or never listens.
+pub fn wait_listening(program: &mut Proc, addr: SocketAddr, what: &str) {
     let deadline = Instant::now() + WAIT;
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{what} never listened on {addr}");
+        if !program.is_running() {
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "{what} exited before listening on {addr}; stderr:\n{}",
+                program.stderr()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never listened on {addr}; stderr:\n{}",
+            program.stderr()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
