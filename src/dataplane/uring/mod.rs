@@ -15,9 +15,11 @@
 //! - [`agent`]: agent-side worker tasks — data connections to the relay, dialing the service.
 //! - [`tls`]: rustls driven on a worker, for TLS data connections where kTLS is missing.
 //! - [`tunnel`]: a data connection, plain (spliced) or TLS (copied), behind one type.
+//! - [`load`]: how many visitors each worker copies through rustls, to spread them.
 
 pub mod agent;
 pub mod chunked;
+pub mod load;
 pub mod pipe;
 pub mod relay;
 pub mod sockio;
@@ -155,13 +157,16 @@ impl Workers {
             .max(1);
         let mut senders = Vec::with_capacity(n);
         let mut mode = RingMode::Plain;
+        let loads = load::Loads::new(n);
         for i in 0..n {
             let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+            let loads = loads.clone();
             std::thread::Builder::new()
                 .name(format!("ringtunnel-worker-{i}"))
                 .spawn(move || {
+                    load::enter(i, loads);
                     if let Some(core) = core.filter(|_| pinning()) {
                         core_affinity::set_for_current(core);
                     }

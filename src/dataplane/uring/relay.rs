@@ -10,6 +10,7 @@ use std::time::Instant;
 use monoio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot::{self, error::TryRecvError};
 
+use super::load::{self, Copying};
 use super::pipe::PipePool;
 use super::sockio::{self, fd, with_scratch};
 use super::tls::TlsStream;
@@ -48,7 +49,9 @@ pub async fn serve_listener(
         let Some(visitor) = Visitor::admit(&gate, stream, addr) else {
             return;
         };
-        let Err(visitor) = Pool::try_take_any(&pools, worker, visitor) else {
+        // Starting at the worker copying fewest TLS visitors (this one unless it copies more).
+        let first = load::least_busy(worker, pools.len());
+        let Err(visitor) = Pool::try_take_any(&pools, first, visitor) else {
             return;
         };
         let (pool, gate, service) = (pools[worker].clone(), gate.clone(), service.clone());
@@ -180,6 +183,9 @@ async fn park_and_forward(
                 return Ok(());
             }
         };
+        // Counted while this worker copies the visitor through rustls (see `load`), from
+        // the moment it arrives: visitors accepted meanwhile see it.
+        let copying = tunnel.copies().then(Copying::start);
         let (addr, http) = (visitor.addr, visitor.http);
         let idle = visitor.idle_timeout();
         // Only a connection parked a while may have died quietly meanwhile.
@@ -239,7 +245,7 @@ async fn park_and_forward(
         let (up, down) = (outcome.up + sent_early, outcome.down);
         tracing::debug!(service, visitor = %addr, up, down, reusable, "visitor done");
         disarm_reset(fd(&stream));
-        drop((stream, admission));
+        drop((stream, admission, copying));
         let next = conn.on_visitor_done(reusable, outcome.leftover, Instant::now());
         if next == RelayNext::Close {
             return Ok(()); // not reusable: no READY to wait for, no timer to arm

@@ -84,6 +84,12 @@ impl Tunnel {
         }
     }
 
+    /// Whether this worker copies the connection's bytes through rustls (TLS without kTLS),
+    /// rather than the kernel splicing them.
+    pub fn copies(&self) -> bool {
+        matches!(self, Tunnel::Tls(_))
+    }
+
     /// Whether the connection may carry another visitor as far as its keys go: a kTLS one is
     /// retired once it has carried [`ktls::RECORD_BUDGET`] records either way under its keys
     /// (the kernel cannot rekey); the others always may (rustls rekeys on its own). Asked once
