@@ -70,6 +70,31 @@ pub fn least_busy(local: usize, n: usize) -> usize {
     })
 }
 
+/// The worker copying fewer visitors than this one, to move a visitor that is about to start
+/// here to; `None` when this one is among the least busy (or off the workers).
+/// The visitor is counted there at once ([`Copying::adopt`] takes the count over), so visitors
+/// starting in a burst see it; [`unreserve`] gives it back if the move fails.
+pub fn reserve_elsewhere() -> Option<usize> {
+    HERE.with(|h| {
+        let here = h.borrow();
+        let (here, loads) = here.as_ref()?;
+        let target = loads.least_busy(*here, loads.slots.len());
+        (target != *here).then(|| {
+            loads.slots[target].0.fetch_add(1, Ordering::Relaxed);
+            target
+        })
+    })
+}
+
+/// Gives back the count [`reserve_elsewhere`] took on `target` (the move did not happen).
+pub fn unreserve(target: usize) {
+    HERE.with(|h| {
+        if let Some((_, loads)) = &*h.borrow() {
+            loads.slots[target].0.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+}
+
 /// One visitor being copied through rustls on this worker, counted until dropped. It holds
 /// nothing: the count is found through the thread, so it does not grow the connection task.
 #[derive(Debug)]
@@ -79,6 +104,12 @@ impl Copying {
     /// Counts one more visitor on this worker (nothing off the workers).
     pub fn start() -> Copying {
         Self::add(1);
+        Copying(())
+    }
+
+    /// Takes over the count another worker made here for a visitor it moved here
+    /// ([`reserve_elsewhere`]); given back when dropped, like [`Self::start`]'s.
+    pub fn adopt() -> Copying {
         Copying(())
     }
 
@@ -151,5 +182,33 @@ mod tests {
         drop(Copying::start());
         assert_eq!(least_busy(1, 2), 1);
         assert_eq!((loads.count(0), loads.count(1)), (0, 1));
+    }
+
+    #[test]
+    fn a_visitor_moved_elsewhere_is_counted_there_at_once_and_adopted() {
+        let loads = Loads::new(2);
+        let (l0, l1) = (loads.clone(), loads.clone());
+        std::thread::spawn(move || {
+            enter(0, l0);
+            let here = Copying::start();
+            // Worker 1 copies nothing: the next visitor moves there, counted there now.
+            assert_eq!(reserve_elsewhere(), Some(1));
+            // 1 against 1: the one after stays.
+            assert_eq!(reserve_elsewhere(), None);
+            let again = Copying::start();
+            assert_eq!(reserve_elsewhere(), Some(1));
+            unreserve(1); // that move failed
+            std::mem::forget((here, again));
+        })
+        .join()
+        .unwrap();
+        assert_eq!((loads.count(0), loads.count(1)), (2, 1));
+        std::thread::spawn(move || {
+            enter(1, l1);
+            drop(Copying::adopt());
+        })
+        .join()
+        .unwrap();
+        assert_eq!((loads.count(0), loads.count(1)), (2, 0));
     }
 }

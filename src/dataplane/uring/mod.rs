@@ -130,6 +130,29 @@ pub enum Command {
         /// The agent's count of visitors being served.
         in_flight: super::InFlight,
     },
+    /// Agent: a TLS data connection another worker moved here as its visitor started, to
+    /// spread the copying (see [`load`]); serve the visitor, then go on as usual.
+    AgentResume(Box<agent::Resume>),
+}
+
+thread_local! {
+    /// On a worker: every worker's command channel, weakly (see [`Workers::start`]).
+    static PEERS: std::cell::RefCell<Option<Arc<[mpsc::WeakSender<Command>]>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Queues a data connection moved off this worker for worker `i`, without waiting; gives it
+/// back when that worker cannot take it (its queue full, the workers stopping, or not called
+/// on a worker).
+pub fn resume_on(i: usize, moved: Box<agent::Resume>) -> Result<(), Box<agent::Resume>> {
+    let Some(tx) = PEERS.with(|p| p.borrow().as_ref().and_then(|p| p.get(i)?.upgrade())) else {
+        return Err(moved);
+    };
+    tx.try_send(Command::AgentResume(moved))
+        .map_err(|e| match e.into_inner() {
+            Command::AgentResume(moved) => moved,
+            _ => unreachable!("try_send gives back the command it was given"),
+        })
 }
 
 /// Whether workers pin themselves to cores: yes unless `RINGTUNNEL_PIN=off`. Pinning is
@@ -155,18 +178,23 @@ impl Workers {
             .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
             .unwrap_or(1)
             .max(1);
-        let mut senders = Vec::with_capacity(n);
         let mut mode = RingMode::Plain;
         let loads = load::Loads::new(n);
-        for i in 0..n {
-            let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        // Every channel first: each worker gets a weak handle to every other's, to move a
+        // connection there (weak, so dropping `Workers` still closes them all).
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| mpsc::channel(COMMAND_QUEUE)).unzip();
+        let peers: Arc<[mpsc::WeakSender<Command>]> =
+            senders.iter().map(mpsc::Sender::downgrade).collect();
+        for (i, rx) in receivers.into_iter().enumerate() {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
-            let loads = loads.clone();
+            let (loads, peers) = (loads.clone(), peers.clone());
             std::thread::Builder::new()
                 .name(format!("ringtunnel-worker-{i}"))
                 .spawn(move || {
                     load::enter(i, loads);
+                    PEERS.with(|p| *p.borrow_mut() = Some(peers));
                     if let Some(core) = core.filter(|_| pinning()) {
                         core_affinity::set_for_current(core);
                     }
@@ -183,7 +211,6 @@ impl Workers {
             mode = ready_rx
                 .recv()
                 .map_err(|_| io::Error::other("worker thread died while starting"))??;
-            senders.push(tx);
         }
         tracing::info!(
             workers = n,
@@ -351,6 +378,9 @@ async fn run(id: usize, mut rx: mpsc::Receiver<Command>) {
                     pipes.clone(),
                 ));
             }
+            Command::AgentResume(resume) => {
+                monoio::spawn(agent::resume(resume, pipes.clone()));
+            }
         }
     }
     tracing::debug!(worker = id, "worker stopping: command channel closed");
@@ -386,7 +416,8 @@ pub(crate) fn assert_task_small<F: std::future::Future>(build: impl FnOnce() -> 
         let (size, align) = (std::mem::size_of_val(&task), std::mem::align_of_val(&task));
         assert!(align <= 16, "task future aligned to {align}");
         // Measured: relay 2152, agent 2008 (the byte counting added about 100 to each); the
-        // kTLS variant of `Tunnel` added 8 to each (relay 2184, agent 2080).
+        // kTLS variant of `Tunnel` added 8 to each (relay 2184, agent 2080); the agent's
+        // moving a TLS connection to a less busy worker, 56 more (agent 2136).
         // Boxing the forwarding state instead shrank the parked task to 936 but grew the
         // memory per idle visitor by ~1.3 KiB in the load test, so it stays inline.
         assert!(size <= 2184, "task future is {size} bytes");
