@@ -1,12 +1,14 @@
 //! How many visitors each worker is copying through rustls right now. A TLS data connection
 //! without kTLS costs CPU on the worker that owns it, and neither `SO_REUSEPORT` nor the
-//! pools place visitors by load: four iperf3 streams could all land on one worker while the
-//! other idled (2.7 against 4.9 Gbit/s on 2 cores). The worker that accepts a visitor reads
-//! these counts and hands it to the pool of the worker copying fewest.
+//! pools nor the agent's round-robin dialling place visitors by load: four iperf3 streams
+//! could all land on one worker of each side while the others idled (2.7 against 4.9 Gbit/s
+//! on 2 cores). With these counts the relay's accepting worker hands a visitor to the pool of
+//! the worker copying fewest ([`least_busy`]), and an agent worker moves a data connection
+//! whose visitor is starting to a worker copying fewer ([`reserve_elsewhere`]).
 //!
-//! Each count is written only by its own worker (a visit starting or ending there) and read
-//! by the others, on a cache line of its own. Spliced visitors (plain or kTLS) are not
-//! counted: the kernel moves their bytes, and they stay on the worker that accepted them.
+//! Each count sits on a cache line of its own. It is written by its own worker as visits
+//! start and end there, and by a worker moving a visitor there. Spliced visitors (plain or
+//! kTLS) are not counted: the kernel moves their bytes, and they stay where they are.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
