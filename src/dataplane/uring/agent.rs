@@ -4,7 +4,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -356,9 +355,15 @@ fn move_to(
         return Ok(Some((tunnel, conn, (visitor, early))));
     };
     let (sock, tls) = stream.into_parts();
-    // SAFETY: the descriptor comes straight from the socket we own and give up here (no
-    // operation is in flight on it: the task is between awaits).
-    let socket = unsafe { std::net::TcpStream::from_raw_fd(sock.into_raw_fd()) };
+    // A duplicate for the other worker; this worker's own descriptor closes with `sock`. (Taking
+    // the descriptor out of a monoio stream panics while any operation on the ring still
+    // refers to it.)
+    let Ok(dup) = rustix::io::dup(fd(&sock)) else {
+        let tunnel = Tunnel::Tls(Box::new(TlsStream::new(sock, tls)));
+        return Ok(Some((tunnel, conn, (visitor, early))));
+    };
+    drop(sock);
+    let socket = std::net::TcpStream::from(dup);
     let resume = Box::new(Resume {
         socket,
         tls,
