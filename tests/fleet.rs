@@ -23,7 +23,8 @@ use ringtunnel::protocol::ServiceKind;
 
 /// Lease time the test relays run with: short, so lapses happen within a test.
 const TTL: &str = "3";
-/// The fleet's public port range: below the ephemeral range, away from other tests' relays.
+/// The fleet's public port range: below the ephemeral range, away from other tests' relays
+/// and from `free_port`'s 16000-18999 (etcd's own ports come from there).
 const RANGE: &str = "12000-15999";
 /// A second secret, for a service configured with its own.
 const OTHER_SECRET: &str = "a different and long secret for intruder";

@@ -983,23 +983,25 @@ pub fn client_hello(name: &str) -> Vec<u8> {
 /// A loopback port free now (TCP and UDP), for programs that cannot be told port 0.
 pub fn free_port() -> u16 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    // Below the kernel's ephemeral range: no connection's source port and no `bind(0)` of
-    // another test takes the port between this check and the program binding it, and the
-    // counter never hands one binary the same port twice. (Ports from `bind(0)` did collide
-    // under the parallel suite: pebble lost its management port that way.)
+    // 16000-18999: outside every port range the tests give relays (the default 20000-29999,
+    // where a port asked of the relay must not be; the fleet's 12000-15999) and below the
+    // kernel's ephemeral range, so no connection's source port and no `bind(0)` of another
+    // test takes the port between this check and the program binding it; the counter never
+    // hands one binary the same port twice. (Ports from `bind(0)` did collide under the
+    // parallel suite: pebble lost its management port that way.)
+    let (base, end) = (16_000u64, 19_000u64);
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(32768);
-    if low < 12_000 {
+    if low < end {
         return std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
     }
-    let base = 10_000;
-    let span = low - base;
+    let span = end - base;
     let start = u64::from(std::process::id()) * 7919;
     for _ in 0..span {
         let port = (base + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
@@ -1009,7 +1011,7 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free loopback port in {base}..{low}");
+    panic!("no free loopback port in {base}..{end}");
 }
 
 /// A TLS client that trusts only `root`.
