@@ -133,7 +133,7 @@ pub async fn resume(r: Box<Resume>, pipes: Rc<PipePool>) {
         in_flight,
     } = *r;
     let served = async {
-        let tunnel = Tunnel::Tls(Box::new(TlsStream::new(TcpStream::from_std(socket)?, tls)));
+        let tunnel = Tunnel::tls(TcpStream::from_std(socket)?, tls);
         // Boxed: inline, it would take room in the task for as long as the connection lives.
         let first = Some((Box::new((visitor, early)), copying));
         visitors(tunnel, conn, first, &service, &local, &in_flight, &pipes).await
@@ -359,7 +359,7 @@ fn move_to(
     // the descriptor out of a monoio stream panics while any operation on the ring still
     // refers to it.)
     let Ok(dup) = rustix::io::dup(fd(&sock)) else {
-        let tunnel = Tunnel::Tls(Box::new(TlsStream::new(sock, tls)));
+        let tunnel = Tunnel::tls(sock, tls);
         return Ok(Some((tunnel, conn, (visitor, early))));
     };
     drop(sock);
@@ -378,10 +378,7 @@ fn move_to(
         Ok(()) => Ok(None),
         Err(r) => {
             let r = *r;
-            let tunnel = Tunnel::Tls(Box::new(TlsStream::new(
-                TcpStream::from_std(r.socket)?,
-                r.tls,
-            )));
+            let tunnel = Tunnel::tls(TcpStream::from_std(r.socket)?, r.tls);
             Ok(Some((tunnel, r.conn, (r.visitor, r.early))))
         }
     }

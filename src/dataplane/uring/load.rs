@@ -36,10 +36,9 @@ impl Loads {
     /// The worker among the first `n` copying fewest visitors; `local` when it is among the
     /// fewest (a hand-off to another worker costs a wake-up there).
     pub fn least_busy(&self, local: usize, n: usize) -> usize {
-        let count = |i: usize| self.slots.get(i).map_or(0, |s| s.0.load(Ordering::Relaxed));
-        let mut best = (count(local), local);
+        let mut best = (self.count(local), local);
         for i in 0..n {
-            let c = count(i);
+            let c = self.count(i);
             if c < best.0 {
                 best = (c, i);
             }
@@ -105,7 +104,9 @@ pub struct Copying(());
 impl Copying {
     /// Counts one more visitor on this worker (nothing off the workers).
     pub fn start() -> Copying {
-        Self::add(1);
+        Self::here(|slot| {
+            slot.fetch_add(1, Ordering::Relaxed);
+        });
         Copying(())
     }
 
@@ -115,14 +116,11 @@ impl Copying {
         Copying(())
     }
 
-    fn add(delta: isize) {
+    /// This worker's slot, if this thread is a worker.
+    fn here(f: impl FnOnce(&AtomicUsize)) {
         HERE.with(|h| {
             if let Some((i, loads)) = &*h.borrow() {
-                let slot = &loads.slots[*i].0;
-                match delta {
-                    1 => slot.fetch_add(1, Ordering::Relaxed),
-                    _ => slot.fetch_sub(1, Ordering::Relaxed),
-                };
+                f(&loads.slots[*i].0);
             }
         });
     }
@@ -130,7 +128,9 @@ impl Copying {
 
 impl Drop for Copying {
     fn drop(&mut self) {
-        Self::add(-1);
+        Self::here(|slot| {
+            slot.fetch_sub(1, Ordering::Relaxed);
+        });
     }
 }
 

@@ -84,6 +84,12 @@ impl Tunnel {
         }
     }
 
+    /// A TLS connection copied through rustls on this worker: `sock` with its rustls state
+    /// (a connection moved here from another worker).
+    pub fn tls(sock: TcpStream, conn: rustls::Connection) -> Tunnel {
+        Tunnel::Tls(Box::new(TlsStream::new(sock, conn)))
+    }
+
     /// Whether this worker copies the connection's bytes through rustls (TLS without kTLS),
     /// rather than the kernel splicing them.
     pub fn copies(&self) -> bool {
