@@ -16,13 +16,13 @@ async fn bulk_each_way(backend: Backend, data_tls: &str) {
     let ulps = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
     if backend == Backend::Uring && data_tls == "on" && !ulps.split_whitespace().any(|u| u == "tls")
     {
-        // This kernel has no kTLS: both ends said so and copied through rustls instead
+        // This kernel has no kTLS: both ends said so and sealed records in place instead
         // (tests/ktls_guest.rs runs the offloaded path in a kernel that has it).
         let relay_log = relay.proc.stderr();
-        let fell_back = "TLS data connections copied through rustls, not spliced (no kTLS";
+        let fell_back = "TLS data connections sealed in place on the workers, not spliced (no kTLS";
         assert!(relay_log.contains(fell_back), "relay:\n{relay_log}");
         let agent_log = agent.proc.stderr();
-        let fell_back = "copied through rustls: kTLS is unavailable";
+        let fell_back = "sealed in place on the workers: kTLS is unavailable";
         assert!(agent_log.contains(fell_back), "agent:\n{agent_log}");
     }
 }
@@ -526,7 +526,7 @@ async fn tls_visitors_spread_over_the_workers_and_arrive_whole() {
         assert_echo(agent.public).await;
     }
     let log = agent.proc.stderr();
-    if log.contains("copied through rustls") {
+    if log.contains("sealed in place on the workers") {
         // A Start lands on the busier worker about every other time the counts differ: with
         // 24 visitors, never is about one chance in 4096.
         assert!(

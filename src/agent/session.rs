@@ -264,7 +264,7 @@ async fn session(
                         ),
                         Err(why) => tracing::info!(
                             workers = w.len(),
-                            "data plane backend: uring (TLS data connections, copied through rustls: kTLS is unavailable: {why})"
+                            "data plane backend: uring (TLS data connections, sealed in place on the workers: kTLS is unavailable: {why})"
                         ),
                     }
                 } else {

@@ -225,7 +225,7 @@ pub enum BackendKind {
     Auto,
     /// Multi-threaded tokio with buffered copies: portable, the baseline.
     Tokio,
-    /// Pinned io_uring workers that splice plain data connections and copy TLS ones through rustls (needs io_uring).
+    /// Pinned io_uring workers that splice plain data connections and seal TLS ones' records in place where the kernel has no kTLS (needs io_uring).
     Uring,
 }
 

@@ -36,11 +36,11 @@ const TLS_CIPHER_AES_GCM_256: u16 = 52;
 const TLS_CIPHER_CHACHA20_POLY1305: u16 = 54;
 
 /// TLS record content types (RFC 8446 §5.1) and the handshake messages met after one.
-const CONTENT_ALERT: u8 = 21;
-const CONTENT_HANDSHAKE: u8 = 22;
-const CONTENT_APPLICATION_DATA: u8 = 23;
+pub(crate) const CONTENT_ALERT: u8 = 21;
+pub(crate) const CONTENT_HANDSHAKE: u8 = 22;
+pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
 const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
-const ALERT_CLOSE_NOTIFY: u8 = 0;
+pub(crate) const ALERT_CLOSE_NOTIFY: u8 = 0;
 
 /// Records a connection may carry under one key, either way, before it is retired: half of
 /// AES-GCM's 2^24 (rustls' confidentiality limit), so the check at a visitor's end has room
@@ -218,7 +218,7 @@ pub fn after_read_error(fd: BorrowedFd<'_>, error: io::Error) -> io::Result<Cont
 }
 
 /// Whether a handshake record holds only `NewSessionTicket` messages (type, 24-bit length).
-fn only_session_tickets(mut body: &[u8]) -> bool {
+pub(crate) fn only_session_tickets(mut body: &[u8]) -> bool {
     if body.is_empty() {
         return false;
     }

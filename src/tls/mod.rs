@@ -4,10 +4,13 @@
 //!   kept in the state directory.
 //! - [`fingerprint`]: SHA-256 certificate fingerprints and the pinning verifier the agent uses.
 //! - [`ktls`]: handing a data connection's keys to the kernel after the handshake.
+//! - [`records`]: the same keys used in user space, sealing and opening records in place where
+//!   the kernel has no kTLS.
 
 pub mod cert;
 pub mod fingerprint;
 pub mod ktls;
+pub mod records;
 pub mod state;
 
 use std::path::{Path, PathBuf};

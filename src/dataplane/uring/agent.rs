@@ -15,7 +15,7 @@ use super::load::{self, Copying};
 use super::pipe::PipePool;
 use super::sockio::{self, fd};
 use super::tls::TlsStream;
-use super::tunnel::Tunnel;
+use super::tunnel::{TlsState, Tunnel};
 use crate::dataplane::sock::{self, set_nonblocking};
 use crate::dataplane::tally::Tally;
 use crate::dataplane::wait::{proxy_answer, ReadSome};
@@ -108,7 +108,7 @@ pub async fn serve_data(
 /// [`super::load`]): everything its task held.
 pub struct Resume {
     socket: std::net::TcpStream,
-    tls: rustls::Connection,
+    tls: TlsState,
     conn: AgentDataConn,
     visitor: SocketAddr,
     early: Vec<u8>,
@@ -185,7 +185,7 @@ async fn open_tunnel(tls: Option<AgentTls>, relay: &RelayDial) -> io::Result<Tun
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
     if !ktls::available() {
-        return Ok(Tunnel::Tls(Box::new(stream)));
+        return Tunnel::after_handshake(stream);
     }
     // The relay sends nothing until `Start` (no session tickets), so rustls holds no record
     // the kernel would miss.
@@ -351,10 +351,10 @@ fn move_to(
     (tunnel, conn, (visitor, early)): (Tunnel, AgentDataConn, Started),
     (service, local, in_flight): (&str, &Arc<[SocketAddr]>, &InFlight),
 ) -> io::Result<Option<(Tunnel, AgentDataConn, Started)>> {
-    let Tunnel::Tls(stream) = tunnel else {
-        return Ok(Some((tunnel, conn, (visitor, early))));
+    let (sock, tls) = match tunnel.into_tls() {
+        Ok(parts) => parts,
+        Err(tunnel) => return Ok(Some((tunnel, conn, (visitor, early)))),
     };
-    let (sock, tls) = stream.into_parts();
     // A duplicate for the other worker; this worker's own descriptor closes with `sock`. (Taking
     // the descriptor out of a monoio stream panics while any operation on the ring still
     // refers to it.)

@@ -22,6 +22,7 @@ pub mod chunked;
 pub mod load;
 pub mod pipe;
 pub mod relay;
+pub mod sealed;
 pub mod sockio;
 pub mod tls;
 pub mod tunnel;

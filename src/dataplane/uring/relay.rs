@@ -160,9 +160,10 @@ async fn park_and_forward(
             // Boxed before the first await: rustls' state is large (and over-aligned), and
             // held inline it would bloat every connection's task, TLS or not.
             let tls = Box::new(TlsStream::new(socket, *conn));
-            // Records the handshake left queued (session tickets) go out before parking.
+            // Records the handshake left queued (session tickets) go out before parking, and
+            // before the keys are taken over.
             tls.flush().await?;
-            Tunnel::Tls(tls)
+            Tunnel::after_handshake(*tls)?
         }
     };
     let mut conn = RelayDataConn::new();
