@@ -372,7 +372,7 @@ async fn data_connection(
         DataPlane::Uring(workers) => {
             // A plain socket is spliced by the worker. A TLS one has its keys handed to the
             // kernel where it has kTLS, and is spliced too; elsewhere it moves there with its
-            // rustls state (handshake done) and is copied through rustls.
+            // rustls state (handshake done), whose keys the worker takes over to seal records.
             let (tcp, tls) = match tunnel {
                 Conn::Plain(s) => (s, DataTls::Plain),
                 Conn::Tls(s) => {

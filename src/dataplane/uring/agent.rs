@@ -1,6 +1,6 @@
 //! Agent-side worker task: one data connection — present the ticket, wait (pooled) for the
 //! relay's `Start`, dial the local service, then forward both ways (splice on a plain or kTLS
-//! data connection, copies through rustls on a TLS one).
+//! data connection, seals records on a TLS one without kTLS).
 
 use std::io;
 use std::net::SocketAddr;
@@ -313,8 +313,8 @@ fn refused(service: &str, message: &str, routine: bool) {
     }
 }
 
-/// Where a started visitor's data connection is served: here, counted if it is copied
-/// through rustls; or, copied here while another worker copies fewer, on that worker, moved
+/// Where a started visitor's data connection is served: here, counted if it is encrypted
+/// here; or, encrypted here while another worker encrypts fewer, on that worker, moved
 /// there with its visitor (see [`super::load`]). `None`: it moved.
 #[allow(clippy::type_complexity)]
 fn place(

@@ -1,4 +1,4 @@
-//! How many visitors each worker is copying through rustls right now. A TLS data connection
+//! How many visitors each worker is encrypting itself right now (TLS without kTLS). A TLS data connection
 //! without kTLS costs CPU on the worker that owns it, and neither `SO_REUSEPORT` nor the
 //! pools nor the agent's round-robin dialling place visitors by load: four iperf3 streams
 //! could all land on one worker of each side while the others idled (2.7 against 4.9 Gbit/s
@@ -19,7 +19,7 @@ use std::sync::Arc;
 #[repr(align(64))]
 struct Slot(AtomicUsize);
 
-/// Every worker's count of visitors copied through rustls, indexed by worker.
+/// Every worker's count of visitors it encrypts itself, indexed by worker.
 #[derive(Debug)]
 pub struct Loads {
     slots: Box<[Slot]>,
@@ -63,7 +63,7 @@ pub fn enter(worker: usize, loads: Arc<Loads>) {
 }
 
 /// The worker a visitor accepted by worker `local` should go to, among `n` workers: the one
-/// copying fewest visitors through rustls (`local` off the workers, or on a tie).
+/// encrypting fewest visitors (`local` off the workers, or on a tie).
 pub fn least_busy(local: usize, n: usize) -> usize {
     HERE.with(|h| match &*h.borrow() {
         Some((_, loads)) => loads.least_busy(local, n),
@@ -96,7 +96,7 @@ pub fn unreserve(target: usize) {
     });
 }
 
-/// One visitor being copied through rustls on this worker, counted until dropped. It holds
+/// One visitor being encrypted on this worker, counted until dropped. It holds
 /// nothing: the count is found through the thread, so it does not grow the connection task.
 #[derive(Debug)]
 pub struct Copying(());

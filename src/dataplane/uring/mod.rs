@@ -13,9 +13,11 @@
 //!   for bulk).
 //! - [`relay`]: relay-side worker tasks — visitor accept, pooled data connections.
 //! - [`agent`]: agent-side worker tasks — data connections to the relay, dialing the service.
-//! - [`tls`]: rustls driven on a worker, for TLS data connections where kTLS is missing.
+//! - [`sealed`]: TLS records sealed and opened in place on a worker, for TLS data connections
+//!   where kTLS is missing.
+//! - [`tls`]: rustls driven on a worker: handshakes, and TLS 1.2 data connections.
 //! - [`tunnel`]: a data connection, plain (spliced) or TLS (copied), behind one type.
-//! - [`load`]: how many visitors each worker copies through rustls, to spread them.
+//! - [`load`]: how many visitors each worker encrypts itself, to spread them.
 
 pub mod agent;
 pub mod chunked;

@@ -123,7 +123,7 @@ pub async fn accept_until(
 }
 
 /// Parks a data connection in `pool`; when a visitor is assigned, announces it and forwards
-/// (splicing a plain or kTLS connection, copying through rustls a TLS one). `ticket`: the pool's
+/// (splicing a plain or kTLS connection, sealing records of a TLS one). `ticket`: the pool's
 /// generation when the connection's ticket was settled (see [`Pool::offer`]), and whether
 /// its agent answers `Start` with `STARTED` (protocol 4; then a silent connection hands its
 /// visitor on), and whether the kernel holds its TLS keys (kTLS; `tls` is then `None`).
@@ -184,7 +184,7 @@ async fn park_and_forward(
                 return Ok(());
             }
         };
-        // Counted while this worker copies the visitor through rustls (see `load`), from
+        // Counted while this worker encrypts the visitor (see `load`), from
         // the moment it arrives: visitors accepted meanwhile see it.
         let copying = tunnel.copies().then(Copying::start);
         let (addr, http) = (visitor.addr, visitor.http);

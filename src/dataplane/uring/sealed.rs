@@ -530,4 +530,56 @@ mod tests {
         assert_eq!(outcome.leftover, b"next");
         assert!(used > 0);
     }
+
+    /// TLS 1.2 (which a peer could insist on) has another record format: such a connection
+    /// stays with rustls and still carries messages both ways.
+    #[test]
+    fn a_tls12_connection_stays_with_rustls() {
+        if !crate::dataplane::probe::uring_for_tests() {
+            return;
+        }
+        use crate::tls::fingerprint::PinnedVerifier;
+        let dir = std::env::temp_dir().join(format!("ringtunnel-tls12-{}", std::process::id()));
+        let identity = RelayIdentity::load_or_create(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let server = server_config(&identity).unwrap();
+        let provider = crate::tls::provider();
+        let verifier = PinnedVerifier::new(identity.fingerprint, provider.clone());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+            .with_no_client_auth();
+        client.enable_secret_extraction = true;
+        let (t_relay, t_agent) = pair();
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let relay_conn = rustls::ServerConnection::new(server).unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let agent_conn = rustls::ClientConnection::new(client.into(), name).unwrap();
+            let relay = TlsStream::new(on_ring(t_relay), relay_conn);
+            let agent = TlsStream::new(on_ring(t_agent), agent_conn);
+            let (r, a) = monoio::join!(relay.handshake(), agent.handshake());
+            r.unwrap();
+            a.unwrap();
+            relay.flush().await.unwrap();
+            let relay = Tunnel::after_handshake(relay).unwrap();
+            assert!(
+                matches!(relay, Tunnel::Tls(_)),
+                "TLS 1.2 must stay with rustls"
+            );
+            let agent = Tunnel::after_handshake(agent).unwrap();
+            assert!(matches!(agent, Tunnel::Tls(_)));
+            relay.write_all(b"down").await.unwrap();
+            agent.write_all(b"up").await.unwrap();
+            let mut buf = [0u8; 8];
+            let n = agent.read_some(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"down");
+            let n = relay.read_some(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"up");
+        });
+    }
 }
