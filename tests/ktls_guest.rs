@@ -4,9 +4,9 @@
 //! - a relay and an agent (uring backend, TLS data connections offloaded to the kernel), and
 //!   visitors whose bytes are echoed back by an origin and checksummed (small exchanges on a
 //!   reused connection, and bulk transfers that switch to splice); then the same with the agent
-//!   on rustls (`RINGTUNNEL_KTLS=off`) against the kTLS relay, and with the kTLS agent against
-//!   a relay on the tokio backend, so `close_notify` crosses between kernel and rustls both
-//!   ways;
+//!   sealing records in user space (`RINGTUNNEL_KTLS=off`) against the kTLS relay, and with the
+//!   kTLS agent against a relay on the tokio backend (rustls), so records and `close_notify`
+//!   cross between the kernel and user space both ways;
 //! - on one offloaded socket against a rustls peer: data both ways, `close_notify` read as
 //!   EOF, session tickets skipped, and a `KeyUpdate` refused with an error (never passed on).
 //!
