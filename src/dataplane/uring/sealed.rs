@@ -582,4 +582,63 @@ mod tests {
             assert_eq!(&buf[..n], b"up");
         });
     }
+
+    /// Bytes that are not a TLS record on a sealed connection (a peer gone wrong, or a
+    /// middlebox) end its visitor as the tunnel's failure, named, and cut the visitor, who must
+    /// not take a truncated stream for a whole one.
+    #[test]
+    fn garbage_on_a_sealed_connection_cuts_the_visitor() {
+        if !crate::dataplane::probe::uring_for_tests() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("ringtunnel-garbage-{}", std::process::id()));
+        let identity = RelayIdentity::load_or_create(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let server = server_config(&identity).unwrap();
+        let client = client_config(&RelayTrust::Pinned(identity.fingerprint)).unwrap();
+        let (mut visitor, v_side) = pair();
+        let (t_relay, t_agent) = pair();
+        let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let err = rt.block_on(async move {
+            let relay_conn = rustls::ServerConnection::new(server).unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let agent_conn = rustls::ClientConnection::new(client, name).unwrap();
+            let relay = TlsStream::new(on_ring(t_relay), relay_conn);
+            let agent = TlsStream::new(on_ring(t_agent), agent_conn);
+            let (r, a) = monoio::join!(relay.handshake(), agent.handshake());
+            r.unwrap();
+            a.unwrap();
+            relay.flush().await.unwrap();
+            let relay = Tunnel::after_handshake(relay).unwrap();
+            let Tunnel::Sealed(sealed) = &relay else {
+                panic!("not taken over");
+            };
+            let v_side = on_ring(v_side);
+            let garbage = sockio::write_all(agent.socket(), b"HTTP/1.1 200 OK\r\n\r\n");
+            let (outcome, sent) = monoio::join!(
+                forward(&v_side, sealed, &[], true, None, Tally::none()),
+                garbage
+            );
+            sent.unwrap();
+            // The ring closes the visitor's socket (sending the RST) once it runs again.
+            drop(v_side);
+            monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+            outcome.unwrap_err()
+        });
+        assert_eq!(err.side, Side::Tunnel, "{err}");
+        assert!(
+            err.source.to_string().contains("bad TLS record header"),
+            "{err}"
+        );
+        let mut got = Vec::new();
+        let read = visitor.read_to_end(&mut got);
+        assert!(got.is_empty(), "no byte of the garbage reached the visitor");
+        assert!(
+            read.is_err(),
+            "the visitor is reset, not given a clean end: {read:?}"
+        );
+    }
 }
