@@ -147,8 +147,14 @@ impl Records {
     /// [`OVERHEAD`] bytes more; the header, content type and tag are written around it.
     /// Returns the record's length.
     pub fn seal(&mut self, record: &mut [u8], len: usize) -> Result<usize, RecordError> {
+        self.seal_as(record, len, CONTENT_APPLICATION_DATA)
+    }
+
+    /// [`Self::seal`] for a record whose inner content type is `kind`.
+    fn seal_as(&mut self, record: &mut [u8], len: usize, kind: u8) -> Result<usize, RecordError> {
         assert!(len <= MAX_PLAINTEXT && record.len() >= len + OVERHEAD);
         let body = len + 1 + TAG_LEN;
+        // Every protected record travels as application data (RFC 8446 §5.2).
         let header = [
             CONTENT_APPLICATION_DATA,
             3,
@@ -157,7 +163,7 @@ impl Records {
             body as u8,
         ];
         record[..HEADER_LEN].copy_from_slice(&header);
-        record[HEADER_LEN + len] = CONTENT_APPLICATION_DATA;
+        record[HEADER_LEN + len] = kind;
         let nonce = self.tx.next_nonce()?;
         let inner = &mut record[HEADER_LEN..HEADER_LEN + len + 1];
         let tag = self
@@ -238,24 +244,6 @@ impl Records {
     pub fn used(&self) -> u64 {
         self.tx.seq.max(self.rx.seq)
     }
-
-    /// Seals a `close_notify` alert, to send before the connection's write side is shut.
-    pub fn close_notify(&mut self) -> Result<Vec<u8>, RecordError> {
-        let mut record = vec![0u8; 2 + OVERHEAD];
-        record[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&[1, ALERT_CLOSE_NOTIFY]);
-        let body = 2 + 1 + TAG_LEN;
-        let header = [CONTENT_APPLICATION_DATA, 3, 3, 0, body as u8];
-        record[..HEADER_LEN].copy_from_slice(&header);
-        record[HEADER_LEN + 2] = CONTENT_ALERT;
-        let nonce = self.tx.next_nonce()?;
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(header), &mut record[HEADER_LEN..][..3])
-            .map_err(|_| RecordError::Unsupported)?;
-        record[HEADER_LEN + 3..].copy_from_slice(tag.as_ref());
-        Ok(record)
-    }
 }
 
 /// Hands a finished TLS 1.3 handshake's record protection over from rustls. Consumes
@@ -305,33 +293,50 @@ mod tests {
     use super::*;
     use crate::tls::{client_config, server_config, RelayIdentity, RelayTrust};
 
-    /// A handshake done in memory; returns the client (still rustls) and the server's
-    /// records. Application data the server sent before handing over is returned too.
-    fn pair(name: &str) -> (rustls::ClientConnection, Records) {
+    /// A fresh client and server of ringtunnel's own configurations, nothing exchanged yet.
+    fn connections(name: &str) -> (rustls::ClientConnection, rustls::ServerConnection) {
         let dir =
             std::env::temp_dir().join(format!("ringtunnel-records-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let identity = RelayIdentity::load_or_create(&dir).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
-        let mut server = rustls::ServerConnection::new(server_config(&identity).unwrap()).unwrap();
+        let server = rustls::ServerConnection::new(server_config(&identity).unwrap()).unwrap();
         let trust = RelayTrust::Pinned(identity.fingerprint);
         let sni = ServerName::try_from("relay.test").unwrap();
-        let mut client =
-            rustls::ClientConnection::new(client_config(&trust).unwrap(), sni).unwrap();
+        let client = rustls::ClientConnection::new(client_config(&trust).unwrap(), sni).unwrap();
+        (client, server)
+    }
+
+    /// One flight each way in memory: what the client has queued to the server, then back.
+    fn round_trip(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
         let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+        server.read_tls(&mut wire.as_slice()).unwrap();
+        server.process_new_packets().unwrap();
+        wire.clear();
+        server.write_tls(&mut wire).unwrap();
+        client.read_tls(&mut wire.as_slice()).unwrap();
+        client.process_new_packets().unwrap();
+    }
+
+    /// A handshake done in memory; returns the client (still rustls) and the server's
+    /// records, taken over once it has sent its session tickets.
+    fn pair(name: &str) -> (rustls::ClientConnection, Records) {
+        let (mut client, mut server) = connections(name);
         while client.is_handshaking() || server.is_handshaking() || server.wants_write() {
-            wire.clear();
-            client.write_tls(&mut wire).unwrap();
-            server.read_tls(&mut wire.as_slice()).unwrap();
-            server.process_new_packets().unwrap();
-            wire.clear();
-            server.write_tls(&mut wire).unwrap();
-            client.read_tls(&mut wire.as_slice()).unwrap();
-            client.process_new_packets().unwrap();
+            round_trip(&mut client, &mut server);
         }
         let server = rustls::Connection::from(server);
         assert!(can_take_over(&server));
         (client, take_over(server).unwrap())
+    }
+
+    /// A sealed `close_notify` alert.
+    fn close_notify(records: &mut Records) -> Vec<u8> {
+        let mut record = vec![0u8; 2 + OVERHEAD];
+        record[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&[1, ALERT_CLOSE_NOTIFY]);
+        records.seal_as(&mut record, 2, CONTENT_ALERT).unwrap();
+        record
     }
 
     /// Opens every record in `wire`, collecting data and what else came.
@@ -370,7 +375,7 @@ mod tests {
         wire.extend_from_slice(&record[..n]);
         records.seal_to(b"hello", &mut wire).unwrap();
         records.seal_to(&[], &mut wire).unwrap();
-        wire.extend_from_slice(&records.close_notify().unwrap());
+        wire.extend_from_slice(&close_notify(&mut records));
         let mut rd = wire.as_slice();
         while !rd.is_empty() {
             client.read_tls(&mut rd).unwrap();
@@ -416,26 +421,11 @@ mod tests {
     fn session_tickets_after_the_hand_over_are_skipped() {
         // The client hands over as soon as its handshake is done; the server's tickets, sent
         // once it reads the client's Finished, reach the records, followed by data.
-        let dir = std::env::temp_dir().join(format!("ringtunnel-records-t-{}", std::process::id()));
-        let identity = RelayIdentity::load_or_create(&dir).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut server = rustls::ServerConnection::new(server_config(&identity).unwrap()).unwrap();
-        let trust = RelayTrust::Pinned(identity.fingerprint);
-        let sni = ServerName::try_from("relay.test").unwrap();
-        let mut client =
-            rustls::ClientConnection::new(client_config(&trust).unwrap(), sni).unwrap();
-        let mut wire = Vec::new();
+        let (mut client, mut server) = connections("tickets");
         while client.is_handshaking() {
-            wire.clear();
-            client.write_tls(&mut wire).unwrap();
-            server.read_tls(&mut wire.as_slice()).unwrap();
-            server.process_new_packets().unwrap();
-            wire.clear();
-            server.write_tls(&mut wire).unwrap();
-            client.read_tls(&mut wire.as_slice()).unwrap();
-            client.process_new_packets().unwrap();
+            round_trip(&mut client, &mut server);
         }
-        wire.clear();
+        let mut wire = Vec::new();
         client.write_tls(&mut wire).unwrap(); // the client's Finished
         let client = rustls::Connection::from(client);
         assert!(can_take_over(&client));
