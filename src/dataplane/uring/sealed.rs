@@ -17,8 +17,8 @@ use monoio::net::TcpStream;
 
 use super::chunked::{both, cut_short, end_peer, Ended, Unchunk};
 use super::sockio::{self, fd};
+use super::tls::{requests_up, Encrypting};
 use crate::dataplane::forwarded::{ForwardError, Forwarded, Outcome, Side};
-use crate::dataplane::rewrite;
 use crate::dataplane::sock::{recv_now, send_now, shutdown, Half};
 use crate::dataplane::tally::{Count, Tally};
 use crate::protocol::chunk::{self, HEADER_LEN as CHUNK_HEADER};
@@ -320,7 +320,7 @@ async fn plain_to_sealed(
     }
     if let Some(requests) = requests {
         // Boxed: inline, its state would grow every connection's task, rewriting or not.
-        return Box::pin(plain_to_sealed_requests(plain, s, requests, count)).await;
+        return Box::pin(requests_up(plain, s, requests, count)).await;
     }
     let mut total = 0u64;
     loop {
@@ -349,41 +349,9 @@ async fn plain_to_sealed(
     }
 }
 
-/// [`plain_to_sealed`] for an HTTP visitor whose request heads are rewritten.
-async fn plain_to_sealed_requests(
-    plain: &TcpStream,
-    s: &SealedStream,
-    requests: &mut Requests,
-    count: Count<'_, true>,
-) -> Forwarded<u64> {
-    let (peer, tunnel) = (ForwardError::peer, ForwardError::tunnel);
-    let pfd = fd(plain);
-    let mut total = 0u64;
-    loop {
-        let read = with_buffer(|buf| -> io::Result<Option<(usize, Vec<u8>)>> {
-            let Some(n) = recv_now(pfd, buf)? else {
-                return Ok(None);
-            };
-            let frames = match n {
-                0 => chunk::header(chunk::END).to_vec(),
-                n => rewrite::chunks(requests, &buf[..n])?,
-            };
-            Ok(Some((n, frames)))
-        })
-        .map_err(peer)?;
-        match read {
-            None => plain.readable(false).await.map_err(peer)?,
-            Some((n, frames)) => {
-                if !frames.is_empty() {
-                    s.write_all(&frames).await.map_err(tunnel)?;
-                }
-                if n == 0 {
-                    return Ok(total);
-                }
-                count.add(n);
-                total += n as u64;
-            }
-        }
+impl Encrypting for SealedStream {
+    async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        SealedStream::write_all(self, data).await
     }
 }
 
@@ -423,6 +391,7 @@ mod tests {
 
     use std::io::{Read, Write};
     use std::net::Shutdown;
+    use std::sync::Arc;
 
     use rustls_pki_types::ServerName;
 
@@ -433,17 +402,43 @@ mod tests {
     use crate::protocol::chunk::Unchunker;
     use crate::tls::{client_config, server_config, RelayIdentity, RelayTrust};
 
-    #[test]
-    fn records_sealed_in_place_interoperate_with_rustls_both_ways() {
-        if !crate::dataplane::probe::uring_for_tests() {
-            return;
-        }
-        let dir = std::env::temp_dir().join(format!("ringtunnel-sealed-{}", std::process::id()));
+    /// ringtunnel's own server and client configurations, for a fresh relay identity.
+    fn configs(name: &str) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let dir = std::env::temp_dir().join(format!("ringtunnel-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let identity = RelayIdentity::load_or_create(&dir).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         let server = server_config(&identity).unwrap();
         let client = client_config(&RelayTrust::Pinned(identity.fingerprint)).unwrap();
+        (server, client)
+    }
+
+    /// A handshake over a loopback pair on this thread's ring: the relay's end, its session
+    /// tickets sent and its keys taken over by `Tunnel::after_handshake`, and the agent's end,
+    /// still rustls.
+    async fn handshaken(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> (Tunnel, TlsStream) {
+        let (t_relay, t_agent) = pair();
+        let relay_conn = rustls::ServerConnection::new(server).unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let agent_conn = rustls::ClientConnection::new(client, name).unwrap();
+        let relay = TlsStream::new(on_ring(t_relay), relay_conn);
+        let agent = TlsStream::new(on_ring(t_agent), agent_conn);
+        let (r, a) = monoio::join!(relay.handshake(), agent.handshake());
+        r.unwrap();
+        a.unwrap();
+        relay.flush().await.unwrap(); // session tickets, before the keys go
+        (Tunnel::after_handshake(relay).unwrap(), agent)
+    }
+
+    #[test]
+    fn records_sealed_in_place_interoperate_with_rustls_both_ways() {
+        if !crate::dataplane::probe::uring_for_tests() {
+            return;
+        }
+        let (server, client) = configs("sealed");
         // Down: 2 MiB in 1 KiB chunks, then END and the start of what follows (kept as the
         // leftover). Up: 3 MiB and more, not a multiple of a record.
         let down: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -471,22 +466,12 @@ mod tests {
             writer.join().unwrap();
             got
         });
-        let (t_relay, t_agent) = pair();
         let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .enable_timer()
             .build()
             .unwrap();
         let (outcome, got_up, used) = rt.block_on(async move {
-            let relay_conn = rustls::ServerConnection::new(server).unwrap();
-            let name = ServerName::try_from("127.0.0.1").unwrap();
-            let agent_conn = rustls::ClientConnection::new(client, name).unwrap();
-            let relay = TlsStream::new(on_ring(t_relay), relay_conn);
-            let agent = TlsStream::new(on_ring(t_agent), agent_conn);
-            let (r, a) = monoio::join!(relay.handshake(), agent.handshake());
-            r.unwrap();
-            a.unwrap();
-            relay.flush().await.unwrap(); // session tickets, before the keys go
-            let relay = Tunnel::after_handshake(relay).unwrap();
+            let (relay, agent) = handshaken(server, client).await;
             let Tunnel::Sealed(sealed) = &relay else {
                 panic!("a TLS 1.3 connection was not taken over");
             };
@@ -549,24 +534,14 @@ mod tests {
             .with_protocol_versions(&[&rustls::version::TLS12])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+            .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
         client.enable_secret_extraction = true;
-        let (t_relay, t_agent) = pair();
         let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let relay_conn = rustls::ServerConnection::new(server).unwrap();
-            let name = ServerName::try_from("127.0.0.1").unwrap();
-            let agent_conn = rustls::ClientConnection::new(client.into(), name).unwrap();
-            let relay = TlsStream::new(on_ring(t_relay), relay_conn);
-            let agent = TlsStream::new(on_ring(t_agent), agent_conn);
-            let (r, a) = monoio::join!(relay.handshake(), agent.handshake());
-            r.unwrap();
-            a.unwrap();
-            relay.flush().await.unwrap();
-            let relay = Tunnel::after_handshake(relay).unwrap();
+            let (relay, agent) = handshaken(server, client.into()).await;
             assert!(
                 matches!(relay, Tunnel::Tls(_)),
                 "TLS 1.2 must stay with rustls"
@@ -591,28 +566,14 @@ mod tests {
         if !crate::dataplane::probe::uring_for_tests() {
             return;
         }
-        let dir = std::env::temp_dir().join(format!("ringtunnel-garbage-{}", std::process::id()));
-        let identity = RelayIdentity::load_or_create(&dir).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        let server = server_config(&identity).unwrap();
-        let client = client_config(&RelayTrust::Pinned(identity.fingerprint)).unwrap();
+        let (server, client) = configs("garbage");
         let (mut visitor, v_side) = pair();
-        let (t_relay, t_agent) = pair();
         let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .enable_timer()
             .build()
             .unwrap();
         let err = rt.block_on(async move {
-            let relay_conn = rustls::ServerConnection::new(server).unwrap();
-            let name = ServerName::try_from("127.0.0.1").unwrap();
-            let agent_conn = rustls::ClientConnection::new(client, name).unwrap();
-            let relay = TlsStream::new(on_ring(t_relay), relay_conn);
-            let agent = TlsStream::new(on_ring(t_agent), agent_conn);
-            let (r, a) = monoio::join!(relay.handshake(), agent.handshake());
-            r.unwrap();
-            a.unwrap();
-            relay.flush().await.unwrap();
-            let relay = Tunnel::after_handshake(relay).unwrap();
+            let (relay, agent) = handshaken(server, client).await;
             let Tunnel::Sealed(sealed) = &relay else {
                 panic!("not taken over");
             };

@@ -366,7 +366,7 @@ async fn plain_to_tls(
     }
     if let Some(requests) = requests {
         // Boxed: inline, its state would grow every connection's task, rewriting or not.
-        return Box::pin(plain_to_tls_requests(plain, tls, requests, count)).await;
+        return Box::pin(requests_up(plain, tls, requests, count)).await;
     }
     loop {
         let read = with_buffers(|buf, _| -> Forwarded<Option<(usize, Option<Vec<u8>>)>> {
@@ -407,10 +407,24 @@ async fn plain_to_tls(
     }
 }
 
-/// [`plain_to_tls`] for an HTTP visitor whose request heads are rewritten.
-async fn plain_to_tls_requests(
+/// The sending end of a TLS data connection in user space: rustls, or records sealed in place.
+pub(super) trait Encrypting {
+    /// Encrypts and sends all of `data`.
+    async fn write_all(&self, data: &[u8]) -> io::Result<()>;
+}
+
+impl Encrypting for TlsStream {
+    async fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        TlsStream::write_all(self, data).await
+    }
+}
+
+/// Peer → a TLS data connection for an HTTP visitor whose request heads are rewritten: each
+/// read becomes chunks with every head rewritten, encrypted by `tls`, until the peer's EOF
+/// (sent as `END`). Both user-space TLS forwarders use it.
+pub(super) async fn requests_up(
     plain: &TcpStream,
-    tls: &TlsStream,
+    tls: &impl Encrypting,
     requests: &mut Requests,
     count: Count<'_, true>,
 ) -> Forwarded<u64> {
@@ -419,10 +433,8 @@ async fn plain_to_tls_requests(
     let mut total = 0u64;
     loop {
         let read = with_buffers(|buf, _| -> io::Result<Option<(usize, Vec<u8>)>> {
-            let n = match FdIo(pfd).read(buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) => return Err(e),
+            let Some(n) = recv_now(pfd, buf)? else {
+                return Ok(None);
             };
             let frames = match n {
                 0 => chunk::header(chunk::END).to_vec(),
