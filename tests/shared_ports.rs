@@ -108,6 +108,39 @@ fn parse_response(resp: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+// --------------------------------------------------------- TLS data connections
+
+/// Request heads are rewritten on the way up when the data connection is TLS as well (on the
+/// uring workers, whose records are then sealed in place): both requests of a kept-alive
+/// visitor reach the origin, each told the visitor's address.
+async fn request_heads_are_rewritten_over_tls_data_connections(backend: Backend) {
+    let (_dir, path) = config_file("agent_wait_secs = 2\n");
+    let relay = Relay::spawn(
+        backend,
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--domain",
+            DOMAIN,
+            "--config",
+            &path,
+            "--data-tls",
+            "on",
+        ],
+    );
+    let blog = http_origin("blog").await;
+    let _a = Agent::spawn(with(
+        relay.agent_args(blog, "blog"),
+        &["--http-host", "blog"],
+    ));
+    let two = b"GET /1 HTTP/1.1\r\nHost: blog.example.test\r\n\r\nGET /2 HTTP/1.1\r\nHost: blog.example.test\r\nConnection: close\r\n\r\n";
+    let resp = exchange(relay.http.unwrap(), two).await;
+    for path in ["/1", "/2"] {
+        let told = format!("blog {path} xff=127.0.0.1 proto=http");
+        assert!(resp.contains(&told), "{told} in {resp}");
+    }
+}
+
 // ------------------------------------------------------------------------- dead origins
 
 /// An agent whose local service is down: an HTTP visitor gets a 502 that says so (not an
@@ -883,6 +916,7 @@ async fn limits_hold_and_are_released(backend: Backend) {
 
 both_backends!(
     a_dead_origin_is_a_502_for_http_and_a_reset_for_tcp,
+    request_heads_are_rewritten_over_tls_data_connections,
     hosts_and_paths_route_to_the_right_agent,
     bad_heads_get_clear_errors_and_others_are_not_disturbed,
     agent_blip_is_invisible_to_visitors,
